@@ -1,0 +1,41 @@
+"""The public entry points: λ̂ of any model on given data, or of a checkpoint of a fastllc run."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from .errors import FastLLCError
+from .llc import LLCResult, estimate_llc
+from .sampling import SGLDConfig, sample
+from .train import Run
+
+
+def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLDConfig | None = None, *,
+             backend: str = "auto", device="cpu", randomness=None, progress: bool = False,
+             **settings) -> LLCResult:
+    """Estimate the LLC of ``model`` at its current weights w* on ``data = (inputs, targets)``.
+
+    ``loss_fn(outputs, targets)`` is the mean negative log-likelihood (default: cross-entropy).
+    Settings are an ``SGLDConfig`` or its fields as keywords (``chains=64, steps=5000, ...``).
+    """
+    config = replace(config or SGLDConfig(), **settings).validate()
+    try:
+        inputs, targets = data
+    except (TypeError, ValueError):
+        raise FastLLCError("data must be a pair (inputs, targets) of tensors") from None
+    if len(inputs) != len(targets) or len(targets) == 0:
+        raise FastLLCError(f"data has {len(inputs)} inputs and {len(targets)} targets; need equal and non-zero")
+    samples = sample(model, inputs, targets, loss_fn, config, backend=backend, device=device,
+                     randomness=randomness, progress=progress)
+    return estimate_llc(samples, config)
+
+
+def estimate_run(run: Run | str, checkpoint: int | None = None, config: SGLDConfig | None = None,
+                 **kwargs) -> LLCResult:
+    """λ̂ of checkpoint ``checkpoint`` (default: final) of a training run, on its train split."""
+    run = run if isinstance(run, Run) else Run.load(run)
+    model = run.load_model(checkpoint)
+    return estimate(model, run.task().train_data(), F.cross_entropy, config, **kwargs)

@@ -1,0 +1,64 @@
+"""What every sampling backend takes and returns, and the start of every run (loss and gradient at w*).
+
+A backend is a function
+    sample(model, inputs, targets, loss_fn, config, *, randomness=None, device="cpu", progress=False) -> Samples
+that runs ``config.chains`` SGLD chains from the model's weights w* and records L_m(w_t) at every step.
+``loss_fn(outputs, targets)`` must return the *mean* loss over the examples given (a negative
+log-likelihood up to a constant, e.g. F.cross_entropy), as the estimator assumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+
+@dataclass
+class Samples:
+    """Per-chain loss traces and the settings that produced them; turned into λ̂ by ``fastllc.llc``."""
+
+    loss_trace: torch.Tensor  # [C, T] float64 on CPU: L_m(w_t) for t = 0 .. steps-1 (NaN after a blow-up)
+    init_loss: float  # L_n(w*), mean loss over all given examples
+    epsilon: torch.Tensor  # [C] float64
+    gamma: torch.Tensor  # [C] float64
+    nbeta: torch.Tensor  # [C] float64
+    backend: str
+    device: str
+    seconds: float  # wall time of the chains, excluding setup
+    final_params: torch.Tensor | None = None  # [C, d] flat weights after the last step, canonical order
+
+
+def flat_parameters(model: torch.nn.Module) -> tuple[list[str], list[torch.Size], torch.Tensor]:
+    """(names, shapes, flat copy of all trainable parameters) in ``named_parameters`` order."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named]).float()
+    return [n for n, _ in named], [p.shape for _, p in named], flat
+
+
+def unflatten(flat: torch.Tensor, names: list[str], shapes: list[torch.Size]) -> dict[str, torch.Tensor]:
+    """Views of ``flat`` (a [d] vector) shaped as the named parameters."""
+    params, offset = {}, 0
+    for name, shape in zip(names, shapes):
+        size = shape.numel()
+        params[name] = flat[offset : offset + size].view(shape)
+        offset += size
+    return params
+
+
+def loss_and_gradient_at_start(model, inputs, targets, loss_fn) -> tuple[float, torch.Tensor]:
+    """L_n(w*) and ∇L_n(w*) (flat, [d]) over all given examples, by autograd."""
+    names, shapes, w_star = flat_parameters(model)
+    w = w_star.clone().requires_grad_(True)
+    loss = loss_fn(functional_call(model, unflatten(w, names, shapes), (inputs,)), targets)
+    (grad,) = torch.autograd.grad(loss, w)
+    return loss.item(), grad.detach()
+
+
+def orthogonal_direction(gradient: torch.Tensor) -> torch.Tensor | None:
+    """g = ∇L_n(w*)/‖∇L_n(w*)‖, or None when the gradient is exactly zero (nothing to restrict)."""
+    norm = gradient.double().norm()
+    if norm == 0 or not torch.isfinite(norm):
+        return None
+    return (gradient.double() / norm).float()
