@@ -1,0 +1,157 @@
+"""The ``fastllc`` command line: parse options, call the public API, print. No logic lives only here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from . import api
+from .errors import FastLLCError
+from .sampling import BACKEND_CHOICES, SGLDConfig, resolve_backend, resolve_device
+from .train import Run, TrainConfig, default_batches, train
+
+
+def fastllc_home() -> Path:
+    """Where cached runs live: $FASTLLC_HOME, else the user cache dir."""
+    if os.environ.get("FASTLLC_HOME"):
+        return Path(os.environ["FASTLLC_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastllc"
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def one_line_errors(command):
+    """Turn library errors into ``Error: <message>`` and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
+                outcome = command(*args, **kwargs)
+            for warning in caught:
+                click.echo(f"warning: {warning.message}", err=True)
+            return outcome
+        except FastLLCError as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
+def training_options(command):
+    options = [
+        click.option("--p", "p", type=int, default=None, help="Modulus: the task lives on Z_p."),
+        click.option("--task", type=click.Choice(["add", "random"]), default="add", show_default=True,
+                     help="Modular addition, or a random commutative operation (memorisation)."),
+        click.option("--embed", type=int, default=8, show_default=True, help="Embedding width e."),
+        click.option("--hidden", type=int, default=32, show_default=True, help="Hidden width h."),
+        click.option("--batches", type=int, default=None,
+                     help="Training batches of 64 [default: 10000; 15000 for p >= 41, as published]."),
+        click.option("--checkpoints", type=int, default=25, show_default=True,
+                     help="Evenly spaced checkpoints (0 = initialisation), plus the final weights."),
+        click.option("--train-seed", "train_seed", type=int, default=0, show_default=True,
+                     help="Seed of the task table, split, initialisation and batches."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _train_config(p, task, embed, hidden, batches, checkpoints, train_seed) -> TrainConfig:
+    if p is None:
+        raise FastLLCError("give the modulus --p (or, for `estimate`, an existing --run)")
+    if p < 2:
+        raise FastLLCError(f"p must be at least 2, got {p}")
+    batches = default_batches(p) if batches is None else batches
+    return TrainConfig(p=p, task=task, embed=embed, hidden=hidden, batches=batches, checkpoints=checkpoints,
+                       seed=train_seed).validate()
+
+
+@click.group()
+@click.version_option(package_name="fastllc")
+def main():
+    """fastllc: fast estimates of the local learning coefficient λ̂ with batched SGLD."""
+
+
+@main.command("train")
+@training_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory to create [default: ./runs/<task>-p<P>-...].")
+@one_line_errors
+def train_command(out, **options):
+    """Train the study's MLP and write a run directory (config, checkpoints, metrics)."""
+    config = _train_config(**options)
+    out = out or Path("runs") / config.run_name()
+    run = train(config, out, progress=_progress())
+    final = run.metrics[-1]
+    click.echo(f"run      {run.path}  ({len(run.steps)} checkpoints, steps 0..{run.steps[-1]})")
+    click.echo(f"final    train loss {final['train_loss']:.4f} acc {final['train_acc']:.1%} | "
+               f"test loss {final['test_loss']:.4f} acc {final['test_acc']:.1%}")
+
+
+def cached_run(config: TrainConfig) -> Run:
+    """The run for ``config`` from the cache, training it once if it is not there."""
+    path = fastllc_home() / "runs" / config.run_name()
+    if not path.exists():
+        click.echo(f"training {config.run_name()} once (cached in {path.parent})", err=True)
+        return train(config, path, progress=_progress())
+    return Run.load(path)
+
+
+@main.command("estimate")
+@training_options
+@click.option("--chains", type=int, default=4, show_default=True, help="SGLD chains, run together.")
+@click.option("--steps", type=int, default=5000, show_default=True, help="SGLD steps per chain.")
+@click.option("--burn-in", type=int, default=0, show_default=True, help="Steps dropped from the average.")
+@click.option("--epsilon", type=float, default=1e-3, show_default=True, help="Step size ε.")
+@click.option("--gamma", type=float, default=5.0, show_default=True, help="Localisation strength γ.")
+@click.option("--nbeta", type=float, default=None, help="Inverse temperature nβ [default: n/log n].")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Minibatch size m.")
+@click.option("--orthogonal/--no-orthogonal", default=False, show_default=True,
+              help="Restrict SGLD orthogonally to the full-batch gradient at w*.")
+@click.option("--backend", default="auto", show_default=True, help=f"One of {', '.join(BACKEND_CHOICES)}.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="A run directory from `fastllc train` [default: train (once, cached) for --p].")
+@click.option("--checkpoint", type=int, default=None, help="Checkpoint index [default: the final weights].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the SGLD noise and minibatches.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
+@one_line_errors
+def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, orthogonal, backend, device,
+                     run_dir, checkpoint, seed, as_json, **training):
+    """Estimate λ̂ at a checkpoint with SGLD chains started at its weights."""
+    config = SGLDConfig(chains=chains, steps=steps, burn_in=burn_in, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
+                        batch_size=batch_size, orthogonal=orthogonal, seed=seed).validate()
+    resolve_backend(backend, resolve_device(device))  # fail before any training
+    run = Run.load(run_dir) if run_dir is not None else cached_run(_train_config(**training))
+    index = run.checkpoint_index(checkpoint)
+    result = api.estimate_run(run, index, config, backend=backend, device=device, progress=_progress())
+    metrics = run.metrics[index]
+    if as_json:
+        record = dict(result.to_dict(), run=str(run.path), checkpoint=index, step=run.steps[index],
+                      p=run.config.p, task=run.config.task, embed=run.config.embed, hidden=run.config.hidden,
+                      train_loss=metrics["train_loss"], test_loss=metrics["test_loss"])
+        click.echo(json.dumps(record))
+    else:
+        click.echo(f"run       {run.path}  checkpoint {index} (step {run.steps[index]})")
+        click.echo(f"model     train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.1%} | "
+                   f"test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:.1%}")
+        click.echo(f"λ̂         {result.llc_mean:.1f} ± {result.llc_se:.1f} (standard error)   "
+                   f"std across chains {result.llc_std:.1f}   healthy {result.healthy_chains}/{result.chains} chains")
+        click.echo(f"sampling  {result.chains} chains × {result.steps} steps, {result.backend} on {result.device}: "
+                   f"{result.sampling_seconds:.1f} s, {result.chain_steps_per_second:,.0f} chain-steps/s, "
+                   f"split-R̂ {result.r_hat:.3f}, ESS {result.ess:.0f}")
+    if result.healthy_chains == 0:
+        raise FastLLCError("every chain diverged (non-finite or exploding loss); try a smaller --epsilon")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+import pytest
+import torch
+
+from fastllc import TrainConfig, train
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A p=5 modular-addition run of 60 batches: enough structure for plumbing tests, trains in a second."""
+    return train(TrainConfig(p=5, embed=4, hidden=16, batches=60, checkpoints=3, seed=1),
+                 tmp_path_factory.mktemp("runs") / "tiny")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
