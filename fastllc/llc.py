@@ -149,7 +149,8 @@ def estimate_llc(samples: Samples, config: SGLDConfig) -> LLCResult:
         gamma=_scalar_or_list(samples.gamma), steps=steps, burn_in=config.burn_in,
         batch_size=config.batch_size, orthogonal=config.orthogonal, seed=config.seed,
         backend=samples.backend, device=samples.device, sampling_seconds=samples.seconds,
-        chain_steps_per_second=chains * steps / samples.seconds if samples.seconds > 0 else math.nan,
+        chain_steps_per_second=(samples.chains_in_batch or chains) * steps / samples.seconds
+        if samples.seconds > 0 else math.nan,
         r_hat=split_r_hat(good_traces) if count else math.nan,
         ess=effective_sample_size(good_traces) if count else math.nan,
         loss_trace_summary=summary, loss_trace=trace,

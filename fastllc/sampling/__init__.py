@@ -2,6 +2,7 @@
 
 Backends (one module each, same signature, see ``contract.py``):
     reference   plain PyTorch, one chain at a time, autograd: the ground truth
+    torch       the study's MLP, all chains in one set of tensors, hand-written backward (CPU and CUDA)
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import FastLLCError
-from . import reference
+from . import batched, reference
 from .config import SGLDConfig, default_nbeta
 from .contract import Samples
 from .randomness import CounterRandomness, InjectedRandomness
 
-BACKENDS = {"reference": reference.sample}
+BACKENDS = {"reference": reference.sample, "torch": batched.sample}
 BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
@@ -28,9 +29,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend that ``name`` means on ``device`` (``auto`` picks the fastest available)."""
+def resolve_backend(name: str, device: torch.device, model=None, loss_fn=None) -> str:
+    """The backend that ``name`` means (``auto``: the fastest one that supports the model and loss)."""
     if name == "auto":
+        if model is None or batched.supports(model, loss_fn):
+            return "torch"
         return "reference"
     if name not in BACKENDS:
         raise FastLLCError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}")
@@ -40,7 +43,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, backend: str = "auto", device="cpu",
            randomness=None, progress: bool = False) -> Samples:
     device = resolve_device(device)
-    name = resolve_backend(backend, device)
+    name = resolve_backend(backend, device, model, loss_fn)
     return BACKENDS[name](model, inputs, targets, loss_fn, config.validate(), randomness=randomness,
                           device=device, progress=progress)
 

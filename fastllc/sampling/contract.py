@@ -28,6 +28,7 @@ class Samples:
     device: str
     seconds: float  # wall time of the chains, excluding setup
     final_params: torch.Tensor | None = None  # [C, d] flat weights after the last step, canonical order
+    chains_in_batch: int | None = None  # chains advanced together in ``seconds`` (several starts: more than C)
 
 
 def flat_parameters(model: torch.nn.Module) -> tuple[list[str], list[torch.Size], torch.Tensor]:
