@@ -63,3 +63,14 @@ def test_indices_are_uniform(n):
     expected = indices.size / n
     chi2 = ((counts - expected) ** 2 / expected).sum()
     assert chi2 < (n - 1) + 5 * math.sqrt(2 * max(n - 1, 1))  # chi-square with n-1 dof: mean n-1, sd √(2(n-1))
+
+
+def test_parameter_major_layout_holds_the_same_numbers():
+    rng = CounterRandomness(seed=5, n=10, batch_size=2, dim=11)
+    chains = np.array([3, 0, 9], np.int64)
+    _, rows = fill(rng, chains, step=2)
+    blocks = np.array([0, 4, 5, 11], np.int64)
+    flat = np.empty(3 * 11, np.float32)
+    rng.fill(chains, 2, np.empty((3, 2), np.int64), flat, blocks)
+    for lo, hi in zip(blocks[:-1], blocks[1:]):
+        np.testing.assert_array_equal(flat[3 * lo : 3 * hi].reshape(3, hi - lo), rows[:, lo:hi])

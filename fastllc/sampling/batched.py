@@ -1,19 +1,24 @@
 """Backend ``torch``: every chain of the study's MLP in one set of tensors, with a hand-written backward.
 
-All C chains' weights live in one chain-major buffer W [C, d] (canonical parameter order, see
-``model.param_shapes``); each parameter is a strided view [C, *shape] of it. One step for all chains:
+Layout. All C chains' weights live in one flat buffer W, parameter-major: parameter j (canonical order,
+``model.param_shapes``) occupies W[C·off_j : C·off_{j+1}] as a contiguous [C, *shape] tensor, so every
+batched matmul reads and writes contiguous operands (strided ones take a slow path on CPU). The SGLD
+update runs over the whole buffer at once; per-chain settings are expanded to the same layout.
 
-forward (one-hot inputs never need a matmul; DESIGN.md, "the key algebraic saving")
-    T_a = E·Lᵀ + b_L,  T_b = E·Rᵀ + b_R                 [C, p, h]   per-chain tables
-    z   = T_a[a] + T_b[b],  u = GELU(z)                  [C, m, h]
-    s   = u·Uᵀ,  L_m = mean_i −log softmax(s_i)[y_i]     [C, m, p], [C]
-backward (scaled by k_c = −(ε_c/2)·nβ_c, so G = −(ε/2)·nβ·∇L_m directly)
-    δs  = k/m·(softmax(s) − onehot(y))
-    ∇U  = δsᵀ·u,  δu = δs·U,  δz = δu ⊙ GELU′(z)
-    δT_a = scatter-add of δz at rows a (δT_b at rows b)   ∇b_L = ∇b_R = Σ_i δz_i
-    ∇L  = δT_aᵀ·E,  ∇R = δT_bᵀ·E,  ∇E = δT_a·L + δT_b·R
-update (in place, preallocated buffers; a = −εγ/2, aW* precomputed)
+One step for all chains (a_i, b_i the operands, y_i the label of example i of the minibatch):
+forward (one-hot inputs: the first layer is a row gather, never a matmul)
+    x_i = [E[a_i], E[b_i]]                       [C, m, 2e]
+    z   = x·[L R]ᵀ + b_L + b_R,  u = GELU(z)     [C, m, h]
+    s   = u·Uᵀ,  L_m = mean_i −log softmax(s_i)[y_i]
+backward, scaled by k_c = −(ε_c/2)·nβ_c so that G = −(ε/2)·nβ·∇L_m directly
+    δs = k/m·(softmax(s) − onehot(y)),  ∇U = δsᵀ·u,  δz = (δs·U) ⊙ GELU′(z)
+    ∇b_L = ∇b_R = Σ_i δz_i,  [∇L ∇R] = δzᵀ·x,  ∇E = scatter-add of δz·[L R] at rows a_i and b_i
+update (in place; a = −εγ/2 and a·W* precomputed)
     Δ = a·W − a·W* + G + √ε·ξ,  Δ −= (Δ·g)g if orthogonal,  W += Δ
+
+The gather of embedding rows is DESIGN.md's "key algebraic saving" taken per example instead of per
+table: with m ≈ p both cost the same FLOPs, but this way scatters rows of width e, not h, and needs
+fewer operations per step.
 
 Several starting points (checkpoints or seeds of one architecture, each with its own train split of
 equal size) run as one batch: ``sample_starts``. Chain j of start s is global chain s·C + j, and its
@@ -62,70 +67,79 @@ def supports(model, loss_fn) -> bool:
 
 
 class ChainBatch:
-    """Weights, gradients and work buffers of C chains of one architecture, and the fused step."""
+    """Weights and gradients of C chains of one architecture (parameter-major), and the fused step."""
 
     def __init__(self, p: int, embed: int, hidden: int, w_star: torch.Tensor, batch_size: int):
+        """``w_star``: [C, d] chain-major starting weights (canonical order)."""
         self.p, self.e, self.h, self.m = p, embed, hidden, batch_size
         self.C, self.d = w_star.shape
-        device = w_star.device
-        self.w_star = w_star
-        self.W = w_star.clone()
-        self.G = torch.empty_like(w_star)
+        self.shapes = param_shapes(p, embed, hidden)
+        self.blocks = np.cumsum([0] + [math.prod(s) for s in self.shapes.values()]).astype(np.int64)
+        self.W = self.to_parameter_major(w_star)
+        self.G = torch.empty_like(self.W)
         self.param, self.grad = self._views(self.W), self._views(self.G)
-        C, m, h = self.C, self.m, self.h
-        self.T_a = torch.empty(C * p, h, device=device)
-        self.T_b = torch.empty(C * p, h, device=device)
-        self.dT_a = torch.empty(C * p, h, device=device)
-        self.dT_b = torch.empty(C * p, h, device=device)
-        self.z = torch.empty(C * m, h, device=device)
-        self.row_offset = (torch.arange(C, device=device) * p).unsqueeze(1)  # chain c's table rows start at c·p
-        self.minus_one = torch.full((C, batch_size, 1), -1.0, device=device)
+        device = w_star.device
+        self.LR = torch.empty(self.C, hidden, 2 * embed, device=device)
+        self.row_offset = (torch.arange(self.C, device=device) * p).view(self.C, 1, 1)  # chain c's E rows
+        self.minus_one = torch.full((self.C, batch_size, 1), -1.0, device=device)
 
     def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        views, offset = {}, 0
-        for name, shape in param_shapes(self.p, self.e, self.h).items():
-            size = math.prod(shape)
-            views[name] = flat[:, offset : offset + size].view(self.C, *shape)
-            offset += size
-        return views
+        C = self.C
+        return {name: flat[C * lo : C * hi].view(C, *shape)
+                for (name, shape), lo, hi in zip(self.shapes.items(), self.blocks[:-1], self.blocks[1:])}
 
-    def loss_and_scaled_grad(self, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor,
-                             scale: torch.Tensor) -> torch.Tensor:
-        """L_m per chain [C]; writes scale_c·∇L_m into G. a, b, y: [C, m] int64; scale: [C, 1, 1]."""
-        C, m, p, h = self.C, self.m, self.p, self.h
-        # The weight matrices are strided views of W; batched matmuls on CPU take a slow per-matrix path
-        # for strided operands and outputs, so they work on contiguous copies (≈5% of a step).
-        E, U = self.param["embed.weight"].contiguous(), self.param["unembed.weight"].contiguous()
-        L, R = self.param["left.weight"].contiguous(), self.param["right.weight"].contiguous()
-        T_a, T_b = self.T_a.view(C, p, h), self.T_b.view(C, p, h)
-        torch.baddbmm(self.param["left.bias"].unsqueeze(1), E, L.transpose(1, 2), out=T_a)
-        torch.baddbmm(self.param["right.bias"].unsqueeze(1), E, R.transpose(1, 2), out=T_b)
-        rows_a = (a + self.row_offset).view(-1)
-        rows_b = (b + self.row_offset).view(-1)
-        torch.index_select(self.T_a, 0, rows_a, out=self.z)
-        z = self.z.add_(self.T_b.index_select(0, rows_b)).view(C, m, h)
+    def to_parameter_major(self, rows: torch.Tensor) -> torch.Tensor:
+        """[C, d] chain-major (or [C] per-chain values, broadcast) → flat parameter-major [C·d]."""
+        rows = rows.unsqueeze(1).expand(self.C, self.d) if rows.dim() == 1 else rows
+        return torch.cat([rows[:, lo:hi].reshape(-1) for lo, hi in zip(self.blocks[:-1], self.blocks[1:])])
+
+    def to_chain_major(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat parameter-major [C·d] → [C, d] chain-major."""
+        return torch.cat([view.reshape(self.C, -1) for view in self._views(flat).values()], dim=1)
+
+    def per_chain_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Σ_k x[c, k]·y[c, k] for each chain c of two flat parameter-major buffers: [C]."""
+        return sum(torch.linalg.vecdot(a.reshape(self.C, -1), b.reshape(self.C, -1))
+                   for a, b in zip(self._views(x).values(), self._views(y).values()))
+
+    def subtract_per_chain(self, x: torch.Tensor, direction: torch.Tensor, coefficient: torch.Tensor) -> None:
+        """x[c] −= coefficient[c]·direction[c], in place, for flat parameter-major buffers."""
+        column = coefficient.unsqueeze(1)
+        for a, g in zip(self._views(x).values(), self._views(direction).values()):
+            a.view(self.C, -1).addcmul_(g.reshape(self.C, -1), column, value=-1)
+
+    def loss_and_scaled_grad(self, operands: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """L_m per chain [C]; writes scale_c·∇L_m into G. operands [C, m, 2], y [C, m] int64; scale [C, 1, 1]."""
+        C, m, p, e, h = self.C, self.m, self.p, self.e, self.h
+        param, grad = self.param, self.grad
+        E, U = param["embed.weight"], param["unembed.weight"]
+        rows = (operands + self.row_offset).view(-1)  # [C·m·2]: rows a_i, b_i of chain c's E in E.view(C·p, e)
+        x = E.view(C * p, e).index_select(0, rows).view(C, m, 2 * e)
+        torch.cat((param["left.weight"], param["right.weight"]), dim=2, out=self.LR)
+        bias = (param["left.bias"] + param["right.bias"]).unsqueeze(1)
+        z = torch.baddbmm(bias, x, self.LR.transpose(1, 2))
         u = F.gelu(z)
         log_probs = torch.log_softmax(torch.bmm(u, U.transpose(1, 2)), dim=-1)  # [C, m, p]
-        loss = log_probs.gather(-1, y.unsqueeze(-1)).mean(dim=(1, 2)).neg_()
+        y = y.unsqueeze(-1)
+        loss = log_probs.gather(-1, y).mean(dim=(1, 2)).neg_()
 
-        d_logits = log_probs.exp_()  # softmax, in place
-        d_logits.scatter_add_(-1, y.unsqueeze(-1), self.minus_one)
-        d_logits.mul_(scale / m)
-        self.grad["unembed.weight"].copy_(torch.bmm(d_logits.transpose(1, 2), u))
+        d_logits = log_probs.exp_()  # softmax, in place (a hand-rolled single-exp softmax measured slower)
+        d_logits.scatter_add_(-1, y, self.minus_one)
+        d_logits.mul_(scale / m)  # δs = k/m·(softmax − onehot)
+        torch.bmm(d_logits.transpose(1, 2), u, out=grad["unembed.weight"])
         dz = _gelu_backward(torch.bmm(d_logits, U), z)  # [C, m, h]
-        self.dT_a.zero_().index_add_(0, rows_a, dz.view(-1, h))
-        self.dT_b.zero_().index_add_(0, rows_b, dz.view(-1, h))
-        dT_a, dT_b = self.dT_a.view(C, p, h), self.dT_b.view(C, p, h)
-        torch.sum(dz, dim=1, out=self.grad["left.bias"])
-        self.grad["right.bias"].copy_(self.grad["left.bias"])
-        self.grad["left.weight"].copy_(torch.bmm(dT_a.transpose(1, 2), E))
-        self.grad["right.weight"].copy_(torch.bmm(dT_b.transpose(1, 2), E))
-        self.grad["embed.weight"].copy_(torch.bmm(dT_a, L).baddbmm_(dT_b, R))
+        torch.sum(dz, dim=1, out=grad["left.bias"])
+        grad["right.bias"].copy_(grad["left.bias"])
+        d_LR = torch.bmm(dz.transpose(1, 2), x)  # [C, h, 2e]
+        grad["left.weight"].copy_(d_LR[..., :e])
+        grad["right.weight"].copy_(d_LR[..., e:])
+        d_x = torch.bmm(dz, self.LR)  # [C, m, 2e]
+        grad["embed.weight"].zero_().view(C * p, e).index_add_(0, rows, d_x.view(-1, e))
         return loss
 
 
-def _per_chain_column(vector: torch.Tensor, device) -> torch.Tensor:
-    return vector.to(device=device, dtype=torch.float32).unsqueeze(1)
+def _is_uniform(vector: torch.Tensor) -> bool:
+    return bool((vector == vector[0]).all())
 
 
 def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, device="cpu",
@@ -146,25 +160,30 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     epsilon, gamma, nbeta = config.hyperparameters(n)
 
     setup = [loss_and_gradient_at_start(s.model, s.pairs, s.labels, F.cross_entropy) for s in starts]
-    w_star = torch.stack([flat_parameters(s.model)[2] for s in starts]).repeat_interleave(C_per, 0).to(device)
-    d = w_star.shape[1]
-    batch = ChainBatch(*arch, w_star, m)
+    w_star_rows = torch.stack([flat_parameters(s.model)[2] for s in starts]).repeat_interleave(C_per, 0)
+    batch = ChainBatch(*arch, w_star_rows.to(device), m)
+    d = batch.d
 
     eps, gam, nb = (v.repeat(S) for v in (epsilon, gamma, nbeta))
-    a_coef = _per_chain_column(-eps * gam / 2, device)  # W ← (1 + a)·W − a·W* + ...
-    one_plus_a, a_w_star = 1 + a_coef, w_star * a_coef
-    sqrt_eps = _per_chain_column(eps.sqrt(), device)
-    grad_scale = _per_chain_column(-eps / 2 * nb, device).unsqueeze(2)
+    a_coef = -eps * gam / 2  # W ← (1 + a)·W − a·W* + G + √ε·ξ
+
+    def coefficient(values: torch.Tensor):
+        """A Python float when every chain shares it (cheaper), else expanded to the buffer's layout."""
+        if _is_uniform(values):
+            return float(values[0])
+        return batch.to_parameter_major(values.to(device=device, dtype=torch.float32))
+
+    one_plus_a, sqrt_eps = coefficient(1 + a_coef), coefficient(eps.sqrt())
+    a_w_star = batch.W * coefficient(a_coef)
+    grad_scale = (-eps / 2 * nb).to(device=device, dtype=torch.float32).view(C, 1, 1)
     direction = None
     if config.orthogonal:
-        directions = [orthogonal_direction(g) for _, g in setup]
-        direction = torch.stack([g if g is not None else torch.zeros(d) for g in directions])
-        direction = direction.repeat_interleave(C_per, 0).to(device)
-        increment = torch.empty_like(w_star)
+        unit = [orthogonal_direction(g) for _, g in setup]
+        rows = torch.stack([g if g is not None else torch.zeros(d) for g in unit]).repeat_interleave(C_per, 0)
+        direction = batch.to_parameter_major(rows.to(device))
+        increment = torch.empty_like(batch.W)
 
-    pairs = torch.stack([s.pairs for s in starts]).to(device)  # [S, n, 2]
-    operand_a = pairs[..., 0].reshape(-1)
-    operand_b = pairs[..., 1].reshape(-1)
+    operands = torch.cat([s.pairs for s in starts]).to(device)  # [S·n, 2]
     targets = torch.stack([s.labels for s in starts]).to(device).reshape(-1)
     example_offset = (torch.arange(C, device=device) // C_per * n).unsqueeze(1)  # start s's split at s·n
 
@@ -175,27 +194,30 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     chain_ids = np.arange(C, dtype=np.int64)
     pin = device.type == "cuda"
     indices_host = torch.empty(C, m, dtype=torch.int64, pin_memory=pin)
-    noise_host = torch.empty(C, d, dtype=torch.float32, pin_memory=pin)
+    noise_host = torch.empty(C * d, dtype=torch.float32, pin_memory=pin)
     indices_np, noise_np = indices_host.numpy(), noise_host.numpy()
-    noise = noise_host if device.type == "cpu" else torch.empty(C, d, device=device)
+    noise = noise_host if device.type == "cpu" else torch.empty(C * d, device=device)
     trace = torch.empty(T, C, device=device)
+
+    def add_noise(target: torch.Tensor) -> torch.Tensor:
+        return target.add_(noise, alpha=sqrt_eps) if isinstance(sqrt_eps, float) else target.addcmul_(noise, sqrt_eps)
 
     bar = tqdm(total=C * T, desc=f"SGLD (torch, {C} chains)", disable=not progress, leave=False, unit_scale=True)
     report_every = max(1, T // 100)
     start_time = time.perf_counter()
     for t in range(T):
-        randomness.fill(chain_ids, t, indices_np, noise_np)
+        randomness.fill(chain_ids, t, indices_np, noise_np, batch.blocks)
         indices = indices_host.to(device, non_blocking=True)
         if noise is not noise_host:
             noise.copy_(noise_host, non_blocking=True)
         examples = (indices + example_offset).view(-1)
-        trace[t] = batch.loss_and_scaled_grad(operand_a[examples].view(C, m), operand_b[examples].view(C, m),
-                                              targets[examples].view(C, m), grad_scale)
+        trace[t] = batch.loss_and_scaled_grad(operands.index_select(0, examples).view(C, m, 2),
+                                              targets.index_select(0, examples).view(C, m), grad_scale)
         if direction is None:
-            batch.W.mul_(one_plus_a).add_(batch.G).addcmul_(noise, sqrt_eps).sub_(a_w_star)
+            add_noise(batch.W.mul_(one_plus_a).add_(batch.G)).sub_(a_w_star)
         else:
-            torch.mul(batch.W, a_coef, out=increment).add_(batch.G).addcmul_(noise, sqrt_eps).sub_(a_w_star)
-            increment.addcmul_(direction, torch.linalg.vecdot(increment, direction).unsqueeze(1), value=-1)
+            add_noise(torch.mul(batch.W, one_plus_a - 1, out=increment).add_(batch.G)).sub_(a_w_star)
+            batch.subtract_per_chain(increment, direction, batch.per_chain_dot(increment, direction))
             batch.W.add_(increment)
         if (t + 1) % report_every == 0:
             bar.update(C * report_every)
@@ -204,9 +226,8 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     bar.close()
 
     # a chain that produced a non-finite loss keeps NaN from there on, as the reference does
-    bad = ~torch.isfinite(trace)
-    trace[bad.cumsum(dim=1) > 0] = math.nan
-    finals = batch.W.cpu()
+    trace[(~torch.isfinite(trace)).cumsum(dim=1) > 0] = math.nan
+    finals = batch.to_chain_major(batch.W).cpu()
     return [Samples(trace[s * C_per : (s + 1) * C_per].clone(), setup[s][0], epsilon, gamma, nbeta, "torch",
                     str(device), seconds, finals[s * C_per : (s + 1) * C_per].clone(), chains_in_batch=C)
             for s in range(S)]

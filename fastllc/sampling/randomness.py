@@ -106,21 +106,28 @@ def _normal_slow(key, element, edges, ratios, tail):
 
 
 @njit(parallel=True, cache=True)
-def _fill_noise(seed, chains, step, edges, edges32, ratios, tail, out):
-    for row in prange(out.shape[0]):
+def _fill_noise(seed, chains, step, edges, edges32, ratios, tail, blocks, out):
+    """Unit noise of ``chains`` at ``step`` into the flat ``out`` [C·d]: element k (canonical order) of row r,
+    in block j = [blocks[j], blocks[j+1]), goes to out[C·blocks[j] + r·size_j + k − blocks[j]]. One block
+    [0, d] is the chain-major layout [C, d]; one block per parameter is the parameter-major layout."""
+    C = chains.shape[0]
+    dim = blocks[-1]
+    for row in prange(C):
         key = _stream_key(seed, _NOISE_STREAM, chains[row], step)
-        values = out[row]
-        rejected = np.empty(out.shape[1], np.bool_)
-        # fast path for every element, branch-free so that it vectorises: the point in its layer's rectangle
-        for k in range(out.shape[1]):
-            word = _word(key, k, 0)
-            layer = np.int64(word & np.uint64(127))
-            u = _signed_unit(word)
-            values[k] = u * edges32[layer]
-            rejected[k] = abs(u) >= ratios[layer]
-        for k in range(out.shape[1]):
-            if rejected[k]:
-                values[k] = _normal_slow(key, k, edges, ratios, tail)
+        rejected = np.empty(dim, np.bool_)
+        for j in range(blocks.shape[0] - 1):
+            lo, hi = blocks[j], blocks[j + 1]
+            base = C * lo + row * (hi - lo) - lo
+            # fast path, branch-free so that it vectorises: the point falls in its layer's rectangle
+            for k in range(lo, hi):
+                word = _word(key, k, 0)
+                layer = np.int64(word & np.uint64(127))
+                u = _signed_unit(word)
+                out[base + k] = u * edges32[layer]
+                rejected[k] = abs(u) >= ratios[layer]
+            for k in range(lo, hi):
+                if rejected[k]:
+                    out[base + k] = _normal_slow(key, k, edges, ratios, tail)
 
 
 @njit(parallel=True, cache=True)
@@ -132,6 +139,10 @@ def _fill_indices(seed, chains, step, n, out):
             out[row, i] = np.int64(((word >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
 
 
+def _single_block(dim: int) -> np.ndarray:
+    return np.array([0, dim], np.int64)
+
+
 class CounterRandomness:
     """Counter-based indices and unit noise for any set of chains at any step (see the module docstring)."""
 
@@ -140,10 +151,15 @@ class CounterRandomness:
             raise FastLLCError(f"the number of examples must be in [1, 2^32), got {n}")
         self.seed, self.n, self.batch_size, self.dim = seed, n, batch_size, dim
 
-    def fill(self, chains: np.ndarray, step: int, indices: np.ndarray, noise: np.ndarray) -> None:
-        """Write indices [len(chains), m] int64 and unit noise [len(chains), d] float32 of ``step`` in place."""
+    def fill(self, chains: np.ndarray, step: int, indices: np.ndarray, noise: np.ndarray,
+             blocks: np.ndarray | None = None) -> None:
+        """Write indices [len(chains), m] int64 and unit noise float32 of ``step`` in place.
+
+        ``noise`` is [len(chains), d], or flat in the blocked layout of ``blocks`` (see ``_fill_noise``).
+        """
         _fill_indices(self.seed, chains, step, self.n, indices)
-        _fill_noise(self.seed, chains, step, _EDGES, _EDGES32, _RATIOS, _TAIL, noise)
+        blocks = _single_block(self.dim) if blocks is None else blocks
+        _fill_noise(self.seed, chains, step, _EDGES, _EDGES32, _RATIOS, _TAIL, blocks, noise.reshape(-1))
 
     def draw(self, chain: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices [m] int64, unit noise [d] float32) of one chain at one step."""
@@ -170,9 +186,14 @@ class InjectedRandomness:
         if self.indices.numel() and not (0 <= int(self.indices.min()) and int(self.indices.max()) < n):
             raise FastLLCError(f"injected indices must lie in [0, {n})")
 
-    def fill(self, chains: np.ndarray, step: int, indices: np.ndarray, noise: np.ndarray) -> None:
+    def fill(self, chains: np.ndarray, step: int, indices: np.ndarray, noise: np.ndarray,
+             blocks: np.ndarray | None = None) -> None:
         indices[:] = self.indices[chains, step].numpy()
-        noise[:] = self.noise[chains, step].numpy()
+        rows = self.noise[chains, step].numpy()
+        blocks = _single_block(rows.shape[1]) if blocks is None else blocks
+        flat, C = noise.reshape(-1), len(chains)
+        for lo, hi in zip(blocks[:-1], blocks[1:]):
+            flat[C * lo : C * hi].reshape(C, hi - lo)[:] = rows[:, lo:hi]
 
     def draw(self, chain: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.indices[chain, step], self.noise[chain, step]
