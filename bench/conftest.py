@@ -1,1 +1,74 @@
-"""Benchmark suite: ``pytest bench --benchmark-only``. Each benchmark checks its backend against the reference first."""
+"""Benchmark suite: ``pytest bench --benchmark-only``.
+
+Every benchmark names its workload in its id (p, e, h, m, C, T), checks its backend against the
+reference before timing, and records chain-steps per second and the fraction of this CPU's FLOP
+ceiling in ``extra_info``. A table of all backends side by side, with ratios, closes the run.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from fastllc import ModularMLP, make_task
+
+FLOPS_PER_CHAIN_STEP = {(53, 8, 32, 64): 0.85e6}  # DESIGN.md: forward + backward, output layer dominant
+CPU_CEILING_FLOPS = 80e9  # float32 matmul peak of the 2-core development CPU (DESIGN.md)
+RESULTS: dict[str, dict] = {}
+
+
+@dataclass(frozen=True)
+class Workload:
+    p: int
+    embed: int
+    hidden: int
+    batch_size: int
+
+    def name(self, chains: int, steps: int) -> str:
+        return f"p{self.p}-e{self.embed}-h{self.hidden}-m{self.batch_size}-C{chains}-T{steps}"
+
+    def flops_per_chain_step(self) -> float:
+        """Multiply-adds of the three p×h products (forward, two backward) and the first layer, ×2."""
+        p, e, h, m = self.p, self.embed, self.hidden, self.batch_size
+        return 2 * (3 * m * h * p + 3 * m * 2 * e * h)
+
+
+PUBLISHED = Workload(53, 8, 32, 64)
+
+
+@pytest.fixture(scope="session")
+def published():
+    """The published workload's model (untrained: throughput does not depend on the weights) and train split."""
+    torch.manual_seed(0)
+    task = make_task(PUBLISHED.p, "add", seed=0)
+    return ModularMLP(PUBLISHED.p, PUBLISHED.embed, PUBLISHED.hidden), task.train_data()
+
+
+def record(benchmark, backend: str, workload: Workload, chains: int, steps: int, seconds: list[float], **extra):
+    """Store chain-steps/s (median over rounds of the sampler's own loop time) beside the timing."""
+    rate = chains * steps / statistics.median(seconds)
+    fraction = rate * workload.flops_per_chain_step() / CPU_CEILING_FLOPS
+    benchmark.extra_info.update(workload=workload.name(chains, steps), backend=backend,
+                                chain_steps_per_second=round(rate), fraction_of_cpu_flop_ceiling=round(fraction, 4),
+                                **extra)
+    RESULTS[f"{backend} {workload.name(chains, steps)}"] = dict(backend=backend, chains=chains, rate=rate,
+                                                              fraction=fraction, **extra)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("chain-steps per second (median of rounds; sampler loop only)")
+    for name, r in sorted(RESULTS.items(), key=lambda item: -item[1]["rate"]):
+        extra = "".join(f"  {k}={v}" for k, v in r.items() if k not in ("backend", "chains", "rate", "fraction"))
+        write(f"  {name:<42} {r['rate']:>10,.0f}  {r['fraction']:6.1%} of CPU FLOP ceiling{extra}")
+    fast = {r["chains"]: r["rate"] for r in RESULTS.values() if r["backend"] == "torch"}
+    for peer in ("reference", "devinterp-1.3.2"):
+        peers = [r for r in RESULTS.values() if r["backend"] == peer]
+        if peers and 64 in fast:
+            write(f"  torch (C=64) / {peer}: {fast[64] / peers[0]['rate']:.1f}x")

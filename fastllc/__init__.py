@@ -1,6 +1,6 @@
 """fastllc: fast batched estimation of the local learning coefficient (LLC) with SGLD."""
 
-from .api import estimate, estimate_run
+from .api import estimate, estimate_checkpoints, estimate_run
 from .errors import FastLLCError
 from .llc import LLCResult, estimate_llc
 from .model import ModularMLP
@@ -8,6 +8,6 @@ from .sampling import SGLDConfig
 from .tasks import Task, make_task
 from .train import Run, TrainConfig, train
 
-__all__ = ["estimate", "estimate_run", "estimate_llc", "FastLLCError", "LLCResult", "ModularMLP", "Run",
+__all__ = ["estimate", "estimate_checkpoints", "estimate_run", "estimate_llc", "FastLLCError", "LLCResult", "ModularMLP", "Run",
            "SGLDConfig", "Task", "TrainConfig", "make_task", "train"]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .errors import FastLLCError
 from .llc import LLCResult, estimate_llc
-from .sampling import SGLDConfig, sample
+from .sampling import SGLDConfig, batched, resolve_device, sample
 from .train import Run
 
 
@@ -39,3 +39,19 @@ def estimate_run(run: Run | str, checkpoint: int | None = None, config: SGLDConf
     run = run if isinstance(run, Run) else Run.load(run)
     model = run.load_model(checkpoint)
     return estimate(model, run.task().train_data(), F.cross_entropy, config, **kwargs)
+
+
+def estimate_checkpoints(run: Run | str, checkpoints: list[int] | None = None, config: SGLDConfig | None = None, *,
+                         device="cpu", randomness=None, progress: bool = False, **settings) -> list[LLCResult]:
+    """λ̂ at several checkpoints of a run (default: all), every checkpoint's chains in one batched run.
+
+    Chain j of the k-th listed checkpoint is global chain k·chains + j of the batch (its randomness key).
+    """
+    run = run if isinstance(run, Run) else Run.load(run)
+    config = replace(config or SGLDConfig(), **settings).validate()
+    indices = range(len(run.steps)) if checkpoints is None else [run.checkpoint_index(k) for k in checkpoints]
+    pairs, labels = run.task().train_data()
+    starts = [batched.Start(run.load_model(k), pairs, labels) for k in indices]
+    samples = batched.sample_starts(starts, config, randomness=randomness, device=resolve_device(device),
+                                    progress=progress)
+    return [estimate_llc(s, config) for s in samples]

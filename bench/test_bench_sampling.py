@@ -1,0 +1,120 @@
+"""Chain-steps per second of every sampling backend on the published workload (p=53, e=8, h=32, m=64)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastllc import SGLDConfig
+from fastllc.sampling import InjectedRandomness, batched, default_nbeta, reference
+from fastllc.sampling.contract import flat_parameters
+
+from conftest import PUBLISHED, record
+
+pytestmark = pytest.mark.benchmark(min_rounds=1)
+
+
+@pytest.fixture(scope="session")
+def torch_matches_reference(published):
+    """The torch backend follows the reference parameter by parameter on the benchmarked shapes."""
+    model, (x, y) = published
+    chains, steps, m, d = 3, 10, PUBLISHED.batch_size, flat_parameters(model)[2].numel()
+    gen = torch.Generator().manual_seed(0)
+    noise = InjectedRandomness(torch.randint(len(y), (chains, steps, m), generator=gen),
+                               torch.randn(chains, steps, d, generator=gen))
+    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=True)
+    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = batched.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=5e-5)  # as tests/test_batched.py
+    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=5e-5)
+    return True
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory since the last reset (Linux), or None elsewhere."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("chains,steps", [(64, 200), (256, 100), (1024, 40)], ids=lambda v: str(v))
+def test_torch_backend(benchmark, published, torch_matches_reference, chains, steps):
+    model, (x, y) = published
+    config = SGLDConfig(chains=chains, steps=steps, batch_size=PUBLISHED.batch_size)
+    batched.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=chains, steps=2))  # warm the Numba cache
+    seconds, peaks = [], []
+
+    def run():
+        reset_peak_rss()
+        before = peak_rss_bytes()
+        samples = batched.sample(model, x, y, F.cross_entropy, config)
+        peaks.append((peak_rss_bytes() or 0) - (before or 0))
+        seconds.append(samples.seconds)
+        assert torch.isfinite(samples.loss_trace).all()
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    record(benchmark, "torch", PUBLISHED, chains, steps, seconds, peak_rss_growth_mb=round(max(peaks) / 2**20, 1))
+
+
+def test_reference_backend(benchmark, published):
+    model, (x, y) = published
+    chains, steps = 64, 10  # one chain after another: its rate does not depend on C
+    config = SGLDConfig(chains=chains, steps=steps, batch_size=PUBLISHED.batch_size)
+    seconds = []
+
+    def run():
+        samples = reference.sample(model, x, y, F.cross_entropy, config)
+        assert samples.init_loss == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)
+        seconds.append(samples.seconds)
+
+    benchmark.pedantic(run, rounds=2, iterations=1)
+    record(benchmark, "reference", PUBLISHED, chains, steps, seconds)
+
+
+def test_devinterp_peer(benchmark, published):
+    devinterp_sampler = pytest.importorskip("devinterp.slt.sampler")
+    from devinterp.optim.sgld import SGLD
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    model, (x, y) = published
+    chains, draws = 64, 20
+    dataset = TensorDataset(x, y)
+    loader = DataLoader(dataset, batch_size=PUBLISHED.batch_size,
+                        sampler=RandomSampler(dataset, replacement=True, num_samples=10**7))
+    nbeta = default_nbeta(len(y))
+    init_loss = F.cross_entropy(model(x), y).item()
+
+    def evaluate(net, batch):
+        inputs, targets = batch
+        return F.cross_entropy(net(inputs), targets), {}
+
+    seconds = []
+
+    def run():
+        import time
+        start = time.perf_counter()
+        summary = devinterp_sampler.estimate_learning_coeff_with_summary(
+            model, loader, evaluate=evaluate, sampling_method=SGLD,
+            optimizer_kwargs=dict(lr=1e-3, localization=5.0, nbeta=nbeta), num_chains=chains, num_draws=draws,
+            num_burnin_steps=0, init_loss=init_loss, seed=0, device="cpu", verbose=False)
+        seconds.append(time.perf_counter() - start)
+        assert math.isfinite(summary["llc/mean"])  # the peer's own output: finite, nothing more is claimed
+
+    benchmark.pedantic(run, rounds=2, iterations=1)
+    record(benchmark, "devinterp-1.3.2", PUBLISHED, chains, draws, seconds)

@@ -1,0 +1,151 @@
+"""Backend ``torch`` against autograd and against the reference, parameter by parameter."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastllc import FastLLCError, ModularMLP, SGLDConfig, TrainConfig, estimate_llc, make_task, train
+from fastllc.sampling import InjectedRandomness, batched, reference
+from fastllc.sampling.contract import flat_parameters
+
+P, EMBED, HIDDEN = 7, 5, 13  # awkward, non-power-of-two shapes
+
+
+def perturbed_chains(model, chains, scale=0.3, seed=0):
+    """[C, d] starting weights: the model's, moved differently for each chain."""
+    gen = torch.Generator().manual_seed(seed)
+    w = flat_parameters(model)[2]
+    return w + scale * torch.randn(chains, w.numel(), generator=gen)
+
+
+def test_hand_written_gradient_matches_autograd():
+    model = ModularMLP(P, EMBED, HIDDEN)
+    names, shapes, _ = flat_parameters(model)
+    chains, m = 3, 11
+    rows = perturbed_chains(model, chains)
+    gen = torch.Generator().manual_seed(1)
+    operands, labels = torch.randint(P, (chains, m, 2), generator=gen), torch.randint(P, (chains, m), generator=gen)
+    scale = torch.tensor([1.0, -0.5, 2.0]).view(chains, 1, 1)
+    batch = batched.ChainBatch(P, EMBED, HIDDEN, rows, m)
+    loss = batch.loss_and_scaled_grad(operands, labels, scale)
+    mine = batch.to_chain_major(batch.G)
+    for c in range(chains):
+        w = rows[c].clone().requires_grad_(True)
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = w[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        expected_loss = F.cross_entropy(torch.func.functional_call(model, params, (operands[c],)), labels[c])
+        (expected,) = torch.autograd.grad(expected_loss, w)
+        assert loss[c].item() == pytest.approx(expected_loss.item(), rel=1e-6)
+        # one fp32 forward/backward, different summation order: a few ulps of O(0.1) gradients
+        torch.testing.assert_close(mine[c], scale.flatten()[c] * expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("orthogonal", [False, True])
+@pytest.mark.parametrize("per_chain", [False, True])
+def test_trajectories_match_the_reference_with_injected_noise(orthogonal, per_chain):
+    task = make_task(P, "add", seed=0)
+    x, y = task.train_data()
+    model = ModularMLP(P, EMBED, HIDDEN)  # at initialisation: large gradients, a demanding comparison
+    d = flat_parameters(model)[2].numel()
+    chains, steps, m = 3, 100, 16
+    gen = torch.Generator().manual_seed(2)
+    noise = InjectedRandomness(torch.randint(len(y), (chains, steps, m), generator=gen),
+                               torch.randn(chains, steps, d, generator=gen))
+    settings = dict(epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0]) if per_chain else {}
+    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=orthogonal, **settings)
+    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = batched.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    # Both fp32; per step the gradients differ by ~1e-6 relative (other summation orders), and with
+    # ε·nβ/2 ≤ 0.015 the differences add up about linearly over 100 steps: ≤ ~1e-5 on O(1) weights
+    # (measured: 8e-6). 5e-5 leaves margin; a wrong term (a missing γ, a factor 2) shows as ≥ 1e-3.
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=5e-5)
+    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=5e-5)
+    assert fast.init_loss == pytest.approx(ref.init_loss, rel=1e-6)
+    moved = (ref.final_params - flat_parameters(model)[2]).abs().max()
+    assert moved > 1e-2  # the comparison is not vacuous: the chains travelled far beyond the tolerance
+
+
+def test_seeded_streams_match_the_reference_and_ignore_the_chain_count():
+    task = make_task(P, "add", seed=0)
+    x, y = task.train_data()
+    model = ModularMLP(P, EMBED, HIDDEN)
+    config = SGLDConfig(chains=4, steps=30, batch_size=8, seed=7)
+    four = batched.sample(model, x, y, F.cross_entropy, config)
+    eight = batched.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=8, steps=30, batch_size=8, seed=7))
+    ref = reference.sample(model, x, y, F.cross_entropy, config)
+    torch.testing.assert_close(eight.final_params[:4], four.final_params, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ref.final_params, four.final_params, rtol=0, atol=2e-5)  # same noise, as above
+
+
+def test_stacked_starting_points_equal_separate_runs():
+    task = make_task(P, "add", seed=0)
+    x, y = task.train_data()
+    first, second = ModularMLP(P, EMBED, HIDDEN), ModularMLP(P, EMBED, HIDDEN)
+    d, steps, m = flat_parameters(first)[2].numel(), 40, 8
+    gen = torch.Generator().manual_seed(4)
+    noise = InjectedRandomness(torch.randint(len(y), (4, steps, m), generator=gen), torch.randn(4, steps, d, generator=gen))
+    config = SGLDConfig(chains=2, steps=steps, batch_size=m, orthogonal=True)
+    together = batched.sample_starts([batched.Start(first, x, y), batched.Start(second, x, y)], config,
+                                     randomness=noise)
+    # the second start's chains are global chains 2 and 3: alone, they read the same rows of noise
+    alone = batched.sample(second, x, y, F.cross_entropy, config,
+                           randomness=InjectedRandomness(noise.indices[2:], noise.noise[2:]))
+    torch.testing.assert_close(together[1].final_params, alone.final_params, rtol=0, atol=1e-6)
+    torch.testing.assert_close(together[1].loss_trace, alone.loss_trace, rtol=0, atol=1e-6)
+    assert together[1].init_loss == pytest.approx(alone.init_loss)
+    assert together[0].init_loss != together[1].init_loss
+    assert together[0].chains_in_batch == 4
+
+
+def test_diverging_chain_is_flagged():
+    task = make_task(P, "add", seed=0)
+    x, y = task.train_data()
+    samples = batched.sample(ModularMLP(P, EMBED, HIDDEN), x, y, F.cross_entropy,
+                             SGLDConfig(chains=2, steps=200, epsilon=[1e-4, 30.0], nbeta=100.0, batch_size=8))
+    config = SGLDConfig(chains=2, steps=200)
+    with pytest.warns(RuntimeWarning, match="1 of 2 chains"):
+        result = estimate_llc(samples, config)
+    assert result.healthy == [True, False]
+    assert math.isfinite(result.llc_mean)
+
+
+def test_other_models_are_refused_with_a_clear_message():
+    with pytest.raises(FastLLCError, match="ModularMLP with cross-entropy"):
+        batched.sample(torch.nn.Linear(2, 2), torch.randn(4, 2), torch.zeros(4, dtype=torch.long),
+                       F.cross_entropy, SGLDConfig(chains=1, steps=1))
+
+
+@pytest.mark.slow
+def test_llc_agrees_with_the_reference_on_a_trained_model(tmp_path):
+    run = train(TrainConfig(p=13, batches=3000, checkpoints=1, seed=0), tmp_path / "p13")
+    model, (x, y) = run.load_model(), run.task().train_data()
+    ref = estimate_llc(reference.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=4, steps=1500, seed=1)),
+                       SGLDConfig(chains=4, steps=1500))
+    fast = estimate_llc(batched.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=16, steps=1500, seed=2)),
+                        SGLDConfig(chains=16, steps=1500))
+    # independent randomness: the two means differ by sampling error only (4 standard errors of the difference)
+    assert abs(fast.llc_mean - ref.llc_mean) < 4 * math.hypot(fast.llc_se, ref.llc_se)
+    assert fast.llc_mean > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_same_code_runs_on_cuda():
+    task = make_task(P, "add", seed=0)
+    x, y = task.train_data()
+    model = ModularMLP(P, EMBED, HIDDEN)
+    config = SGLDConfig(chains=3, steps=20, batch_size=8)
+    cpu = batched.sample(model, x, y, F.cross_entropy, config)
+    gpu = batched.sample(model, x, y, F.cross_entropy, config, device="cuda")
+    torch.testing.assert_close(gpu.final_params, cpu.final_params, rtol=0, atol=1e-5)
+
+
+def test_estimate_checkpoints_runs_every_checkpoint_in_one_batch(tiny_run):
+    from fastllc import estimate_checkpoints
+    results = estimate_checkpoints(tiny_run, config=SGLDConfig(chains=2, steps=30))
+    assert len(results) == len(tiny_run.steps)
+    assert all(r.chains == 2 and r.backend == "torch" for r in results)
+    assert results[0].init_loss > results[-1].init_loss  # initialisation has higher loss than trained weights
