@@ -29,7 +29,9 @@ def test_hand_written_gradient_matches_autograd():
     operands, labels = torch.randint(P, (chains, m, 2), generator=gen), torch.randint(P, (chains, m), generator=gen)
     scale = torch.tensor([1.0, -0.5, 2.0]).view(chains, 1, 1)
     batch = batched.ChainBatch(P, EMBED, HIDDEN, rows, m)
-    loss = batch.loss_and_scaled_grad(operands, labels, scale)
+    loss_sum = torch.empty(chains)
+    batch.loss_and_scaled_grad(operands, labels, scale / m, loss_sum)
+    loss = -loss_sum / m
     mine = batch.to_chain_major(batch.G)
     for c in range(chains):
         w = rows[c].clone().requires_grad_(True)

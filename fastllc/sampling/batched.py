@@ -109,8 +109,12 @@ class ChainBatch:
         for a, g in zip(self._views(x).values(), self._views(direction).values()):
             a.view(self.C, -1).addcmul_(g.reshape(self.C, -1), column, value=-1)
 
-    def loss_and_scaled_grad(self, operands: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """L_m per chain [C]; writes scale_c·∇L_m into G. operands [C, m, 2], y [C, m] int64; scale [C, 1, 1]."""
+    def loss_and_scaled_grad(self, operands: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                             loss_sum: torch.Tensor) -> None:
+        """Writes m·L_m of each chain into ``loss_sum`` [C] and k_c·∇L_m into G.
+
+        operands [C, m, 2] and y [C, m] int64; scale [C, 1, 1] holds k_c/m (the mean's 1/m folded in).
+        """
         C, m, p, e, h = self.C, self.m, self.p, self.e, self.h
         param, grad = self.param, self.grad
         E, U = param["embed.weight"], param["unembed.weight"]
@@ -122,11 +126,11 @@ class ChainBatch:
         u = F.gelu(z)
         log_probs = torch.log_softmax(torch.bmm(u, U.transpose(1, 2)), dim=-1)  # [C, m, p]
         y = y.unsqueeze(-1)
-        loss = log_probs.gather(-1, y).mean(dim=(1, 2)).neg_()
+        torch.sum(log_probs.gather(-1, y), dim=(1, 2), out=loss_sum)  # −m·L_m: negated and scaled once, at the end
 
         d_logits = log_probs.exp_()  # softmax, in place (a hand-rolled single-exp softmax measured slower)
         d_logits.scatter_add_(-1, y, self.minus_one)
-        d_logits.mul_(scale / m)  # δs = k/m·(softmax − onehot)
+        d_logits.mul_(scale)  # δs = k/m·(softmax − onehot)
         torch.bmm(d_logits.transpose(1, 2), u, out=grad["unembed.weight"])
         dz = _gelu_backward(torch.bmm(d_logits, U), z)  # [C, m, h]
         torch.sum(dz, dim=1, out=grad["left.bias"])
@@ -136,7 +140,6 @@ class ChainBatch:
         grad["right.weight"].copy_(d_LR[..., e:])
         d_x = torch.bmm(dz, self.LR)  # [C, m, 2e]
         grad["embed.weight"].zero_().view(C * p, e).index_add_(0, rows, d_x.view(-1, e))
-        return loss
 
 
 def _is_uniform(vector: torch.Tensor) -> bool:
@@ -176,7 +179,7 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
     a = -chains.epsilon * chains.gamma / 2  # W ← (1 + a)·W − a·W* + G + √ε·ξ
     one_plus_a, sqrt_eps = coefficient(1 + a), coefficient(chains.epsilon.sqrt())
     a_w_star = batch.W * coefficient(a)
-    grad_scale = (-chains.epsilon / 2 * chains.nbeta).to(device=device, dtype=torch.float32).view(C, 1, 1)
+    grad_scale = (-chains.epsilon / 2 * chains.nbeta / m).to(device=device, dtype=torch.float32).view(C, 1, 1)
     if chains.direction is not None:
         direction = batch.to_parameter_major(chains.direction.to(device))
         increment = torch.empty_like(batch.W)
@@ -199,17 +202,21 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
         if noise is not noise_host:
             noise.copy_(noise_host, non_blocking=True)
         examples = (indices + example_offset).view(-1)
-        trace[t] = batch.loss_and_scaled_grad(operands.index_select(0, examples).view(C, m, 2),
-                                              targets.index_select(0, examples).view(C, m), grad_scale)
+        batch.loss_and_scaled_grad(operands.index_select(0, examples).view(C, m, 2),
+                                   targets.index_select(0, examples).view(C, m), grad_scale, trace[t])
         if chains.direction is None:
-            add_noise(batch.W.mul_(one_plus_a).add_(batch.G)).sub_(a_w_star)
+            if isinstance(one_plus_a, float):
+                torch.add(batch.G, batch.W, alpha=one_plus_a, out=batch.W)
+            else:
+                torch.addcmul(batch.G, batch.W, one_plus_a, out=batch.W)
+            add_noise(batch.W).sub_(a_w_star)
         else:
             add_noise(torch.mul(batch.W, one_plus_a - 1, out=increment).add_(batch.G)).sub_(a_w_star)
             batch.subtract_per_chain(increment, direction, batch.per_chain_dot(increment, direction))
             batch.W.add_(increment)
         if (t + 1) % report_every == 0:
             tick(C * report_every)
-    return trace.cpu(), batch.to_chain_major(batch.W).cpu()
+    return trace.cpu().div_(-m), batch.to_chain_major(batch.W).cpu()
 
 
 def default_workers(chains: int, device: torch.device) -> int:
