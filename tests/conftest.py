@@ -11,6 +11,12 @@ def tiny_run(tmp_path_factory):
                  tmp_path_factory.mktemp("runs") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def trained_p23(tmp_path_factory):
+    """The published p = 23 network: default architecture and training (10,000 batches, ~15 s)."""
+    return train(TrainConfig(p=23), tmp_path_factory.mktemp("runs") / "p23")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

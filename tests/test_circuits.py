@@ -1,0 +1,113 @@
+"""Fourier circuit analysis: known synthetic answers, Numba against numpy, and a trained network."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fastllc import TrainConfig, train
+from fastllc.analysis import analyse_run, fourier_modes, keep_frequencies, learned_frequencies
+from fastllc.cli import main
+
+
+def embedding_with(p, frequencies, embed=8, noise=0.05, seed=0):
+    """Each chosen frequency as a circle (cos, sin) in its own pair of embedding dimensions, plus noise."""
+    rng = np.random.default_rng(seed)
+    j = np.arange(p)
+    W = noise * rng.normal(size=(p, embed))
+    for i, k in enumerate(frequencies):
+        W[:, 2 * i] += np.cos(2 * np.pi * j * k / p)
+        W[:, 2 * i + 1] += np.sin(2 * np.pi * j * k / p)
+    return W
+
+
+@pytest.mark.parametrize("p,chosen", [(43, [4, 8, 14]), (53, [6, 19, 2, 24]), (23, [11])])
+def test_synthetic_circuits_are_found_exactly(p, chosen):
+    modes = fourier_modes(embedding_with(p, chosen))
+    assert sorted(learned_frequencies(modes)) == sorted(chosen)
+    for k in chosen:
+        assert modes.circularity[k - 1] > 0.95 and modes.roundness[k - 1] > 0.9
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_random_embedding_has_no_circuits(seed):
+    W = np.random.default_rng(seed).normal(size=(53, 8))
+    assert learned_frequencies(fourier_modes(W)) == []
+
+
+def test_a_line_is_not_a_circuit():
+    p, j = 43, np.arange(43)
+    W = 0.01 * np.random.default_rng(0).normal(size=(p, 8))
+    W[:, 0] += 3 * np.cos(2 * np.pi * j * 5 / p)  # one phase only: a line in its plane
+    modes = fourier_modes(W)
+    assert modes.roundness[4] < 0.1 and learned_frequencies(modes) == []
+
+
+def test_numba_and_numpy_paths_agree():
+    W = np.random.default_rng(1).normal(size=(31, 6))
+    fast, slow = fourier_modes(W), fourier_modes(W, use_numba=False)
+    np.testing.assert_allclose(fast.magnitudes, slow.magnitudes, rtol=1e-12)  # float64 sums of 31 terms
+    np.testing.assert_allclose(fast.circularity, slow.circularity, atol=1e-12)
+    np.testing.assert_allclose(fast.coordinates, slow.coordinates, atol=1e-12)
+
+
+def test_magnitudes_match_numpy_fft():
+    W = np.random.default_rng(2).normal(size=(29, 5))
+    spectrum = np.fft.fft(W, axis=0)
+    expected = np.sqrt(2 / 29 * (np.abs(spectrum[1:15]) ** 2).sum(axis=1))
+    np.testing.assert_allclose(fourier_modes(W).magnitudes, expected, rtol=1e-12)
+
+
+def test_circularity_of_circles_and_ellipses():
+    p, j = 37, np.arange(37)
+    circle = np.stack([np.cos(2 * np.pi * j * 3 / p), np.sin(2 * np.pi * j * 3 / p)], axis=1)
+    assert fourier_modes(circle).circularity[2] == pytest.approx(1.0)
+    ellipse = circle * np.array([1.0, 0.3])
+    assert 0.5 <= fourier_modes(ellipse).circularity[2] < 0.99
+
+
+def test_keeping_frequencies_is_a_projection():
+    W = np.random.default_rng(3).normal(size=(13, 4))
+    once = keep_frequencies(W, [2, 5])
+    np.testing.assert_allclose(keep_frequencies(once, [2, 5]), once, atol=1e-12)
+    np.testing.assert_allclose(keep_frequencies(W, range(1, 7)), W, atol=1e-12)  # p odd: all modes = identity
+
+
+@pytest.mark.slow
+def test_a_trained_network_has_circuits_and_they_carry_the_computation(trained_p23):
+    report, _ = analyse_run(trained_p23)
+    assert report.count >= 1
+    learned = [report.ablation_test_loss[k - 1] for k in report.learned]
+    unlearned = [loss for k, loss in zip(report.frequencies, report.ablation_test_loss) if k not in report.learned]
+    # keeping one learned mode hurts far less than keeping one unlearned mode
+    assert min(learned) < min(unlearned) - 0.3 and np.mean(learned) < np.mean(unlearned)
+    # and the learned modes together nearly do the whole job (chance is log 23 = 3.1)
+    assert report.learned_only_test_loss < 0.2 * math.log(23)
+
+
+def test_circuits_cli(tmp_path, tiny_run):
+    runner = CliRunner()
+    result = runner.invoke(main, ["circuits", "--run", str(tiny_run.path), "--plot", str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    assert "circuits" in result.output and (tmp_path / "c.png").stat().st_size > 10_000
+    record = json.loads(runner.invoke(main, ["circuits", "--run", str(tiny_run.path), "--json"]).stdout)
+    assert record["p"] == 5 and len(record["magnitudes"]) == 2
+    along = runner.invoke(main, ["circuits", "--run", str(tiny_run.path), "--along-training"])
+    assert along.exit_code == 0 and len(along.output.splitlines()) == 1 + len(tiny_run.steps)
+
+
+def test_circuits_cli_bad_input(tmp_path):
+    runner = CliRunner()
+    random_run = train(TrainConfig(p=7, task="random", batches=20, checkpoints=1), tmp_path / "random")
+    result = runner.invoke(main, ["circuits", "--run", str(random_run.path)])
+    assert result.exit_code == 0 and "no circuits are expected" in result.output
+    small = train(TrainConfig(p=2, batches=5, checkpoints=1), tmp_path / "small")
+    result = runner.invoke(main, ["circuits", "--run", str(small.path)])
+    assert result.exit_code != 0 and "needs p >= 3" in result.output and "Traceback" not in result.output
+    random_run.checkpoint_path().write_bytes(b"junk")
+    result = runner.invoke(main, ["circuits", "--run", str(random_run.path)])
+    assert result.exit_code != 0 and "corrupt" in result.output
+    result = runner.invoke(main, ["circuits", "--run", str(tmp_path / "missing")])
+    assert result.exit_code != 0 and "does not exist" in result.output
