@@ -203,5 +203,40 @@ def circuits_command(run_dir, checkpoint, along_training, as_json, plot):
         click.echo(f"plot       {plot}")
 
 
+@main.command("reproduce")
+@click.argument("sweep", type=click.Choice(["psweep", "architectures", "memorization", "dynamics"]))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Sweep directory [default: ./sweeps/<sweep>]; rerunning skips finished jobs.")
+@click.option("--chains", type=int, default=None, help="Chains per estimate [default: 64; 16 for dynamics].")
+@click.option("--seeds", type=int, default=None, help="Training seeds per point [default: the study's].")
+@click.option("--quick", is_flag=True, help="Small primes and short runs: the qualitative claims in minutes.")
+@one_line_errors
+def reproduce_command(sweep, out, chains, seeds, quick):
+    """Run one of the published study's sweeps (resumable), then write its report."""
+    from .experiments import SWEEPS, run_sweep, write_report
+
+    options = {k: v for k, v in dict(chains=chains, seeds=seeds).items() if v is not None}
+    for name, value in options.items():
+        if value < 1:
+            raise FastLLCError(f"{name} must be at least 1, got {value}")
+    out = out or Path("sweeps") / (sweep + ("-quick" if quick else ""))
+    records = run_sweep(SWEEPS[sweep](quick=quick, **options), out, progress=_progress())
+    report = write_report(out)
+    click.echo(f"{len(records)} jobs in {out}; report: {report}")
+    click.echo(report.read_text())
+
+
+@main.command("report")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@one_line_errors
+def report_command(out):
+    """Rebuild a sweep directory's tables and plots from its job JSONs."""
+    from .experiments import load_records, write_report
+
+    if not load_records(out):
+        raise FastLLCError(f"{out} has no finished jobs (no {out}/jobs/*.json)")
+    click.echo(write_report(out).read_text())
+
+
 if __name__ == "__main__":
     main()

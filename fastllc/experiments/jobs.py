@@ -1,0 +1,93 @@
+"""A sweep is a list of jobs; a job is one trained run and its estimate, saved as one JSON file.
+
+Results are written atomically (temporary file + rename) to ``<out>/jobs/<job name>.json``, and a job
+whose JSON exists is skipped, so an interrupted sweep loses at most the job in flight. Trained runs live
+in ``<out>/runs/`` and are reused by every job that needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..analysis import analyse_run
+from ..api import estimate_checkpoints, estimate_run
+from ..sampling import SGLDConfig
+from ..train import Run, TrainConfig, train
+
+
+@dataclass(frozen=True)
+class Job:
+    """Train ``training`` (or reuse the run) and estimate λ̂ with ``sgld``.
+
+    kind "final": λ̂ at the final weights (and, for modular addition, its circuits);
+    kind "dynamics": λ̂ at every checkpoint, all checkpoints' chains in one batched run.
+    """
+
+    sweep: str
+    training: TrainConfig
+    sgld: SGLDConfig
+    kind: str = "final"
+    tags: dict = field(default_factory=dict)  # extra fields for the report (e.g. published value)
+
+    @property
+    def name(self) -> str:
+        return f"{self.sweep}-{self.training.run_name()}-{self.kind}"
+
+
+def write_json_atomically(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def trained_run(config: TrainConfig, out: Path) -> Run:
+    path = out / "runs" / config.run_name()
+    return Run.load(path) if path.exists() else train(config, path)
+
+
+def run_job(job: Job, out: Path, progress: bool = False) -> dict:
+    run = trained_run(job.training, out)
+    record = dict(job=job.name, sweep=job.sweep, kind=job.kind, training=asdict(job.training),
+                  sgld=job.sgld.to_dict(), run=str(run.path), **job.tags)
+    if job.kind == "final":
+        result = estimate_run(run, config=job.sgld, progress=progress)
+        record.update(result=result.to_dict(), final_metrics=run.metrics[-1])
+        if job.training.task == "add" and job.training.p >= 3:
+            circuits, _ = analyse_run(run)
+            record.update(circuits=circuits.learned, circuit_count=circuits.count)
+    elif job.kind == "dynamics":
+        results = estimate_checkpoints(run, config=job.sgld, progress=progress)
+        record.update(steps=run.steps, metrics=run.metrics, results=[r.to_dict() for r in results])
+    else:
+        raise ValueError(f"unknown job kind {job.kind!r}")
+    return record
+
+
+def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool = True) -> list[dict]:
+    """Run every job whose JSON is missing; return all jobs' records (finished earlier or now)."""
+    out = Path(out)
+    records = []
+    for job in tqdm(jobs, desc="jobs", disable=not progress):
+        path = out / "jobs" / f"{job.name}.json"
+        if path.exists():
+            records.append(json.loads(path.read_text()))
+            continue
+        record = run_job(job, out, progress=False)
+        write_json_atomically(path, record)
+        records.append(record)
+    return records
+
+
+def load_records(out: str | os.PathLike) -> list[dict]:
+    folder = Path(out) / "jobs"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def with_chains(config: SGLDConfig, chains: int) -> SGLDConfig:
+    return replace(config, chains=chains)

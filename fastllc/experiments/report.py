@@ -1,0 +1,191 @@
+"""Tables and plots of a sweep directory, regenerated from its job JSONs alone."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .jobs import load_records
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def linear_fit(x, y) -> tuple[float, float, float]:
+    """Least squares y ≈ slope·x + intercept, and R²."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (slope * x + intercept)
+    total = ((y - y.mean()) ** 2).sum()
+    return float(slope), float(intercept), float(1 - (residual**2).sum() / total) if total > 0 else math.nan
+
+
+def _by(records, key):
+    groups = defaultdict(list)
+    for r in records:
+        groups[key(r)].append(r)
+    return dict(sorted(groups.items()))
+
+
+def _llc(record) -> float:
+    value = record["result"]["llc_mean"]
+    return math.nan if value is None else value
+
+
+def _summary_rows(records):
+    """Per p: mean and sd over seeds of λ̂, mean within-run standard error, count of seeds."""
+    rows = []
+    for p, group in _by(records, lambda r: r["training"]["p"]).items():
+        values = np.array([_llc(r) for r in group])
+        ses = np.array([r["result"]["llc_se"] or math.nan for r in group])
+        rows.append(dict(p=p, mean=float(np.nanmean(values)), sd=float(np.nanstd(values, ddof=1)) if len(values) > 1 else math.nan,
+                         se=float(np.nanmean(ses)), seeds=len(group), published=group[0].get("published"),
+                         published_sd=group[0].get("published_sd"),
+                         circuits=[r.get("circuit_count") for r in group], values=values.tolist()))
+    return rows
+
+
+def _fmt(x, digits=1):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def report_psweep(records, out: Path) -> list[str]:
+    rows = _summary_rows(records)
+    lines = ["### λ̂ against p (generalising networks)", "",
+             "| p | λ̂ mean ± sd over seeds | within-run se | seeds | published (sd) | ours / published | circuits per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["mean"] / r["published"] if r["published"] else None
+        pub = f"{_fmt(r['published'])} ({_fmt(r['published_sd'])})" if r["published"] else "–"
+        lines.append(f"| {r['p']} | {_fmt(r['mean'])} ± {_fmt(r['sd'])} | {_fmt(r['se'], 2)} | {r['seeds']} | {pub} | "
+                     f"{_fmt(ratio, 3)} | {r['circuits']} |")
+    if len(rows) >= 2:
+        slope, intercept, r2 = linear_fit([r["p"] for r in rows], [r["mean"] for r in rows])
+        lines += ["", f"Linear fit of the means: λ̂ ≈ {slope:.2f}·p {intercept:+.1f}, R² = {r2:.4f} "
+                  f"(published: slope 8.60, intercept −90)."]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ps = np.array([r["p"] for r in rows])
+    for r in rows:
+        ax.scatter([r["p"]] * len(r["values"]), r["values"], color="C0", alpha=0.35, s=12)
+    ax.errorbar(ps, [r["mean"] for r in rows], yerr=[r["sd"] if not math.isnan(r["sd"]) else 0 for r in rows],
+                fmt="o", color="C0", capsize=3, label="fastllc: mean ± sd over seeds")
+    published = [(r["p"], r["published"], r["published_sd"]) for r in rows if r["published"]]
+    if published:
+        pp, pv, psd = zip(*published)
+        ax.errorbar(np.array(pp) + 0.4, pv, yerr=psd, fmt="s", color="C1", capsize=3, label="published")
+    grid = np.linspace(0, ps.max() * 1.05, 50)
+    ax.plot(grid, 4 * grid, ":", color="0.5", label="4p")
+    ax.plot(grid, 8 * grid, "--", color="0.5", label="8p")
+    ax.set_xlabel("p")
+    ax.set_ylabel("λ̂")
+    ax.legend(fontsize=8)
+    ax.set_title("λ̂ of generalising networks against p")
+    fig.savefig(out / "psweep.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    lines += ["", "![λ̂ against p](psweep.png)", ""]
+    counts = [(r.get("circuit_count"), _llc(r), r["training"]["p"]) for r in records if r.get("circuit_count") is not None]
+    if counts:
+        lines += ["### circuits against λ̂", "", "| p | circuits | λ̂ |", "|---|---|---|"]
+        lines += [f"| {p} | {c} | {_fmt(v)} |" for c, v, p in sorted(counts, key=lambda t: (t[2], t[0]))]
+        for p, group in _by(records, lambda r: r["training"]["p"]).items():
+            values = [_llc(r) for r in group]
+            kinds = sorted({r.get("circuit_count") for r in group})
+            if len(kinds) > 1:
+                spread = (max(values) - min(values)) / np.mean(values)
+                lines.append(f"\np = {p}: circuit counts {kinds}; λ̂ spread (max − min)/mean = {spread:.1%}")
+        lines.append("")
+    return lines
+
+
+def report_architectures(records, out: Path) -> list[str]:
+    lines = ["### λ̂ by architecture", "", "| (e, h) | p | λ̂ (mean over seeds) | published single run |", "|---|---|---|---|"]
+    for (e, h), group in _by(records, lambda r: (r["training"]["embed"], r["training"]["hidden"])).items():
+        for row in _summary_rows(group):
+            lines.append(f"| ({e}, {h}) | {row['p']} | {_fmt(row['mean'])} | {_fmt(row['published'], 0)} |")
+    return lines + [""]
+
+
+def report_memorization(records, out: Path) -> list[str]:
+    tasks = _by(records, lambda r: r["training"]["task"])
+    lines = ["### memorisation against generalisation", "", "| p | λ̂ random operation | published (e50 h200) | "
+             "λ̂ modular addition | 0.8 p² |", "|---|---|---|---|---|"]
+    memo = {row["p"]: row for row in _summary_rows(tasks.get("random", []))}
+    gen = {row["p"]: row for row in _summary_rows(tasks.get("add", []))}
+    for p in sorted(set(memo) | set(gen)):
+        m, g = memo.get(p), gen.get(p)
+        lines.append(f"| {p} | {_fmt(m['mean']) if m else '–'} | {_fmt(m['published'], 0) if m and m['published'] else '–'} | "
+                     f"{_fmt(g['mean']) if g else '–'} | {0.8 * p * p:.0f} |")
+    trusted = [(p, row["mean"]) for p, row in memo.items() if 10 <= p <= 25]
+    if len(trusted) >= 2:
+        ps, values = zip(*trusted)
+        a, c, r2 = linear_fit(np.array(ps) ** 2, values)
+        lines += ["", f"Fit over p ∈ [10, 25]: λ̂ ≈ {a:.3f}·p² {c:+.1f} (R² = {r2:.4f}); the study's claim is a ≈ 0.8."]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    if memo:
+        ax.plot(list(memo), [r["mean"] for r in memo.values()], "o-", label="random operation (memorising)")
+    if gen:
+        ax.plot(list(gen), [r["mean"] for r in gen.values()], "s-", label="modular addition (same network)")
+    published = [(p, r["published"]) for p, r in memo.items() if r["published"]]
+    if published:
+        ax.plot(*zip(*published), "x", color="C3", ms=9, label="published (e50 h200)")
+    grid = np.linspace(0, max(list(memo) + list(gen) + [1]) * 1.05, 50)
+    ax.plot(grid, 0.8 * grid**2, "--", color="0.5", label="0.8 p² (train-set size)")
+    ax.set_xlabel("p")
+    ax.set_ylabel("λ̂")
+    ax.legend(fontsize=8)
+    fig.savefig(out / "memorization.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return lines + ["", "![memorisation](memorization.png)", ""]
+
+
+def report_dynamics(records, out: Path) -> list[str]:
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(records), 1, figsize=(7, 3.2 * len(records)), squeeze=False)
+    lines = ["### λ̂ along training", ""]
+    for ax, record in zip(axes[:, 0], records):
+        llc = [r["llc_mean"] for r in record["results"]]
+        checkpoints = range(len(llc))
+        ax.plot(checkpoints, llc, "o-", color="C0", label="λ̂")
+        ax.set_xlabel("checkpoint")
+        ax.set_ylabel("λ̂", color="C0")
+        twin = ax.twinx()
+        twin.plot(checkpoints, [m["train_loss"] for m in record["metrics"]], color="C1", label="train loss")
+        twin.plot(checkpoints, [m["test_loss"] for m in record["metrics"]], color="C2", label="test loss")
+        twin.set_ylabel("loss")
+        twin.legend(fontsize=8, loc="center right")
+        ax.set_title(f"p={record['training']['p']}, seed {record['training']['seed']}", fontsize=9)
+        peak = int(np.nanargmax(np.array(llc, dtype=float)))
+        lines.append(f"seed {record['training']['seed']}: λ̂ from {_fmt(llc[0])} at checkpoint 0 to a peak of "
+                     f"{_fmt(llc[peak])} at checkpoint {peak}, {_fmt(llc[-1])} at the last; test loss "
+                     f"{record['metrics'][0]['test_loss']:.2f} → {record['metrics'][-1]['test_loss']:.3f}")
+    fig.tight_layout()
+    fig.savefig(out / "dynamics.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return lines + ["", "![dynamics](dynamics.png)", ""]
+
+
+REPORTS = {"psweep": report_psweep, "architectures": report_architectures, "memorization": report_memorization,
+           "dynamics": report_dynamics}
+
+
+def write_report(out: str | Path) -> Path:
+    """``<out>/report.md`` (and PNGs beside it) from every job JSON under ``<out>/jobs``."""
+    out = Path(out)
+    records = load_records(out)
+    lines = [f"# fastllc sweep report: {out}", ""]
+    for sweep, group in _by(records, lambda r: r["sweep"]).items():
+        lines += REPORTS[sweep](group, out)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,73 @@
+"""The published study's sweeps as lists of jobs (../shared/reference/seed_results.json)."""
+
+from __future__ import annotations
+
+from ..sampling import SGLDConfig
+from ..train import TrainConfig, default_batches
+from .jobs import Job
+
+PUBLISHED_PSWEEP = {23: 112.8, 29: 157.7, 37: 222.3, 41: 259.4, 47: 312.1, 53: 371.1}  # mean over 5 runs
+PUBLISHED_PSWEEP_SD = {23: 1.9, 29: 3.0, 37: 5.5, 41: 12.4, 47: 15.2, 53: 6.7}
+PUBLISHED_ARCHITECTURES = {
+    (8, 32): {23: 102, 29: 139, 37: 185, 41: 231, 47: 284},
+    (16, 32): {23: 112, 29: 158, 37: 196, 41: 256, 47: 330},
+    (16, 64): {23: 148, 29: 191, 37: 275, 41: 309, 47: 382},
+}
+PUBLISHED_MEMORIZATION = {5: 8, 10: 53, 15: 157, 20: 318, 25: 550}  # e=50, h=200, read from the plot
+
+
+def study_sgld(chains: int, steps: int = 5000) -> SGLDConfig:
+    """The study's SGLD: ε = 1e-3, γ = 5, m = 64, nβ = n/log n, no burn-in, orthogonal restriction on."""
+    return SGLDConfig(chains=chains, steps=steps, epsilon=1e-3, gamma=5.0, batch_size=64, orthogonal=True)
+
+
+def psweep(chains: int = 64, seeds: int = 5, quick: bool = False) -> list[Job]:
+    primes = [7, 11, 13] if quick else sorted(PUBLISHED_PSWEEP)
+    jobs = []
+    for p in primes:
+        for seed in range(seeds):
+            batches = 3000 if quick else default_batches(p)
+            training = TrainConfig(p=p, batches=batches, checkpoints=1 if quick else 25, seed=seed)
+            jobs.append(Job("psweep", training, study_sgld(chains, 1000 if quick else 5000),
+                            tags=dict(published=PUBLISHED_PSWEEP.get(p), published_sd=PUBLISHED_PSWEEP_SD.get(p))))
+    return jobs
+
+
+def architectures(chains: int = 64, seeds: int = 1, quick: bool = False) -> list[Job]:
+    primes = [7, 11] if quick else [23, 29, 37, 41, 47]
+    jobs = []
+    for (embed, hidden), published in PUBLISHED_ARCHITECTURES.items():
+        for p in primes:
+            for seed in range(seeds):
+                training = TrainConfig(p=p, embed=embed, hidden=hidden, batches=3000 if quick else default_batches(p),
+                                       checkpoints=1 if quick else 25, seed=seed)
+                jobs.append(Job("architectures", training, study_sgld(chains, 1000 if quick else 5000),
+                                tags=dict(published=published.get(p))))
+    return jobs
+
+
+def memorization(chains: int = 64, seeds: int = 1, quick: bool = False) -> list[Job]:
+    """Random commutative operation with a network big enough to memorise (the study's e=50, h=200),
+    beside modular addition at the same p for the generalising curve."""
+    primes = [7, 11] if quick else [5, 10, 15, 20, 25, 30, 35, 40]
+    embed, hidden = (16, 64) if quick else (50, 200)
+    jobs = []
+    for p in primes:
+        for seed in range(seeds):
+            for task in ("random", "add"):
+                training = TrainConfig(p=p, task=task, embed=embed, hidden=hidden,
+                                       batches=3000 if quick else 10_000, checkpoints=1 if quick else 25, seed=seed)
+                published = PUBLISHED_MEMORIZATION.get(p) if task == "random" else None
+                jobs.append(Job("memorization", training, study_sgld(chains, 1000 if quick else 5000),
+                                tags=dict(published=published)))
+    return jobs
+
+
+def dynamics(chains: int = 16, seeds: int = 2, quick: bool = False) -> list[Job]:
+    """p = 53, 1500 batches, 25 checkpoints (one every 60 batches), λ̂ at each, orthogonal restriction on."""
+    p, batches = (11, 600) if quick else (53, 1500)
+    return [Job("dynamics", TrainConfig(p=p, batches=batches, checkpoints=25 if not quick else 6, seed=seed),
+                study_sgld(chains, 500 if quick else 5000), kind="dynamics") for seed in range(seeds)]
+
+
+SWEEPS = {"psweep": psweep, "architectures": architectures, "memorization": memorization, "dynamics": dynamics}
