@@ -1,0 +1,86 @@
+"""Sweeps: one JSON per job, written atomically, resumable; reports from the JSONs; quick reproductions."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fastllc import SGLDConfig, TrainConfig
+from fastllc.experiments import Job, load_records, run_sweep, write_report
+from fastllc.experiments import jobs as jobs_module
+from fastllc.experiments.report import linear_fit
+from fastllc.experiments.sweeps import memorization, psweep
+
+
+def tiny_jobs():
+    sgld = SGLDConfig(chains=2, steps=20, orthogonal=True)
+    return [Job("psweep", TrainConfig(p=p, embed=4, hidden=8, batches=30, checkpoints=2), sgld, tags=dict(published=None))
+            for p in (5, 7)]
+
+
+def test_sweep_writes_one_json_per_job_and_skips_finished_ones(tmp_path, monkeypatch):
+    records = run_sweep(tiny_jobs(), tmp_path, progress=False)
+    files = sorted((tmp_path / "jobs").glob("*.json"))
+    assert len(files) == 2 and len(records) == 2
+    assert not list((tmp_path / "jobs").glob(".*"))  # no temporary files left
+    first = json.loads(files[0].read_text())
+    assert first["result"]["chains"] == 2 and "circuit_count" in first
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished job ran again")
+
+    monkeypatch.setattr(jobs_module, "run_job", refuse)
+    assert run_sweep(tiny_jobs(), tmp_path, progress=False) == records
+
+
+def test_an_interrupted_sweep_keeps_finished_jobs(tmp_path, monkeypatch):
+    real = jobs_module.run_job
+    calls = []
+
+    def fail_second(job, out, progress=False):
+        calls.append(job.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(job, out, progress)
+
+    monkeypatch.setattr(jobs_module, "run_job", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(tiny_jobs(), tmp_path, progress=False)
+    assert len(load_records(tmp_path)) == 1
+    monkeypatch.setattr(jobs_module, "run_job", real)
+    assert len(run_sweep(tiny_jobs(), tmp_path, progress=False)) == 2
+
+
+def test_dynamics_job_estimates_every_checkpoint(tmp_path):
+    job = Job("dynamics", TrainConfig(p=5, embed=4, hidden=8, batches=30, checkpoints=3), SGLDConfig(chains=2, steps=20),
+              kind="dynamics")
+    (record,) = run_sweep([job], tmp_path, progress=False)
+    assert len(record["results"]) == len(record["steps"]) == 4
+    report = write_report(tmp_path).read_text()
+    assert "λ̂ along training" in report and (tmp_path / "dynamics.png").exists()
+
+
+def test_report_is_rebuilt_from_the_jsons(tmp_path):
+    run_sweep(tiny_jobs(), tmp_path, progress=False)
+    text = write_report(tmp_path).read_text()
+    assert "| 5 |" in text and "| 7 |" in text and "Linear fit" in text
+    assert (tmp_path / "psweep.png").stat().st_size > 5000
+
+
+def test_linear_fit_on_a_line():
+    slope, intercept, r2 = linear_fit([1, 2, 3], [5, 7, 9])
+    assert (slope, intercept, r2) == pytest.approx((2.0, 3.0, 1.0))
+
+
+@pytest.mark.slow
+def test_quick_reproduction_shows_the_qualitative_claims(tmp_path):
+    """λ̂ grows with p for modular addition; a memorising network has higher λ̂ than a generalising one."""
+    grow = run_sweep(psweep(chains=8, seeds=1, quick=True), tmp_path / "p", progress=False)
+    ps = [r["training"]["p"] for r in grow]
+    llc = [r["result"]["llc_mean"] for r in grow]
+    assert np.all(np.diff(np.array(llc)[np.argsort(ps)]) > 0)
+    assert linear_fit(ps, llc)[2] > 0.9
+    memo = run_sweep(memorization(chains=8, seeds=1, quick=True), tmp_path / "m", progress=False)
+    by = {(r["training"]["task"], r["training"]["p"]): r["result"]["llc_mean"] for r in memo}
+    for p in (7, 11):
+        assert by[("random", p)] > by[("add", p)]
