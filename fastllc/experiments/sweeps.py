@@ -22,12 +22,11 @@ def study_sgld(chains: int, steps: int = 5000) -> SGLDConfig:
 
 
 def psweep(chains: int = 64, seeds: int = 5, quick: bool = False) -> list[Job]:
-    primes = [7, 11, 13] if quick else sorted(PUBLISHED_PSWEEP)
+    primes = [17, 23, 29] if quick else sorted(PUBLISHED_PSWEEP)  # quick: the smallest p that generalise
     jobs = []
     for p in primes:
         for seed in range(seeds):
-            batches = 3000 if quick else default_batches(p)
-            training = TrainConfig(p=p, batches=batches, checkpoints=1 if quick else 25, seed=seed)
+            training = TrainConfig(p=p, batches=default_batches(p), checkpoints=1 if quick else 25, seed=seed)
             jobs.append(Job("psweep", training, study_sgld(chains, 1000 if quick else 5000),
                             tags=dict(published=PUBLISHED_PSWEEP.get(p), published_sd=PUBLISHED_PSWEEP_SD.get(p))))
     return jobs
@@ -48,18 +47,17 @@ def architectures(chains: int = 64, seeds: int = 1, quick: bool = False) -> list
 
 def memorization(chains: int = 64, seeds: int = 1, quick: bool = False) -> list[Job]:
     """Random commutative operation with a network big enough to memorise (the study's e=50, h=200),
-    beside modular addition at the same p for the generalising curve."""
-    primes = [7, 11] if quick else [5, 10, 15, 20, 25, 30, 35, 40]
-    embed, hidden = (16, 64) if quick else (50, 200)
+    beside the generalising network of the p-sweep (modular addition, e=8, h=32) at the same p."""
+    primes = [11, 17] if quick else [5, 10, 15, 20, 25, 30, 35, 40]
     jobs = []
     for p in primes:
         for seed in range(seeds):
-            for task in ("random", "add"):
-                training = TrainConfig(p=p, task=task, embed=embed, hidden=hidden,
-                                       batches=3000 if quick else 10_000, checkpoints=1 if quick else 25, seed=seed)
-                published = PUBLISHED_MEMORIZATION.get(p) if task == "random" else None
-                jobs.append(Job("memorization", training, study_sgld(chains, 1000 if quick else 5000),
-                                tags=dict(published=published)))
+            memorising = TrainConfig(p=p, task="random", embed=50, hidden=200, batches=4000 if quick else 10_000,
+                                     checkpoints=1 if quick else 25, seed=seed)
+            generalising = TrainConfig(p=p, batches=default_batches(p), checkpoints=1 if quick else 25, seed=seed)
+            sgld = study_sgld(chains, 1000 if quick else 5000)
+            jobs.append(Job("memorization", memorising, sgld, tags=dict(published=PUBLISHED_MEMORIZATION.get(p))))
+            jobs.append(Job("memorization", generalising, sgld, tags=dict(published=None)))
     return jobs
 
 

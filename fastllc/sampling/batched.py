@@ -244,8 +244,12 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     C = S * C_per
     epsilon, gamma, nbeta = config.hyperparameters(n)
 
-    setup = [loss_and_gradient_at_start(s.model, s.pairs, s.labels, F.cross_entropy) for s in starts]
-    w_star = torch.stack([flat_parameters(s.model)[2] for s in starts]).repeat_interleave(C_per, 0)
+    setup = []
+    for s in starts:  # on the model's own device; the model itself is never moved
+        home = next(s.model.parameters()).device
+        loss, gradient = loss_and_gradient_at_start(s.model, s.pairs.to(home), s.labels.to(home), F.cross_entropy)
+        setup.append((loss, gradient.cpu()))
+    w_star = torch.stack([flat_parameters(s.model)[2].cpu() for s in starts]).repeat_interleave(C_per, 0)
     d = w_star.shape[1]
     direction = None
     if config.orthogonal:
@@ -253,8 +257,8 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
         direction = torch.stack([g if g is not None else torch.zeros(d) for g in unit]).repeat_interleave(C_per, 0)
     chains = _Chains(np.arange(C, dtype=np.int64), w_star, epsilon.repeat(S), gamma.repeat(S), nbeta.repeat(S),
                      direction, torch.arange(C) // C_per * n)
-    operands = torch.cat([s.pairs for s in starts]).to(device)  # [S·n, 2]: start s's split at rows s·n ..
-    targets = torch.cat([s.labels for s in starts]).to(device)
+    operands = torch.cat([s.pairs.cpu() for s in starts]).to(device)  # [S·n, 2]: start s's split at rows s·n ..
+    targets = torch.cat([s.labels.cpu() for s in starts]).to(device)
 
     if randomness is None:
         randomness = CounterRandomness(config.seed, n, m, d)
@@ -294,6 +298,5 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     if not supports(model, loss_fn):
         raise FastLLCError("the torch backend runs the study's ModularMLP with cross-entropy; "
                            "use --backend reference for other models or losses")
-    model = model.cpu()
-    return sample_starts([Start(model, inputs.cpu(), targets.cpu())], config, randomness=randomness,
+    return sample_starts([Start(model, inputs, targets)], config, randomness=randomness,
                          device=device, progress=progress)[0]
