@@ -204,10 +204,10 @@ def circuits_command(run_dir, checkpoint, along_training, as_json, plot):
 
 
 @main.command("reproduce")
-@click.argument("sweep", type=click.Choice(["psweep", "architectures", "memorization", "dynamics"]))
+@click.argument("sweep", type=click.Choice(["psweep", "architectures", "memorization", "dynamics", "calibrate"]))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Sweep directory [default: ./sweeps/<sweep>]; rerunning skips finished jobs.")
-@click.option("--chains", type=int, default=None, help="Chains per estimate [default: 64; 16 for dynamics].")
+@click.option("--chains", type=int, default=None, help="Chains per estimate [default: 64; 16 for dynamics; 8 per cell for calibrate].")
 @click.option("--seeds", type=int, default=None, help="Training seeds per point [default: the study's].")
 @click.option("--quick", is_flag=True, help="Small primes and short runs: the qualitative claims in minutes.")
 @one_line_errors

@@ -83,3 +83,16 @@ def test_quick_reproduction_shows_the_qualitative_claims(tmp_path):
     memo = run_sweep(memorization(chains=8, seeds=1, quick=True), tmp_path / "m", progress=False)
     by = {(r["training"]["task"], r["training"]["p"]): r["result"]["llc_mean"] for r in memo}
     assert by[("random", 17)] > by[("add", 17)]  # measured 165 against 78 (8 chains × 1000 steps)
+
+
+def test_calibration_grid_runs_as_one_batch(tmp_path):
+    grid = [dict(epsilon=e, nbeta=1.0, gamma=5.0) for e in (1e-4, 1e-3)] + [dict(epsilon=50.0, nbeta=1.0, gamma=5.0)]
+    job = Job("calibrate", TrainConfig(p=5, embed=4, hidden=8, batches=30, checkpoints=1), SGLDConfig(chains=2, steps=30),
+              kind="calibrate", tags=dict(grid=grid))
+    with pytest.warns(RuntimeWarning):  # the ε = 50 cell diverges
+        (record,) = run_sweep([job], tmp_path, progress=False)
+    cells = record["cells"]
+    assert [c["epsilon"] for c in cells] == [1e-4, 1e-3, 50.0]
+    assert cells[0]["healthy_fraction"] == 1.0 and cells[2]["healthy_fraction"] == 0.0
+    text = write_report(tmp_path).read_text()
+    assert "calibration grid" in text and text.count("| 5 |") == 3

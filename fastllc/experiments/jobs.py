@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 
 from ..analysis import analyse_run
 from ..api import estimate_checkpoints, estimate_run
-from ..sampling import SGLDConfig
+from ..llc import estimate_llc
+from ..sampling import SGLDConfig, batched, default_nbeta
+from ..sampling.contract import select_chains
 from ..train import Run, TrainConfig, train
 
 
@@ -25,7 +27,9 @@ class Job:
     """Train ``training`` (or reuse the run) and estimate λ̂ with ``sgld``.
 
     kind "final": λ̂ at the final weights (and, for modular addition, its circuits);
-    kind "dynamics": λ̂ at every checkpoint, all checkpoints' chains in one batched run.
+    kind "dynamics": λ̂ at every checkpoint, all checkpoints' chains in one batched run;
+    kind "calibrate": a grid of (ε, nβ/(n/log n), γ) cells in ``tags["grid"]``, ``sgld.chains`` chains per
+    cell, every cell in one batched run.
     """
 
     sweep: str
@@ -64,9 +68,29 @@ def run_job(job: Job, out: Path, progress: bool = False) -> dict:
     elif job.kind == "dynamics":
         results = estimate_checkpoints(run, config=job.sgld, progress=progress)
         record.update(steps=run.steps, metrics=run.metrics, results=[r.to_dict() for r in results])
+    elif job.kind == "calibrate":
+        record.update(cells=calibration_cells(run, job), final_metrics=run.metrics[-1])
     else:
         raise ValueError(f"unknown job kind {job.kind!r}")
     return record
+
+
+def calibration_cells(run: Run, job: Job) -> list[dict]:
+    """Every grid cell's λ̂, split-R̂, ESS and healthy fraction, from one batched run of all cells' chains."""
+    grid, per_cell = job.tags["grid"], job.sgld.chains
+    pairs, labels = run.task().train_data()
+    base = default_nbeta(len(labels))
+    settings = {name: [cell[name] * (base if name == "nbeta" else 1) for cell in grid for _ in range(per_cell)]
+                for name in ("epsilon", "nbeta", "gamma")}
+    config = replace(job.sgld, chains=len(grid) * per_cell, **settings)
+    samples = batched.sample_starts([batched.Start(run.load_model(), pairs, labels)], config)[0]
+    cells = []
+    for index, cell in enumerate(grid):
+        chains = range(index * per_cell, (index + 1) * per_cell)
+        result = estimate_llc(select_chains(samples, chains), replace(job.sgld, chains=per_cell))
+        cells.append(dict(cell, llc_mean=result.llc_mean, llc_se=result.llc_se, r_hat=result.r_hat, ess=result.ess,
+                          healthy_fraction=result.healthy_chains / per_cell, **result.loss_trace_summary))
+    return cells
 
 
 def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool = True) -> list[dict]:

@@ -175,8 +175,32 @@ def report_dynamics(records, out: Path) -> list[str]:
     return lines + ["", "![dynamics](dynamics.png)", ""]
 
 
+def recommended(cell: dict) -> bool:
+    """Healthy, mixed (split-R̂ < 1.05) and stationary (the last tenth of the trace within 10% of the
+    mean excess loss of the first tenth): where λ̂ can be trusted."""
+    if cell["healthy_fraction"] < 1 or cell["r_hat"] is None or cell["mean_loss"] is None:
+        return False
+    drift = abs(cell["last_tenth_mean_loss"] - cell["first_tenth_mean_loss"])
+    return cell["r_hat"] < 1.05 and drift < 0.1 * max(abs(cell["mean_loss"]), 1e-12)
+
+
+def report_calibrate(records, out: Path) -> list[str]:
+    lines = ["### calibration grid", "",
+             "λ̂ per (ε, nβ, γ) cell (nβ as a multiple of n/log n); ✓ = healthy, split-R̂ < 1.05, no drift", ""]
+    for record in records:
+        lines += [f"p = {record['training']['p']}, seed {record['training']['seed']}", "",
+                  "| γ | nβ × n/log n | ε | λ̂ ± se | split-R̂ | ESS | healthy | |", "|---|---|---|---|---|---|---|---|"]
+        for cell in record["cells"]:
+            mark = "✓" if recommended(cell) else ""
+            lines.append(f"| {cell['gamma']:g} | {cell['nbeta']:g} | {cell['epsilon']:g} | {_fmt(cell['llc_mean'])} ± "
+                         f"{_fmt(cell['llc_se'], 2)} | {_fmt(cell['r_hat'], 3)} | {_fmt(cell['ess'], 0)} | "
+                         f"{cell['healthy_fraction']:.0%} | {mark} |")
+        lines.append("")
+    return lines
+
+
 REPORTS = {"psweep": report_psweep, "architectures": report_architectures, "memorization": report_memorization,
-           "dynamics": report_dynamics}
+           "dynamics": report_dynamics, "calibrate": report_calibrate}
 
 
 def write_report(out: str | Path) -> Path:

@@ -68,4 +68,15 @@ def dynamics(chains: int = 16, seeds: int = 2, quick: bool = False) -> list[Job]
                 study_sgld(chains, 500 if quick else 5000), kind="dynamics") for seed in range(seeds)]
 
 
-SWEEPS = {"psweep": psweep, "architectures": architectures, "memorization": memorization, "dynamics": dynamics}
+def calibrate(chains: int = 8, seeds: int = 1, quick: bool = False) -> list[Job]:
+    """An ε × nβ × γ grid on one trained p = 23 network; ``chains`` chains per cell, one batched run."""
+    epsilons = [1e-4, 1e-3, 1e-2] if quick else [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    scales = [0.5, 1.0, 2.0] if quick else [0.25, 0.5, 1.0, 2.0, 4.0]  # nβ as a multiple of n/log n
+    gammas = [5.0] if quick else [1.0, 5.0, 25.0]
+    grid = [dict(epsilon=e, nbeta=s, gamma=g) for g in gammas for s in scales for e in epsilons]
+    return [Job("calibrate", TrainConfig(p=23, seed=seed), study_sgld(chains, 1000 if quick else 5000),
+                kind="calibrate", tags=dict(grid=grid)) for seed in range(seeds)]
+
+
+SWEEPS = {"psweep": psweep, "architectures": architectures, "memorization": memorization, "dynamics": dynamics,
+          "calibrate": calibrate}

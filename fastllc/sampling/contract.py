@@ -31,6 +31,15 @@ class Samples:
     chains_in_batch: int | None = None  # chains advanced together in ``seconds`` (several starts: more than C)
 
 
+def select_chains(samples: Samples, chains) -> Samples:
+    """The same run restricted to some chains (e.g. one cell of a calibration grid)."""
+    index = torch.as_tensor(chains, dtype=torch.long)
+    finals = None if samples.final_params is None else samples.final_params[index]
+    return Samples(samples.loss_trace[index], samples.init_loss, samples.epsilon[index], samples.gamma[index],
+                   samples.nbeta[index], samples.backend, samples.device, samples.seconds, finals,
+                   samples.chains_in_batch or len(samples.loss_trace))
+
+
 def flat_parameters(model: torch.nn.Module) -> tuple[list[str], list[torch.Size], torch.Tensor]:
     """(names, shapes, flat copy of all trainable parameters) in ``named_parameters`` order."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
