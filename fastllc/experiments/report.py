@@ -135,7 +135,7 @@ def report_memorization(records, out: Path) -> list[str]:
     if memo:
         ax.plot(list(memo), [r["mean"] for r in memo.values()], "o-", label="random operation (memorising)")
     if gen:
-        ax.plot(list(gen), [r["mean"] for r in gen.values()], "s-", label="modular addition (same network)")
+        ax.plot(list(gen), [r["mean"] for r in gen.values()], "s-", label="modular addition (generalising, e=8, h=32)")
     published = [(p, r["published"]) for p, r in memo.items() if r["published"]]
     if published:
         ax.plot(*zip(*published), "x", color="C3", ms=9, label="published (e50 h200)")
