@@ -175,23 +175,29 @@ def report_dynamics(records, out: Path) -> list[str]:
     return lines + ["", "![dynamics](dynamics.png)", ""]
 
 
-def recommended(cell: dict) -> bool:
-    """Healthy, mixed (split-R̂ < 1.05) and stationary (the last tenth of the trace within 10% of the
-    mean excess loss of the first tenth): where λ̂ can be trusted."""
-    if cell["healthy_fraction"] < 1 or cell["r_hat"] is None or cell["mean_loss"] is None:
+def recommended(cell: dict, smaller: dict | None) -> bool:
+    """Healthy, mixed (split-R̂ < 1.05), stationary (the last tenth of the trace within 10% of the first
+    tenth's mean loss) and on the ε plateau (λ̂ within 10% of the next smaller ε's, same γ and nβ):
+    where λ̂ can be trusted. The smallest ε of a row has no plateau evidence and is never marked."""
+    if cell["healthy_fraction"] < 1 or cell["r_hat"] is None or cell["mean_loss"] is None or smaller is None:
         return False
     drift = abs(cell["last_tenth_mean_loss"] - cell["first_tenth_mean_loss"])
-    return cell["r_hat"] < 1.05 and drift < 0.1 * max(abs(cell["mean_loss"]), 1e-12)
+    plateau = smaller["llc_mean"] is not None and abs(cell["llc_mean"] - smaller["llc_mean"]) < 0.1 * abs(cell["llc_mean"])
+    return cell["r_hat"] < 1.05 and drift < 0.1 * max(abs(cell["mean_loss"]), 1e-12) and plateau
 
 
 def report_calibrate(records, out: Path) -> list[str]:
     lines = ["### calibration grid", "",
-             "λ̂ per (ε, nβ, γ) cell (nβ as a multiple of n/log n); ✓ = healthy, split-R̂ < 1.05, no drift", ""]
+             "λ̂ per (ε, nβ, γ) cell (nβ as a multiple of n/log n); ✓ = healthy, split-R̂ < 1.05, no drift, "
+             "and λ̂ within 10% of the next smaller ε", ""]
     for record in records:
         lines += [f"p = {record['training']['p']}, seed {record['training']['seed']}", "",
                   "| γ | nβ × n/log n | ε | λ̂ ± se | split-R̂ | ESS | healthy | |", "|---|---|---|---|---|---|---|---|"]
-        for cell in record["cells"]:
-            mark = "✓" if recommended(cell) else ""
+        previous = {}
+        for cell in sorted(record["cells"], key=lambda c: (c["gamma"], c["nbeta"], c["epsilon"])):
+            row = (cell["gamma"], cell["nbeta"])
+            mark = "✓" if recommended(cell, previous.get(row)) else ""
+            previous[row] = cell
             lines.append(f"| {cell['gamma']:g} | {cell['nbeta']:g} | {cell['epsilon']:g} | {_fmt(cell['llc_mean'])} ± "
                          f"{_fmt(cell['llc_se'], 2)} | {_fmt(cell['r_hat'], 3)} | {_fmt(cell['ess'], 0)} | "
                          f"{cell['healthy_fraction']:.0%} | {mark} |")
