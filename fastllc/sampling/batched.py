@@ -198,9 +198,10 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
     report_every = max(1, T // 100)
     for t in range(T):
         randomness.fill(chains.ids, t, indices_np, noise_np, batch.blocks)
-        indices = indices_host.to(device, non_blocking=True)
+        # blocking copies: the host buffers are refilled next step (untested on CUDA: no GPU here)
+        indices = indices_host.to(device)
         if noise is not noise_host:
-            noise.copy_(noise_host, non_blocking=True)
+            noise.copy_(noise_host)
         examples = (indices + example_offset).view(-1)
         batch.loss_and_scaled_grad(operands.index_select(0, examples).view(C, m, 2),
                                    targets.index_select(0, examples).view(C, m), grad_scale, trace[t])
