@@ -15,7 +15,6 @@ import torch
 
 from fastllc import ModularMLP, make_task
 
-FLOPS_PER_CHAIN_STEP = {(53, 8, 32, 64): 0.85e6}  # DESIGN.md: forward + backward, output layer dominant
 CPU_CEILING_FLOPS = 80e9  # float32 matmul peak of the 2-core development CPU (DESIGN.md)
 RESULTS: dict[str, dict] = {}
 

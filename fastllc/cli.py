@@ -68,8 +68,6 @@ def training_options(command):
 def _train_config(p, task, embed, hidden, batches, checkpoints, train_seed) -> TrainConfig:
     if p is None:
         raise FastLLCError("give the modulus --p (or, for `estimate`, an existing --run)")
-    if p < 2:
-        raise FastLLCError(f"p must be at least 2, got {p}")
     batches = default_batches(p) if batches is None else batches
     return TrainConfig(p=p, task=task, embed=embed, hidden=hidden, batches=batches, checkpoints=checkpoints,
                        seed=train_seed).validate()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import FastLLCError
 from .fourier import FourierModes, fourier_modes, keep_frequencies
 
 OUTLIER_SIGMAS = 6.0
@@ -134,8 +135,6 @@ def analyse(model, pairs_test, labels_test, *, task: str = "add", checkpoint: in
 
 def analyse_run(run, checkpoint: int | None = None) -> tuple[CircuitReport, FourierModes]:
     """``analyse`` at a checkpoint of a training run (default: final), on its test split."""
-    from ..errors import FastLLCError
-
     index = run.checkpoint_index(checkpoint)
     if run.config.p < 3:
         raise FastLLCError(f"circuit analysis needs p >= 3 (a frequency with a cos/sin pair), got p = {run.config.p}")

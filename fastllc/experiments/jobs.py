@@ -112,6 +112,3 @@ def load_records(out: str | os.PathLike) -> list[dict]:
     folder = Path(out) / "jobs"
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
-
-def with_chains(config: SGLDConfig, chains: int) -> SGLDConfig:
-    return replace(config, chains=chains)

@@ -96,18 +96,11 @@ class ChainBatch:
 
     def to_chain_major(self, flat: torch.Tensor) -> torch.Tensor:
         """Flat parameter-major [C·d] → [C, d] chain-major."""
-        return torch.cat([view.reshape(self.C, -1) for view in self._views(flat).values()], dim=1)
+        return torch.cat(self.rows(flat), dim=1)
 
-    def per_chain_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Σ_k x[c, k]·y[c, k] for each chain c of two flat parameter-major buffers: [C]."""
-        return sum(torch.linalg.vecdot(a.reshape(self.C, -1), b.reshape(self.C, -1))
-                   for a, b in zip(self._views(x).values(), self._views(y).values()))
-
-    def subtract_per_chain(self, x: torch.Tensor, direction: torch.Tensor, coefficient: torch.Tensor) -> None:
-        """x[c] −= coefficient[c]·direction[c], in place, for flat parameter-major buffers."""
-        column = coefficient.unsqueeze(1)
-        for a, g in zip(self._views(x).values(), self._views(direction).values()):
-            a.view(self.C, -1).addcmul_(g.reshape(self.C, -1), column, value=-1)
+    def rows(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's block of a flat parameter-major buffer as a [C, size] view."""
+        return [flat[self.C * lo : self.C * hi].view(self.C, int(hi - lo)) for lo, hi in zip(self.blocks[:-1], self.blocks[1:])]
 
     def loss_and_scaled_grad(self, operands: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
                              loss_sum: torch.Tensor) -> None:
@@ -140,6 +133,13 @@ class ChainBatch:
         grad["right.weight"].copy_(d_LR[..., e:])
         d_x = torch.bmm(dz, self.LR)  # [C, m, 2e]
         grad["embed.weight"].zero_().view(C * p, e).index_add_(0, rows, d_x.view(-1, e))
+
+
+def project_out(x_rows: list[torch.Tensor], g_rows: list[torch.Tensor]) -> None:
+    """x[c] −= (x[c]·g[c])·g[c] for every chain c, in place; both given as per-parameter [C, size] views."""
+    coefficient = sum(torch.linalg.vecdot(x, g) for x, g in zip(x_rows, g_rows)).unsqueeze(1)
+    for x, g in zip(x_rows, g_rows):
+        x.addcmul_(g, coefficient, value=-1)
 
 
 def _is_uniform(vector: torch.Tensor) -> bool:
@@ -176,13 +176,14 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
             return float(values[0])
         return batch.to_parameter_major(values.to(device=device, dtype=torch.float32))
 
-    a = -chains.epsilon * chains.gamma / 2  # W ← (1 + a)·W − a·W* + G + √ε·ξ
-    one_plus_a, sqrt_eps = coefficient(1 + a), coefficient(chains.epsilon.sqrt())
-    a_w_star = batch.W * coefficient(a)
+    a = coefficient(-chains.epsilon * chains.gamma / 2)  # W ← (1 + a)·W − a·W* + G + √ε·ξ
+    one_plus_a, sqrt_eps = 1 + a, coefficient(chains.epsilon.sqrt())
+    a_w_star = batch.W * a
     grad_scale = (-chains.epsilon / 2 * chains.nbeta / m).to(device=device, dtype=torch.float32).view(C, 1, 1)
     if chains.direction is not None:
-        direction = batch.to_parameter_major(chains.direction.to(device))
         increment = torch.empty_like(batch.W)
+        increment_rows = batch.rows(increment)
+        direction_rows = batch.rows(batch.to_parameter_major(chains.direction.to(device)))
     example_offset = chains.example_offset.to(device).unsqueeze(1)
 
     pin = device.type == "cuda"
@@ -212,8 +213,8 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
                 torch.addcmul(batch.G, batch.W, one_plus_a, out=batch.W)
             add_noise(batch.W).sub_(a_w_star)
         else:
-            add_noise(torch.mul(batch.W, one_plus_a - 1, out=increment).add_(batch.G)).sub_(a_w_star)
-            batch.subtract_per_chain(increment, direction, batch.per_chain_dot(increment, direction))
+            add_noise(torch.mul(batch.W, a, out=increment).add_(batch.G)).sub_(a_w_star)
+            project_out(increment_rows, direction_rows)
             batch.W.add_(increment)
         if (t + 1) % report_every == 0:
             tick(C * report_every)
