@@ -1,22 +1,34 @@
 """SGLD sampling: settings, randomness, the backend contract, and choosing a backend by name.
 
-Backends (one module each, same signature, see ``contract.py``):
-    reference   plain PyTorch, one chain at a time, autograd: the ground truth
-    torch       the study's MLP, all chains in one set of tensors, hand-written backward (CPU and CUDA)
+Backends (one module each, same signature, see ``contract.py``; imported only when used, so that e.g.
+Triton is never loaded by a CPU run):
+    reference   reference.py   plain PyTorch, one chain at a time, autograd: the ground truth
+    torch       batched.py     the study's MLP, all chains in one set of tensors, hand-written backward
+    triton      fused.py       the study's MLP, fused Triton kernels, many steps per launch (CUDA)
+    generic     vectorized.py  any nn.Module: chains stacked and evaluated with torch.func.vmap
+
+Each backend module has ``sample(...)`` and ``supports(model, loss_fn, device) -> bool``.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from ..errors import FastLLCError
-from . import batched, reference
 from .config import SGLDConfig, default_nbeta
 from .contract import Samples
 from .randomness import CounterRandomness, InjectedRandomness
 
-BACKENDS = {"reference": reference.sample, "torch": batched.sample}
+BACKENDS = {"reference": "reference", "torch": "batched", "triton": "fused", "generic": "vectorized"}
 BACKEND_CHOICES = ("auto", *BACKENDS)
+AUTO_ORDER = ("triton", "torch", "generic", "reference")  # the fastest first
+
+
+def backend_module(name: str):
+    """The module implementing backend ``name``."""
+    return importlib.import_module(f"{__name__}.{BACKENDS[name]}")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -30,23 +42,31 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_backend(name: str, device: torch.device, model=None, loss_fn=None) -> str:
-    """The backend that ``name`` means (``auto``: the fastest one that supports the model and loss)."""
-    if name == "auto":
-        if model is None or batched.supports(model, loss_fn):
-            return "torch"
-        return "reference"
-    if name not in BACKENDS:
+    """The backend that ``name`` means (``auto``: the fastest one that supports the model, loss and device).
+
+    Without a model (e.g. the CLI, before training) ``auto`` means the fastest for the study's MLP.
+    """
+    if name not in BACKEND_CHOICES:
         raise FastLLCError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}")
-    return name
+    if name != "auto":
+        return name
+    if model is None:
+        from ..model import ModularMLP
+        import torch.nn.functional as F
+        model, loss_fn = ModularMLP(3, 1, 1), F.cross_entropy
+    for candidate in AUTO_ORDER:
+        if backend_module(candidate).supports(model, loss_fn, device):
+            return candidate
+    return "reference"
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, backend: str = "auto", device="cpu",
            randomness=None, progress: bool = False) -> Samples:
     device = resolve_device(device)
     name = resolve_backend(backend, device, model, loss_fn)
-    return BACKENDS[name](model, inputs, targets, loss_fn, config.validate(), randomness=randomness,
-                          device=device, progress=progress)
+    return backend_module(name).sample(model, inputs, targets, loss_fn, config.validate(), randomness=randomness,
+                                       device=device, progress=progress)
 
 
 __all__ = ["SGLDConfig", "Samples", "CounterRandomness", "InjectedRandomness", "BACKENDS", "BACKEND_CHOICES",
-           "default_nbeta", "resolve_backend", "resolve_device", "sample"]
+           "backend_module", "default_nbeta", "resolve_backend", "resolve_device", "sample"]

@@ -62,8 +62,8 @@ def is_cross_entropy(loss_fn) -> bool:
             and loss_fn.weight is None and loss_fn.label_smoothing == 0.0)
 
 
-def supports(model, loss_fn) -> bool:
-    """Whether this backend can run ``model`` with ``loss_fn`` (the study's MLP with cross-entropy)."""
+def supports(model, loss_fn, device=None) -> bool:
+    """Whether this backend can run ``model`` with ``loss_fn`` (the study's MLP with cross-entropy; any device)."""
     return isinstance(model, ModularMLP) and is_cross_entropy(loss_fn)
 
 

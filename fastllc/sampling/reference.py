@@ -18,6 +18,11 @@ from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orth
 from .randomness import CounterRandomness, InjectedRandomness
 
 
+def supports(model, loss_fn, device=None) -> bool:
+    """The reference runs any module and loss on any device."""
+    return True
+
+
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
            progress: bool = False) -> Samples:
     config.validate()
