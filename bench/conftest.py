@@ -29,6 +29,9 @@ class Workload:
     def name(self, chains: int, steps: int) -> str:
         return f"p{self.p}-e{self.embed}-h{self.hidden}-m{self.batch_size}-C{chains}-T{steps}"
 
+    def family(self) -> str:
+        return f"p{self.p}-e{self.embed}-h{self.hidden}-m{self.batch_size}"
+
     def flops_per_chain_step(self) -> float:
         """Multiply-adds of the three p×h products (forward, two backward) and the first layer, ×2."""
         p, e, h, m = self.p, self.embed, self.hidden, self.batch_size
@@ -46,15 +49,24 @@ def published():
     return ModularMLP(PUBLISHED.p, PUBLISHED.embed, PUBLISHED.hidden), task.train_data()
 
 
-def record(benchmark, backend: str, workload: Workload, chains: int, steps: int, seconds: list[float], **extra):
-    """Store chain-steps/s (median over rounds of the sampler's own loop time) beside the timing."""
+def record(benchmark, backend: str, workload, chains: int, steps: int, seconds: list[float], **extra):
+    """Store chain-steps/s (median over rounds of the sampler's own loop time) beside the timing.
+
+    ``workload`` has ``name(chains, steps)``, ``family()`` (the name without C and T: results of one family
+    are compared) and ``flops_per_chain_step()``.
+    """
     rate = chains * steps / statistics.median(seconds)
     fraction = rate * workload.flops_per_chain_step() / CPU_CEILING_FLOPS
     benchmark.extra_info.update(workload=workload.name(chains, steps), backend=backend,
                                 chain_steps_per_second=round(rate), fraction_of_cpu_flop_ceiling=round(fraction, 4),
                                 **extra)
-    RESULTS[f"{backend} {workload.name(chains, steps)}"] = dict(backend=backend, chains=chains, rate=rate,
-                                                              fraction=fraction, **extra)
+    RESULTS[f"{backend} {workload.name(chains, steps)}"] = dict(backend=backend, family=workload.family(),
+                                                              chains=chains, rate=rate, fraction=fraction, **extra)
+
+
+def is_peer(backend: str) -> bool:
+    """Backends every other one is compared against: the reference and outside libraries."""
+    return backend == "reference" or backend.startswith("devinterp")
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -63,11 +75,13 @@ def pytest_terminal_summary(terminalreporter):
     write = terminalreporter.write_line
     write("")
     write("chain-steps per second (median of rounds; sampler loop only)")
-    for name, r in sorted(RESULTS.items(), key=lambda item: -item[1]["rate"]):
-        extra = "".join(f"  {k}={v}" for k, v in r.items() if k not in ("backend", "chains", "rate", "fraction"))
-        write(f"  {name:<42} {r['rate']:>10,.0f}  {r['fraction']:6.1%} of CPU FLOP ceiling{extra}")
-    fast = {r["chains"]: r["rate"] for r in RESULTS.values() if r["backend"] == "torch"}
-    for peer in ("reference", "devinterp-1.3.2"):
-        peers = [r for r in RESULTS.values() if r["backend"] == peer]
-        if peers and 64 in fast:
-            write(f"  torch (C=64) / {peer}: {fast[64] / peers[0]['rate']:.1f}x")
+    hidden = ("backend", "family", "chains", "rate", "fraction")
+    for name, r in sorted(RESULTS.items(), key=lambda item: (item[1]["family"], -item[1]["rate"])):
+        extra = "".join(f"  {k}={v}" for k, v in r.items() if k not in hidden)
+        write(f"  {name:<46} {r['rate']:>10,.0f}  {r['fraction']:6.1%} of CPU FLOP ceiling{extra}")
+    for family in sorted({r["family"] for r in RESULTS.values()}):
+        rows = [r for r in RESULTS.values() if r["family"] == family]
+        for peer in (r for r in rows if is_peer(r["backend"])):
+            for fast in (r for r in rows if not is_peer(r["backend"])):
+                write(f"  {family}: {fast['backend']} (C={fast['chains']}) / {peer['backend']}: "
+                      f"{fast['rate'] / peer['rate']:.1f}x")
