@@ -1,11 +1,162 @@
-"""Placeholder while this backend is being written (session of 2026-11-29); never selected by ``auto``."""
+"""Backend ``triton``: every chain of the study's MLP advanced by one fused, persistent Triton kernel.
+
+The kernel (``fastllc.kernels.mlp_sgld``) gives each chain one program that keeps the chain's weights on
+chip for many steps and writes only the per-step losses; this module is the glue: the start of every
+run (L_n(w*), ∇L_n(w*), the orthogonal direction) in PyTorch, per-chain settings, several starting points
+stacked into one batch (``sample_starts``, the same contract as ``batched.sample_starts``: chain j of
+start s is global chain s·C + j and its randomness is keyed by that index), and the health of the traces.
+
+Where it runs. On CUDA, where ``auto`` picks it. On CPU only through Triton's interpreter
+(``TRITON_INTERPRET=1`` set before ``fastllc.kernels`` is first imported), which is for tests on tiny
+shapes: ``supports`` is False on CPU, so ``auto`` never chooses an interpreted run; only an explicit
+``backend="triton"`` gets one. Anything else is a one-line ``FastLLCError``.
+
+Randomness. ``randomness=None``: minibatches and noise are drawn in the kernel (Philox keyed by
+``config.seed``, chain and step; see the kernel module): reproducible and independent of C, but *not*
+the numbers the CPU backends draw for the same seed. ``InjectedRandomness``: read from its tensors
+(tests compare with the reference parameter by parameter). Other generators are refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..errors import FastLLCError
+from ..model import ModularMLP
+from .batched import Start, is_cross_entropy
+from .config import SGLDConfig
+from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction
+from .randomness import InjectedRandomness
+
+__all__ = ["Start", "sample", "sample_starts", "supports"]
+
+LAUNCHES_WITH_PROGRESS = 50  # a progress bar splits the steps over this many launches (same numbers)
 
 
 def supports(model, loss_fn, device=None) -> bool:
-    return False
+    """The study's MLP with cross-entropy on a CUDA device, Triton installed. Never imports Triton or
+    queries the driver: the registry asks every backend this on every ``auto`` run."""
+    if device is None or torch.device(device).type != "cuda":
+        return False
+    return (isinstance(model, ModularMLP) and is_cross_entropy(loss_fn)
+            and importlib.util.find_spec("triton") is not None)
 
 
-def sample(model, inputs, targets, loss_fn, config, *, randomness=None, device="cpu", progress=False):
-    raise FastLLCError("this backend is not available yet")
+def _kernels(device: torch.device):
+    """The kernel module, or a one-line error saying why this device cannot run it."""
+    if device.type not in ("cuda", "cpu"):
+        raise FastLLCError(f"the triton backend runs on CUDA, not on {device.type}; use --backend torch")
+    try:
+        from .. import kernels
+    except ImportError as err:
+        raise FastLLCError(f"the triton backend needs Triton ({err}); use --backend torch") from None
+    if device.type == "cpu" and not kernels.INTERPRETED:
+        hint = ("pass --device cuda" if torch.cuda.is_available()
+                else "CUDA is not available on this machine; use --backend torch")
+        raise FastLLCError(f"the triton backend runs on CUDA: {hint} (on CPU it runs only in Triton's interpreter, "
+                           "for tests: TRITON_INTERPRET=1 set before fastllc.kernels is imported)")
+    return kernels
+
+
+def _check_starts(starts: list[Start]) -> tuple[tuple[int, int, int], int]:
+    if not starts:
+        raise FastLLCError("no starting points given")
+    for start in starts:
+        if not isinstance(start.model, ModularMLP):
+            raise FastLLCError("the triton backend runs the study's ModularMLP; use --backend generic for other models")
+    first = starts[0].model
+    arch, n = (first.p, first.embed_dim, first.hidden_dim), len(starts[0].labels)
+    for start in starts:
+        if (start.model.p, start.model.embed_dim, start.model.hidden_dim) != arch:
+            raise FastLLCError("all starting points of one batched run must share the architecture (p, e, h)")
+        if len(start.labels) != n:
+            raise FastLLCError("all starting points of one batched run must have train splits of equal size")
+    if not 1 <= n < 2**31:
+        raise FastLLCError(f"the number of examples must be in [1, 2^31), got {n}")
+    return arch, n
+
+
+def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, device="cpu",
+                  progress: bool = False) -> list[Samples]:
+    """Run ``config.chains`` chains from every start as one launch per chunk of steps; one ``Samples`` per start."""
+    config.validate()
+    device = torch.device(device)
+    kernels = _kernels(device)
+    arch, n = _check_starts(starts)
+    if config.seed >= 2**63:
+        raise FastLLCError(f"the triton backend takes seeds below 2^63, got {config.seed}")
+    S, C_per, m, T = len(starts), config.chains, config.batch_size, config.steps
+    C = S * C_per
+    epsilon, gamma, nbeta = config.hyperparameters(n)
+
+    setup = []
+    for s in starts:  # on the model's own device; the model itself is never moved
+        home = next(s.model.parameters()).device
+        loss, gradient = loss_and_gradient_at_start(s.model, s.pairs.to(home), s.labels.to(home), F.cross_entropy)
+        setup.append((loss, gradient.cpu()))
+    w_star = torch.stack([flat_parameters(s.model)[2].cpu() for s in starts])  # [S, d]
+    d = w_star.shape[1]
+    direction = None
+    if config.orthogonal:
+        unit = [orthogonal_direction(g) for _, g in setup]
+        direction = torch.stack([g if g is not None else torch.zeros(d) for g in unit]).to(device).contiguous()
+
+    injected = None
+    if isinstance(randomness, InjectedRandomness):
+        randomness.check(C, T, n, m, d)
+        injected = (randomness.indices.to(device).contiguous(), randomness.noise.to(device).contiguous())
+    elif randomness is not None:
+        raise FastLLCError("the triton backend draws its own randomness (Philox, keyed by the seed) "
+                           "or reads InjectedRandomness; it cannot use other generators")
+
+    eps, gam, nb = epsilon.repeat(S), gamma.repeat(S), nbeta.repeat(S)
+    hyper = torch.stack([eps * gam / 2, eps * nb / 2, eps.sqrt()], dim=1).float().to(device).contiguous()
+    w_star = w_star.to(device).contiguous()
+    w = w_star.repeat_interleave(C_per, 0).contiguous()  # [C, d], updated in place by the kernel
+    operands = torch.cat([s.pairs.cpu() for s in starts]).long().to(device).contiguous()  # start s at rows s·n ..
+    targets = torch.cat([s.labels.cpu() for s in starts]).long().to(device).contiguous()
+    trace = torch.empty(C, T, dtype=torch.float32, device=device)
+
+    def launch(t0: int, n_steps: int) -> None:
+        kernels.run_chains(w, w_star, direction, hyper, operands, targets, trace, arch=arch, batch_size=m, n=n,
+                           chains_per_start=C_per, seed=config.seed, t0=t0, n_steps=n_steps, injected=injected)
+
+    if device.type == "cuda":
+        launch(0, 0)  # compiles (or loads from Triton's cache) outside the timed loop; moves no weights
+        torch.cuda.synchronize(device)
+    chunk = math.ceil(T / LAUNCHES_WITH_PROGRESS) if progress else T
+    bar = tqdm(total=C * T, desc=f"SGLD (triton, {C} chains)", disable=not progress, leave=False, unit_scale=True)
+    start_time = time.perf_counter()
+    for t0 in range(0, T, chunk):
+        launch(t0, min(chunk, T - t0))
+        if progress:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            bar.update(C * min(chunk, T - t0))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start_time
+    bar.close()
+
+    trace = trace.cpu().double()
+    # a chain that produced a non-finite loss keeps NaN from there on, as the other backends do
+    trace[(~torch.isfinite(trace)).cumsum(dim=1) > 0] = math.nan
+    finals = w.cpu()
+    return [Samples(trace[s * C_per : (s + 1) * C_per].clone(), setup[s][0], epsilon, gamma, nbeta, "triton",
+                    str(device), seconds, finals[s * C_per : (s + 1) * C_per].clone(), chains_in_batch=C)
+            for s in range(S)]
+
+
+def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
+           progress: bool = False) -> Samples:
+    if not (isinstance(model, ModularMLP) and is_cross_entropy(loss_fn)):
+        raise FastLLCError("the triton backend runs the study's ModularMLP with cross-entropy; "
+                           "use --backend reference or generic for other models or losses")
+    return sample_starts([Start(model, inputs, targets)], config, randomness=randomness, device=device,
+                         progress=progress)[0]

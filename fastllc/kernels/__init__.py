@@ -1,0 +1,11 @@
+"""Triton kernels and their launchers (the ``triton`` sampling backend, ``fastllc.sampling.fused``).
+
+Importing this package imports Triton and defines the kernels; it never touches the CUDA driver, so it
+is safe on any machine. Triton decides at definition time whether a kernel is compiled for the GPU or
+run by its NumPy interpreter (``TRITON_INTERPRET=1``): set the variable *before* the first import of
+this package to run the kernels on CPU tensors (tests). ``INTERPRETED`` records which one happened.
+"""
+
+from .mlp_sgld import INTERPRETED, draws, padded, run_chains
+
+__all__ = ["INTERPRETED", "draws", "padded", "run_chains"]

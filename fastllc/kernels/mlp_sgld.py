@@ -1,0 +1,250 @@
+"""One Triton program per SGLD chain of the study's MLP, many steps per launch (a persistent kernel).
+
+Why this shape. A chain of the published workload (p=53, e=8, h=32, m=64) has ~2.7k weights: they fit
+on chip, so program c loads chain c's weights once, runs ``n_steps`` whole SGLD steps (gather, forward,
+cross-entropy, hand-written backward, update, noise) with the weights held in registers, and writes
+them back once; between steps only the loss L_m(w_t) leaves the chip. The chain index is the grid axis.
+
+Layout. Weights are chain-major [C, d] fp32 in the canonical flat order of ``model.param_shapes``
+(E (p,e), L (h,e), b_L (h), R (h,e), b_R (h), U (p,h)); each parameter is a register tile padded to
+powers of two ≥ 16 (P ≥ p, EB ≥ e, H ≥ h, M ≥ m) so that every ``tl.dot`` dimension is ≥ 16, and every
+load and store is masked. Padding stays exactly zero: its gradient, noise and localisation are zero.
+All products are fp32 with ``input_precision="ieee"`` (no TF32): the one-hot gathers below must copy
+weights exactly, and the tests compare with the fp32 reference to ~1e-5.
+
+One step (a_i, b_i operands, y_i label of minibatch example i; A, B, Y the one-hot [M, P] matrices):
+    x_a = A·E, x_b = B·E                 (the embedding gather as a dot: no scatter needed backwards)
+    z = x_a·Lᵀ + x_b·Rᵀ + b_L + b_R,  u = GELU(z) (exact erf),  s = u·Uᵀ,  L_m = mean_i (lse(s_i) − s_i[y_i])
+    δs = (softmax(s) − Y)/m,  ∇U = δsᵀ·u,  δz = (δs·U) ⊙ (Φ(z) + z·φ(z))
+    ∇b_L = ∇b_R = Σ_i δz_i,  ∇L = δzᵀ·x_a,  ∇R = δzᵀ·x_b,  ∇E = Aᵀ·(δz·L) + Bᵀ·(δz·R)
+    Δ = −(ε/2)·[γ(w − w*) + nβ·∇L_m] + √ε·ξ,   Δ −= (Δ·g)·g if orthogonal,   w += Δ
+
+Randomness. Drawn in the kernel by Philox-4x32-10 (``tl.philox``) keyed by the user's seed, with the
+128-bit counter (element, step, chain, stream): noise element k (canonical flat index) of chain c at
+step t uses counter (k, t, c, 0), minibatch slot i uses (i, t, c, 1). A value therefore depends only on
+(seed, chain, step, element): not on C, the grid, tile sizes or how steps are split into launches, and
+the two streams never share a counter. Gaussians by Box–Muller on two words of the block, as
+``tl.randn``; indices by Lemire's multiply-shift umulhi(word, n) (bias < n/2³²). ``draws`` runs the same
+generators alone, so a test can inject exactly the kernel's randomness into the reference sampler.
+Tests may instead inject indices [C, T, m] and unit noise [C, T, d] (``INJECTED``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
+
+NOISE_STREAM, INDEX_STREAM = tl.constexpr(0), tl.constexpr(1)  # the fourth counter word
+
+
+def padded(size: int) -> int:
+    """The tile extent for a dimension of ``size``: a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(size))
+
+
+@triton.jit
+def _philox_words(seed, element, step, chain, stream: tl.constexpr):
+    zero = element * 0
+    return tl.philox(seed, element, zero + step, zero + chain, zero + stream)
+
+
+@triton.jit
+def _normal(seed, chain, step, element):
+    """Unit Gaussians of noise elements ``element`` (int32 tile of canonical flat indices)."""
+    w0, w1, _, _ = _philox_words(seed, element, step, chain, NOISE_STREAM)
+    value, _ = pair_uniform_to_normal(uint_to_uniform_float(w0), uint_to_uniform_float(w1))
+    return value
+
+
+@triton.jit
+def _indices(seed, chain, step, slot, n):
+    """Minibatch indices in [0, n) of slots ``slot`` (int32 tile), drawn with replacement."""
+    w0, _, _, _ = _philox_words(seed, slot, step, chain, INDEX_STREAM)
+    return tl.umulhi(w0, (w0 * 0 + n).to(tl.uint32)).to(tl.int64)
+
+
+@triton.jit
+def _noise(seed, chain, step, offsets, mask, row_ptr, INJECTED: tl.constexpr):
+    """ξ for one parameter tile: injected (row_ptr: this chain-step's [d] row) or drawn; 0 on padding."""
+    if INJECTED:
+        xi = tl.load(row_ptr + offsets, mask=mask, other=0.0)
+    else:
+        xi = tl.where(mask, _normal(seed, chain, step, offsets), 0.0)
+    return xi
+
+
+@triton.jit
+def _increment(x, grad, star_ptr, offsets, mask, xi, a, k, root_eps):
+    """Δ = −(ε/2)·[γ(x − x*) + nβ·∇] + √ε·ξ with a = εγ/2, k = ε·nβ/2 (x* re-read: it stays in cache)."""
+    x_star = tl.load(star_ptr + offsets, mask=mask, other=0.0)
+    return -(a * (x - x_star) + k * grad) + root_eps * xi
+
+
+@triton.jit
+def _sgld_kernel(w_ptr, star_ptr, dir_ptr, hyper_ptr, ops_ptr, tgt_ptr, idx_ptr, noise_ptr, trace_ptr,
+                 seed, n, chains_per_start, total_steps, t0, n_steps,
+                 p: tl.constexpr, e: tl.constexpr, h: tl.constexpr, m: tl.constexpr,
+                 P: tl.constexpr, EB: tl.constexpr, H: tl.constexpr, M: tl.constexpr,
+                 INJECTED: tl.constexpr, ORTHOGONAL: tl.constexpr):
+    """Steps t0 .. t0+n_steps−1 of chain ``program_id(0)``; see the module docstring.
+
+    w [C, d] (in place), star and dir [S, d] (start s = chain // chains_per_start), hyper [C, 3] =
+    (εγ/2, ε·nβ/2, √ε), ops [S·n, 2] and tgt [S·n] (start s's split at rows s·n ..), trace [C, total_steps].
+    """
+    chain = tl.program_id(0)
+    row = chain.to(tl.int64)
+    start = (chain // chains_per_start).to(tl.int64)
+    OFF_L: tl.constexpr = p * e
+    OFF_BL: tl.constexpr = OFF_L + h * e
+    OFF_R: tl.constexpr = OFF_BL + h
+    OFF_BR: tl.constexpr = OFF_R + h * e
+    OFF_U: tl.constexpr = OFF_BR + h
+    D: tl.constexpr = OFF_U + p * h
+    rP, rE, rH, rM = tl.arange(0, P), tl.arange(0, EB), tl.arange(0, H), tl.arange(0, M)
+    p_ok, e_ok, h_ok, m_ok = rP < p, rE < e, rH < h, rM < m
+    oE, mE = rP[:, None] * e + rE[None, :], p_ok[:, None] & e_ok[None, :]
+    oL, mL = OFF_L + rH[:, None] * e + rE[None, :], h_ok[:, None] & e_ok[None, :]
+    oR = OFF_R + rH[:, None] * e + rE[None, :]
+    oBL, oBR = OFF_BL + rH, OFF_BR + rH
+    oU, mU = OFF_U + rP[:, None] * h + rH[None, :], p_ok[:, None] & h_ok[None, :]
+
+    w_row, star_row, dir_row = w_ptr + row * D, star_ptr + start * D, dir_ptr + start * D
+    E = tl.load(w_row + oE, mask=mE, other=0.0)
+    L = tl.load(w_row + oL, mask=mL, other=0.0)
+    bL = tl.load(w_row + oBL, mask=h_ok, other=0.0)
+    R = tl.load(w_row + oR, mask=mL, other=0.0)
+    bR = tl.load(w_row + oBR, mask=h_ok, other=0.0)
+    U = tl.load(w_row + oU, mask=mU, other=0.0)
+    a = tl.load(hyper_ptr + row * 3)
+    k = tl.load(hyper_ptr + row * 3 + 1)
+    root_eps = tl.load(hyper_ptr + row * 3 + 2)
+
+    for t in range(n_steps):
+        step = t0 + t
+        # the minibatch, as one-hot matrices: gathers and scatter-adds become dots
+        if INJECTED:
+            ids = tl.load(idx_ptr + (row * total_steps + step) * m + rM, mask=m_ok, other=0)
+        else:
+            ids = _indices(seed, chain, step, rM, n)
+        example = start * n + ids
+        op_a = tl.load(ops_ptr + 2 * example, mask=m_ok, other=0)
+        op_b = tl.load(ops_ptr + 2 * example + 1, mask=m_ok, other=0)
+        label = tl.load(tgt_ptr + example, mask=m_ok, other=0)
+        A = ((op_a[:, None] == rP[None, :]) & m_ok[:, None]).to(tl.float32)
+        B = ((op_b[:, None] == rP[None, :]) & m_ok[:, None]).to(tl.float32)
+        Y = (label[:, None] == rP[None, :]) & m_ok[:, None]
+
+        # forward and loss
+        xa = tl.dot(A, E, input_precision="ieee")
+        xb = tl.dot(B, E, input_precision="ieee")
+        z = (tl.dot(xa, tl.trans(L), input_precision="ieee") + tl.dot(xb, tl.trans(R), input_precision="ieee")
+             + (bL + bR)[None, :])
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        u = z * cdf
+        s = tl.where(p_ok[None, :], tl.dot(u, tl.trans(U), input_precision="ieee"), float("-inf"))
+        s_max = tl.max(s, axis=1)
+        expo = tl.exp(s - s_max[:, None])
+        total = tl.sum(expo, axis=1)
+        row_loss = s_max + tl.log(total) - tl.sum(tl.where(Y, s, 0.0), axis=1)
+        loss = tl.sum(tl.where(m_ok, row_loss, 0.0), axis=0) / m
+        tl.store(trace_ptr + row * total_steps + step, loss)
+
+        # backward
+        ds = tl.where(m_ok[:, None] & p_ok[None, :], expo / total[:, None] - Y.to(tl.float32), 0.0) / m
+        gU = tl.dot(tl.trans(ds), u, input_precision="ieee")
+        dz = tl.dot(ds, U, input_precision="ieee") * (cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327)
+        gB = tl.sum(dz, axis=0)
+        dzT = tl.trans(dz)
+        gL = tl.dot(dzT, xa, input_precision="ieee")
+        gR = tl.dot(dzT, xb, input_precision="ieee")
+        gE = (tl.dot(tl.trans(A), tl.dot(dz, L, input_precision="ieee"), input_precision="ieee")
+              + tl.dot(tl.trans(B), tl.dot(dz, R, input_precision="ieee"), input_precision="ieee"))
+
+        # the SGLD increment of every parameter tile, projected, applied
+        noise_row = noise_ptr + (row * total_steps + step) * D
+        dE = _increment(E, gE, star_row, oE, mE, _noise(seed, chain, step, oE, mE, noise_row, INJECTED), a, k, root_eps)
+        dL = _increment(L, gL, star_row, oL, mL, _noise(seed, chain, step, oL, mL, noise_row, INJECTED), a, k, root_eps)
+        dbL = _increment(bL, gB, star_row, oBL, h_ok, _noise(seed, chain, step, oBL, h_ok, noise_row, INJECTED),
+                         a, k, root_eps)
+        dR = _increment(R, gR, star_row, oR, mL, _noise(seed, chain, step, oR, mL, noise_row, INJECTED), a, k, root_eps)
+        dbR = _increment(bR, gB, star_row, oBR, h_ok, _noise(seed, chain, step, oBR, h_ok, noise_row, INJECTED),
+                         a, k, root_eps)
+        dU = _increment(U, gU, star_row, oU, mU, _noise(seed, chain, step, oU, mU, noise_row, INJECTED), a, k, root_eps)
+        if ORTHOGONAL:  # remove the increment's component along g: one dot product over all d parameters
+            gE_ = tl.load(dir_row + oE, mask=mE, other=0.0)
+            gL_ = tl.load(dir_row + oL, mask=mL, other=0.0)
+            gbL_ = tl.load(dir_row + oBL, mask=h_ok, other=0.0)
+            gR_ = tl.load(dir_row + oR, mask=mL, other=0.0)
+            gbR_ = tl.load(dir_row + oBR, mask=h_ok, other=0.0)
+            gU_ = tl.load(dir_row + oU, mask=mU, other=0.0)
+            along = (tl.sum(tl.sum(dE * gE_, axis=1), axis=0) + tl.sum(tl.sum(dL * gL_, axis=1), axis=0)
+                     + tl.sum(dbL * gbL_, axis=0) + tl.sum(tl.sum(dR * gR_, axis=1), axis=0)
+                     + tl.sum(dbR * gbR_, axis=0) + tl.sum(tl.sum(dU * gU_, axis=1), axis=0))
+            dE -= along * gE_
+            dL -= along * gL_
+            dbL -= along * gbL_
+            dR -= along * gR_
+            dbR -= along * gbR_
+            dU -= along * gU_
+        E += dE
+        L += dL
+        bL += dbL
+        R += dR
+        bR += dbR
+        U += dU
+
+    tl.store(w_row + oE, E, mask=mE)
+    tl.store(w_row + oL, L, mask=mL)
+    tl.store(w_row + oBL, bL, mask=h_ok)
+    tl.store(w_row + oR, R, mask=mL)
+    tl.store(w_row + oBR, bR, mask=h_ok)
+    tl.store(w_row + oU, U, mask=mU)
+
+
+@triton.jit
+def _draws_kernel(idx_ptr, noise_ptr, seed, first_chain, steps, n, m, d, BLOCK: tl.constexpr):
+    """The kernel's own indices [C, T, m] and unit noise [C, T, d], alone (tests; injection into the reference)."""
+    chain = first_chain + tl.program_id(0)
+    step = tl.program_id(1)
+    row = tl.program_id(0).to(tl.int64) * steps + step
+    offsets = tl.arange(0, BLOCK)
+    for lo in range(0, m, BLOCK):
+        slot = lo + offsets
+        tl.store(idx_ptr + row * m + slot, _indices(seed, chain, step, slot, n), mask=slot < m)
+    for lo in range(0, d, BLOCK):
+        element = lo + offsets
+        tl.store(noise_ptr + row * d + element, _normal(seed, chain, step, element), mask=element < d)
+
+
+INTERPRETED = not isinstance(_sgld_kernel, triton.runtime.JITFunction)  # TRITON_INTERPRET=1 at definition
+
+
+def run_chains(w, w_star, direction, hyper, operands, targets, trace, *, arch, batch_size, n, chains_per_start,
+               seed, t0, n_steps, injected=None, num_warps=4):
+    """Advance every chain of ``w`` [C, d] by steps t0 .. t0+n_steps−1 in one launch, in place.
+
+    ``direction`` None: no orthogonal restriction. ``injected``: (indices [C, T, m] int64, noise [C, T, d]).
+    All tensors contiguous on one device (CPU only under the interpreter).
+    """
+    p, e, h = arch
+    idx, noise = injected if injected is not None else (targets, w)  # never read unless INJECTED
+    _sgld_kernel[(w.shape[0],)](
+        w, w_star, w_star if direction is None else direction, hyper, operands, targets, idx, noise, trace,
+        seed, n, chains_per_start, trace.shape[1], t0, n_steps,
+        p=p, e=e, h=h, m=batch_size, P=padded(p), EB=padded(e), H=padded(h), M=padded(batch_size),
+        INJECTED=injected is not None, ORTHOGONAL=direction is not None, num_warps=num_warps)
+
+
+def draws(seed: int, chains, steps: int, n: int, batch_size: int, dim: int, device="cpu", block: int = 256):
+    """(indices [len(chains), steps, m] int64, unit noise [len(chains), steps, d] fp32) exactly as the kernel
+    draws them for the consecutive global chains ``chains`` (a range)."""
+    import torch
+
+    chains = range(chains) if isinstance(chains, int) else chains
+    if chains.step != 1:
+        raise ValueError("draws takes a range of consecutive chains")
+    idx = torch.empty(len(chains), steps, batch_size, dtype=torch.int64, device=device)
+    noise = torch.empty(len(chains), steps, dim, dtype=torch.float32, device=device)
+    _draws_kernel[(len(chains), steps)](idx, noise, seed, chains.start, steps, n, batch_size, dim, BLOCK=block)
+    return idx, noise
