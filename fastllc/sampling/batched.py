@@ -14,7 +14,8 @@ backward, scaled by k_c = −(ε_c/2)·nβ_c so that G = −(ε/2)·nβ·∇L_m 
     δs = k/m·(softmax(s) − onehot(y)),  ∇U = δsᵀ·u,  δz = (δs·U) ⊙ GELU′(z)
     ∇b_L = ∇b_R = Σ_i δz_i,  [∇L ∇R] = δzᵀ·x,  ∇E = scatter-add of δz·[L R] at rows a_i and b_i
 update (in place; a = −εγ/2 and a·W* precomputed)
-    Δ = a·W − a·W* + G + √ε·ξ,  Δ −= (Δ·g)g if orthogonal,  W += Δ
+    G += √ε·ξ,  G −= (G·g)g if orthogonal,  W ← (1 + a)·W + G − a·W*
+(projecting G projects the whole increment Δ = a·(W − W*) + G, because W − W* stays orthogonal to g)
 
 The gather of embedding rows is DESIGN.md's "key algebraic saving" taken per example instead of per
 table: with m ≈ p both cost the same FLOPs, but this way scatters rows of width e, not h, and needs
@@ -181,8 +182,7 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
     a_w_star = batch.W * a
     grad_scale = (-chains.epsilon / 2 * chains.nbeta / m).to(device=device, dtype=torch.float32).view(C, 1, 1)
     if chains.direction is not None:
-        increment = torch.empty_like(batch.W)
-        increment_rows = batch.rows(increment)
+        gradient_rows = batch.rows(batch.G)
         direction_rows = batch.rows(batch.to_parameter_major(chains.direction.to(device)))
     example_offset = chains.example_offset.to(device).unsqueeze(1)
 
@@ -206,16 +206,16 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
         examples = (indices + example_offset).view(-1)
         batch.loss_and_scaled_grad(operands.index_select(0, examples).view(C, m, 2),
                                    targets.index_select(0, examples).view(C, m), grad_scale, trace[t])
-        if chains.direction is None:
-            if isinstance(one_plus_a, float):
-                torch.add(batch.G, batch.W, alpha=one_plus_a, out=batch.W)
-            else:
-                torch.addcmul(batch.G, batch.W, one_plus_a, out=batch.W)
-            add_noise(batch.W).sub_(a_w_star)
+        add_noise(batch.G)  # G = −(ε/2)·nβ·∇L_m + √ε·ξ: the increment but for the localisation a·(W − W*)
+        if chains.direction is not None:
+            # Δ·g = G·g + a·(W − W*)·g and W − W* stays ⟂ g (every increment is projected, w_0 = w*), so
+            # projecting G alone projects Δ: no increment buffer, no extra passes over the weights
+            project_out(gradient_rows, direction_rows)
+        if isinstance(one_plus_a, float):
+            torch.add(batch.G, batch.W, alpha=one_plus_a, out=batch.W)
         else:
-            add_noise(torch.mul(batch.W, a, out=increment).add_(batch.G)).sub_(a_w_star)
-            project_out(increment_rows, direction_rows)
-            batch.W.add_(increment)
+            torch.addcmul(batch.G, batch.W, one_plus_a, out=batch.W)
+        batch.W.sub_(a_w_star)
         if (t + 1) % report_every == 0:
             tick(C * report_every)
     return trace.cpu().div_(-m), batch.to_chain_major(batch.W).cpu()
