@@ -218,6 +218,8 @@ def _draws_kernel(idx_ptr, noise_ptr, seed, first_chain, steps, n, m, d, BLOCK: 
 
 
 INTERPRETED = not isinstance(_sgld_kernel, triton.runtime.JITFunction)  # TRITON_INTERPRET=1 at definition
+if INTERPRETED and isinstance(tl.philox, triton.runtime.JITFunction):  # Triton's own helpers: compiled kind
+    raise ImportError("TRITON_INTERPRET=1 was set after Triton was imported; set it before importing Triton")
 
 
 def run_chains(w, w_star, direction, hyper, operands, targets, trace, *, arch, batch_size, n, chains_per_start,

@@ -1,0 +1,211 @@
+"""Backend ``triton`` (fused persistent kernel) against the reference, in Triton's interpreter on CPU.
+
+Triton chooses interpreted or compiled kernels when they are *defined*, from TRITON_INTERPRET, and its
+own helpers (``tl.philox``) are defined when Triton is first imported. So this module sets the variable
+before anything imports Triton (fastllc imports backends lazily, and no earlier test module imports
+Triton) and imports the kernels; the interpreter reads the variable again while it runs (lazy imports
+inside Triton), so an autouse fixture keeps it set during this module's tests, and the rest of the
+session runs without it. Shapes are tiny (the interpreter runs every tile op in NumPy).
+"""
+
+import os
+import subprocess
+import sys
+
+_before = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    from fastllc import kernels  # noqa: E402  (defines the kernels interpreted)
+finally:
+    if _before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _before
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from fastllc import FastLLCError, ModularMLP, SGLDConfig, estimate_llc, make_task  # noqa: E402
+from fastllc.sampling import CounterRandomness, InjectedRandomness, fused, reference, resolve_backend  # noqa: E402
+from fastllc.sampling.batched import Start  # noqa: E402
+from fastllc.sampling.contract import flat_parameters  # noqa: E402
+
+if not kernels.INTERPRETED:
+    pytest.fail("fastllc.kernels was imported before this module could set TRITON_INTERPRET=1", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+EMBED, HIDDEN, CHAINS, M = 4, 16, 3, 8
+PER_CHAIN = dict(epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0])
+# Both sides fp32. Per step the gradients differ only in summation order (~1e-6 relative of O(0.1-1)
+# gradients, times ε·nβ/2 ≤ 0.03) and the update rounds once per weight (≤ 1 ulp = 1.2e-7 at O(1)), so
+# 20 steps accumulate at most ~2e-6 (measured: 1.2e-7 for weights, 2.4e-7 = 1 ulp for losses ≈ 2).
+# A wrong term does not hide under it: dropping the gradient moves the weights by ≥ 0.04 in 20 steps.
+ATOL = 2e-6
+
+
+def setting(p):
+    x, y = make_task(p, "add", seed=0).train_data()
+    torch.manual_seed(p)
+    return ModularMLP(p, EMBED, HIDDEN), x, y
+
+
+def injected(y, d, chains, steps, m=M, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return InjectedRandomness(torch.randint(len(y), (chains, steps, m), generator=gen),
+                              torch.randn(chains, steps, d, generator=gen))
+
+
+@pytest.mark.parametrize("p,orthogonal,per_chain", [(5, False, True), (5, True, True), (7, False, True),
+                                                    (7, True, True), (7, True, False)])
+def test_every_parameter_and_loss_match_the_reference_with_injected_noise(p, orthogonal, per_chain):
+    model, x, y = setting(p)  # at initialisation: large gradients, a demanding comparison
+    w_star = flat_parameters(model)[2]
+    steps = 20
+    noise = injected(y, w_star.numel(), CHAINS, steps)
+    config = SGLDConfig(chains=CHAINS, steps=steps, batch_size=M, orthogonal=orthogonal,
+                        **(PER_CHAIN if per_chain else {}))
+    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = fused.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=ATOL)
+    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=ATOL)
+    assert fast.init_loss == pytest.approx(ref.init_loss, rel=1e-6)
+    assert fast.backend == "triton" and fast.loss_trace.dtype == torch.float64
+    assert (ref.final_params - w_star).abs().max() > 1e-1  # not vacuous: the chains travelled far
+    if orthogonal:  # and the restriction held: w − w* stays orthogonal to g
+        from fastllc.sampling.contract import loss_and_gradient_at_start, orthogonal_direction
+        g = orthogonal_direction(loss_and_gradient_at_start(model, x, y, F.cross_entropy)[1])
+        assert ((fast.final_params - w_star) @ g).abs().max() < 1e-5
+
+
+def test_stacked_starting_points_equal_separate_runs():
+    first, x, y = setting(5)
+    second = ModularMLP(5, EMBED, HIDDEN)  # another start of the same architecture
+    steps = 6
+    noise = injected(y, flat_parameters(first)[2].numel(), 4, steps)
+    config = SGLDConfig(chains=2, steps=steps, batch_size=M, orthogonal=True)
+    together = fused.sample_starts([Start(first, x, y), Start(second, x, y)], config, randomness=noise)
+    # the second start's chains are global chains 2 and 3: alone, they read the same rows of noise
+    alone = reference.sample(second, x, y, F.cross_entropy, config,
+                             randomness=InjectedRandomness(noise.indices[2:], noise.noise[2:]))
+    torch.testing.assert_close(together[1].final_params, alone.final_params, rtol=0, atol=ATOL)
+    torch.testing.assert_close(together[1].loss_trace, alone.loss_trace, rtol=0, atol=ATOL)
+    assert together[1].init_loss == pytest.approx(alone.init_loss, rel=1e-6)
+    assert together[0].init_loss != together[1].init_loss
+    assert together[0].chains_in_batch == 4
+
+
+def test_generator_statistics():
+    """The kernel's unit noise and indices, drawn alone by ``draws`` (the same @jit helpers the SGLD kernel calls)."""
+    chains, steps, n, m, d = 4, 8, 10, 64, 4096
+    idx, xi = kernels.draws(5, chains, steps, n, m, d, block=1024)
+    N = xi.numel()  # 131072 draws; bounds below are 5 standard errors (false alarm < 1e-6 each)
+    xi64 = xi.double()
+    assert abs(xi64.mean()) < 5 / math.sqrt(N)
+    assert abs(xi64.var() - 1) < 5 * math.sqrt(2 / N)
+    assert abs((xi64**4).mean() - 3) < 5 * math.sqrt(96 / N)  # Gaussian tails, not merely unit variance
+    for a, b in [(xi64[0], xi64[1]), (xi64[:, 0], xi64[:, 1]), (xi64[..., :-1], xi64[..., 1:])]:
+        a, b = a.flatten(), b.flatten()  # chains, steps, neighbouring elements: uncorrelated
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 5 / math.sqrt(len(a))
+    assert idx.min() >= 0 and idx.max() < n
+    counts = torch.bincount(idx.flatten(), minlength=n).double()
+    expected = idx.numel() / n
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 9 + 6 * math.sqrt(18)  # χ² with 9 degrees of freedom: mean 9, sd √18
+    # chain c's stream is keyed by c alone, and the seed matters
+    later_idx, later_xi = kernels.draws(5, range(2, 4), steps, n, m, d, block=512)
+    assert torch.equal(later_xi, xi[2:]) and torch.equal(later_idx, idx[2:])
+    assert not torch.equal(kernels.draws(6, 1, 1, n, m, d)[1], xi[:1, :1])
+
+
+def test_in_kernel_randomness_is_what_the_reference_receives():
+    """With in-kernel Philox, the run equals the reference fed ``draws``: the kernel's noise and minibatches
+    are exactly the generator's (whose statistics are tested above), also when split into many launches."""
+    model, x, y = setting(5)
+    d, steps = flat_parameters(model)[2].numel(), 5
+    config = SGLDConfig(chains=CHAINS, steps=steps, batch_size=M, seed=7, orthogonal=True, **PER_CHAIN)
+    fast = fused.sample(model, x, y, F.cross_entropy, config)
+    chunked = fused.sample(model, x, y, F.cross_entropy, config, progress=True)  # one launch per step
+    ref = reference.sample(model, x, y, F.cross_entropy, config,
+                           randomness=InjectedRandomness(*kernels.draws(7, CHAINS, steps, len(y), M, d)))
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=ATOL)
+    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=ATOL)
+    assert torch.equal(chunked.final_params, fast.final_params) and torch.equal(chunked.loss_trace, fast.loss_trace)
+
+
+def test_sgld_noise_has_mean_zero_and_variance_epsilon():
+    """γ = 0 and nβ = 1e-8: one step's increment is √ε·ξ (the gradient term, ~1e-10, is far below)."""
+    model = ModularMLP(7, EMBED, 64)  # d = 1116 increments per chain
+    x, y = make_task(7, "add", seed=0).train_data()
+    epsilon = [1e-2, 4e-2, 1e-3]
+    config = SGLDConfig(chains=3, steps=1, batch_size=M, epsilon=epsilon, gamma=0.0, nbeta=1e-8, seed=3)
+    increment = (fused.sample(model, x, y, F.cross_entropy, config).final_params - flat_parameters(model)[2]).double()
+    d = increment.shape[1]
+    for c, eps in enumerate(epsilon):  # 5 standard errors of a mean and a variance from d draws
+        assert abs(increment[c].mean()) < 5 * math.sqrt(eps / d)
+        assert abs(increment[c].pow(2).mean() / eps - 1) < 5 * math.sqrt(2 / d)
+
+
+def test_chain_trajectory_does_not_depend_on_the_number_of_chains():
+    model, x, y = setting(7)
+    two = fused.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=2, steps=4, batch_size=M, seed=11))
+    four = fused.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=4, steps=4, batch_size=M, seed=11))
+    assert torch.equal(four.final_params[:2], two.final_params)  # bit for bit: same program, same counters
+    assert torch.equal(four.loss_trace[:2], two.loss_trace)
+    assert not torch.equal(four.final_params[2], four.final_params[0])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_diverging_chain_is_flagged():
+    model, x, y = setting(5)
+    config = SGLDConfig(chains=2, steps=8, epsilon=[1e-4, 30.0], nbeta=100.0, batch_size=M)
+    samples = fused.sample(model, x, y, F.cross_entropy, config)
+    assert torch.isfinite(samples.loss_trace[0]).all()
+    assert torch.isnan(samples.loss_trace[1, -1])  # NaN from the blow-up on, never back to finite
+    first_bad = int((~torch.isfinite(samples.loss_trace[1])).nonzero()[0])
+    assert torch.isnan(samples.loss_trace[1, first_bad:]).all()
+    with pytest.warns(RuntimeWarning, match="1 of 2 chains"):
+        result = estimate_llc(samples, config)
+    assert result.healthy == [True, False]
+    assert math.isfinite(result.llc_mean)
+
+
+def test_auto_never_picks_the_interpreter_and_refusals_are_one_line():
+    model, x, y = setting(5)
+    assert not fused.supports(model, F.cross_entropy, torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu"), model, F.cross_entropy) != "triton"
+    with pytest.raises(FastLLCError, match="ModularMLP with cross-entropy"):
+        fused.sample(torch.nn.Linear(2, 2), torch.randn(4, 2), torch.zeros(4, dtype=torch.long),
+                     F.cross_entropy, SGLDConfig(chains=1, steps=1))
+    with pytest.raises(FastLLCError, match="draws its own randomness"):
+        fused.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=1, steps=1),
+                     randomness=CounterRandomness(0, len(y), 64, flat_parameters(model)[2].numel()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_clear_error_without_cuda_and_without_the_interpreter():
+    script = (
+        "import sys, torch, torch.nn.functional as F\n"
+        "from fastllc import FastLLCError, ModularMLP, SGLDConfig, make_task\n"
+        "from fastllc.sampling import resolve_backend, sample\n"
+        "assert resolve_backend('auto', torch.device('cpu')) == 'torch'\n"
+        "assert 'triton' not in sys.modules, 'auto imported Triton'\n"
+        "x, y = make_task(5, 'add', seed=0).train_data()\n"
+        "try:\n"
+        "    sample(ModularMLP(5, 4, 16), x, y, F.cross_entropy, SGLDConfig(chains=1, steps=1), backend='triton')\n"
+        "except FastLLCError as err:\n"
+        "    print(err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    message = done.stdout.strip()
+    assert "\n" not in message
+    assert "runs on CUDA" in message and "CUDA is not available" in message and "--backend torch" in message
