@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastllc import FastLLCError, Run, TrainConfig, train
-from fastllc.train import checkpoint_steps
+from fastllc.train import checkpoint_steps, train_together
 
 
 def test_checkpoint_steps_include_init_and_final():
@@ -55,3 +55,46 @@ def test_corrupt_and_missing_checkpoints(tiny_run, tmp_path):
 def test_bad_training_config():
     with pytest.raises(FastLLCError, match="batches must be at least 1"):
         TrainConfig(p=5, batches=0).validate()
+
+
+def autograd_training(config: TrainConfig) -> torch.nn.Module:
+    """The textbook loop the batched trainer replaces: autograd and torch.optim.Adam, one run."""
+    import torch.nn.functional as F
+    from fastllc.seeding import generator
+
+    task, model = config.make_task(), config.new_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    stream, (pairs, labels) = generator(config.seed, "batches"), task.train_data()
+    for _ in range(config.batches):
+        idx = torch.randint(task.n_train, (config.batch_size,), generator=stream)
+        optimizer.zero_grad()
+        F.cross_entropy(model(pairs[idx]), labels[idx]).backward()
+        optimizer.step()
+    return model
+
+
+def test_batched_trainer_matches_autograd_and_torch_adam(tmp_path):
+    config = TrainConfig(p=7, embed=5, hidden=13, batches=40, checkpoints=1, seed=3)
+    mine = train(config, tmp_path / "run").load_model().state_dict()
+    expected = autograd_training(config).state_dict()
+    for name in expected:
+        # fp32 gradients agree to a few ulps (different summation order); Adam's steps are normalised
+        # (≈ lr = 0.01 each), so 40 of them keep the difference near 40·ulp(0.01·|m/√v|) ≪ 1e-5
+        torch.testing.assert_close(mine[name], expected[name], rtol=0, atol=1e-5)
+
+
+def test_runs_trained_together_are_the_runs_trained_alone(tmp_path):
+    configs = [TrainConfig(p=7, embed=5, hidden=13, batches=40, checkpoints=2, seed=s) for s in (0, 1, 2)]
+    together = train_together(configs, [tmp_path / f"together{c.seed}" for c in configs])
+    for config, run in zip(configs, together):
+        alone = train(config, tmp_path / f"alone{config.seed}")
+        for k in range(len(alone.steps)):
+            a, b = alone.load_model(k).state_dict(), run.load_model(k).state_dict()
+            for name in a:
+                torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)  # see the test above
+        assert [m["step"] for m in run.metrics] == [m["step"] for m in alone.metrics]
+
+
+def test_only_seeds_may_differ_in_a_batch(tmp_path):
+    with pytest.raises(FastLLCError, match="differ only in their seed"):
+        train_together([TrainConfig(p=5), TrainConfig(p=7)], [tmp_path / "a", tmp_path / "b"])

@@ -19,7 +19,7 @@ from ..api import estimate_checkpoints, estimate_run
 from ..llc import estimate_llc
 from ..sampling import SGLDConfig, batched, default_nbeta
 from ..sampling.contract import select_chains
-from ..train import Run, TrainConfig, train
+from ..train import Run, TrainConfig, train, train_together
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,28 @@ def calibration_cells(run: Run, job: Job) -> list[dict]:
     return cells
 
 
+def train_missing_runs(jobs: list[Job], out: Path, progress: bool = True) -> None:
+    """Train every run the unfinished jobs need and that does not exist yet; runs that differ only in
+    their seed train together as one batch (``train_together``)."""
+    missing = {}
+    for job in jobs:
+        if not (out / "jobs" / f"{job.name}.json").exists() and not (out / "runs" / job.training.run_name()).exists():
+            missing[job.training.run_name()] = job.training
+    groups: dict[TrainConfig, list[TrainConfig]] = {}
+    for config in missing.values():
+        groups.setdefault(replace(config, seed=0), []).append(config)
+    for configs in tqdm(list(groups.values()), desc="training", disable=not progress):
+        train_together(configs, [out / "runs" / c.run_name() for c in configs])
+
+
 def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool = True) -> list[dict]:
-    """Run every job whose JSON is missing; return all jobs' records (finished earlier or now)."""
+    """Run every job whose JSON is missing; return all jobs' records (finished earlier or now).
+
+    Missing runs are trained first, seeds of one configuration together (an interruption loses at most
+    the group in flight); then each job's estimate runs and its JSON is written.
+    """
     out = Path(out)
+    train_missing_runs(jobs, out, progress)
     records = []
     for job in tqdm(jobs, desc="jobs", disable=not progress):
         path = out / "jobs" / f"{job.name}.json"
