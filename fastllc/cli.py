@@ -202,9 +202,9 @@ def circuits_command(run_dir, checkpoint, along_training, as_json, plot):
 
 
 @main.command("reproduce")
-@click.argument("sweep", type=click.Choice(["psweep", "architectures", "memorization", "dynamics", "calibrate"]))
+@click.argument("sweep", type=click.Choice(["psweep", "architectures", "memorization", "dynamics", "circuits", "calibrate"]))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Sweep directory [default: ./sweeps/<sweep>]; rerunning skips finished jobs.")
+              help="Sweep directory [default: ./sweeps/<sweep>; circuits shares ./sweeps/psweep]; rerunning skips finished jobs.")
 @click.option("--chains", type=int, default=None, help="Chains per estimate [default: 64; 16 for dynamics; 8 per cell for calibrate].")
 @click.option("--seeds", type=int, default=None, help="Training seeds per point [default: the study's].")
 @click.option("--quick", is_flag=True, help="Small primes and short runs: the qualitative claims in minutes.")
@@ -217,7 +217,7 @@ def reproduce_command(sweep, out, chains, seeds, quick):
     for name, value in options.items():
         if value < 1:
             raise FastLLCError(f"{name} must be at least 1, got {value}")
-    out = out or Path("sweeps") / (sweep + ("-quick" if quick else ""))
+    out = out or Path("sweeps") / (("psweep" if sweep == "circuits" else sweep) + ("-quick" if quick else ""))
     records = run_sweep(SWEEPS[sweep](quick=quick, **options), out, progress=_progress())
     report = write_report(out)
     click.echo(f"{len(records)} jobs in {out}; report: {report}")

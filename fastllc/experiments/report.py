@@ -93,18 +93,36 @@ def report_psweep(records, out: Path) -> list[str]:
     fig.savefig(out / "psweep.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     lines += ["", "![λ̂ against p](psweep.png)", ""]
-    counts = [(r.get("circuit_count"), _llc(r), r["training"]["p"]) for r in records if r.get("circuit_count") is not None]
-    if counts:
-        lines += ["### circuits against λ̂", "", "| p | circuits | λ̂ |", "|---|---|---|"]
-        lines += [f"| {p} | {c} | {_fmt(v)} |" for c, v, p in sorted(counts, key=lambda t: (t[2], t[0]))]
-        for p, group in _by(records, lambda r: r["training"]["p"]).items():
-            values = [_llc(r) for r in group]
-            kinds = sorted({r.get("circuit_count") for r in group})
-            if len(kinds) > 1:
-                spread = (max(values) - min(values)) / np.mean(values)
-                lines.append(f"\np = {p}: circuit counts {kinds}; λ̂ spread (max − min)/mean = {spread:.1%}")
-        lines.append("")
-    return lines
+    return lines + report_circuits(records, out)
+
+
+def report_circuits(records, out: Path) -> list[str]:
+    """Learned circuits against λ̂ (the psweep's runs): does λ̂ depend on how many circuits a network has?"""
+    counts = [(r["training"]["p"], r.get("circuit_count"), _llc(r)) for r in records if r.get("circuit_count") is not None]
+    if not counts:
+        return []
+    lines = ["### circuits against λ̂", "", "| p | circuits | λ̂ |", "|---|---|---|"]
+    lines += [f"| {p} | {c} | {_fmt(v)} |" for p, c, v in sorted(counts)]
+    for p, group in _by(records, lambda r: r["training"]["p"]).items():
+        values = [_llc(r) for r in group]
+        kinds = sorted({r.get("circuit_count") for r in group} - {None})
+        if len(kinds) > 1:
+            spread = (max(values) - min(values)) / np.mean(values)
+            means = ", ".join(f"{k}: {np.mean([_llc(r) for r in group if r.get('circuit_count') == k]):.0f}" for k in kinds)
+            lines.append(f"\np = {p}: mean λ̂ by circuit count {{{means}}}; spread (max − min)/mean = {spread:.1%}")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for index, (p, group) in enumerate(_by(counts, lambda t: t[0]).items()):
+        jitter = (index - 2.5) * 0.04
+        ax.plot([c + jitter for _, c, _ in group], [v / p for _, _, v in group], "o", color=f"C{index}", label=f"p = {p}")
+    ax.set_xticks(sorted({c for _, c, _ in counts}))
+    ax.set_xlabel("learned circuits")
+    ax.set_ylabel("λ̂ / p")
+    ax.set_title("λ̂ (per unit p) against the number of circuits")
+    ax.legend(fontsize=8)
+    fig.savefig(out / "circuits.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return lines + ["", "![λ̂ against circuits](circuits.png)", ""]
 
 
 def report_architectures(records, out: Path) -> list[str]:

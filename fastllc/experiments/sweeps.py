@@ -78,5 +78,11 @@ def calibrate(chains: int = 8, seeds: int = 1, quick: bool = False) -> list[Job]
                 kind="calibrate", tags=dict(grid=grid)) for seed in range(seeds)]
 
 
-SWEEPS = {"psweep": psweep, "architectures": architectures, "memorization": memorization, "dynamics": dynamics,
+def circuits(chains: int = 64, seeds: int = 5, quick: bool = False) -> list[Job]:
+    """Circuits against λ̂ are read from the p-sweep's runs: the same jobs (each records its circuits), so
+    a sweep directory that holds the p-sweep answers this without running anything again."""
+    return psweep(chains, seeds, quick)
+
+
+SWEEPS = {"psweep": psweep, "circuits": circuits, "architectures": architectures, "memorization": memorization, "dynamics": dynamics,
           "calibrate": calibrate}
