@@ -65,6 +65,23 @@ def test_report_is_rebuilt_from_the_jsons(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "| 5 |" in text and "| 7 |" in text and "Linear fit" in text
     assert (tmp_path / "psweep.png").stat().st_size > 5000
+    assert "circuits against λ̂" in text and (tmp_path / "circuits.png").stat().st_size > 5000
+
+
+def test_seeds_of_one_configuration_train_together(tmp_path, monkeypatch):
+    sgld = SGLDConfig(chains=2, steps=5)
+    jobs = [Job("psweep", TrainConfig(p=5, embed=4, hidden=8, batches=10, checkpoints=1, seed=s), sgld) for s in (0, 1, 2)]
+    jobs.append(Job("psweep", TrainConfig(p=7, embed=4, hidden=8, batches=10, checkpoints=1), sgld))
+    groups = []
+    real = jobs_module.train_together
+
+    def spy(configs, outs, progress=False):
+        groups.append(sorted((c.p, c.seed) for c in configs))
+        return real(configs, outs, progress)
+
+    monkeypatch.setattr(jobs_module, "train_together", spy)
+    assert len(run_sweep(jobs, tmp_path, progress=False)) == 4
+    assert sorted(groups) == [[(5, 0), (5, 1), (5, 2)], [(7, 0)]]
 
 
 def test_linear_fit_on_a_line():
