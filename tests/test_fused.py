@@ -85,6 +85,18 @@ def test_every_parameter_and_loss_match_the_reference_with_injected_noise(p, ort
         assert ((fast.final_params - w_star) @ g).abs().max() < 1e-5
 
 
+def test_published_shapes_match_the_reference():
+    """p=53, e=8, h=32, m=64: padding to P=64, EB=16, H=32, M=64 with masks on non-power-of-two p and e."""
+    model, x, y = ModularMLP(53, 8, 32), *make_task(53, "add", seed=0).train_data()
+    steps = 4
+    noise = injected(y, flat_parameters(model)[2].numel(), 2, steps, m=64)
+    config = SGLDConfig(chains=2, steps=steps, batch_size=64, orthogonal=True, epsilon=[1e-3, 2e-3], nbeta=[50.0, 100.0])
+    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = fused.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=ATOL)
+    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=ATOL)
+
+
 def test_stacked_starting_points_equal_separate_runs():
     first, x, y = setting(5)
     second = ModularMLP(5, EMBED, HIDDEN)  # another start of the same architecture

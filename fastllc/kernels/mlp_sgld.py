@@ -81,7 +81,7 @@ def _increment(x, grad, star_ptr, offsets, mask, xi, a, k, root_eps):
     return -(a * (x - x_star) + k * grad) + root_eps * xi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "t0", "n_steps"])  # a 1 there would otherwise compile a second kernel
 def _sgld_kernel(w_ptr, star_ptr, dir_ptr, hyper_ptr, ops_ptr, tgt_ptr, idx_ptr, noise_ptr, trace_ptr,
                  seed, n, chains_per_start, total_steps, t0, n_steps,
                  p: tl.constexpr, e: tl.constexpr, h: tl.constexpr, m: tl.constexpr,
@@ -223,18 +223,21 @@ if INTERPRETED and isinstance(tl.philox, triton.runtime.JITFunction):  # Triton'
 
 
 def run_chains(w, w_star, direction, hyper, operands, targets, trace, *, arch, batch_size, n, chains_per_start,
-               seed, t0, n_steps, injected=None, num_warps=4):
+               seed, t0, n_steps, injected=None, num_warps=None):
     """Advance every chain of ``w`` [C, d] by steps t0 .. t0+n_steps−1 in one launch, in place.
 
     ``direction`` None: no orthogonal restriction. ``injected``: (indices [C, T, m] int64, noise [C, T, d]).
     All tensors contiguous on one device (CPU only under the interpreter).
     """
     p, e, h = arch
+    P, M = padded(p), padded(batch_size)
+    if num_warps is None:  # a guess, not yet measured: [M, P] tiles of 4096 floats over 256 threads, not 128
+        num_warps = 8 if M * P >= 4096 else 4
     idx, noise = injected if injected is not None else (targets, w)  # never read unless INJECTED
     _sgld_kernel[(w.shape[0],)](
         w, w_star, w_star if direction is None else direction, hyper, operands, targets, idx, noise, trace,
         seed, n, chains_per_start, trace.shape[1], t0, n_steps,
-        p=p, e=e, h=h, m=batch_size, P=padded(p), EB=padded(e), H=padded(h), M=padded(batch_size),
+        p=p, e=e, h=h, m=batch_size, P=P, EB=padded(e), H=padded(h), M=M,
         INJECTED=injected is not None, ORTHOGONAL=direction is not None, num_warps=num_warps)
 
 
