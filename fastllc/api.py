@@ -7,30 +7,50 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from .compat.loaders import as_pair, is_loader, materialise
 from .errors import FastLLCError
 from .llc import LLCResult, estimate_llc
-from .sampling import SGLDConfig, batched, resolve_device, sample
+from .sampling import SGLDConfig, batched, resolve_device, sample, vectorized
 from .train import Run
 
 
 def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLDConfig | None = None, *,
              backend: str = "auto", device="cpu", randomness=None, progress: bool = False,
-             **settings) -> LLCResult:
-    """Estimate the LLC of ``model`` at its current weights w* on ``data = (inputs, targets)``.
+             init_loss: float | None = None, **settings) -> LLCResult:
+    """Estimate the LLC of ``model`` at its current weights w* on ``data``.
 
+    ``data`` is ``(inputs, targets)`` or a DataLoader of such pairs (its dataset is materialised once and
+    chains draw their own minibatches from it; its ``batch_size`` is the default minibatch size).
     ``loss_fn(outputs, targets)`` is the mean negative log-likelihood (default: cross-entropy).
     Settings are an ``SGLDConfig`` or its fields as keywords (``chains=64, steps=5000, ...``).
+    ``backend="auto"`` picks the fastest backend that runs the model: the specialised ``torch``/``triton``
+    ones for the study's ModularMLP with cross-entropy, ``generic`` (torch.func) for other modules, the
+    ``reference`` for modules that cannot be vmapped. ``mala=True`` needs ``generic``, which ``auto`` then
+    picks. ``init_loss`` replaces L_n(w*) (default: the mean loss over all of ``data`` at w*).
     """
+    if is_loader(data):
+        if config is None and "batch_size" not in settings and data.batch_size:
+            settings["batch_size"] = data.batch_size
+        data = materialise(data)
     config = replace(config or SGLDConfig(), **settings).validate()
-    try:
-        inputs, targets = data
-    except (TypeError, ValueError):
-        raise FastLLCError("data must be a pair (inputs, targets) of tensors") from None
+    inputs, targets = as_pair(data)
     if len(inputs) != len(targets) or len(targets) == 0:
         raise FastLLCError(f"data has {len(inputs)} inputs and {len(targets)} targets; need equal and non-zero")
+    if config.mala:
+        backend = _mala_backend(backend, model, loss_fn, resolve_device(device))
     samples = sample(model, inputs, targets, loss_fn, config, backend=backend, device=device,
                      randomness=randomness, progress=progress)
+    if init_loss is not None:
+        samples = replace(samples, init_loss=float(init_loss))
     return estimate_llc(samples, config)
+
+
+def _mala_backend(backend: str, model, loss_fn, device) -> str:
+    """The MALA acceptance rate is computed by the generic backend only."""
+    if backend == "generic" or (backend == "auto" and vectorized.supports(model, loss_fn, device)):
+        return "generic"
+    raise FastLLCError("mala=True (the MALA acceptance rate) needs backend 'generic', which "
+                       + ("cannot vmap this model" if backend == "auto" else f"is not the chosen {backend!r}"))
 
 
 def estimate_run(run: Run | str, checkpoint: int | None = None, config: SGLDConfig | None = None,

@@ -1,6 +1,6 @@
 """From loss traces to λ̂: the estimator and its diagnostics, shared by every backend.
 
-    λ̂_c = nβ_c · (mean_{t ≥ burn-in} L_m(w_t) − L_n(w*))      per chain c
+    λ̂_c = nβ_c · (mean_{t ≥ burn-in} L_m(w_t) − L_n(w*))      per chain c (every ``thin``-th record)
     λ̂   = mean of λ̂_c over healthy chains, with their std and standard error std/√healthy.
 
 A chain is unhealthy when any recorded loss is NaN/inf or exceeds the loss bound (default
@@ -104,9 +104,12 @@ class LLCResult:
     ess: float
     loss_trace_summary: dict
     loss_trace: torch.Tensor | None = field(default=None, repr=False)  # [C, T]; not serialised
+    thin: int = 1
+    mala_acceptance: float | None = None  # mean MALA acceptance of healthy chains' steps after burn-in (config.mala)
+    mala_trace: torch.Tensor | None = field(default=None, repr=False)  # [C, T−1]; not serialised
 
     def to_dict(self) -> dict:
-        record = {k: v for k, v in asdict(self).items() if k != "loss_trace"}
+        record = {k: v for k, v in asdict(self).items() if k not in ("loss_trace", "mala_trace")}
         for key, value in record.items():
             if isinstance(value, float):
                 record[key] = _finite_or_none(value)
@@ -120,7 +123,7 @@ def estimate_llc(samples: Samples, config: SGLDConfig) -> LLCResult:
     """λ̂ with its spread, health flags and convergence diagnostics from a backend's ``Samples``."""
     trace = samples.loss_trace.double().cpu()
     chains, steps = trace.shape
-    recorded = trace[:, config.burn_in :]
+    recorded = trace[:, config.burn_in + config.thin - 1 :: config.thin]
     bound = config.loss_bound if config.loss_bound is not None else default_loss_bound(samples.init_loss)
     healthy = torch.isfinite(trace).all(dim=1) & (torch.nan_to_num(trace, nan=math.inf) <= bound).all(dim=1)
     per_chain = samples.nbeta * (recorded.mean(dim=1) - samples.init_loss)
@@ -153,5 +156,14 @@ def estimate_llc(samples: Samples, config: SGLDConfig) -> LLCResult:
         if samples.seconds > 0 else math.nan,
         r_hat=split_r_hat(good_traces) if count else math.nan,
         ess=effective_sample_size(good_traces) if count else math.nan,
-        loss_trace_summary=summary, loss_trace=trace,
+        loss_trace_summary=summary, loss_trace=trace, thin=config.thin,
+        mala_acceptance=_mean_acceptance(samples, healthy, config.burn_in), mala_trace=samples.mala_acceptance,
     )
+
+
+def _mean_acceptance(samples: Samples, healthy: torch.Tensor, burn_in: int) -> float | None:
+    """Mean MALA acceptance over healthy chains' steps t → t+1 with t ≥ burn-in; None when not recorded."""
+    if samples.mala_acceptance is None:
+        return None
+    kept = samples.mala_acceptance[healthy, burn_in:]
+    return float(kept.mean()) if kept.numel() else None

@@ -31,7 +31,10 @@ class SGLDConfig:
         w ← w − (ε/2)·[γ(w − w*) + nβ·∇L_m(w)] + N(0, ε·I),
     with L_m the mean loss on a minibatch of m = ``batch_size`` examples drawn with replacement.
     ``orthogonal`` removes from every increment its component along ∇L_n(w*)/‖∇L_n(w*)‖.
-    Loss is recorded at w_t before each update; the first ``burn_in`` records are dropped.
+    Loss is recorded at w_t before each update; the first ``burn_in`` records are dropped, and of the rest
+    the estimator uses every ``thin``-th (records burn_in + thin − 1, burn_in + 2·thin − 1, ...: devinterp's
+    draws with ``num_steps_bw_draws = thin``). ``mala`` asks a backend that can (``generic``) to record the
+    MALA acceptance probability of every step, as devinterp's ``MalaAcceptanceRate`` defines it.
     """
 
     chains: int = 4
@@ -44,6 +47,8 @@ class SGLDConfig:
     orthogonal: bool = False
     seed: int = 0
     loss_bound: float | None = None  # a recorded loss above this marks a chain unhealthy; None: see llc.py
+    thin: int = 1  # the estimator averages every thin-th record after burn-in
+    mala: bool = False  # record the MALA acceptance probability of every step (backend generic)
 
     def validate(self) -> "SGLDConfig":
         if self.chains < 1:
@@ -54,6 +59,9 @@ class SGLDConfig:
             raise FastLLCError(f"burn-in must be in [0, steps) = [0, {self.steps}), got {self.burn_in}")
         if self.batch_size < 1:
             raise FastLLCError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.thin < 1 or self.thin > self.steps - self.burn_in:
+            raise FastLLCError(f"thin must be in [1, steps − burn-in] = [1, {self.steps - self.burn_in}], "
+                               f"got {self.thin}")
         if self.seed < 0:
             raise FastLLCError(f"seed must be non-negative, got {self.seed}")
         self.per_chain("epsilon", lambda v: v > 0, "> 0")

@@ -29,15 +29,17 @@ class Samples:
     seconds: float  # wall time of the chains, excluding setup
     final_params: torch.Tensor | None = None  # [C, d] flat weights after the last step, canonical order
     chains_in_batch: int | None = None  # chains advanced together in ``seconds`` (several starts: more than C)
+    mala_acceptance: torch.Tensor | None = None  # [C, T−1] float64: MALA acceptance of step t → t+1 (config.mala)
 
 
 def select_chains(samples: Samples, chains) -> Samples:
     """The same run restricted to some chains (e.g. one cell of a calibration grid)."""
     index = torch.as_tensor(chains, dtype=torch.long)
     finals = None if samples.final_params is None else samples.final_params[index]
+    mala = None if samples.mala_acceptance is None else samples.mala_acceptance[index]
     return Samples(samples.loss_trace[index], samples.init_loss, samples.epsilon[index], samples.gamma[index],
                    samples.nbeta[index], samples.backend, samples.device, samples.seconds, finals,
-                   samples.chains_in_batch or len(samples.loss_trace))
+                   samples.chains_in_batch or len(samples.loss_trace), mala)
 
 
 def flat_parameters(model: torch.nn.Module) -> tuple[list[str], list[torch.Size], torch.Tensor]:
