@@ -221,3 +221,21 @@ def test_clear_error_without_cuda_and_without_the_interpreter():
     message = done.stdout.strip()
     assert "\n" not in message
     assert "runs on CUDA" in message and "CUDA is not available" in message and "--backend torch" in message
+
+
+@pytest.mark.slow
+def test_the_real_kernel_compiles_for_sm90_without_a_gpu():
+    """The interpreter skips Triton's compiler: build the published-shape kernel for sm_90 with Triton's own
+    ptxas (no driver involved) so that GPU-only errors (dot shapes, types, shared memory) show here."""
+    script = ("from fastllc.kernels.aot import ptxas_report\n"
+              "r = ptxas_report(53, 8, 32, 64, orthogonal=True)\n"
+              "print(r['registers'], r['spill_store_bytes'], r['shared_bytes'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    if "ptxas" in done.stderr and "not found" in done.stderr.lower():
+        pytest.skip("Triton's ptxas is not available on this platform")
+    assert done.returncode == 0, done.stderr[-3000:]
+    registers, spills, shared = (int(v) for v in done.stdout.split()[-3:])
+    assert 0 < registers <= 255
+    assert shared <= 227 * 1024  # the most shared memory one program may have on sm_90
+    print(f"sm_90, 8 warps: {registers} registers, {spills} bytes spilled a thread, {shared} bytes shared")

@@ -4,8 +4,9 @@ Importing this package imports Triton and defines the kernels; it never touches 
 is safe on any machine. Triton decides at definition time whether a kernel is compiled for the GPU or
 run by its NumPy interpreter (``TRITON_INTERPRET=1``): set the variable *before* the first import of
 this package to run the kernels on CPU tensors (tests). ``INTERPRETED`` records which one happened.
+``python -m fastllc.kernels.aot`` compiles the real kernel for a GPU architecture without a GPU.
 """
 
-from .mlp_sgld import INTERPRETED, draws, padded, run_chains
+from .mlp_sgld import INTERPRETED, default_num_warps, draws, padded, run_chains
 
-__all__ = ["INTERPRETED", "draws", "padded", "run_chains"]
+__all__ = ["INTERPRETED", "default_num_warps", "draws", "padded", "run_chains"]
