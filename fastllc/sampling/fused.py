@@ -34,7 +34,7 @@ from .config import SGLDConfig
 from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction
 from .randomness import InjectedRandomness
 
-__all__ = ["Start", "sample", "sample_starts", "supports"]
+__all__ = ["Start", "require", "sample", "sample_starts", "supports"]
 
 LAUNCHES_WITH_PROGRESS = 50  # a progress bar splits the steps over this many launches (same numbers)
 
@@ -62,6 +62,12 @@ def _kernels(device: torch.device):
         raise FastLLCError(f"the triton backend runs on CUDA: {hint} (on CPU it runs only in Triton's interpreter, "
                            "for tests: TRITON_INTERPRET=1 set before fastllc.kernels is imported)")
     return kernels
+
+
+def require(device) -> None:
+    """Raise the one-line ``FastLLCError`` now if this backend cannot run on ``device`` (for callers that
+    want to fail before training or loading anything, e.g. the CLI on an explicit ``--backend triton``)."""
+    _kernels(torch.device(device))
 
 
 def _check_starts(starts: list[Start]) -> tuple[tuple[int, int, int], int]:
