@@ -1,0 +1,163 @@
+"""The devinterp-compatible layer: arguments, result keys, draws, and agreement with devinterp itself."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from fastllc import FastLLCError, ModularMLP, make_task
+from fastllc.compat.devinterp import default_nbeta, estimate_learning_coeff, estimate_learning_coeff_with_summary
+
+
+def classifier_problem(n=256, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=gen)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+    optimiser = torch.optim.Adam(model.parameters(), 3e-2)
+    for _ in range(80):
+        optimiser.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimiser.step()
+    return model, x, y
+
+
+def evaluate(model, batch):
+    inputs, targets = batch
+    logits = model(inputs)
+    return F.cross_entropy(logits, targets), {"logits": logits}
+
+
+def test_result_keys_draws_and_defaults_follow_devinterp():
+    model, x, y = classifier_problem()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    out = estimate_learning_coeff_with_summary(
+        model, loader, evaluate=evaluate, optimizer_kwargs=dict(lr=1e-3, localization=10.0), num_chains=3,
+        num_draws=20, num_burnin_steps=5, num_steps_bw_draws=3, seed=1, verbose=False)
+    chains = [out[f"llc-chain/{i}"] for i in range(3)]
+    assert out["llc/mean"] == pytest.approx(np.mean(chains)) and out["llc/std"] == pytest.approx(np.std(chains, ddof=1))
+    assert out["loss/trace"].shape == (3, 20) and out["loss/trace"].dtype == np.float32
+    full = out["fastllc"].loss_trace  # every step: 5 burn-in + 20 draws × 3
+    assert full.shape == (3, 65)
+    np.testing.assert_array_equal(out["loss/trace"], full[:, 7::3].float().numpy())  # steps 7, 10, ..., 64
+    assert out["nbeta"] == pytest.approx(default_nbeta(32)) == pytest.approx(32 / math.log(32))  # b/log b
+    assert out["init_loss"] == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)  # whole dataset
+    assert out["llc/healthy_chains"] == 3 and out["llc/se"] == pytest.approx(out["llc/std"] / math.sqrt(3))
+
+    online = estimate_learning_coeff_with_summary(
+        model, loader, evaluate=evaluate, optimizer_kwargs=dict(lr=1e-3, localization=10.0, nbeta=7.0),
+        num_chains=3, num_draws=20, seed=1, online=True, init_loss=0.5, verbose=False)
+    assert online["llc/trace"].shape == (3, 20) and online["init_loss"] == 0.5
+    np.testing.assert_allclose(online["llc/trace"], 7.0 * (online["loss/trace"] - 0.5), rtol=1e-5)
+    np.testing.assert_allclose(online["llc/means"], online["llc/trace"].mean(0), rtol=1e-5)
+    assert estimate_learning_coeff(model, loader, evaluate=evaluate, optimizer_kwargs=dict(lr=1e-3, localization=10.0),
+                                   num_chains=3, num_draws=20, seed=1, verbose=False) == pytest.approx(
+        estimate_learning_coeff_with_summary(model, loader, evaluate=evaluate, num_chains=3, num_draws=20, seed=1,
+                                             optimizer_kwargs=dict(lr=1e-3, localization=10.0),
+                                             verbose=False)["llc/mean"])
+
+
+class DictDataset(Dataset):
+    """Items as dicts, e.g. a tokenised text dataset."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"features": self.x[i], "label": self.y[i]}
+
+
+class LossModel(nn.Module):
+    """A model that computes its own loss from a batch, as devinterp's default ``evaluate`` expects."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return F.cross_entropy(self.model(batch["features"]), batch["label"])
+
+
+def test_any_evaluate_and_batch_structure_runs_on_generic_and_equals_the_reference():
+    model, x, y = classifier_problem()
+    settings = dict(optimizer_kwargs=dict(lr=1e-3, localization=10.0, nbeta=20.0), num_chains=4, num_draws=15,
+                    seed=2, verbose=False)
+    pair_loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    fast = estimate_learning_coeff_with_summary(model, pair_loader, evaluate=evaluate, backend="generic", **settings)
+    slow = estimate_learning_coeff_with_summary(model, pair_loader, evaluate=evaluate, backend="reference", **settings)
+    assert fast["fastllc"].backend == "generic"
+    # the same chains (same counter-based draws), batched or one at a time: fp32 summation order only
+    np.testing.assert_allclose(fast["loss/trace"], slow["loss/trace"], rtol=0, atol=1e-5)
+
+    dict_loader = DataLoader(DictDataset(x, y), batch_size=16)
+    own_loss = estimate_learning_coeff_with_summary(LossModel(model), dict_loader, **settings)  # evaluate=None
+    tuple_eval = estimate_learning_coeff_with_summary(
+        model, dict_loader, evaluate=lambda m, b: (F.cross_entropy(m(b["features"]), b["label"]),), **settings)
+    assert own_loss["fastllc"].backend == "generic"
+    np.testing.assert_allclose(own_loss["loss/trace"], fast["loss/trace"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(tuple_eval["loss/trace"], fast["loss/trace"], rtol=0, atol=1e-6)
+
+
+def test_unsupported_settings_are_refused_clearly():
+    model, x, y = classifier_problem(n=32)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+
+    class SGNHT:
+        pass
+
+    class NoiseNorm:
+        pass
+
+    cases = [(dict(sampling_method=SGNHT), "SGLD only"), (dict(optimizer_kwargs=dict(weight_decay=0.1)), "weight_decay"),
+             (dict(seed=[1, 2]), "one int seed"), (dict(callbacks=[NoiseNorm()]), "NoiseNorm"),
+             (dict(optimizer_kwargs=dict(lr=1e-3, momentum=0.9)), "unknown optimizer_kwargs")]
+    for kwargs, message in cases:
+        with pytest.raises(FastLLCError, match=message):
+            estimate_learning_coeff_with_summary(model, loader, evaluate=evaluate, num_chains=2, num_draws=3,
+                                                 verbose=False, **kwargs)
+
+
+def test_a_devinterp_script_switched_by_its_import_agrees_with_devinterp():
+    """The same model and settings through devinterp 1.3.2 and through fastllc: λ̂ within statistical error."""
+    pytest.importorskip("devinterp")
+    from devinterp.optim.sgld import SGLD
+    from devinterp.slt.mala import MalaAcceptanceRate
+    from devinterp.slt.sampler import estimate_learning_coeff_with_summary as devinterp_estimate
+    from devinterp.utils import evaluate_ce
+
+    model, x, y = classifier_problem(n=512)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    init_loss = F.cross_entropy(model(x), y).item()  # both on L_n(w*): devinterp's own is a batch estimate
+    chains, draws = 8, 200
+
+    def run(estimator, seed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return estimator(model, loader, evaluate=evaluate, sampling_method=SGLD,
+                             callbacks=[MalaAcceptanceRate(chains, draws, 1e-3, nbeta=default_nbeta(32))],
+                             optimizer_kwargs=dict(lr=1e-3, localization=10.0), num_chains=chains, num_draws=draws,
+                             num_burnin_steps=50, init_loss=init_loss, seed=seed, device="cpu", verbose=False)
+
+    theirs, ours = run(devinterp_estimate, 0), run(estimate_learning_coeff_with_summary, 0)
+    assert set(theirs) <= set(ours)  # every devinterp key is there
+    assert ours["loss/trace"].shape == theirs["loss/trace"].shape
+    se = math.hypot(theirs["llc/std"], ours["llc/std"]) / math.sqrt(chains)
+    # two independent sets of 8 chains of the same sampler: the difference of the means is N(0, se²);
+    # 4 se fails by chance once in ~16,000 runs, while a wrong nβ, lr/2 or noise scale moves λ̂ by ≥ 30%
+    assert abs(ours["llc/mean"] - theirs["llc/mean"]) < 4 * se
+    assert abs(ours["mala_accept/mean"] - theirs["mala_accept/mean"]) < 0.1  # theirs is biased by one 0 per chain
+
+    mlp = ModularMLP(7, 5, 13)  # devinterp's evaluate_ce names the criterion: the study's MLP keeps its own backend
+    pairs, labels = make_task(7, "add", seed=0).train_data()
+    native = estimate_learning_coeff_with_summary(mlp, DataLoader(TensorDataset(pairs, labels), batch_size=8),
+                                                  evaluate=evaluate_ce, num_chains=2, num_draws=5, verbose=False)
+    assert native["fastllc"].backend == "torch"
