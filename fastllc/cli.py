@@ -116,7 +116,7 @@ def cached_run(config: TrainConfig) -> Run:
 @click.option("--orthogonal/--no-orthogonal", default=False, show_default=True,
               help="Restrict SGLD orthogonally to the full-batch gradient at w*.")
 @click.option("--backend", default="auto", show_default=True, help=f"One of {', '.join(BACKEND_CHOICES)}.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto (cuda when available).")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
               help="A run directory from `fastllc train` [default: train (once, cached) for --p].")
 @click.option("--checkpoint", type=int, default=None, help="Checkpoint index [default: the final weights].")
@@ -128,7 +128,8 @@ def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, 
     """Estimate λ̂ at a checkpoint with SGLD chains started at its weights."""
     config = SGLDConfig(chains=chains, steps=steps, burn_in=burn_in, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                         batch_size=batch_size, orthogonal=orthogonal, seed=seed).validate()
-    resolve_backend(backend, resolve_device(device))  # fail before any training
+    device = resolve_device(device)
+    resolve_backend(backend, device)  # fail before any training
     run = Run.load(run_dir) if run_dir is not None else cached_run(_train_config(**training))
     index = run.checkpoint_index(checkpoint)
     result = api.estimate_run(run, index, config, backend=backend, device=device, progress=_progress())

@@ -91,3 +91,12 @@ def test_every_chain_diverging_is_an_error_after_the_result(cli, tiny_run):
     result = cli("estimate", "--run", tiny_run.path, "--chains", 2, "--steps", 50, "--epsilon", 100, "--json")
     assert_one_line_error(result, "every chain diverged")
     assert json.loads(result.stdout.splitlines()[0])["healthy_chains"] == 0  # the result is still printed
+
+
+def test_triton_without_cuda_is_a_one_line_error(cli):
+    import sys
+
+    import torch
+    if torch.cuda.is_available() or getattr(sys.modules.get("fastllc.kernels"), "INTERPRETED", False):
+        pytest.skip("this machine (or this test session, through the interpreter) can run the triton backend")
+    assert_one_line_error(cli("estimate", "--p", 5, "--backend", "triton"), "the triton backend runs on CUDA")

@@ -32,6 +32,9 @@ def backend_module(name: str):
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch.device; ``auto`` is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
@@ -49,6 +52,9 @@ def resolve_backend(name: str, device: torch.device, model=None, loss_fn=None) -
     if name not in BACKEND_CHOICES:
         raise FastLLCError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     if name != "auto":
+        require = getattr(backend_module(name), "require", None)
+        if require is not None:
+            require(device)  # e.g. triton without CUDA: the one-line reason, before any work is done
         return name
     if model is None:
         from ..model import ModularMLP
