@@ -9,8 +9,10 @@ straight into the same layout. Buffers (e.g. BatchNorm statistics in eval mode) 
 
 Why the step is traced. ``vmap(grad(...))`` re-enters functorch's Python layers for every operation;
 for small models that overhead, not arithmetic, bounds the rate. The first step is therefore run
-eagerly, then recorded once with ``make_fx`` into a graph of plain batched ATen operations and the graph
-is replayed (measured 1.4–1.7× faster on the study's MLP). The replay is kept only if it reproduces the
+eagerly, then recorded once with ``make_fx`` into a graph of plain batched ATen operations, and the graph
+is replayed by TorchScript's interpreter (``torch.jit.trace`` of the graph: no Python per operation),
+or by FX where TorchScript cannot hold it. Measured per step on the study's MLP at C=16, one thread:
+eager 5.2 ms, FX replay 3.5 ms, TorchScript replay 1.8 ms. A replay is kept only if it reproduces the
 eager step bit for bit; otherwise (random operations such as dropout, Python side effects) every step
 stays eager. Runs shorter than 500 steps are not traced (it would not pay); ``trace=True/False`` forces.
 
@@ -31,6 +33,7 @@ import functools
 import math
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -178,16 +181,29 @@ def _step_function(model: nn.Module, loss_fn, names: list[str]):
 
 
 def _trace(step, args, eager_result):
-    """``step`` recorded as a graph of batched ATen operations, if its replay equals the eager result."""
+    """``step`` as a recorded graph of batched ATen operations (run by TorchScript's interpreter if it can,
+    else by FX), provided its replays equal the eager result bit for bit; None otherwise."""
     try:
         from torch.fx.experimental.proxy_tensor import make_fx
         graph = make_fx(step)(*args)
-        replay = graph(*args)
     except Exception:  # any tracing limitation: stay eager
         return None
-    same = all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(replay),
-                                                  torch.utils._pytree.tree_leaves(eager_result)))
-    return graph if same else None
+    candidates = [graph]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            candidates.insert(0, torch.jit.trace(graph, args, check_trace=False))
+    except Exception:  # TorchScript cannot hold it: FX replay
+        pass
+    expected = torch.utils._pytree.tree_leaves(eager_result)
+    for candidate in candidates:
+        try:  # three replays: TorchScript's profiling executor settles on its plan after the first calls
+            if all(all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(candidate(*args)), expected))
+                   for _ in range(3)):
+                return candidate
+        except Exception:
+            continue
+    return None
 
 
 def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, direction, inputs, targets,
