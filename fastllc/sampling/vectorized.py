@@ -102,7 +102,6 @@ class _Chains:
 
     def __init__(self, w_star: torch.Tensor, shapes, epsilon, gamma, nbeta, device):
         self.C, self.d = w_star.shape
-        self.shapes = shapes
         self.blocks = np.cumsum([0] + [math.prod(s) for s in shapes]).astype(np.int64)
         self.W = self.to_parameter_major(w_star.to(device))
         self.W_star = self.W.clone()
