@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .compat.loaders import as_pair, is_loader, materialise
 from .errors import FastLLCError
 from .llc import LLCResult, estimate_llc
-from .sampling import SGLDConfig, batched, resolve_device, sample, vectorized
+from .sampling import SGLDConfig, backend_module, batched, resolve_backend, resolve_device, sample, vectorized
 from .train import Run
 
 
@@ -62,8 +62,10 @@ def estimate_run(run: Run | str, checkpoint: int | None = None, config: SGLDConf
 
 
 def estimate_checkpoints(run: Run | str, checkpoints: list[int] | None = None, config: SGLDConfig | None = None, *,
-                         device="cpu", randomness=None, progress: bool = False, **settings) -> list[LLCResult]:
-    """λ̂ at several checkpoints of a run (default: all), every checkpoint's chains in one batched run.
+                         backend: str = "auto", device="cpu", randomness=None, progress: bool = False,
+                         **settings) -> list[LLCResult]:
+    """λ̂ at several checkpoints of a run (default: all), every checkpoint's chains in one batched run
+    (backend ``torch``, or ``triton`` on CUDA: the two that stack starting points).
 
     Chain j of the k-th listed checkpoint is global chain k·chains + j of the batch (its randomness key).
     """
@@ -72,6 +74,10 @@ def estimate_checkpoints(run: Run | str, checkpoints: list[int] | None = None, c
     indices = range(len(run.steps)) if checkpoints is None else [run.checkpoint_index(k) for k in checkpoints]
     pairs, labels = run.task().train_data()
     starts = [batched.Start(run.load_model(k), pairs, labels) for k in indices]
-    samples = batched.sample_starts(starts, config, randomness=randomness, device=resolve_device(device),
-                                    progress=progress)
+    device = resolve_device(device)
+    name = resolve_backend(backend, device, starts[0].model, F.cross_entropy)
+    if name not in ("torch", "triton"):
+        raise FastLLCError(f"estimate_checkpoints runs all checkpoints as one batch: backend torch or triton, not {name!r}")
+    samples = backend_module(name).sample_starts(starts, config, randomness=randomness, device=device,
+                                                 progress=progress)
     return [estimate_llc(s, config) for s in samples]

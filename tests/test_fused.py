@@ -114,6 +114,23 @@ def test_stacked_starting_points_equal_separate_runs():
     assert together[0].chains_in_batch == 4
 
 
+def test_checkpoints_of_a_run_in_one_triton_batch(tiny_run):
+    """fastllc.estimate_checkpoints runs every checkpoint's chains in one launch, as the torch backend does."""
+    from fastllc import estimate_checkpoints
+
+    config = SGLDConfig(chains=2, steps=4, batch_size=M, orthogonal=True)
+    fast = estimate_checkpoints(tiny_run, config=config, backend="triton", device="cpu")
+    assert len(fast) == len(tiny_run.steps) and all(r.backend == "triton" for r in fast)
+    pairs, labels = tiny_run.task().train_data()
+    for k, result in enumerate(fast):  # each checkpoint's in-kernel draws, replayed into the reference
+        draws = kernels.draws(config.seed, range(2 * k, 2 * k + 2), 4, len(labels), M,
+                              flat_parameters(tiny_run.load_model(k))[2].numel())
+        ref = reference.sample(tiny_run.load_model(k), pairs, labels, F.cross_entropy, config,
+                               randomness=InjectedRandomness(*draws))
+        # losses agree to ATOL = 2e-6 (above); λ̂ scales them by nβ = 20/log 20 ≈ 6.7: ≤ 1.4e-5
+        assert result.llc_per_chain == pytest.approx(estimate_llc(ref, config).llc_per_chain, abs=5e-5)
+
+
 def test_generator_statistics():
     """The kernel's unit noise and indices, drawn alone by ``draws`` (the same @jit helpers the SGLD kernel calls)."""
     chains, steps, n, m, d = 4, 8, 10, 64, 4096
