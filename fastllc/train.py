@@ -157,8 +157,8 @@ def train_together(configs: list[TrainConfig], outs: list[str | os.PathLike], pr
     from .sampling.batched import ChainBatch  # the engine serves training too
     from .sampling.contract import flat_parameters
 
-    if not configs or len(configs) != len(outs):
-        raise FastLLCError("give one output directory per training configuration")
+    if not configs or len(configs) != len(outs) or len({Path(o).resolve() for o in outs}) != len(outs):
+        raise FastLLCError("give one distinct output directory per training configuration")
     for config in configs:
         config.validate()
     if not _same_but_seed(configs):

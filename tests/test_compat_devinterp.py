@@ -119,7 +119,9 @@ def test_unsupported_settings_are_refused_clearly():
 
     cases = [(dict(sampling_method=SGNHT), "SGLD only"), (dict(optimizer_kwargs=dict(weight_decay=0.1)), "weight_decay"),
              (dict(seed=[1, 2]), "one int seed"), (dict(callbacks=[NoiseNorm()]), "NoiseNorm"),
-             (dict(optimizer_kwargs=dict(lr=1e-3, momentum=0.9)), "unknown optimizer_kwargs")]
+             (dict(optimizer_kwargs=dict(lr=1e-3, momentum=0.9)), "unknown optimizer_kwargs"),
+             (dict(optimizer_kwargs=dict(noise_level=0.0)), "noise_level"),  # not silently run with noise 1
+             (dict(optimizer_kwargs=dict(noise_level=None)), "noise_level")]
     for kwargs, message in cases:
         with pytest.raises(FastLLCError, match=message):
             estimate_learning_coeff_with_summary(model, loader, evaluate=evaluate, num_chains=2, num_draws=3,

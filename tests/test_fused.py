@@ -218,6 +218,14 @@ def test_auto_never_picks_the_interpreter_and_refusals_are_one_line():
                      randomness=CounterRandomness(0, len(y), 64, flat_parameters(model)[2].numel()))
 
 
+def test_auto_hands_the_kernel_only_weights_that_fit_in_registers():
+    cuda = torch.device("cuda")  # a device object only: supports() never touches the driver
+    assert fused.register_tile_floats(53, 8, 32) == 4160  # the published shape, built by ptxas in the test below
+    assert fused.supports(ModularMLP(53, 8, 32), F.cross_entropy, cuda)
+    assert fused.supports(ModularMLP(47, 16, 64), F.cross_entropy, cuda)  # the largest of the architectures sweep
+    assert not fused.supports(ModularMLP(20, 50, 200), F.cross_entropy, cuda)  # memorisation: torch instead
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
 def test_clear_error_without_cuda_and_without_the_interpreter():
     script = (

@@ -98,3 +98,9 @@ def test_runs_trained_together_are_the_runs_trained_alone(tmp_path):
 def test_only_seeds_may_differ_in_a_batch(tmp_path):
     with pytest.raises(FastLLCError, match="differ only in their seed"):
         train_together([TrainConfig(p=5), TrainConfig(p=7)], [tmp_path / "a", tmp_path / "b"])
+
+
+def test_one_distinct_directory_per_run(tmp_path):
+    configs = [TrainConfig(p=5, seed=s) for s in (0, 1)]
+    with pytest.raises(FastLLCError, match="distinct output directory"):
+        train_together(configs, [tmp_path / "same", tmp_path / "same"])

@@ -50,7 +50,9 @@ from ..sampling import SGLDConfig
 from .loaders import materialise
 
 _IGNORED_KWARGS = {"metrics", "save_noise", "save_mala_vars", "noise_norm", "grad_norm", "weight_norm", "distance"}
-_REFUSED_KWARGS = {"noise_level": 1.0, "weight_decay": 0.0, "bounding_box_size": None, "optimize_over": None}
+# devinterp SGLD options fastllc does not implement, and the values that mean "off" (anything else is refused)
+_REFUSED_KWARGS = {"noise_level": (1.0,), "weight_decay": (0.0, None), "bounding_box_size": (None, 0.0),
+                   "optimize_over": (None,)}
 
 
 def default_nbeta(batch_size: int) -> float:
@@ -118,7 +120,7 @@ def _settings(optimizer_kwargs, sampling_method, callbacks, batch_size, grad_acc
     if sampling_method is not None and name not in ("SGLD", "sgld"):
         raise FastLLCError(f"fastllc implements SGLD only, not {name or sampling_method!r}")
     for key, neutral in _REFUSED_KWARGS.items():
-        if kwargs.get(key, neutral) not in (neutral, 0, None):
+        if key in kwargs and not any(kwargs[key] is v or kwargs[key] == v for v in neutral):
             raise FastLLCError(f"optimizer_kwargs {key}={kwargs[key]!r} is not supported by fastllc")
     unknown = set(kwargs) - _IGNORED_KWARGS - set(_REFUSED_KWARGS) - {"lr", "localization", "nbeta"}
     if unknown:
@@ -191,8 +193,9 @@ def summary(result, config: SGLDConfig, online: bool = False) -> dict:
     if result.mala_trace is not None:
         ends = torch.arange(config.burn_in + config.thin - 1, config.steps, config.thin)[1:]  # draw steps after the first
         trace = result.mala_trace[:, ends - 1].float().numpy()  # the step into each of them
-        out.update({"mala_accept/trace": trace, "mala_accept/mean": float(np.mean(trace)),
-                    "mala_accept/std": float(np.std(trace))})
+        healthy = trace[np.asarray(result.healthy, bool)]  # as llc/mean: unhealthy chains left out
+        out.update({"mala_accept/trace": trace, "mala_accept/mean": float(np.mean(healthy)),
+                    "mala_accept/std": float(np.std(healthy))})
     return out
 
 

@@ -39,12 +39,26 @@ __all__ = ["Start", "require", "sample", "sample_starts", "supports"]
 LAUNCHES_WITH_PROGRESS = 50  # a progress bar splits the steps over this many launches (same numbers)
 
 
+AUTO_MAX_TILE_FLOATS = 8192  # padded weights per chain ``auto`` hands to the kernel: 2× the published shape's
+
+
+def register_tile_floats(p: int, embed: int, hidden: int) -> int:
+    """Weights one program holds in registers: E, L, R, U tiles padded to powers of two ≥ 16, and biases."""
+    def pad(size):
+        return max(16, 1 << (size - 1).bit_length())
+    P, EB, H = pad(p), pad(embed), pad(hidden)
+    return P * EB + 2 * H * EB + 2 * H + P * H
+
+
 def supports(model, loss_fn, device=None) -> bool:
-    """The study's MLP with cross-entropy on a CUDA device, Triton installed. Never imports Triton or
-    queries the driver: the registry asks every backend this on every ``auto`` run."""
+    """The study's MLP with cross-entropy on a CUDA device, Triton installed, and weights small enough to
+    live in registers (``AUTO_MAX_TILE_FLOATS``; larger ones, e.g. e=50, h=200, would spill heavily: ``auto``
+    then picks ``torch``, an explicit ``backend="triton"`` still runs). Never imports Triton or queries the
+    driver: the registry asks every backend this on every ``auto`` run."""
     if device is None or torch.device(device).type != "cuda":
         return False
     return (isinstance(model, ModularMLP) and is_cross_entropy(loss_fn)
+            and register_tile_floats(model.p, model.embed_dim, model.hidden_dim) <= AUTO_MAX_TILE_FLOATS
             and importlib.util.find_spec("triton") is not None)
 
 

@@ -235,7 +235,7 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
                     grads, loss = step(*args)
                 except Exception as error:  # locate the module that vmap could not handle, then explain
                     name = _failing_module(model, lambda: step(*args))
-                    raise _vmap_error(name, f"{type(error).__name__}: {str(error).splitlines()[0]}",
+                    raise _vmap_error(name, f"{type(error).__name__}: {(str(error).splitlines() or [repr(error)])[0]}",
                                       model) from error
                 if trace:
                     step = _trace(step, args, (grads, loss)) or step
@@ -303,7 +303,7 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
 
     trace = T >= _TRACE_FROM_STEPS if trace is None else trace
     groups_by_default, threads = default_workers(C, d, device)
-    workers = workers or groups_by_default
+    workers = min(workers or groups_by_default, C)
     bounds = np.linspace(0, C, workers + 1).round().astype(int)
     groups = [np.arange(lo, hi, dtype=np.int64) for lo, hi in zip(bounds[:-1], bounds[1:])]
     bar = tqdm(total=C * T, desc=f"SGLD (generic, {C} chains)", disable=not progress, leave=False, unit_scale=True)
