@@ -83,5 +83,5 @@ def pytest_terminal_summary(terminalreporter):
         rows = [r for r in RESULTS.values() if r["family"] == family]
         for peer in (r for r in rows if is_peer(r["backend"])):
             for fast in (r for r in rows if not is_peer(r["backend"])):
-                write(f"  {family}: {fast['backend']} (C={fast['chains']}) / {peer['backend']}: "
+                write(f"  {family}: {fast['backend']} (C={fast['chains']}) / {peer['backend']} (C={peer['chains']}): "
                       f"{fast['rate'] / peer['rate']:.1f}x")
