@@ -209,8 +209,10 @@ def circuits_command(run_dir, checkpoint, along_training, as_json, plot):
 @click.option("--chains", type=int, default=None, help="Chains per estimate [default: 64; 16 for dynamics; 8 per cell for calibrate].")
 @click.option("--seeds", type=int, default=None, help="Training seeds per point [default: the study's].")
 @click.option("--quick", is_flag=True, help="Small primes and short runs: the qualitative claims in minutes.")
+@click.option("--p", "moduli", type=int, multiple=True,
+              help="Only these moduli of the sweep (repeatable, e.g. --p 20 --p 25) [default: all].")
 @one_line_errors
-def reproduce_command(sweep, out, chains, seeds, quick):
+def reproduce_command(sweep, out, chains, seeds, quick, moduli):
     """Run one of the published study's sweeps (resumable), then write its report."""
     from .experiments import SWEEPS, run_sweep, write_report
 
@@ -219,7 +221,14 @@ def reproduce_command(sweep, out, chains, seeds, quick):
         if value < 1:
             raise FastLLCError(f"{name} must be at least 1, got {value}")
     out = out or Path("sweeps") / (("psweep" if sweep == "circuits" else sweep) + ("-quick" if quick else ""))
-    records = run_sweep(SWEEPS[sweep](quick=quick, **options), out, progress=_progress())
+    jobs = SWEEPS[sweep](quick=quick, **options)
+    if moduli:
+        unknown = sorted(set(moduli) - {job.training.p for job in jobs})
+        if unknown:
+            raise FastLLCError(f"the {sweep} sweep has no p = {unknown[0]}; "
+                               f"its moduli are {sorted({job.training.p for job in jobs})}")
+        jobs = [job for job in jobs if job.training.p in moduli]
+    records = run_sweep(jobs, out, progress=_progress())
     report = write_report(out)
     click.echo(f"{len(records)} jobs in {out}; report: {report}")
     click.echo(report.read_text())

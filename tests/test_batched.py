@@ -151,3 +151,22 @@ def test_estimate_checkpoints_runs_every_checkpoint_in_one_batch(tiny_run):
     assert len(results) == len(tiny_run.steps)
     assert all(r.chains == 2 and r.backend == "torch" for r in results)
     assert results[0].init_loss > results[-1].init_loss  # initialisation has higher loss than trained weights
+
+
+def test_loss_stays_exact_when_a_label_probability_underflows():
+    """A chain far from home can have logit gaps > 87 (softmax underflows to 0 in fp32): its loss must be
+    the true, finite cross-entropy, not inf and not a clamped value."""
+    model = ModularMLP(P, EMBED, HIDDEN)
+    with torch.no_grad():
+        model.unembed.weight.mul_(2000.0)
+    m = 11
+    gen = torch.Generator().manual_seed(4)
+    operands, labels = torch.randint(P, (1, m, 2), generator=gen), torch.randint(P, (1, m), generator=gen)
+    batch = batched.ChainBatch(P, EMBED, HIDDEN, flat_parameters(model)[2].unsqueeze(0), m)
+    loss_sum = torch.empty(1)
+    batch.loss_and_scaled_grad(operands, labels, torch.full((1, 1, 1), 1.0 / m), loss_sum)
+    expected = F.cross_entropy(model(operands[0]), labels[0])
+    logits = model(operands[0])
+    assert (torch.softmax(logits, -1).gather(-1, labels[0].unsqueeze(-1)) < 1e-30).any()  # the case at hand
+    assert math.isfinite(loss_sum.item()) and expected.item() > 100
+    assert -loss_sum.item() / m == pytest.approx(expected.item(), rel=1e-5)

@@ -100,3 +100,9 @@ def test_triton_without_cuda_is_a_one_line_error(cli):
     if torch.cuda.is_available() or getattr(sys.modules.get("fastllc.kernels"), "INTERPRETED", False):
         pytest.skip("this machine (or this test session, through the interpreter) can run the triton backend")
     assert_one_line_error(cli("estimate", "--p", 5, "--backend", "triton"), "the triton backend runs on CUDA")
+
+
+def test_reproduce_refuses_a_modulus_the_sweep_does_not_have(cli, tmp_path):
+    assert_one_line_error(cli("reproduce", "psweep", "--quick", "--p", 99, "--out", tmp_path / "s"),
+                          "the psweep sweep has no p = 99; its moduli are [17, 23, 29]")
+    assert not (tmp_path / "s").exists()  # refused before any work

@@ -163,3 +163,27 @@ def test_a_devinterp_script_switched_by_its_import_agrees_with_devinterp():
     native = estimate_learning_coeff_with_summary(mlp, DataLoader(TensorDataset(pairs, labels), batch_size=8),
                                                   evaluate=evaluate_ce, num_chains=2, num_draws=5, verbose=False)
     assert native["fastllc"].backend == "torch"
+
+
+class MalaAcceptanceRate:
+    """Stands in for devinterp's callback (matched by class name; devinterp is not installed in CI)."""
+
+    def __init__(self, num_chains, num_draws, learning_rate, nbeta):
+        self.learning_rate, self.nbeta = learning_rate, nbeta
+        self.mala_acceptance_rate = torch.zeros(num_chains, num_draws - 1)
+
+
+def test_a_mala_callback_holds_its_results_and_must_share_the_samplers_settings():
+    model, x, y = classifier_problem(n=32)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    nbeta = 8 / math.log(8)  # devinterp's default for batch size 8
+    callback = MalaAcceptanceRate(2, 5, 1e-3, nbeta)
+    out = estimate_learning_coeff_with_summary(model, loader, evaluate=evaluate, callbacks=[callback],
+                                               optimizer_kwargs=dict(lr=1e-3), num_chains=2, num_draws=5,
+                                               verbose=False)
+    assert callback.mala_acceptance_rate.shape == (2, 4)
+    assert torch.equal(callback.mala_acceptance_rate, torch.as_tensor(out["mala_accept/trace"]))
+    assert (callback.mala_acceptance_rate > 0).all()  # filled in, not devinterp's initial zeros
+    with pytest.raises(FastLLCError, match="MalaAcceptanceRate has learning_rate=0.01"):
+        estimate_learning_coeff_with_summary(model, loader, evaluate=evaluate, callbacks=[MalaAcceptanceRate(2, 5, 1e-2, nbeta)],
+                                             optimizer_kwargs=dict(lr=1e-3), num_chains=2, num_draws=5, verbose=False)

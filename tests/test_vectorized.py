@@ -42,6 +42,16 @@ def test_trajectories_match_the_reference_with_injected_noise(orthogonal, per_ch
     assert (ref.final_params - flat_parameters(model)[2]).abs().max() > 1e-2  # the chains travelled
 
 
+def test_the_studys_mlp_keeps_its_torchscript_replay(monkeypatch):
+    """The traced replay is the generic backend's speed; a torch upgrade that defeats it must show here."""
+    kept, real = [], vectorized._trace
+    monkeypatch.setattr(vectorized, "_trace", lambda *args: kept.append(real(*args)) or kept[-1])
+    x, y = make_task(P, "add", seed=0).train_data()
+    vectorized.sample(ModularMLP(P, EMBED, HIDDEN), x, y, F.cross_entropy,
+                      SGLDConfig(chains=2, steps=3, batch_size=8), trace=True)
+    assert len(kept) == 1 and isinstance(kept[0], torch.jit.ScriptModule)
+
+
 def test_traced_steps_threads_and_groups_change_nothing():
     x, y = make_task(P, "add", seed=0).train_data()
     model = ModularMLP(P, EMBED, HIDDEN)

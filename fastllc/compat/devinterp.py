@@ -136,6 +136,14 @@ def _settings(optimizer_kwargs, sampling_method, callbacks, batch_size, grad_acc
             raise FastLLCError(f"callback {kind} is not supported by fastllc (only MalaAcceptanceRate)")
     b = batch_size * grad_accum_steps
     nbeta = kwargs.get("nbeta", default_nbeta(b))
+    for callback in callbacks or []:
+        if type(callback).__name__ == "MalaAcceptanceRate":  # fastllc computes MALA with the sampler's settings
+            own = dict(learning_rate=kwargs.get("lr", 0.01), nbeta=nbeta)
+            for name, value in own.items():
+                theirs = getattr(callback, name, value)
+                if theirs is not None and not math.isclose(float(theirs), float(value), rel_tol=1e-9):
+                    raise FastLLCError(f"MalaAcceptanceRate has {name}={theirs}, the sampler {value}: "
+                                       "fastllc computes the acceptance rate with the sampler's; make them equal")
     return dict(epsilon=kwargs.get("lr", 0.01), gamma=kwargs.get("localization", 0.0), nbeta=nbeta,
                 batch_size=b, mala=mala)
 
@@ -172,7 +180,11 @@ def estimate_learning_coeff_with_summary(
                           progress=verbose, init_loss=init_loss or None)
     finally:
         model.train(was_training)
-    return summary(result, config, online)
+    out = summary(result, config, online)
+    for callback in callbacks or []:  # as devinterp leaves them: the callback objects hold their results too
+        if type(callback).__name__ == "MalaAcceptanceRate" and "mala_accept/trace" in out:
+            callback.mala_acceptance_rate = torch.as_tensor(out["mala_accept/trace"])
+    return out
 
 
 def summary(result, config: SGLDConfig, online: bool = False) -> dict:

@@ -230,11 +230,14 @@ def _sgld_kernel(w_ptr, star_ptr, dir_ptr, hyper_ptr, ops_ptr, tgt_ptr, idx_ptr,
 
 
 @triton.jit
-def _draws_kernel(idx_ptr, noise_ptr, seed, first_chain, steps, n, m, d, BLOCK: tl.constexpr):
-    """The kernel's own indices [C, T, m] and unit noise [C, T, d], alone (tests; injection into the reference)."""
-    chain = first_chain + tl.program_id(0)
-    step = tl.program_id(1)
-    row = tl.program_id(0).to(tl.int64) * steps + step
+def _draws_kernel(idx_ptr, noise_ptr, seed, first_chain, chains, steps, n, m, d, BLOCK: tl.constexpr):
+    """The kernel's own indices [C, T, m] and unit noise [C, T, d], alone (tests; injection into the reference).
+    One program per (chain, step) on grid axis 0 (axes 1 and 2 are limited to 65,535 on CUDA)."""
+    pid = tl.program_id(0).to(tl.int64)
+    local, step = pid % chains, pid // chains
+    chain = (first_chain + local).to(tl.int32)
+    row = local * steps + step
+    step = step.to(tl.int32)
     offsets = tl.arange(0, BLOCK)
     for lo in range(0, m, BLOCK):
         slot = lo + offsets
@@ -277,5 +280,6 @@ def draws(seed: int, chains, steps: int, n: int, batch_size: int, dim: int, devi
         raise ValueError("draws takes a range of consecutive chains")
     idx = torch.empty(len(chains), steps, batch_size, dtype=torch.int64, device=device)
     noise = torch.empty(len(chains), steps, dim, dtype=torch.float32, device=device)
-    _draws_kernel[(len(chains), steps)](idx, noise, seed, chains.start, steps, n, batch_size, dim, BLOCK=block)
+    _draws_kernel[(len(chains) * steps,)](idx, noise, seed, chains.start, len(chains), steps, n, batch_size, dim,
+                                          BLOCK=block)
     return idx, noise

@@ -72,7 +72,7 @@ def supports(model, loss_fn, device=None) -> bool:
 def _vmap_error(name: str | None, reason: str, model: nn.Module) -> FastLLCError:
     """The one message for every vmap failure: which module, why, and the fallback."""
     if name is None:
-        where = "the loss function"
+        where = "the loss function or the backward pass"  # the failure came after every module's forward
     else:
         where = f"module '{name or '(the model itself)'}' ({type(model.get_submodule(name)).__name__})"
     return FastLLCError(
