@@ -113,3 +113,18 @@ def test_calibration_grid_runs_as_one_batch(tmp_path):
     assert cells[0]["healthy_fraction"] == 1.0 and cells[2]["healthy_fraction"] == 0.0
     text = write_report(tmp_path).read_text()
     assert "calibration grid" in text and text.count("| 5 |") == 3
+
+
+def test_memorisation_report_fits_all_runs_and_beside_them_the_runs_that_memorised(tmp_path):
+    def record(p, seed, llc, train_acc):
+        return dict(job=f"m{p}-{seed}", sweep="memorization", kind="final", training=dict(p=p, task="random", seed=seed),
+                    result=dict(llc_mean=llc, llc_se=0.5), final_metrics=dict(train_acc=train_acc), published=None)
+    # λ̂ = 0.8 p² exactly for the runs that memorised; one unfinished run at p = 20 far below
+    records = [record(p, s, 0.8 * p * p, 1.0) for p in (10, 15, 20, 25) for s in (0, 1)]
+    records.append(record(20, 2, 100.0, 0.97))
+    for r in records:
+        jobs_module.write_json_atomically(tmp_path / "jobs" / f"{r['job']}.json", r)
+    text = write_report(tmp_path).read_text()
+    assert "All runs: fit over p ∈ [10, 25]" in text and "± " in text  # several seeds: sd shown
+    assert "Runs that memorised (final train accuracy 100%), 8 of 9" in text
+    assert "Runs that memorised: fit over p ∈ [10, 25]: λ̂ ≈ 0.800·p² +0.0 (R² = 1.0000)" in text
