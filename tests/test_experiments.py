@@ -128,3 +128,19 @@ def test_memorisation_report_fits_all_runs_and_beside_them_the_runs_that_memoris
     assert "All runs: fit over p ∈ [10, 25]" in text and "± " in text  # several seeds: sd shown
     assert "Runs that memorised (final train accuracy 100%), 8 of 9" in text
     assert "Runs that memorised: fit over p ∈ [10, 25]: λ̂ ≈ 0.800·p² +0.0 (R² = 1.0000)" in text
+
+
+def test_architectures_report_gives_seeds_ratios_fits_and_a_plot(tmp_path):
+    def record(e, h, p, seed, llc):
+        return dict(job=f"a{e}-{h}-{p}-{seed}", sweep="architectures", kind="final",
+                    training=dict(p=p, embed=e, hidden=h, task="add", seed=seed), result=dict(llc_mean=llc, llc_se=0.5),
+                    published=10.0 * p)
+    for e, h, slope in ((8, 32, 8.0), (16, 64, 12.0)):
+        for p in (23, 29):
+            for seed, noise in ((0, -1.0), (1, 1.0)):
+                r = record(e, h, p, seed, slope * p + noise)
+                jobs_module.write_json_atomically(tmp_path / "jobs" / f"{r['job']}.json", r)
+    text = write_report(tmp_path).read_text()
+    assert "| (8, 32) | 23 | 184.0 ± 1.4 (2) | 230 | 0.800 |" in text
+    assert "(16, 64): slope 12.00, intercept " in text and "(8, 32): slope 8.00" in text
+    assert (tmp_path / "architectures.png").stat().st_size > 5000

@@ -143,11 +143,34 @@ def report_circuits(records, out: Path) -> list[str]:
 
 
 def report_architectures(records, out: Path) -> list[str]:
-    lines = ["### λ̂ by architecture", "", "| (e, h) | p | λ̂ (mean over seeds) | published single run |", "|---|---|---|---|"]
-    for (e, h), group in _by(records, lambda r: (r["training"]["embed"], r["training"]["hidden"])).items():
-        for row in _summary_rows(group):
-            lines.append(f"| ({e}, {h}) | {row['p']} | {_fmt(row['mean'])} | {_fmt(row['published'], 0)} |")
-    return lines + [""]
+    lines = ["### λ̂ by architecture", "", "| (e, h) | p | λ̂ mean ± sd (seeds) | published single run | ours / published |",
+             "|---|---|---|---|---|"]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fits = []
+    for index, ((e, h), group) in enumerate(_by(records, lambda r: (r["training"]["embed"], r["training"]["hidden"])).items()):
+        rows = _summary_rows(group)
+        for row in rows:
+            ratio = row["mean"] / row["published"] if row["published"] else None
+            lines.append(f"| ({e}, {h}) | {row['p']} | {_mean_sd(row)} | {_fmt(row['published'], 0)} | {_fmt(ratio, 3)} |")
+        ps = [row["p"] for row in rows]
+        ax.errorbar(ps, [row["mean"] for row in rows], yerr=[0 if math.isnan(row["sd"]) else row["sd"] for row in rows],
+                    fmt="o-", color=f"C{index}", capsize=3, label=f"e = {e}, h = {h}")
+        published = [(row["p"], row["published"]) for row in rows if row["published"]]
+        if published:
+            ax.plot(*zip(*published), "x", color=f"C{index}", ms=8)
+        if len(rows) >= 2:
+            slope, intercept, r2 = linear_fit(ps, [row["mean"] for row in rows])
+            fits.append(f"({e}, {h}): slope {slope:.2f}, intercept {intercept:+.1f}, R² {r2:.3f}")
+    ax.set_xlabel("p")
+    ax.set_ylabel("λ̂")
+    ax.set_title("λ̂ by architecture (× published single runs)")
+    ax.legend(fontsize=8)
+    fig.savefig(out / "architectures.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    if fits:
+        lines += ["", "Linear fits of the means: " + "; ".join(fits) + "."]
+    return lines + ["", "![λ̂ by architecture](architectures.png)", ""]
 
 
 MEMORISED_TRAIN_ACCURACY = 1.0
