@@ -41,9 +41,7 @@ def gpu_matches_reference(published, kernels):
 
     model, (x, y) = published
     chains, steps, m, d = 3, 10, PUBLISHED.batch_size, flat_parameters(model)[2].numel()
-    gen = torch.Generator().manual_seed(0)
-    noise = InjectedRandomness(torch.randint(len(y), (chains, steps, m), generator=gen),
-                               torch.randn(chains, steps, d, generator=gen))
+    noise = InjectedRandomness.seeded(chains, steps, len(y), m, d)
     config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=True)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     for backend in (fused, batched):

@@ -63,9 +63,7 @@ def classifier():
 def matches_reference(model, x, y, m) -> bool:
     """generic follows the reference parameter by parameter (injected noise, traced steps) before timing."""
     chains, steps, d = 3, 5, flat_parameters(model)[2].numel()
-    gen = torch.Generator().manual_seed(0)
-    noise = InjectedRandomness(torch.randint(len(y), (chains, steps, m), generator=gen),
-                               torch.randn(chains, steps, d, generator=gen))
+    noise = InjectedRandomness.seeded(chains, steps, len(y), m, d)
     config = SGLDConfig(chains=chains, steps=steps, batch_size=m, epsilon=1e-4, nbeta=20.0, orthogonal=True)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     fast = vectorized.sample(model, x, y, F.cross_entropy, config, randomness=noise, trace=True)

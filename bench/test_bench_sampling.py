@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
 import pytest
@@ -24,9 +23,7 @@ def torch_matches_reference(published):
     """The torch backend follows the reference parameter by parameter on the benchmarked shapes."""
     model, (x, y) = published
     chains, steps, m, d = 3, 10, PUBLISHED.batch_size, flat_parameters(model)[2].numel()
-    gen = torch.Generator().manual_seed(0)
-    noise = InjectedRandomness(torch.randint(len(y), (chains, steps, m), generator=gen),
-                               torch.randn(chains, steps, d, generator=gen))
+    noise = InjectedRandomness.seeded(chains, steps, len(y), m, d)
     config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=True)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     fast = batched.sample(model, x, y, F.cross_entropy, config, randomness=noise)

@@ -54,9 +54,7 @@ def test_trajectories_match_the_reference_with_injected_noise(orthogonal, per_ch
     model = ModularMLP(P, EMBED, HIDDEN)  # at initialisation: large gradients, a demanding comparison
     d = flat_parameters(model)[2].numel()
     chains, steps, m = 3, 100, 16
-    gen = torch.Generator().manual_seed(2)
-    noise = InjectedRandomness(torch.randint(len(y), (chains, steps, m), generator=gen),
-                               torch.randn(chains, steps, d, generator=gen))
+    noise = InjectedRandomness.seeded(chains, steps, len(y), m, d, seed=2)
     settings = dict(epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0]) if per_chain else {}
     config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=orthogonal, **settings)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
@@ -88,8 +86,7 @@ def test_stacked_starting_points_equal_separate_runs():
     x, y = task.train_data()
     first, second = ModularMLP(P, EMBED, HIDDEN), ModularMLP(P, EMBED, HIDDEN)
     d, steps, m = flat_parameters(first)[2].numel(), 40, 8
-    gen = torch.Generator().manual_seed(4)
-    noise = InjectedRandomness(torch.randint(len(y), (4, steps, m), generator=gen), torch.randn(4, steps, d, generator=gen))
+    noise = InjectedRandomness.seeded(4, steps, len(y), m, d, seed=4)
     config = SGLDConfig(chains=2, steps=steps, batch_size=m, orthogonal=True)
     together = batched.sample_starts([batched.Start(first, x, y), batched.Start(second, x, y)], config,
                                      randomness=noise)

@@ -58,9 +58,7 @@ def setting(p):
 
 
 def injected(y, d, chains, steps, m=M, seed=2):
-    gen = torch.Generator().manual_seed(seed)
-    return InjectedRandomness(torch.randint(len(y), (chains, steps, m), generator=gen),
-                              torch.randn(chains, steps, d, generator=gen))
+    return InjectedRandomness.seeded(chains, steps, len(y), m, d, seed)
 
 
 @pytest.mark.parametrize("p,orthogonal,per_chain", [(5, False, True), (5, True, True), (7, False, True),

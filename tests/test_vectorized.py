@@ -16,10 +16,7 @@ P, EMBED, HIDDEN = 7, 5, 13  # awkward, non-power-of-two shapes, as in tests/tes
 
 
 def injected(model, chains, steps, n, m, seed=2):
-    gen = torch.Generator().manual_seed(seed)
-    d = flat_parameters(model)[2].numel()
-    return InjectedRandomness(torch.randint(n, (chains, steps, m), generator=gen),
-                              torch.randn(chains, steps, d, generator=gen))
+    return InjectedRandomness.seeded(chains, steps, n, m, flat_parameters(model)[2].numel(), seed)
 
 
 @pytest.mark.parametrize("orthogonal", [False, True])

@@ -1,9 +1,7 @@
 """Backend ``torch``: every chain of the study's MLP in one set of tensors, with a hand-written backward.
 
-Layout. All C chains' weights live in one flat buffer W, parameter-major: parameter j (canonical order,
-``model.param_shapes``) occupies W[C·off_j : C·off_{j+1}] as a contiguous [C, *shape] tensor, so every
-batched matmul reads and writes contiguous operands (strided ones take a slow path on CPU). The SGLD
-update runs over the whole buffer at once; per-chain settings are expanded to the same layout.
+Layout and update: ``sgld.py`` (all chains' weights in one parameter-major buffer, canonical order of
+``model.param_shapes``; the SGLD update in place over the whole buffer).
 
 One step for all chains (a_i, b_i the operands, y_i the label of example i of the minibatch):
 forward (one-hot inputs: the first layer is a row gather, never a matmul)
@@ -13,9 +11,7 @@ forward (one-hot inputs: the first layer is a row gather, never a matmul)
 backward, scaled by k_c = −(ε_c/2)·nβ_c so that G = −(ε/2)·nβ·∇L_m directly
     δs = k/m·(softmax(s) − onehot(y)),  ∇U = δsᵀ·u,  δz = (δs·U) ⊙ GELU′(z)
     ∇b_L = ∇b_R = Σ_i δz_i,  [∇L ∇R] = δzᵀ·x,  ∇E = scatter-add of δz·[L R] at rows a_i and b_i
-update (in place; a = −εγ/2 and a·W* precomputed)
-    G += √ε·ξ,  G −= (G·g)g if orthogonal,  W ← (1 + a)·W + G − a·W*
-(projecting G projects the whole increment Δ = a·(W − W*) + G, because W − W* stays orthogonal to g)
+update: ``sgld.sgld_update``
 
 The gather of embedding rows is DESIGN.md's "key algebraic saving" taken per example instead of per
 table: with m ≈ p both cost the same FLOPs, but this way scatters rows of width e, not h, and needs
@@ -43,6 +39,7 @@ from ..model import ModularMLP, param_shapes
 from .config import SGLDConfig
 from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction
 from .randomness import CounterRandomness, InjectedRandomness
+from .sgld import ParameterMajor, sgld_update
 
 _gelu_backward = torch.ops.aten.gelu_backward
 
@@ -68,40 +65,21 @@ def supports(model, loss_fn, device=None) -> bool:
     return isinstance(model, ModularMLP) and is_cross_entropy(loss_fn)
 
 
-class ChainBatch:
+class ChainBatch(ParameterMajor):
     """Weights and gradients of C chains of one architecture (parameter-major), and the fused step."""
 
     def __init__(self, p: int, embed: int, hidden: int, w_star: torch.Tensor, batch_size: int):
         """``w_star``: [C, d] chain-major starting weights (canonical order)."""
+        shapes = param_shapes(p, embed, hidden)
+        super().__init__(shapes.values(), len(w_star))
         self.p, self.e, self.h, self.m = p, embed, hidden, batch_size
-        self.C, self.d = w_star.shape
-        self.shapes = param_shapes(p, embed, hidden)
-        self.blocks = np.cumsum([0] + [math.prod(s) for s in self.shapes.values()]).astype(np.int64)
         self.W = self.to_parameter_major(w_star)
         self.G = torch.empty_like(self.W)
-        self.param, self.grad = self._views(self.W), self._views(self.G)
+        self.param, self.grad = (dict(zip(shapes, self.views(flat))) for flat in (self.W, self.G))
         device = w_star.device
         self.LR = torch.empty(self.C, hidden, 2 * embed, device=device)
         self.row_offset = (torch.arange(self.C, device=device) * p).view(self.C, 1, 1)  # chain c's E rows
         self.minus_one = torch.full((self.C, batch_size, 1), -1.0, device=device)
-
-    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        C = self.C
-        return {name: flat[C * lo : C * hi].view(C, *shape)
-                for (name, shape), lo, hi in zip(self.shapes.items(), self.blocks[:-1], self.blocks[1:])}
-
-    def to_parameter_major(self, rows: torch.Tensor) -> torch.Tensor:
-        """[C, d] chain-major (or [C] per-chain values, broadcast) → flat parameter-major [C·d]."""
-        rows = rows.unsqueeze(1).expand(self.C, self.d) if rows.dim() == 1 else rows
-        return torch.cat([rows[:, lo:hi].reshape(-1) for lo, hi in zip(self.blocks[:-1], self.blocks[1:])])
-
-    def to_chain_major(self, flat: torch.Tensor) -> torch.Tensor:
-        """Flat parameter-major [C·d] → [C, d] chain-major."""
-        return torch.cat(self.rows(flat), dim=1)
-
-    def rows(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Each parameter's block of a flat parameter-major buffer as a [C, size] view."""
-        return [flat[self.C * lo : self.C * hi].view(self.C, int(hi - lo)) for lo, hi in zip(self.blocks[:-1], self.blocks[1:])]
 
     def loss_and_scaled_grad(self, operands: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
                              loss_sum: torch.Tensor) -> None:
@@ -109,7 +87,7 @@ class ChainBatch:
 
         operands [C, m, 2] and y [C, m] int64; scale [C, 1, 1] holds k_c/m (the mean's 1/m folded in).
         """
-        C, m, p, e, h = self.C, self.m, self.p, self.e, self.h
+        C, m, p, e = self.C, self.m, self.p, self.e
         param, grad = self.param, self.grad
         E, U = param["embed.weight"], param["unembed.weight"]
         rows = (operands + self.row_offset).view(-1)  # [C·m·2]: rows a_i, b_i of chain c's E in E.view(C·p, e)
@@ -136,17 +114,6 @@ class ChainBatch:
         grad["embed.weight"].zero_().view(C * p, e).index_add_(0, rows, d_x.view(-1, e))
 
 
-def project_out(x_rows: list[torch.Tensor], g_rows: list[torch.Tensor]) -> None:
-    """x[c] −= (x[c]·g[c])·g[c] for every chain c, in place; both given as per-parameter [C, size] views."""
-    coefficient = sum(torch.linalg.vecdot(x, g) for x, g in zip(x_rows, g_rows)).unsqueeze(1)
-    for x, g in zip(x_rows, g_rows):
-        x.addcmul_(g, coefficient, value=-1)
-
-
-def _is_uniform(vector: torch.Tensor) -> bool:
-    return bool((vector == vector[0]).all())
-
-
 @dataclass
 class _Chains:
     """Everything about a set of chains that does not change during sampling; sliceable into groups."""
@@ -171,19 +138,13 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
     C, m, T = len(chains.ids), config.batch_size, config.steps
     batch = ChainBatch(*arch, chains.w_star.to(device), m)
 
-    def coefficient(values: torch.Tensor):
-        """A Python float when every chain shares it (cheaper), else expanded to the buffer's layout."""
-        if _is_uniform(values):
-            return float(values[0])
-        return batch.to_parameter_major(values.to(device=device, dtype=torch.float32))
-
-    a = coefficient(-chains.epsilon * chains.gamma / 2)  # W ← (1 + a)·W − a·W* + G + √ε·ξ
-    one_plus_a, sqrt_eps = 1 + a, coefficient(chains.epsilon.sqrt())
+    a = batch.coefficient(-chains.epsilon * chains.gamma / 2, device)  # W ← (1 + a)·W − a·W* + G + √ε·ξ
+    one_plus_a, sqrt_eps = 1 + a, batch.coefficient(chains.epsilon.sqrt(), device)
     a_w_star = batch.W * a
     grad_scale = (-chains.epsilon / 2 * chains.nbeta / m).to(device=device, dtype=torch.float32).view(C, 1, 1)
+    projection = None
     if chains.direction is not None:
-        gradient_rows = batch.rows(batch.G)
-        direction_rows = batch.rows(batch.to_parameter_major(chains.direction.to(device)))
+        projection = (batch.rows(batch.G), batch.rows(batch.to_parameter_major(chains.direction.to(device))))
     example_offset = chains.example_offset.to(device).unsqueeze(1)
 
     pin = device.type == "cuda"
@@ -192,9 +153,6 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
     indices_np, noise_np = indices_host.numpy(), noise_host.numpy()
     noise = noise_host if device.type == "cpu" else torch.empty(C * batch.d, device=device)
     trace = torch.empty(T, C, device=device)
-
-    def add_noise(target: torch.Tensor) -> torch.Tensor:
-        return target.add_(noise, alpha=sqrt_eps) if isinstance(sqrt_eps, float) else target.addcmul_(noise, sqrt_eps)
 
     report_every = max(1, T // 100)
     for t in range(T):
@@ -206,19 +164,27 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
         examples = (indices + example_offset).view(-1)
         batch.loss_and_scaled_grad(operands.index_select(0, examples).view(C, m, 2),
                                    targets.index_select(0, examples).view(C, m), grad_scale, trace[t])
-        add_noise(batch.G)  # G = −(ε/2)·nβ·∇L_m + √ε·ξ: the increment but for the localisation a·(W − W*)
-        if chains.direction is not None:
-            # Δ·g = G·g + a·(W − W*)·g and W − W* stays ⟂ g (every increment is projected, w_0 = w*), so
-            # projecting G alone projects Δ: no increment buffer, no extra passes over the weights
-            project_out(gradient_rows, direction_rows)
-        if isinstance(one_plus_a, float):
-            torch.add(batch.G, batch.W, alpha=one_plus_a, out=batch.W)
-        else:
-            torch.addcmul(batch.G, batch.W, one_plus_a, out=batch.W)
-        batch.W.sub_(a_w_star)
+        sgld_update(batch.W, batch.G, noise, sqrt_eps, one_plus_a, a_w_star, projection)
         if (t + 1) % report_every == 0:
             tick(C * report_every)
     return trace.cpu().div_(-m), batch.to_chain_major(batch.W).cpu()
+
+
+def start_points(starts: list[Start], orthogonal: bool) -> tuple[list[float], torch.Tensor, torch.Tensor | None]:
+    """Per start: L_n(w*), w* and (orthogonal) the unit ∇L_n(w*) — as (losses, [S, d], [S, d] or None) on the
+    CPU; a start whose gradient vanishes gets a zero direction (nothing to restrict). Each model is
+    evaluated on its own device and never moved."""
+    losses, gradients = [], []
+    for s in starts:
+        home = next(s.model.parameters()).device
+        loss, gradient = loss_and_gradient_at_start(s.model, s.pairs.to(home), s.labels.to(home), F.cross_entropy)
+        losses.append(loss)
+        gradients.append(gradient.cpu())
+    w_star = torch.stack([flat_parameters(s.model)[2].cpu() for s in starts])
+    if not orthogonal:
+        return losses, w_star, None
+    units = [orthogonal_direction(g) for g in gradients]
+    return losses, w_star, torch.stack([g if g is not None else torch.zeros(w_star.shape[1]) for g in units])
 
 
 def default_workers(chains: int, device: torch.device) -> int:
@@ -246,17 +212,11 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     C = S * C_per
     epsilon, gamma, nbeta = config.hyperparameters(n)
 
-    setup = []
-    for s in starts:  # on the model's own device; the model itself is never moved
-        home = next(s.model.parameters()).device
-        loss, gradient = loss_and_gradient_at_start(s.model, s.pairs.to(home), s.labels.to(home), F.cross_entropy)
-        setup.append((loss, gradient.cpu()))
-    w_star = torch.stack([flat_parameters(s.model)[2].cpu() for s in starts]).repeat_interleave(C_per, 0)
+    init_losses, w_star, direction = start_points(starts, config.orthogonal)
+    w_star = w_star.repeat_interleave(C_per, 0)
     d = w_star.shape[1]
-    direction = None
-    if config.orthogonal:
-        unit = [orthogonal_direction(g) for _, g in setup]
-        direction = torch.stack([g if g is not None else torch.zeros(d) for g in unit]).repeat_interleave(C_per, 0)
+    if direction is not None:
+        direction = direction.repeat_interleave(C_per, 0)
     chains = _Chains(np.arange(C, dtype=np.int64), w_star, epsilon.repeat(S), gamma.repeat(S), nbeta.repeat(S),
                      direction, torch.arange(C) // C_per * n)
     operands = torch.cat([s.pairs.cpu() for s in starts]).to(device)  # [S·n, 2]: start s's split at rows s·n ..
@@ -290,7 +250,7 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     finals = torch.cat([r[1] for r in results])
     # a chain that produced a non-finite loss keeps NaN from there on, as the reference does
     trace[(~torch.isfinite(trace)).cumsum(dim=1) > 0] = math.nan
-    return [Samples(trace[s * C_per : (s + 1) * C_per].clone(), setup[s][0], epsilon, gamma, nbeta, "torch",
+    return [Samples(trace[s * C_per : (s + 1) * C_per].clone(), init_losses[s], epsilon, gamma, nbeta, "torch",
                     str(device), seconds, finals[s * C_per : (s + 1) * C_per].clone(), chains_in_batch=C)
             for s in range(S)]
 

@@ -24,14 +24,13 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import FastLLCError
 from ..model import ModularMLP
-from .batched import Start, is_cross_entropy
+from .batched import Start, is_cross_entropy, start_points
 from .config import SGLDConfig
-from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction
+from .contract import Samples
 from .randomness import InjectedRandomness
 
 __all__ = ["Start", "require", "sample", "sample_starts", "supports"]
@@ -115,17 +114,10 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     C = S * C_per
     epsilon, gamma, nbeta = config.hyperparameters(n)
 
-    setup = []
-    for s in starts:  # on the model's own device; the model itself is never moved
-        home = next(s.model.parameters()).device
-        loss, gradient = loss_and_gradient_at_start(s.model, s.pairs.to(home), s.labels.to(home), F.cross_entropy)
-        setup.append((loss, gradient.cpu()))
-    w_star = torch.stack([flat_parameters(s.model)[2].cpu() for s in starts])  # [S, d]
+    init_losses, w_star, direction = start_points(starts, config.orthogonal)  # w_star, direction: [S, d]
     d = w_star.shape[1]
-    direction = None
-    if config.orthogonal:
-        unit = [orthogonal_direction(g) for _, g in setup]
-        direction = torch.stack([g if g is not None else torch.zeros(d) for g in unit]).to(device).contiguous()
+    if direction is not None:
+        direction = direction.to(device).contiguous()
 
     injected = None
     if isinstance(randomness, InjectedRandomness):
@@ -168,7 +160,7 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     # a chain that produced a non-finite loss keeps NaN from there on, as the other backends do
     trace[(~torch.isfinite(trace)).cumsum(dim=1) > 0] = math.nan
     finals = w.cpu()
-    return [Samples(trace[s * C_per : (s + 1) * C_per].clone(), setup[s][0], epsilon, gamma, nbeta, "triton",
+    return [Samples(trace[s * C_per : (s + 1) * C_per].clone(), init_losses[s], epsilon, gamma, nbeta, "triton",
                     str(device), seconds, finals[s * C_per : (s + 1) * C_per].clone(), chains_in_batch=C)
             for s in range(S)]
 

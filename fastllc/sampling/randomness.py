@@ -171,6 +171,14 @@ class CounterRandomness:
 class InjectedRandomness:
     """Given indices [C, T, m] and unit noise [C, T, d]: step t of chain c reads row [c, t]."""
 
+    @classmethod
+    def seeded(cls, chains: int, steps: int, n: int, batch_size: int, dim: int, seed: int = 0) -> "InjectedRandomness":
+        """Uniform indices and standard normal noise from a torch generator seeded with ``seed``: what tests
+        and benchmarks feed two backends to compare them parameter by parameter."""
+        gen = torch.Generator().manual_seed(seed)
+        return cls(torch.randint(n, (chains, steps, batch_size), generator=gen),
+                   torch.randn(chains, steps, dim, generator=gen))
+
     def __init__(self, indices: torch.Tensor, noise: torch.Tensor):
         if indices.shape[:2] != noise.shape[:2]:
             raise FastLLCError("injected indices and noise must agree on (chains, steps)")

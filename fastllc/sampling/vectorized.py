@@ -1,11 +1,10 @@
 """Backend ``generic``: any ``nn.Module`` and loss, all chains at once through ``torch.func``.
 
-Every chain's weights live in one flat buffer W, parameter-major as in ``batched.py``: parameter j
-(``named_parameters`` order) occupies W[C·off_j : C·off_{j+1}] as a contiguous [C, *shape] tensor. One
-step evaluates ``vmap(grad_and_value(L))`` over those views and each chain's own minibatch
-(``functional_call`` puts chain c's weights into the model), then applies the SGLD update of
-``SGLDConfig`` to the whole buffer with a few fused tensor ops; the counter-based noise is written
-straight into the same layout. Buffers (e.g. BatchNorm statistics in eval mode) are shared by all chains.
+Every chain's weights live in one flat parameter-major buffer W (``sgld.py``, ``named_parameters``
+order: parameter j is a contiguous [C, *shape] view). One step evaluates ``vmap(grad_and_value(L))`` over
+those views and each chain's own minibatch (``functional_call`` puts chain c's weights into the model),
+then applies ``sgld.sgld_update``, the same in-place update as the ``torch`` backend; the counter-based
+noise is written straight into the same layout. Buffers (e.g. BatchNorm statistics in eval mode) are shared by all chains.
 
 Why the step is traced. ``vmap(grad(...))`` re-enters functorch's Python layers for every operation;
 for small models that overhead, not arithmetic, bounds the rate. The first step is therefore run
@@ -43,10 +42,10 @@ from torch.func import functional_call, grad_and_value, vmap
 from tqdm.auto import tqdm
 
 from ..errors import FastLLCError
-from .batched import project_out
 from .config import SGLDConfig
 from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction
 from .randomness import CounterRandomness, InjectedRandomness
+from .sgld import ParameterMajor, axpy, sgld_update
 
 
 _FIRST_STEP = threading.Lock()
@@ -97,51 +96,24 @@ def _failing_module(model: nn.Module, call) -> str | None:
     return None
 
 
-class _Chains:
+class _Chains(ParameterMajor):
     """C chains' weights in one parameter-major buffer, and the per-chain coefficients of the update."""
 
     def __init__(self, w_star: torch.Tensor, shapes, epsilon, gamma, nbeta, device):
-        self.C, self.d = w_star.shape
-        self.blocks = np.cumsum([0] + [math.prod(s) for s in shapes]).astype(np.int64)
+        super().__init__(shapes, len(w_star))
         self.W = self.to_parameter_major(w_star.to(device))
         self.W_star = self.W.clone()
         self.G = torch.empty_like(self.W)
-        self.views = tuple(self.W[self.C * lo : self.C * hi].view(self.C, *shape)
-                           for shape, lo, hi in zip(shapes, self.blocks[:-1], self.blocks[1:]))
+        self.weights = self.views(self.W)  # [C, *shape] per parameter: what the vmapped step reads
         self.epsilon, self.gamma, self.nbeta = epsilon, gamma, nbeta
-        self.a = self.coefficient(-epsilon * gamma / 2)  # Δ = a·(W − W*) + k·∇L_m + s·ξ
-        self.k = self.coefficient(-epsilon * nbeta / 2)
-        self.s = self.coefficient(epsilon.sqrt())
-
-    def to_parameter_major(self, rows: torch.Tensor) -> torch.Tensor:
-        """[C, d] chain-major (or [C] per-chain values, broadcast) → flat parameter-major [C·d]."""
-        rows = rows.unsqueeze(1).expand(self.C, self.d) if rows.dim() == 1 else rows
-        return torch.cat([rows[:, lo:hi].reshape(-1) for lo, hi in zip(self.blocks[:-1], self.blocks[1:])])
-
-    def rows(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Each parameter's block of a parameter-major buffer as a [C, size] view."""
-        return [flat[self.C * lo : self.C * hi].view(self.C, int(hi - lo))
-                for lo, hi in zip(self.blocks[:-1], self.blocks[1:])]
-
-    def to_chain_major(self, flat: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.rows(flat), dim=1)
-
-    def coefficient(self, values: torch.Tensor):
-        """A float when every chain shares it (cheaper), else expanded to the buffer's layout."""
-        if bool((values == values[0]).all()):
-            return float(values[0])
-        return self.to_parameter_major(values.to(device=self.W.device, dtype=torch.float32))
+        a = self.coefficient(-epsilon * gamma / 2, device)  # W ← (1 + a)·W + k·∇L_m + s·ξ − a·W*
+        self.one_plus_a, self.a_w_star = 1 + a, self.W_star * a
+        self.k = self.coefficient(-epsilon * nbeta / 2, device)
+        self.s = self.coefficient(epsilon.sqrt(), device)
 
     def chain_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Σ over each chain's elements of a parameter-major buffer, float64 [C]."""
         return sum(r.sum(dim=1, dtype=torch.float64) for r in self.rows(flat))
-
-
-def _axpy(target: torch.Tensor, x: torch.Tensor, coefficient) -> torch.Tensor:
-    """target += coefficient·x, for a float or a parameter-major coefficient."""
-    if isinstance(coefficient, float):
-        return target.add_(x, alpha=coefficient)
-    return target.addcmul_(x, coefficient)
 
 
 class _Mala:
@@ -152,20 +124,20 @@ class _Mala:
         self.acceptance = torch.full((chains.C, max(steps - 1, 0)), math.nan, dtype=torch.float64)
         device = chains.W.device
         self.eps, self.nbeta, self.gamma = (v.to(device) for v in (chains.epsilon, chains.nbeta, chains.gamma))
-        self.nb, self.gm, self.half_eps = (chains.coefficient(v) for v in (chains.nbeta, chains.gamma,
-                                                                            chains.epsilon / 2))
+        self.nb, self.gm, self.half_eps = (chains.coefficient(v, device) for v in (chains.nbeta, chains.gamma,
+                                                                                    chains.epsilon / 2))
 
     def observe(self, t: int, loss: torch.Tensor, displacement: torch.Tensor) -> None:
         """At w_t, given L_m(w_t) [C], ∇L_m(w_t) in ``chains.G`` and w_t − w* (parameter-major)."""
         ch = self.chains
         potential = self.nbeta * loss.double() + self.gamma / 2 * ch.chain_sum(displacement * displacement)
-        grad_u = _axpy(ch.G * self.nb, displacement, self.gm)  # ∇U = nβ∇L_m + γ(w − w*)
+        grad_u = axpy(ch.G * self.nb, displacement, self.gm)  # ∇U = nβ∇L_m + γ(w − w*)
         state = (ch.W.clone(), grad_u, potential)
         if self.previous is not None:
             w0, g0, u0 = self.previous
             step = state[0] - w0
-            forward = _axpy(step.clone(), g0, self.half_eps)  # Δ + (ε/2)∇U(w_{t−1})
-            backward = _axpy(step.neg_(), grad_u, self.half_eps)  # −Δ + (ε/2)∇U(w_t)
+            forward = axpy(step.clone(), g0, self.half_eps)  # Δ + (ε/2)∇U(w_{t−1})
+            backward = axpy(step.neg_(), grad_u, self.half_eps)  # −Δ + (ε/2)∇U(w_t)
             log_ratio = (ch.chain_sum(forward * forward) - ch.chain_sum(backward * backward)) / (2 * self.eps)
             log_alpha = (u0 - potential + log_ratio).clamp(max=0.0)
             self.acceptance[:, t - 1] = log_alpha.exp().cpu()
@@ -210,11 +182,10 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
     """SGLD for the chains ``ids``: (loss trace [T, C], final weights [C, d] chain-major, MALA or None)."""
     C, d, m, T = len(ids), w_star.numel(), config.batch_size, config.steps
     chains = _Chains(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper), device)
+    projection = None
     if direction is not None:
-        direction_rows = chains.rows(chains.to_parameter_major(direction.to(device).expand(C, d)))
+        projection = (chains.rows(chains.G), chains.rows(chains.to_parameter_major(direction.to(device).expand(C, d))))
     mala = _Mala(chains, T) if config.mala else None
-    increment = torch.empty_like(chains.W)
-    increment_rows = chains.rows(increment)
     indices_host = torch.empty(C, m, dtype=torch.int64)
     noise_host = torch.empty(C * d, dtype=torch.float32)
     indices_np, noise_np = indices_host.numpy(), noise_host.numpy()
@@ -225,7 +196,7 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
     for t in range(T):
         randomness.fill(ids, t, indices_np, noise_np, chains.blocks)
         flat = indices_host.to(device).view(-1)
-        args = (chains.views, inputs.index_select(0, flat).view(C, m, *inputs.shape[1:]),
+        args = (chains.weights, inputs.index_select(0, flat).view(C, m, *inputs.shape[1:]),
                 targets.index_select(0, flat).view(C, m, *targets.shape[1:]))
         if noise is not noise_host:
             noise.copy_(noise_host)
@@ -243,14 +214,10 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
             grads, loss = step(*args)
         losses[t] = loss.detach()
         torch.cat([g.reshape(-1) for g in grads], out=chains.G)
-        torch.sub(chains.W, chains.W_star, out=increment)
         if mala is not None:
-            mala.observe(t, losses[t], increment)
-        increment.mul_(chains.a)  # Δ = a·(W − W*) + k·∇L_m + s·ξ
-        _axpy(_axpy(increment, chains.G, chains.k), noise, chains.s)
-        if direction is not None:
-            project_out(increment_rows, direction_rows)
-        chains.W.add_(increment)
+            mala.observe(t, losses[t], chains.W - chains.W_star)
+        chains.G.mul_(chains.k)  # −(ε/2)·nβ·∇L_m
+        sgld_update(chains.W, chains.G, noise, chains.s, chains.one_plus_a, chains.a_w_star, projection)
         if (t + 1) % report_every == 0:
             tick(C * report_every)
     return losses.cpu(), chains.to_chain_major(chains.W).cpu(), None if mala is None else mala.acceptance

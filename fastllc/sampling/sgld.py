@@ -1,0 +1,83 @@
+"""What the batched backends (``torch`` and ``generic``) share: the parameter-major layout of C chains'
+weights, and the SGLD update applied to it in place.
+
+Layout. All chains' weights are one flat buffer in which parameter j (canonical order) occupies
+W[C·off_j : C·off_{j+1}] as a contiguous [C, *shape] tensor, so batched matmuls read contiguous operands
+(strided ones take a slow path on CPU) and the update runs over the whole buffer at once.
+
+Update. With G = −(ε/2)·nβ·∇L_m and a = −εγ/2 (per chain),
+    G += √ε·ξ,   G −= (G·g)g if orthogonal,   W ← (1 + a)·W + G − a·W*
+Projecting G projects the whole increment Δ = a·(W − W*) + G, because W − W* stays orthogonal to g
+(w_0 = w* and every increment is projected): no increment buffer, no extra passes over the weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+class ParameterMajor:
+    """The layout of C chains' copies of parameters with ``shapes`` in one flat buffer (see the docstring)."""
+
+    def __init__(self, shapes, chains: int):
+        self.C = chains
+        self.blocks = np.cumsum([0] + [math.prod(s) for s in shapes]).astype(np.int64)
+        self.d = int(self.blocks[-1])
+        self.block_shapes = [tuple(s) for s in shapes]
+
+    def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each parameter's block of a flat buffer as a [C, *shape] view."""
+        return tuple(flat[self.C * lo : self.C * hi].view(self.C, *shape)
+                     for shape, lo, hi in zip(self.block_shapes, self.blocks[:-1], self.blocks[1:]))
+
+    def rows(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's block of a flat buffer as a [C, size] view."""
+        return [flat[self.C * lo : self.C * hi].view(self.C, int(hi - lo))
+                for lo, hi in zip(self.blocks[:-1], self.blocks[1:])]
+
+    def to_parameter_major(self, rows: torch.Tensor) -> torch.Tensor:
+        """[C, d] chain-major (or [C] per-chain values, broadcast) → flat parameter-major [C·d]."""
+        rows = rows.unsqueeze(1).expand(self.C, self.d) if rows.dim() == 1 else rows
+        return torch.cat([rows[:, lo:hi].reshape(-1) for lo, hi in zip(self.blocks[:-1], self.blocks[1:])])
+
+    def to_chain_major(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat parameter-major [C·d] → [C, d] chain-major."""
+        return torch.cat(self.rows(flat), dim=1)
+
+    def coefficient(self, values: torch.Tensor, device):
+        """Per-chain ``values`` [C]: a Python float when every chain shares it (cheaper), else expanded to
+        the buffer's layout (float32 on ``device``)."""
+        if bool((values == values[0]).all()):
+            return float(values[0])
+        return self.to_parameter_major(values.to(device=device, dtype=torch.float32))
+
+
+def axpy(target: torch.Tensor, x: torch.Tensor, coefficient) -> torch.Tensor:
+    """target += coefficient·x in place, for a float or a parameter-major coefficient."""
+    if isinstance(coefficient, float):
+        return target.add_(x, alpha=coefficient)
+    return target.addcmul_(x, coefficient)
+
+
+def project_out(x_rows: list[torch.Tensor], g_rows: list[torch.Tensor]) -> None:
+    """x[c] −= (x[c]·g[c])·g[c] for every chain c, in place; both given as per-parameter [C, size] views."""
+    coefficient = sum(torch.linalg.vecdot(x, g) for x, g in zip(x_rows, g_rows)).unsqueeze(1)
+    for x, g in zip(x_rows, g_rows):
+        x.addcmul_(g, coefficient, value=-1)
+
+
+def sgld_update(W: torch.Tensor, G: torch.Tensor, noise: torch.Tensor, sqrt_eps, one_plus_a, a_w_star: torch.Tensor,
+                projection: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
+    """One SGLD step of every chain, in place (see the module docstring). G holds −(ε/2)·nβ·∇L_m and is
+    overwritten; ``projection`` is (G's per-parameter rows, g's rows) under the orthogonal restriction."""
+    axpy(G, noise, sqrt_eps)
+    if projection is not None:
+        project_out(*projection)
+    if isinstance(one_plus_a, float):
+        torch.add(G, W, alpha=one_plus_a, out=W)
+    else:
+        torch.addcmul(G, W, one_plus_a, out=W)
+    W.sub_(a_w_star)
