@@ -5,15 +5,18 @@ A run directory holds
     checkpoints/       step_XXXXX.pt state dicts (loaded with weights_only=True), checkpoint 0 = init
     metrics.jsonl      one line per checkpoint: step, train/test loss and accuracy
 A run is written to a temporary sibling directory and renamed into place when complete, so a run
-directory that exists is always whole.
+directory that exists is always whole; when several processes train the same run at once, the first
+complete directory wins and the others adopt it (``storage.publish_directory``). ``Run.load`` checks
+every file before anything expensive runs on a run.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import storage
 from .errors import FastLLCError
 from .model import ModularMLP
 from .seeding import derive_seed, generator
@@ -47,6 +51,14 @@ class TrainConfig:
     train_frac: float = 0.8
 
     def validate(self) -> "TrainConfig":
+        for name in _INTEGER_FIELDS:
+            if not _is_integer(getattr(self, name)):
+                raise FastLLCError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in _REAL_FIELDS:
+            if not _is_number(getattr(self, name)) or not math.isfinite(getattr(self, name)):
+                raise FastLLCError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not isinstance(self.task, str):
+            raise FastLLCError(f"task must be a string, got {self.task!r}")
         if self.p < 2:
             raise FastLLCError(f"p must be at least 2, got {self.p}")
         if self.task not in TASK_KINDS:
@@ -58,6 +70,8 @@ class TrainConfig:
             raise FastLLCError(f"seed must be non-negative, got {self.seed}")
         if not (self.lr > 0 and self.weight_decay >= 0):
             raise FastLLCError("learning rate must be > 0 and weight decay >= 0")
+        if not 0.0 < self.train_frac <= 1.0:
+            raise FastLLCError(f"train_frac must be in (0, 1], got {self.train_frac}")
         return self
 
     def make_task(self) -> Task:
@@ -71,6 +85,19 @@ class TrainConfig:
 
     def run_name(self) -> str:
         return f"{self.task}-p{self.p}-e{self.embed}-h{self.hidden}-b{self.batches}-k{self.checkpoints}-seed{self.seed}"
+
+
+_INTEGER_FIELDS = ("p", "embed", "hidden", "batches", "checkpoints", "seed", "batch_size")
+_REAL_FIELDS = ("lr", "weight_decay", "train_frac")
+
+
+def _is_integer(value) -> bool:
+    """A Python int and not a bool: what JSON writes back as the same integer."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def checkpoint_steps(batches: int, checkpoints: int) -> list[int]:
@@ -96,30 +123,41 @@ def _metrics(step: int, model: torch.nn.Module, task: Task) -> dict:
 class _RunWriter:
     """Writes one run into a temporary sibling of ``out`` and renames it into place when complete."""
 
-    def __init__(self, config: TrainConfig, task: Task, out: Path):
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    def __init__(self, config: TrainConfig, task: Task, out: Path, adopt: bool):
+        if not adopt and _holds_files(out):
             raise FastLLCError(f"{out} already exists and is not empty; choose another output directory")
         self.config, self.task, self.out = config, task, out
-        self.tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        (self.tmp / "checkpoints").mkdir(parents=True)
+        self.tmp = storage.temporary_sibling(out)
         self.metrics: list[dict] = []
+        with storage.writing(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            storage.remove_stale_temporaries(out.parent)  # of crashed processes: they never finish
+            (self.tmp / "checkpoints").mkdir(parents=True)
 
     def checkpoint(self, step: int, model: torch.nn.Module) -> None:
-        torch.save(model.state_dict(), self.tmp / "checkpoints" / f"step_{step:05d}.pt")
+        buffer = io.BytesIO()  # serialised in memory, so that a full disk is an OSError of our own write
+        torch.save(model.state_dict(), buffer)
+        with storage.writing(self.out):
+            storage.write_new_file(self.tmp / "checkpoints" / f"step_{step:05d}.pt", buffer.getvalue())
         self.metrics.append(_metrics(step, model, self.task))
 
     def finish(self, steps: list[int]) -> "Run":
+        """Publish the run; if another process published the same run first, adopt that one."""
         record = dict(asdict(self.config), n_train=self.task.n_train, checkpoint_steps=steps)
-        (self.tmp / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-        (self.tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in self.metrics))
-        if self.out.exists():
-            self.out.rmdir()  # empty, checked in __init__
-        os.replace(self.tmp, self.out)
-        return Run.load(self.out)
+        with storage.writing(self.out):
+            storage.write_new_file(self.tmp / "config.json", (json.dumps(record, indent=2) + "\n").encode())
+            storage.write_new_file(self.tmp / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics).encode())
+        if storage.publish_directory(self.tmp, self.out):
+            return Run.load(self.out)
+        return _adopted(self.config, self.out)  # another process finished first
 
     def discard(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        storage.remove(self.tmp)
+
+
+def _holds_files(path: Path) -> bool:
+    """Whether ``path`` exists and is something other than an empty directory."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
 class _Adam:
@@ -147,22 +185,46 @@ def _same_but_seed(configs: list[TrainConfig]) -> bool:
     return all(replace(c, seed=0) == replace(configs[0], seed=0) for c in configs)
 
 
-def train_together(configs: list[TrainConfig], outs: list[str | os.PathLike], progress: bool = False) -> list["Run"]:
+def train_together(configs: list[TrainConfig], outs: list[str | os.PathLike], progress: bool = False,
+                   adopt: bool = False) -> list["Run"]:
     """Train runs that differ only in their seed as one batch; one run directory each.
+
+    An output directory that is not empty is refused, unless ``adopt``: then a run already there (of the
+    same configuration) is loaded instead of trained. Either way, a run that another process finishes
+    first while this one trains is adopted.
 
     Every run's MLP lives in one ``ChainBatch`` (the batched engine's forward and hand-written backward)
     and one Adam buffer, so S seeds cost little more than one. Each run keeps its own initialisation, train
     split and minibatch stream (all keyed by its seed), so it does not matter which runs train together.
     """
-    from .sampling.batched import ChainBatch  # the engine serves training too
-    from .sampling.contract import flat_parameters
-
     if not configs or len(configs) != len(outs) or len({Path(o).resolve() for o in outs}) != len(outs):
         raise FastLLCError("give one distinct output directory per training configuration")
     for config in configs:
         config.validate()
     if not _same_but_seed(configs):
         raise FastLLCError("runs trained together must differ only in their seed")
+    outs = [Path(out) for out in outs]
+    if not adopt:
+        return _train_batch(configs, outs, progress, adopt)
+    runs = {i: _adopted(c, out) for i, (c, out) in enumerate(zip(configs, outs)) if _holds_files(out)}  # there already
+    todo = [i for i in range(len(configs)) if i not in runs]
+    if todo:
+        runs.update(zip(todo, _train_batch([configs[i] for i in todo], [outs[i] for i in todo], progress, adopt)))
+    return [runs[i] for i in range(len(configs))]
+
+
+def _adopted(config: TrainConfig, out: Path) -> "Run":
+    run = Run.load(out)
+    if run.config != config:
+        raise FastLLCError(f"{out} holds a run of another configuration ({run.config.run_name()}); "
+                           "remove it or choose another directory")
+    return run
+
+
+def _train_batch(configs: list[TrainConfig], outs: list[Path], progress: bool, adopt: bool) -> list["Run"]:
+    from .sampling.batched import ChainBatch  # the engine serves training too
+    from .sampling.contract import flat_parameters
+
     first, S = configs[0], len(configs)
     tasks = [c.make_task() for c in configs]
     models = [c.new_model() for c in configs]
@@ -170,7 +232,7 @@ def train_together(configs: list[TrainConfig], outs: list[str | os.PathLike], pr
     torch.set_num_threads(1)  # tensors of a few kB: a second thread only adds synchronisation (measured 2-10× slower)
     try:
         for config, task, out in zip(configs, tasks, outs):
-            writers.append(_RunWriter(config, task, Path(out)))
+            writers.append(_RunWriter(config, task, out, adopt))
         m, n = first.batch_size, tasks[0].n_train
         batch = ChainBatch(first.p, first.embed, first.hidden, torch.stack([flat_parameters(x)[2] for x in models]), m)
         adam = _Adam(batch.W, first.lr, first.weight_decay)
@@ -205,6 +267,21 @@ def train(config: TrainConfig, out: str | os.PathLike, progress: bool = False) -
     return train_together([config], [out], progress)[0]
 
 
+def cached_run(config: TrainConfig, root: str | os.PathLike, progress: bool = False,
+               notice: Callable[[str], None] | None = None) -> "Run":
+    """The run of ``config`` under ``root/runs/<run name>``, trained there once if it is not there yet.
+
+    Safe to call from any number of processes at once: each loads the finished run, or trains its own and
+    adopts the first one finished. ``notice`` (e.g. a print to stderr) is told when training starts.
+    """
+    path = Path(root) / "runs" / config.validate().run_name()
+    if _holds_files(path):
+        return _adopted(config, path)
+    if notice is not None:
+        notice(f"training {config.run_name()} once (cached in {path.parent})")
+    return train_together([config], [path], progress, adopt=True)[0]
+
+
 @dataclass
 class Run:
     """A finished training run on disk."""
@@ -216,19 +293,18 @@ class Run:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Run":
+        """Load and check a run directory: config, one metrics line per checkpoint, every checkpoint file."""
         path = Path(path)
         if not path.is_dir():
-            raise FastLLCError(f"run directory {path} does not exist")
-        try:
-            record = json.loads((path / "config.json").read_text())
-            config = TrainConfig(**{f.name: record[f.name] for f in fields(TrainConfig) if f.name in record})
-            steps = [int(s) for s in record["checkpoint_steps"]]
-            metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line]
-        except FileNotFoundError as err:
-            raise FastLLCError(f"{path} is not a fastllc run: {Path(err.filename).name} is missing") from None
-        except (ValueError, KeyError, TypeError) as err:
-            raise FastLLCError(f"{path} has an unreadable config.json or metrics.jsonl ({err})") from None
-        return cls(path, config.validate(), steps, metrics)
+            raise FastLLCError(f"run directory {path} does not exist" if not path.exists()
+                               else f"run directory {path} is not a directory")
+        config, steps = _read_config(path / "config.json")
+        metrics = _read_metrics(path / "metrics.jsonl", steps)
+        for step in steps:
+            file = path / "checkpoints" / f"step_{step:05d}.pt"
+            if not file.is_file():
+                raise FastLLCError(f"checkpoint file {file} is missing; {DAMAGED}")
+        return cls(path, config, steps, metrics)
 
     def checkpoint_index(self, checkpoint: int | None) -> int:
         """Resolve a checkpoint index; None or -1 is the final weights."""
@@ -258,3 +334,57 @@ class Run:
 
     def task(self) -> Task:
         return self.config.make_task()
+
+
+DAMAGED = "the run is incomplete or damaged: retrain it"
+METRIC_KEYS = ("step", "train_loss", "train_acc", "test_loss", "test_acc")
+
+
+def _read_json_file(file: Path, what: Callable[[str], object]):
+    try:
+        return what(file.read_text())
+    except FileNotFoundError:
+        raise FastLLCError(f"{file.parent} is not a fastllc run: {file.name} is missing") from None
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise FastLLCError(f"{file} is unreadable ({err}); {DAMAGED}") from None
+
+
+def _read_config(file: Path) -> tuple[TrainConfig, list[int]]:
+    """The TrainConfig and checkpoint steps of config.json, every field present and of its type."""
+    record = _read_json_file(file, json.loads)
+    if not isinstance(record, dict):
+        raise FastLLCError(f"{file} is not a JSON object; {DAMAGED}")
+    missing = [name for name in [f.name for f in fields(TrainConfig)] + ["checkpoint_steps"] if name not in record]
+    if missing:
+        raise FastLLCError(f"{file} lacks {', '.join(missing)}; {DAMAGED}")
+    try:
+        config = TrainConfig(**{f.name: record[f.name] for f in fields(TrainConfig)}).validate()
+    except FastLLCError as err:
+        raise FastLLCError(f"{file}: {err}; {DAMAGED}") from None
+    steps = record["checkpoint_steps"]
+    if not (isinstance(steps, list) and steps and all(_is_integer(s) and 0 <= s <= config.batches for s in steps)
+            and all(a < b for a, b in zip(steps, steps[1:]))):
+        raise FastLLCError(f"{file}: checkpoint_steps must be increasing integers in 0..{config.batches}, "
+                           f"got {steps!r}; {DAMAGED}")
+    return config, steps
+
+
+def _read_metrics(file: Path, steps: list[int]) -> list[dict]:
+    """One line per checkpoint, each with the checkpoint's step and numeric losses and accuracies."""
+    lines = [line for line in _read_json_file(file, str.splitlines) if line.strip()]
+    if len(lines) != len(steps):
+        raise FastLLCError(f"{file} has {len(lines)} line{'s' * (len(lines) != 1)} for {len(steps)} checkpoints; {DAMAGED}")
+    metrics = []
+    for number, (line, step) in enumerate(zip(lines, steps), start=1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            raise FastLLCError(f"{file} line {number} is not JSON; {DAMAGED}") from None
+        bad = [key for key in METRIC_KEYS if not (isinstance(entry, dict) and _is_number(entry.get(key)))]
+        if bad:
+            raise FastLLCError(f"{file} line {number} lacks a numeric {bad[0]}; {DAMAGED}")
+        if entry["step"] != step:
+            raise FastLLCError(f"{file} line {number} is for step {entry['step']}, but checkpoint {number - 1} "
+                               f"is step {step}; {DAMAGED}")
+        metrics.append(entry)
+    return metrics
