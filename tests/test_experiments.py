@@ -75,9 +75,9 @@ def test_seeds_of_one_configuration_train_together(tmp_path, monkeypatch):
     groups = []
     real = jobs_module.train_together
 
-    def spy(configs, outs, progress=False):
+    def spy(configs, outs, progress=False, **options):
         groups.append(sorted((c.p, c.seed) for c in configs))
-        return real(configs, outs, progress)
+        return real(configs, outs, progress, **options)
 
     monkeypatch.setattr(jobs_module, "train_together", spy)
     assert len(run_sweep(jobs, tmp_path, progress=False)) == 4

@@ -2,24 +2,32 @@
 
 Results are written atomically (temporary file + rename) to ``<out>/jobs/<job name>.json``, and a job
 whose JSON exists is skipped, so an interrupted sweep loses at most the job in flight. Trained runs live
-in ``<out>/runs/`` and are reused by every job that needs them.
+in ``<out>/runs/`` and are reused by every job that needs them. Any number of processes may run sweeps
+into one directory at once: a run or a job finished first by one is adopted by the others. A damaged job
+JSON (a crash or a full disk under an older version) is moved aside with a warning and its job run again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from .. import storage
+from ..errors import FastLLCError
 
 from ..analysis import analyse_run
 from ..api import estimate_checkpoints, estimate_run
 from ..llc import estimate_llc
 from ..sampling import SGLDConfig, batched, default_nbeta
 from ..sampling.contract import select_chains
-from ..train import Run, TrainConfig, train, train_together
+from ..train import Run, TrainConfig, cached_run, train_together
 
 
 @dataclass(frozen=True)
@@ -44,15 +52,69 @@ class Job:
 
 
 def write_json_atomically(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    storage.write_atomically(path, json.dumps(record, indent=1) + "\n")
+
+
+def publish_record(path: Path, record: dict) -> dict:
+    """Write a job's JSON unless another process finished the job first; the record on disk wins."""
+    if storage.publish_file_once(path, json.dumps(record, indent=1) + "\n"):
+        return record
+    existing = finished_record(path)
+    if existing is None:  # it was damaged and is now moved aside: ours replaces it
+        write_json_atomically(path, record)
+        return record
+    return existing
+
+
+RESULT_KEYS = {"final": ("result",), "dynamics": ("steps", "metrics", "results"), "calibrate": ("cells",)}
+
+
+def record_problem(record) -> str | None:
+    """What makes ``record`` unusable as a finished job's record (None: nothing)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for key in ("job", "sweep", "kind", "training"):
+        if key not in record:
+            return f"no {key!r} field: not a fastllc job record"
+    if not isinstance(record["training"], dict) or not isinstance(record["training"].get("p"), int):
+        return "no training.p"
+    missing = [key for key in RESULT_KEYS.get(record["kind"], ()) if key not in record]
+    if record["kind"] not in RESULT_KEYS or missing:
+        return f"no {missing[0]!r} field" if missing else f"unknown job kind {record['kind']!r}"
+    if record["kind"] == "final" and not (isinstance(record["result"], dict) and "llc_mean" in record["result"]):
+        return "no result.llc_mean"
+    return None
+
+
+def read_record(path: Path) -> tuple[dict | None, str | None]:
+    """A job JSON's record, or None and what is wrong with it (missing file: None, None)."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as err:  # ValueError: truncated or empty JSON, bad UTF-8
+        return None, f"unreadable: {err}" if str(err) else "unreadable"
+    problem = record_problem(record)
+    return (None, problem) if problem else (record, None)
+
+
+def finished_record(path: Path, job: Job | None = None) -> dict | None:
+    """The record of a finished job; None if there is none. A damaged JSON is moved aside with a warning,
+    so that the job runs again."""
+    record, problem = read_record(path)
+    if record is not None and job is not None and record["job"] != job.name:
+        record, problem = None, f"it is the record of another job, {record['job']!r}"
+    if problem is None:
+        return record
+    aside = storage.move_aside(path)
+    if aside is not None:
+        warnings.warn(f"{path} is damaged ({problem}); moved it to {aside.name} and running its job again",
+                      RuntimeWarning, stacklevel=2)
+    return None
 
 
 def trained_run(config: TrainConfig, out: Path) -> Run:
-    path = out / "runs" / config.run_name()
-    return Run.load(path) if path.exists() else train(config, path)
+    return cached_run(config, out)
 
 
 def run_job(job: Job, out: Path, progress: bool = False) -> dict:
@@ -93,9 +155,38 @@ def calibration_cells(run: Run, job: Job) -> list[dict]:
     return cells
 
 
-def train_missing_runs(jobs: list[Job], out: Path, progress: bool = True) -> None:
+PROGRESS_MODES = {True: "bar", "bar": "bar", "log": "log", False: "off", "off": "off"}
+
+
+def progress_mode(progress: bool | str) -> str:
+    """"bar" (tqdm), "log" (a line per finished job on stderr) or "off", from a sweep's ``progress``:
+    True, "log", False, or "auto" (bars on a terminal, log lines otherwise, e.g. into a log file)."""
+    if progress == "auto":
+        return "bar" if sys.stderr.isatty() else "log"
+    if progress not in PROGRESS_MODES:
+        raise FastLLCError(f"progress must be True, False, 'log' or 'auto', got {progress!r}")
+    return PROGRESS_MODES[progress]
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _summary(record: dict) -> str:
+    """λ̂ of a finished job, in a few words, for its log line."""
+    def llc(result):
+        return "–" if result.get("llc_mean") is None else f"{result['llc_mean']:.1f}"
+    if record["kind"] == "final":
+        return f"λ̂ {llc(record['result'])}"
+    if record["kind"] == "dynamics":
+        return f"λ̂ {llc(record['results'][0])} → {llc(record['results'][-1])} over {len(record['results'])} checkpoints"
+    return f"{len(record['cells'])} calibration cells"
+
+
+def train_missing_runs(jobs: list[Job], out: Path, progress: bool | str = True) -> None:
     """Train every run the unfinished jobs need and that does not exist yet; runs that differ only in
-    their seed train together as one batch (``train_together``)."""
+    their seed train together as one batch (``train_together``). ``progress`` as in ``run_sweep``."""
+    mode = progress_mode(progress)
     missing = {}
     for job in jobs:
         if not (out / "jobs" / f"{job.name}.json").exists() and not (out / "runs" / job.training.run_name()).exists():
@@ -103,31 +194,53 @@ def train_missing_runs(jobs: list[Job], out: Path, progress: bool = True) -> Non
     groups: dict[TrainConfig, list[TrainConfig]] = {}
     for config in missing.values():
         groups.setdefault(replace(config, seed=0), []).append(config)
-    for configs in tqdm(list(groups.values()), desc="training", disable=not progress):
-        train_together(configs, [out / "runs" / c.run_name() for c in configs])
+    for number, configs in enumerate(tqdm(list(groups.values()), desc="training", disable=mode != "bar"), start=1):
+        start = time.perf_counter()
+        train_together(configs, [out / "runs" / c.run_name() for c in configs], adopt=True)
+        if mode == "log":
+            seeds = ", ".join(str(c.seed) for c in configs)
+            _log(f"[training {number}/{len(groups)}] {configs[0].run_name().rsplit('-seed', 1)[0]}, "
+                 f"seed{'s' * (len(configs) > 1)} {seeds} ({time.perf_counter() - start:.0f} s)")
 
 
-def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool = True) -> list[dict]:
+def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool | str = "auto") -> list[dict]:
     """Run every job whose JSON is missing; return all jobs' records (finished earlier or now).
 
     Missing runs are trained first, seeds of one configuration together (an interruption loses at most
-    the group in flight); then each job's estimate runs and its JSON is written.
+    the group in flight); then each job's estimate runs and its JSON is written. ``progress``: True
+    (progress bars), "log" (one line per finished job on stderr), False, or "auto" (bars on a terminal,
+    log lines otherwise).
     """
-    out = Path(out)
-    train_missing_runs(jobs, out, progress)
-    records = []
-    for job in tqdm(jobs, desc="jobs", disable=not progress):
-        path = out / "jobs" / f"{job.name}.json"
-        if path.exists():
-            records.append(json.loads(path.read_text()))
-            continue
-        record = run_job(job, out, progress=False)
-        write_json_atomically(path, record)
-        records.append(record)
-    return records
+    out, mode = Path(out), progress_mode(progress)
+    for folder in (out, out / "jobs", out / "runs"):
+        storage.remove_stale_temporaries(folder)  # of crashed processes
+    paths = {job.name: out / "jobs" / f"{job.name}.json" for job in jobs}
+    finished = {job.name: finished_record(paths[job.name], job) for job in jobs}
+    todo = [job for job in jobs if finished[job.name] is None]
+    if mode == "log" and len(todo) < len(jobs):
+        _log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs finished earlier in {out / 'jobs'}; running {len(todo)}")
+    train_missing_runs(todo, out, progress=mode)
+    for number, job in enumerate(tqdm(todo, desc="jobs", disable=mode != "bar"), start=1):
+        start, by = time.perf_counter(), ""
+        record = finished_record(paths[job.name], job)  # another process may have finished it meanwhile
+        if record is None:
+            record = publish_record(paths[job.name], run_job(job, out, progress=False))
+        else:
+            by = ", by another process"
+        finished[job.name] = record
+        if mode == "log":
+            _log(f"[{number}/{len(todo)}] {job.name}: {_summary(record)} ({time.perf_counter() - start:.0f} s{by})")
+    return [finished[job.name] for job in jobs]
 
 
 def load_records(out: str | os.PathLike) -> list[dict]:
+    """Every valid job record under ``<out>/jobs``; a damaged or foreign JSON is skipped with a warning."""
     folder = Path(out) / "jobs"
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-
+    records = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        record, problem = read_record(path)
+        if problem is not None:
+            warnings.warn(f"skipping {path}: {problem}", RuntimeWarning, stacklevel=2)
+        elif record is not None:
+            records.append(record)
+    return records
