@@ -2,31 +2,52 @@
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from .. import storage
+from ..errors import FastLLCError
 from .jobs import load_records
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**options):
+    """A figure of its own (matplotlib's object API): pyplot's global backend and state stay untouched."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return Figure(**options)
 
-    return plt
+
+def _save(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    storage.write_atomically(path, buffer.getvalue())
 
 
 def linear_fit(x, y) -> tuple[float, float, float]:
-    """Least squares y ≈ slope·x + intercept, and R²."""
+    """Least squares y ≈ slope·x + intercept over the finite points, and R² (NaN for fewer than three
+    points: a line through two points fits them exactly, so its R² of 1 says nothing)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
+    finite = np.isfinite(x) & np.isfinite(y)
+    x, y = x[finite], y[finite]
+    if len(x) < 2 or np.ptp(x) == 0:
+        return math.nan, math.nan, math.nan
     slope, intercept = np.polyfit(x, y, 1)
     residual = y - (slope * x + intercept)
     total = ((y - y.mean()) ** 2).sum()
-    return float(slope), float(intercept), float(1 - (residual**2).sum() / total) if total > 0 else math.nan
+    r2 = float(1 - (residual**2).sum() / total) if total > 0 and len(x) >= 3 else math.nan
+    return float(slope), float(intercept), r2
+
+
+def _fit(x, y, digits: int = 4, sep: str = " = ") -> tuple[float, float, str]:
+    """``linear_fit`` with its R² as text, or why there is none (fewer than three points)."""
+    slope, intercept, r2 = linear_fit(x, y)
+    points = int((np.isfinite(np.asarray(x, float)) & np.isfinite(np.asarray(y, float))).sum())
+    return slope, intercept, f"R² n/a: {points} points" if points < 3 else f"R²{sep}{_fmt(r2, digits)}"
 
 
 def _by(records, key):
@@ -68,10 +89,10 @@ def _generalised_only(records) -> list[str]:
     rows = _summary_rows(kept)
     if len(kept) == len(records) or len(rows) < 2:
         return []
-    slope, intercept, r2 = linear_fit([r["p"] for r in rows], [r["mean"] for r in rows])
+    slope, intercept, r2 = _fit([r["p"] for r in rows], [r["mean"] for r in rows])
     per_p = ", ".join(f"p = {r['p']}: {_fmt(r['mean'])} ({r['seeds']})" for r in rows)
     return ["", f"Runs that generalised (final test accuracy ≥ {GENERALISED_TEST_ACCURACY:.0%}), {len(kept)} of "
-            f"{len(records)}: mean λ̂ (seeds) {per_p}; linear fit λ̂ ≈ {slope:.2f}·p {intercept:+.1f}, R² = {r2:.4f}."]
+            f"{len(records)}: mean λ̂ (seeds) {per_p}; linear fit λ̂ ≈ {slope:.2f}·p {intercept:+.1f}, {r2}."]
 
 
 def report_psweep(records, out: Path) -> list[str]:
@@ -85,12 +106,12 @@ def report_psweep(records, out: Path) -> list[str]:
         lines.append(f"| {r['p']} | {_fmt(r['mean'])} ± {_fmt(r['sd'])} | {_fmt(r['se'], 2)} | {r['seeds']} | {pub} | "
                      f"{_fmt(ratio, 3)} | {r['circuits']} |")
     if len(rows) >= 2:
-        slope, intercept, r2 = linear_fit([r["p"] for r in rows], [r["mean"] for r in rows])
-        lines += ["", f"Linear fit of the means: λ̂ ≈ {slope:.2f}·p {intercept:+.1f}, R² = {r2:.4f} "
+        slope, intercept, r2 = _fit([r["p"] for r in rows], [r["mean"] for r in rows])
+        lines += ["", f"Linear fit of the means: λ̂ ≈ {slope:.2f}·p {intercept:+.1f}, {r2} "
                   f"(published: slope 8.60, intercept −90)."]
         lines += _generalised_only(records)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig = _figure(figsize=(6, 4.2))
+    ax = fig.subplots()
     ps = np.array([r["p"] for r in rows])
     for r in rows:
         ax.scatter([r["p"]] * len(r["values"]), r["values"], color="C0", alpha=0.35, s=12)
@@ -107,8 +128,7 @@ def report_psweep(records, out: Path) -> list[str]:
     ax.set_ylabel("λ̂")
     ax.legend(fontsize=8)
     ax.set_title("λ̂ of generalising networks against p")
-    fig.savefig(out / "psweep.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, out / "psweep.png")
     lines += ["", "![λ̂ against p](psweep.png)", ""]
     return lines + report_circuits(records, out)
 
@@ -127,8 +147,8 @@ def report_circuits(records, out: Path) -> list[str]:
             spread = (max(values) - min(values)) / np.mean(values)
             means = ", ".join(f"{k}: {np.mean([_llc(r) for r in group if r.get('circuit_count') == k]):.0f}" for k in kinds)
             lines.append(f"\np = {p}: mean λ̂ by circuit count {{{means}}}; spread (max − min)/mean = {spread:.1%}")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = _figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     for index, (p, group) in enumerate(_by(counts, lambda t: t[0]).items()):
         jitter = (index - 2.5) * 0.04
         ax.plot([c + jitter for _, c, _ in group], [v / p for _, _, v in group], "o", color=f"C{index}", label=f"p = {p}")
@@ -137,16 +157,15 @@ def report_circuits(records, out: Path) -> list[str]:
     ax.set_ylabel("λ̂ / p")
     ax.set_title("λ̂ (per unit p) against the number of circuits")
     ax.legend(fontsize=8)
-    fig.savefig(out / "circuits.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, out / "circuits.png")
     return lines + ["", "![λ̂ against circuits](circuits.png)", ""]
 
 
 def report_architectures(records, out: Path) -> list[str]:
     lines = ["### λ̂ by architecture", "", "| (e, h) | p | λ̂ mean ± sd (seeds) | published single run | ours / published |",
              "|---|---|---|---|---|"]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig = _figure(figsize=(6, 4.2))
+    ax = fig.subplots()
     fits = []
     for index, ((e, h), group) in enumerate(_by(records, lambda r: (r["training"]["embed"], r["training"]["hidden"])).items()):
         rows = _summary_rows(group)
@@ -160,14 +179,13 @@ def report_architectures(records, out: Path) -> list[str]:
         if published:
             ax.plot(*zip(*published), "x", color=f"C{index}", ms=8)
         if len(rows) >= 2:
-            slope, intercept, r2 = linear_fit(ps, [row["mean"] for row in rows])
-            fits.append(f"({e}, {h}): slope {slope:.2f}, intercept {intercept:+.1f}, R² {r2:.3f}")
+            slope, intercept, r2 = _fit(ps, [row["mean"] for row in rows], 3, " ")
+            fits.append(f"({e}, {h}): slope {slope:.2f}, intercept {intercept:+.1f}, {r2}")
     ax.set_xlabel("p")
     ax.set_ylabel("λ̂")
     ax.set_title("λ̂ by architecture (× published single runs)")
     ax.legend(fontsize=8)
-    fig.savefig(out / "architectures.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, out / "architectures.png")
     if fits:
         lines += ["", "Linear fits of the means: " + "; ".join(fits) + "."]
     return lines + ["", "![λ̂ by architecture](architectures.png)", ""]
@@ -187,8 +205,8 @@ def _quadratic_fit_line(rows: dict, label: str) -> list[str]:
     if len(trusted) < 2:
         return []
     ps, values = zip(*trusted)
-    a, c, r2 = linear_fit(np.array(ps) ** 2, values)
-    return ["", f"{label}: fit over p ∈ [10, 25]: λ̂ ≈ {a:.3f}·p² {c:+.1f} (R² = {r2:.4f}); the study's claim is a ≈ 0.8."]
+    a, c, r2 = _fit(np.array(ps) ** 2, values)
+    return ["", f"{label}: fit over p ∈ [10, 25]: λ̂ ≈ {a:.3f}·p² {c:+.1f} ({r2}); the study's claim is a ≈ 0.8."]
 
 
 def report_memorization(records, out: Path) -> list[str]:
@@ -210,8 +228,8 @@ def report_memorization(records, out: Path) -> list[str]:
         per_p = ", ".join(f"p = {p}: {_fmt(row['mean'])} ({row['seeds']})" for p, row in memorised.items())
         lines += ["", f"Runs that memorised (final train accuracy 100%), {len(kept)} of {len(tasks['random'])}: {per_p}."]
         lines += _quadratic_fit_line(memorised, "Runs that memorised")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig = _figure(figsize=(6, 4.2))
+    ax = fig.subplots()
     for rows, style, colour, label in ((memo, "o-", "C0", "random operation (memorising)"),
                                        (gen, "s-", "C1", "modular addition (generalising, e=8, h=32)")):
         if not rows:
@@ -229,14 +247,13 @@ def report_memorization(records, out: Path) -> list[str]:
     ax.set_xlabel("p")
     ax.set_ylabel("λ̂")
     ax.legend(fontsize=8)
-    fig.savefig(out / "memorization.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, out / "memorization.png")
     return lines + ["", "![memorisation](memorization.png)", ""]
 
 
 def report_dynamics(records, out: Path) -> list[str]:
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(records), 1, figsize=(7, 3.2 * len(records)), squeeze=False)
+    fig = _figure(figsize=(7, 3.2 * len(records)))
+    axes = fig.subplots(len(records), 1, squeeze=False)
     lines = ["### λ̂ along training", ""]
     for ax, record in zip(axes[:, 0], records):
         llc = [r["llc_mean"] for r in record["results"]]
@@ -255,8 +272,7 @@ def report_dynamics(records, out: Path) -> list[str]:
                      f"{_fmt(llc[peak])} at checkpoint {peak}, {_fmt(llc[-1])} at the last; test loss "
                      f"{record['metrics'][0]['test_loss']:.2f} → {record['metrics'][-1]['test_loss']:.3f}")
     fig.tight_layout()
-    fig.savefig(out / "dynamics.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, out / "dynamics.png")
     return lines + ["", "![dynamics](dynamics.png)", ""]
 
 
@@ -294,13 +310,44 @@ REPORTS = {"psweep": report_psweep, "architectures": report_architectures, "memo
            "dynamics": report_dynamics, "calibrate": report_calibrate}
 
 
+# fields each report reads beyond those every job record has (jobs.record_problem)
+REPORT_FIELDS = {"psweep": (), "architectures": ("training.embed", "training.hidden"), "memorization": ("training.task",),
+                 "dynamics": ("training.seed",), "calibrate": ("training.seed",)}
+
+
+def _reportable(records: list[dict]) -> list[dict]:
+    """The records a report can use; those of an unknown sweep or lacking a field are skipped with a warning."""
+    kept = []
+    for record in records:
+        if record["sweep"] not in REPORTS:
+            problem = f"unknown sweep {record['sweep']!r}"
+        else:
+            missing = [f for f in REPORT_FIELDS[record["sweep"]] if f.split(".")[1] not in record["training"]]
+            problem = f"no {missing[0]!r} field" if missing else None
+        if problem:
+            warnings.warn(f"skipping job {record['job']!r}: {problem}", RuntimeWarning, stacklevel=3)
+        else:
+            kept.append(record)
+    return kept
+
+
 def write_report(out: str | Path) -> Path:
-    """``<out>/report.md`` (and PNGs beside it) from every job JSON under ``<out>/jobs``."""
+    """``<out>/report.md`` (and PNGs beside it) from every job JSON under ``<out>/jobs``; damaged or
+    foreign JSONs are skipped with a warning, and none valid left is a one-line error."""
     out = Path(out)
-    records = load_records(out)
+    storage.remove_stale_temporaries(out)  # of a report write that crashed
+    records = _reportable(load_records(out))
+    if not records:
+        raise FastLLCError(f"{out} has no finished jobs to report (no valid {out / 'jobs'}/*.json)")
     lines = [f"# fastllc sweep report: {out}", ""]
     for sweep, group in _by(records, lambda r: r["sweep"]).items():
-        lines += REPORTS[sweep](group, out)
+        try:
+            lines += REPORTS[sweep](group, out)
+        except (KeyError, TypeError, ValueError, IndexError) as err:  # a record edited by hand, or of an old schema
+            if isinstance(err, FastLLCError):
+                raise
+            raise FastLLCError(f"the {sweep} records in {out / 'jobs'} do not have the fields the report needs "
+                               f"({type(err).__name__}: {err}); move the damaged JSON aside and rerun") from None
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    storage.write_atomically(path, "\n".join(lines) + "\n")
     return path
