@@ -126,6 +126,7 @@ class _RunWriter:
     def __init__(self, config: TrainConfig, task: Task, out: Path, adopt: bool):
         if not adopt and _holds_files(out):
             raise FastLLCError(f"{out} already exists and is not empty; choose another output directory")
+        storage.check_writable_dir(out)
         self.config, self.task, self.out = config, task, out
         self.tmp = storage.temporary_sibling(out)
         self.metrics: list[dict] = []

@@ -104,3 +104,184 @@ def test_one_distinct_directory_per_run(tmp_path):
     configs = [TrainConfig(p=5, seed=s) for s in (0, 1)]
     with pytest.raises(FastLLCError, match="distinct output directory"):
         train_together(configs, [tmp_path / "same", tmp_path / "same"])
+
+
+# ---- damaged run directories: refused up front, naming the file ----
+
+import errno
+import shutil
+import subprocess
+import sys
+
+from fastllc import storage
+import importlib
+from fastllc.train import cached_run
+
+train_module = importlib.import_module("fastllc.train")  # `fastllc.train` is also the function
+
+
+def damaged_copy(run, tmp_path, edit_config=None, edit_metrics=None):
+    copy = tmp_path / "copy"
+    shutil.copytree(run.path, copy)
+    if edit_config is not None:
+        record = json.loads((copy / "config.json").read_text())
+        edit_config(record)
+        (copy / "config.json").write_text(json.dumps(record))
+    if edit_metrics is not None:
+        lines = (copy / "metrics.jsonl").read_text().splitlines()
+        (copy / "metrics.jsonl").write_text("".join(line + "\n" for line in edit_metrics(lines)))
+    return copy
+
+
+def set_key(key, value):
+    return lambda record: record.__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (set_key("p", "23"), "config.json: p must be an integer, got '23'"),
+    (set_key("p", 23.0), "config.json: p must be an integer, got 23.0"),
+    (set_key("hidden", True), "config.json: hidden must be an integer, got True"),
+    (set_key("p", -3), "config.json: p must be at least 2, got -3"),
+    (set_key("seed", None), "config.json: seed must be an integer, got None"),
+    (set_key("lr", float("nan")), "config.json: lr must be a finite number, got nan"),
+    (set_key("train_frac", 1.5), "config.json: train_frac must be in (0, 1], got 1.5"),
+    (set_key("task", 3), "config.json: task must be a string, got 3"),
+    (lambda r: r.pop("seed"), "config.json lacks seed"),
+    (lambda r: r.pop("checkpoint_steps"), "config.json lacks checkpoint_steps"),
+    (set_key("checkpoint_steps", [0, 40, 20, 60]), "checkpoint_steps must be increasing integers in 0..60"),
+    (set_key("checkpoint_steps", [0, "20", 40, 60]), "checkpoint_steps must be increasing integers in 0..60"),
+    (set_key("checkpoint_steps", []), "checkpoint_steps must be increasing integers in 0..60"),
+])
+def test_wrong_config_fields_are_named(tiny_run, tmp_path, edit, message):
+    copy = damaged_copy(tiny_run, tmp_path, edit_config=edit)
+    with pytest.raises(FastLLCError, match="retrain it") as caught:
+        Run.load(copy)
+    assert str(caught.value).startswith(str(copy / "config.json")) and message in str(caught.value)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda lines: lines[:3], "metrics.jsonl has 3 lines for 4 checkpoints; the run is incomplete or damaged: retrain it"),
+    (lambda lines: lines + lines[-1:], "metrics.jsonl has 5 lines for 4 checkpoints"),
+    (lambda lines: [], "metrics.jsonl has 0 lines for 4 checkpoints"),
+    (lambda lines: lines[:3] + ['{"step": 60, "train_lo'], "metrics.jsonl line 4 is not JSON"),
+    (lambda lines: lines[:3] + ['{"step": 60, "train_loss": 1, "train_acc": 1, "test_loss": "x", "test_acc": 1}'],
+     "metrics.jsonl line 4 lacks a numeric test_loss"),
+    (lambda lines: lines[:3] + ['[1, 2]'], "metrics.jsonl line 4 lacks a numeric step"),
+    (lambda lines: [lines[0], lines[2], lines[1], lines[3]], "metrics.jsonl line 2 is for step 40, but checkpoint 1 is step 20"),
+])
+def test_metrics_must_match_the_checkpoints(tiny_run, tmp_path, edit, message):
+    copy = damaged_copy(tiny_run, tmp_path, edit_metrics=edit)
+    with pytest.raises(FastLLCError, match="retrain it") as caught:
+        Run.load(copy)
+    assert str(caught.value).startswith(str(copy)) and message in str(caught.value)
+
+
+def test_missing_checkpoint_file_or_config_object(tiny_run, tmp_path):
+    copy = damaged_copy(tiny_run, tmp_path)
+    (copy / "checkpoints" / "step_00040.pt").unlink()
+    with pytest.raises(FastLLCError, match=r"checkpoint file .*step_00040\.pt is missing; the run is incomplete"):
+        Run.load(copy)
+    (copy / "config.json").write_text("[1, 2]")
+    with pytest.raises(FastLLCError, match=r"config\.json is not a JSON object"):
+        Run.load(copy)
+    (copy / "config.json").write_text("")  # what a full disk leaves
+    with pytest.raises(FastLLCError, match=r"config\.json is unreadable"):
+        Run.load(copy)
+    with pytest.raises(FastLLCError, match="is not a directory"):
+        Run.load(copy / "config.json")
+
+
+def test_config_types_are_checked_before_use():
+    with pytest.raises(FastLLCError, match="^p must be an integer, got '5'$"):
+        TrainConfig(p="5").validate()
+    with pytest.raises(FastLLCError, match="^lr must be a finite number, got inf$"):
+        TrainConfig(p=5, lr=float("inf")).validate()
+
+
+# ---- a full disk, unwritable places and temporaries left by crashes ----
+
+TINY = TrainConfig(p=5, embed=4, hidden=8, batches=30, checkpoints=2)
+
+
+def fail_writing(monkeypatch, name):
+    """The disk fills up while writing the first file called ``name``: half of it lands, then ENOSPC."""
+    real = storage._write_file
+
+    def write(path, data):
+        if path.name == name:
+            with open(path, "xb") as file:
+                file.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(storage, "_write_file", write)
+
+
+@pytest.mark.parametrize("name", ["step_00000.pt", "step_00030.pt", "config.json", "metrics.jsonl"])
+def test_full_disk_while_training_keeps_nothing(tmp_path, monkeypatch, name):
+    fail_writing(monkeypatch, name)
+    out = tmp_path / "runs" / "tiny"
+    with pytest.raises(FastLLCError, match=f"^no space left on device while writing {out}: free space and rerun"):
+        train(TINY, out)
+    assert list((tmp_path / "runs").iterdir()) == []  # neither the run nor its temporary directory
+
+
+def test_unwritable_output_directories_are_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FastLLCError, match="^cannot write /proc/fastllc-run: /proc is not writable"):
+        train(TINY, "/proc/fastllc-run")
+    with pytest.raises(FastLLCError, match=f"^cannot write {tmp_path}/file/run: {tmp_path}/file is not a directory$"):
+        train(TINY, tmp_path / "file" / "run")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_training_removes_the_temporaries_of_crashed_trainings(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = tmp_path / f".other.tmp-{child.pid}"
+    (stale / "checkpoints").mkdir(parents=True)
+    train(TINY, tmp_path / "run")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+# ---- one run trained by several processes at once: the first finished wins ----
+
+def test_cached_run_trains_once_then_loads(tmp_path):
+    notices = []
+    first = cached_run(TINY, tmp_path, notice=notices.append)
+    again = cached_run(TINY, tmp_path, notice=notices.append)
+    assert first.path == again.path == tmp_path / "runs" / TINY.run_name() and again.metrics == first.metrics
+    assert notices == [f"training {TINY.run_name()} once (cached in {tmp_path / 'runs'})"]  # once
+    (tmp_path / "runs" / "empty").mkdir()  # an empty directory counts as absent
+    other = TrainConfig(p=5, embed=4, hidden=8, batches=30, checkpoints=2, seed=1)
+    shutil.move(tmp_path / "runs" / "empty", tmp_path / "runs" / other.run_name())
+    assert cached_run(other, tmp_path).config == other
+
+
+def racing(monkeypatch, rival: TrainConfig):
+    """Before this process publishes a run, another one publishes ``rival``'s run in the same place."""
+    real_finish, raced = train_module._RunWriter.finish, []
+
+    def lose_the_race(writer, steps):
+        if not raced:
+            raced.append(writer.out)
+            train(rival, writer.out)  # the rival's own finish runs unraced
+        return real_finish(writer, steps)
+
+    monkeypatch.setattr(train_module._RunWriter, "finish", lose_the_race)
+
+
+def test_a_run_finished_meanwhile_by_another_process_is_adopted(tmp_path, monkeypatch):
+    alone = train(TINY, tmp_path / "alone")
+    racing(monkeypatch, TINY)
+    run = cached_run(TINY, tmp_path / "home")
+    assert [p.name for p in (tmp_path / "home" / "runs").iterdir()] == [TINY.run_name()]  # no temporaries
+    assert run.path == tmp_path / "home" / "runs" / TINY.run_name()
+    assert run.metrics == alone.metrics  # the same deterministic training, whoever wrote it
+
+
+def test_another_configuration_finished_meanwhile_is_refused(tmp_path, monkeypatch):
+    racing(monkeypatch, TrainConfig(p=7, batches=5, checkpoints=1))
+    with pytest.raises(FastLLCError, match=f"^{tmp_path / 'run'} holds a run of another configuration"):
+        train(TINY, tmp_path / "run")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # ours discarded
