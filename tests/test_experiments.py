@@ -144,3 +144,145 @@ def test_architectures_report_gives_seeds_ratios_fits_and_a_plot(tmp_path):
     assert "| (8, 32) | 23 | 184.0 ± 1.4 (2) | 230 | 0.800 |" in text
     assert "(16, 64): slope 12.00, intercept " in text and "(8, 32): slope 8.00" in text
     assert (tmp_path / "architectures.png").stat().st_size > 5000
+
+
+# ---- damaged job JSONs, a full disk, progress in a log file ----
+
+import errno
+import shutil
+import sys
+
+from fastllc import FastLLCError, storage
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """The two tiny jobs, finished once; tests work on copies."""
+    out = tmp_path_factory.mktemp("sweep")
+    run_sweep(tiny_jobs(), out, progress=False)
+    return out
+
+
+def copy_of(sweep, tmp_path):
+    shutil.copytree(sweep, tmp_path / "sweep")
+    return tmp_path / "sweep"
+
+
+@pytest.mark.parametrize("damage,problem", [
+    ("", "unreadable"),  # what a full disk left under older versions
+    ('{"job": "psweep-add-p5', "unreadable"),
+    ('{"results": []}', "no 'job' field: not a fastllc job record"),
+    ('[1, 2]', "not a JSON object"),
+])
+def test_resuming_over_a_damaged_job_json_moves_it_aside_and_reruns_the_job(finished_sweep, tmp_path, damage, problem):
+    out = copy_of(finished_sweep, tmp_path)
+    name = tiny_jobs()[0].name
+    (out / "jobs" / f"{name}.json").write_text(damage)
+    with pytest.warns(RuntimeWarning, match=f"{out / 'jobs' / name}.json is damaged \\({problem}.*\\); moved it to "
+                                            f"{name}.json.damaged-.* and running its job again"):
+        records = run_sweep(tiny_jobs(), out, progress=False)
+    assert [r["job"] for r in records] == [job.name for job in tiny_jobs()]
+    assert json.loads((out / "jobs" / f"{name}.json").read_text())["result"]["chains"] == 2
+    aside = [p.name for p in (out / "jobs").iterdir() if ".damaged-" in p.name]
+    assert len(aside) == 1 and (out / "jobs" / aside[0]).read_text() == damage  # kept for inspection
+
+
+def test_a_record_of_another_job_is_not_taken_for_this_one(finished_sweep, tmp_path):
+    out = copy_of(finished_sweep, tmp_path)
+    first, second = (out / "jobs" / f"{job.name}.json" for job in tiny_jobs())
+    shutil.copy(second, first)
+    with pytest.warns(RuntimeWarning, match="it is the record of another job"):
+        records = run_sweep(tiny_jobs(), out, progress=False)
+    assert records[0]["training"]["p"] == 5
+
+
+def test_report_skips_damaged_and_foreign_jsons(finished_sweep, tmp_path):
+    out = copy_of(finished_sweep, tmp_path)
+    (out / "jobs" / "empty.json").write_text("")
+    (out / "jobs" / "other.json").write_text('{"name": "something else"}')
+    (out / "jobs" / "future.json").write_text(json.dumps(dict(job="f", sweep="future", kind="final", training=dict(p=5),
+                                                              result=dict(llc_mean=1.0))))
+    with pytest.warns(RuntimeWarning) as caught:
+        text = write_report(out).read_text()
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == [f"skipping {out / 'jobs' / 'empty.json'}: unreadable: Expecting value: line 1 column 1 (char 0)",
+                        f"skipping {out / 'jobs' / 'future.json'}: unknown sweep 'future'",
+                        f"skipping {out / 'jobs' / 'other.json'}: no 'job' field: not a fastllc job record"]
+    assert "| 5 |" in text and "| 7 |" in text
+
+
+def test_report_with_nothing_valid_is_one_line(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "broken.json").write_text("{")
+    with pytest.warns(RuntimeWarning, match="broken.json"):
+        with pytest.raises(FastLLCError, match=f"^{tmp_path} has no finished jobs to report"):
+            write_report(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs"]  # no report written
+
+
+def test_no_r2_for_a_line_through_two_points(finished_sweep, tmp_path):
+    text = write_report(copy_of(finished_sweep, tmp_path)).read_text()
+    assert "Linear fit of the means" in text and "R² n/a: 2 points" in text and "R² =" not in text
+    assert np.isnan(linear_fit([1, 2], [3, 5])[2]) and linear_fit([1, 2], [3, 5])[0] == pytest.approx(2.0)
+    assert np.isnan(linear_fit([1, 2, 3], [3, float("nan"), 7])[2])  # a NaN mean is dropped: two points left
+
+
+def test_report_leaves_pyplot_alone(finished_sweep, tmp_path):
+    import matplotlib
+
+    backend, pyplot_loaded = matplotlib.rcParams._get("backend"), "matplotlib.pyplot" in sys.modules
+    write_report(copy_of(finished_sweep, tmp_path))
+    assert matplotlib.rcParams._get("backend") == backend and ("matplotlib.pyplot" in sys.modules) == pyplot_loaded
+
+
+def fail_writing_jobs(monkeypatch, suffix):
+    real = storage._write_file
+
+    def write(path, data):
+        if path.name.endswith(suffix):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(storage, "_write_file", write)
+
+
+def hidden(folder):
+    return [p.name for p in folder.rglob(".*")]
+
+
+def test_full_disk_during_a_sweep_is_one_line_and_resumable(tmp_path, monkeypatch):
+    name = tiny_jobs()[0].name
+    real = storage._write_file
+
+    def full_at_job_json(path, data):
+        if path.name.startswith(f".{name}.json.tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(storage, "_write_file", full_at_job_json)
+    with pytest.raises(FastLLCError, match=f"^no space left on device while writing {tmp_path / 'jobs' / name}.json"):
+        run_sweep(tiny_jobs(), tmp_path, progress=False)
+    assert hidden(tmp_path) == [] and list((tmp_path / "jobs").glob("*.json")) == []
+    monkeypatch.undo()
+    assert len(run_sweep(tiny_jobs(), tmp_path, progress=False)) == 2  # the trained runs are reused
+
+
+def test_full_disk_while_a_sweep_trains(tmp_path, monkeypatch):
+    fail_writing_jobs(monkeypatch, ".pt")
+    with pytest.raises(FastLLCError, match=f"^no space left on device while writing {tmp_path / 'runs'}/add-p"):
+        run_sweep(tiny_jobs(), tmp_path, progress=False)
+    assert hidden(tmp_path) == [] and list((tmp_path / "runs").iterdir()) == []
+
+
+def test_progress_lines_when_not_on_a_terminal(tmp_path, capsys):
+    jobs = tiny_jobs()
+    run_sweep(jobs[:1], tmp_path, progress="log")
+    run_sweep(jobs, tmp_path, progress="auto")  # stderr is captured here: not a terminal, so log lines
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("[training 1/1] add-p5-e4-h8-b30-k2, seed 0 (") and lines[0].endswith(" s)")
+    assert lines[1].startswith(f"[1/1] {jobs[0].name}: λ̂ ") and lines[1].endswith(" s)")
+    assert lines[2] == f"1 of 2 jobs finished earlier in {tmp_path / 'jobs'}; running 1"
+    assert lines[3].startswith("[training 1/1] add-p7") and lines[4].startswith(f"[1/1] {jobs[1].name}: λ̂ ")
+    assert len(lines) == 5
+    with pytest.raises(FastLLCError, match="progress must be True, False, 'log' or 'auto'"):
+        run_sweep(jobs, tmp_path, progress="loud")

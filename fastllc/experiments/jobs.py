@@ -233,12 +233,15 @@ def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool | str = "a
     return [finished[job.name] for job in jobs]
 
 
-def load_records(out: str | os.PathLike) -> list[dict]:
-    """Every valid job record under ``<out>/jobs``; a damaged or foreign JSON is skipped with a warning."""
+def load_records(out: str | os.PathLike, check=None) -> list[dict]:
+    """Every valid job record under ``<out>/jobs``; a damaged or foreign JSON (or one for which ``check``,
+    a function of a record, returns a problem) is skipped with a warning naming the file."""
     folder = Path(out) / "jobs"
     records = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         record, problem = read_record(path)
+        if record is not None and check is not None:
+            problem = check(record)
         if problem is not None:
             warnings.warn(f"skipping {path}: {problem}", RuntimeWarning, stacklevel=2)
         elif record is not None:

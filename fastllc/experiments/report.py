@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -315,20 +314,12 @@ REPORT_FIELDS = {"psweep": (), "architectures": ("training.embed", "training.hid
                  "dynamics": ("training.seed",), "calibrate": ("training.seed",)}
 
 
-def _reportable(records: list[dict]) -> list[dict]:
-    """The records a report can use; those of an unknown sweep or lacking a field are skipped with a warning."""
-    kept = []
-    for record in records:
-        if record["sweep"] not in REPORTS:
-            problem = f"unknown sweep {record['sweep']!r}"
-        else:
-            missing = [f for f in REPORT_FIELDS[record["sweep"]] if f.split(".")[1] not in record["training"]]
-            problem = f"no {missing[0]!r} field" if missing else None
-        if problem:
-            warnings.warn(f"skipping job {record['job']!r}: {problem}", RuntimeWarning, stacklevel=3)
-        else:
-            kept.append(record)
-    return kept
+def _report_problem(record: dict) -> str | None:
+    """Why a report cannot use ``record`` (an unknown sweep, a missing field), or None."""
+    if record["sweep"] not in REPORTS:
+        return f"unknown sweep {record['sweep']!r}"
+    missing = [f for f in REPORT_FIELDS[record["sweep"]] if f.split(".")[1] not in record["training"]]
+    return f"no {missing[0]!r} field" if missing else None
 
 
 def write_report(out: str | Path) -> Path:
@@ -336,7 +327,7 @@ def write_report(out: str | Path) -> Path:
     foreign JSONs are skipped with a warning, and none valid left is a one-line error."""
     out = Path(out)
     storage.remove_stale_temporaries(out)  # of a report write that crashed
-    records = _reportable(load_records(out))
+    records = load_records(out, _report_problem)
     if not records:
         raise FastLLCError(f"{out} has no finished jobs to report (no valid {out / 'jobs'}/*.json)")
     lines = [f"# fastllc sweep report: {out}", ""]
