@@ -274,6 +274,15 @@ def test_full_disk_while_a_sweep_trains(tmp_path, monkeypatch):
     assert hidden(tmp_path) == [] and list((tmp_path / "runs").iterdir()) == []
 
 
+def test_unwritable_sweep_directory_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs_module, "train_together", lambda *a, **k: pytest.fail("trained before checking --out"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FastLLCError, match=f"^cannot write {tmp_path}/file/sweep: {tmp_path}/file is not a directory$"):
+        run_sweep(tiny_jobs(), tmp_path / "file" / "sweep", progress=False)
+    with pytest.raises(FastLLCError, match="^cannot write /proc/sweep: /proc is not writable"):
+        run_sweep(tiny_jobs(), "/proc/sweep", progress=False)
+
+
 def test_progress_lines_when_not_on_a_terminal(tmp_path, capsys):
     jobs = tiny_jobs()
     run_sweep(jobs[:1], tmp_path, progress="log")
@@ -286,3 +295,10 @@ def test_progress_lines_when_not_on_a_terminal(tmp_path, capsys):
     assert len(lines) == 5
     with pytest.raises(FastLLCError, match="progress must be True, False, 'log' or 'auto'"):
         run_sweep(jobs, tmp_path, progress="loud")
+
+
+def test_a_hand_edited_record_the_report_cannot_read_is_one_line(tmp_path):
+    record = dict(job="j", sweep="psweep", kind="final", training=dict(p=5), result=dict(llc_mean="high", llc_se=None))
+    jobs_module.write_json_atomically(tmp_path / "jobs" / "j.json", record)
+    with pytest.raises(FastLLCError, match=r"^the psweep records in .*jobs do not have the fields the report needs \(TypeError"):
+        write_report(tmp_path)

@@ -212,6 +212,7 @@ def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool | str = "a
     log lines otherwise).
     """
     out, mode = Path(out), progress_mode(progress)
+    storage.check_writable_dir(out)  # before any work: a sweep that cannot save its results must not start
     for folder in (out, out / "jobs", out / "runs"):
         storage.remove_stale_temporaries(folder)  # of crashed processes
     paths = {job.name: out / "jobs" / f"{job.name}.json" for job in jobs}
