@@ -78,9 +78,11 @@ def record_problem(record) -> str | None:
             return f"no {key!r} field: not a fastllc job record"
     if not isinstance(record["training"], dict) or not isinstance(record["training"].get("p"), int):
         return "no training.p"
-    missing = [key for key in RESULT_KEYS.get(record["kind"], ()) if key not in record]
-    if record["kind"] not in RESULT_KEYS or missing:
-        return f"no {missing[0]!r} field" if missing else f"unknown job kind {record['kind']!r}"
+    if record["kind"] not in RESULT_KEYS:
+        return f"unknown job kind {record['kind']!r}"
+    for key in RESULT_KEYS[record["kind"]]:
+        if key not in record:
+            return f"no {key!r} field"
     if record["kind"] == "final" and not (isinstance(record["result"], dict) and "llc_mean" in record["result"]):
         return "no result.llc_mean"
     return None
