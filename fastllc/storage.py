@@ -143,7 +143,7 @@ def publish_file_once(path: str | os.PathLike, data: bytes | str) -> bool:
         except FileExistsError:
             return False
         except OSError as err:
-            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
                 raise
             if path.exists():  # a file system without hard links: check, then rename (a narrow race)
                 return False
