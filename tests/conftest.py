@@ -4,6 +4,14 @@ import torch
 from fastllc import TrainConfig, train
 
 
+def pytest_configure(config):
+    """One torch thread for the whole session. The tests' tensors are tiny, and torch's intra-op pool
+    sized to the machine's cores fights every other process for them: one reference test took 500 s on a
+    loaded 2-core machine against 16 s pinned. Backends that split chains into thread groups still do
+    so when a test asks for it (``workers=``); subprocesses that tests start choose their own threads."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A p=5 modular-addition run of 60 batches: enough structure for plumbing tests, trains in a second."""

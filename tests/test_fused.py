@@ -74,13 +74,35 @@ def test_every_parameter_and_loss_match_the_reference_with_injected_noise(p, ort
     fast = fused.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=ATOL)
     torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=ATOL)
-    assert fast.init_loss == pytest.approx(ref.init_loss, rel=1e-6)
+    # L_n(w*) over the whole train split, computed here independently of the samplers (which share one
+    # function for it): the same fp32 forward pass, so equal to a few ulps
+    assert fast.init_loss == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)
     assert fast.backend == "triton" and fast.loss_trace.dtype == torch.float64
     assert (ref.final_params - w_star).abs().max() > 1e-1  # not vacuous: the chains travelled far
     if orthogonal:  # and the restriction held: w − w* stays orthogonal to g
         from fastllc.sampling.contract import loss_and_gradient_at_start, orthogonal_direction
         g = orthogonal_direction(loss_and_gradient_at_start(model, x, y, F.cross_entropy)[1])
         assert ((fast.final_params - w_star) @ g).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_padded_hidden_width_and_odd_batch_match_the_reference(orthogonal):
+    """p=11, e=5, h=13, m=11: every tile padded to 16 and masked, the hidden width (H) and batch (M) too,
+    which the shapes above never pad (h = 16 there, and m = 8 is padded on its own)."""
+    x, y = make_task(11, "add", seed=0).train_data()
+    torch.manual_seed(11)
+    model = ModularMLP(11, 5, 13)
+    w_star = flat_parameters(model)[2]
+    steps, m = 20, 11
+    noise = injected(y, w_star.numel(), CHAINS, steps, m=m)
+    config = SGLDConfig(chains=CHAINS, steps=steps, batch_size=m, orthogonal=orthogonal, **PER_CHAIN)
+    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = fused.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    # the same 20 steps of fp32 arithmetic as the test above, so its ATOL and its reasoning apply
+    # (measured: 9e-8 on weights, 7e-7 = 3 ulps on losses ≈ 2.4)
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=ATOL)
+    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=ATOL)
+    assert (ref.final_params - w_star).abs().max() > 1e-1  # not vacuous: the chains travelled far
 
 
 def test_published_shapes_match_the_reference():
@@ -107,7 +129,7 @@ def test_stacked_starting_points_equal_separate_runs():
                              randomness=InjectedRandomness(noise.indices[2:], noise.noise[2:]))
     torch.testing.assert_close(together[1].final_params, alone.final_params, rtol=0, atol=ATOL)
     torch.testing.assert_close(together[1].loss_trace, alone.loss_trace, rtol=0, atol=ATOL)
-    assert together[1].init_loss == pytest.approx(alone.init_loss, rel=1e-6)
+    assert together[1].init_loss == pytest.approx(F.cross_entropy(second(x), y).item(), rel=1e-6)  # its own L_n(w*)
     assert together[0].init_loss != together[1].init_loss
     assert together[0].chains_in_batch == 4
 
@@ -264,6 +286,10 @@ def test_the_real_kernel_compiles_for_sm90_without_a_gpu():
         pytest.skip("Triton's ptxas is not available on this platform")
     assert done.returncode == 0, done.stderr[-3000:]
     registers, spills, shared = (int(v) for v in done.stdout.split()[-3:])
-    assert 0 < registers <= 255
+    # Registers sit at the hardware's 255 by design (the weights live there), so spills are what can regress.
+    # Measured with Triton 3.9: 1,740 bytes a thread (the kernel docstrings' ~2 KB). The layout before the
+    # two-pass projection spilled ~5 KB and 4 warps spill ~10x more; 4 KB catches either, with 2.3x room
+    # for another Triton version's register allocation.
+    assert spills <= 4096
     assert shared <= 227 * 1024  # the most shared memory one program may have on sm_90
     print(f"sm_90, 8 warps: {registers} registers, {spills} bytes spilled a thread, {shared} bytes shared")
