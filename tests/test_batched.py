@@ -133,7 +133,7 @@ def test_llc_agrees_with_the_reference_on_a_trained_model(tmp_path):
     assert fast.llc_mean > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_same_code_runs_on_cuda():
     task = make_task(P, "add", seed=0)
     x, y = task.train_data()

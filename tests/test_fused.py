@@ -273,6 +273,44 @@ def test_clear_error_without_cuda_and_without_the_interpreter():
     assert "runs on CUDA" in message and "CUDA is not available" in message and "--backend torch" in message
 
 
+def test_without_triton_fastllc_imports_and_the_backend_names_the_extra():
+    """Triton is an extra: without it (simulated: None in sys.modules makes every import of it fail) fastllc
+    imports, ``auto`` passes the triton backend over, and asking for it is the one-line install hint."""
+    script = (
+        "import os, sys\n"
+        "sys.modules['triton'] = None\n"
+        "import torch, torch.nn.functional as F\n"
+        "import fastllc\n"
+        "from fastllc import FastLLCError, ModularMLP\n"
+        "from fastllc.sampling import fused, resolve_backend\n"
+        "model = ModularMLP(5, 4, 16)\n"
+        "assert not fused.supports(model, F.cross_entropy, torch.device('cuda'))\n"
+        "print(resolve_backend('auto', torch.device('cuda'), model, F.cross_entropy))\n"
+        "try:\n"
+        "    fused.require('cpu')  # no interpreter asked for: installing Triton would not help, CUDA would\n"
+        "except FastLLCError as err:\n"
+        "    print(err)\n"
+        "os.environ['TRITON_INTERPRET'] = '1'  # on CPU only the interpreter would run it: Triton is what is missing\n"
+        "for device in ('cuda', 'cpu'):\n"
+        "    try:\n"
+        "        fused.require(device)\n"
+        "    except FastLLCError as err:\n"
+        "        print(err)\n"
+        "try:\n"
+        "    import fastllc.kernels\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    auto, plain_cpu, on_cuda, on_cpu, kernels_import = done.stdout.strip().split("\n")
+    assert auto == "torch"
+    assert plain_cpu.startswith("the triton backend runs on CUDA: ")
+    assert on_cuda == on_cpu == fused.MISSING_TRITON == "the triton backend needs the triton package: pip install 'fastllc[triton]'"
+    assert kernels_import == "fastllc.kernels needs the triton package: pip install 'fastllc[triton]'"
+
+
 @pytest.mark.slow
 def test_the_real_kernel_compiles_for_sm90_without_a_gpu():
     """The interpreter skips Triton's compiler: build the published-shape kernel for sm_90 with Triton's own
