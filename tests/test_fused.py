@@ -8,9 +8,15 @@ inside Triton), so an autouse fixture keeps it set during this module's tests, a
 session runs without it. Shapes are tiny (the interpreter runs every tile op in NumPy).
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:  # looked up, not imported: TRITON_INTERPRET must come first
+    pytest.skip("Triton is an extra: pip install -e '.[dev]' (or '.[triton]') to test it", allow_module_level=True)
 
 _before = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -24,7 +30,6 @@ finally:
 
 import math  # noqa: E402
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

@@ -1,5 +1,6 @@
 """``python -m fastllc.selfcheck --gpu``: its answer without CUDA, its bookkeeping, and its checks run on CPU."""
 
+import importlib.util
 import json
 import math
 import os
@@ -79,6 +80,8 @@ def test_a_benchmark_reports_chain_steps_per_second_and_respects_the_budget():
 def test_every_check_passes_on_cpu_with_the_triton_interpreter():
     """The GPU check's own code, run where CI can: the same checks on device "cpu" (Triton interpreted, tiny
     cost per check), so that a GPU machine's few minutes are not spent finding a typo."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is an extra: pip install -e '.[dev]' (or '.[triton]') to test it")
     script = ("import torch\n"
               "torch.set_num_threads(1)\n"
               "from fastllc import kernels, selfcheck\n"
