@@ -18,7 +18,7 @@ from fastllc.sampling.contract import flat_parameters
 
 from conftest import PUBLISHED, record
 
-pytestmark = [pytest.mark.benchmark(min_rounds=1),
+pytestmark = [pytest.mark.benchmark(min_rounds=1), pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="the triton backend needs CUDA")]
 
 TRITON_RUNS = [(64, 2000), (1024, 500), (4096, 200)]

@@ -4,6 +4,24 @@ import torch
 from fastllc import TrainConfig, train
 
 
+def pytest_configure(config):
+    """One torch thread for the whole session. The tests' tensors are tiny, and torch's intra-op pool
+    sized to the machine's cores fights every other process for them: one reference test took 500 s on a
+    loaded 2-core machine against 16 s pinned. Backends that split chains into thread groups still do
+    so when a test asks for it (``workers=``); subprocesses that tests start choose their own threads."""
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped, with that reason, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (gpu marker); python -m fastllc.selfcheck --gpu on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A p=5 modular-addition run of 60 batches: enough structure for plumbing tests, trains in a second."""

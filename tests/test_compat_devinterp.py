@@ -1,6 +1,9 @@
 """The devinterp-compatible layer: arguments, result keys, draws, and agreement with devinterp itself."""
 
+import functools
 import math
+import sys
+import types
 import warnings
 
 import numpy as np
@@ -166,7 +169,7 @@ def test_a_devinterp_script_switched_by_its_import_agrees_with_devinterp():
 
 
 class MalaAcceptanceRate:
-    """Stands in for devinterp's callback (matched by class name; devinterp is not installed in CI)."""
+    """Stands in for devinterp's callback (matched by class name), so this test needs no devinterp."""
 
     def __init__(self, num_chains, num_draws, learning_rate, nbeta):
         self.learning_rate, self.nbeta = learning_rate, nbeta
@@ -187,3 +190,46 @@ def test_a_mala_callback_holds_its_results_and_must_share_the_samplers_settings(
     with pytest.raises(FastLLCError, match="MalaAcceptanceRate has learning_rate=0.01"):
         estimate_learning_coeff_with_summary(model, loader, evaluate=evaluate, callbacks=[MalaAcceptanceRate(2, 5, 1e-2, nbeta)],
                                              optimizer_kwargs=dict(lr=1e-3), num_chains=2, num_draws=5, verbose=False)
+
+
+def fake_devinterp_utils():
+    """A module object named ``devinterp.utils`` with devinterp 1.3.2's ``evaluate``, ``make_evaluate`` and
+    ``evaluate_ce`` (same source), so that their detection is tested whether or not devinterp is installed."""
+    module = types.ModuleType("devinterp.utils")
+    exec("from functools import partial\n"
+         "import torch.nn.functional as F\n"
+         "def evaluate(criterion, model, data):\n"
+         "    x, y = data\n"
+         "    y_pred = model(x)\n"
+         "    return criterion(y_pred, y), {'output': y_pred}\n"
+         "def make_evaluate(criterion):\n"
+         "    return partial(evaluate, criterion)\n"
+         "evaluate_ce = partial(evaluate, F.cross_entropy)\n", module.__dict__)
+    return module
+
+
+def test_devinterps_evaluate_ce_is_detected_without_devinterp(monkeypatch):
+    utils = fake_devinterp_utils()
+    monkeypatch.setitem(sys.modules, "devinterp.utils", utils)
+    assert utils.evaluate_ce.func.__module__ == "devinterp.utils"  # what devinterp's own object carries
+    mlp = ModularMLP(7, 5, 13)
+    pairs, labels = make_task(7, "add", seed=0).train_data()
+    loader = DataLoader(TensorDataset(pairs, labels), batch_size=8)
+    settings = dict(optimizer_kwargs=dict(lr=1e-3, localization=5.0), num_chains=2, num_draws=10, seed=3,
+                    verbose=False)
+    native = estimate_learning_coeff_with_summary(mlp, loader, evaluate=utils.evaluate_ce, **settings)
+    made = estimate_learning_coeff_with_summary(mlp, loader, evaluate=utils.make_evaluate(F.cross_entropy),
+                                                **settings)
+    assert native["fastllc"].backend == made["fastllc"].backend == "torch"  # the study's MLP keeps its backend
+
+    def evaluate(criterion, model, data):  # the same function, but not devinterp's: run as given
+        return utils.evaluate(criterion, model, data)
+
+    own = estimate_learning_coeff_with_summary(mlp, loader, evaluate=functools.partial(evaluate, F.cross_entropy),
+                                               **settings)
+    assert own["fastllc"].backend == "generic"
+    # the criterion taken out of evaluate_ce is the one that runs: the same chains (same counter-based draws)
+    # as through evaluate itself, to fp32 summation order (batched vs vmapped: measured 1.2e-7 = 1 ulp after
+    # 10 steps; 1e-5 as tests/test_vectorized.py, while a wrong criterion moves the losses by ~0.1)
+    np.testing.assert_allclose(native["loss/trace"], own["loss/trace"], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(native["loss/trace"], made["loss/trace"])

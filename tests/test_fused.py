@@ -8,9 +8,15 @@ inside Triton), so an autouse fixture keeps it set during this module's tests, a
 session runs without it. Shapes are tiny (the interpreter runs every tile op in NumPy).
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:  # looked up, not imported: TRITON_INTERPRET must come first
+    pytest.skip("Triton is an extra: pip install -e '.[dev]' (or '.[triton]') to test it", allow_module_level=True)
 
 _before = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -24,7 +30,6 @@ finally:
 
 import math  # noqa: E402
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -74,13 +79,35 @@ def test_every_parameter_and_loss_match_the_reference_with_injected_noise(p, ort
     fast = fused.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=ATOL)
     torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=ATOL)
-    assert fast.init_loss == pytest.approx(ref.init_loss, rel=1e-6)
+    # L_n(w*) over the whole train split, computed here independently of the samplers (which share one
+    # function for it): the same fp32 forward pass, so equal to a few ulps
+    assert fast.init_loss == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)
     assert fast.backend == "triton" and fast.loss_trace.dtype == torch.float64
     assert (ref.final_params - w_star).abs().max() > 1e-1  # not vacuous: the chains travelled far
     if orthogonal:  # and the restriction held: w − w* stays orthogonal to g
         from fastllc.sampling.contract import loss_and_gradient_at_start, orthogonal_direction
         g = orthogonal_direction(loss_and_gradient_at_start(model, x, y, F.cross_entropy)[1])
         assert ((fast.final_params - w_star) @ g).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_padded_hidden_width_and_odd_batch_match_the_reference(orthogonal):
+    """p=11, e=5, h=13, m=11: every tile padded to 16 and masked, the hidden width (H) and batch (M) too,
+    which the shapes above never pad (h = 16 there, and m = 8 is padded on its own)."""
+    x, y = make_task(11, "add", seed=0).train_data()
+    torch.manual_seed(11)
+    model = ModularMLP(11, 5, 13)
+    w_star = flat_parameters(model)[2]
+    steps, m = 20, 11
+    noise = injected(y, w_star.numel(), CHAINS, steps, m=m)
+    config = SGLDConfig(chains=CHAINS, steps=steps, batch_size=m, orthogonal=orthogonal, **PER_CHAIN)
+    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = fused.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    # the same 20 steps of fp32 arithmetic as the test above, so its ATOL and its reasoning apply
+    # (measured: 9e-8 on weights, 7e-7 = 3 ulps on losses ≈ 2.4)
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=ATOL)
+    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=ATOL)
+    assert (ref.final_params - w_star).abs().max() > 1e-1  # not vacuous: the chains travelled far
 
 
 def test_published_shapes_match_the_reference():
@@ -107,7 +134,7 @@ def test_stacked_starting_points_equal_separate_runs():
                              randomness=InjectedRandomness(noise.indices[2:], noise.noise[2:]))
     torch.testing.assert_close(together[1].final_params, alone.final_params, rtol=0, atol=ATOL)
     torch.testing.assert_close(together[1].loss_trace, alone.loss_trace, rtol=0, atol=ATOL)
-    assert together[1].init_loss == pytest.approx(alone.init_loss, rel=1e-6)
+    assert together[1].init_loss == pytest.approx(F.cross_entropy(second(x), y).item(), rel=1e-6)  # its own L_n(w*)
     assert together[0].init_loss != together[1].init_loss
     assert together[0].chains_in_batch == 4
 
@@ -251,6 +278,44 @@ def test_clear_error_without_cuda_and_without_the_interpreter():
     assert "runs on CUDA" in message and "CUDA is not available" in message and "--backend torch" in message
 
 
+def test_without_triton_fastllc_imports_and_the_backend_names_the_extra():
+    """Triton is an extra: without it (simulated: None in sys.modules makes every import of it fail) fastllc
+    imports, ``auto`` passes the triton backend over, and asking for it is the one-line install hint."""
+    script = (
+        "import os, sys\n"
+        "sys.modules['triton'] = None\n"
+        "import torch, torch.nn.functional as F\n"
+        "import fastllc\n"
+        "from fastllc import FastLLCError, ModularMLP\n"
+        "from fastllc.sampling import fused, resolve_backend\n"
+        "model = ModularMLP(5, 4, 16)\n"
+        "assert not fused.supports(model, F.cross_entropy, torch.device('cuda'))\n"
+        "print(resolve_backend('auto', torch.device('cuda'), model, F.cross_entropy))\n"
+        "try:\n"
+        "    fused.require('cpu')  # no interpreter asked for: installing Triton would not help, CUDA would\n"
+        "except FastLLCError as err:\n"
+        "    print(err)\n"
+        "os.environ['TRITON_INTERPRET'] = '1'  # on CPU only the interpreter would run it: Triton is what is missing\n"
+        "for device in ('cuda', 'cpu'):\n"
+        "    try:\n"
+        "        fused.require(device)\n"
+        "    except FastLLCError as err:\n"
+        "        print(err)\n"
+        "try:\n"
+        "    import fastllc.kernels\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    auto, plain_cpu, on_cuda, on_cpu, kernels_import = done.stdout.strip().split("\n")
+    assert auto == "torch"
+    assert plain_cpu.startswith("the triton backend runs on CUDA: ")
+    assert on_cuda == on_cpu == fused.MISSING_TRITON == "the triton backend needs the triton package: pip install 'fastllc[triton]'"
+    assert kernels_import == "fastllc.kernels needs the triton package: pip install 'fastllc[triton]'"
+
+
 @pytest.mark.slow
 def test_the_real_kernel_compiles_for_sm90_without_a_gpu():
     """The interpreter skips Triton's compiler: build the published-shape kernel for sm_90 with Triton's own
@@ -264,6 +329,10 @@ def test_the_real_kernel_compiles_for_sm90_without_a_gpu():
         pytest.skip("Triton's ptxas is not available on this platform")
     assert done.returncode == 0, done.stderr[-3000:]
     registers, spills, shared = (int(v) for v in done.stdout.split()[-3:])
-    assert 0 < registers <= 255
+    # Registers sit at the hardware's 255 by design (the weights live there), so spills are what can regress.
+    # Measured with Triton 3.9: 1,740 bytes a thread (the kernel docstrings' ~2 KB). The layout before the
+    # two-pass projection spilled ~5 KB and 4 warps spill ~10x more; 4 KB catches either, with 2.3x room
+    # for another Triton version's register allocation.
+    assert spills <= 4096
     assert shared <= 227 * 1024  # the most shared memory one program may have on sm_90
     print(f"sm_90, 8 warps: {registers} registers, {spills} bytes spilled a thread, {shared} bytes shared")

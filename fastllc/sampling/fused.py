@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import time
 
 import torch
@@ -61,19 +62,30 @@ def supports(model, loss_fn, device=None) -> bool:
             and importlib.util.find_spec("triton") is not None)
 
 
+MISSING_TRITON = "the triton backend needs the triton package: pip install 'fastllc[triton]'"
+
+
+def _not_on_cpu() -> FastLLCError:
+    hint = ("pass --device cuda" if torch.cuda.is_available()
+            else "CUDA is not available on this machine; use --backend torch")
+    return FastLLCError(f"the triton backend runs on CUDA: {hint} (on CPU it runs only in Triton's interpreter, "
+                        "for tests: TRITON_INTERPRET=1 set before fastllc.kernels is imported)")
+
+
 def _kernels(device: torch.device):
     """The kernel module, or a one-line error saying why this device cannot run it."""
     if device.type not in ("cuda", "cpu"):
         raise FastLLCError(f"the triton backend runs on CUDA, not on {device.type}; use --backend torch")
+    if importlib.util.find_spec("triton") is None:  # Triton is an extra (CUDA builds of torch bring it)
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise _not_on_cpu()  # installing Triton would not make this run: say what would
+        raise FastLLCError(MISSING_TRITON)
     try:
         from .. import kernels
-    except ImportError as err:
-        raise FastLLCError(f"the triton backend needs Triton ({err}); use --backend torch") from None
+    except ImportError as err:  # installed but broken (e.g. a Triton too old for the kernels)
+        raise FastLLCError(f"the triton backend could not import Triton ({err}); use --backend torch") from None
     if device.type == "cpu" and not kernels.INTERPRETED:
-        hint = ("pass --device cuda" if torch.cuda.is_available()
-                else "CUDA is not available on this machine; use --backend torch")
-        raise FastLLCError(f"the triton backend runs on CUDA: {hint} (on CPU it runs only in Triton's interpreter, "
-                           "for tests: TRITON_INTERPRET=1 set before fastllc.kernels is imported)")
+        raise _not_on_cpu()
     return kernels
 
 
