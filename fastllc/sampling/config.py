@@ -12,6 +12,7 @@ from typing import Sequence, Union
 import torch
 
 from ..errors import FastLLCError
+from ..seeding import check_seed
 
 PerChain = Union[float, Sequence[float], torch.Tensor]
 
@@ -62,8 +63,7 @@ class SGLDConfig:
         if self.thin < 1 or self.thin > self.steps - self.burn_in:
             raise FastLLCError(f"thin must be in [1, steps − burn-in] = [1, {self.steps - self.burn_in}], "
                                f"got {self.thin}")
-        if self.seed < 0:
-            raise FastLLCError(f"seed must be non-negative, got {self.seed}")
+        check_seed(self.seed)  # the samplers' random streams key on a signed 64-bit integer
         self.per_chain("epsilon", lambda v: v > 0, "> 0")
         self.per_chain("gamma", lambda v: v >= 0, ">= 0")
         if self.nbeta is not None:
