@@ -13,7 +13,7 @@ only refuses work at the very edge of the machine; one that is too low lets a ru
                                   the loss trace of T steps (float32 and float64 copies, masks,
                                   and the estimator's FFT for the effective sample size):         128·T
 
-Measured peaks (resident memory, 2 CPU threads, e = 8, h = 32, backend torch) are 0.7–0.8× the estimate:
+Measured peaks (resident memory, 2 CPU threads, e = 8, h = 32, backend torch) are 0.55–0.85× the estimate:
 training p = 400 and 600; sampling p = 400 (8 chains × 50 steps), p = 5 (20,000 chains × 200 steps and
 2,000 chains × 5,000 steps: ~85 bytes per chain-step).
 """
