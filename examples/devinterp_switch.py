@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-if sys.argv[1:] == ["fastllc"]:
-    from fastllc.compat.devinterp import estimate_learning_coeff_with_summary
+if sys.argv[1:] == ["fastllc"]:  # runs without devinterp installed
+    from fastllc.compat.devinterp import SGLD, estimate_learning_coeff_with_summary
 else:
+    from devinterp.optim.sgld import SGLD  # the sampler class devinterp scripts name (fastllc accepts it)
     from devinterp.slt.sampler import estimate_learning_coeff_with_summary
-from devinterp.optim.sgld import SGLD  # the sampler class devinterp scripts name (fastllc accepts it)
 
 warnings.filterwarnings("ignore")
 torch.manual_seed(0)

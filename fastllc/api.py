@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
+from . import resources
 from .compat.loaders import as_pair, is_loader, materialise
 from .errors import FastLLCError
 from .llc import LLCResult, estimate_llc
+from .model import ModularMLP
 from .sampling import SGLDConfig, backend_module, batched, resolve_backend, resolve_device, sample, vectorized
 from .train import Run
 
@@ -36,13 +40,61 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
     inputs, targets = as_pair(data)
     if len(inputs) != len(targets) or len(targets) == 0:
         raise FastLLCError(f"data has {len(inputs)} inputs and {len(targets)} targets; need equal and non-zero")
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if parameters == 0:
+        raise FastLLCError("the model has no trainable parameters (none with requires_grad): nothing to sample")
+    if init_loss is not None and not math.isfinite(init_loss):
+        raise FastLLCError(f"init_loss must be finite, got {init_loss}")
+    _warn_if_batch_exceeds_data(config.batch_size, len(targets))
+    minibatch = (resources.mlp_minibatch_bytes(model.p, model.embed_dim, model.hidden_dim, config.batch_size)
+                 if isinstance(model, ModularMLP) else 0)
+    require_chain_memory(config, parameters, minibatch, resolve_device(device))
     if config.mala:
         backend = _mala_backend(backend, model, loss_fn, resolve_device(device))
+    check_loss_at_start(model, inputs, targets, loss_fn)
     samples = sample(model, inputs, targets, loss_fn, config, backend=backend, device=device,
                      randomness=randomness, progress=progress)
     if init_loss is not None:
         samples = replace(samples, init_loss=float(init_loss))
     return estimate_llc(samples, config)
+
+
+def _warn_if_batch_exceeds_data(batch_size: int, n: int) -> None:
+    """Minibatches are drawn with replacement, so this works, but it is rarely what was meant."""
+    if batch_size > n:
+        warnings.warn(f"batch size {batch_size} is larger than the {n} training examples; minibatches repeat "
+                      "examples", RuntimeWarning, stacklevel=3)
+
+
+def require_chain_memory(config: SGLDConfig, parameters: int, minibatch_bytes: int, device: torch.device) -> None:
+    """Refuse, before any work, chains whose buffers and loss traces cannot fit (``resources.chains_bytes``).
+
+    On CUDA the weights live on the device and the traces end up on the host: each side is checked."""
+    subject = f"a run of {config.chains:,} chains × {config.steps:,} steps of {parameters:,} parameters"
+    advice = "use fewer chains or steps"
+    if device.type == "cuda":
+        resources.require_memory(resources.chains_bytes(config.chains, 0, parameters, minibatch_bytes)
+                                 + 4 * config.chains * config.steps, subject, "the chains", advice, device)
+        resources.require_memory(resources.chains_bytes(config.chains, config.steps, 0), subject,
+                                 "the loss traces", advice)
+    else:
+        resources.require_memory(resources.chains_bytes(config.chains, config.steps, parameters, minibatch_bytes),
+                                 subject, "sampling (every chain's weights, gradients and loss trace)", advice)
+
+
+def check_loss_at_start(model: torch.nn.Module, inputs, targets, loss_fn) -> None:
+    """One forward pass over all of the data at w*, before any chain runs: a non-finite L_n(w*) would make
+    every chain look diverged. Run where the model lives; torch's random state is left as it was (dropout)."""
+    home = next(p for p in model.parameters() if p.requires_grad).device
+    with torch.no_grad(), torch.random.fork_rng(devices=[home] if home.type == "cuda" else []):
+        loss = loss_fn(model(inputs.to(home)), targets.to(home))
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise FastLLCError(f"loss_fn must return the mean loss over the examples (one number), got {shape}")
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FastLLCError(f"the loss at w* is {value} (the starting weights or data give a non-finite loss); "
+                           "check the model and data")
 
 
 def _mala_backend(backend: str, model, loss_fn, device) -> str:
@@ -72,12 +124,20 @@ def estimate_checkpoints(run: Run | str, checkpoints: list[int] | None = None, c
     run = run if isinstance(run, Run) else Run.load(run)
     config = replace(config or SGLDConfig(), **settings).validate()
     indices = range(len(run.steps)) if checkpoints is None else [run.checkpoint_index(k) for k in checkpoints]
+    if not indices:
+        raise FastLLCError("estimate_checkpoints needs at least one checkpoint, got an empty list")
     pairs, labels = run.task().train_data()
-    starts = [batched.Start(run.load_model(k), pairs, labels) for k in indices]
     device = resolve_device(device)
+    _warn_if_batch_exceeds_data(config.batch_size, len(labels))
+    arch = (run.config.p, run.config.embed, run.config.hidden)
+    require_chain_memory(replace(config, chains=config.chains * len(indices)), resources.mlp_parameters(*arch),
+                         resources.mlp_minibatch_bytes(*arch, config.batch_size), device)
+    starts = [batched.Start(run.load_model(k), pairs, labels) for k in indices]
     name = resolve_backend(backend, device, starts[0].model, F.cross_entropy)
     if name not in ("torch", "triton"):
         raise FastLLCError(f"estimate_checkpoints runs all checkpoints as one batch: backend torch or triton, not {name!r}")
+    for start in starts:
+        check_loss_at_start(start.model, pairs, labels, F.cross_entropy)
     samples = backend_module(name).sample_starts(starts, config, randomness=randomness, device=device,
                                                  progress=progress)
     return [estimate_llc(s, config) for s in samples]

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
+import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from . import api
+from . import api, resources
 from .errors import FastLLCError
 from .sampling import BACKEND_CHOICES, SGLDConfig, resolve_backend, resolve_device
+from .seeding import check_seed
 from .train import Run, TrainConfig, default_batches, train
 
 
@@ -28,49 +33,148 @@ def _progress() -> bool:
     return sys.stderr.isatty()
 
 
+@contextlib.contextmanager
+def _long_work(start: str, done: str):
+    """On a terminal tqdm's bars show progress; elsewhere (a log file, CI) one line on stderr when long
+    work starts and one when it is done, so that a log tells waiting from hanging."""
+    if _progress():
+        yield
+        return
+    click.echo(f"{start} ...", err=True)
+    began = time.perf_counter()
+    yield
+    click.echo(f"{done} in {time.perf_counter() - began:.1f} s", err=True)
+
+
 def one_line_errors(command):
-    """Turn library errors into ``Error: <message>`` and exit code 1, never a traceback."""
+    """Turn library errors into ``Error: <message>`` and exit code 1, never a traceback; print the
+    RuntimeWarnings raised on the way as ``warning: <message>`` lines (before the error, if any)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        caught = []
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", RuntimeWarning)
-                outcome = command(*args, **kwargs)
-            for warning in caught:
-                click.echo(f"warning: {warning.message}", err=True)
-            return outcome
+                return command(*args, **kwargs)
         except FastLLCError as err:
             raise click.ClickException(str(err)) from None
+        finally:
+            for warning in caught:
+                click.echo(f"warning: {warning.message}", err=True)
 
     return wrapper
 
 
-def training_options(command):
-    options = [
-        click.option("--p", "p", type=int, default=None, help="Modulus: the task lives on Z_p."),
-        click.option("--task", type=click.Choice(["add", "random"]), default="add", show_default=True,
-                     help="Modular addition, or a random commutative operation (memorisation)."),
-        click.option("--embed", type=int, default=8, show_default=True, help="Embedding width e."),
-        click.option("--hidden", type=int, default=32, show_default=True, help="Hidden width h."),
-        click.option("--batches", type=int, default=None,
-                     help="Training batches of 64 [default: 10000; 15000 for p >= 41, as published]."),
-        click.option("--checkpoints", type=int, default=25, show_default=True,
-                     help="Evenly spaced checkpoints (0 = initialisation), plus the final weights."),
-        click.option("--train-seed", "train_seed", type=int, default=0, show_default=True,
-                     help="Seed of the task table, split, initialisation and batches."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _check_writable(path: Path, kind: str, option: str) -> None:
+    """Refuse, before any work, an output ``path`` (``kind`` "dir" or "file") that cannot be written: it
+    must not be the other kind, and its nearest existing ancestor must be a directory where a file can
+    be created (tried with a temporary file, deleted at once: as root, os.access says yes even to /proc)."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != (kind == "dir"):
+        raise FastLLCError(f"{option} {path} is a {'file' if kind == 'dir' else 'directory'}; "
+                           f"give a {'directory' if kind == 'dir' else 'file name'}")
+    ancestor = path if kind == "dir" else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError:
+        raise FastLLCError(f"cannot write {option} {path}: {ancestor} is not a writable directory") from None
 
 
-def _train_config(p, task, embed, hidden, batches, checkpoints, train_seed) -> TrainConfig:
+def _check_plot_path(plot: Path) -> None:
+    """The plot's file type (its suffix) must be one matplotlib writes, and its place writable."""
+    from matplotlib.figure import Figure
+
+    kinds = sorted(Figure().canvas.get_supported_filetypes())
+    if plot.suffix[1:].lower() not in kinds:
+        raise FastLLCError(f"--plot {plot}: matplotlib cannot write {plot.suffix or 'a name without a suffix'}; "
+                           f"end the name with one of {', '.join('.' + k for k in kinds)}")
+    _check_writable(plot, "file", "--plot")
+
+
+def training_options(train_seed_names=("--train-seed",)):
+    """The options that define a training run; ``train_seed_names``: the seed option's names (``train``
+    also takes ``--seed``; ``estimate`` has its own ``--seed``, the SGLD seed)."""
+
+    def decorate(command):
+        options = [
+            click.option("--p", "p", type=int, default=None, help="Modulus: the task lives on Z_p."),
+            click.option("--task", type=click.Choice(["add", "random"]), default="add", show_default=True,
+                         help="Modular addition, or a random commutative operation (memorisation)."),
+            click.option("--embed", type=int, default=8, show_default=True, help="Embedding width e."),
+            click.option("--hidden", type=int, default=32, show_default=True, help="Hidden width h."),
+            click.option("--batches", type=int, default=None,
+                         help="Training batches of 64 [default: 10000; 15000 for p >= 41, as published]."),
+            click.option("--checkpoints", type=int, default=25, show_default=True,
+                         help="Evenly spaced checkpoints (0 = initialisation), plus the final weights."),
+            click.option(*train_seed_names, "train_seed", type=int, default=0, show_default=True,
+                         help="Seed of the task table, split, initialisation and batches."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+TRAINING_OPTIONS = ("p", "task", "embed", "hidden", "batches", "checkpoints", "train_seed")
+
+
+def _train_config(p, task, embed, hidden, batches, checkpoints, train_seed, seed_option="--train-seed") -> TrainConfig:
     if p is None:
         raise FastLLCError("give the modulus --p (or, for `estimate`, an existing --run)")
+    check_seed(train_seed, seed_option)
     batches = default_batches(p) if batches is None else batches
     return TrainConfig(p=p, task=task, embed=embed, hidden=hidden, batches=batches, checkpoints=checkpoints,
                        seed=train_seed).validate()
+
+
+def _refuse_training_options_with_run() -> None:
+    """With --run the run's own config fixes the model and its training: a training option given as
+    well would be silently ignored, so it is refused."""
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        if param.name in TRAINING_OPTIONS and ctx.get_parameter_source(param.name) in (
+                ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            raise FastLLCError(f"{param.opts[0]} is ignored with --run (the run fixes the model and its training): "
+                               "drop it")
+
+
+def _examples(config: TrainConfig) -> int:
+    """n, the size of the train split (as tasks.make_task draws it), known without building the task."""
+    return max(1, round(config.train_frac * config.p * config.p))
+
+
+def _require_training_memory(config: TrainConfig) -> None:
+    p, e, h = config.p, config.embed, config.hidden
+    weights = 64 * resources.mlp_parameters(p, e, h)
+    needed = resources.training_bytes(p, e, h)
+    if weights > needed / 2:  # wide layers, not the p² pairs, are what does not fit
+        resources.require_memory(needed, f"e = {e}, h = {h} at p = {p}", "training (the weights and Adam's state)",
+                                 "use a smaller --embed or --hidden")
+    else:
+        resources.require_memory(needed, f"p = {p}", f"training (the p² = {p * p:,} pairs)", "use a smaller --p")
+
+
+def _require_sampling_memory(training: TrainConfig, sgld: SGLDConfig, device) -> None:
+    """The host's share of sampling (api.estimate checks the device's share itself)."""
+    n, C, T = _examples(training), sgld.chains, sgld.steps
+    start, chains = resources.mlp_sampling_bytes(training.p, training.embed, training.hidden, n, C, T, sgld.batch_size)
+    if device.type != "cpu":
+        chains = resources.chains_bytes(C, T, 0)  # only the loss traces come back to the host
+    if start > chains:
+        resources.require_memory(start + chains, f"p = {training.p}",
+                                 f"sampling (the loss and gradient at w* over all {n:,} training pairs)",
+                                 "use a smaller --p")
+    else:
+        resources.require_memory(start + chains, f"a run of {C:,} chains × {T:,} steps",
+                                 "sampling (every chain's weights, gradients and loss trace)",
+                                 "use fewer --chains or --steps")
 
 
 @click.group()
@@ -80,32 +184,44 @@ def main():
 
 
 @main.command("train")
-@training_options
+@training_options(("--train-seed", "--seed"))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory to create [default: ./runs/<task>-p<P>-...].")
 @one_line_errors
 def train_command(out, **options):
     """Train the study's MLP and write a run directory (config, checkpoints, metrics)."""
-    config = _train_config(**options)
+    config = _train_config(**options, seed_option="--train-seed/--seed")
     out = out or Path("runs") / config.run_name()
-    run = train(config, out, progress=_progress())
+    _check_writable(out, "dir", "--out")
+    _require_training_memory(config)
+    with _long_work(f"training {config.run_name()} ({config.batches} batches)", "trained"):
+        run = train(config, out, progress=_progress())
     final = run.metrics[-1]
     click.echo(f"run      {run.path}  ({len(run.steps)} checkpoints, steps 0..{run.steps[-1]})")
     click.echo(f"final    train loss {final['train_loss']:.4f} acc {final['train_acc']:.1%} | "
                f"test loss {final['test_loss']:.4f} acc {final['test_acc']:.1%}")
 
 
+def _cache_path(config: TrainConfig) -> Path:
+    return fastllc_home() / "runs" / config.run_name()
+
+
 def cached_run(config: TrainConfig) -> Run:
     """The run for ``config`` from the cache, training it once if it is not there."""
-    path = fastllc_home() / "runs" / config.run_name()
+    path = _cache_path(config)
     if not path.exists():
         click.echo(f"training {config.run_name()} once (cached in {path.parent})", err=True)
-        return train(config, path, progress=_progress())
+        if _progress():
+            return train(config, path, progress=True)
+        began = time.perf_counter()
+        run = train(config, path)
+        click.echo(f"trained in {time.perf_counter() - began:.1f} s", err=True)
+        return run
     return Run.load(path)
 
 
 @main.command("estimate")
-@training_options
+@training_options()
 @click.option("--chains", type=int, default=4, show_default=True, help="SGLD chains, run together.")
 @click.option("--steps", type=int, default=5000, show_default=True, help="SGLD steps per chain.")
 @click.option("--burn-in", type=int, default=0, show_default=True, help="Steps dropped from the average.")
@@ -126,13 +242,25 @@ def cached_run(config: TrainConfig) -> Run:
 def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, orthogonal, backend, device,
                      run_dir, checkpoint, seed, as_json, **training):
     """Estimate λ̂ at a checkpoint with SGLD chains started at its weights."""
+    if run_dir is not None:
+        _refuse_training_options_with_run()
     config = SGLDConfig(chains=chains, steps=steps, burn_in=burn_in, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                         batch_size=batch_size, orthogonal=orthogonal, seed=seed).validate()
     device = resolve_device(device)
-    resolve_backend(backend, device)  # fail before any training
-    run = Run.load(run_dir) if run_dir is not None else cached_run(_train_config(**training))
+    name = resolve_backend(backend, device)  # fail before any training
+    if run_dir is not None:
+        run = Run.load(run_dir)
+        _require_sampling_memory(run.config, config, device)
+    else:
+        training_config = _train_config(**training)
+        if not _cache_path(training_config).exists():
+            _check_writable(_cache_path(training_config), "dir", "the run cache (FASTLLC_HOME)")
+            _require_training_memory(training_config)
+        _require_sampling_memory(training_config, config, device)
+        run = cached_run(training_config)
     index = run.checkpoint_index(checkpoint)
-    result = api.estimate_run(run, index, config, backend=backend, device=device, progress=_progress())
+    with _long_work(f"sampling {config.chains} chains × {config.steps} steps ({name} on {device})", "sampled"):
+        result = api.estimate_run(run, index, config, backend=backend, device=device, progress=_progress())
     metrics = run.metrics[index]
     if as_json:
         record = dict(result.to_dict(), run=str(run.path), checkpoint=index, step=run.steps[index],
@@ -158,12 +286,16 @@ def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, 
 @click.option("--along-training", is_flag=True, help="Count circuits at every checkpoint instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Save the per-frequency circles and the ablation curve to this PNG.")
+              help="Save the per-frequency circles and the ablation curve to this image (.png, .pdf, .svg, ...).")
 @one_line_errors
 def circuits_command(run_dir, checkpoint, along_training, as_json, plot):
     """Fourier circuits of a modular-addition run: learned frequencies, circle plots, mode ablation."""
-    from .analysis import CIRCUIT_RULE, analyse_run, circuits_over_training
+    from .analysis import analyse_run, circuits_over_training
 
+    if plot is not None:
+        if along_training:
+            raise FastLLCError("--plot draws one checkpoint and is not used with --along-training: drop one of them")
+        _check_plot_path(plot)  # before the analysis, so that a bad name costs nothing
     run = Run.load(run_dir)
     if along_training:
         reports = circuits_over_training(run)
@@ -175,14 +307,25 @@ def circuits_command(run_dir, checkpoint, along_training, as_json, plot):
             click.echo(f"{r.checkpoint:>10} {r.step:>6} {r.count:>5}  {str(r.learned):<21} {r.full_test_loss:.4f}")
         return
     report, modes = analyse_run(run, checkpoint)
-    if plot is not None:
-        from .analysis.plots import plot_circuits
-
-        plot_circuits(report, modes, plot, title=f"{run.path.name}, checkpoint {report.checkpoint} "
-                      f"(step {report.step}): {report.count} circuit(s) {report.learned}")
     if as_json:
         click.echo(json.dumps(report.to_dict()))
-        return
+    else:
+        _print_circuits(run, report)
+    if plot is not None:  # after the table: a plot that fails to save loses nothing else
+        from .analysis.plots import plot_circuits
+
+        try:
+            plot_circuits(report, modes, plot, title=f"{run.path.name}, checkpoint {report.checkpoint} "
+                          f"(step {report.step}): {report.count} circuit(s) {report.learned}")
+        except OSError as err:
+            raise FastLLCError(f"could not write the plot {plot}: {err.strerror or err}") from None
+        if not as_json:
+            click.echo(f"plot       {plot}")
+
+
+def _print_circuits(run: Run, report) -> None:
+    from .analysis import CIRCUIT_RULE
+
     click.echo(f"run        {run.path}  checkpoint {report.checkpoint} (step {report.step})")
     click.echo(f"rule       {CIRCUIT_RULE}")
     click.echo(f"{'k':>4} {'magnitude':>9} {'roundness':>9} {'circularity':>11} {'loss keeping only k':>20}")
@@ -198,8 +341,6 @@ def circuits_command(run_dir, checkpoint, along_training, as_json, plot):
         click.echo(f"kind       {kinds}   [experimental]")
     if report.note:
         click.echo(f"note       {report.note}")
-    if plot is not None:
-        click.echo(f"plot       {plot}")
 
 
 @main.command("reproduce")

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .errors import FastLLCError
 from .sampling.config import SGLDConfig
 from .sampling.contract import Samples
 
@@ -121,6 +122,9 @@ class LLCResult:
 
 def estimate_llc(samples: Samples, config: SGLDConfig) -> LLCResult:
     """λ̂ with its spread, health flags and convergence diagnostics from a backend's ``Samples``."""
+    if not math.isfinite(samples.init_loss):  # api.estimate checks before sampling; this covers direct backend use
+        raise FastLLCError(f"the loss at w* is {samples.init_loss} (the starting weights or data give a non-finite "
+                           "loss); check the model and data")
     trace = samples.loss_trace.double().cpu()
     chains, steps = trace.shape
     recorded = trace[:, config.burn_in + config.thin - 1 :: config.thin]

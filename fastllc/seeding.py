@@ -7,10 +7,25 @@ streams never depend on each other or on how many of them run together.
 
 from __future__ import annotations
 
+import numbers
 import zlib
 
 import numpy as np
 import torch
+
+from .errors import FastLLCError
+
+MAX_SEED = 2**63 - 1
+"""The largest seed every generator takes: the samplers' counter-based streams key on a signed 64-bit
+integer (Numba's int64 in ``sampling/randomness.py``, the Triton kernel's i64 scalar); numpy's SeedSequence
+and torch's ``manual_seed`` take at least as much."""
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an int, or a FastLLCError naming ``name`` when it is not an integer in [0, MAX_SEED]."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise FastLLCError(f"{name} must be an integer in [0, 2**63 − 1], got {seed!r}")
+    return int(seed)
 
 
 def _as_int(key: int | str) -> int:

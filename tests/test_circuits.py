@@ -1,7 +1,10 @@
 """Fourier circuit analysis: known synthetic answers, Numba against numpy, and a trained network."""
 
+import errno
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,11 +90,22 @@ def test_a_trained_network_has_circuits_and_they_carry_the_computation(trained_p
     assert report.learned_only_test_loss < 0.2 * math.log(23)
 
 
-def test_circuits_cli(tmp_path, tiny_run):
+def test_circuits_cli(tmp_path, tiny_run, monkeypatch):
+    import matplotlib
+
+    def no_global_backend(*args, **kwargs):
+        raise AssertionError("plots must not switch matplotlib's global backend")
+
+    monkeypatch.setattr(matplotlib, "use", no_global_backend)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # importing pyplot now fails: the object API only
+    report, _ = analyse_run(tiny_run)
     runner = CliRunner()
     result = runner.invoke(main, ["circuits", "--run", str(tiny_run.path), "--plot", str(tmp_path / "c.png")])
     assert result.exit_code == 0, result.output
-    assert "circuits" in result.output and (tmp_path / "c.png").stat().st_size > 10_000
+    assert f"circuits   {report.count}: {report.learned}" in result.output.splitlines()
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    result = runner.invoke(main, ["circuits", "--run", str(tiny_run.path), "--plot", str(tmp_path / "c.svg")])
+    assert result.exit_code == 0 and (tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")
     record = json.loads(runner.invoke(main, ["circuits", "--run", str(tiny_run.path), "--json"]).stdout)
     assert record["p"] == 5 and len(record["magnitudes"]) == 2
     along = runner.invoke(main, ["circuits", "--run", str(tiny_run.path), "--along-training"])
@@ -111,3 +125,47 @@ def test_circuits_cli_bad_input(tmp_path):
     assert result.exit_code != 0 and "corrupt" in result.output
     result = runner.invoke(main, ["circuits", "--run", str(tmp_path / "missing")])
     assert result.exit_code != 0 and "does not exist" in result.output
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+@pytest.mark.parametrize("name,message", [
+    ("circles.xyz", "--plot circles.xyz: matplotlib cannot write .xyz; end the name with one of .avif, .eps, .gif, "
+                    ".jpeg, .jpg, .pdf, .pgf, .png, .ps, .raw, .rgba, .svg, .svgz, .tif, .tiff, .webp"),
+    ("circles", "--plot circles: matplotlib cannot write a name without a suffix; end the name with one of .avif"),
+])
+def test_a_plot_type_matplotlib_cannot_write_is_refused_before_the_analysis(tmp_path, tiny_run, monkeypatch, name,
+                                                                             message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("fastllc.analysis.analyse_run", lambda *a: pytest.fail("the analysis ran"))
+    result = CliRunner().invoke(main, ["circuits", "--run", str(tiny_run.path), "--plot", name])
+    assert message in one_error_line(result)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a directory nobody can write")
+def test_a_plot_in_an_unwritable_place_is_refused(tiny_run):
+    result = CliRunner().invoke(main, ["circuits", "--run", str(tiny_run.path), "--plot", "/proc/x.png"])
+    assert "cannot write --plot /proc/x.png: /proc is not a writable directory" in one_error_line(result)
+
+
+def test_the_table_is_printed_before_a_plot_that_fails(tmp_path, tiny_run, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("fastllc.analysis.plots.plot_circuits", disk_full)
+    result = CliRunner().invoke(main, ["circuits", "--run", str(tiny_run.path), "--plot", str(tmp_path / "c.png")])
+    assert f"could not write the plot {tmp_path / 'c.png'}: No space left on device" in one_error_line(result)
+    assert any(line.startswith("circuits   ") for line in result.output.splitlines())  # the table came first
+
+
+def test_plot_with_along_training_is_refused(tmp_path, tiny_run):
+    result = CliRunner().invoke(main, ["circuits", "--run", str(tiny_run.path), "--along-training",
+                                       "--plot", str(tmp_path / "c.png")])
+    assert "--plot draws one checkpoint and is not used with --along-training: drop one of them" in one_error_line(result)
+    assert sorted(tmp_path.iterdir()) == []

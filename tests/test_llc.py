@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastllc import SGLDConfig, estimate_llc
+from fastllc.errors import FastLLCError
 from fastllc.llc import effective_sample_size, split_r_hat
 from fastllc.sampling.contract import Samples
 
@@ -73,3 +74,10 @@ def test_r_hat_detects_chains_that_disagree():
     rng = np.random.default_rng(2)
     shifted = rng.normal(size=(4, 500)) + np.array([[0.0], [0.0], [3.0], [3.0]])
     assert split_r_hat(shifted) > 1.5
+
+
+@pytest.mark.parametrize("init_loss", [math.nan, math.inf])
+def test_a_non_finite_loss_at_w_star_is_an_error_not_diverged_chains(init_loss):
+    with pytest.raises(FastLLCError, match=r"the loss at w\* is (nan|inf) \(the starting weights or data give a "
+                                           r"non-finite loss\); check the model and data"):
+        estimate_llc(samples_from(np.ones((2, 10)), init_loss=init_loss), SGLDConfig(chains=2, steps=10))

@@ -11,23 +11,21 @@ from .circuits import CircuitReport
 from .fourier import FourierModes
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A figure that draws to files only, through matplotlib's object API: neither pyplot's state nor the
+    global backend of the caller's matplotlib is touched."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def plot_circuits(report: CircuitReport, modes: FourierModes, path: str | Path, title: str = "") -> Path:
     """A grid of per-frequency planes (tokens coloured by j·k mod p, joined in that order), the magnitude
     spectrum and the keep-only-k ablation curve, saved to ``path``."""
-    plt = _pyplot()
     p, K = modes.p, len(modes.frequencies)
     columns = min(K, 7)
     rows = math.ceil(K / columns)
-    fig = plt.figure(figsize=(2.1 * columns, 2.1 * rows + 5.0))
+    fig = _figure(figsize=(2.1 * columns, 2.1 * rows + 5.0))
     grid = fig.add_gridspec(rows + 2, columns, height_ratios=[1] * rows + [1.2, 1.2], hspace=0.6)
     tokens = np.arange(p)
     for index, k in enumerate(modes.frequencies):
@@ -66,6 +64,5 @@ def plot_circuits(report: CircuitReport, modes: FourierModes, path: str | Path, 
     fig.suptitle(title or f"p={p}: {report.count} learned circuit(s) {report.learned}", fontsize=11)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a bare Figure needs no close: nothing else holds it
     return path

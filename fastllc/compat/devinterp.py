@@ -55,6 +55,11 @@ _REFUSED_KWARGS = {"noise_level": (1.0,), "weight_decay": (0.0, None), "bounding
                    "optimize_over": (None,)}
 
 
+class SGLD:
+    """Stands in for ``devinterp.optim.sgld.SGLD`` where devinterp is not installed: scripts pass the class
+    as ``sampling_method=SGLD`` and fastllc matches samplers by name, so this is the same choice."""
+
+
 def default_nbeta(batch_size: int) -> float:
     """devinterp's default: b/log b for the loader's batch size b (1 when b ≤ 1)."""
     return 1.0 if batch_size <= 1 else batch_size / math.log(batch_size)
@@ -177,7 +182,7 @@ def estimate_learning_coeff_with_summary(
     model.train()  # devinterp evaluates the sampled models in training mode
     try:
         result = estimate(target, (inputs, targets), loss_fn, config, backend=backend, device=device,
-                          progress=verbose, init_loss=init_loss or None)
+                          progress=verbose, init_loss=init_loss)
     finally:
         model.train(was_training)
     out = summary(result, config, online)
@@ -225,4 +230,4 @@ def estimate_learning_coeff(model: nn.Module, loader, callbacks=(), evaluate=Non
         optimize_over_per_model_param=optimize_over_per_model_param, backend=backend)["llc/mean"]
 
 
-__all__ = ["estimate_learning_coeff", "estimate_learning_coeff_with_summary", "default_nbeta", "summary"]
+__all__ = ["SGLD", "estimate_learning_coeff", "estimate_learning_coeff_with_summary", "default_nbeta", "summary"]

@@ -12,6 +12,7 @@ from typing import Sequence, Union
 import torch
 
 from ..errors import FastLLCError
+from ..seeding import check_seed
 
 PerChain = Union[float, Sequence[float], torch.Tensor]
 
@@ -62,30 +63,31 @@ class SGLDConfig:
         if self.thin < 1 or self.thin > self.steps - self.burn_in:
             raise FastLLCError(f"thin must be in [1, steps − burn-in] = [1, {self.steps - self.burn_in}], "
                                f"got {self.thin}")
-        if self.seed < 0:
-            raise FastLLCError(f"seed must be non-negative, got {self.seed}")
-        self.per_chain("epsilon", lambda v: v > 0, "> 0")
-        self.per_chain("gamma", lambda v: v >= 0, ">= 0")
+        check_seed(self.seed)  # the samplers' random streams key on a signed 64-bit integer
+        self._values("epsilon", lambda v: v > 0, "> 0")  # as given, one value or C: not C copies of one value
+        self._values("gamma", lambda v: v >= 0, ">= 0")
         if self.nbeta is not None:
-            self.per_chain("nbeta", lambda v: v > 0, "> 0")
+            self._values("nbeta", lambda v: v > 0, "> 0")
         return self
 
     def per_chain(self, name: str, ok=lambda v: True, rule: str = "", n: int | None = None) -> torch.Tensor:
         """The setting ``name`` as a float64 vector of length ``chains`` (checked against ``rule``)."""
+        return self._values(name, ok, rule, n).expand(self.chains).clone()
+
+    def _values(self, name: str, ok, rule: str, n: int | None = None) -> torch.Tensor:
+        """The setting ``name`` as given (one value or one per chain), as float64, checked against ``rule``."""
         value = getattr(self, name)
         if value is None:
             if n is None:
                 raise FastLLCError(f"{name} is not set")
             value = default_nbeta(n)
         vector = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
-        if vector.numel() == 1:
-            vector = vector.expand(self.chains)
-        if vector.numel() != self.chains:
+        if vector.numel() not in (1, self.chains):
             raise FastLLCError(f"{name} has {vector.numel()} values for {self.chains} chains")
         bad = [v for v in vector.tolist() if not (math.isfinite(v) and ok(v))]
         if bad:
             raise FastLLCError(f"{name} must be finite and {rule}, got {bad[0]}")
-        return vector.clone()
+        return vector
 
     def hyperparameters(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ε, γ, nβ) as float64 vectors of length ``chains``; nβ defaults to n/log n."""
