@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -15,11 +14,12 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from . import api, resources
+from . import api, resources, storage
 from .errors import FastLLCError
 from .sampling import BACKEND_CHOICES, SGLDConfig, resolve_backend, resolve_device
 from .seeding import check_seed
 from .train import Run, TrainConfig, default_batches, train
+from .train import cached_run as load_or_train
 
 
 def fastllc_home() -> Path:
@@ -66,26 +66,6 @@ def one_line_errors(command):
     return wrapper
 
 
-def _check_writable(path: Path, kind: str, option: str) -> None:
-    """Refuse, before any work, an output ``path`` (``kind`` "dir" or "file") that cannot be written: it
-    must not be the other kind, and its nearest existing ancestor must be a directory where a file can
-    be created (tried with a temporary file, deleted at once: as root, os.access says yes even to /proc)."""
-    path = Path(path)
-    if path.exists() and path.is_dir() != (kind == "dir"):
-        raise FastLLCError(f"{option} {path} is a {'file' if kind == 'dir' else 'directory'}; "
-                           f"give a {'directory' if kind == 'dir' else 'file name'}")
-    ancestor = path if kind == "dir" else path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    try:
-        if not ancestor.is_dir():
-            raise NotADirectoryError
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError:
-        raise FastLLCError(f"cannot write {option} {path}: {ancestor} is not a writable directory") from None
-
-
 def _check_plot_path(plot: Path) -> None:
     """The plot's file type (its suffix) must be one matplotlib writes, and its place writable."""
     from matplotlib.figure import Figure
@@ -94,7 +74,7 @@ def _check_plot_path(plot: Path) -> None:
     if plot.suffix[1:].lower() not in kinds:
         raise FastLLCError(f"--plot {plot}: matplotlib cannot write {plot.suffix or 'a name without a suffix'}; "
                            f"end the name with one of {', '.join('.' + k for k in kinds)}")
-    _check_writable(plot, "file", "--plot")
+    storage.check_writable_file(plot, "--plot")
 
 
 def training_options(train_seed_names=("--train-seed",)):
@@ -192,7 +172,7 @@ def train_command(out, **options):
     """Train the study's MLP and write a run directory (config, checkpoints, metrics)."""
     config = _train_config(**options, seed_option="--train-seed/--seed")
     out = out or Path("runs") / config.run_name()
-    _check_writable(out, "dir", "--out")
+    storage.check_writable_dir(out, "--out")
     _require_training_memory(config)
     with _long_work(f"training {config.run_name()} ({config.batches} batches)", "trained"):
         run = train(config, out, progress=_progress())
@@ -207,17 +187,18 @@ def _cache_path(config: TrainConfig) -> Path:
 
 
 def cached_run(config: TrainConfig) -> Run:
-    """The run for ``config`` from the cache, training it once if it is not there."""
-    path = _cache_path(config)
-    if not path.exists():
-        click.echo(f"training {config.run_name()} once (cached in {path.parent})", err=True)
-        if _progress():
-            return train(config, path, progress=True)
-        began = time.perf_counter()
-        run = train(config, path)
-        click.echo(f"trained in {time.perf_counter() - began:.1f} s", err=True)
-        return run
-    return Run.load(path)
+    """The run for ``config`` from the cache, training it once if it is not there (safe when several
+    processes ask at once: ``train.cached_run``); without a terminal, a line when training ends."""
+    started = []
+
+    def notice(line: str) -> None:
+        started.append(time.perf_counter())
+        click.echo(line, err=True)
+
+    run = load_or_train(config, fastllc_home(), progress=_progress(), notice=notice)
+    if started and not _progress():
+        click.echo(f"trained in {time.perf_counter() - started[0]:.1f} s", err=True)
+    return run
 
 
 @main.command("estimate")
@@ -254,7 +235,7 @@ def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, 
     else:
         training_config = _train_config(**training)
         if not _cache_path(training_config).exists():
-            _check_writable(_cache_path(training_config), "dir", "the run cache (FASTLLC_HOME)")
+            storage.check_writable_dir(_cache_path(training_config), "the run cache (FASTLLC_HOME)")
             _require_training_memory(training_config)
         _require_sampling_memory(training_config, config, device)
         run = cached_run(training_config)
@@ -369,7 +350,7 @@ def reproduce_command(sweep, out, chains, seeds, quick, moduli):
             raise FastLLCError(f"the {sweep} sweep has no p = {unknown[0]}; "
                                f"its moduli are {sorted({job.training.p for job in jobs})}")
         jobs = [job for job in jobs if job.training.p in moduli]
-    records = run_sweep(jobs, out, progress=_progress())
+    records = run_sweep(jobs, out, progress="auto")
     report = write_report(out)
     click.echo(f"{len(records)} jobs in {out}; report: {report}")
     click.echo(report.read_text())
@@ -380,10 +361,8 @@ def reproduce_command(sweep, out, chains, seeds, quick, moduli):
 @one_line_errors
 def report_command(out):
     """Rebuild a sweep directory's tables and plots from its job JSONs."""
-    from .experiments import load_records, write_report
+    from .experiments import write_report
 
-    if not load_records(out):
-        raise FastLLCError(f"{out} has no finished jobs (no {out}/jobs/*.json)")
     click.echo(write_report(out).read_text())
 
 

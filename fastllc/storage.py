@@ -188,38 +188,43 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
-def _check_can_create_in(path: Path, folder: Path) -> None:
+def _check_can_create_in(path: Path, folder: Path, name: str) -> None:
     """Raise unless entries can be created in ``folder`` (probed with a directory removed at once)."""
     if not folder.is_dir():
-        raise FastLLCError(f"cannot write {path}: {folder} is not a directory")
+        raise FastLLCError(f"cannot write {name}: {folder} is not a directory")
     probe = folder / f".fastllc-probe.tmp-{os.getpid()}-{next(_serial)}"
     try:
         os.mkdir(probe)
     except OSError as err:
         reason = "not a file system one can write to" if err.errno == errno.ENOENT else (err.strerror or str(err)).lower()
-        raise FastLLCError(f"cannot write {path}: {folder} is not writable ({reason})") from None
+        raise FastLLCError(f"cannot write {name}: {folder} is not writable ({reason})") from None
     os.rmdir(probe)
 
 
-def check_writable_dir(path: str | os.PathLike) -> None:
-    """Raise a one-line error naming ``path`` unless it is (or can be created as) a writable directory.
-    Creates nothing."""
+def _named(path: Path, option: str | None) -> str:
+    return f"{option} {path}" if option else str(path)
+
+
+def check_writable_dir(path: str | os.PathLike, option: str | None = None) -> None:
+    """Raise a one-line error naming ``path`` (and the ``option`` that gave it, e.g. ``--out``) unless it
+    is, or can be created as, a writable directory. Creates nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise FastLLCError(f"cannot write {path}: it exists and is not a directory")
-    _check_can_create_in(path, _nearest_existing(path))
+        raise FastLLCError(f"cannot write {_named(path, option)}: it exists and is not a directory")
+    _check_can_create_in(path, _nearest_existing(path), _named(path, option))
 
 
-def check_writable_file(path: str | os.PathLike) -> None:
-    """Raise a one-line error naming ``path`` unless it is a writable file or can be created as one.
-    Creates nothing (and leaves an existing file as it is)."""
+def check_writable_file(path: str | os.PathLike, option: str | None = None) -> None:
+    """Raise a one-line error naming ``path`` (and ``option``) unless it is a writable file or can be
+    created as one. Creates nothing (and leaves an existing file as it is)."""
     path = Path(path)
+    name = _named(path, option)
     if path.is_dir():
-        raise FastLLCError(f"cannot write {path}: it is a directory; give a file name")
+        raise FastLLCError(f"cannot write {name}: it is a directory; give a file name")
     if path.exists():
         try:
             open(path, "ab").close()  # appending nothing changes nothing
         except OSError as err:
-            raise FastLLCError(f"cannot write {path}: {(err.strerror or str(err)).lower()}") from None
+            raise FastLLCError(f"cannot write {name}: {(err.strerror or str(err)).lower()}") from None
         return
-    _check_can_create_in(path, _nearest_existing(path.parent))
+    _check_can_create_in(path, _nearest_existing(path.parent), name)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import storage
 from .errors import FastLLCError
 from .model import ModularMLP
-from .seeding import derive_seed, generator
+from .seeding import check_seed, derive_seed, generator
 from .tasks import TASK_KINDS, Task, make_task
 
 
@@ -66,8 +66,7 @@ class TrainConfig:
         for name in ("embed", "hidden", "batches", "checkpoints", "batch_size"):
             if getattr(self, name) < 1:
                 raise FastLLCError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise FastLLCError(f"seed must be non-negative, got {self.seed}")
+        check_seed(self.seed)
         if not (self.lr > 0 and self.weight_decay >= 0):
             raise FastLLCError("learning rate must be > 0 and weight decay >= 0")
         if not 0.0 < self.train_frac <= 1.0:

@@ -163,16 +163,16 @@ def test_sampling_a_run_that_cannot_fit_is_refused(cli, tiny_run, memory):
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a directory nobody can write")
 def test_unwritable_outputs_are_refused_before_training(cli, tmp_path, monkeypatch):
     assert_one_line_error(cli("train", "--p", 5, "--out", "/proc/run"),
-                          "cannot write --out /proc/run: /proc is not a writable directory")
+                          "cannot write --out /proc/run: /proc is not writable")
     monkeypatch.setenv("FASTLLC_HOME", "/proc/fastllc")
     assert_one_line_error(cli("estimate", "--p", 5), "cannot write the run cache (FASTLLC_HOME) "
-                          "/proc/fastllc/runs/add-p5-e8-h32-b10000-k25-seed0: /proc is not a writable directory")
+                          "/proc/fastllc/runs/add-p5-e8-h32-b10000-k25-seed0: /proc is not writable")
 
 
 def test_an_output_under_a_file_is_refused(cli, tmp_path):
     (tmp_path / "file").write_text("x")
     assert_one_line_error(cli("train", "--p", 5, "--out", tmp_path / "file" / "run"),
-                          f"cannot write --out {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is not a writable directory")
+                          f"cannot write --out {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is not a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
