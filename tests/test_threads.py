@@ -37,6 +37,13 @@ def test_available_cores_follows_the_affinity_mask_not_the_torch_setting(monkeyp
     assert threads.available_cores() == 6
 
 
+def test_a_group_needs_16_chains_of_the_published_mlp_and_fewer_of_a_larger_model():
+    assert threads.min_chains_per_group(2696) == 16  # p=53, e=8, h=32: the measured crossover
+    assert threads.min_chains_per_group(2697) == 16
+    assert threads.min_chains_per_group(1496) == 29  # p=23: less work per chain
+    assert threads.min_chains_per_group(538_012) == 1  # one chain of a large model is worth a thread
+
+
 @pytest.mark.parametrize("chains, cores, expected", [
     (1, 4, [(0, 1)]),
     (31, 2, [(0, 31)]),  # fewer than 16 chains for each of two groups: one group
@@ -47,12 +54,12 @@ def test_available_cores_follows_the_affinity_mask_not_the_torch_setting(monkeyp
 ])
 def test_chain_groups_are_one_per_core_with_enough_chains_each(monkeypatch, chains, cores, expected):
     monkeypatch.setattr(threads, "available_cores", lambda: cores)
-    assert threads.chain_groups(chains, "cpu") == expected
+    assert threads.chain_groups(chains, "cpu", min_per_group=16) == expected
 
 
 def test_chain_groups_overrides(monkeypatch):
     monkeypatch.setattr(threads, "available_cores", lambda: 2)
-    assert threads.chain_groups(8, "cpu", min_per_group=4) == [(0, 4), (4, 8)]
+    assert threads.chain_groups(2, "cpu") == [(0, 1), (1, 2)]  # by default any chain is worth a thread
     assert threads.chain_groups(5, "cpu", groups=3) == [(0, 1), (1, 3), (3, 5)]  # a number of groups, e.g. workers=
     assert threads.chain_groups(2, "cpu", groups=5) == [(0, 1), (1, 2)]  # never an empty group
     assert threads.chain_groups(64, "cuda") == [(0, 64)]  # one host thread feeds the device (no CUDA needed)
@@ -110,25 +117,26 @@ def test_generic_backend_gives_the_same_bits_in_any_grouping(p, embed, hidden, m
 
 
 class ThreadsSeen(nn.Module):
-    """An MLP that records torch's intra-op thread count at each minibatch evaluation (m = 4)."""
+    """An MLP that records torch's intra-op thread count at each minibatch evaluation (m = 4) in ``seen``,
+    shared with the copies that the generic backend makes for its groups."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, seen: set):
         super().__init__()
-        self.layers, self.seen = nn.Sequential(nn.Linear(3, width), nn.Linear(width, width), nn.Linear(width, 2)), set()
+        self.layers = nn.Sequential(nn.Linear(3, width), nn.Linear(width, width), nn.Linear(width, 2))
+        self.record = lambda threads: seen.add(threads)  # a function: deepcopy keeps it, and so the set
 
     def forward(self, x):
         if len(x) == 4:  # not the evaluation of L_n(w*) on all 20 examples, before sampling
-            self.seen.add(torch.get_num_threads())
+            self.record(torch.get_num_threads())
         return self.layers(x)
 
 
 @pytest.mark.parametrize("backend, width", [(reference, 4), (vectorized, 4),
-                                            (vectorized, 730)])  # 2 chains of 538k weights: C·d > 2²⁰
+                                            (vectorized, 730)])  # 2 chains of 538k weights: C·d > 2²⁰, two groups
 def test_a_few_chains_run_single_threaded_and_the_caller_keeps_its_threads(three_threads, backend, width):
-    x, y = torch.randn(20, 3), torch.randint(2, (20,))
-    model = ThreadsSeen(width)
-    backend.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=2, steps=3, batch_size=4))
-    assert model.seen == {1}
+    x, y, seen = torch.randn(20, 3), torch.randint(2, (20,)), set()
+    backend.sample(ThreadsSeen(width, seen), x, y, F.cross_entropy, SGLDConfig(chains=2, steps=3, batch_size=4))
+    assert seen == {1}
     assert torch.get_num_threads() == 3
 
 

@@ -42,7 +42,7 @@ from .config import SGLDConfig
 from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction
 from .randomness import CounterRandomness, InjectedRandomness
 from .sgld import ParameterMajor, sgld_update
-from .threads import chain_groups, run_groups
+from .threads import chain_groups, min_chains_per_group, run_groups
 
 _gelu_backward = torch.ops.aten.gelu_backward
 
@@ -222,7 +222,7 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     elif isinstance(randomness, InjectedRandomness):
         randomness.check(C, T, n, m, d)
 
-    groups = chain_groups(C, device, groups=workers or None)  # workers: a number of groups, for tests
+    groups = chain_groups(C, device, min_per_group=min_chains_per_group(d), groups=workers or None)  # workers: tests
     bar = tqdm(total=C * T, desc=f"SGLD (torch, {C} chains)", disable=not progress, leave=False, unit_scale=True)
     start_time = time.perf_counter()
     results = run_groups(lambda lo, hi: _run_chains(chains.group(lo, hi), arch, operands, targets, config,

@@ -9,12 +9,14 @@ count: chains are split into contiguous groups, each group is run by its own Pyt
 single-threaded torch ops (torch ops and the Numba noise fills release the GIL), and groups never wait
 for each other until they are all done, so a descheduled group delays only itself.
 
-A group is worth its thread only with enough chains in it: each group pays its own per-step Python
-overhead, which holds the GIL. With fewer than ``min_per_group`` chains per core all chains run as one
-group, still single-threaded (measured on the published MLP, see ``chain_groups``).
+A group is worth its own thread only with enough work in it: each group pays its own per-step Python
+overhead, which holds the GIL. Below ``MIN_WEIGHTS_PER_GROUP`` weights per group all chains run as one
+group, still single-threaded: few chains of a small model never split, a few chains of a large one do.
 
-Grouping never changes results: randomness is counter-based per chain (``randomness.py``) and every
-operation is per chain, so a chain's trajectory is the same bits in any group of any size.
+Grouping does not change what a chain computes: randomness is counter-based per chain (``randomness.py``)
+and every operation is per chain. The bits are the same in any grouping (tested at the published shape);
+only where a BLAS kernel's choice depends on an operand's memory alignment, which depends on the chain's
+place in its group, can they differ by an ulp (seen at awkward shapes such as p=7, e=5, h=13, m=8).
 """
 
 from __future__ import annotations
@@ -28,10 +30,18 @@ import torch
 
 T = TypeVar("T")
 
-# Chains per group below which a second group costs more than it saves. Published MLP (p=53, e=8, h=32,
-# m=64), 2 cores, 300 steps, one group vs two (single-threaded): 16 chains, two groups 1.0–2.2× slower;
-# 64 chains, two groups 1.7× faster (quiet) and 1.7× faster next to a competing process.
-MIN_CHAINS_PER_GROUP = 16
+# Weights per group (chains × weights per chain) below which a second group costs more than it saves:
+# 16 chains of the published MLP (p=53, e=8, h=32: 2,696 weights). Measured on 2 cores, one group against
+# two, all single-threaded (medians; the machine shared with other jobs): torch backend, 300 steps: 8 chains
+# two groups 1.4× slower, 16 chains 1.6× slower, 32 chains even (1.4× faster at the quietest), 64 chains
+# 1.3× faster (2.3×); generic backend, 600 steps: 8 chains 1.5× slower, 16 even, 32 1.3× faster, 64 1.7×
+# faster; a 538k-weight MLP, 2 chains: two groups of one chain 1.5× faster.
+MIN_WEIGHTS_PER_GROUP = 16 * 2696
+
+
+def min_chains_per_group(weights_per_chain: int) -> int:
+    """The fewest chains of ``weights_per_chain`` weights that make a group worth its own thread."""
+    return max(1, -(-MIN_WEIGHTS_PER_GROUP // max(1, weights_per_chain)))
 
 
 def available_cores() -> int:
@@ -61,11 +71,12 @@ def single_threaded_torch() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def chain_groups(chains: int, device: torch.device | str = "cpu", *, min_per_group: int = MIN_CHAINS_PER_GROUP,
+def chain_groups(chains: int, device: torch.device | str = "cpu", *, min_per_group: int = 1,
                  groups: int | None = None) -> list[tuple[int, int]]:
     """Contiguous groups of chains as (lo, hi) bounds covering 0..chains, sizes differing by at most one.
 
-    On the CPU, one group per available core, but no more than ``chains // min_per_group`` (at least one).
+    On the CPU, one group per available core, but no more than ``chains // min_per_group`` (at least one;
+    backends pass ``min_chains_per_group(weights per chain)``).
     On another device one group: the device does the arithmetic, one host thread feeds it. ``groups``,
     when given, sets the number instead (capped at ``chains``).
     """

@@ -48,7 +48,7 @@ from .config import SGLDConfig
 from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction
 from .randomness import CounterRandomness, InjectedRandomness
 from .sgld import ParameterMajor, axpy, sgld_update
-from .threads import chain_groups, run_groups
+from .threads import chain_groups, min_chains_per_group, run_groups
 
 
 _FIRST_STEP = threading.Lock()
@@ -257,7 +257,7 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
         randomness.check(C, T, n, m, d)
 
     trace = T >= _TRACE_FROM_STEPS if trace is None else trace
-    groups = chain_groups(C, device, groups=workers or None)  # workers: a number of groups, for tests
+    groups = chain_groups(C, device, min_per_group=min_chains_per_group(d), groups=workers or None)  # workers: tests
     bar = tqdm(total=C * T, desc=f"SGLD (generic, {C} chains)", disable=not progress, leave=False, unit_scale=True)
     run = functools.partial(_run_group, loss_fn=loss_fn, names=names, shapes=shapes, w_star=w_star,
                             hyper=hyper, direction=direction, inputs=inputs, targets=targets, config=config,
