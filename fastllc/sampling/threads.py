@@ -31,11 +31,11 @@ import torch
 T = TypeVar("T")
 
 # Weights per group (chains × weights per chain) below which a second group costs more than it saves:
-# 16 chains of the published MLP (p=53, e=8, h=32: 2,696 weights). Measured on 2 cores, one group against
-# two, all single-threaded (medians; the machine shared with other jobs): torch backend, 300 steps: 8 chains
-# two groups 1.4× slower, 16 chains 1.6× slower, 32 chains even (1.4× faster at the quietest), 64 chains
-# 1.3× faster (2.3×); generic backend, 600 steps: 8 chains 1.5× slower, 16 even, 32 1.3× faster, 64 1.7×
-# faster; a 538k-weight MLP, 2 chains: two groups of one chain 1.5× faster.
+# 16 chains of the published MLP (p=53, e=8, h=32: 2,696 weights). Two single-threaded groups against one,
+# 2 cores, medians. torch backend, 300 steps, quiet: 4 chains 1.7× slower, 8 1.35× slower, 16 even,
+# 32 1.35× faster, 64 2.3× faster; next to other jobs: 16 chains 1.6× slower, 32 even, 64 1.1–1.3× faster.
+# generic backend, 600 steps: 8 chains 1.5× slower, 16 even, 32 1.3×, 64 1.7× faster; a 538k-weight MLP
+# with 2 chains: two groups of one chain 1.45× faster.
 MIN_WEIGHTS_PER_GROUP = 16 * 2696
 
 
@@ -51,6 +51,8 @@ def available_cores() -> int:
     Not ``torch.get_num_threads()``: that is a setting, and sampling itself changes it (it is 1 inside
     ``single_threaded_torch``, in ``train_together``, or under OMP_NUM_THREADS=1 in a pinned test session),
     so the number of groups would depend on who called; the cores are what the groups' threads run on.
+    Groups never wait for each other, so sharing a core costs time-sharing, not a stall; to confine
+    sampling to fewer cores, narrow the affinity (``taskset -c 0 ...``).
     """
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -61,8 +63,9 @@ def available_cores() -> int:
 @contextmanager
 def single_threaded_torch() -> Iterator[None]:
     """torch ops single-threaded inside the block; the previous ``torch.get_num_threads()`` restored on
-    leaving it, also on an exception. The setting is process-wide: threads started inside the block (the
-    chain groups) share it."""
+    leaving it, also on an exception. Usable as a decorator. The setting is process-wide: threads started
+    inside the block (the chain groups) take it. Not meant to be entered from several threads at once
+    (the last to leave would restore the wrong count)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
