@@ -20,13 +20,15 @@ fewer operations per step.
 Several starting points (checkpoints or seeds of one architecture, each with its own train split of
 equal size) run as one batch: ``sample_starts``. Chain j of start s is global chain s·C + j, and its
 randomness is keyed by that global index.
+
+On the CPU the chains run in groups, one per core, each in its own thread with single-threaded torch ops
+(``threads.py``: the operations are too small for intra-op threads, which stall on a busy machine).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +42,7 @@ from .config import SGLDConfig
 from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction
 from .randomness import CounterRandomness, InjectedRandomness
 from .sgld import ParameterMajor, sgld_update
+from .threads import chain_groups, min_chains_per_group, run_groups
 
 _gelu_backward = torch.ops.aten.gelu_backward
 
@@ -187,14 +190,6 @@ def start_points(starts: list[Start], orthogonal: bool) -> tuple[list[float], to
     return losses, w_star, torch.stack([g if g is not None else torch.zeros(w_star.shape[1]) for g in units])
 
 
-def default_workers(chains: int, device: torch.device) -> int:
-    """Groups of chains run in threads on CPU, one per core (each with single-threaded torch ops):
-    measured ~1.4× faster than one group with torch's own two threads at C=64. At least 8 chains a group."""
-    if device.type != "cpu":
-        return 1
-    return max(1, min(torch.get_num_threads(), chains // 8))
-
-
 def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, device="cpu",
                   progress: bool = False, workers: int | None = None) -> list[Samples]:
     """Run ``config.chains`` chains from every start as one batch; one ``Samples`` per start."""
@@ -227,22 +222,11 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     elif isinstance(randomness, InjectedRandomness):
         randomness.check(C, T, n, m, d)
 
-    workers = workers or default_workers(C, device)
-    bounds = np.linspace(0, C, workers + 1).round().astype(int)
+    groups = chain_groups(C, device, min_per_group=min_chains_per_group(d), groups=workers or None)  # workers: tests
     bar = tqdm(total=C * T, desc=f"SGLD (torch, {C} chains)", disable=not progress, leave=False, unit_scale=True)
-    threads_before = torch.get_num_threads()
     start_time = time.perf_counter()
-    try:
-        if workers == 1:
-            results = [_run_chains(chains, arch, operands, targets, config, randomness, device, bar.update)]
-        else:
-            torch.set_num_threads(1)  # process-wide: each group's thread does its own torch work
-            with ThreadPoolExecutor(workers) as pool:
-                futures = [pool.submit(_run_chains, chains.group(lo, hi), arch, operands, targets, config,
-                                       randomness, device, bar.update) for lo, hi in zip(bounds[:-1], bounds[1:])]
-                results = [f.result() for f in futures]
-    finally:
-        torch.set_num_threads(threads_before)
+    results = run_groups(lambda lo, hi: _run_chains(chains.group(lo, hi), arch, operands, targets, config,
+                                                    randomness, device, bar.update), groups)
     seconds = time.perf_counter() - start_time
     bar.close()
 

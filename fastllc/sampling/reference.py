@@ -2,6 +2,9 @@
 
 It is the ground truth every fast backend is tested against, so it is written for obviousness, not
 speed: the SGLD step of ``SGLDConfig`` line by line on a flat weight vector, for any ``nn.Module``.
+It runs with single-threaded torch ops, restoring the caller's thread count on return (``threads.py``):
+one chain's tensors are small, intra-op threads gain little on them and stall when another process uses
+the cores.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from tqdm.auto import tqdm
 from .config import SGLDConfig
 from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction, unflatten
 from .randomness import CounterRandomness, InjectedRandomness
+from .threads import single_threaded_torch
 
 
 def supports(model, loss_fn, device=None) -> bool:
@@ -23,6 +27,7 @@ def supports(model, loss_fn, device=None) -> bool:
     return True
 
 
+@single_threaded_torch()
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
            progress: bool = False) -> Samples:
     config.validate()

@@ -15,6 +15,9 @@ eager 5.2 ms, FX replay 3.5 ms, TorchScript replay 1.8 ms. A replay is kept only
 eager step bit for bit; otherwise (random operations such as dropout, Python side effects) every step
 stays eager. Runs shorter than 500 steps are not traced (it would not pay); ``trace=True/False`` forces.
 
+On the CPU the chains run in groups, one per core, each in its own thread (with its own shallow copy of
+the module tree) and with single-threaded torch ops, at every chain count and model size (``threads.py``).
+
 Modules that cannot be vmapped (BatchNorm or InstanceNorm updating running statistics in training mode,
 other in-place buffer updates, data-dependent control flow) raise ``FastLLCError`` naming the module and
 pointing to ``backend="reference"``, which runs the same chains one at a time. ``supports`` refuses the
@@ -33,7 +36,6 @@ import math
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -46,6 +48,7 @@ from .config import SGLDConfig
 from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction
 from .randomness import CounterRandomness, InjectedRandomness
 from .sgld import ParameterMajor, axpy, sgld_update
+from .threads import chain_groups, min_chains_per_group, run_groups
 
 
 _FIRST_STEP = threading.Lock()
@@ -233,21 +236,6 @@ def _private_copy(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def default_workers(chains: int, dim: int, device: torch.device) -> tuple[int, int]:
-    """(groups of chains run in threads, torch threads per group) on CPU.
-
-    One group per core, each with single-threaded torch ops (as in ``batched.py``), once there are 8
-    chains a group. A single group keeps torch's own threads only when its tensors are large (C·d ≥ 2²⁰):
-    on small batched operations intra-op threads mostly wait for each other, and on a busy machine they
-    stall (measured: one thread 30× faster than two on a shared 2-core CPU, 8 chains of a 100-weight MLP).
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu":
-        return 1, threads
-    workers = max(1, min(threads, chains // 8))
-    return workers, (threads if workers == 1 and chains * dim >= 2**20 else 1)
-
-
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
            progress: bool = False, trace: bool | None = None, workers: int | None = None) -> Samples:
     config.validate()
@@ -269,29 +257,17 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
         randomness.check(C, T, n, m, d)
 
     trace = T >= _TRACE_FROM_STEPS if trace is None else trace
-    groups_by_default, threads = default_workers(C, d, device)
-    workers = min(workers or groups_by_default, C)
-    bounds = np.linspace(0, C, workers + 1).round().astype(int)
-    groups = [np.arange(lo, hi, dtype=np.int64) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    groups = chain_groups(C, device, min_per_group=min_chains_per_group(d), groups=workers or None)  # workers: tests
     bar = tqdm(total=C * T, desc=f"SGLD (generic, {C} chains)", disable=not progress, leave=False, unit_scale=True)
     run = functools.partial(_run_group, loss_fn=loss_fn, names=names, shapes=shapes, w_star=w_star,
                             hyper=hyper, direction=direction, inputs=inputs, targets=targets, config=config,
                             randomness=randomness, device=device, trace=trace, tick=bar.update)
     models = [model] + [_private_copy(model) for _ in groups[1:]]
     if any(copy_ is None for copy_ in models):
-        groups, models = [np.arange(C, dtype=np.int64)], [model]
-        workers = 1
-    threads_before = torch.get_num_threads()
+        groups, models = [(0, C)], [model]
+    model_of = dict(zip(groups, models))
     start = time.perf_counter()
-    try:
-        torch.set_num_threads(threads if workers == 1 else 1)  # process-wide, so set for all groups
-        if workers == 1:
-            results = [run(groups[0], model=model)]
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                results = [f.result() for f in [pool.submit(run, ids, model=own) for ids, own in zip(groups, models)]]
-    finally:
-        torch.set_num_threads(threads_before)
+    results = run_groups(lambda lo, hi: run(np.arange(lo, hi, dtype=np.int64), model=model_of[lo, hi]), groups)
     seconds = time.perf_counter() - start
     bar.close()
 
