@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import storage
 from .errors import FastLLCError
 from .model import ModularMLP
+from .sampling.threads import single_threaded_torch
 from .seeding import check_seed, derive_seed, generator
 from .tasks import TASK_KINDS, Task, make_task
 
@@ -221,6 +222,7 @@ def _adopted(config: TrainConfig, out: Path) -> "Run":
     return run
 
 
+@single_threaded_torch()  # tensors of a few kB: a second thread only adds synchronisation (measured 2-10× slower)
 def _train_batch(configs: list[TrainConfig], outs: list[Path], progress: bool, adopt: bool) -> list["Run"]:
     from .sampling.batched import ChainBatch  # the engine serves training too
     from .sampling.contract import flat_parameters
@@ -228,8 +230,7 @@ def _train_batch(configs: list[TrainConfig], outs: list[Path], progress: bool, a
     first, S = configs[0], len(configs)
     tasks = [c.make_task() for c in configs]
     models = [c.new_model() for c in configs]
-    writers, threads = [], torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors of a few kB: a second thread only adds synchronisation (measured 2-10× slower)
+    writers = []
     try:
         for config, task, out in zip(configs, tasks, outs):
             writers.append(_RunWriter(config, task, out, adopt))
@@ -257,7 +258,6 @@ def _train_batch(configs: list[TrainConfig], outs: list[Path], progress: bool, a
         bar.close()
         return [writer.finish(steps) for writer in writers]
     finally:
-        torch.set_num_threads(threads)
         for writer in writers:
             writer.discard()
 
