@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -135,12 +136,21 @@ def test_unwritable_files_are_named(tmp_path):
     assert leftovers(tmp_path) == ["FILE"] and (tmp_path / "FILE").read_text() == "a file"  # nothing created
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
-def test_read_only_directory_is_named(tmp_path):
+def test_read_only_directory_is_named(tmp_path, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    with pytest.raises(FastLLCError, match="locked is not writable"):
+    if os.geteuid() == 0:  # root writes through permission bits: refuse the probe as the kernel would for a user
+        real_mkdir = os.mkdir
+
+        def mkdir(path, *args, **kwargs):
+            if Path(path).parent == locked:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(FastLLCError, match="locked is not writable \\(permission denied\\)"):
         storage.check_writable_dir(locked / "run")
+    assert list(locked.iterdir()) == []
 
 
 def test_a_real_full_disk_leaves_nothing_behind(tmp_path):
