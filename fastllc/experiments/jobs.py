@@ -17,6 +17,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import storage
@@ -24,8 +25,9 @@ from ..errors import FastLLCError
 
 from ..analysis import analyse_run
 from ..api import estimate_checkpoints, estimate_run
+from ..backends import sample
 from ..llc import estimate_llc
-from ..sampling import SGLDConfig, batched, default_nbeta
+from ..sampling import SGLDConfig, default_nbeta
 from ..sampling.contract import select_chains
 from ..train import Run, TrainConfig, cached_run, train_together
 
@@ -147,7 +149,7 @@ def calibration_cells(run: Run, job: Job) -> list[dict]:
     settings = {name: [cell[name] * (base if name == "nbeta" else 1) for cell in grid for _ in range(per_cell)]
                 for name in ("epsilon", "nbeta", "gamma")}
     config = replace(job.sgld, chains=len(grid) * per_cell, **settings)
-    samples = batched.sample_starts([batched.Start(run.load_model(), pairs, labels)], config)[0]
+    samples = sample(run.load_model(), pairs, labels, F.cross_entropy, config)  # auto on the CPU: the study's MLP
     cells = []
     for index, cell in enumerate(grid):
         chains = range(index * per_cell, (index + 1) * per_cell)
