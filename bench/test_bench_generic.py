@@ -20,7 +20,7 @@ from torch import nn
 
 from fastllc import SGLDConfig
 from fastllc.backends import generic, reference
-from fastllc.sampling import InjectedRandomness, default_nbeta
+from fastllc.sampling import InjectedRandomness, wbic_nbeta
 from fastllc.sampling.contract import flat_parameters
 
 from conftest import PUBLISHED, record
@@ -111,7 +111,7 @@ def time_devinterp(benchmark, workload, model, x, y, chains, draws, threads):
                 warnings.simplefilter("ignore")
                 devinterp_sampler.estimate_learning_coeff_with_summary(
                     model, loader, evaluate=evaluate, sampling_method=SGLD,
-                    optimizer_kwargs=dict(lr=1e-5, localization=5.0, nbeta=default_nbeta(len(y))),
+                    optimizer_kwargs=dict(lr=1e-5, localization=5.0, nbeta=wbic_nbeta(len(y))),
                     num_chains=chains, num_draws=draws, init_loss=init_loss, seed=0, device="cpu", verbose=False)
         finally:
             torch.set_num_threads(before)

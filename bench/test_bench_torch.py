@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fastllc import SGLDConfig
 from fastllc.backends import reference
 from fastllc.backends import torch as torch_backend
-from fastllc.sampling import InjectedRandomness, default_nbeta
+from fastllc.sampling import InjectedRandomness, wbic_nbeta
 from fastllc.sampling.contract import flat_parameters
 
 from conftest import PUBLISHED, record
@@ -82,7 +82,7 @@ def test_devinterp_peer(benchmark, published):
     dataset = TensorDataset(x, y)
     loader = DataLoader(dataset, batch_size=PUBLISHED.batch_size,
                         sampler=RandomSampler(dataset, replacement=True, num_samples=10**7))
-    nbeta = default_nbeta(len(y))
+    nbeta = wbic_nbeta(len(y))
     init_loss = F.cross_entropy(model(x), y).item()
 
     def evaluate(net, batch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import FastLLCError
-from .config import SGLDConfig, default_nbeta
+from .config import SGLDConfig, wbic_nbeta
 from .contract import Samples
 from .randomness import CounterRandomness, InjectedRandomness
 
@@ -27,4 +27,4 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-__all__ = ["SGLDConfig", "Samples", "CounterRandomness", "InjectedRandomness", "default_nbeta", "resolve_device"]
+__all__ = ["SGLDConfig", "Samples", "CounterRandomness", "InjectedRandomness", "wbic_nbeta", "resolve_device"]
