@@ -16,6 +16,7 @@ from .llc import LLCResult, estimate_llc
 from .model import ModularMLP
 from .backends import resolve_backend, sample, sample_starts
 from .sampling import SGLDConfig, resolve_device
+from .sampling.contract import private_buffers
 from .sampling.starts import Start
 from .train import Run
 
@@ -91,7 +92,8 @@ def check_loss_at_start(model: torch.nn.Module, inputs, targets, loss_fn) -> Non
     every chain look diverged. Run where the model lives; torch's random state is left as it was (dropout)."""
     home = next(p for p in model.parameters() if p.requires_grad).device
     with torch.no_grad(), torch.random.fork_rng(devices=[home] if home.type == "cuda" else []):
-        loss = loss_fn(model(inputs.to(home)), targets.to(home))
+        outputs = torch.func.functional_call(model, private_buffers(model), (inputs.to(home),))  # buffers untouched
+        loss = loss_fn(outputs, targets.to(home))
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise FastLLCError(f"loss_fn must return the mean loss over the examples (one number), got {shape}")

@@ -101,6 +101,19 @@ def test_estimate_leaves_the_callers_model_as_it_was(backend):
     assert all(p.device == CPU for p in model.parameters())
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_batchnorm_statistics_of_the_callers_model_are_not_updated(backend):
+    """A BatchNorm in training mode updates its running statistics in every forward pass: on the backends'
+    private copies of the buffers, never on the caller's model (auto picks the reference for it)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    model = _training_batchnorm()
+    before = copy.deepcopy(model.state_dict())
+    result = estimate(model, (x, y), backend=backend, chains=2, steps=5, batch_size=4)
+    assert result.backend == "reference"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_a_model_elsewhere_is_copied_to_the_sampling_device_never_moved():
     model = nn.Linear(3, 2)
     assert on_device(model, "cpu") is model  # already there: no copy

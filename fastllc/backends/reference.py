@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..sampling.config import SGLDConfig
 from ..sampling.contract import (Samples, flat_parameters, loss_and_gradient_at_start, on_device,
-                                 orthogonal_direction, unflatten)
+                                 orthogonal_direction, private_buffers, unflatten)
 from ..sampling.randomness import for_run
 from ..sampling.threads import single_threaded_torch
 
@@ -52,6 +52,7 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
 
     trace = torch.full((config.chains, config.steps), math.nan, dtype=torch.float64)
     finals = torch.empty(config.chains, w_star.numel())
+    buffers = private_buffers(model)  # e.g. BatchNorm's running statistics: updated here, not in the caller's model
     bar = tqdm(total=config.chains * config.steps, desc="SGLD (reference)", disable=not progress, leave=False)
     start = time.perf_counter()
     for c in range(config.chains):
@@ -61,7 +62,8 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
             indices, noise = randomness.draw(c, t)
             indices, noise = indices.to(device), noise.to(device)
             w.requires_grad_(True)
-            loss = loss_fn(functional_call(model, unflatten(w, names, shapes), (inputs[indices],)), targets[indices])
+            weights = {**unflatten(w, names, shapes), **buffers}
+            loss = loss_fn(functional_call(model, weights, (inputs[indices],)), targets[indices])
             (grad,) = torch.autograd.grad(loss, w)
             w = w.detach()
             trace[c, t] = loss.item()

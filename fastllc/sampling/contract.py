@@ -80,11 +80,19 @@ def unflatten(flat: torch.Tensor, names: list[str], shapes: list[torch.Size]) ->
     return params
 
 
+def private_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the model's buffers, to pass to ``functional_call`` beside the weights: a forward pass in
+    training mode (BatchNorm's running statistics) then updates these, never the caller's model. What the
+    forward pass returns does not depend on them in training mode, so no number changes."""
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
 def loss_and_gradient_at_start(model, inputs, targets, loss_fn) -> tuple[float, torch.Tensor]:
-    """L_n(w*) and ∇L_n(w*) (flat, [d]) over all given examples, by autograd."""
+    """L_n(w*) and ∇L_n(w*) (flat, [d]) over all given examples, by autograd; the model is left as it was."""
     names, shapes, w_star = flat_parameters(model)
     w = w_star.clone().requires_grad_(True)
-    loss = loss_fn(functional_call(model, unflatten(w, names, shapes), (inputs,)), targets)
+    weights = {**unflatten(w, names, shapes), **private_buffers(model)}
+    loss = loss_fn(functional_call(model, weights, (inputs,)), targets)
     (grad,) = torch.autograd.grad(loss, w)
     return loss.item(), grad.detach()
 
