@@ -4,6 +4,8 @@ a backend by capability, with a one-line error when no backend can do what is as
 import copy
 import importlib
 import inspect
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastllc import FastLLCError, ModularMLP, SGLDConfig, estimate, make_task
-from fastllc.backends import NAMES, NEEDED_FOR, backend_module, resolve_backend, with_capabilities
+import fastllc.backends
+from fastllc.backends import NEEDED_FOR, auto_order, backend_module, names, resolve_backend, with_capabilities
+from fastllc.backends import reference
+from fastllc.sampling import InjectedRandomness
 from fastllc.sampling.contract import on_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,12 +29,18 @@ def _training_batchnorm():
     return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
 
 
-@pytest.mark.parametrize("name", NAMES)
+def test_the_registry_finds_every_backend_module_and_orders_them_fastest_first():
+    assert names() == ("generic", "reference", "torch", "triton")
+    assert auto_order() == ["triton", "torch", "generic", "reference"]
+
+
+@pytest.mark.parametrize("name", names())
 def test_every_backend_is_one_module_with_the_contract_and_its_own_test_and_bench_files(name):
     module = backend_module(name)
     assert module.__name__ == f"fastllc.backends.{name}" and module.NAME == name
     assert isinstance(module.CAPABILITIES, frozenset) and module.CAPABILITIES <= set(NEEDED_FOR)
     assert isinstance(module.DEVICES, tuple) and set(module.DEVICES) <= {"cpu", "cuda"}
+    assert isinstance(module.AUTO_PRIORITY, int)
     for function in ("supports", "require", "sample"):
         assert callable(getattr(module, function)), function
     assert list(inspect.signature(module.require).parameters)[:3] == ["device", "model", "loss_fn"]
@@ -76,7 +87,7 @@ def test_a_capability_no_backend_offers_here_is_a_one_line_error(name, model, ne
 
 
 def test_unknown_names_are_refused():
-    with pytest.raises(FastLLCError, match="^unknown backend 'fast'; choose one of auto, reference, torch, triton, generic$"):
+    with pytest.raises(FastLLCError, match="^unknown backend 'fast'; choose one of auto, generic, reference, torch, triton$"):
         resolve_backend("fast", CPU)
     with pytest.raises(ValueError, match="unknown capabilities"):  # a caller's typo
         with_capabilities(["malaa"])
@@ -127,3 +138,30 @@ def test_sampling_settings_reach_the_backend_that_was_chosen():
     result = estimate(ModularMLP(5, 4, 16), (x, y), chains=2, steps=5, batch_size=4, mala=True)
     assert result.backend == "generic" and 0 < result.mala_acceptance <= 1
     assert estimate(ModularMLP(5, 4, 16), (x, y), config=SGLDConfig(chains=2, steps=5, batch_size=4)).backend == "torch"
+
+
+def test_the_worked_example_in_the_design_notes_is_a_backend_by_adding_its_module(tmp_path, monkeypatch):
+    """docs/design.md's example module, dropped into the package (a temporary directory on its path), is a
+    backend: named, chosen explicitly, never by auto, and refused a capability it lacks in one line."""
+    notes = (ROOT / "docs" / "design.md").read_text()
+    code = re.search(r"```python\n# fastllc/backends/example.py\n(.*?)```", notes, re.S).group(1)
+    (tmp_path / "example.py").write_text(code)
+    monkeypatch.setattr(fastllc.backends, "__path__", [*fastllc.backends.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "fastllc.backends.example", raising=False)
+    try:
+        assert "example" in names() and auto_order()[-1] == "example"
+        assert resolve_backend("example", CPU) == "example"
+        assert resolve_backend("auto", CPU, nn.Linear(3, 2), F.cross_entropy) == "generic"
+        x, y = make_task(5, "add", seed=0).train_data()
+        model, config = ModularMLP(5, 4, 16), SGLDConfig(chains=2, steps=5, batch_size=4)
+        noise = InjectedRandomness.seeded(2, 5, len(y), 4, sum(p.numel() for p in model.parameters()))
+        ours = fastllc.backends.sample(model, x, y, F.cross_entropy, config, backend="example", randomness=noise)
+        theirs = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+        assert ours.backend == "example" and torch.equal(ours.final_params, theirs.final_params)
+        with pytest.raises(FastLLCError) as error:
+            resolve_backend("example", CPU, needs=("mala",))
+        assert str(error.value) == "mala=True (the MALA acceptance rate) needs backend 'generic', not 'example'"
+    finally:
+        sys.modules.pop("fastllc.backends.example", None)
+        if hasattr(fastllc.backends, "example"):
+            delattr(fastllc.backends, "example")

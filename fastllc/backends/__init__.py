@@ -5,6 +5,7 @@ A backend is one module here, named as users name it (``--backend NAME``), that 
     CAPABILITIES    what it can do beyond ``sample``, as data: ``stacked_starts`` (several starting points
                     in one batch: it has ``sample_starts``), ``mala`` (records the MALA acceptance)
     DEVICES         device types it runs on
+    AUTO_PRIORITY   ``auto`` tries backends in increasing priority: the fastest first
     supports(model, loss_fn, device) -> bool    may ``auto`` give it this work? cheap, imports nothing heavy
     require(device, model=None, loss_fn=None)   raises the one-line FastLLCError saying why it cannot
     sample(model, inputs, targets, loss_fn, config, *, randomness=None, device="cpu", progress=False) -> Samples
@@ -12,32 +13,50 @@ A backend is one module here, named as users name it (``--backend NAME``), that 
                     (with ``stacked_starts``; ``sampling/starts.py``)
 and is tested in ``tests/test_backend_NAME.py`` and benchmarked in ``bench/test_bench_NAME.py``. Kernels
 it launches live in ``fastllc/kernels/``, named after what they compute. Modules are imported only when
-used, so that e.g. Triton is never loaded by a CPU run. Adding a backend: the module, and its name in
-``NAMES``. Nothing outside this package decides anything by a backend's name: callers state what they
-need (``needs=``) and the registry finds who has it.
+used, so that e.g. Triton is never loaded by a CPU run. The registry finds the modules itself (every
+module of this package whose name does not start with ``_``): adding a backend is adding its module.
+Nothing outside this package decides anything by a backend's name: callers state what they need
+(``needs=``) and the registry finds who has it. A worked example: docs/design.md.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from ..errors import FastLLCError
 from ..sampling.config import SGLDConfig
 from ..sampling.contract import Samples
 
-NAMES = ("triton", "torch", "generic", "reference")  # the fastest first: the order ``auto`` tries them in
-CHOICES = ("auto", "reference", "torch", "triton", "generic")
+
+
+def names() -> tuple[str, ...]:
+    """Every backend's name: the modules of this package (listed, not imported)."""
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+
+
+NAMES = names()
+CHOICES = ("auto", *NAMES)  # what ``--backend`` accepts
 NEEDED_FOR = {  # what a caller that needs a capability is doing, for the one-line error
     "stacked_starts": "several starting points in one batch (estimate_checkpoints)",
     "mala": "mala=True (the MALA acceptance rate)",
 }
 
 
+def _require_known(name: str) -> None:
+    if name != "auto" and name not in names():
+        raise FastLLCError(f"unknown backend {name!r}; choose one of {', '.join(('auto', *names()))}")
+
+
 def backend_module(name: str):
     """The module implementing backend ``name``."""
-    if name not in NAMES:
-        raise FastLLCError(f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
+    _require_known(name)
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def auto_order() -> list[str]:
+    """Every backend's name, the fastest first (by each module's ``AUTO_PRIORITY``)."""
+    return sorted(names(), key=lambda name: backend_module(name).AUTO_PRIORITY)
 
 
 def with_capabilities(needs) -> list[str]:
@@ -45,7 +64,7 @@ def with_capabilities(needs) -> list[str]:
     unknown = set(needs) - set(NEEDED_FOR)
     if unknown:  # a caller's typo, not a user's input
         raise ValueError(f"unknown capabilities {sorted(unknown)}; known: {sorted(NEEDED_FOR)}")
-    return [name for name in NAMES if set(needs) <= backend_module(name).CAPABILITIES]
+    return [name for name in auto_order() if set(needs) <= backend_module(name).CAPABILITIES]
 
 
 def _default_work():
@@ -62,8 +81,7 @@ def resolve_backend(name: str, device, model=None, loss_fn=None, needs=()) -> st
     CLI before training: the study's MLP). An explicit name: checked for the capabilities and by its own
     ``require(device)`` (e.g. triton without CUDA), so that the one-line reason comes before any work.
     """
-    if name not in CHOICES:
-        raise FastLLCError(f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
+    _require_known(name)
     able = with_capabilities(needs)
     what = " and ".join(NEEDED_FOR[need] for need in needs)
     names = " or ".join(repr(n) for n in able) or "(none has it)"
@@ -105,4 +123,5 @@ def sample_starts(starts, config: SGLDConfig, *, backend: str = "auto", device="
                                               progress=progress)
 
 
-__all__ = ["CHOICES", "NAMES", "backend_module", "resolve_backend", "sample", "sample_starts", "with_capabilities"]
+__all__ = ["CHOICES", "NAMES", "auto_order", "backend_module", "names", "resolve_backend", "sample", "sample_starts",
+           "with_capabilities"]

@@ -55,6 +55,7 @@ from ..sampling.threads import chain_groups, min_chains_per_group, run_groups
 NAME = "generic"
 CAPABILITIES = frozenset({"mala"})
 DEVICES = ("cpu", "cuda")
+AUTO_PRIORITY = 30  # ``auto`` tries lower first: any vmappable module
 
 
 _FIRST_STEP = threading.Lock()

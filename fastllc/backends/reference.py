@@ -26,6 +26,7 @@ from ..sampling.threads import single_threaded_torch
 NAME = "reference"
 CAPABILITIES = frozenset()
 DEVICES = ("cpu", "cuda")
+AUTO_PRIORITY = 100  # ``auto`` tries lower first: the last resort: runs anything
 
 
 def supports(model, loss_fn, device=None) -> bool:

@@ -30,6 +30,7 @@ from ..sampling.threads import chain_groups, min_chains_per_group, run_groups
 NAME = "torch"
 CAPABILITIES = frozenset({"stacked_starts"})
 DEVICES = ("cpu", "cuda")
+AUTO_PRIORITY = 20  # ``auto`` tries lower first: the study's MLP on CPU
 
 
 def supports(model, loss_fn, device=None) -> bool:

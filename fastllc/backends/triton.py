@@ -38,6 +38,7 @@ from ..sampling.starts import Start, check_starts, per_start, stacked_examples, 
 NAME = "triton"
 CAPABILITIES = frozenset({"stacked_starts"})
 DEVICES = ("cuda",)  # and the CPU in Triton's interpreter, for tests only (see the docstring)
+AUTO_PRIORITY = 10  # ``auto`` tries lower first: the fastest where it runs (CUDA)
 
 LAUNCHES_WITH_PROGRESS = 50  # a progress bar splits the steps over this many launches (same numbers)
 
