@@ -77,6 +77,18 @@ def test_run_groups_runs_every_group_single_threaded_and_keeps_their_order(three
     assert torch.get_num_threads() == 3
 
 
+def test_timed_groups_tick_one_bar_and_report_their_wall_time(three_threads):
+    ticked = []
+
+    def work(lo, hi, tick):
+        tick(hi - lo)
+        ticked.append(hi - lo)
+        return lo, torch.get_num_threads()
+    results, seconds = threads.run_groups_timed(work, [(0, 2), (2, 5)], total=5, desc="test", progress=False)
+    assert results == [(0, 1), (2, 1)] and sorted(ticked) == [2, 3] and seconds >= 0
+    assert torch.get_num_threads() == 3
+
+
 def test_run_groups_raises_a_groups_error_and_restores_the_thread_count(three_threads):
     def fail_in_the_second(lo, hi):
         if lo == 2:

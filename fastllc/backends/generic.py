@@ -35,14 +35,12 @@ import copy
 import functools
 import math
 import threading
-import time
 import warnings
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
-from tqdm.auto import tqdm
 
 from ..errors import FastLLCError
 from ..sampling.config import SGLDConfig
@@ -50,7 +48,7 @@ from ..sampling.contract import (Samples, flat_parameters, loss_and_gradient_at_
                                  on_device, orthogonal_direction)
 from ..sampling.randomness import for_run
 from ..sampling.sgld import ParameterMajor, StepDraws, axpy, sgld_update
-from ..sampling.threads import chain_groups, min_chains_per_group, run_groups
+from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
 
 NAME = "generic"
 CAPABILITIES = frozenset({"mala"})
@@ -268,18 +266,16 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
 
     trace = T >= _TRACE_FROM_STEPS if trace is None else trace
     groups = chain_groups(C, device, min_per_group=min_chains_per_group(d), groups=workers or None)  # workers: tests
-    bar = tqdm(total=C * T, desc=f"SGLD (generic, {C} chains)", disable=not progress, leave=False, unit_scale=True)
     run = functools.partial(_run_group, loss_fn=loss_fn, names=names, shapes=shapes, w_star=w_star,
                             hyper=hyper, direction=direction, inputs=inputs, targets=targets, config=config,
-                            randomness=randomness, device=device, trace=trace, tick=bar.update)
+                            randomness=randomness, device=device, trace=trace)
     models = [model] + [_private_copy(model) for _ in groups[1:]]
     if any(copy_ is None for copy_ in models):
         groups, models = [(0, C)], [model]
     model_of = dict(zip(groups, models))
-    start = time.perf_counter()
-    results = run_groups(lambda lo, hi: run(np.arange(lo, hi, dtype=np.int64), model=model_of[lo, hi]), groups)
-    seconds = time.perf_counter() - start
-    bar.close()
+    results, seconds = run_groups_timed(
+        lambda lo, hi, tick: run(np.arange(lo, hi, dtype=np.int64), model=model_of[lo, hi], tick=tick),
+        groups, total=C * T, desc=f"SGLD (generic, {C} chains)", progress=progress)
 
     losses = nan_from_first_non_finite(torch.cat([r[0] for r in results], dim=1).T.double())
     mala = torch.cat([r[2] for r in results]) if config.mala else None

@@ -11,12 +11,10 @@ On the CPU the chains run in groups, one per core, each in its own thread with s
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..engine import ChainBatch, is_study_mlp
 from ..errors import FastLLCError
@@ -25,7 +23,7 @@ from ..sampling.contract import Samples, nan_from_first_non_finite
 from ..sampling.randomness import for_run
 from ..sampling.sgld import StepDraws, sgld_update
 from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
-from ..sampling.threads import chain_groups, min_chains_per_group, run_groups
+from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
 
 NAME = "torch"
 CAPABILITIES = frozenset({"stacked_starts"})
@@ -115,12 +113,10 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     randomness = for_run(randomness, config, n, d, chains=C)
 
     groups = chain_groups(C, device, min_per_group=min_chains_per_group(d), groups=workers or None)  # workers: tests
-    bar = tqdm(total=C * T, desc=f"SGLD (torch, {C} chains)", disable=not progress, leave=False, unit_scale=True)
-    start_time = time.perf_counter()
-    results = run_groups(lambda lo, hi: _run_chains(chains.group(lo, hi), arch, operands, targets, config,
-                                                    randomness, device, bar.update), groups)
-    seconds = time.perf_counter() - start_time
-    bar.close()
+    results, seconds = run_groups_timed(
+        lambda lo, hi, tick: _run_chains(chains.group(lo, hi), arch, operands, targets, config, randomness, device,
+                                         tick),
+        groups, total=C * T, desc=f"SGLD (torch, {C} chains)", progress=progress)
 
     trace = nan_from_first_non_finite(torch.cat([r[0] for r in results], dim=1).T.double())
     finals = torch.cat([r[1] for r in results])
