@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastllc import SGLDConfig
-from fastllc.sampling import InjectedRandomness, default_nbeta, reference, vectorized
+from fastllc.backends import generic, reference
+from fastllc.sampling import InjectedRandomness, wbic_nbeta
 from fastllc.sampling.contract import flat_parameters
 
 from conftest import PUBLISHED, record
@@ -66,8 +67,8 @@ def matches_reference(model, x, y, m) -> bool:
     noise = InjectedRandomness.seeded(chains, steps, len(y), m, d)
     config = SGLDConfig(chains=chains, steps=steps, batch_size=m, epsilon=1e-4, nbeta=20.0, orthogonal=True)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    fast = vectorized.sample(model, x, y, F.cross_entropy, config, randomness=noise, trace=True)
-    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=1e-5)  # as tests/test_vectorized.py
+    fast = generic.sample(model, x, y, F.cross_entropy, config, randomness=noise, trace=True)
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=1e-5)  # as tests/test_backend_generic.py
     torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=1e-5)
     return True
 
@@ -78,7 +79,7 @@ def time_generic(benchmark, workload, model, x, y, chains, steps):
     seconds = []
 
     def run():  # steps ≥ 500 are traced; the trace is part of setup, outside ``samples.seconds``
-        samples = vectorized.sample(model, x, y, F.cross_entropy, config)
+        samples = generic.sample(model, x, y, F.cross_entropy, config)
         assert torch.isfinite(samples.loss_trace).all()
         seconds.append(samples.seconds)
 
@@ -110,7 +111,7 @@ def time_devinterp(benchmark, workload, model, x, y, chains, draws, threads):
                 warnings.simplefilter("ignore")
                 devinterp_sampler.estimate_learning_coeff_with_summary(
                     model, loader, evaluate=evaluate, sampling_method=SGLD,
-                    optimizer_kwargs=dict(lr=1e-5, localization=5.0, nbeta=default_nbeta(len(y))),
+                    optimizer_kwargs=dict(lr=1e-5, localization=5.0, nbeta=wbic_nbeta(len(y))),
                     num_chains=chains, num_draws=draws, init_loss=init_loss, seed=0, device="cpu", verbose=False)
         finally:
             torch.set_num_threads(before)

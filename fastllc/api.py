@@ -14,7 +14,10 @@ from .compat.loaders import as_pair, is_loader, materialise
 from .errors import FastLLCError
 from .llc import LLCResult, estimate_llc
 from .model import ModularMLP
-from .sampling import SGLDConfig, backend_module, batched, resolve_backend, resolve_device, sample, vectorized
+from .backends import resolve_backend, sample, sample_starts
+from .sampling import SGLDConfig, resolve_device
+from .sampling.contract import private_buffers
+from .sampling.starts import Start
 from .train import Run
 
 
@@ -29,8 +32,9 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
     Settings are an ``SGLDConfig`` or its fields as keywords (``chains=64, steps=5000, ...``).
     ``backend="auto"`` picks the fastest backend that runs the model: the specialised ``torch``/``triton``
     ones for the study's ModularMLP with cross-entropy, ``generic`` (torch.func) for other modules, the
-    ``reference`` for modules that cannot be vmapped. ``mala=True`` needs ``generic``, which ``auto`` then
-    picks. ``init_loss`` replaces L_n(w*) (default: the mean loss over all of ``data`` at w*).
+    ``reference`` for modules that cannot be vmapped. ``mala=True`` needs a backend that records the MALA
+    acceptance (``generic``), which ``auto`` then picks. ``init_loss`` replaces L_n(w*) (default: the mean
+    loss over all of ``data`` at w*). The caller's model is neither moved nor changed.
     """
     if is_loader(data):
         if config is None and "batch_size" not in settings and data.batch_size:
@@ -49,11 +53,12 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
     minibatch = (resources.mlp_minibatch_bytes(model.p, model.embed_dim, model.hidden_dim, config.batch_size)
                  if isinstance(model, ModularMLP) else 0)
     require_chain_memory(config, parameters, minibatch, resolve_device(device))
-    if config.mala:
-        backend = _mala_backend(backend, model, loss_fn, resolve_device(device))
+    needs = ("mala",) if config.mala else ()
+    if needs:  # refused before the loss at w* is computed
+        backend = resolve_backend(backend, resolve_device(device), model, loss_fn, needs)
     check_loss_at_start(model, inputs, targets, loss_fn)
     samples = sample(model, inputs, targets, loss_fn, config, backend=backend, device=device,
-                     randomness=randomness, progress=progress)
+                     randomness=randomness, progress=progress, needs=needs)
     if init_loss is not None:
         samples = replace(samples, init_loss=float(init_loss))
     return estimate_llc(samples, config)
@@ -87,7 +92,8 @@ def check_loss_at_start(model: torch.nn.Module, inputs, targets, loss_fn) -> Non
     every chain look diverged. Run where the model lives; torch's random state is left as it was (dropout)."""
     home = next(p for p in model.parameters() if p.requires_grad).device
     with torch.no_grad(), torch.random.fork_rng(devices=[home] if home.type == "cuda" else []):
-        loss = loss_fn(model(inputs.to(home)), targets.to(home))
+        outputs = torch.func.functional_call(model, private_buffers(model), (inputs.to(home),))  # buffers untouched
+        loss = loss_fn(outputs, targets.to(home))
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise FastLLCError(f"loss_fn must return the mean loss over the examples (one number), got {shape}")
@@ -95,14 +101,6 @@ def check_loss_at_start(model: torch.nn.Module, inputs, targets, loss_fn) -> Non
     if not math.isfinite(value):
         raise FastLLCError(f"the loss at w* is {value} (the starting weights or data give a non-finite loss); "
                            "check the model and data")
-
-
-def _mala_backend(backend: str, model, loss_fn, device) -> str:
-    """The MALA acceptance rate is computed by the generic backend only."""
-    if backend == "generic" or (backend == "auto" and vectorized.supports(model, loss_fn, device)):
-        return "generic"
-    raise FastLLCError("mala=True (the MALA acceptance rate) needs backend 'generic', which "
-                       + ("cannot vmap this model" if backend == "auto" else f"is not the chosen {backend!r}"))
 
 
 def estimate_run(run: Run | str, checkpoint: int | None = None, config: SGLDConfig | None = None,
@@ -117,7 +115,7 @@ def estimate_checkpoints(run: Run | str, checkpoints: list[int] | None = None, c
                          backend: str = "auto", device="cpu", randomness=None, progress: bool = False,
                          **settings) -> list[LLCResult]:
     """λ̂ at several checkpoints of a run (default: all), every checkpoint's chains in one batched run
-    (backend ``torch``, or ``triton`` on CUDA: the two that stack starting points).
+    (on a backend that stacks starting points: ``torch``, or ``triton`` on CUDA).
 
     Chain j of the k-th listed checkpoint is global chain k·chains + j of the batch (its randomness key).
     """
@@ -132,12 +130,9 @@ def estimate_checkpoints(run: Run | str, checkpoints: list[int] | None = None, c
     arch = (run.config.p, run.config.embed, run.config.hidden)
     require_chain_memory(replace(config, chains=config.chains * len(indices)), resources.mlp_parameters(*arch),
                          resources.mlp_minibatch_bytes(*arch, config.batch_size), device)
-    starts = [batched.Start(run.load_model(k), pairs, labels) for k in indices]
-    name = resolve_backend(backend, device, starts[0].model, F.cross_entropy)
-    if name not in ("torch", "triton"):
-        raise FastLLCError(f"estimate_checkpoints runs all checkpoints as one batch: backend torch or triton, not {name!r}")
+    starts = [Start(run.load_model(k), pairs, labels) for k in indices]
+    name = resolve_backend(backend, device, starts[0].model, F.cross_entropy, needs=("stacked_starts",))
     for start in starts:
         check_loss_at_start(start.model, pairs, labels, F.cross_entropy)
-    samples = backend_module(name).sample_starts(starts, config, randomness=randomness, device=device,
-                                                 progress=progress)
+    samples = sample_starts(starts, config, backend=name, randomness=randomness, device=device, progress=progress)
     return [estimate_llc(s, config) for s in samples]

@@ -16,7 +16,8 @@ from click.core import ParameterSource
 
 from . import api, resources, storage
 from .errors import FastLLCError
-from .sampling import BACKEND_CHOICES, SGLDConfig, resolve_backend, resolve_device
+from .backends import CHOICES as BACKEND_CHOICES, resolve_backend
+from .sampling import SGLDConfig, resolve_device
 from .seeding import check_seed
 from .train import Run, TrainConfig, default_batches, train
 from .train import cached_run as load_or_train

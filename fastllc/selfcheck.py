@@ -2,10 +2,11 @@
 
     python -m fastllc.selfcheck --gpu --out gpu.json
 
-Checks (small shapes, the patterns of tests/test_batched.py, test_vectorized.py and test_fused.py): the
-``torch``, ``generic`` and ``triton`` backends on CUDA against the reference sampler on CPU, fed the
-same ``InjectedRandomness`` and compared parameter by parameter; the triton kernel's in-kernel Philox
-draws against the reference fed ``kernels.draws``; chain trajectories independent of the chain count;
+Checks (small shapes, the patterns of tests/test_backend_torch.py, test_backend_generic.py and
+test_backend_triton.py): the ``torch``, ``generic`` and ``triton`` backends on CUDA against the reference
+sampler on CPU, fed the same ``InjectedRandomness`` and compared parameter by parameter; the triton
+kernel's in-kernel Philox draws against the reference fed ``kernels.draws``; chain trajectories
+independent of the chain count;
 the moments of the kernel's noise. Then chain-steps per second of ``triton`` and ``torch`` at C = 64,
 1024 and 4096 on the published shape (p=53, e=8, h=32, m=64; the study's ε, γ and orthogonal steps),
 kept short so that everything finishes in a few minutes (``--budget`` stops the benchmarks early).
@@ -46,14 +47,14 @@ PER_CHAIN = dict(epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0], nbeta=[10.0,
 # GPU reductions, FMA contraction, libdevice's erf/exp: a few ulps per operation), ~1e-6 relative per step's
 # gradient, scaled by ε·nβ/2 and adding up about linearly: steps × ε·nβ/2 ≤ 2 here (100 × 0.02; 10 × 0.1 at
 # the published shape), so ≤ ~1e-5 on O(1) weights (measured on CPU: 6.8e-6 torch and generic, 7e-7 triton
-# interpreted). 5e-5 is tests/test_batched.py's bound for the same argument (and bench/test_bench_fused.py's
+# interpreted). 5e-5 is tests/test_backend_torch.py's bound for the same argument (and bench/test_bench_triton.py's
 # on the GPU); a wrong term (a missing γ, a factor 2, a misplaced padding mask) shows as ≥ 1e-3.
 ACROSS_BACKENDS = 5e-5
-SAME_PROGRAM = 1e-5  # one backend on CUDA and on CPU, the same seeded streams: tests/test_batched.py's cuda test
+SAME_PROGRAM = 1e-5  # one backend on CUDA and on CPU, the same seeded streams: tests/test_backend_torch.py's cuda test
 BIT_FOR_BIT = 0.0  # the triton kernel's chain c is the same program whatever the number of chains
 STANDARD_ERRORS = 5.0  # noise moments: a false alarm < 1e-6 per moment
 PUBLISHED_SHAPE = (53, 8, 32, 64)  # p, e, h, m
-# (C, T): as bench/test_bench_fused.py, but triton's C and T all multiples of 16, which Triton specialises
+# (C, T): as bench/test_bench_triton.py, but triton's C and T all multiples of 16, which Triton specialises
 # integer arguments on: one compiled kernel serves all three (each compile takes tens of seconds)
 BENCHMARK_PLAN = {"triton": [(64, 2048), (1024, 512), (4096, 256)],
                   "torch": [(64, 200), (1024, 50), (4096, 20)]}  # host-side randomness: slower per step
@@ -95,8 +96,9 @@ def _difference(fast, ref) -> float:
 
 def _against_reference(backend: str, device, shape, chains, steps, settings, **options) -> float:
     """``backend`` on ``device`` and the reference on CPU, the same injected noise: the largest difference."""
-    from .sampling import backend_module, reference
+    from .backends import backend_module
 
+    reference = backend_module("reference")
     p, e, h, m = shape
     model, x, y = _setting(p, e, h, seed=p)
     noise = InjectedRandomness.seeded(chains, steps, len(y), m, flat_parameters(model)[2].numel(), seed=2)
@@ -110,8 +112,9 @@ def _against_reference(backend: str, device, shape, chains, steps, settings, **o
 
 
 def _torch_seeded_on_device_and_cpu(device) -> float:
-    from .sampling import batched
+    from .backends import backend_module
 
+    batched = backend_module("torch")
     model, x, y = _setting(7, 5, 13, seed=7)
     config = SGLDConfig(chains=3, steps=20, batch_size=8, seed=7)
     here = batched.sample(model, x, y, F.cross_entropy, config, device=device)
@@ -120,17 +123,18 @@ def _torch_seeded_on_device_and_cpu(device) -> float:
 
 
 def _kernels(device):
-    from .sampling import fused
+    from .backends import backend_module
 
-    fused.require(device)  # the backend's own one-line reason if it cannot run here (e.g. Triton missing)
+    backend_module("triton").require(device)  # the backend's own one-line reason if it cannot run here (e.g. Triton missing)
     from . import kernels
     return kernels
 
 
 def _triton_in_kernel_randomness(device) -> float:
     """The kernel's own Philox draws equal what ``kernels.draws`` gives the reference (published shape)."""
-    from .sampling import fused, reference
+    from .backends import backend_module
 
+    fused, reference = backend_module("triton"), backend_module("reference")
     kernels = _kernels(device)
     p, e, h, m = PUBLISHED_SHAPE
     model, x, y = _setting(p, e, h, seed=0)
@@ -143,8 +147,9 @@ def _triton_in_kernel_randomness(device) -> float:
 
 
 def _triton_chain_count(device) -> float:
-    from .sampling import fused
+    from .backends import backend_module
 
+    fused = backend_module("triton")
     _kernels(device)
     p, e, h, m = PUBLISHED_SHAPE
     model, x, y = _setting(p, e, h, seed=0)
@@ -169,8 +174,8 @@ def _triton_noise_moments(device) -> float:
 
 def check_list(device) -> list[tuple[str, Callable[[], float], float]]:
     """(name, function returning the largest error, tolerance) of every check on ``device``."""
-    small = (7, 5, 13, 16)  # awkward, non-power-of-two shapes, as tests/test_batched.py
-    padded = (11, 5, 13, 11)  # every triton tile padded and masked, as tests/test_fused.py
+    small = (7, 5, 13, 16)  # awkward, non-power-of-two shapes, as tests/test_backend_torch.py
+    padded = (11, 5, 13, 11)  # every triton tile padded and masked, as tests/test_backend_triton.py
     return [
         ("torch vs reference, injected noise (p=7 e=5 h=13 m=16, 3 chains x 100 steps)",
          lambda: _against_reference("torch", device, small, 3, 100, PER_CHAIN), ACROSS_BACKENDS),
@@ -214,7 +219,7 @@ def run_checks(checks, report=print) -> list[CheckResult]:
 def benchmark(backend: str, chains: int, steps: int, device) -> BenchmarkResult:
     """Chain-steps per second of ``backend`` on the published shape (the sampler's own loop time, after a
     short run that compiles or warms up outside it)."""
-    from .sampling import backend_module
+    from .backends import backend_module
 
     p, e, h, m = PUBLISHED_SHAPE
     model, x, y = _setting(p, e, h, seed=0)  # untrained: throughput does not depend on the weights

@@ -224,7 +224,7 @@ def _adopted(config: TrainConfig, out: Path) -> "Run":
 
 @single_threaded_torch()  # tensors of a few kB: a second thread only adds synchronisation (measured 2-10× slower)
 def _train_batch(configs: list[TrainConfig], outs: list[Path], progress: bool, adopt: bool) -> list["Run"]:
-    from .sampling.batched import ChainBatch  # the engine serves training too
+    from .engine import ChainBatch
     from .sampling.contract import flat_parameters
 
     first, S = configs[0], len(configs)

@@ -100,7 +100,7 @@ def test_every_chain_diverging_is_an_error_after_the_result(cli, tiny_run):
 
 
 def test_triton_without_cuda_is_a_one_line_error(tmp_path):
-    """In a fresh process: in a full test run test_fused.py has loaded Triton's interpreter in this one."""
+    """In a fresh process: in a full test run test_backend_triton.py has loaded Triton's interpreter in this one."""
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine can run the triton backend")

@@ -230,6 +230,6 @@ def test_devinterps_evaluate_ce_is_detected_without_devinterp(monkeypatch):
     assert own["fastllc"].backend == "generic"
     # the criterion taken out of evaluate_ce is the one that runs: the same chains (same counter-based draws)
     # as through evaluate itself, to fp32 summation order (batched vs vmapped: measured 1.2e-7 = 1 ulp after
-    # 10 steps; 1e-5 as tests/test_vectorized.py, while a wrong criterion moves the losses by ~0.1)
+    # 10 steps; 1e-5 as tests/test_backend_generic.py, while a wrong criterion moves the losses by ~0.1)
     np.testing.assert_allclose(native["loss/trace"], own["loss/trace"], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(native["loss/trace"], made["loss/trace"])

@@ -15,7 +15,7 @@ def half_squared_error(outputs, targets):
 
 
 def test_linear_regression_has_llc_d_over_2():
-    """A regular model: λ = d/2. Same design as tests/test_reference_sampler.py, through ``generic``."""
+    """A regular model: λ = d/2. Same design as tests/test_backend_reference.py, through ``generic``."""
     n, d = 2000, 6
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(n, d, generator=gen)

@@ -6,7 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastllc import ModularMLP, SGLDConfig, make_task
-from fastllc.sampling import batched, reference, threads, vectorized
+from fastllc.backends import generic, reference
+from fastllc.backends import torch as torch_backend
+from fastllc.sampling import threads
+from fastllc.sampling.contract import flat_parameters
+from fastllc.sampling.starts import Start
 
 
 @pytest.fixture
@@ -73,6 +77,18 @@ def test_run_groups_runs_every_group_single_threaded_and_keeps_their_order(three
     assert torch.get_num_threads() == 3
 
 
+def test_timed_groups_tick_one_bar_and_report_their_wall_time(three_threads):
+    ticked = []
+
+    def work(lo, hi, tick):
+        tick(hi - lo)
+        ticked.append(hi - lo)
+        return lo, torch.get_num_threads()
+    results, seconds = threads.run_groups_timed(work, [(0, 2), (2, 5)], total=5, desc="test", progress=False)
+    assert results == [(0, 1), (2, 1)] and sorted(ticked) == [2, 3] and seconds >= 0
+    assert torch.get_num_threads() == 3
+
+
 def test_run_groups_raises_a_groups_error_and_restores_the_thread_count(three_threads):
     def fail_in_the_second(lo, hi):
         if lo == 2:
@@ -86,7 +102,7 @@ def test_run_groups_raises_a_groups_error_and_restores_the_thread_count(three_th
 # The published architecture (p=53, e=8, h=32, m=64): there every chain's operands keep their alignment in
 # any group, and the grouping is bit for bit invisible (measured, also at the p=5 shape below). At some
 # awkward shapes (e.g. p=7, e=5, h=13, m=8) MKL picks a kernel by an operand's alignment, which depends on
-# where a chain sits in its group: 1-ulp differences, which tests/test_vectorized.py allows for.
+# where a chain sits in its group: 1-ulp differences, which tests/test_backend_generic.py allows for.
 SHAPES = [(53, 8, 32, 64), (5, 4, 16, 8)]
 
 
@@ -94,13 +110,13 @@ SHAPES = [(53, 8, 32, 64), (5, 4, 16, 8)]
 @pytest.mark.parametrize("orthogonal", [False, True])
 def test_torch_backend_gives_the_same_bits_in_any_grouping(p, embed, hidden, m, orthogonal):
     x, y = make_task(p).train_data()
-    start = batched.Start(ModularMLP(p, embed, hidden), x, y)
+    start = Start(ModularMLP(p, embed, hidden), x, y)
     config = SGLDConfig(chains=6, steps=20, batch_size=m, seed=3, orthogonal=orthogonal)
-    one, two, three = (batched.sample_starts([start], config, workers=w)[0] for w in (1, 2, 3))
+    one, two, three = (torch_backend.sample_starts([start], config, workers=w)[0] for w in (1, 2, 3))
     for other in (two, three):
         assert torch.equal(other.loss_trace, one.loss_trace)
         assert torch.equal(other.final_params, one.final_params)
-    assert (one.final_params - batched.flat_parameters(start.model)[2]).abs().max() > 1e-3  # the chains moved
+    assert (one.final_params - flat_parameters(start.model)[2]).abs().max() > 1e-3  # the chains moved
 
 
 @pytest.mark.parametrize("p, embed, hidden, m", SHAPES)
@@ -109,11 +125,11 @@ def test_generic_backend_gives_the_same_bits_in_any_grouping(p, embed, hidden, m
     x, y = make_task(p).train_data()
     model = ModularMLP(p, embed, hidden)
     config = SGLDConfig(chains=6, steps=20, batch_size=m, seed=3, orthogonal=orthogonal)
-    one, two, three = (vectorized.sample(model, x, y, F.cross_entropy, config, workers=w) for w in (1, 2, 3))
+    one, two, three = (generic.sample(model, x, y, F.cross_entropy, config, workers=w) for w in (1, 2, 3))
     for other in (two, three):
         assert torch.equal(other.loss_trace, one.loss_trace)
         assert torch.equal(other.final_params, one.final_params)
-    assert (one.final_params - vectorized.flat_parameters(model)[2]).abs().max() > 1e-3
+    assert (one.final_params - flat_parameters(model)[2]).abs().max() > 1e-3
 
 
 class ThreadsSeen(nn.Module):
@@ -131,8 +147,8 @@ class ThreadsSeen(nn.Module):
         return self.layers(x)
 
 
-@pytest.mark.parametrize("backend, width", [(reference, 4), (vectorized, 4),
-                                            (vectorized, 730)])  # 2 chains of 538k weights: C·d > 2²⁰, two groups
+@pytest.mark.parametrize("backend, width", [(reference, 4), (generic, 4),
+                                            (generic, 730)])  # 2 chains of 538k weights: C·d > 2²⁰, two groups
 def test_a_few_chains_run_single_threaded_and_the_caller_keeps_its_threads(three_threads, backend, width):
     x, y, seen = torch.randn(20, 3), torch.randint(2, (20,)), set()
     backend.sample(ThreadsSeen(width, seen), x, y, F.cross_entropy, SGLDConfig(chains=2, steps=3, batch_size=4))
@@ -141,9 +157,9 @@ def test_a_few_chains_run_single_threaded_and_the_caller_keeps_its_threads(three
 
 
 def test_torch_backend_runs_a_few_chains_single_threaded(three_threads, monkeypatch):
-    seen, real = set(), batched._run_chains
-    monkeypatch.setattr(batched, "_run_chains", lambda *args: seen.add(torch.get_num_threads()) or real(*args))
+    seen, real = set(), torch_backend._run_chains
+    monkeypatch.setattr(torch_backend, "_run_chains", lambda *args: seen.add(torch.get_num_threads()) or real(*args))
     x, y = make_task(5).train_data()
-    batched.sample(ModularMLP(5, 4, 16), x, y, F.cross_entropy, SGLDConfig(chains=2, steps=3, batch_size=4))
+    torch_backend.sample(ModularMLP(5, 4, 16), x, y, F.cross_entropy, SGLDConfig(chains=2, steps=3, batch_size=4))
     assert seen == {1}
     assert torch.get_num_threads() == 3

@@ -61,7 +61,8 @@ class SGLD:
 
 
 def default_nbeta(batch_size: int) -> float:
-    """devinterp's default: b/log b for the loader's batch size b (1 when b ≤ 1)."""
+    """devinterp's default (and name): b/log b for the loader's batch size b (1 when b ≤ 1). fastllc's own
+    default is ``sampling.wbic_nbeta(n)``, n/log n of the training examples."""
     return 1.0 if batch_size <= 1 else batch_size / math.log(batch_size)
 
 

@@ -17,6 +17,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import storage
@@ -24,8 +25,9 @@ from ..errors import FastLLCError
 
 from ..analysis import analyse_run
 from ..api import estimate_checkpoints, estimate_run
+from ..backends import sample
 from ..llc import estimate_llc
-from ..sampling import SGLDConfig, batched, default_nbeta
+from ..sampling import SGLDConfig, wbic_nbeta
 from ..sampling.contract import select_chains
 from ..train import Run, TrainConfig, cached_run, train_together
 
@@ -143,11 +145,11 @@ def calibration_cells(run: Run, job: Job) -> list[dict]:
     """Every grid cell's λ̂, split-R̂, ESS and healthy fraction, from one batched run of all cells' chains."""
     grid, per_cell = job.tags["grid"], job.sgld.chains
     pairs, labels = run.task().train_data()
-    base = default_nbeta(len(labels))
+    base = wbic_nbeta(len(labels))
     settings = {name: [cell[name] * (base if name == "nbeta" else 1) for cell in grid for _ in range(per_cell)]
                 for name in ("epsilon", "nbeta", "gamma")}
     config = replace(job.sgld, chains=len(grid) * per_cell, **settings)
-    samples = batched.sample_starts([batched.Start(run.load_model(), pairs, labels)], config)[0]
+    samples = sample(run.load_model(), pairs, labels, F.cross_entropy, config)  # auto on the CPU: the study's MLP
     cells = []
     for index, cell in enumerate(grid):
         chains = range(index * per_cell, (index + 1) * per_cell)

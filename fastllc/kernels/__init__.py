@@ -1,4 +1,4 @@
-"""Triton kernels and their launchers (the ``triton`` sampling backend, ``fastllc.sampling.fused``).
+"""Triton kernels and their launchers (the ``triton`` sampling backend, ``fastllc.backends.triton``).
 
 Importing this package imports Triton (an extra: ``pip install 'fastllc[triton]'``; CUDA builds of
 torch bring it) and defines the kernels; it never touches the CUDA driver, so it is safe on any machine.

@@ -17,7 +17,8 @@ One step (a_i, b_i operands, y_i label of minibatch example i; A, B, Y the one-h
     z = x_a·Lᵀ + x_b·Rᵀ + b_L + b_R,  u = GELU(z) (exact erf),  s = u·Uᵀ,  L_m = mean_i (lse(s_i) − s_i[y_i])
     δs = (softmax(s) − Y)/m,  ∇U = δsᵀ·u,  δz = (δs·U) ⊙ (Φ(z) + z·φ(z))
     ∇b_L = ∇b_R = Σ_i δz_i,  ∇L = δzᵀ·x_a,  ∇R = δzᵀ·x_b,  ∇E = Aᵀ·(δz·L) + Bᵀ·(δz·R)
-    Δ = −(ε/2)·[γ(w − w*) + nβ·∇L_m] + √ε·ξ,   Δ −= (Δ·g)·g if orthogonal,   w += Δ
+    Δ = −decay·(w − w*) − drift·∇L_m + noise_scale·ξ,   Δ −= (Δ·g)·g if orthogonal,   w += Δ
+    (decay = εγ/2, drift = ε·nβ/2, noise_scale = √ε per chain: ``sampling/sgld.py``'s vocabulary)
 
 Registers. Each step's one-hot matrices are rebuilt where needed (Aᵀ, Bᵀ for ∇E) instead of kept live,
 and the orthogonal projection runs in two passes over the tiles (Δ·g first, then each Δ again, its noise
@@ -87,41 +88,53 @@ def _noise(seed, chain, step, offsets, mask, row_ptr, INJECTED: tl.constexpr):
 
 
 @triton.jit
-def _delta(x, grad, offsets, mask, star_row, noise_row, seed, chain, step, a, k, root_eps, INJECTED: tl.constexpr):
-    """Δ = −(ε/2)·[γ(x − x*) + nβ·∇] + √ε·ξ of one tile, a = εγ/2, k = ε·nβ/2 (x* re-read: it stays in cache)."""
+def _delta(x, grad, offsets, mask, star_row, noise_row, seed, chain, step, decay, drift, noise_scale,
+           INJECTED: tl.constexpr):
+    """Δ = −decay·(x − x*) − drift·∇ + noise_scale·ξ of one tile, with decay = εγ/2, drift = ε·nβ/2,
+    noise_scale = √ε (``sampling/sgld.py``'s vocabulary; x* re-read: it stays in cache)."""
     x_star = tl.load(star_row + offsets, mask=mask, other=0.0)
-    return -(a * (x - x_star) + k * grad) + root_eps * _noise(seed, chain, step, offsets, mask, noise_row, INJECTED)
+    return (-(decay * (x - x_star) + drift * grad)
+            + noise_scale * _noise(seed, chain, step, offsets, mask, noise_row, INJECTED))
 
 
 @triton.jit
-def _along(x, grad, offsets, mask, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps,
+def _along(x, grad, offsets, mask, star_row, dir_row, noise_row, seed, chain, step, decay, drift, noise_scale,
            INJECTED: tl.constexpr):
     """This tile's share of Δ·g."""
     g = tl.load(dir_row + offsets, mask=mask, other=0.0)
-    return tl.sum(_delta(x, grad, offsets, mask, star_row, noise_row, seed, chain, step, a, k, root_eps, INJECTED) * g)
+    delta = _delta(x, grad, offsets, mask, star_row, noise_row, seed, chain, step, decay, drift, noise_scale, INJECTED)
+    return tl.sum(delta * g)
 
 
 @triton.jit
-def _apply(x, grad, offsets, mask, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps, along,
+def _apply(x, grad, offsets, mask, star_row, dir_row, noise_row, seed, chain, step, decay, drift, noise_scale, along,
            INJECTED: tl.constexpr, ORTHOGONAL: tl.constexpr):
     """x + Δ, or x + Δ − (Δ·g)·g with ``along`` = Δ·g."""
-    delta = _delta(x, grad, offsets, mask, star_row, noise_row, seed, chain, step, a, k, root_eps, INJECTED)
+    delta = _delta(x, grad, offsets, mask, star_row, noise_row, seed, chain, step, decay, drift, noise_scale, INJECTED)
     if ORTHOGONAL:
         delta -= along * tl.load(dir_row + offsets, mask=mask, other=0.0)
     return x + delta
 
 
 @triton.jit(do_not_specialize=["seed", "t0", "n_steps"])  # a 1 there would otherwise compile a second kernel
-def _sgld_kernel(w_ptr, star_ptr, dir_ptr, hyper_ptr, ops_ptr, tgt_ptr, idx_ptr, noise_ptr, trace_ptr,
-                 seed, n, chains_per_start, total_steps, t0, n_steps,
-                 p: tl.constexpr, e: tl.constexpr, h: tl.constexpr, m: tl.constexpr,
-                 P: tl.constexpr, EB: tl.constexpr, H: tl.constexpr, M: tl.constexpr,
+def _sgld_kernel(w_ptr,  # [C, d] fp32, chain-major weights, canonical order: updated in place
+                 star_ptr,  # [S, d] fp32, w* of each start (start s = chain // chains_per_start)
+                 dir_ptr,  # [S, d] fp32, unit ∇L_n(w*) of each start (read only if ORTHOGONAL)
+                 hyper_ptr,  # [C, 3] fp32, per chain (decay, drift, noise_scale) = (εγ/2, ε·nβ/2, √ε)
+                 ops_ptr,  # [S·n, 2] int64, operands (a, b): start s's split at rows s·n ..
+                 tgt_ptr,  # [S·n] int64, labels, same rows
+                 idx_ptr,  # [C, total_steps, m] int64, injected minibatch indices (read only if INJECTED)
+                 noise_ptr,  # [C, total_steps, d] fp32, injected unit noise (read only if INJECTED)
+                 trace_ptr,  # [C, total_steps] fp32, out: L_m(w_t) of every step run
+                 seed,  # int64, keys the in-kernel Philox streams
+                 n,  # examples in one start's split
+                 chains_per_start,  # C / S
+                 total_steps,  # T of the whole run: the row length of trace, idx and noise
+                 t0, n_steps,  # this launch runs steps t0 .. t0+n_steps−1
+                 p: tl.constexpr, e: tl.constexpr, h: tl.constexpr, m: tl.constexpr,  # the MLP and minibatch
+                 P: tl.constexpr, EB: tl.constexpr, H: tl.constexpr, M: tl.constexpr,  # their tiles (``padded``)
                  INJECTED: tl.constexpr, ORTHOGONAL: tl.constexpr):
-    """Steps t0 .. t0+n_steps−1 of chain ``program_id(0)``; see the module docstring.
-
-    w [C, d] (in place), star and dir [S, d] (start s = chain // chains_per_start), hyper [C, 3] =
-    (εγ/2, ε·nβ/2, √ε), ops [S·n, 2] and tgt [S·n] (start s's split at rows s·n ..), trace [C, total_steps].
-    """
+    """Steps t0 .. t0+n_steps−1 of chain ``program_id(0)``; see the module docstring."""
     chain = tl.program_id(0)
     row = chain.to(tl.int64)
     start = (chain // chains_per_start).to(tl.int64)
@@ -146,9 +159,9 @@ def _sgld_kernel(w_ptr, star_ptr, dir_ptr, hyper_ptr, ops_ptr, tgt_ptr, idx_ptr,
     R = tl.load(w_row + oR, mask=mL, other=0.0)
     bR = tl.load(w_row + oBR, mask=h_ok, other=0.0)
     U = tl.load(w_row + oU, mask=mU, other=0.0)
-    a = tl.load(hyper_ptr + row * 3)
-    k = tl.load(hyper_ptr + row * 3 + 1)
-    root_eps = tl.load(hyper_ptr + row * 3 + 2)
+    decay = tl.load(hyper_ptr + row * 3)
+    drift = tl.load(hyper_ptr + row * 3 + 1)
+    noise_scale = tl.load(hyper_ptr + row * 3 + 2)
 
     for t in range(n_steps):
         step = t0 + t
@@ -198,28 +211,32 @@ def _sgld_kernel(w_ptr, star_ptr, dir_ptr, hyper_ptr, ops_ptr, tgt_ptr, idx_ptr,
         noise_row = noise_ptr + (row * total_steps + step) * D
         if ORTHOGONAL:  # Δ −= (Δ·g)·g: a dot product over all d parameters first, then each Δ again (noise
             # redrawn from its counters or re-read): fewer live tiles than keeping six increments in registers
-            along = (_along(E, gE, oE, mE, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps, INJECTED)
-                     + _along(L, gL, oL, mL, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps, INJECTED)
-                     + _along(bL, gB, oBL, h_ok, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps,
-                              INJECTED)
-                     + _along(R, gR, oR, mL, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps, INJECTED)
-                     + _along(bR, gB, oBR, h_ok, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps,
-                              INJECTED)
-                     + _along(U, gU, oU, mU, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps, INJECTED))
+            along = (_along(E, gE, oE, mE, star_row, dir_row, noise_row, seed, chain, step,
+                            decay, drift, noise_scale, INJECTED)
+                     + _along(L, gL, oL, mL, star_row, dir_row, noise_row, seed, chain, step,
+                              decay, drift, noise_scale, INJECTED)
+                     + _along(bL, gB, oBL, h_ok, star_row, dir_row, noise_row, seed, chain, step,
+                              decay, drift, noise_scale, INJECTED)
+                     + _along(R, gR, oR, mL, star_row, dir_row, noise_row, seed, chain, step,
+                              decay, drift, noise_scale, INJECTED)
+                     + _along(bR, gB, oBR, h_ok, star_row, dir_row, noise_row, seed, chain, step,
+                              decay, drift, noise_scale, INJECTED)
+                     + _along(U, gU, oU, mU, star_row, dir_row, noise_row, seed, chain, step,
+                              decay, drift, noise_scale, INJECTED))
         else:
             along = 0.0
-        E = _apply(E, gE, oE, mE, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps, along,
-                   INJECTED, ORTHOGONAL)
-        L = _apply(L, gL, oL, mL, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps, along,
-                   INJECTED, ORTHOGONAL)
-        bL = _apply(bL, gB, oBL, h_ok, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps, along,
-                    INJECTED, ORTHOGONAL)
-        R = _apply(R, gR, oR, mL, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps, along,
-                   INJECTED, ORTHOGONAL)
-        bR = _apply(bR, gB, oBR, h_ok, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps, along,
-                    INJECTED, ORTHOGONAL)
-        U = _apply(U, gU, oU, mU, star_row, dir_row, noise_row, seed, chain, step, a, k, root_eps, along,
-                   INJECTED, ORTHOGONAL)
+        E = _apply(E, gE, oE, mE, star_row, dir_row, noise_row, seed, chain, step,
+                   decay, drift, noise_scale, along, INJECTED, ORTHOGONAL)
+        L = _apply(L, gL, oL, mL, star_row, dir_row, noise_row, seed, chain, step,
+                   decay, drift, noise_scale, along, INJECTED, ORTHOGONAL)
+        bL = _apply(bL, gB, oBL, h_ok, star_row, dir_row, noise_row, seed, chain, step,
+                    decay, drift, noise_scale, along, INJECTED, ORTHOGONAL)
+        R = _apply(R, gR, oR, mL, star_row, dir_row, noise_row, seed, chain, step,
+                   decay, drift, noise_scale, along, INJECTED, ORTHOGONAL)
+        bR = _apply(bR, gB, oBR, h_ok, star_row, dir_row, noise_row, seed, chain, step,
+                    decay, drift, noise_scale, along, INJECTED, ORTHOGONAL)
+        U = _apply(U, gU, oU, mU, star_row, dir_row, noise_row, seed, chain, step,
+                   decay, drift, noise_scale, along, INJECTED, ORTHOGONAL)
 
     tl.store(w_row + oE, E, mask=mE)
     tl.store(w_row + oL, L, mask=mL)

@@ -17,8 +17,9 @@ from ..seeding import check_seed
 PerChain = Union[float, Sequence[float], torch.Tensor]
 
 
-def default_nbeta(n: int) -> float:
-    """nβ = n / log n (β = 1/log n, Watanabe's WBIC temperature)."""
+def wbic_nbeta(n: int) -> float:
+    """nβ = n / log n for n training examples (β = 1/log n, Watanabe's WBIC temperature): fastllc's default.
+    Not devinterp's default, b/log b of the batch size (``compat.devinterp.default_nbeta``, devinterp's name)."""
     if n < 2:
         raise FastLLCError(f"the default nβ = n/log n needs n >= 2 training examples, got {n}")
     return n / math.log(n)
@@ -80,7 +81,7 @@ class SGLDConfig:
         if value is None:
             if n is None:
                 raise FastLLCError(f"{name} is not set")
-            value = default_nbeta(n)
+            value = wbic_nbeta(n)
         vector = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
         if vector.numel() not in (1, self.chains):
             raise FastLLCError(f"{name} has {vector.numel()} values for {self.chains} chains")

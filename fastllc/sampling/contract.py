@@ -1,14 +1,17 @@
-"""What every sampling backend takes and returns, and the start of every run (loss and gradient at w*).
+"""What every sampling backend returns (``Samples``), and the plumbing each one uses: the start of every
+run (loss and gradient at w*), the flat weights, the NaN rule, the caller's model left where it is.
 
-A backend is a function
-    sample(model, inputs, targets, loss_fn, config, *, randomness=None, device="cpu", progress=False) -> Samples
-that runs ``config.chains`` SGLD chains from the model's weights w* and records L_m(w_t) at every step.
-``loss_fn(outputs, targets)`` must return the *mean* loss over the examples given (a negative
-log-likelihood up to a constant, e.g. F.cross_entropy), as the estimator assumes.
+A backend's ``sample(model, inputs, targets, loss_fn, config, *, randomness=None, device="cpu",
+progress=False) -> Samples`` runs ``config.chains`` SGLD chains from the model's weights w* and records
+L_m(w_t) at every step (the whole contract: ``fastllc/backends/__init__.py``). ``loss_fn(outputs, targets)``
+must return the *mean* loss over the examples given (a negative log-likelihood up to a constant, e.g.
+F.cross_entropy), as the estimator assumes.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,24 @@ class Samples:
     final_params: torch.Tensor | None = None  # [C, d] flat weights after the last step, canonical order
     chains_in_batch: int | None = None  # chains advanced together in ``seconds`` (several starts: more than C)
     mala_acceptance: torch.Tensor | None = None  # [C, T−1] float64: MALA acceptance of step t → t+1 (config.mala)
+
+
+def nan_from_first_non_finite(trace: torch.Tensor) -> torch.Tensor:
+    """``trace`` [C, T] with every record from a chain's first non-finite loss on set to NaN, in place: a
+    diverged chain stays diverged (the reference stops it there; the batched backends keep computing)."""
+    trace[(~torch.isfinite(trace)).cumsum(dim=1) > 0] = math.nan
+    return trace
+
+
+def on_device(model: torch.nn.Module, device) -> torch.nn.Module:
+    """``model`` itself when its parameters and buffers already live on ``device``, else a copy moved there:
+    sampling never moves or mutates the caller's model (``nn.Module.to`` moves in place)."""
+    device = torch.device(device)
+    def here(t):
+        return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+    if all(here(t) for t in (*model.parameters(), *model.buffers())):
+        return model
+    return copy.deepcopy(model).to(device)
 
 
 def select_chains(samples: Samples, chains) -> Samples:
@@ -59,11 +80,19 @@ def unflatten(flat: torch.Tensor, names: list[str], shapes: list[torch.Size]) ->
     return params
 
 
+def private_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the model's buffers, to pass to ``functional_call`` beside the weights: a forward pass in
+    training mode (BatchNorm's running statistics) then updates these, never the caller's model. What the
+    forward pass returns does not depend on them in training mode, so no number changes."""
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
 def loss_and_gradient_at_start(model, inputs, targets, loss_fn) -> tuple[float, torch.Tensor]:
-    """L_n(w*) and ∇L_n(w*) (flat, [d]) over all given examples, by autograd."""
+    """L_n(w*) and ∇L_n(w*) (flat, [d]) over all given examples, by autograd; the model is left as it was."""
     names, shapes, w_star = flat_parameters(model)
     w = w_star.clone().requires_grad_(True)
-    loss = loss_fn(functional_call(model, unflatten(w, names, shapes), (inputs,)), targets)
+    weights = {**unflatten(w, names, shapes), **private_buffers(model)}
+    loss = loss_fn(functional_call(model, weights, (inputs,)), targets)
     (grad,) = torch.autograd.grad(loss, w)
     return loss.item(), grad.detach()
 

@@ -204,3 +204,15 @@ class InjectedRandomness:
 
     def draw(self, chain: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.indices[chain, step], self.noise[chain, step]
+
+
+def for_run(randomness, config, n: int, dim: int, chains: int | None = None):
+    """The randomness a CPU-drawing backend uses for ``config``'s run on n examples and ``dim`` weights:
+    ``CounterRandomness`` keyed by ``config.seed`` when none is given, an ``InjectedRandomness`` checked
+    against the run's shape (``chains``: all chains of the batch, default ``config.chains``), any other
+    generator as given."""
+    if randomness is None:
+        return CounterRandomness(config.seed, n, config.batch_size, dim)
+    if isinstance(randomness, InjectedRandomness):
+        randomness.check(config.chains if chains is None else chains, config.steps, n, config.batch_size, dim)
+    return randomness

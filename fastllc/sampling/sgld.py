@@ -1,13 +1,18 @@
 """What the batched backends (``torch`` and ``generic``) share: the parameter-major layout of C chains'
-weights, and the SGLD update applied to it in place.
+weights (also the engine's, ``fastllc/engine.py``), the SGLD update applied to it in place, and the host
+buffers each step's randomness is drawn into.
 
 Layout. All chains' weights are one flat buffer in which parameter j (canonical order) occupies
 W[C·off_j : C·off_{j+1}] as a contiguous [C, *shape] tensor, so batched matmuls read contiguous operands
 (strided ones take a slow path on CPU) and the update runs over the whole buffer at once.
 
-Update. With G = −(ε/2)·nβ·∇L_m and a = −εγ/2 (per chain),
-    G += √ε·ξ,   G −= (G·g)g if orthogonal,   W ← (1 + a)·W + G − a·W*
-Projecting G projects the whole increment Δ = a·(W − W*) + G, because W − W* stays orthogonal to g
+Update. Every backend and kernel names the per-chain coefficients of SGLDConfig's update alike, all
+positive, with the signs in the formula:
+    decay = εγ/2,   drift = ε·nβ/2,   noise_scale = √ε
+    w ← w − decay·(w − w*) − drift·∇L_m + noise_scale·ξ    (then the orthogonal restriction, if asked)
+Here, in place over the whole buffer, with G = −drift·∇L_m given:
+    G += noise_scale·ξ,   G −= (G·g)g if orthogonal,   W ← keep·W + G + decay·W*   (keep = 1 − decay)
+Projecting G projects the whole increment Δ = −decay·(W − W*) + G, because W − W* stays orthogonal to g
 (w_0 = w* and every increment is projected): no increment buffer, no extra passes over the weights.
 """
 
@@ -69,15 +74,40 @@ def project_out(x_rows: list[torch.Tensor], g_rows: list[torch.Tensor]) -> None:
         x.addcmul_(g, coefficient, value=-1)
 
 
-def sgld_update(W: torch.Tensor, G: torch.Tensor, noise: torch.Tensor, sqrt_eps, one_plus_a, a_w_star: torch.Tensor,
-                projection: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
-    """One SGLD step of every chain, in place (see the module docstring). G holds −(ε/2)·nβ·∇L_m and is
-    overwritten; ``projection`` is (G's per-parameter rows, g's rows) under the orthogonal restriction."""
-    axpy(G, noise, sqrt_eps)
+def sgld_update(W: torch.Tensor, G: torch.Tensor, noise: torch.Tensor, noise_scale, keep,
+                decay_w_star: torch.Tensor, projection: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+                ) -> None:
+    """One SGLD step of every chain, in place (see the module docstring). G holds −drift·∇L_m and is
+    overwritten; ``keep`` is 1 − decay and ``decay_w_star`` decay·W* (floats or parameter-major, as
+    ``coefficient`` gives them); ``projection`` is (G's per-parameter rows, g's rows) under the orthogonal
+    restriction."""
+    axpy(G, noise, noise_scale)
     if projection is not None:
         project_out(*projection)
-    if isinstance(one_plus_a, float):
-        torch.add(G, W, alpha=one_plus_a, out=W)
+    if isinstance(keep, float):
+        torch.add(G, W, alpha=keep, out=W)
     else:
-        torch.addcmul(G, W, one_plus_a, out=W)
-    W.sub_(a_w_star)
+        torch.addcmul(G, W, keep, out=W)
+    W.add_(decay_w_star)
+
+
+class StepDraws:
+    """Host buffers that a ``randomness`` fills with every chain's minibatch indices and unit noise of one
+    step (Numba writes into NumPy views), and their copies on the device the chains run on."""
+
+    def __init__(self, chains: int, batch_size: int, dim: int, device: torch.device):
+        pin = device.type == "cuda"  # pinned host memory: faster copies to the GPU
+        self.indices_host = torch.empty(chains, batch_size, dtype=torch.int64, pin_memory=pin)
+        self.noise_host = torch.empty(chains * dim, dtype=torch.float32, pin_memory=pin)
+        self.indices_np, self.noise_np = self.indices_host.numpy(), self.noise_host.numpy()
+        self.noise = self.noise_host if device.type == "cpu" else torch.empty(chains * dim, device=device)
+        self.device = device
+
+    def draw(self, randomness, ids: np.ndarray, step: int, blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices [C, m] on the device, unit noise [C·d] parameter-major on the device) of step ``step``."""
+        randomness.fill(ids, step, self.indices_np, self.noise_np, blocks)
+        # blocking copies: the host buffers are refilled next step (untested on CUDA: no GPU here)
+        indices = self.indices_host.to(self.device)
+        if self.noise is not self.noise_host:
+            self.noise.copy_(self.noise_host)
+        return indices, self.noise

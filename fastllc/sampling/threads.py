@@ -22,11 +22,13 @@ place in its group, can they differ by an ulp (seen at awkward shapes such as p=
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 T = TypeVar("T")
 
@@ -90,6 +92,18 @@ def chain_groups(chains: int, device: torch.device | str = "cpu", *, min_per_gro
         groups = min(available_cores(), chains // max(1, min_per_group)) if on_cpu else 1
     groups = max(1, min(groups, chains))
     return [(chains * g // groups, chains * (g + 1) // groups) for g in range(groups)]
+
+
+def run_groups_timed(fn: Callable[[int, int, Callable[[int], object]], T], groups: list[tuple[int, int]], *,
+                     total: int, desc: str, progress: bool) -> tuple[list[T], float]:
+    """``run_groups`` of ``fn(lo, hi, tick)`` with a progress bar of ``total`` chain-steps that every group
+    ticks (``tick(chain_steps)``), and the wall time of the groups alone (what a backend reports)."""
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit_scale=True)
+    start = time.perf_counter()
+    results = run_groups(lambda lo, hi: fn(lo, hi, bar.update), groups)
+    seconds = time.perf_counter() - start
+    bar.close()
+    return results, seconds
 
 
 def run_groups(fn: Callable[[int, int], T], groups: list[tuple[int, int]]) -> list[T]:

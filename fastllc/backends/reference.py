@@ -2,7 +2,8 @@
 
 It is the ground truth every fast backend is tested against, so it is written for obviousness, not
 speed: the SGLD step of ``SGLDConfig`` line by line on a flat weight vector, for any ``nn.Module``.
-It runs with single-threaded torch ops, restoring the caller's thread count on return (``threads.py``):
+It runs with single-threaded torch ops, restoring the caller's thread count on return
+(``sampling/threads.py``):
 one chain's tensors are small, intra-op threads gain little on them and stall when another process uses
 the cores.
 """
@@ -16,10 +17,16 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .config import SGLDConfig
-from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction, unflatten
-from .randomness import CounterRandomness, InjectedRandomness
-from .threads import single_threaded_torch
+from ..sampling.config import SGLDConfig
+from ..sampling.contract import (Samples, flat_parameters, loss_and_gradient_at_start, on_device,
+                                 orthogonal_direction, private_buffers, unflatten)
+from ..sampling.randomness import for_run
+from ..sampling.threads import single_threaded_torch
+
+NAME = "reference"
+CAPABILITIES = frozenset()
+DEVICES = ("cpu", "cuda")
+AUTO_PRIORITY = 100  # ``auto`` tries lower first: the last resort: runs anything
 
 
 def supports(model, loss_fn, device=None) -> bool:
@@ -27,24 +34,26 @@ def supports(model, loss_fn, device=None) -> bool:
     return True
 
 
+def require(device, model=None, loss_fn=None) -> None:
+    """Nothing to refuse: see ``supports``."""
+
+
 @single_threaded_torch()
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
            progress: bool = False) -> Samples:
     config.validate()
-    model = model.to(device)
+    model = on_device(model, device)  # the caller's model is never moved
     inputs, targets = inputs.to(device), targets.to(device)
     n = len(targets)
     epsilon, gamma, nbeta = config.hyperparameters(n)
     names, shapes, w_star = flat_parameters(model)
     init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
     direction = orthogonal_direction(gradient) if config.orthogonal else None
-    if randomness is None:
-        randomness = CounterRandomness(config.seed, n, config.batch_size, w_star.numel())
-    elif isinstance(randomness, InjectedRandomness):
-        randomness.check(config.chains, config.steps, n, config.batch_size, w_star.numel())
+    randomness = for_run(randomness, config, n, w_star.numel())
 
     trace = torch.full((config.chains, config.steps), math.nan, dtype=torch.float64)
     finals = torch.empty(config.chains, w_star.numel())
+    buffers = private_buffers(model)  # e.g. BatchNorm's running statistics: updated here, not in the caller's model
     bar = tqdm(total=config.chains * config.steps, desc="SGLD (reference)", disable=not progress, leave=False)
     start = time.perf_counter()
     for c in range(config.chains):
@@ -54,12 +63,14 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
             indices, noise = randomness.draw(c, t)
             indices, noise = indices.to(device), noise.to(device)
             w.requires_grad_(True)
-            loss = loss_fn(functional_call(model, unflatten(w, names, shapes), (inputs[indices],)), targets[indices])
+            weights = {**unflatten(w, names, shapes), **buffers}
+            loss = loss_fn(functional_call(model, weights, (inputs[indices],)), targets[indices])
             (grad,) = torch.autograd.grad(loss, w)
             w = w.detach()
             trace[c, t] = loss.item()
             if not math.isfinite(trace[c, t]):
                 break  # the chain has diverged: the rest of its trace stays NaN, the estimator flags it
+            # −decay·(w − w*) − drift·∇L_m + noise_scale·ξ, in SGLDConfig's grouping (the floats it always gave)
             increment = -(eps / 2) * (gam * (w - w_star) + nb * grad) + math.sqrt(eps) * noise
             if direction is not None:
                 increment -= (increment @ direction) * direction
@@ -67,5 +78,5 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
         finals[c] = w.cpu()
         bar.update(config.steps)
     bar.close()
-    return Samples(trace, init_loss, epsilon, gamma, nbeta, "reference", str(torch.device(device)),
+    return Samples(trace, init_loss, epsilon, gamma, nbeta, NAME, str(torch.device(device)),
                    time.perf_counter() - start, finals)

@@ -1,4 +1,5 @@
-"""Chain-steps per second of every sampling backend on the published workload (p=53, e=8, h=32, m=64)."""
+"""Chain-steps per second of backend ``torch`` on the published workload (p=53, e=8, h=32, m=64), and of
+devinterp's sampler on the same workload (its peer)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from fastllc import SGLDConfig
-from fastllc.sampling import InjectedRandomness, batched, default_nbeta, reference
+from fastllc.backends import reference
+from fastllc.backends import torch as torch_backend
+from fastllc.sampling import InjectedRandomness, wbic_nbeta
 from fastllc.sampling.contract import flat_parameters
 
 from conftest import PUBLISHED, record
@@ -26,8 +29,8 @@ def torch_matches_reference(published):
     noise = InjectedRandomness.seeded(chains, steps, len(y), m, d)
     config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=True)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    fast = batched.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=5e-5)  # as tests/test_batched.py
+    fast = torch_backend.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=5e-5)  # as tests/test_backend_torch.py
     torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=5e-5)
     return True
 
@@ -54,34 +57,19 @@ def reset_peak_rss() -> None:
 def test_torch_backend(benchmark, published, torch_matches_reference, chains, steps):
     model, (x, y) = published
     config = SGLDConfig(chains=chains, steps=steps, batch_size=PUBLISHED.batch_size)
-    batched.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=chains, steps=2))  # warm the Numba cache
+    torch_backend.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=chains, steps=2))  # warm the Numba cache
     seconds, peaks = [], []
 
     def run():
         reset_peak_rss()
         before = peak_rss_bytes()
-        samples = batched.sample(model, x, y, F.cross_entropy, config)
+        samples = torch_backend.sample(model, x, y, F.cross_entropy, config)
         peaks.append((peak_rss_bytes() or 0) - (before or 0))
         seconds.append(samples.seconds)
         assert torch.isfinite(samples.loss_trace).all()
 
     benchmark.pedantic(run, rounds=3, iterations=1)
     record(benchmark, "torch", PUBLISHED, chains, steps, seconds, peak_rss_growth_mb=round(max(peaks) / 2**20, 1))
-
-
-def test_reference_backend(benchmark, published):
-    model, (x, y) = published
-    chains, steps = 64, 10  # one chain after another: its rate does not depend on C
-    config = SGLDConfig(chains=chains, steps=steps, batch_size=PUBLISHED.batch_size)
-    seconds = []
-
-    def run():
-        samples = reference.sample(model, x, y, F.cross_entropy, config)
-        assert samples.init_loss == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)
-        seconds.append(samples.seconds)
-
-    benchmark.pedantic(run, rounds=2, iterations=1)
-    record(benchmark, "reference", PUBLISHED, chains, steps, seconds)
 
 
 def test_devinterp_peer(benchmark, published):
@@ -94,7 +82,7 @@ def test_devinterp_peer(benchmark, published):
     dataset = TensorDataset(x, y)
     loader = DataLoader(dataset, batch_size=PUBLISHED.batch_size,
                         sampler=RandomSampler(dataset, replacement=True, num_samples=10**7))
-    nbeta = default_nbeta(len(y))
+    nbeta = wbic_nbeta(len(y))
     init_loss = F.cross_entropy(model(x), y).item()
 
     def evaluate(net, batch):

@@ -9,10 +9,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastllc import FastLLCError, ModularMLP, SGLDConfig, estimate, make_task
-from fastllc.sampling import InjectedRandomness, reference, resolve_backend, vectorized
+from fastllc.backends import generic, reference, resolve_backend
+from fastllc.sampling import InjectedRandomness
 from fastllc.sampling.contract import flat_parameters
 
-P, EMBED, HIDDEN = 7, 5, 13  # awkward, non-power-of-two shapes, as in tests/test_batched.py
+P, EMBED, HIDDEN = 7, 5, 13  # awkward, non-power-of-two shapes, as in tests/test_backend_torch.py
 
 
 def injected(model, chains, steps, n, m, seed=2):
@@ -29,7 +30,7 @@ def test_trajectories_match_the_reference_with_injected_noise(orthogonal, per_ch
     settings = dict(epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0]) if per_chain else {}
     config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=orthogonal, **settings)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    fast = vectorized.sample(model, x, y, F.cross_entropy, config, randomness=noise, trace=True)
+    fast = generic.sample(model, x, y, F.cross_entropy, config, randomness=noise, trace=True)
     # Same autograd formulas on the same fp32 values, batched (bmm) instead of one chain at a time: only the
     # summation order differs, ~1e-7 relative per step; measured 2.4e-7 on weights and 4.8e-7 on losses after
     # 100 steps. 1e-5 leaves a 20× margin; a wrong term (a missing γ, a factor 2) shows as ≥ 1e-3.
@@ -43,10 +44,10 @@ def test_trajectories_match_the_reference_with_injected_noise(orthogonal, per_ch
 
 def test_the_studys_mlp_keeps_its_torchscript_replay(monkeypatch):
     """The traced replay is the generic backend's speed; a torch upgrade that defeats it must show here."""
-    kept, real = [], vectorized._trace
-    monkeypatch.setattr(vectorized, "_trace", lambda *args: kept.append(real(*args)) or kept[-1])
+    kept, real = [], generic._trace
+    monkeypatch.setattr(generic, "_trace", lambda *args: kept.append(real(*args)) or kept[-1])
     x, y = make_task(P, "add", seed=0).train_data()
-    vectorized.sample(ModularMLP(P, EMBED, HIDDEN), x, y, F.cross_entropy,
+    generic.sample(ModularMLP(P, EMBED, HIDDEN), x, y, F.cross_entropy,
                       SGLDConfig(chains=2, steps=3, batch_size=8), trace=True)
     assert len(kept) == 1 and isinstance(kept[0], torch.jit.ScriptModule)
 
@@ -55,13 +56,13 @@ def test_traced_steps_threads_and_groups_change_nothing():
     x, y = make_task(P, "add", seed=0).train_data()
     model = ModularMLP(P, EMBED, HIDDEN)
     config = SGLDConfig(chains=5, steps=20, batch_size=8, seed=3, orthogonal=True)
-    traced = vectorized.sample(model, x, y, F.cross_entropy, config, trace=True)
-    eager = vectorized.sample(model, x, y, F.cross_entropy, config)  # short runs are not traced
-    grouped = vectorized.sample(model, x, y, F.cross_entropy, config, workers=2)  # groups of 3 and 2 chains
+    traced = generic.sample(model, x, y, F.cross_entropy, config, trace=True)
+    eager = generic.sample(model, x, y, F.cross_entropy, config)  # short runs are not traced
+    grouped = generic.sample(model, x, y, F.cross_entropy, config, workers=2)  # groups of 3 and 2 chains
     assert torch.equal(traced.final_params, eager.final_params)  # the replay is the same operations
     # another batch shape may pick another matmul blocking: a few ulps of O(1) weights
     torch.testing.assert_close(grouped.final_params, traced.final_params, rtol=0, atol=1e-6)
-    fewer = vectorized.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=2, steps=20, batch_size=8, seed=3,
+    fewer = generic.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=2, steps=20, batch_size=8, seed=3,
                                                                        orthogonal=True))
     torch.testing.assert_close(fewer.final_params, traced.final_params[:2], rtol=0, atol=1e-6)  # counter-based
     ref = reference.sample(model, x, y, F.cross_entropy, config)
@@ -100,7 +101,7 @@ def test_convolutional_and_transformer_models_run_with_eight_chains(kind):
     chains, steps, m = 8, 6, 8
     noise = injected(model, chains, steps, len(y), m)
     config = SGLDConfig(chains=chains, steps=steps, batch_size=m, epsilon=1e-3, nbeta=20.0)
-    fast = vectorized.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = generic.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     # as above: batched and single-chain fp32 kernels (convolutions, attention) differ in summation order only
     torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=1e-5)
@@ -131,16 +132,16 @@ def test_modules_that_cannot_be_vmapped_get_the_documented_message():
     x, y = torch.randn(32, 4), torch.randint(2, (32,))
     config = SGLDConfig(chains=2, steps=3, batch_size=8)
     model = BatchNormNet()
-    assert not vectorized.supports(model, F.cross_entropy)
+    assert not generic.supports(model, F.cross_entropy)
     with pytest.raises(FastLLCError, match=r"module 'inner\.1' \(BatchNorm1d\).*backend='reference'"):
-        vectorized.sample(model, x, y, F.cross_entropy, config)
+        generic.sample(model, x, y, F.cross_entropy, config)
     assert estimate(model, (x, y), chains=2, steps=3, batch_size=8).backend == "reference"  # auto falls back
     model.eval()  # running statistics only read: vmappable
-    assert vectorized.sample(model, x, y, F.cross_entropy, config).backend == "generic"
+    assert generic.sample(model, x, y, F.cross_entropy, config).backend == "generic"
 
     branching = nn.Sequential(nn.Linear(4, 4), ValueBranch(), nn.Linear(4, 2))
     with pytest.raises(FastLLCError, match=r"module '1' \(ValueBranch\).*torch\.func\.vmap.*backend='reference'"):
-        vectorized.sample(branching, x, y, F.cross_entropy, config)
+        generic.sample(branching, x, y, F.cross_entropy, config)
     assert reference.sample(branching, x, y, F.cross_entropy, config).loss_trace.isfinite().all()
 
 
@@ -155,7 +156,7 @@ def test_mala_acceptance_matches_the_formula_written_out():
     model = nn.Linear(3, 1, bias=False)
     config = SGLDConfig(chains=2, steps=6, epsilon=[1e-2, 1e-1], gamma=2.0, nbeta=30.0, batch_size=8, mala=True)
     noise = injected(model, 2, 6, 40, 8)
-    out = vectorized.sample(model, x, y, half_mse, config, randomness=noise)
+    out = generic.sample(model, x, y, half_mse, config, randomness=noise)
     w_star, x64, y64 = model.weight.detach().double().reshape(-1), x.double(), y.double()
     for c, eps in enumerate([1e-2, 1e-1]):
         w, previous = w_star.clone(), None

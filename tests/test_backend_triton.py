@@ -34,8 +34,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastllc import FastLLCError, ModularMLP, SGLDConfig, estimate_llc, make_task  # noqa: E402
-from fastllc.sampling import CounterRandomness, InjectedRandomness, fused, reference, resolve_backend  # noqa: E402
-from fastllc.sampling.batched import Start  # noqa: E402
+from fastllc.backends import reference, resolve_backend  # noqa: E402
+from fastllc.backends import triton as triton_backend  # noqa: E402
+from fastllc.sampling import CounterRandomness, InjectedRandomness  # noqa: E402
+from fastllc.sampling.starts import Start  # noqa: E402
 from fastllc.sampling.contract import flat_parameters  # noqa: E402
 
 if not kernels.INTERPRETED:
@@ -76,7 +78,7 @@ def test_every_parameter_and_loss_match_the_reference_with_injected_noise(p, ort
     config = SGLDConfig(chains=CHAINS, steps=steps, batch_size=M, orthogonal=orthogonal,
                         **(PER_CHAIN if per_chain else {}))
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    fast = fused.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = triton_backend.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=ATOL)
     torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=ATOL)
     # L_n(w*) over the whole train split, computed here independently of the samplers (which share one
@@ -102,7 +104,7 @@ def test_padded_hidden_width_and_odd_batch_match_the_reference(orthogonal):
     noise = injected(y, w_star.numel(), CHAINS, steps, m=m)
     config = SGLDConfig(chains=CHAINS, steps=steps, batch_size=m, orthogonal=orthogonal, **PER_CHAIN)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    fast = fused.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = triton_backend.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     # the same 20 steps of fp32 arithmetic as the test above, so its ATOL and its reasoning apply
     # (measured: 9e-8 on weights, 7e-7 = 3 ulps on losses ≈ 2.4)
     torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=ATOL)
@@ -117,7 +119,7 @@ def test_published_shapes_match_the_reference():
     noise = injected(y, flat_parameters(model)[2].numel(), 2, steps, m=64)
     config = SGLDConfig(chains=2, steps=steps, batch_size=64, orthogonal=True, epsilon=[1e-3, 2e-3], nbeta=[50.0, 100.0])
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    fast = fused.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = triton_backend.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=ATOL)
     torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=ATOL)
 
@@ -128,7 +130,7 @@ def test_stacked_starting_points_equal_separate_runs():
     steps = 6
     noise = injected(y, flat_parameters(first)[2].numel(), 4, steps)
     config = SGLDConfig(chains=2, steps=steps, batch_size=M, orthogonal=True)
-    together = fused.sample_starts([Start(first, x, y), Start(second, x, y)], config, randomness=noise)
+    together = triton_backend.sample_starts([Start(first, x, y), Start(second, x, y)], config, randomness=noise)
     # the second start's chains are global chains 2 and 3: alone, they read the same rows of noise
     alone = reference.sample(second, x, y, F.cross_entropy, config,
                              randomness=InjectedRandomness(noise.indices[2:], noise.noise[2:]))
@@ -185,8 +187,8 @@ def test_in_kernel_randomness_is_what_the_reference_receives():
     model, x, y = setting(5)
     d, steps = flat_parameters(model)[2].numel(), 5
     config = SGLDConfig(chains=CHAINS, steps=steps, batch_size=M, seed=7, orthogonal=True, **PER_CHAIN)
-    fast = fused.sample(model, x, y, F.cross_entropy, config)
-    chunked = fused.sample(model, x, y, F.cross_entropy, config, progress=True)  # one launch per step
+    fast = triton_backend.sample(model, x, y, F.cross_entropy, config)
+    chunked = triton_backend.sample(model, x, y, F.cross_entropy, config, progress=True)  # one launch per step
     ref = reference.sample(model, x, y, F.cross_entropy, config,
                            randomness=InjectedRandomness(*kernels.draws(7, CHAINS, steps, len(y), M, d)))
     torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=ATOL)
@@ -200,7 +202,7 @@ def test_sgld_noise_has_mean_zero_and_variance_epsilon():
     x, y = make_task(7, "add", seed=0).train_data()
     epsilon = [1e-2, 4e-2, 1e-3]
     config = SGLDConfig(chains=3, steps=1, batch_size=M, epsilon=epsilon, gamma=0.0, nbeta=1e-8, seed=3)
-    increment = (fused.sample(model, x, y, F.cross_entropy, config).final_params - flat_parameters(model)[2]).double()
+    increment = (triton_backend.sample(model, x, y, F.cross_entropy, config).final_params - flat_parameters(model)[2]).double()
     d = increment.shape[1]
     for c, eps in enumerate(epsilon):  # 5 standard errors of a mean and a variance from d draws
         assert abs(increment[c].mean()) < 5 * math.sqrt(eps / d)
@@ -209,8 +211,8 @@ def test_sgld_noise_has_mean_zero_and_variance_epsilon():
 
 def test_chain_trajectory_does_not_depend_on_the_number_of_chains():
     model, x, y = setting(7)
-    two = fused.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=2, steps=4, batch_size=M, seed=11))
-    four = fused.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=4, steps=4, batch_size=M, seed=11))
+    two = triton_backend.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=2, steps=4, batch_size=M, seed=11))
+    four = triton_backend.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=4, steps=4, batch_size=M, seed=11))
     assert torch.equal(four.final_params[:2], two.final_params)  # bit for bit: same program, same counters
     assert torch.equal(four.loss_trace[:2], two.loss_trace)
     assert not torch.equal(four.final_params[2], four.final_params[0])
@@ -220,7 +222,7 @@ def test_chain_trajectory_does_not_depend_on_the_number_of_chains():
 def test_diverging_chain_is_flagged():
     model, x, y = setting(5)
     config = SGLDConfig(chains=2, steps=8, epsilon=[1e-4, 30.0], nbeta=100.0, batch_size=M)
-    samples = fused.sample(model, x, y, F.cross_entropy, config)
+    samples = triton_backend.sample(model, x, y, F.cross_entropy, config)
     assert torch.isfinite(samples.loss_trace[0]).all()
     assert torch.isnan(samples.loss_trace[1, -1])  # NaN from the blow-up on, never back to finite
     first_bad = int((~torch.isfinite(samples.loss_trace[1])).nonzero()[0])
@@ -233,22 +235,22 @@ def test_diverging_chain_is_flagged():
 
 def test_auto_never_picks_the_interpreter_and_refusals_are_one_line():
     model, x, y = setting(5)
-    assert not fused.supports(model, F.cross_entropy, torch.device("cpu"))
+    assert not triton_backend.supports(model, F.cross_entropy, torch.device("cpu"))
     assert resolve_backend("auto", torch.device("cpu"), model, F.cross_entropy) != "triton"
     with pytest.raises(FastLLCError, match="ModularMLP with cross-entropy"):
-        fused.sample(torch.nn.Linear(2, 2), torch.randn(4, 2), torch.zeros(4, dtype=torch.long),
+        triton_backend.sample(torch.nn.Linear(2, 2), torch.randn(4, 2), torch.zeros(4, dtype=torch.long),
                      F.cross_entropy, SGLDConfig(chains=1, steps=1))
     with pytest.raises(FastLLCError, match="draws its own randomness"):
-        fused.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=1, steps=1),
+        triton_backend.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=1, steps=1),
                      randomness=CounterRandomness(0, len(y), 64, flat_parameters(model)[2].numel()))
 
 
 def test_auto_hands_the_kernel_only_weights_that_fit_in_registers():
     cuda = torch.device("cuda")  # a device object only: supports() never touches the driver
-    assert fused.register_tile_floats(53, 8, 32) == 4160  # the published shape, built by ptxas in the test below
-    assert fused.supports(ModularMLP(53, 8, 32), F.cross_entropy, cuda)
-    assert fused.supports(ModularMLP(47, 16, 64), F.cross_entropy, cuda)  # the largest of the architectures sweep
-    assert not fused.supports(ModularMLP(20, 50, 200), F.cross_entropy, cuda)  # memorisation: torch instead
+    assert triton_backend.register_tile_floats(53, 8, 32) == 4160  # the published shape, built by ptxas in the test below
+    assert triton_backend.supports(ModularMLP(53, 8, 32), F.cross_entropy, cuda)
+    assert triton_backend.supports(ModularMLP(47, 16, 64), F.cross_entropy, cuda)  # the largest of the architectures sweep
+    assert not triton_backend.supports(ModularMLP(20, 50, 200), F.cross_entropy, cuda)  # memorisation: torch instead
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
@@ -256,13 +258,13 @@ def test_clear_error_without_cuda_and_without_the_interpreter():
     script = (
         "import sys, torch, torch.nn.functional as F\n"
         "from fastllc import FastLLCError, ModularMLP, SGLDConfig, make_task\n"
-        "from fastllc.sampling import resolve_backend, sample\n"
+        "from fastllc.backends import resolve_backend, sample\n"
         "assert resolve_backend('auto', torch.device('cpu')) == 'torch'\n"
         "assert 'triton' not in sys.modules, 'auto imported Triton'\n"
         "x, y = make_task(5, 'add', seed=0).train_data()\n"
-        "from fastllc.sampling import fused\n"
+        "from fastllc.backends import triton as triton_backend\n"
         "try:\n"
-        "    fused.require('cpu')\n"
+        "    triton_backend.require('cpu')\n"
         "except FastLLCError as err:\n"
         "    print(err)\n"
         "try:\n"
@@ -287,18 +289,18 @@ def test_without_triton_fastllc_imports_and_the_backend_names_the_extra():
         "import torch, torch.nn.functional as F\n"
         "import fastllc\n"
         "from fastllc import FastLLCError, ModularMLP\n"
-        "from fastllc.sampling import fused, resolve_backend\n"
+        "from fastllc.backends import resolve_backend, triton as triton_backend\n"
         "model = ModularMLP(5, 4, 16)\n"
-        "assert not fused.supports(model, F.cross_entropy, torch.device('cuda'))\n"
+        "assert not triton_backend.supports(model, F.cross_entropy, torch.device('cuda'))\n"
         "print(resolve_backend('auto', torch.device('cuda'), model, F.cross_entropy))\n"
         "try:\n"
-        "    fused.require('cpu')  # no interpreter asked for: installing Triton would not help, CUDA would\n"
+        "    triton_backend.require('cpu')  # no interpreter asked for: installing Triton would not help, CUDA would\n"
         "except FastLLCError as err:\n"
         "    print(err)\n"
         "os.environ['TRITON_INTERPRET'] = '1'  # on CPU only the interpreter would run it: Triton is what is missing\n"
         "for device in ('cuda', 'cpu'):\n"
         "    try:\n"
-        "        fused.require(device)\n"
+        "        triton_backend.require(device)\n"
         "    except FastLLCError as err:\n"
         "        print(err)\n"
         "try:\n"
@@ -312,7 +314,7 @@ def test_without_triton_fastllc_imports_and_the_backend_names_the_extra():
     auto, plain_cpu, on_cuda, on_cpu, kernels_import = done.stdout.strip().split("\n")
     assert auto == "torch"
     assert plain_cpu.startswith("the triton backend runs on CUDA: ")
-    assert on_cuda == on_cpu == fused.MISSING_TRITON == "the triton backend needs the triton package: pip install 'fastllc[triton]'"
+    assert on_cuda == on_cpu == triton_backend.MISSING_TRITON == "the triton backend needs the triton package: pip install 'fastllc[triton]'"
     assert kernels_import == "fastllc.kernels needs the triton package: pip install 'fastllc[triton]'"
 
 

@@ -1,6 +1,6 @@
 """Backend ``generic``: any ``nn.Module`` and loss, all chains at once through ``torch.func``.
 
-Every chain's weights live in one flat parameter-major buffer W (``sgld.py``, ``named_parameters``
+Every chain's weights live in one flat parameter-major buffer W (``sampling/sgld.py``, ``named_parameters``
 order: parameter j is a contiguous [C, *shape] view). One step evaluates ``vmap(grad_and_value(L))`` over
 those views and each chain's own minibatch (``functional_call`` puts chain c's weights into the model),
 then applies ``sgld.sgld_update``, the same in-place update as the ``torch`` backend; the counter-based
@@ -16,7 +16,8 @@ eager step bit for bit; otherwise (random operations such as dropout, Python sid
 stays eager. Runs shorter than 500 steps are not traced (it would not pay); ``trace=True/False`` forces.
 
 On the CPU the chains run in groups, one per core, each in its own thread (with its own shallow copy of
-the module tree) and with single-threaded torch ops, at every chain count and model size (``threads.py``).
+the module tree) and with single-threaded torch ops, at every chain count and model size
+(``sampling/threads.py``).
 
 Modules that cannot be vmapped (BatchNorm or InstanceNorm updating running statistics in training mode,
 other in-place buffer updates, data-dependent control flow) raise ``FastLLCError`` naming the module and
@@ -34,21 +35,25 @@ import copy
 import functools
 import math
 import threading
-import time
 import warnings
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
-from tqdm.auto import tqdm
 
 from ..errors import FastLLCError
-from .config import SGLDConfig
-from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction
-from .randomness import CounterRandomness, InjectedRandomness
-from .sgld import ParameterMajor, axpy, sgld_update
-from .threads import chain_groups, min_chains_per_group, run_groups
+from ..sampling.config import SGLDConfig
+from ..sampling.contract import (Samples, flat_parameters, loss_and_gradient_at_start, nan_from_first_non_finite,
+                                 on_device, orthogonal_direction)
+from ..sampling.randomness import for_run
+from ..sampling.sgld import ParameterMajor, StepDraws, axpy, sgld_update
+from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
+
+NAME = "generic"
+CAPABILITIES = frozenset({"mala"})
+DEVICES = ("cpu", "cuda")
+AUTO_PRIORITY = 30  # ``auto`` tries lower first: any vmappable module
 
 
 _FIRST_STEP = threading.Lock()
@@ -69,6 +74,17 @@ def supports(model, loss_fn, device=None) -> bool:
     """Any module with trainable parameters, unless a submodule is known not to vmap (see the docstring)."""
     return (isinstance(model, nn.Module) and any(p.requires_grad for p in model.parameters())
             and _blocking_module(model) is None)
+
+
+def require(device, model=None, loss_fn=None) -> None:
+    """The one-line reason this backend cannot run ``model`` (when given), else nothing."""
+    if model is None:
+        return
+    if not isinstance(model, nn.Module) or not any(p.requires_grad for p in model.parameters()):
+        raise FastLLCError("the generic backend runs an nn.Module with trainable parameters")
+    blocked = _blocking_module(model)
+    if blocked:
+        raise _vmap_error(*blocked, model)
 
 
 def _vmap_error(name: str | None, reason: str, model: nn.Module) -> FastLLCError:
@@ -109,10 +125,12 @@ class _Chains(ParameterMajor):
         self.G = torch.empty_like(self.W)
         self.weights = self.views(self.W)  # [C, *shape] per parameter: what the vmapped step reads
         self.epsilon, self.gamma, self.nbeta = epsilon, gamma, nbeta
-        a = self.coefficient(-epsilon * gamma / 2, device)  # W ← (1 + a)·W + k·∇L_m + s·ξ − a·W*
-        self.one_plus_a, self.a_w_star = 1 + a, self.W_star * a
-        self.k = self.coefficient(-epsilon * nbeta / 2, device)
-        self.s = self.coefficient(epsilon.sqrt(), device)
+        # W ← W − decay·(W − W*) − drift·∇L_m + noise_scale·ξ  (``sampling/sgld.py``)
+        decay = self.coefficient(epsilon * gamma / 2, device)
+        self.keep, self.decay_w_star = 1 - decay, self.W_star * decay
+        # G = −drift·∇L_m: the sign folded into the coefficient once, not negated every step
+        self.minus_drift = self.coefficient(-(epsilon * nbeta / 2), device)
+        self.noise_scale = self.coefficient(epsilon.sqrt(), device)
 
     def chain_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Σ over each chain's elements of a parameter-major buffer, float64 [C]."""
@@ -189,20 +207,15 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
     if direction is not None:
         projection = (chains.rows(chains.G), chains.rows(chains.to_parameter_major(direction.to(device).expand(C, d))))
     mala = _Mala(chains, T) if config.mala else None
-    indices_host = torch.empty(C, m, dtype=torch.int64)
-    noise_host = torch.empty(C * d, dtype=torch.float32)
-    indices_np, noise_np = indices_host.numpy(), noise_host.numpy()
-    noise = noise_host if device.type == "cpu" else torch.empty(C * d, device=device)
+    draws = StepDraws(C, m, d, device)
     losses = torch.empty(T, C, device=device)
     step = _step_function(model, loss_fn, names)
     report_every = max(1, T // 100)
     for t in range(T):
-        randomness.fill(ids, t, indices_np, noise_np, chains.blocks)
-        flat = indices_host.to(device).view(-1)
+        indices, noise = draws.draw(randomness, ids, t, chains.blocks)
+        flat = indices.view(-1)
         args = (chains.weights, inputs.index_select(0, flat).view(C, m, *inputs.shape[1:]),
                 targets.index_select(0, flat).view(C, m, *targets.shape[1:]))
-        if noise is not noise_host:
-            noise.copy_(noise_host)
         if t == 0:
             with _FIRST_STEP:  # functorch and make_fx keep global state: one group at a time
                 try:
@@ -219,8 +232,8 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
         torch.cat([g.reshape(-1) for g in grads], out=chains.G)
         if mala is not None:
             mala.observe(t, losses[t], chains.W - chains.W_star)
-        chains.G.mul_(chains.k)  # −(ε/2)·nβ·∇L_m
-        sgld_update(chains.W, chains.G, noise, chains.s, chains.one_plus_a, chains.a_w_star, projection)
+        chains.G.mul_(chains.minus_drift)  # −drift·∇L_m
+        sgld_update(chains.W, chains.G, noise, chains.noise_scale, chains.keep, chains.decay_w_star, projection)
         if (t + 1) % report_every == 0:
             tick(C * report_every)
     return losses.cpu(), chains.to_chain_major(chains.W).cpu(), None if mala is None else mala.acceptance
@@ -240,10 +253,8 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
            progress: bool = False, trace: bool | None = None, workers: int | None = None) -> Samples:
     config.validate()
     device = torch.device(device)
-    blocked = _blocking_module(model)
-    if blocked:
-        raise _vmap_error(*blocked, model)
-    model = model.to(device)
+    require(device, model, loss_fn)
+    model = on_device(model, device)  # the caller's model is never moved
     inputs, targets = inputs.to(device), targets.to(device)
     n, C, m, T = len(targets), config.chains, config.batch_size, config.steps
     hyper = config.hyperparameters(n)
@@ -251,28 +262,22 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     d = w_star.numel()
     init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
     direction = orthogonal_direction(gradient) if config.orthogonal else None
-    if randomness is None:
-        randomness = CounterRandomness(config.seed, n, m, d)
-    elif isinstance(randomness, InjectedRandomness):
-        randomness.check(C, T, n, m, d)
+    randomness = for_run(randomness, config, n, d)
 
     trace = T >= _TRACE_FROM_STEPS if trace is None else trace
     groups = chain_groups(C, device, min_per_group=min_chains_per_group(d), groups=workers or None)  # workers: tests
-    bar = tqdm(total=C * T, desc=f"SGLD (generic, {C} chains)", disable=not progress, leave=False, unit_scale=True)
     run = functools.partial(_run_group, loss_fn=loss_fn, names=names, shapes=shapes, w_star=w_star,
                             hyper=hyper, direction=direction, inputs=inputs, targets=targets, config=config,
-                            randomness=randomness, device=device, trace=trace, tick=bar.update)
+                            randomness=randomness, device=device, trace=trace)
     models = [model] + [_private_copy(model) for _ in groups[1:]]
     if any(copy_ is None for copy_ in models):
         groups, models = [(0, C)], [model]
     model_of = dict(zip(groups, models))
-    start = time.perf_counter()
-    results = run_groups(lambda lo, hi: run(np.arange(lo, hi, dtype=np.int64), model=model_of[lo, hi]), groups)
-    seconds = time.perf_counter() - start
-    bar.close()
+    results, seconds = run_groups_timed(
+        lambda lo, hi, tick: run(np.arange(lo, hi, dtype=np.int64), model=model_of[lo, hi], tick=tick),
+        groups, total=C * T, desc=f"SGLD (generic, {C} chains)", progress=progress)
 
-    losses = torch.cat([r[0] for r in results], dim=1).T.double()
-    losses[(~torch.isfinite(losses)).cumsum(dim=1) > 0] = math.nan  # NaN from a blow-up on, as the reference
+    losses = nan_from_first_non_finite(torch.cat([r[0] for r in results], dim=1).T.double())
     mala = torch.cat([r[2] for r in results]) if config.mala else None
-    return Samples(losses, init_loss, *hyper, "generic", str(device), seconds, torch.cat([r[1] for r in results]),
+    return Samples(losses, init_loss, *hyper, NAME, str(device), seconds, torch.cat([r[1] for r in results]),
                    mala_acceptance=mala)

@@ -7,7 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from fastllc import FastLLCError, ModularMLP, SGLDConfig, TrainConfig, estimate_llc, make_task, train
-from fastllc.sampling import InjectedRandomness, batched, reference
+from fastllc.backends import reference
+from fastllc.backends import torch as torch_backend
+from fastllc.engine import ChainBatch
+from fastllc.sampling import InjectedRandomness
+from fastllc.sampling.starts import Start
 from fastllc.sampling.contract import flat_parameters
 
 P, EMBED, HIDDEN = 7, 5, 13  # awkward, non-power-of-two shapes
@@ -28,7 +32,7 @@ def test_hand_written_gradient_matches_autograd():
     gen = torch.Generator().manual_seed(1)
     operands, labels = torch.randint(P, (chains, m, 2), generator=gen), torch.randint(P, (chains, m), generator=gen)
     scale = torch.tensor([1.0, -0.5, 2.0]).view(chains, 1, 1)
-    batch = batched.ChainBatch(P, EMBED, HIDDEN, rows, m)
+    batch = ChainBatch(P, EMBED, HIDDEN, rows, m)
     loss_sum = torch.empty(chains)
     batch.loss_and_scaled_grad(operands, labels, scale / m, loss_sum)
     loss = -loss_sum / m
@@ -58,7 +62,7 @@ def test_trajectories_match_the_reference_with_injected_noise(orthogonal, per_ch
     settings = dict(epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0]) if per_chain else {}
     config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=orthogonal, **settings)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    fast = batched.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = torch_backend.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     # Both fp32; per step the gradients differ by ~1e-6 relative (other summation orders), and with
     # ε·nβ/2 ≤ 0.015 the differences add up about linearly over 100 steps: ≤ ~1e-5 on O(1) weights
     # (measured: 8e-6). 5e-5 leaves margin; a wrong term (a missing γ, a factor 2) shows as ≥ 1e-3.
@@ -76,8 +80,8 @@ def test_seeded_streams_match_the_reference_and_ignore_the_chain_count():
     x, y = task.train_data()
     model = ModularMLP(P, EMBED, HIDDEN)
     config = SGLDConfig(chains=4, steps=30, batch_size=8, seed=7)
-    four = batched.sample(model, x, y, F.cross_entropy, config)
-    eight = batched.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=8, steps=30, batch_size=8, seed=7))
+    four = torch_backend.sample(model, x, y, F.cross_entropy, config)
+    eight = torch_backend.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=8, steps=30, batch_size=8, seed=7))
     ref = reference.sample(model, x, y, F.cross_entropy, config)
     torch.testing.assert_close(eight.final_params[:4], four.final_params, rtol=0, atol=1e-6)
     torch.testing.assert_close(ref.final_params, four.final_params, rtol=0, atol=2e-5)  # same noise, as above
@@ -90,10 +94,10 @@ def test_stacked_starting_points_equal_separate_runs():
     d, steps, m = flat_parameters(first)[2].numel(), 40, 8
     noise = InjectedRandomness.seeded(4, steps, len(y), m, d, seed=4)
     config = SGLDConfig(chains=2, steps=steps, batch_size=m, orthogonal=True)
-    together = batched.sample_starts([batched.Start(first, x, y), batched.Start(second, x, y)], config,
+    together = torch_backend.sample_starts([Start(first, x, y), Start(second, x, y)], config,
                                      randomness=noise)
     # the second start's chains are global chains 2 and 3: alone, they read the same rows of noise
-    alone = batched.sample(second, x, y, F.cross_entropy, config,
+    alone = torch_backend.sample(second, x, y, F.cross_entropy, config,
                            randomness=InjectedRandomness(noise.indices[2:], noise.noise[2:]))
     torch.testing.assert_close(together[1].final_params, alone.final_params, rtol=0, atol=1e-6)
     torch.testing.assert_close(together[1].loss_trace, alone.loss_trace, rtol=0, atol=1e-6)
@@ -105,7 +109,7 @@ def test_stacked_starting_points_equal_separate_runs():
 def test_diverging_chain_is_flagged():
     task = make_task(P, "add", seed=0)
     x, y = task.train_data()
-    samples = batched.sample(ModularMLP(P, EMBED, HIDDEN), x, y, F.cross_entropy,
+    samples = torch_backend.sample(ModularMLP(P, EMBED, HIDDEN), x, y, F.cross_entropy,
                              SGLDConfig(chains=2, steps=200, epsilon=[1e-4, 30.0], nbeta=100.0, batch_size=8))
     config = SGLDConfig(chains=2, steps=200)
     with pytest.warns(RuntimeWarning, match="1 of 2 chains"):
@@ -116,7 +120,7 @@ def test_diverging_chain_is_flagged():
 
 def test_other_models_are_refused_with_a_clear_message():
     with pytest.raises(FastLLCError, match="ModularMLP with cross-entropy"):
-        batched.sample(torch.nn.Linear(2, 2), torch.randn(4, 2), torch.zeros(4, dtype=torch.long),
+        torch_backend.sample(torch.nn.Linear(2, 2), torch.randn(4, 2), torch.zeros(4, dtype=torch.long),
                        F.cross_entropy, SGLDConfig(chains=1, steps=1))
 
 
@@ -126,7 +130,7 @@ def test_llc_agrees_with_the_reference_on_a_trained_model(tmp_path):
     model, (x, y) = run.load_model(), run.task().train_data()
     ref = estimate_llc(reference.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=4, steps=1500, seed=1)),
                        SGLDConfig(chains=4, steps=1500))
-    fast = estimate_llc(batched.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=16, steps=1500, seed=2)),
+    fast = estimate_llc(torch_backend.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=16, steps=1500, seed=2)),
                         SGLDConfig(chains=16, steps=1500))
     # independent randomness: the two means differ by sampling error only (4 standard errors of the difference)
     assert abs(fast.llc_mean - ref.llc_mean) < 4 * math.hypot(fast.llc_se, ref.llc_se)
@@ -139,8 +143,8 @@ def test_same_code_runs_on_cuda():
     x, y = task.train_data()
     model = ModularMLP(P, EMBED, HIDDEN)
     config = SGLDConfig(chains=3, steps=20, batch_size=8)
-    cpu = batched.sample(model, x, y, F.cross_entropy, config)
-    gpu = batched.sample(model, x, y, F.cross_entropy, config, device="cuda")
+    cpu = torch_backend.sample(model, x, y, F.cross_entropy, config)
+    gpu = torch_backend.sample(model, x, y, F.cross_entropy, config, device="cuda")
     torch.testing.assert_close(gpu.final_params, cpu.final_params, rtol=0, atol=1e-5)
 
 
@@ -161,7 +165,7 @@ def test_loss_stays_exact_when_a_label_probability_underflows():
     m = 11
     gen = torch.Generator().manual_seed(4)
     operands, labels = torch.randint(P, (1, m, 2), generator=gen), torch.randint(P, (1, m), generator=gen)
-    batch = batched.ChainBatch(P, EMBED, HIDDEN, flat_parameters(model)[2].unsqueeze(0), m)
+    batch = ChainBatch(P, EMBED, HIDDEN, flat_parameters(model)[2].unsqueeze(0), m)
     loss_sum = torch.empty(1)
     batch.loss_and_scaled_grad(operands, labels, torch.full((1, 1, 1), 1.0 / m), loss_sum)
     expected = F.cross_entropy(model(operands[0]), labels[0])

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastllc import ModularMLP, SGLDConfig, estimate, make_task
-from fastllc.sampling import InjectedRandomness, reference
+from fastllc.backends import reference
+from fastllc.sampling import InjectedRandomness
 from fastllc.sampling.contract import flat_parameters, loss_and_gradient_at_start, orthogonal_direction
 
 

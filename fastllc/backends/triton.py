@@ -3,8 +3,8 @@
 The kernel (``fastllc.kernels.mlp_sgld``) gives each chain one program that keeps the chain's weights on
 chip for many steps and writes only the per-step losses; this module is the glue: the start of every
 run (L_n(w*), ∇L_n(w*), the orthogonal direction) in PyTorch, per-chain settings, several starting points
-stacked into one batch (``sample_starts``, the same contract as ``batched.sample_starts``: chain j of
-start s is global chain s·C + j and its randomness is keyed by that index), and the health of the traces.
+stacked into one batch (``sample_starts``, ``sampling/starts.py``: chain j of start s is global chain
+s·C + j and its randomness is keyed by that index), and the health of the traces.
 
 Where it runs. On CUDA, where ``auto`` picks it. On CPU only through Triton's interpreter
 (``TRITON_INTERPRET=1`` set before ``fastllc.kernels`` is first imported), which is for tests on tiny
@@ -27,14 +27,18 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..engine import is_study_mlp
 from ..errors import FastLLCError
 from ..model import ModularMLP
-from .batched import Start, is_cross_entropy, start_points
-from .config import SGLDConfig
-from .contract import Samples
-from .randomness import InjectedRandomness
+from ..sampling.config import SGLDConfig
+from ..sampling.contract import Samples, nan_from_first_non_finite
+from ..sampling.randomness import InjectedRandomness
+from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
 
-__all__ = ["Start", "require", "sample", "sample_starts", "supports"]
+NAME = "triton"
+CAPABILITIES = frozenset({"stacked_starts"})
+DEVICES = ("cuda",)  # and the CPU in Triton's interpreter, for tests only (see the docstring)
+AUTO_PRIORITY = 10  # ``auto`` tries lower first: the fastest where it runs (CUDA)
 
 LAUNCHES_WITH_PROGRESS = 50  # a progress bar splits the steps over this many launches (same numbers)
 
@@ -57,7 +61,7 @@ def supports(model, loss_fn, device=None) -> bool:
     driver: the registry asks every backend this on every ``auto`` run."""
     if device is None or torch.device(device).type != "cuda":
         return False
-    return (isinstance(model, ModularMLP) and is_cross_entropy(loss_fn)
+    return (is_study_mlp(model, loss_fn)
             and register_tile_floats(model.p, model.embed_dim, model.hidden_dim) <= AUTO_MAX_TILE_FLOATS
             and importlib.util.find_spec("triton") is not None)
 
@@ -89,25 +93,21 @@ def _kernels(device: torch.device):
     return kernels
 
 
-def require(device) -> None:
+def require(device, model=None, loss_fn=None) -> None:
     """Raise the one-line ``FastLLCError`` now if this backend cannot run on ``device`` (for callers that
-    want to fail before training or loading anything, e.g. the CLI on an explicit ``--backend triton``)."""
+    want to fail before training or loading anything, e.g. the CLI on an explicit ``--backend triton``),
+    or cannot run ``model`` with ``loss_fn`` when they are given."""
+    if model is not None and not is_study_mlp(model, loss_fn):
+        raise FastLLCError("the triton backend runs the study's ModularMLP with cross-entropy; "
+                           "use --backend reference or generic for other models or losses")
     _kernels(torch.device(device))
 
 
 def _check_starts(starts: list[Start]) -> tuple[tuple[int, int, int], int]:
-    if not starts:
-        raise FastLLCError("no starting points given")
     for start in starts:
         if not isinstance(start.model, ModularMLP):
             raise FastLLCError("the triton backend runs the study's ModularMLP; use --backend generic for other models")
-    first = starts[0].model
-    arch, n = (first.p, first.embed_dim, first.hidden_dim), len(starts[0].labels)
-    for start in starts:
-        if (start.model.p, start.model.embed_dim, start.model.hidden_dim) != arch:
-            raise FastLLCError("all starting points of one batched run must share the architecture (p, e, h)")
-        if len(start.labels) != n:
-            raise FastLLCError("all starting points of one batched run must have train splits of equal size")
+    arch, n = check_starts(starts)
     if not 1 <= n < 2**31:
         raise FastLLCError(f"the number of examples must be in [1, 2^31), got {n}")
     return arch, n
@@ -140,11 +140,11 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
                            "or reads InjectedRandomness; it cannot use other generators")
 
     eps, gam, nb = epsilon.repeat(S), gamma.repeat(S), nbeta.repeat(S)
+    # per chain: decay = εγ/2, drift = ε·nβ/2, noise_scale = √ε (``sampling/sgld.py``'s vocabulary)
     hyper = torch.stack([eps * gam / 2, eps * nb / 2, eps.sqrt()], dim=1).float().to(device).contiguous()
     w_star = w_star.to(device).contiguous()
     w = w_star.repeat_interleave(C_per, 0).contiguous()  # [C, d], updated in place by the kernel
-    operands = torch.cat([s.pairs.cpu() for s in starts]).long().to(device).contiguous()  # start s at rows s·n ..
-    targets = torch.cat([s.labels.cpu() for s in starts]).long().to(device).contiguous()
+    operands, targets = stacked_examples(starts, device)  # start s's split at rows s·n ..
     trace = torch.empty(C, T, dtype=torch.float32, device=device)
 
     def launch(t0: int, n_steps: int) -> None:
@@ -168,18 +168,13 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     seconds = time.perf_counter() - start_time
     bar.close()
 
-    trace = trace.cpu().double()
-    # a chain that produced a non-finite loss keeps NaN from there on, as the other backends do
-    trace[(~torch.isfinite(trace)).cumsum(dim=1) > 0] = math.nan
-    finals = w.cpu()
-    return [Samples(trace[s * C_per : (s + 1) * C_per].clone(), init_losses[s], epsilon, gamma, nbeta, "triton",
-                    str(device), seconds, finals[s * C_per : (s + 1) * C_per].clone(), chains_in_batch=C)
-            for s in range(S)]
+    trace = nan_from_first_non_finite(trace.cpu().double())
+    return per_start(trace, w.cpu(), init_losses, (epsilon, gamma, nbeta), NAME, device, seconds)
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
            progress: bool = False) -> Samples:
-    if not (isinstance(model, ModularMLP) and is_cross_entropy(loss_fn)):
+    if not is_study_mlp(model, loss_fn):
         raise FastLLCError("the triton backend runs the study's ModularMLP with cross-entropy; "
                            "use --backend reference or generic for other models or losses")
     return sample_starts([Start(model, inputs, targets)], config, randomness=randomness, device=device,

@@ -1,0 +1,127 @@
+"""The sampling backends and the registry that chooses among them by capability.
+
+A backend is one module here, named as users name it (``--backend NAME``), that provides
+    NAME            its name (the module's)
+    CAPABILITIES    what it can do beyond ``sample``, as data: ``stacked_starts`` (several starting points
+                    in one batch: it has ``sample_starts``), ``mala`` (records the MALA acceptance)
+    DEVICES         device types it runs on
+    AUTO_PRIORITY   ``auto`` tries backends in increasing priority: the fastest first
+    supports(model, loss_fn, device) -> bool    may ``auto`` give it this work? cheap, imports nothing heavy
+    require(device, model=None, loss_fn=None)   raises the one-line FastLLCError saying why it cannot
+    sample(model, inputs, targets, loss_fn, config, *, randomness=None, device="cpu", progress=False) -> Samples
+    sample_starts(starts, config, *, randomness=None, device="cpu", progress=False) -> list[Samples]
+                    (with ``stacked_starts``; ``sampling/starts.py``)
+and is tested in ``tests/test_backend_NAME.py`` and benchmarked in ``bench/test_bench_NAME.py``. Kernels
+it launches live in ``fastllc/kernels/``, named after what they compute. Modules are imported only when
+used, so that e.g. Triton is never loaded by a CPU run. The registry finds the modules itself (every
+module of this package whose name does not start with ``_``): adding a backend is adding its module.
+Nothing outside this package decides anything by a backend's name: callers state what they need
+(``needs=``) and the registry finds who has it. A worked example: docs/design.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from ..errors import FastLLCError
+from ..sampling.config import SGLDConfig
+from ..sampling.contract import Samples
+
+
+
+def names() -> tuple[str, ...]:
+    """Every backend's name: the modules of this package (listed, not imported)."""
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+
+
+NAMES = names()
+CHOICES = ("auto", *NAMES)  # what ``--backend`` accepts
+NEEDED_FOR = {  # what a caller that needs a capability is doing, for the one-line error
+    "stacked_starts": "several starting points in one batch (estimate_checkpoints)",
+    "mala": "mala=True (the MALA acceptance rate)",
+}
+
+
+def _require_known(name: str) -> None:
+    if name != "auto" and name not in names():
+        raise FastLLCError(f"unknown backend {name!r}; choose one of {', '.join(('auto', *names()))}")
+
+
+def backend_module(name: str):
+    """The module implementing backend ``name``."""
+    _require_known(name)
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def auto_order() -> list[str]:
+    """Every backend's name, the fastest first (by each module's ``AUTO_PRIORITY``)."""
+    return sorted(names(), key=lambda name: backend_module(name).AUTO_PRIORITY)
+
+
+def with_capabilities(needs) -> list[str]:
+    """Names of the backends that have every capability in ``needs``, the fastest first."""
+    unknown = set(needs) - set(NEEDED_FOR)
+    if unknown:  # a caller's typo, not a user's input
+        raise ValueError(f"unknown capabilities {sorted(unknown)}; known: {sorted(NEEDED_FOR)}")
+    return [name for name in auto_order() if set(needs) <= backend_module(name).CAPABILITIES]
+
+
+def _default_work():
+    """The study's MLP with cross-entropy: what ``auto`` means before any model exists (the CLI)."""
+    import torch.nn.functional as F
+    from ..model import ModularMLP
+    return ModularMLP(3, 1, 1), F.cross_entropy
+
+
+def resolve_backend(name: str, device, model=None, loss_fn=None, needs=()) -> str:
+    """The backend that ``name`` means, with every capability in ``needs``.
+
+    ``auto``: the fastest such backend that supports the model, loss and device (without a model, e.g. the
+    CLI before training: the study's MLP). An explicit name: checked for the capabilities and by its own
+    ``require(device)`` (e.g. triton without CUDA), so that the one-line reason comes before any work.
+    """
+    _require_known(name)
+    able = with_capabilities(needs)
+    what = " and ".join(NEEDED_FOR[need] for need in needs)
+    names = " or ".join(repr(n) for n in able) or "(none has it)"
+    if name != "auto":
+        if name not in able:
+            raise FastLLCError(f"{what} needs backend {names}, not {name!r}")
+        backend_module(name).require(device)
+        return name
+    if model is None:
+        model, loss_fn = _default_work()
+    for candidate in able:
+        if backend_module(candidate).supports(model, loss_fn, device):
+            return candidate
+    raise FastLLCError(f"{what} needs backend {names}, which cannot run this model ({type(model).__name__}) "
+                       f"with this loss on {device}")
+
+
+def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, backend: str = "auto", device="cpu",
+           randomness=None, progress: bool = False, needs=()) -> Samples:
+    """``config.chains`` SGLD chains from ``model``'s weights on the chosen backend (see ``resolve_backend``)."""
+    from ..sampling import resolve_device
+    device = resolve_device(device)
+    name = resolve_backend(backend, device, model, loss_fn, needs)
+    return backend_module(name).sample(model, inputs, targets, loss_fn, config.validate(), randomness=randomness,
+                                       device=device, progress=progress)
+
+
+def sample_starts(starts, config: SGLDConfig, *, backend: str = "auto", device="cpu", randomness=None,
+                  progress: bool = False) -> list[Samples]:
+    """``config.chains`` chains from every start (``sampling.starts.Start``) in one batch, on the chosen
+    backend that stacks starts; one ``Samples`` per start."""
+    from ..sampling import resolve_device
+    from ..sampling.starts import check_starts
+    import torch.nn.functional as F
+    device = resolve_device(device)
+    check_starts(starts)
+    name = resolve_backend(backend, device, starts[0].model, F.cross_entropy, needs=("stacked_starts",))
+    return backend_module(name).sample_starts(starts, config.validate(), randomness=randomness, device=device,
+                                              progress=progress)
+
+
+__all__ = ["CHOICES", "NAMES", "auto_order", "backend_module", "names", "resolve_backend", "sample", "sample_starts",
+           "with_capabilities"]
