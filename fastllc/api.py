@@ -16,7 +16,6 @@ from .llc import LLCResult, estimate_llc
 from .model import ModularMLP
 from .backends import resolve_backend, sample, sample_starts
 from .sampling import SGLDConfig, resolve_device
-from .sampling.contract import private_buffers
 from .sampling.starts import Start
 from .train import Run
 
@@ -56,7 +55,6 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
     needs = ("mala",) if config.mala else ()
     if needs:  # refused before the loss at w* is computed
         backend = resolve_backend(backend, resolve_device(device), model, loss_fn, needs)
-    check_loss_at_start(model, inputs, targets, loss_fn)
     samples = sample(model, inputs, targets, loss_fn, config, backend=backend, device=device,
                      randomness=randomness, progress=progress, needs=needs)
     if init_loss is not None:
@@ -85,22 +83,6 @@ def require_chain_memory(config: SGLDConfig, parameters: int, minibatch_bytes: i
     else:
         resources.require_memory(resources.chains_bytes(config.chains, config.steps, parameters, minibatch_bytes),
                                  subject, "sampling (every chain's weights, gradients and loss trace)", advice)
-
-
-def check_loss_at_start(model: torch.nn.Module, inputs, targets, loss_fn) -> None:
-    """One forward pass over all of the data at w*, before any chain runs: a non-finite L_n(w*) would make
-    every chain look diverged. Run where the model lives; torch's random state is left as it was (dropout)."""
-    home = next(p for p in model.parameters() if p.requires_grad).device
-    with torch.no_grad(), torch.random.fork_rng(devices=[home] if home.type == "cuda" else []):
-        outputs = torch.func.functional_call(model, private_buffers(model), (inputs.to(home),))  # buffers untouched
-        loss = loss_fn(outputs, targets.to(home))
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise FastLLCError(f"loss_fn must return the mean loss over the examples (one number), got {shape}")
-    value = loss.item()
-    if not math.isfinite(value):
-        raise FastLLCError(f"the loss at w* is {value} (the starting weights or data give a non-finite loss); "
-                           "check the model and data")
 
 
 def estimate_run(run: Run | str, checkpoint: int | None = None, config: SGLDConfig | None = None,
@@ -132,7 +114,5 @@ def estimate_checkpoints(run: Run | str, checkpoints: list[int] | None = None, c
                          resources.mlp_minibatch_bytes(*arch, config.batch_size), device)
     starts = [Start(run.load_model(k), pairs, labels) for k in indices]
     name = resolve_backend(backend, device, starts[0].model, F.cross_entropy, needs=("stacked_starts",))
-    for start in starts:
-        check_loss_at_start(start.model, pairs, labels, F.cross_entropy)
     samples = sample_starts(starts, config, backend=name, randomness=randomness, device=device, progress=progress)
     return [estimate_llc(s, config) for s in samples]

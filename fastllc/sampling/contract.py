@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
+from ..errors import FastLLCError
+
 
 @dataclass
 class Samples:
@@ -93,8 +95,22 @@ def loss_and_gradient_at_start(model, inputs, targets, loss_fn) -> tuple[float, 
     w = w_star.clone().requires_grad_(True)
     weights = {**unflatten(w, names, shapes), **private_buffers(model)}
     loss = loss_fn(functional_call(model, weights, (inputs,)), targets)
+    value = _checked_loss_at_start(loss)
     (grad,) = torch.autograd.grad(loss, w)
-    return loss.item(), grad.detach()
+    return value, grad.detach()
+
+
+def _checked_loss_at_start(loss) -> float:
+    """L_n(w*) as a float, or a one-line error: every backend starts here, so a loss that is not one number
+    or not finite is refused before any chain runs (it would make every chain look diverged)."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise FastLLCError(f"loss_fn must return the mean loss over the examples (one number), got {shape}")
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FastLLCError(f"the loss at w* is {value} (the starting weights or data give a non-finite loss); "
+                           "check the model and data")
+    return value
 
 
 def orthogonal_direction(gradient: torch.Tensor) -> torch.Tensor | None:
