@@ -29,7 +29,6 @@ from ..sampling.config import SGLDConfig
 from ..sampling.contract import Samples
 
 
-
 def names() -> tuple[str, ...]:
     """Every backend's name: the modules of this package (listed, not imported)."""
     return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
@@ -84,10 +83,10 @@ def resolve_backend(name: str, device, model=None, loss_fn=None, needs=()) -> st
     _require_known(name)
     able = with_capabilities(needs)
     what = " and ".join(NEEDED_FOR[need] for need in needs)
-    names = " or ".join(repr(n) for n in able) or "(none has it)"
+    who = " or ".join(repr(n) for n in able) or "(none has it)"
     if name != "auto":
         if name not in able:
-            raise FastLLCError(f"{what} needs backend {names}, not {name!r}")
+            raise FastLLCError(f"{what} needs backend {who}, not {name!r}")
         backend_module(name).require(device)
         return name
     if model is None:
@@ -95,7 +94,7 @@ def resolve_backend(name: str, device, model=None, loss_fn=None, needs=()) -> st
     for candidate in able:
         if backend_module(candidate).supports(model, loss_fn, device):
             return candidate
-    raise FastLLCError(f"{what} needs backend {names}, which cannot run this model ({type(model).__name__}) "
+    raise FastLLCError(f"{what} needs backend {who}, which cannot run this model ({type(model).__name__}) "
                        f"with this loss on {device}")
 
 
