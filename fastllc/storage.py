@@ -107,11 +107,12 @@ def write_new_file(path: Path, data: bytes) -> None:
     _write_file(path, data)
 
 
-def _write_temporary(path: Path, data: bytes) -> Path:
+def _write_temporary(path: Path, data: bytes | str) -> Path:
+    """A complete temporary sibling of ``path`` holding ``data`` (text is UTF-8); nothing left on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
-        _write_file(tmp, data)
+        _write_file(tmp, data.encode() if isinstance(data, str) else data)
     except BaseException:
         remove(tmp)
         raise
@@ -121,7 +122,6 @@ def _write_temporary(path: Path, data: bytes) -> Path:
 def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
     """Replace ``path`` with ``data`` (text is UTF-8) in one step: readers see the old file or the new one."""
     path = Path(path)
-    data = data.encode() if isinstance(data, str) else data
     with writing(path):
         tmp = _write_temporary(path, data)
         try:
@@ -134,7 +134,6 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
 def publish_file_once(path: str | os.PathLike, data: bytes | str) -> bool:
     """Write ``path`` unless it exists: the first complete writer wins. True if this call wrote it."""
     path = Path(path)
-    data = data.encode() if isinstance(data, str) else data
     with writing(path):
         tmp = _write_temporary(path, data)
         try:

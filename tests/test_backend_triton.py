@@ -253,6 +253,12 @@ def test_auto_hands_the_kernel_only_weights_that_fit_in_registers():
     assert not triton_backend.supports(ModularMLP(20, 50, 200), F.cross_entropy, cuda)  # memorisation: torch instead
 
 
+def run_without_interpreter(script: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh Python as a user's process would: without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
 def test_clear_error_without_cuda_and_without_the_interpreter():
     script = (
@@ -272,8 +278,7 @@ def test_clear_error_without_cuda_and_without_the_interpreter():
         "except FastLLCError as err:\n"
         "    print(err)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    done = run_without_interpreter(script)
     assert done.returncode == 0, done.stderr
     early, message = done.stdout.strip().split("\n")  # one line each: from require() and from sample()
     assert early == message
@@ -308,8 +313,7 @@ def test_without_triton_fastllc_imports_and_the_backend_names_the_extra():
         "except ImportError as err:\n"
         "    print(err)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    done = run_without_interpreter(script)
     assert done.returncode == 0, done.stderr
     auto, plain_cpu, on_cuda, on_cpu, kernels_import = done.stdout.strip().split("\n")
     assert auto == "torch"
@@ -325,8 +329,7 @@ def test_the_real_kernel_compiles_for_sm90_without_a_gpu():
     script = ("from fastllc.kernels.aot import ptxas_report\n"
               "r = ptxas_report(53, 8, 32, 64, orthogonal=True)\n"
               "print(r['registers'], r['spill_store_bytes'], r['shared_bytes'])\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    done = run_without_interpreter(script, timeout=300)
     if "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("Triton's ptxas is not available on this platform")
     assert done.returncode == 0, done.stderr[-3000:]
