@@ -131,17 +131,6 @@ def _examples(config: TrainConfig) -> int:
     return max(1, round(config.train_frac * config.p * config.p))
 
 
-def _require_training_memory(config: TrainConfig) -> None:
-    p, e, h = config.p, config.embed, config.hidden
-    weights = 64 * resources.mlp_parameters(p, e, h)
-    needed = resources.training_bytes(p, e, h)
-    if weights > needed / 2:  # wide layers, not the p² pairs, are what does not fit
-        resources.require_memory(needed, f"e = {e}, h = {h} at p = {p}", "training (the weights and Adam's state)",
-                                 "use a smaller --embed or --hidden")
-    else:
-        resources.require_memory(needed, f"p = {p}", f"training (the p² = {p * p:,} pairs)", "use a smaller --p")
-
-
 def _require_sampling_memory(training: TrainConfig, sgld: SGLDConfig, device) -> None:
     """The host's share of sampling (api.estimate checks the device's share itself)."""
     n, C, T = _examples(training), sgld.chains, sgld.steps
@@ -174,7 +163,6 @@ def train_command(out, **options):
     config = _train_config(**options, seed_option="--train-seed/--seed")
     out = out or Path("runs") / config.run_name()
     storage.check_writable_dir(out, "--out")
-    _require_training_memory(config)
     with _long_work(f"training {config.run_name()} ({config.batches} batches)", "trained"):
         run = train(config, out, progress=_progress())
     final = run.metrics[-1]
@@ -237,7 +225,7 @@ def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, 
         training_config = _train_config(**training)
         if not _cache_path(training_config).exists():
             storage.check_writable_dir(_cache_path(training_config), "the run cache (FASTLLC_HOME)")
-            _require_training_memory(training_config)
+            resources.require_training_memory(training_config.p, training_config.embed, training_config.hidden)
         _require_sampling_memory(training_config, config, device)
         run = cached_run(training_config)
     index = run.checkpoint_index(checkpoint)

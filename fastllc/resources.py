@@ -57,6 +57,17 @@ def training_bytes(p: int, embed: int, hidden: int) -> int:
     return task_bytes(p) + full_batch_bytes(p, embed, hidden, p * p, backward=False) + 64 * mlp_parameters(p, embed, hidden)
 
 
+def require_training_memory(p: int, embed: int, hidden: int) -> None:
+    """Refuse, before any work, training that cannot fit; the message names what is too large."""
+    weights = 64 * mlp_parameters(p, embed, hidden)
+    needed = training_bytes(p, embed, hidden)
+    if weights > needed / 2:  # wide layers, not the p² pairs, are what does not fit
+        require_memory(needed, f"e = {embed}, h = {hidden} at p = {p}", "training (the weights and Adam's state)",
+                       "use a smaller --embed or --hidden")
+    else:
+        require_memory(needed, f"p = {p}", f"training (the p² = {p * p:,} pairs)", "use a smaller --p")
+
+
 def mlp_sampling_bytes(p: int, embed: int, hidden: int, examples: int, chains: int, steps: int,
                        batch_size: int) -> tuple[int, int]:
     """(bytes for the task and the full-batch loss and gradient at w*, bytes for the chains) of sampling

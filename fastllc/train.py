@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import storage
+from . import resources, storage
 from .errors import FastLLCError
 from .model import ModularMLP
 from .sampling.threads import single_threaded_torch
@@ -204,6 +204,7 @@ def train_together(configs: list[TrainConfig], outs: list[str | os.PathLike], pr
         config.validate()
     if not _same_but_seed(configs):
         raise FastLLCError("runs trained together must differ only in their seed")
+    resources.require_training_memory(configs[0].p, configs[0].embed, configs[0].hidden)
     outs = [Path(out) for out in outs]
     if not adopt:
         return _train_batch(configs, outs, progress, adopt)

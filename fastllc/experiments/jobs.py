@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import storage
-from ..errors import FastLLCError
-
 from ..analysis import analyse_run
 from ..api import estimate_checkpoints, estimate_run
 from ..backends import sample
+from ..errors import FastLLCError
 from ..llc import estimate_llc
 from ..sampling import SGLDConfig, wbic_nbeta
 from ..sampling.contract import select_chains
