@@ -290,6 +290,6 @@ def test_another_configuration_finished_meanwhile_is_refused(tmp_path, monkeypat
 def test_training_that_cannot_fit_is_refused_by_the_library_too(tmp_path, monkeypatch):
     monkeypatch.setattr("fastllc.resources.available_memory_bytes", lambda device=None: 2**20)  # 1 MiB free
     with pytest.raises(FastLLCError, match=r"^p = 40 needs about .* for training \(the p² = 1,600 pairs\); "
-                                           r"1\.0 MiB is available: use a smaller --p$"):
+                                           r"1 MiB is available: use a smaller --p$"):
         train(TrainConfig(p=40, batches=5, checkpoints=1), tmp_path / "run")
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
