@@ -48,21 +48,27 @@ def _long_work(start: str, done: str):
 
 
 def one_line_errors(command):
-    """Turn library errors into ``Error: <message>`` and exit code 1, never a traceback; print the
-    RuntimeWarnings raised on the way as ``warning: <message>`` lines (before the error, if any)."""
+    """Turn library errors into ``Error: <message>`` and exit code 1, never a traceback; print each
+    RuntimeWarning raised on the way as a ``warning: <message>`` line when it happens (a sweep's warning
+    about a damaged file is seen while the sweep runs, not after)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        caught = []
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", RuntimeWarning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", RuntimeWarning)
+            show_others = warnings.showwarning
+
+            def show(message, category, *rest, **options):
+                if issubclass(category, RuntimeWarning):
+                    click.echo(f"warning: {message}", err=True)
+                else:
+                    show_others(message, category, *rest, **options)
+
+            warnings.showwarning = show  # restored by catch_warnings
+            try:
                 return command(*args, **kwargs)
-        except FastLLCError as err:
-            raise click.ClickException(str(err)) from None
-        finally:
-            for warning in caught:
-                click.echo(f"warning: {warning.message}", err=True)
+            except FastLLCError as err:
+                raise click.ClickException(str(err)) from None
 
     return wrapper
 
