@@ -161,6 +161,22 @@ class DLNConfig:
 
 Settings = Union[Mapping, Callable[[DLNConfig], Mapping]]
 
+# The benchmark suite: 2–5 layers, widths 3–20, ranks from 1 to full (min width), 18 to 2,000 parameters.
+BENCHMARK_CONFIGS = (
+    DLNConfig((3, 3, 3), 1), DLNConfig((4, 3, 5), 3), DLNConfig((5, 10, 5), 2), DLNConfig((6, 12, 4, 9), 4),
+    DLNConfig((8, 8, 8, 8), 1), DLNConfig((10, 10, 10, 10), 3), DLNConfig((5, 3, 8, 4, 6), 2),
+    DLNConfig((10, 15, 20, 15, 10), 5), DLNConfig((20, 20, 20, 20, 20), 5), DLNConfig((12, 20, 8, 20, 12, 16), 8),
+    DLNConfig((20, 20, 20, 20, 20, 20), 1), DLNConfig((20, 20, 20, 20, 20, 20), 20),
+)
+BENCHMARK_N = 10_000
+# Fixed hand settings for every configuration: nβ = n/log n ≈ 1086 (the default), ε·nβ = 0.03 (ε·nβ·κ ≤ 0.2
+# for the stiffest directions, κ ≈ 1.3·layers for unit singular values: discretisation bias ≲ 5%), γ = 1,
+# minibatches of 500 (gradient noise ≈ 2% of the injected noise), 8 chains × 5000 steps, 1000 burned.
+# ε·nβ was picked from 0.01, 0.03, 0.1 on four of the configurations: 0.01 had not mixed in 4000 steps on the
+# 4-layer ones (λ̂ 25–30% low), 0.1 overshot them (35–65% high, discretisation); γ = 0.1 changed little.
+HAND_SETTINGS = dict(chains=8, steps=5000, burn_in=1000, epsilon=0.03 / (BENCHMARK_N / math.log(BENCHMARK_N)),
+                     gamma=1.0, batch_size=500, backend="generic")
+
 
 def benchmark_table(configs: Sequence[DLNConfig], settings: Settings, *, n: int = 20_000, seed: int = 0,
                     progress: Callable[[dict], None] | None = None) -> list[dict]:
