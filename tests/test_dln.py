@@ -185,3 +185,12 @@ def test_benchmark_table_rows_and_text():
     assert all(math.isfinite(r["llc_hat"]) and r["healthy"] == "2/2" for r in rows)
     lines = format_table(rows)
     assert len(lines) == 4 and lines[-1].startswith("median |λ̂ − λ|/λ = ")
+
+
+def test_benchmark_table_checks_every_architecture_before_sampling(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    with pytest.raises(FastLLCError, match=r"^DLN rank must be an integer in \[0, min\(widths\)\] = \[0, 2\]"):
+        benchmark_table([DLNConfig((2, 2), 1), DLNConfig((2, 3), 5)], dict(chains=2, steps=30), n=200,
+                        progress=seen.append)
+    assert seen == [] and os.listdir(tmp_path) == []
