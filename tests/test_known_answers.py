@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fastllc import estimate
+from fastllc.theory.dln import reduced_rank_regression_llc as aoyagi_watanabe  # Aoyagi & Watanabe (2005), Thm 1
 
 
 def half_squared_error(outputs, targets):
@@ -33,19 +34,6 @@ def test_linear_regression_has_llc_d_over_2():
 
 M, N, H = 3, 3, 2  # inputs, outputs, hidden width of the reduced-rank regression y = B·A·x + noise
 PUBLISHED_RRR = 2.5  # Aoyagi & Watanabe (2005), Theorem 1, for (M, N, H) = (3, 3, 2) and true rank r = 0
-
-
-def aoyagi_watanabe(M, N, H, r):
-    """RLCT of reduced-rank regression: Aoyagi & Watanabe, "Stochastic complexities of reduced rank regression
-    in Bayesian estimation", Neural Networks 18 (2005) 924–933, Theorem 1."""
-    if N + r <= M + H and M + r <= N + H and H + r <= M + N:
-        odd = (M + H + N + r) % 2
-        return (2 * (H + r) * (M + N) - (M - N) ** 2 - (H + r) ** 2 + odd) / 8
-    if M + H < N + r:
-        return (H * M - H * r + N * r) / 2
-    if N + H < M + r:
-        return (H * N - H * r + M * r) / 2
-    return M * N / 2
 
 
 def localized_expectation(g: float, grid: int = 1500) -> float:
