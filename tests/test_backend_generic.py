@@ -54,8 +54,8 @@ def test_rmsprop_sgld_trajectories_match_the_reference_with_injected_noise(ortho
                         rmsprop_eps=0.05)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     fast = generic.sample(model, x, y, F.cross_entropy, config, randomness=noise, trace=True, workers=2)
-    # as in the SGLD comparison above: fp32 summation order only (measured 7e-7 after 60 steps; the
-    # preconditioner amplifies nothing: P ≤ 1/δ scales both samplers' differences alike); 1e-5, as there
+    # as in the SGLD comparison above, fp32 summation order only: measured 7e-7 on weights and 1e-6 on losses
+    # after 60 steps; 1e-5 as there, while plain SGLD's update in place of RMSProp's moves them by > 1e-2 (below)
     torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=1e-5)
     torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=1e-5)
     assert (ref.final_params - flat_parameters(model)[2]).abs().max() > 1e-2  # the chains travelled
