@@ -52,7 +52,7 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
     minibatch = (resources.mlp_minibatch_bytes(model.p, model.embed_dim, model.hidden_dim, config.batch_size)
                  if isinstance(model, ModularMLP) else 0)
     require_chain_memory(config, parameters, minibatch, resolve_device(device))
-    needs = ("mala",) if config.mala else ()
+    needs = config.needs()  # e.g. mala, sampler="rmsprop_sgld": what the backend must be able to do
     if needs:  # refused before the loss at w* is computed
         backend = resolve_backend(backend, resolve_device(device), model, loss_fn, needs)
     samples = sample(model, inputs, targets, loss_fn, config, backend=backend, device=device,

@@ -3,7 +3,9 @@
 A backend is one module here, named as users name it (``--backend NAME``), that provides
     NAME            its name (the module's)
     CAPABILITIES    what it can do beyond ``sample``, as data: ``stacked_starts`` (several starting points
-                    in one batch: it has ``sample_starts``), ``mala`` (records the MALA acceptance)
+                    in one batch: it has ``sample_starts``), ``mala`` (records the MALA acceptance),
+                    ``rmsprop_sgld`` (runs ``SGLDConfig.sampler="rmsprop_sgld"``; without it a backend runs
+                    plain SGLD only, and ``config.hyperparameters`` refuses it any other sampler)
     DEVICES         device types it runs on
     AUTO_PRIORITY   ``auto`` tries backends in increasing priority: the fastest first
     supports(model, loss_fn, device) -> bool    may ``auto`` give it this work? cheap, imports nothing heavy
@@ -39,6 +41,7 @@ CHOICES = ("auto", *NAMES)  # what ``--backend`` accepts
 NEEDED_FOR = {  # what a caller that needs a capability is doing, for the one-line error
     "stacked_starts": "several starting points in one batch (estimate_checkpoints)",
     "mala": "mala=True (the MALA acceptance rate)",
+    "rmsprop_sgld": "sampler='rmsprop_sgld' (RMSProp-preconditioned SGLD)",
 }
 
 
@@ -103,8 +106,9 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, backend: str 
     """``config.chains`` SGLD chains from ``model``'s weights on the chosen backend (see ``resolve_backend``)."""
     from ..sampling import resolve_device
     device = resolve_device(device)
-    name = resolve_backend(backend, device, model, loss_fn, needs)
-    return backend_module(name).sample(model, inputs, targets, loss_fn, config.validate(), randomness=randomness,
+    config = config.validate()
+    name = resolve_backend(backend, device, model, loss_fn, tuple(dict.fromkeys((*needs, *config.needs()))))
+    return backend_module(name).sample(model, inputs, targets, loss_fn, config, randomness=randomness,
                                        device=device, progress=progress)
 
 
@@ -117,8 +121,10 @@ def sample_starts(starts, config: SGLDConfig, *, backend: str = "auto", device="
     import torch.nn.functional as F
     device = resolve_device(device)
     check_starts(starts)
-    name = resolve_backend(backend, device, starts[0].model, F.cross_entropy, needs=("stacked_starts",))
-    return backend_module(name).sample_starts(starts, config.validate(), randomness=randomness, device=device,
+    config = config.validate()
+    name = resolve_backend(backend, device, starts[0].model, F.cross_entropy,
+                           needs=("stacked_starts", *config.needs()))
+    return backend_module(name).sample_starts(starts, config, randomness=randomness, device=device,
                                               progress=progress)
 
 

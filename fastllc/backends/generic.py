@@ -27,6 +27,10 @@ known cases up front, so ``auto`` sends them to the reference.
 ``config.mala`` also records the Metropolis-adjusted (MALA) acceptance probability of every step, as
 devinterp's ``MalaAcceptanceRate`` defines it: potential U = nβ·L_m + γ/2·‖w − w*‖² with its gradient at
 both ends of the step, each end on its own minibatch (the orthogonal restriction is not accounted for).
+
+``sampler="rmsprop_sgld"`` (formula in ``SGLDConfig``) keeps every chain's V in the same parameter-major
+layout and applies ``sgld.rmsprop_sgld_update``; the traced replay covers the gradient step, which is the
+same for both samplers.
 """
 
 from __future__ import annotations
@@ -43,15 +47,15 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..errors import FastLLCError
-from ..sampling.config import SGLDConfig
+from ..sampling.config import SAMPLERS, SGLDConfig
 from ..sampling.contract import (Samples, flat_parameters, loss_and_gradient_at_start, nan_from_first_non_finite,
                                  on_device, orthogonal_direction)
 from ..sampling.randomness import for_run
-from ..sampling.sgld import ParameterMajor, StepDraws, axpy, sgld_update
+from ..sampling.sgld import ParameterMajor, RMSpropState, StepDraws, axpy, rmsprop_sgld_update, sgld_update
 from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
 
 NAME = "generic"
-CAPABILITIES = frozenset({"mala"})
+CAPABILITIES = frozenset({"mala", "rmsprop_sgld"})
 DEVICES = ("cpu", "cuda")
 AUTO_PRIORITY = 30  # ``auto`` tries lower first: any vmappable module
 
@@ -131,6 +135,22 @@ class _Chains(ParameterMajor):
         # G = −drift·∇L_m: the sign folded into the coefficient once, not negated every step
         self.minus_drift = self.coefficient(-(epsilon * nbeta / 2), device)
         self.noise_scale = self.coefficient(epsilon.sqrt(), device)
+        self.rmsprop = None  # RMSProp-SGLD's state and coefficients (``use_rmsprop``)
+
+    def use_rmsprop(self, alpha: float, delta: float, device) -> None:
+        """Run RMSProp-SGLD (``sgld.rmsprop_sgld_update``): V from 0, per-chain nβ, γ, −ε/2."""
+        self.rmsprop = RMSpropState(self.W, alpha, delta)
+        self.nb, self.gm = self.coefficient(self.nbeta, device), self.coefficient(self.gamma, device)
+        self.minus_half_eps = self.coefficient(-self.epsilon / 2, device)
+
+    def step(self, noise: torch.Tensor, projection) -> None:
+        """One step of every chain from the gradient ∇L_m in G (overwritten) and unit noise ξ."""
+        if self.rmsprop is not None:
+            rmsprop_sgld_update(self.W, self.G, noise, self.rmsprop, self.W_star, self.nb, self.gm,
+                                self.minus_half_eps, self.noise_scale, projection)
+        else:
+            self.G.mul_(self.minus_drift)  # −drift·∇L_m
+            sgld_update(self.W, self.G, noise, self.noise_scale, self.keep, self.decay_w_star, projection)
 
     def chain_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Σ over each chain's elements of a parameter-major buffer, float64 [C]."""
@@ -206,6 +226,8 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
     projection = None
     if direction is not None:
         projection = (chains.rows(chains.G), chains.rows(chains.to_parameter_major(direction.to(device).expand(C, d))))
+    if config.sampler == "rmsprop_sgld":
+        chains.use_rmsprop(config.rmsprop_alpha, config.rmsprop_eps, device)
     mala = _Mala(chains, T) if config.mala else None
     draws = StepDraws(C, m, d, device)
     losses = torch.empty(T, C, device=device)
@@ -232,8 +254,7 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
         torch.cat([g.reshape(-1) for g in grads], out=chains.G)
         if mala is not None:
             mala.observe(t, losses[t], chains.W - chains.W_star)
-        chains.G.mul_(chains.minus_drift)  # −drift·∇L_m
-        sgld_update(chains.W, chains.G, noise, chains.noise_scale, chains.keep, chains.decay_w_star, projection)
+        chains.step(noise, projection)
         if (t + 1) % report_every == 0:
             tick(C * report_every)
     return losses.cpu(), chains.to_chain_major(chains.W).cpu(), None if mala is None else mala.acceptance
@@ -257,7 +278,7 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     model = on_device(model, device)  # the caller's model is never moved
     inputs, targets = inputs.to(device), targets.to(device)
     n, C, m, T = len(targets), config.chains, config.batch_size, config.steps
-    hyper = config.hyperparameters(n)
+    hyper = config.hyperparameters(n, samplers=SAMPLERS)
     names, shapes, w_star = flat_parameters(model)
     d = w_star.numel()
     init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)

@@ -1,7 +1,8 @@
 """The reference sampler: plain PyTorch, one chain at a time, one autograd call per step.
 
 It is the ground truth every fast backend is tested against, so it is written for obviousness, not
-speed: the SGLD step of ``SGLDConfig`` line by line on a flat weight vector, for any ``nn.Module``.
+speed: the SGLD step of ``SGLDConfig`` line by line on a flat weight vector, for any ``nn.Module``, and
+its RMSProp-preconditioned variant (``sampler="rmsprop_sgld"``, formula in ``SGLDConfig``).
 It runs with single-threaded torch ops, restoring the caller's thread count on return
 (``sampling/threads.py``):
 one chain's tensors are small, intra-op threads gain little on them and stall when another process uses
@@ -17,14 +18,14 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..sampling.config import SGLDConfig
+from ..sampling.config import SAMPLERS, SGLDConfig
 from ..sampling.contract import (Samples, flat_parameters, loss_and_gradient_at_start, on_device,
                                  orthogonal_direction, private_buffers, unflatten)
 from ..sampling.randomness import for_run
 from ..sampling.threads import single_threaded_torch
 
 NAME = "reference"
-CAPABILITIES = frozenset()
+CAPABILITIES = frozenset({"rmsprop_sgld"})
 DEVICES = ("cpu", "cuda")
 AUTO_PRIORITY = 100  # ``auto`` tries lower first: the last resort: runs anything
 
@@ -45,7 +46,9 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     model = on_device(model, device)  # the caller's model is never moved
     inputs, targets = inputs.to(device), targets.to(device)
     n = len(targets)
-    epsilon, gamma, nbeta = config.hyperparameters(n)
+    epsilon, gamma, nbeta = config.hyperparameters(n, samplers=SAMPLERS)
+    rmsprop = config.sampler == "rmsprop_sgld"
+    alpha, delta = config.rmsprop_alpha, config.rmsprop_eps
     names, shapes, w_star = flat_parameters(model)
     init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
     direction = orthogonal_direction(gradient) if config.orthogonal else None
@@ -59,6 +62,7 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     for c in range(config.chains):
         eps, gam, nb = float(epsilon[c]), float(gamma[c]), float(nbeta[c])
         w = w_star.clone()
+        square_avg = torch.zeros_like(w)  # RMSProp-SGLD's V: the chain's running mean of ∇L_m², from 0
         for t in range(config.steps):
             indices, noise = randomness.draw(c, t)
             indices, noise = indices.to(device), noise.to(device)
@@ -70,8 +74,13 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
             trace[c, t] = loss.item()
             if not math.isfinite(trace[c, t]):
                 break  # the chain has diverged: the rest of its trace stays NaN, the estimator flags it
-            # −decay·(w − w*) − drift·∇L_m + noise_scale·ξ, in SGLDConfig's grouping (the floats it always gave)
-            increment = -(eps / 2) * (gam * (w - w_star) + nb * grad) + math.sqrt(eps) * noise
+            if rmsprop:  # SGLDConfig's formula, in devinterp 1.3.2's order of operations
+                square_avg = alpha * square_avg + (1 - alpha) * grad * grad  # V ← αV + (1 − α)g²
+                precondition = 1 / (square_avg.sqrt() + delta)  # P = 1/(√V + δ)
+                increment = (-(eps / 2) * (precondition * (nb * grad) + precondition * (gam * (w - w_star)))
+                             + math.sqrt(eps) * (precondition.sqrt() * noise))
+            else:  # −decay·(w − w*) − drift·∇L_m + noise_scale·ξ, in SGLDConfig's grouping (the floats it always gave)
+                increment = -(eps / 2) * (gam * (w - w_star) + nb * grad) + math.sqrt(eps) * noise
             if direction is not None:
                 increment -= (increment @ direction) * direction
             w = w + increment

@@ -6,7 +6,8 @@
 Same arguments, same result keys (``llc/mean``, ``llc/std``, ``llc-chain/{i}``, ``loss/trace`` [chains,
 draws]; with ``online=True`` ``llc/means``, ``llc/stds``, ``llc/trace``; with a ``MalaAcceptanceRate``
 callback ``mala_accept/trace|mean|std``), same SGLD update (Δw = −(lr/2)(localization·(w − w*) + nβ·∇L_m)
-+ N(0, lr)), the same defaults (lr 0.01, localization 0, nβ = b/log b with b the loader's batch size ×
++ N(0, lr)), the same RMSprop-SGLD (``sampling_method=SGMCMC.rmsprop_sgld`` with its ``alpha`` and ``eps``:
+``SGLDConfig(sampler="rmsprop_sgld")``, whose docstring states the update), the same defaults (lr 0.01, localization 0, nβ = b/log b with b the loader's batch size ×
 ``grad_accum_steps``) and the same draws (the loss at w_t, before the step, at steps burn-in + k − 1,
 burn-in + 2k − 1, ... with k = ``num_steps_bw_draws``). All chains run at once (backend ``auto``: the
 specialised path for the study's MLP, else ``generic``, else the reference). Extra keys: ``llc/se``,
@@ -30,8 +31,10 @@ Differences from devinterp 1.3.2, all deliberate:
   ``num_steps_bw_draws`` > 1, treats several steps as one proposal).
 - The model is left in the training mode it had (devinterp leaves it in ``train()``); ``cores``,
   ``gpu_idxs`` and ``use_amp`` are ignored (one process, float32). Not supported (refused with a message):
-  other samplers than SGLD, ``noise_level`` ≠ 1, ``weight_decay``, ``bounding_box_size``,
-  ``optimize_over_per_model_param``, callbacks other than ``MalaAcceptanceRate``.
+  samplers other than SGLD (``SGLD``, ``SGMCMC.sgld``) and RMSprop-SGLD (``SGMCMC.rmsprop_sgld``), e.g.
+  ``SGNHT`` or ``SGMCMC`` itself, ``noise_level`` ≠ 1, ``weight_decay``, ``bounding_box_size``,
+  ``add_grad_correction``, ``optimize_over_per_model_param``, callbacks other than ``MalaAcceptanceRate``, and
+  ``MalaAcceptanceRate`` with RMSprop-SGLD (its formula is plain SGLD's proposal).
 """
 
 from __future__ import annotations
@@ -53,11 +56,31 @@ _IGNORED_KWARGS = {"metrics", "save_noise", "save_mala_vars", "noise_norm", "gra
 # devinterp SGLD options fastllc does not implement, and the values that mean "off" (anything else is refused)
 _REFUSED_KWARGS = {"noise_level": (1.0,), "weight_decay": (0.0, None), "bounding_box_size": (None, 0.0),
                    "optimize_over": (None,)}
+# devinterp's sampling_method, matched by name (the SGLD class, or SGMCMC's factory methods), as fastllc's
+# sampler, with what each adds to SGLD's optimizer_kwargs: fastllc's name for it (or None: refused unless off)
+_SAMPLING_METHODS = {"SGLD": ("sgld", {}), "sgld": ("sgld", {}),
+                     "rmsprop_sgld": ("rmsprop_sgld", {"alpha": "rmsprop_alpha", "eps": "rmsprop_eps",
+                                                       "add_grad_correction": None})}
+_SAMPLER_LABELS = {"sgld": "SGLD", "rmsprop_sgld": "RMSprop-SGLD"}
 
 
 class SGLD:
     """Stands in for ``devinterp.optim.sgld.SGLD`` where devinterp is not installed: scripts pass the class
     as ``sampling_method=SGLD`` and fastllc matches samplers by name, so this is the same choice."""
+
+
+class SGMCMC:
+    """Stands in for ``devinterp.optim.SGMCMC`` where devinterp is not installed: ``sampling_method=SGMCMC.sgld``
+    or ``SGMCMC.rmsprop_sgld`` (matched by name, as devinterp's own are; fastllc never calls them)."""
+
+    @classmethod
+    def sgld(cls, params, **optimizer_kwargs):
+        raise FastLLCError("fastllc.compat.devinterp.SGMCMC.sgld only names a sampler: pass it as sampling_method")
+
+    @classmethod
+    def rmsprop_sgld(cls, params, **optimizer_kwargs):
+        raise FastLLCError("fastllc.compat.devinterp.SGMCMC.rmsprop_sgld only names a sampler: pass it as "
+                           "sampling_method")
 
 
 def default_nbeta(batch_size: int) -> float:
@@ -122,21 +145,28 @@ def _settings(optimizer_kwargs, sampling_method, callbacks, batch_size, grad_acc
         if "nbeta" in kwargs:
             raise FastLLCError("set either nbeta or temperature (deprecated) in optimizer_kwargs, not both")
         kwargs["nbeta"] = kwargs.pop("temperature")
-    name = getattr(sampling_method, "__name__", None)
-    if sampling_method is not None and name not in ("SGLD", "sgld"):
-        raise FastLLCError(f"fastllc implements SGLD only, not {name or sampling_method!r}")
-    for key, neutral in _REFUSED_KWARGS.items():
+    name = "SGLD" if sampling_method is None else getattr(sampling_method, "__name__", None)
+    if name not in _SAMPLING_METHODS:
+        raise FastLLCError(f"fastllc implements sampling_method SGLD, SGMCMC.sgld and SGMCMC.rmsprop_sgld only, "
+                           f"not {name or sampling_method!r}")
+    sampler, extra = _SAMPLING_METHODS[name]
+    refused = {**_REFUSED_KWARGS, **{key: (False, None) for key, ours in extra.items() if ours is None}}
+    for key, neutral in refused.items():
         if key in kwargs and not any(kwargs[key] is v or kwargs[key] == v for v in neutral):
             raise FastLLCError(f"optimizer_kwargs {key}={kwargs[key]!r} is not supported by fastllc")
-    unknown = set(kwargs) - _IGNORED_KWARGS - set(_REFUSED_KWARGS) - {"lr", "localization", "nbeta"}
+    unknown = set(kwargs) - _IGNORED_KWARGS - set(refused) - set(extra) - {"lr", "localization", "nbeta"}
     if unknown:
-        raise FastLLCError(f"unknown optimizer_kwargs for SGLD: {', '.join(sorted(unknown))}")
+        raise FastLLCError(f"unknown optimizer_kwargs for {_SAMPLER_LABELS[sampler]}: {', '.join(sorted(unknown))}")
+    options = {ours: kwargs[key] for key, ours in extra.items() if ours is not None and key in kwargs}
     if optimize_over:
         raise FastLLCError("optimize_over_per_model_param is not supported by fastllc")
     mala = False
     for callback in callbacks or []:
         kind = type(callback).__name__
         if kind == "MalaAcceptanceRate":
+            if sampler != "sgld":
+                raise FastLLCError(f"MalaAcceptanceRate is not supported with {_SAMPLER_LABELS[sampler]} by fastllc "
+                                   "(the acceptance is that of plain SGLD's proposal); drop the callback or use SGLD")
             mala = True
         elif kind not in ("LLCEstimator", "OnlineLLCEstimator"):
             raise FastLLCError(f"callback {kind} is not supported by fastllc (only MalaAcceptanceRate)")
@@ -151,7 +181,7 @@ def _settings(optimizer_kwargs, sampling_method, callbacks, batch_size, grad_acc
                     raise FastLLCError(f"MalaAcceptanceRate has {name}={theirs}, the sampler {value}: "
                                        "fastllc computes the acceptance rate with the sampler's; make them equal")
     return dict(epsilon=kwargs.get("lr", 0.01), gamma=kwargs.get("localization", 0.0), nbeta=nbeta,
-                batch_size=b, mala=mala)
+                batch_size=b, mala=mala, sampler=sampler, **options)
 
 
 def estimate_learning_coeff_with_summary(
@@ -231,4 +261,4 @@ def estimate_learning_coeff(model: nn.Module, loader, callbacks=(), evaluate=Non
         optimize_over_per_model_param=optimize_over_per_model_param, backend=backend)["llc/mean"]
 
 
-__all__ = ["SGLD", "estimate_learning_coeff", "estimate_learning_coeff_with_summary", "default_nbeta", "summary"]
+__all__ = ["SGLD", "SGMCMC", "estimate_learning_coeff", "estimate_learning_coeff_with_summary", "default_nbeta", "summary"]

@@ -15,6 +15,7 @@ from ..errors import FastLLCError
 from ..seeding import check_seed
 
 PerChain = Union[float, Sequence[float], torch.Tensor]
+SAMPLERS = ("sgld", "rmsprop_sgld")  # what ``SGLDConfig.sampler`` accepts
 
 
 def wbic_nbeta(n: int) -> float:
@@ -37,6 +38,19 @@ class SGLDConfig:
     the estimator uses every ``thin``-th (records burn_in + thin − 1, burn_in + 2·thin − 1, ...: devinterp's
     draws with ``num_steps_bw_draws = thin``). ``mala`` asks a backend that can (``generic``) to record the
     MALA acceptance probability of every step, as devinterp's ``MalaAcceptanceRate`` defines it.
+
+    ``sampler="rmsprop_sgld"``: RMSProp-preconditioned SGLD (Li et al. 2016; the sampler recommended by
+    Hitchcock & Hoogland 2025), exactly as devinterp 1.3.2 runs it (``devinterp/optim/sgmcmc.py``,
+    ``SGMCMC.rmsprop_sgld`` and ``SGMCMC.step``; ``devinterp/optim/preconditioner.py``,
+    ``RMSpropPreconditioner.get_coefficients``), with α = ``rmsprop_alpha`` (devinterp's ``alpha``, 0.99) and
+    the stabiliser δ = ``rmsprop_eps`` (devinterp's ``eps``, 0.1). Per chain, elementwise, with V_0 = 0:
+        g_t = ∇L_m(w_t)                                  (the minibatch loss only: not nβ, not the γ term)
+        V_t = α·V_{t−1} + (1 − α)·g_t²                    (updated before use: V_1 = (1 − α)·g_1²)
+        P_t = 1 / (√V_t + δ)                              (δ outside the square root; no bias correction)
+        w ← w − (ε/2)·P_t·[γ(w − w*) + nβ·g_t] + √ε·√P_t·ξ,   ξ ~ N(0, I)
+    so the preconditioner scales the gradient and the localisation term alike, and the noise by √P_t (its
+    covariance is ε·P_t). ``orthogonal`` projects this whole increment. Not with ``mala`` (the acceptance
+    is that of plain SGLD's proposal).
     """
 
     chains: int = 4
@@ -51,6 +65,9 @@ class SGLDConfig:
     loss_bound: float | None = None  # a recorded loss above this marks a chain unhealthy; None: see llc.py
     thin: int = 1  # the estimator averages every thin-th record after burn-in
     mala: bool = False  # record the MALA acceptance probability of every step (backend generic)
+    sampler: str = "sgld"  # or "rmsprop_sgld" (see above)
+    rmsprop_alpha: float = 0.99  # RMSProp-SGLD: decay of the mean squared gradient V (devinterp's alpha)
+    rmsprop_eps: float = 0.1  # RMSProp-SGLD: δ in P = 1/(√V + δ) (devinterp's eps)
 
     def validate(self) -> "SGLDConfig":
         if self.chains < 1:
@@ -69,7 +86,24 @@ class SGLDConfig:
         self._values("gamma", lambda v: v >= 0, ">= 0")
         if self.nbeta is not None:
             self._values("nbeta", lambda v: v > 0, "> 0")
+        self._check_sampler()
         return self
+
+    def _check_sampler(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise FastLLCError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        alpha, eps = self.rmsprop_alpha, self.rmsprop_eps
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0 < alpha < 1):
+            raise FastLLCError(f"rmsprop_alpha must be in (0, 1), got {alpha}")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+            raise FastLLCError(f"rmsprop_eps must be finite and > 0, got {eps}")
+        if self.mala and self.sampler != "sgld":
+            raise FastLLCError(f"mala=True records plain SGLD's acceptance rate; it is not defined for "
+                               f"sampler={self.sampler!r}: use sampler='sgld' or drop mala")
+
+    def needs(self) -> tuple[str, ...]:
+        """The backend capabilities (``fastllc.backends``) these settings need: ``mala``, the sampler."""
+        return (("mala",) if self.mala else ()) + ((self.sampler,) if self.sampler != "sgld" else ())
 
     def per_chain(self, name: str, ok=lambda v: True, rule: str = "", n: int | None = None) -> torch.Tensor:
         """The setting ``name`` as a float64 vector of length ``chains`` (checked against ``rule``)."""
@@ -90,8 +124,14 @@ class SGLDConfig:
             raise FastLLCError(f"{name} must be finite and {rule}, got {bad[0]}")
         return vector
 
-    def hyperparameters(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ε, γ, nβ) as float64 vectors of length ``chains``; nβ defaults to n/log n."""
+    def hyperparameters(self, n: int, samplers: Sequence[str] = ("sgld",)
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ε, γ, nβ) as float64 vectors of length ``chains``; nβ defaults to n/log n.
+
+        ``samplers``: the update rules the calling backend implements. Every backend asks for its
+        coefficients here, so one that knows only plain SGLD refuses another sampler instead of silently
+        running SGLD in its place (``require_sampler``)."""
+        require_sampler(self, samplers)
         return self.per_chain("epsilon"), self.per_chain("gamma"), self.per_chain("nbeta", n=n)
 
     def to_dict(self) -> dict:
@@ -103,3 +143,10 @@ class SGLDConfig:
             elif isinstance(value, (list, tuple)):
                 record[key] = [float(v) for v in value]
         return record
+
+
+def require_sampler(config: SGLDConfig, samplers: Sequence[str]) -> None:
+    """Refuse ``config.sampler`` where the caller implements only ``samplers`` (one line)."""
+    if config.sampler not in samplers:
+        raise FastLLCError(f"this backend implements sampler {' and '.join(map(repr, samplers))} only, not "
+                           f"{config.sampler!r}; use backend='auto', which picks one that has it")
