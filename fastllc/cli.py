@@ -207,6 +207,10 @@ def cached_run(config: TrainConfig) -> Run:
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Minibatch size m.")
 @click.option("--orthogonal/--no-orthogonal", default=False, show_default=True,
               help="Restrict SGLD orthogonally to the full-batch gradient at w*.")
+@click.option("--sampler", type=click.Choice(["sgld", "rmsprop_sgld"]), default="sgld", show_default=True,
+              help="Plain SGLD, or RMSProp-preconditioned SGLD (devinterp's rmsprop_sgld; backend generic or reference).")
+@click.option("--rmsprop-alpha", type=float, default=0.99, show_default=True, help="RMSProp's decay α.")
+@click.option("--rmsprop-eps", type=float, default=0.1, show_default=True, help="RMSProp's stabiliser δ in 1/(√V + δ).")
 @click.option("--backend", default="auto", show_default=True, help=f"One of {', '.join(BACKEND_CHOICES)}.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto (cuda when available).")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
@@ -215,15 +219,16 @@ def cached_run(config: TrainConfig) -> Run:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the SGLD noise and minibatches.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 @one_line_errors
-def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, orthogonal, backend, device,
-                     run_dir, checkpoint, seed, as_json, **training):
+def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, orthogonal, sampler, rmsprop_alpha,
+                     rmsprop_eps, backend, device, run_dir, checkpoint, seed, as_json, **training):
     """Estimate λ̂ at a checkpoint with SGLD chains started at its weights."""
     if run_dir is not None:
         _refuse_training_options_with_run()
     config = SGLDConfig(chains=chains, steps=steps, burn_in=burn_in, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
-                        batch_size=batch_size, orthogonal=orthogonal, seed=seed).validate()
+                        batch_size=batch_size, orthogonal=orthogonal, seed=seed, sampler=sampler,
+                        rmsprop_alpha=rmsprop_alpha, rmsprop_eps=rmsprop_eps).validate()
     device = resolve_device(device)
-    name = resolve_backend(backend, device)  # fail before any training
+    name = resolve_backend(backend, device, needs=config.needs())  # fail before any training
     if run_dir is not None:
         run = Run.load(run_dir)
         _require_sampling_memory(run.config, config, device)

@@ -108,6 +108,7 @@ class LLCResult:
     thin: int = 1
     mala_acceptance: float | None = None  # mean MALA acceptance of healthy chains' steps after burn-in (config.mala)
     mala_trace: torch.Tensor | None = field(default=None, repr=False)  # [C, T−1]; not serialised
+    sampler: str = "sgld"  # SGLDConfig.sampler: which update produced the chains
 
     def to_dict(self) -> dict:
         record = {k: v for k, v in asdict(self).items() if k not in ("loss_trace", "mala_trace")}
@@ -154,7 +155,7 @@ def estimate_llc(samples: Samples, config: SGLDConfig) -> LLCResult:
         healthy=healthy.tolist(), healthy_chains=count, chains=chains, init_loss=samples.init_loss,
         nbeta=_scalar_or_list(samples.nbeta), epsilon=_scalar_or_list(samples.epsilon),
         gamma=_scalar_or_list(samples.gamma), steps=steps, burn_in=config.burn_in,
-        batch_size=config.batch_size, orthogonal=config.orthogonal, seed=config.seed,
+        batch_size=config.batch_size, orthogonal=config.orthogonal, seed=config.seed, sampler=config.sampler,
         backend=samples.backend, device=samples.device, sampling_seconds=samples.seconds,
         chain_steps_per_second=(samples.chains_in_batch or chains) * steps / samples.seconds
         if samples.seconds > 0 else math.nan,

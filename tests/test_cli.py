@@ -215,3 +215,16 @@ def test_reproduce_refuses_a_modulus_the_sweep_does_not_have(cli, tmp_path):
     assert_one_line_error(cli("reproduce", "psweep", "--quick", "--p", 99, "--out", tmp_path / "s"),
                           "the psweep sweep has no p = 99; its moduli are [17, 23, 29]")
     assert not (tmp_path / "s").exists()  # refused before any work
+
+
+def test_rmsprop_sgld_from_the_command_line(cli, tiny_run):
+    result = cli("estimate", "--run", tiny_run.path, "--chains", 2, "--steps", 30, "--batch-size", 8,
+                 "--sampler", "rmsprop_sgld", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["sampler"] == "rmsprop_sgld" and record["backend"] == "generic"  # auto: the first that has it
+    assert_one_line_error(cli("estimate", "--run", tiny_run.path, "--sampler", "rmsprop_sgld", "--backend", "torch"),
+                          "sampler='rmsprop_sgld' (RMSProp-preconditioned SGLD) needs backend 'generic' or "
+                          "'reference', not 'torch'")
+    assert_one_line_error(cli("estimate", "--run", tiny_run.path, "--sampler", "rmsprop_sgld", "--rmsprop-alpha", 1),
+                          "rmsprop_alpha must be in (0, 1), got 1.0")
