@@ -122,127 +122,231 @@ Shape make_shape(int64_t p, int64_t e, int64_t h, int64_t m) {
     return s;
 }
 
-struct Scratch {  // one thread's buffers, reused for every chain it runs
-    std::vector<float> LT, RT, UT, bias, z, u, gelu_grad, s, du, dx, grad, inc, noise;
+// Eight floats, as GCC/Clang vector extensions: AVX registers in the vector build, pairs of SSE registers (or
+// scalars) in the portable one. Buffers that hold a dimension of length h or p are padded to a multiple of 8
+// with zeros, so that no loop below has a tail.
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8 load(const float* x) { v8 r; std::memcpy(&r, x, sizeof r); return r; }
+inline void store(float* x, v8 v) { std::memcpy(x, &v, sizeof v); }
+inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+inline v8 madd(v8 a, v8 b, v8 c) {
+#if defined(__FMA__) && defined(__AVX__)
+    return __builtin_ia32_vfmaddps256(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+inline int64_t padded(int64_t x) { return (x + 7) / 8 * 8; }
+
+// exp(x) for x ≤ 88 (Cephes expf: Cody–Waite reduction by ln 2, a degree-5 polynomial; relative error
+// ≤ 2 ulp on [−87, 88], checked against the double-precision exp in tests/test_backend_native.py). Below
+// −87.3 it returns ~1e-38 instead of 0 or a denormal: terms that small never change a float32 sum here.
+inline v8 exp8(v8 x) {
+    x = x < splat(-87.3f) ? splat(-87.3f) : x;
+    x = x > splat(88.0f) ? splat(88.0f) : x;
+    v8 fx = madd(x, splat(1.44269504088896341f), splat(0.5f));
+    v8i n = __builtin_convertvector(fx, v8i);
+    v8 nf = __builtin_convertvector(n, v8);
+    n = nf > fx ? n - 1 : n;  // floor
+    nf = __builtin_convertvector(n, v8);
+    x = madd(nf, splat(-0.693359375f), x);
+    x = madd(nf, splat(2.12194440e-4f), x);
+    v8 y = splat(1.9875691500e-4f);
+    y = madd(y, x, splat(1.3981999507e-3f));
+    y = madd(y, x, splat(8.3334519073e-3f));
+    y = madd(y, x, splat(4.1665795894e-2f));
+    y = madd(y, x, splat(1.6666665459e-1f));
+    y = madd(y, x, splat(5.0000001201e-1f));
+    y = madd(y, x * x, x + splat(1.0f));
+    v8i bits = (n + 127) << 23;
+    v8 scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+// GELU(z) = z·Φ(z) and GELU′(z) = Φ(z) + z·φ(z), exact-erf GELU as F.gelu. Φ from erfc by Numerical
+// Recipes' Chebyshev fit (erfcc: fractional error < 1.2e-7 everywhere, so Φ(z) keeps its relative accuracy
+// deep in the negative tail), plus float32 rounding and exp8's: a few ulp of Φ, documented and tested
+// against the double-precision erf. (torch's own vectorised erf is Abramowitz–Stegun 7.1.26, absolute
+// error 1.5e-7.)
+inline void gelu8(v8 z, v8& value, v8& slope) {
+    const v8 x = (z < splat(0.0f) ? -z : z) * splat(0.70710678118654752f);  // |z|/√2
+    const v8 t = splat(1.0f) / madd(splat(0.5f), x, splat(1.0f));
+    v8 poly = splat(0.17087277f);
+    poly = madd(poly, t, splat(-0.82215223f));
+    poly = madd(poly, t, splat(1.48851587f));
+    poly = madd(poly, t, splat(-1.13520398f));
+    poly = madd(poly, t, splat(0.27886807f));
+    poly = madd(poly, t, splat(-0.18628806f));
+    poly = madd(poly, t, splat(0.09678418f));
+    poly = madd(poly, t, splat(0.37409196f));
+    poly = madd(poly, t, splat(1.00002368f));
+    poly = madd(poly, t, splat(-1.26551223f));
+    const v8 half_erfc = splat(0.5f) * t * exp8(poly - x * x);  // Φ(−|z|)
+    const v8 cdf = z < splat(0.0f) ? half_erfc : splat(1.0f) - half_erfc;
+    const v8 pdf = splat(0.39894228040143268f) * exp8(-(x * x));
+    value = z * cdf;
+    slope = madd(z, pdf, cdf);
+}
+
+// Products of the step, register-blocked: NB vectors of one output row stay in registers over the sum.
+// out[blk] = Σ_r coef[r·stride] · rows[r·ld + blk]   (r < count; blk = NB vectors starting at col)
+template <int NB>
+inline void row_combination(const float* coef, int64_t stride, const float* rows, int64_t ld, int64_t count,
+                            int64_t col, float* out, bool accumulate) {
+    v8 acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = accumulate ? load(out + col + 8 * b) : splat(0.0f);
+    for (int64_t r = 0; r < count; ++r) {
+        const v8 c = splat(coef[r * stride]);
+        const float* row = rows + r * ld + col;
+        for (int b = 0; b < NB; ++b) acc[b] = madd(c, load(row + 8 * b), acc[b]);
+    }
+    for (int b = 0; b < NB; ++b) store(out + col + 8 * b, acc[b]);
+}
+
+// out[0 .. width) (width a multiple of 8) = (accumulate ? out : 0) + Σ_r coef[r·stride]·rows[r·ld + ·]
+void combine_rows(const float* coef, int64_t stride, const float* rows, int64_t ld, int64_t count, int64_t width,
+                  float* out, bool accumulate) {
+    for (int64_t col = 0; col < width; col += 64) {
+        switch ((width - col) >= 64 ? 8 : (width - col) / 8) {
+            case 8: row_combination<8>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            case 7: row_combination<7>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            case 6: row_combination<6>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            case 5: row_combination<5>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            case 4: row_combination<4>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            case 3: row_combination<3>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            case 2: row_combination<2>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            default: row_combination<1>(coef, stride, rows, ld, count, col, out, accumulate); break;
+        }
+    }
+}
+
+struct Scratch {  // one thread's buffers, reused for every chain it runs; hp, pp: h and p padded to 8
+    int64_t hp, pp;
+    std::vector<float> LT, RT, UT, Up, bias, z, u, gelu_grad, s, dz, gLT, gRT, gU, gbias, grad, inc, noise;
     std::vector<int64_t> a, b, y;
     explicit Scratch(const Shape& S)
-        : LT(S.e * S.h), RT(S.e * S.h), UT(S.h * S.p), bias(S.h), z(S.m * S.h), u(S.m * S.h),
-          gelu_grad(S.m * S.h), s(S.m * S.p), du(S.h), dx(2 * S.e), grad(S.d), inc(S.d), noise(S.d),
-          a(S.m), b(S.m), y(S.m) {}
+        : hp(padded(S.h)), pp(padded(S.p)), LT(S.e * hp), RT(S.e * hp), UT(S.h * pp), Up(S.p * hp), bias(hp),
+          z(S.m * hp), u(S.m * hp), gelu_grad(S.m * hp), s(S.m * pp), dz(S.m * hp), gLT(S.e * hp), gRT(S.e * hp),
+          gU(S.p * hp), gbias(hp), grad(S.d), inc(S.d), noise(S.d), a(S.m), b(S.m), y(S.m) {}
 };
 
-// L_m(w) of one minibatch and ∇L_m(w) into grad; returns the loss (float accumulation per example,
-// double across examples).
+// L_m(w) of one minibatch (NaN when any logit is not finite) and ∇L_m(w) into k.grad.
 double loss_and_gradient(const Shape& S, const float* w, Scratch& k) {
-    const int64_t p = S.p, e = S.e, h = S.h, m = S.m;
+    const int64_t p = S.p, e = S.e, h = S.h, m = S.m, hp = k.hp, pp = k.pp;
     const float* E = w + S.oE;
     const float* L = w + S.oL;
     const float* R = w + S.oR;
     const float* U = w + S.oU;
+
+    // padded copies, so that every product below runs along a contiguous, zero-padded row of h or p
+    for (int64_t j = 0; j < e; ++j)
+        for (int64_t c = 0; c < h; ++c) {
+            k.LT[j * hp + c] = L[c * e + j];
+            k.RT[j * hp + c] = R[c * e + j];
+        }
+    for (int64_t c = 0; c < h; ++c)
+        for (int64_t q = 0; q < p; ++q) k.UT[c * pp + q] = U[q * h + c];
+    for (int64_t q = 0; q < p; ++q) std::memcpy(k.Up.data() + q * hp, U + q * h, sizeof(float) * h);
+    for (int64_t c = 0; c < h; ++c) k.bias[c] = w[S.obL + c] + w[S.obR + c];
+
+    // forward, example by example; δs = (softmax(s) − onehot(y))/m overwrites the logits
+    double loss = 0.0;
+    bool finite = true;
+    const float inv_m = 1.0f / static_cast<float>(m);
+    const v8 lanes = v8{0, 1, 2, 3, 4, 5, 6, 7};
+    for (int64_t i = 0; i < m; ++i) {
+        float* z = k.z.data() + i * hp;
+        float* u = k.u.data() + i * hp;
+        float* gg = k.gelu_grad.data() + i * hp;
+        float* s = k.s.data() + i * pp;
+        const float* Ea = E + k.a[i] * e;
+        const float* Eb = E + k.b[i] * e;
+        std::memcpy(z, k.bias.data(), sizeof(float) * hp);
+        combine_rows(Ea, 1, k.LT.data(), hp, e, hp, z, true);
+        combine_rows(Eb, 1, k.RT.data(), hp, e, hp, z, true);
+        for (int64_t c = 0; c < hp; c += 8) {
+            v8 value, slope;
+            gelu8(load(z + c), value, slope);
+            store(u + c, value);
+            store(gg + c, slope);
+        }
+        combine_rows(u, 1, k.UT.data(), pp, h, pp, s, false);  // logits (padding: 0)
+        float top = s[0], check = 0.0f;
+        for (int64_t q = 0; q < p; ++q) {
+            top = s[q] > top ? s[q] : top;
+            check += s[q];  // NaN when any logit is NaN or ±inf
+        }
+        const int64_t label = k.y[i];
+        const float label_shifted = s[label] - top;
+        v8 total = splat(0.0f);
+        for (int64_t q = 0; q < pp; q += 8) {
+            v8 ex = exp8(load(s + q) - splat(top));
+            ex = lanes + splat(static_cast<float>(q)) < splat(static_cast<float>(p)) ? ex : splat(0.0f);
+            store(s + q, ex);
+            total += ex;
+        }
+        const float sum = sum8(total);
+        finite = finite && std::isfinite(check) && std::isfinite(sum);
+        // −log softmax(s)[y] = log Σ exp(s − top) − (s[y] − top): exact however small softmax(s)[y] is
+        loss += static_cast<double>(std::log(sum) - label_shifted);
+        const v8 scale = splat(inv_m / sum);
+        for (int64_t q = 0; q < pp; q += 8) store(s + q, load(s + q) * scale);
+        s[label] -= inv_m;
+    }
+
+    // backward. ∇U[q] = Σ_i δs_i[q]·u_i;  δz_i = (Σ_q δs_i[q]·U[q]) ⊙ GELU′(z_i)
+    const float* ds = k.s.data();
+    for (int64_t q = 0; q < p; ++q) combine_rows(ds + q, pp, k.u.data(), hp, m, hp, k.gU.data() + q * hp, false);
+    std::memset(k.gbias.data(), 0, sizeof(float) * hp);
+    std::memset(k.gLT.data(), 0, sizeof(float) * e * hp);
+    std::memset(k.gRT.data(), 0, sizeof(float) * e * hp);
     float* g = k.grad.data();
     std::memset(g, 0, sizeof(float) * S.d);
     float* gE = g + S.oE;
-    float* gL = g + S.oL;
-    float* gbL = g + S.obL;
-    float* gR = g + S.oR;
-    float* gbR = g + S.obR;
-    float* gU = g + S.oU;
-
-    // transposes, so that every inner loop below runs along a contiguous dimension of length h or p
-    for (int64_t k2 = 0; k2 < h; ++k2)
-        for (int64_t j = 0; j < e; ++j) {
-            k.LT[j * h + k2] = L[k2 * e + j];
-            k.RT[j * h + k2] = R[k2 * e + j];
-        }
-    for (int64_t q = 0; q < p; ++q)
-        for (int64_t k2 = 0; k2 < h; ++k2) k.UT[k2 * p + q] = U[q * h + k2];
-    for (int64_t k2 = 0; k2 < h; ++k2) k.bias[k2] = w[S.obL + k2] + w[S.obR + k2];
-
-    const float inv_sqrt2 = 0.70710678118654752440f;
-    const float inv_sqrt_2pi = 0.39894228040143267794f;
-    double loss = 0.0;
-    const float inv_m = 1.0f / static_cast<float>(m);
     for (int64_t i = 0; i < m; ++i) {
-        float* z = k.z.data() + i * h;
-        float* u = k.u.data() + i * h;
-        float* gg = k.gelu_grad.data() + i * h;
-        float* s = k.s.data() + i * p;
-        const float* Ea = E + k.a[i] * e;
-        const float* Eb = E + k.b[i] * e;
-        for (int64_t k2 = 0; k2 < h; ++k2) z[k2] = k.bias[k2];
-        for (int64_t j = 0; j < e; ++j) {
-            const float xa = Ea[j], xb = Eb[j];
-            const float* lt = k.LT.data() + j * h;
-            const float* rt = k.RT.data() + j * h;
-            for (int64_t k2 = 0; k2 < h; ++k2) z[k2] = MADD(xb, rt[k2], MADD(xa, lt[k2], z[k2]));
+        float* dz = k.dz.data() + i * hp;
+        combine_rows(ds + i * pp, 1, k.Up.data(), hp, p, hp, dz, false);
+        const float* gg = k.gelu_grad.data() + i * hp;
+        for (int64_t c = 0; c < hp; c += 8) {
+            const v8 d = load(dz + c) * load(gg + c);
+            store(dz + c, d);
+            store(k.gbias.data() + c, load(k.gbias.data() + c) + d);
         }
-        for (int64_t k2 = 0; k2 < h; ++k2) {  // GELU(z) = z·Φ(z), GELU'(z) = Φ(z) + z·φ(z)
-            const float x = z[k2];
-            const float cdf = 0.5f * (1.0f + std::erf(x * inv_sqrt2));
-            u[k2] = x * cdf;
-            gg[k2] = cdf + x * (inv_sqrt_2pi * std::exp(-0.5f * x * x));
-        }
-        for (int64_t q = 0; q < p; ++q) s[q] = 0.0f;
-        for (int64_t k2 = 0; k2 < h; ++k2) {
-            const float uk = u[k2];
-            const float* ut = k.UT.data() + k2 * p;
-            for (int64_t q = 0; q < p; ++q) s[q] = MADD(uk, ut[q], s[q]);
-        }
-        float top = s[0];
-        for (int64_t q = 1; q < p; ++q) top = s[q] > top ? s[q] : top;
-        float total = 0.0f;
-        for (int64_t q = 0; q < p; ++q) total += std::exp(s[q] - top);
-        const float lse = top + std::log(total);
-        loss += static_cast<double>(lse - s[k.y[i]]);
-        for (int64_t q = 0; q < p; ++q) s[q] = std::exp(s[q] - lse) * inv_m;  // δs = softmax/m ...
-        s[k.y[i]] -= inv_m;                                                  // ... − onehot/m
-    }
-    // backward, example by example: ∇U += δs uᵀ, δu = Uᵀ δs, δz = δu ⊙ GELU′(z), then the first layer
-    for (int64_t i = 0; i < m; ++i) {
-        const float* u = k.u.data() + i * h;
-        const float* gg = k.gelu_grad.data() + i * h;
-        const float* ds = k.s.data() + i * p;
-        float* du = k.du.data();
-        for (int64_t k2 = 0; k2 < h; ++k2) du[k2] = 0.0f;
-        for (int64_t q = 0; q < p; ++q) {
-            const float dq = ds[q];
-            const float* Uq = U + q * h;
-            float* gUq = gU + q * h;
-            for (int64_t k2 = 0; k2 < h; ++k2) {
-                gUq[k2] = MADD(dq, u[k2], gUq[k2]);
-                du[k2] = MADD(dq, Uq[k2], du[k2]);
-            }
-        }
-        for (int64_t k2 = 0; k2 < h; ++k2) {
-            du[k2] *= gg[k2];  // δz
-            gbL[k2] += du[k2];
-        }
+        // [∇L ∇R] += δz ⊗ [E[a] E[b]] (kept transposed), ∇E[a] += Lᵀδz, ∇E[b] += Rᵀδz
         const int64_t ia = k.a[i], ib = k.b[i];
         const float* Ea = E + ia * e;
         const float* Eb = E + ib * e;
-        float* dxa = k.dx.data();
-        float* dxb = k.dx.data() + e;
-        for (int64_t j = 0; j < e; ++j) dxa[j] = dxb[j] = 0.0f;
-        for (int64_t k2 = 0; k2 < h; ++k2) {
-            const float dz = du[k2];
-            const float* Lk = L + k2 * e;
-            const float* Rk = R + k2 * e;
-            float* gLk = gL + k2 * e;
-            float* gRk = gR + k2 * e;
-            for (int64_t j = 0; j < e; ++j) {
-                gLk[j] = MADD(dz, Ea[j], gLk[j]);
-                gRk[j] = MADD(dz, Eb[j], gRk[j]);
-                dxa[j] = MADD(dz, Lk[j], dxa[j]);
-                dxb[j] = MADD(dz, Rk[j], dxb[j]);
+        for (int64_t j = 0; j < e; ++j) {
+            const v8 xa = splat(Ea[j]), xb = splat(Eb[j]);
+            float* gl = k.gLT.data() + j * hp;
+            float* gr = k.gRT.data() + j * hp;
+            const float* lt = k.LT.data() + j * hp;
+            const float* rt = k.RT.data() + j * hp;
+            v8 da = splat(0.0f), db = splat(0.0f);
+            for (int64_t c = 0; c < hp; c += 8) {
+                const v8 d = load(dz + c);
+                store(gl + c, madd(xa, d, load(gl + c)));
+                store(gr + c, madd(xb, d, load(gr + c)));
+                da = madd(d, load(lt + c), da);
+                db = madd(d, load(rt + c), db);
             }
+            gE[ia * e + j] += sum8(da);
+            gE[ib * e + j] += sum8(db);
         }
-        float* gEa = gE + ia * e;
-        for (int64_t j = 0; j < e; ++j) gEa[j] += dxa[j];
-        float* gEb = gE + ib * e;
-        for (int64_t j = 0; j < e; ++j) gEb[j] += dxb[j];
     }
-    for (int64_t k2 = 0; k2 < h; ++k2) gbR[k2] = gbL[k2];
-    return loss / static_cast<double>(m);
+    // back to the canonical layout
+    for (int64_t c = 0; c < h; ++c)
+        for (int64_t j = 0; j < e; ++j) {
+            g[S.oL + c * e + j] = k.gLT[j * hp + c];
+            g[S.oR + c * e + j] = k.gRT[j * hp + c];
+        }
+    for (int64_t c = 0; c < h; ++c) g[S.obL + c] = g[S.obR + c] = k.gbias[c];
+    for (int64_t q = 0; q < p; ++q) std::memcpy(g + S.oU + q * h, k.gU.data() + q * hp, sizeof(float) * h);
+    return finite ? loss / static_cast<double>(m) : NAN;
 }
 
 }  // namespace
