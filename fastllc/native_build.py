@@ -127,6 +127,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.fastllc_mlp_sgld_run.argtypes = [i64, i64, i64, i64, i64, _F32, _F32, _F32, _F64, _I64, _I64, _I64, i64,
                                          _I64, i64, _I64, _F32, i64, _F64, _F32, _F32, _F64, d, i64, i64, _F64,
                                          _I32, ctypes.c_int]
+    lib.fastllc_exp.restype = lib.fastllc_gelu.restype = None
+    lib.fastllc_exp.argtypes = [i64, _F32, _F32]
+    lib.fastllc_gelu.argtypes = [i64, _F32, _F32, _F32]
     lib.fastllc_draw.restype = None
     lib.fastllc_draw.argtypes = [i64, i64, i64, i64, _I64, i64, i64, _F64, _F32, _F32, _F64, d, _I64, _F32]
     return lib
