@@ -30,7 +30,7 @@ from ..sampling.threads import available_cores
 NAME = "native"
 CAPABILITIES = frozenset({"stacked_starts"})
 DEVICES = ("cpu",)
-AUTO_PRIORITY = 10  # before torch (20) on the CPU, when the kernel builds here
+AUTO_PRIORITY = 15  # after triton (10, CUDA only), before torch (20): the study's MLP on the CPU where the kernel builds
 
 _notice_given = False
 
