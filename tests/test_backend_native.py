@@ -278,3 +278,11 @@ def test_two_processes_building_at_once_leave_one_whole_library(tmp_path):
     lib = ctypes.CDLL(str(files[0]))  # and it is whole: it loads and runs
     lib.fastllc_mlp_sgld_variant.restype = ctypes.c_char_p
     assert lib.fastllc_mlp_sgld_variant() == b"scalar"
+
+
+def test_progress_runs_the_kernel_in_chunks_with_the_same_result():
+    model, (x, y) = _workload(5, 4, 8)
+    config = SGLDConfig(chains=3, steps=250, batch_size=8, seed=2)
+    whole = native.sample(model, x, y, F.cross_entropy, config)
+    ticked = native.sample(model, x, y, F.cross_entropy, config, progress=True)  # 100 calls of 2 or 3 steps
+    assert torch.equal(ticked.final_params, whole.final_params) and torch.equal(ticked.loss_trace, whole.loss_trace)
