@@ -3,10 +3,12 @@
 // fastllc/backends/native.py, which compiles this file on first use: fastllc/native_build.py).
 //
 // Plain C++17, no PyTorch headers; called through ctypes on contiguous float32/float64/int64 buffers.
-// The same source is compiled twice: a portable build (baseline x86-64 / any CPU, "scalar") and one with
-// -mavx2 -mfma ("vector", the compiler vectorises the loops below, whose inner dimension is always the
-// contiguous one). Both build with -ffp-contract=off, so that the random streams below round exactly as
-// Numba's (fastllc/sampling/randomness.py); the hot loops ask for fused multiply-adds explicitly (MADD).
+// The same source is compiled twice: a portable build (baseline flags, any CPU: "scalar") and one with
+// -mavx2 -mfma ("vector"). The arithmetic is written on 8-float vectors (GCC/Clang vector extensions, v8
+// below): AVX registers and FMA instructions in the vector build, what the baseline ISA has (SSE2 pairs on
+// x86-64) in the portable one. Both build with -ffp-contract=off, so that the random streams round exactly
+// as Numba's (fastllc/sampling/randomness.py); the hot loops ask for fused multiply-adds explicitly (madd,
+// MADD), which the portable build computes as a multiply and an add.
 //
 // One step of chain c (canonical parameter order of fastllc/model.py: E [p,e], L [h,e], b_L [h],
 // R [h,e], b_R [h], U [p,h]; the chain's weights w [d] are contiguous):
