@@ -23,11 +23,7 @@ from .train import Run, TrainConfig, default_batches, train
 from .train import cached_run as load_or_train
 
 
-def fastllc_home() -> Path:
-    """Where cached runs live: $FASTLLC_HOME, else the user cache dir."""
-    if os.environ.get("FASTLLC_HOME"):
-        return Path(os.environ["FASTLLC_HOME"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastllc"
+fastllc_home = storage.fastllc_home  # where cached runs live (the library's rule)
 
 
 def _progress() -> bool:

@@ -27,6 +27,13 @@ _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)(?:-\d+)?$")
 _serial = itertools.count()  # two temporaries of one process never share a name
 
 
+def fastllc_home() -> Path:
+    """Where fastllc caches what it makes (runs, compiled kernels): $FASTLLC_HOME, else the user cache dir."""
+    if os.environ.get("FASTLLC_HOME"):
+        return Path(os.environ["FASTLLC_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastllc"
+
+
 def temporary_sibling(path: Path) -> Path:
     """A hidden name beside ``path`` that carries this process's pid."""
     return path.parent / f".{path.name}.tmp-{os.getpid()}-{next(_serial)}"

@@ -150,7 +150,7 @@ def test_same_code_runs_on_cuda():
 
 def test_estimate_checkpoints_runs_every_checkpoint_in_one_batch(tiny_run):
     from fastllc import estimate_checkpoints
-    results = estimate_checkpoints(tiny_run, config=SGLDConfig(chains=2, steps=30))
+    results = estimate_checkpoints(tiny_run, config=SGLDConfig(chains=2, steps=30), backend="torch")
     assert len(results) == len(tiny_run.steps)
     assert all(r.chains == 2 and r.backend == "torch" for r in results)
     assert results[0].init_loss > results[-1].init_loss  # initialisation has higher loss than trained weights

@@ -265,7 +265,7 @@ def test_clear_error_without_cuda_and_without_the_interpreter():
         "import sys, torch, torch.nn.functional as F\n"
         "from fastllc import FastLLCError, ModularMLP, SGLDConfig, make_task\n"
         "from fastllc.backends import resolve_backend, sample\n"
-        "assert resolve_backend('auto', torch.device('cpu')) == 'torch'\n"
+        "assert resolve_backend('auto', torch.device('cpu')) in ('native', 'torch')  # native where it builds\n"
         "assert 'triton' not in sys.modules, 'auto imported Triton'\n"
         "x, y = make_task(5, 'add', seed=0).train_data()\n"
         "from fastllc.backends import triton as triton_backend\n"

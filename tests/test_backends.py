@@ -30,8 +30,8 @@ def _training_batchnorm():
 
 
 def test_the_registry_finds_every_backend_module_and_orders_them_fastest_first():
-    assert names() == ("generic", "reference", "torch", "triton")
-    assert auto_order() == ["triton", "torch", "generic", "reference"]
+    assert names() == ("generic", "native", "reference", "torch", "triton")
+    assert auto_order() == ["triton", "native", "torch", "generic", "reference"]
 
 
 @pytest.mark.parametrize("name", names())
@@ -54,18 +54,26 @@ def test_a_module_named_torch_does_not_hide_the_real_torch():
     assert backend.torch is torch and backend.NAME == "torch"
 
 
+def study_mlp_backend() -> str:
+    """What ``auto`` gives the study's MLP on the CPU: the native kernel where it builds (tests/test_backend_native.py
+    checks the fallback without a compiler), else torch."""
+    from fastllc.backends import native
+    return "native" if native.unavailable_reason() is None else "torch"
+
+
 def test_auto_picks_the_fastest_backend_that_runs_the_model():
-    assert resolve_backend("auto", CPU) == "torch"  # no model yet (the CLI): the study's MLP
-    assert resolve_backend("auto", CPU, ModularMLP(5, 4, 16), F.cross_entropy) == "torch"
+    assert resolve_backend("auto", CPU) == study_mlp_backend()  # no model yet (the CLI): the study's MLP
+    assert resolve_backend("auto", CPU, ModularMLP(5, 4, 16), F.cross_entropy) == study_mlp_backend()
     assert resolve_backend("auto", CPU, nn.Linear(3, 2), F.cross_entropy) == "generic"
     assert resolve_backend("auto", CPU, _training_batchnorm(), F.cross_entropy) == "reference"
 
 
 def test_capabilities_choose_the_backend():
     assert with_capabilities(["mala"]) == ["generic"]
-    assert with_capabilities(["stacked_starts"]) == ["triton", "torch"]  # the fastest first
+    assert with_capabilities(["stacked_starts"]) == ["triton", "native", "torch"]  # the fastest first
     assert resolve_backend("auto", CPU, ModularMLP(5, 4, 16), F.cross_entropy, needs=("mala",)) == "generic"
-    assert resolve_backend("auto", CPU, ModularMLP(5, 4, 16), F.cross_entropy, needs=("stacked_starts",)) == "torch"
+    assert (resolve_backend("auto", CPU, ModularMLP(5, 4, 16), F.cross_entropy, needs=("stacked_starts",))
+            == study_mlp_backend())
     assert resolve_backend("generic", CPU, nn.Linear(3, 2), F.cross_entropy, needs=("mala",)) == "generic"
 
 
@@ -75,9 +83,11 @@ def test_capabilities_choose_the_backend():
      "with this loss on cpu"),
     ("torch", ModularMLP(5, 4, 16), ("mala",), "mala=True (the MALA acceptance rate) needs backend 'generic', not 'torch'"),
     ("generic", ModularMLP(5, 4, 16), ("stacked_starts",),
-     "several starting points in one batch (estimate_checkpoints) needs backend 'triton' or 'torch', not 'generic'"),
+     "several starting points in one batch (estimate_checkpoints) needs backend 'triton' or 'native' or 'torch', "
+     "not 'generic'"),
     ("auto", nn.Linear(3, 2), ("stacked_starts",),
-     "several starting points in one batch (estimate_checkpoints) needs backend 'triton' or 'torch', which cannot "
+     "several starting points in one batch (estimate_checkpoints) needs backend 'triton' or 'native' or 'torch', "
+     "which cannot "
      "run this model (Linear) with this loss on cpu"),
 ])
 def test_a_capability_no_backend_offers_here_is_a_one_line_error(name, model, needs, message):
@@ -87,7 +97,7 @@ def test_a_capability_no_backend_offers_here_is_a_one_line_error(name, model, ne
 
 
 def test_unknown_names_are_refused():
-    with pytest.raises(FastLLCError, match="^unknown backend 'fast'; choose one of auto, generic, reference, torch, triton$"):
+    with pytest.raises(FastLLCError, match="^unknown backend 'fast'; choose one of auto, generic, native, reference, torch, triton$"):
         resolve_backend("fast", CPU)
     with pytest.raises(ValueError, match="unknown capabilities"):  # a caller's typo
         with_capabilities(["malaa"])
@@ -102,7 +112,7 @@ def test_mala_on_a_model_generic_cannot_run_is_refused_before_sampling():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing ran, nothing changed
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", "generic"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "generic", "native"])
 def test_estimate_leaves_the_callers_model_as_it_was(backend):
     x, y = make_task(5, "add", seed=0).train_data()
     model = ModularMLP(5, 4, 16)
@@ -137,7 +147,7 @@ def test_sampling_settings_reach_the_backend_that_was_chosen():
     x, y = make_task(5, "add", seed=0).train_data()
     result = estimate(ModularMLP(5, 4, 16), (x, y), chains=2, steps=5, batch_size=4, mala=True)
     assert result.backend == "generic" and 0 < result.mala_acceptance <= 1
-    assert estimate(ModularMLP(5, 4, 16), (x, y), config=SGLDConfig(chains=2, steps=5, batch_size=4)).backend == "torch"
+    assert estimate(ModularMLP(5, 4, 16), (x, y), config=SGLDConfig(chains=2, steps=5, batch_size=4)).backend == study_mlp_backend()
 
 
 def test_the_worked_example_in_the_design_notes_is_a_backend_by_adding_its_module(tmp_path, monkeypatch):

@@ -1,0 +1,495 @@
+// SGLD chains of the study's MLP on the CPU: the whole step fused, one chain per OpenMP thread at a time,
+// all of a chain's steps in a row with its weights and scratch in cache (backend ``native``,
+// fastllc/backends/native.py, which compiles this file on first use: fastllc/native_build.py).
+//
+// Plain C++17, no PyTorch headers; called through ctypes on contiguous float32/float64/int64 buffers.
+// The same source is compiled twice: a portable build (baseline flags, any CPU: "scalar") and one with
+// -mavx2 -mfma ("vector"). The arithmetic is written on 8-float vectors (GCC/Clang vector extensions, v8
+// below): AVX registers and FMA instructions in the vector build, what the baseline ISA has (SSE2 pairs on
+// x86-64) in the portable one. Both build with -ffp-contract=off, so that the random streams round exactly
+// as Numba's (fastllc/sampling/randomness.py); the hot loops ask for fused multiply-adds explicitly (madd,
+// MADD), which the portable build computes as a multiply and an add.
+//
+// One step of chain c (canonical parameter order of fastllc/model.py: E [p,e], L [h,e], b_L [h],
+// R [h,e], b_R [h], U [p,h]; the chain's weights w [d] are contiguous):
+//   z_i = L E[a_i] + R E[b_i] + b_L + b_R,  u = GELU(z) (exact erf),  s_i = U u_i
+//   L_m = mean_i (logsumexp(s_i) − s_i[y_i])          (never the log of an underflowed probability)
+//   δs = (softmax(s) − onehot(y)) / m, the hand-written backward to ∇L_m,
+//   Δ = −(εγ/2)(w − w*) − (ε·nβ/2)∇L_m + √ε ξ,  Δ −= (Δ·g)g (orthogonal),  w += Δ
+// with L_m recorded at w_t before each update; at the first non-finite loss the chain stops (its trace
+// stays NaN from there, its weights are those at which the loss blew up: as the reference).
+//
+// Randomness: either injected (indices [C, T, m] and unit noise [C, T, d], for tests), or drawn here
+// exactly as CounterRandomness draws it: SplitMix64 words keyed by (seed, stream, chain, step), Lemire's
+// multiply-shift for indices, Doornik's 256-layer ziggurat (tables passed in from Python) for the noise.
+// Transcendentals: exp and the GELU's erfc are vectorised approximations of our own with the error bounds
+// stated where they are defined (exp8, gelu8); one logf per example and the ziggurat's double exp and log
+// are the C library's.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__FMA__)
+#define MADD(a, b, c) std::fma((a), (b), (c))
+#define FASTLLC_VARIANT "vector"
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#define FASTLLC_VARIANT "scalar"
+#endif
+
+namespace {
+
+constexpr uint64_t GOLDEN = 0x9E3779B97F4A7C15ull;
+constexpr uint64_t MIX1 = 0xBF58476D1CE4E5B9ull;
+constexpr uint64_t MIX2 = 0x94D049BB133111EBull;
+constexpr uint64_t NOISE_STREAM = 1, INDEX_STREAM = 2;
+constexpr unsigned WORDS_PER_ELEMENT_SHIFT = 20;
+
+inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * MIX1;
+    z = (z ^ (z >> 27)) * MIX2;
+    return z ^ (z >> 31);
+}
+
+inline uint64_t stream_key(int64_t seed, uint64_t stream, int64_t chain, int64_t step) {
+    uint64_t key = mix64(static_cast<uint64_t>(seed) + GOLDEN * stream);
+    key = mix64(key + GOLDEN * static_cast<uint64_t>(chain + 1));
+    return mix64(key + GOLDEN * static_cast<uint64_t>(step + 1));
+}
+
+inline uint64_t word_of(uint64_t key, int64_t element, int64_t j) {
+    return mix64(key + GOLDEN * ((static_cast<uint64_t>(element) << WORDS_PER_ELEMENT_SHIFT) + static_cast<uint64_t>(j)));
+}
+
+inline float signed_unit(uint64_t word) {  // [-1, 1) from the top 24 bits (the product is exact)
+    return static_cast<float>(static_cast<int64_t>(word >> 40)) * (1.0f / 8388608.0f) - 1.0f;
+}
+
+inline double uniform01(uint64_t word) {  // (0, 1] from the top 53 bits
+    return static_cast<double>((word >> 11) + 1) * (1.0 / 9007199254740992.0);
+}
+
+struct Ziggurat {
+    const double* edges;    // [257]
+    const float* edges32;   // [257]
+    const float* ratios;    // [256]
+    const double* density;  // [257]
+    double tail;
+};
+
+// randomness.py's _normal_slow, whose first iteration is _fill_noise's fast path: the same value.
+float normal(const Ziggurat& z, uint64_t key, int64_t element) {
+    int64_t j = 0;
+    while (true) {
+        uint64_t word = word_of(key, element, j);
+        j += 1;
+        int layer = static_cast<int>(word & 255u);
+        float u = signed_unit(word);
+        if (std::fabs(u) < z.ratios[layer]) return u * z.edges32[layer];
+        if (layer == 0) {
+            while (true) {
+                double x = std::log(uniform01(word_of(key, element, j))) / z.tail;
+                double y = std::log(uniform01(word_of(key, element, j + 1)));
+                j += 2;
+                if (-2.0 * y >= x * x) return static_cast<float>(u < 0 ? x - z.tail : z.tail - x);
+            }
+        }
+        double x = static_cast<double>(u) * z.edges[layer];
+        double v = uniform01(word_of(key, element, j));
+        j += 1;
+        if (z.density[layer + 1] + v * (z.density[layer] - z.density[layer + 1]) < std::exp(-0.5 * x * x))
+            return static_cast<float>(x);
+    }
+}
+
+// Unit normals of elements 0 .. count−1 of the stream ``key`` into out: _fill_noise's fast path (the point
+// in its layer's rectangle, ~98.6% of elements) inline, the full ziggurat for the rest: the same values as
+// ``normal`` element by element. (Four words at a time in 64-bit vector lanes measured 10% slower overall:
+// AVX2 has no 64-bit multiply.)
+void fill_normal(const Ziggurat& zig, uint64_t key, int64_t count, float* out) {
+    for (int64_t j = 0; j < count; ++j) {
+        const uint64_t word = word_of(key, j, 0);
+        const int layer = static_cast<int>(word & 255u);
+        const float u = signed_unit(word);
+        out[j] = std::fabs(u) < zig.ratios[layer] ? u * zig.edges32[layer] : normal(zig, key, j);
+    }
+}
+
+struct Shape {
+    int64_t p, e, h, m, d;
+    int64_t oE, oL, obL, oR, obR, oU;  // offsets of the parameters in a chain's weights
+};
+
+Shape make_shape(int64_t p, int64_t e, int64_t h, int64_t m) {
+    Shape s{p, e, h, m, 0, 0, 0, 0, 0, 0, 0};
+    s.oE = 0;
+    s.oL = p * e;
+    s.obL = s.oL + h * e;
+    s.oR = s.obL + h;
+    s.obR = s.oR + h * e;
+    s.oU = s.obR + h;
+    s.d = s.oU + p * h;
+    return s;
+}
+
+// Eight floats, as GCC/Clang vector extensions: AVX registers in the vector build, pairs of SSE registers (or
+// scalars) in the portable one. Buffers that hold a dimension of length h or p are padded to a multiple of 8
+// with zeros, so that no loop below has a tail.
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8 load(const float* x) { v8 r; std::memcpy(&r, x, sizeof r); return r; }
+inline void store(float* x, v8 v) { std::memcpy(x, &v, sizeof v); }
+inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+inline v8 madd(v8 a, v8 b, v8 c) {
+#if defined(__FMA__) && defined(__AVX__)
+    return __builtin_ia32_vfmaddps256(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+inline int64_t padded(int64_t x) { return (x + 7) / 8 * 8; }
+
+// exp(x) for x ≤ 88 (Cephes expf: Cody–Waite reduction by ln 2, a degree-5 polynomial; relative error
+// ≤ 2 ulp on [−87, 88], checked against the double-precision exp in tests/test_backend_native.py). Below
+// −87.3 it returns ~1e-38 instead of 0 or a denormal: terms that small never change a float32 sum here.
+inline v8 exp8(v8 x) {
+    x = x < splat(-87.3f) ? splat(-87.3f) : x;
+    x = x > splat(88.0f) ? splat(88.0f) : x;
+    v8 fx = madd(x, splat(1.44269504088896341f), splat(0.5f));
+    v8i n = __builtin_convertvector(fx, v8i);
+    v8 nf = __builtin_convertvector(n, v8);
+    n = nf > fx ? n - 1 : n;  // floor
+    nf = __builtin_convertvector(n, v8);
+    x = madd(nf, splat(-0.693359375f), x);
+    x = madd(nf, splat(2.12194440e-4f), x);
+    v8 y = splat(1.9875691500e-4f);
+    y = madd(y, x, splat(1.3981999507e-3f));
+    y = madd(y, x, splat(8.3334519073e-3f));
+    y = madd(y, x, splat(4.1665795894e-2f));
+    y = madd(y, x, splat(1.6666665459e-1f));
+    y = madd(y, x, splat(5.0000001201e-1f));
+    y = madd(y, x * x, x + splat(1.0f));
+    v8i bits = (n + 127) << 23;
+    v8 scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+// GELU(z) = z·Φ(z) and GELU′(z) = Φ(z) + z·φ(z), exact-erf GELU as F.gelu. Φ from erfc by Numerical
+// Recipes' Chebyshev fit (erfcc: fractional error < 1.2e-7 everywhere, so Φ keeps its relative accuracy in
+// the negative tail) and exp8. Measured against double precision over z in [−20, 20] (and asserted in
+// tests/test_backend_native.py): GELU absolute error ≤ 4e-7 everywhere (torch's own CPU F.gelu: 1.2e-6),
+// relative ≤ 3e-6 for |z| ≤ 5 and ≤ 1e-5 for |z| ≤ 10 (the rounding of x² inside exp); GELU′ absolute
+// error ≤ 3e-7. Below z ≈ −13 GELU is < 1e-38 in magnitude and comes out as such tiny numbers.
+inline void gelu8(v8 z, v8& value, v8& slope) {
+    const v8 x = (z < splat(0.0f) ? -z : z) * splat(0.70710678118654752f);  // |z|/√2
+    const v8 t = splat(1.0f) / madd(splat(0.5f), x, splat(1.0f));
+    v8 poly = splat(0.17087277f);
+    poly = madd(poly, t, splat(-0.82215223f));
+    poly = madd(poly, t, splat(1.48851587f));
+    poly = madd(poly, t, splat(-1.13520398f));
+    poly = madd(poly, t, splat(0.27886807f));
+    poly = madd(poly, t, splat(-0.18628806f));
+    poly = madd(poly, t, splat(0.09678418f));
+    poly = madd(poly, t, splat(0.37409196f));
+    poly = madd(poly, t, splat(1.00002368f));
+    poly = madd(poly, t, splat(-1.26551223f));
+    const v8 half_erfc = splat(0.5f) * t * exp8(poly - x * x);  // Φ(−|z|)
+    const v8 cdf = z < splat(0.0f) ? half_erfc : splat(1.0f) - half_erfc;
+    const v8 pdf = splat(0.39894228040143268f) * exp8(-(x * x));
+    value = z * cdf;
+    slope = madd(z, pdf, cdf);
+}
+
+// Products of the step, register-blocked: NB vectors of one output row stay in registers over the sum.
+// out[blk] = Σ_r coef[r·stride] · rows[r·ld + blk]   (r < count; blk = NB vectors starting at col)
+template <int NB>
+inline void row_combination(const float* coef, int64_t stride, const float* rows, int64_t ld, int64_t count,
+                            int64_t col, float* out, bool accumulate) {
+    v8 acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = accumulate ? load(out + col + 8 * b) : splat(0.0f);
+    for (int64_t r = 0; r < count; ++r) {
+        const v8 c = splat(coef[r * stride]);
+        const float* row = rows + r * ld + col;
+        for (int b = 0; b < NB; ++b) acc[b] = madd(c, load(row + 8 * b), acc[b]);
+    }
+    for (int b = 0; b < NB; ++b) store(out + col + 8 * b, acc[b]);
+}
+
+// out[0 .. width) (width a multiple of 8) = (accumulate ? out : 0) + Σ_r coef[r·stride]·rows[r·ld + ·]
+void combine_rows(const float* coef, int64_t stride, const float* rows, int64_t ld, int64_t count, int64_t width,
+                  float* out, bool accumulate) {
+    for (int64_t col = 0; col < width; col += 64) {
+        switch ((width - col) >= 64 ? 8 : (width - col) / 8) {
+            case 8: row_combination<8>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            case 7: row_combination<7>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            case 6: row_combination<6>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            case 5: row_combination<5>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            case 4: row_combination<4>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            case 3: row_combination<3>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            case 2: row_combination<2>(coef, stride, rows, ld, count, col, out, accumulate); break;
+            default: row_combination<1>(coef, stride, rows, ld, count, col, out, accumulate); break;
+        }
+    }
+}
+
+struct Scratch {  // one thread's buffers, reused for every chain it runs; hp, pp: h and p padded to 8
+    int64_t hp, pp;
+    std::vector<float> LT, RT, UT, Up, bias, z, u, gelu_grad, s, dz, gLT, gRT, gU, gbias, grad, inc, noise;
+    std::vector<int64_t> a, b, y;
+    explicit Scratch(const Shape& S)
+        : hp(padded(S.h)), pp(padded(S.p)), LT(S.e * hp), RT(S.e * hp), UT(S.h * pp), Up(S.p * hp), bias(hp),
+          z(S.m * hp), u(S.m * hp), gelu_grad(S.m * hp), s(S.m * pp), dz(S.m * hp), gLT(S.e * hp), gRT(S.e * hp),
+          gU(S.p * hp), gbias(hp), grad(S.d), inc(S.d), noise(S.d), a(S.m), b(S.m), y(S.m) {}
+};
+
+// L_m(w) of one minibatch (NaN when any logit is not finite) and ∇L_m(w) into k.grad.
+double loss_and_gradient(const Shape& S, const float* w, Scratch& k) {
+    const int64_t p = S.p, e = S.e, h = S.h, m = S.m, hp = k.hp, pp = k.pp;
+    const float* E = w + S.oE;
+    const float* L = w + S.oL;
+    const float* R = w + S.oR;
+    const float* U = w + S.oU;
+
+    // padded copies, so that every product below runs along a contiguous, zero-padded row of h or p
+    for (int64_t j = 0; j < e; ++j)
+        for (int64_t c = 0; c < h; ++c) {
+            k.LT[j * hp + c] = L[c * e + j];
+            k.RT[j * hp + c] = R[c * e + j];
+        }
+    for (int64_t c = 0; c < h; ++c)
+        for (int64_t q = 0; q < p; ++q) k.UT[c * pp + q] = U[q * h + c];
+    for (int64_t q = 0; q < p; ++q) std::memcpy(k.Up.data() + q * hp, U + q * h, sizeof(float) * h);
+    for (int64_t c = 0; c < h; ++c) k.bias[c] = w[S.obL + c] + w[S.obR + c];
+
+    // forward, example by example; δs = (softmax(s) − onehot(y))/m overwrites the logits
+    double loss = 0.0;
+    bool finite = true;
+    const float inv_m = 1.0f / static_cast<float>(m);
+    const v8 lanes = v8{0, 1, 2, 3, 4, 5, 6, 7};
+    for (int64_t i = 0; i < m; ++i) {
+        float* z = k.z.data() + i * hp;
+        float* u = k.u.data() + i * hp;
+        float* gg = k.gelu_grad.data() + i * hp;
+        float* s = k.s.data() + i * pp;
+        const float* Ea = E + k.a[i] * e;
+        const float* Eb = E + k.b[i] * e;
+        std::memcpy(z, k.bias.data(), sizeof(float) * hp);
+        combine_rows(Ea, 1, k.LT.data(), hp, e, hp, z, true);
+        combine_rows(Eb, 1, k.RT.data(), hp, e, hp, z, true);
+        for (int64_t c = 0; c < hp; c += 8) {
+            v8 value, slope;
+            gelu8(load(z + c), value, slope);
+            store(u + c, value);
+            store(gg + c, slope);
+        }
+        combine_rows(u, 1, k.UT.data(), pp, h, pp, s, false);  // logits (padding: 0)
+        v8 top8 = splat(-INFINITY), check8 = splat(0.0f);
+        for (int64_t q = 0; q < pp; q += 8) {
+            const v8 x = load(s + q);
+            const v8 real = lanes + splat(static_cast<float>(q)) < splat(static_cast<float>(p)) ? x : splat(-INFINITY);
+            top8 = real > top8 ? real : top8;
+            check8 += x;  // NaN when any logit is NaN or ±inf (padding holds 0)
+        }
+        float top = top8[0];
+        for (int b = 1; b < 8; ++b) top = top8[b] > top ? top8[b] : top;
+        const float check = sum8(check8);
+        const int64_t label = k.y[i];
+        const float label_shifted = s[label] - top;
+        v8 total = splat(0.0f);
+        for (int64_t q = 0; q < pp; q += 8) {
+            v8 ex = exp8(load(s + q) - splat(top));
+            ex = lanes + splat(static_cast<float>(q)) < splat(static_cast<float>(p)) ? ex : splat(0.0f);
+            store(s + q, ex);
+            total += ex;
+        }
+        const float sum = sum8(total);
+        finite = finite && std::isfinite(check) && std::isfinite(sum);
+        // −log softmax(s)[y] = log Σ exp(s − top) − (s[y] − top): exact however small softmax(s)[y] is
+        loss += static_cast<double>(std::log(sum) - label_shifted);
+        const v8 scale = splat(inv_m / sum);
+        for (int64_t q = 0; q < pp; q += 8) store(s + q, load(s + q) * scale);
+        s[label] -= inv_m;
+    }
+
+    // backward. ∇U[q] = Σ_i δs_i[q]·u_i;  δz_i = (Σ_q δs_i[q]·U[q]) ⊙ GELU′(z_i)
+    const float* ds = k.s.data();
+    for (int64_t q = 0; q < p; ++q) combine_rows(ds + q, pp, k.u.data(), hp, m, hp, k.gU.data() + q * hp, false);
+    std::memset(k.gbias.data(), 0, sizeof(float) * hp);
+    std::memset(k.gLT.data(), 0, sizeof(float) * e * hp);
+    std::memset(k.gRT.data(), 0, sizeof(float) * e * hp);
+    float* g = k.grad.data();
+    std::memset(g, 0, sizeof(float) * S.d);
+    float* gE = g + S.oE;
+    for (int64_t i = 0; i < m; ++i) {
+        float* dz = k.dz.data() + i * hp;
+        combine_rows(ds + i * pp, 1, k.Up.data(), hp, p, hp, dz, false);
+        const float* gg = k.gelu_grad.data() + i * hp;
+        for (int64_t c = 0; c < hp; c += 8) {
+            const v8 d = load(dz + c) * load(gg + c);
+            store(dz + c, d);
+            store(k.gbias.data() + c, load(k.gbias.data() + c) + d);
+        }
+        // [∇L ∇R] += δz ⊗ [E[a] E[b]] (kept transposed), ∇E[a] += Lᵀδz, ∇E[b] += Rᵀδz
+        const int64_t ia = k.a[i], ib = k.b[i];
+        const float* Ea = E + ia * e;
+        const float* Eb = E + ib * e;
+        for (int64_t j = 0; j < e; ++j) {
+            const v8 xa = splat(Ea[j]), xb = splat(Eb[j]);
+            float* gl = k.gLT.data() + j * hp;
+            float* gr = k.gRT.data() + j * hp;
+            const float* lt = k.LT.data() + j * hp;
+            const float* rt = k.RT.data() + j * hp;
+            v8 da = splat(0.0f), db = splat(0.0f);
+            for (int64_t c = 0; c < hp; c += 8) {
+                const v8 d = load(dz + c);
+                store(gl + c, madd(xa, d, load(gl + c)));
+                store(gr + c, madd(xb, d, load(gr + c)));
+                da = madd(d, load(lt + c), da);
+                db = madd(d, load(rt + c), db);
+            }
+            gE[ia * e + j] += sum8(da);
+            gE[ib * e + j] += sum8(db);
+        }
+    }
+    // back to the canonical layout
+    for (int64_t c = 0; c < h; ++c)
+        for (int64_t j = 0; j < e; ++j) {
+            g[S.oL + c * e + j] = k.gLT[j * hp + c];
+            g[S.oR + c * e + j] = k.gRT[j * hp + c];
+        }
+    for (int64_t c = 0; c < h; ++c) g[S.obL + c] = g[S.obR + c] = k.gbias[c];
+    for (int64_t q = 0; q < p; ++q) std::memcpy(g + S.oU + q * h, k.gU.data() + q * hp, sizeof(float) * h);
+    return finite ? loss / static_cast<double>(m) : NAN;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* fastllc_mlp_sgld_variant() { return FASTLLC_VARIANT; }
+
+// Steps t0 .. t0+n_steps−1 of C chains, in place on w [C, d]; returns 0, or 1 when scratch memory could not
+// be allocated. hyper [C, 3] = (ε, γ, nβ); ops [·, 2], targets [·]: the stacked train splits, chain c's
+// examples at example_offset[c] + 0 .. n−1; direction [C, d] or null; injected_indices [C, T, m] and
+// injected_noise [C, T, d] (T = total_steps) or null (then CounterRandomness's streams of chain_ids[c]);
+// trace [C, T] float64; alive [C]: 1 until the chain's loss is first non-finite.
+int fastllc_mlp_sgld_run(int64_t C, int64_t p, int64_t e, int64_t h, int64_t m, float* w, const float* w_star,
+                         const float* direction, const double* hyper, const int64_t* ops, const int64_t* targets,
+                         const int64_t* example_offset, int64_t n, const int64_t* chain_ids, int64_t seed,
+                         const int64_t* injected_indices, const float* injected_noise, int64_t total_steps,
+                         const double* edges, const float* edges32, const float* ratios, const double* density,
+                         double tail, int64_t t0, int64_t n_steps, double* trace, int32_t* alive, int threads) {
+    const Shape S = make_shape(p, e, h, m);
+    const Ziggurat zig{edges, edges32, ratios, density, tail};
+    int failed = 0;
+#ifdef _OPENMP
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+#endif
+    {
+        Scratch* scratch = nullptr;
+        try {
+            scratch = new Scratch(S);
+        } catch (...) {
+            failed = 1;
+        }
+        if (scratch) {
+            Scratch& k = *scratch;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+            for (int64_t c = 0; c < C; ++c) {
+                if (!alive[c]) continue;
+                float* wc = w + c * S.d;
+                const float* star = w_star + c * S.d;
+                const float* dir = direction ? direction + c * S.d : nullptr;
+                const double eps = hyper[3 * c], gam = hyper[3 * c + 1], nb = hyper[3 * c + 2];
+                const float decay = static_cast<float>(eps * gam / 2), drift = static_cast<float>(eps * nb / 2);
+                const float noise_scale = static_cast<float>(std::sqrt(eps));
+                const int64_t offset = example_offset[c];
+                for (int64_t t = t0; t < t0 + n_steps; ++t) {
+                    const float* xi;
+                    if (injected_indices) {
+                        const int64_t* idx = injected_indices + (c * total_steps + t) * m;
+                        for (int64_t i = 0; i < m; ++i) {
+                            const int64_t ex = offset + idx[i];
+                            k.a[i] = ops[2 * ex], k.b[i] = ops[2 * ex + 1], k.y[i] = targets[ex];
+                        }
+                        xi = injected_noise + (c * total_steps + t) * S.d;
+                    } else {
+                        const uint64_t ikey = stream_key(seed, INDEX_STREAM, chain_ids[c], t);
+                        for (int64_t i = 0; i < m; ++i) {
+                            const uint64_t word = mix64(ikey + GOLDEN * static_cast<uint64_t>(i));
+                            const int64_t ex = offset + static_cast<int64_t>(((word >> 32) * static_cast<uint64_t>(n)) >> 32);
+                            k.a[i] = ops[2 * ex], k.b[i] = ops[2 * ex + 1], k.y[i] = targets[ex];
+                        }
+                        const uint64_t nkey = stream_key(seed, NOISE_STREAM, chain_ids[c], t);
+                        fill_normal(zig, nkey, S.d, k.noise.data());
+                        xi = k.noise.data();
+                    }
+                    const double loss = loss_and_gradient(S, wc, k);
+                    trace[c * total_steps + t] = loss;
+                    if (!std::isfinite(loss)) {
+                        alive[c] = 0;
+                        break;
+                    }
+                    float* inc = k.inc.data();
+                    const float* g = k.grad.data();
+                    for (int64_t j = 0; j < S.d; ++j)  // −decay·(w − w*) − drift·∇L_m + √ε·ξ
+                        inc[j] = MADD(noise_scale, xi[j], MADD(-drift, g[j], -decay * (wc[j] - star[j])));
+                    if (dir) {
+                        double dot = 0.0;
+                        for (int64_t j = 0; j < S.d; ++j) dot += static_cast<double>(inc[j]) * dir[j];
+                        const float f = static_cast<float>(dot);
+                        for (int64_t j = 0; j < S.d; ++j) inc[j] = MADD(-f, dir[j], inc[j]);
+                    }
+                    for (int64_t j = 0; j < S.d; ++j) wc[j] += inc[j];
+                }
+            }
+            delete scratch;
+        }
+    }
+    return failed;
+}
+
+// The vectorised transcendentals on n values (n a multiple of 8), for testing their error bounds.
+void fastllc_exp(int64_t n, const float* x, float* out) {
+    for (int64_t i = 0; i < n; i += 8) store(out + i, exp8(load(x + i)));
+}
+
+void fastllc_gelu(int64_t n, const float* z, float* value, float* slope) {
+    for (int64_t i = 0; i < n; i += 8) {
+        v8 v, s;
+        gelu8(load(z + i), v, s);
+        store(value + i, v);
+        store(slope + i, s);
+    }
+}
+
+// Unit noise [C, d] and indices [C, m] of one step, drawn as above: for testing the streams against
+// CounterRandomness.
+void fastllc_draw(int64_t C, int64_t m, int64_t d, int64_t n, const int64_t* chain_ids, int64_t seed, int64_t step,
+                  const double* edges, const float* edges32, const float* ratios, const double* density, double tail,
+                  int64_t* indices, float* noise) {
+    const Ziggurat zig{edges, edges32, ratios, density, tail};
+    for (int64_t c = 0; c < C; ++c) {
+        const uint64_t ikey = stream_key(seed, INDEX_STREAM, chain_ids[c], step);
+        for (int64_t i = 0; i < m; ++i) {
+            const uint64_t word = mix64(ikey + GOLDEN * static_cast<uint64_t>(i));
+            indices[c * m + i] = static_cast<int64_t>(((word >> 32) * static_cast<uint64_t>(n)) >> 32);
+        }
+        const uint64_t nkey = stream_key(seed, NOISE_STREAM, chain_ids[c], step);
+        fill_normal(zig, nkey, d, noise + c * d);
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,154 @@
+"""Compiling and loading the native CPU kernel (``fastllc/kernels/mlp_sgld_cpu.cpp``) on first use.
+
+The kernel is plain C++17 with OpenMP, built by the system compiler (``$FASTLLC_CXX``, else ``g++``, else
+``c++``) into ``FASTLLC_HOME/native/<key>/``, where the key hashes the source, the compiler's identity
+(its ``--version``) and the flags: a new source, compiler or flag set never loads a stale library. Two
+variants come from the one source: ``scalar`` (portable flags) and, on x86-64 CPUs with AVX2 and FMA,
+``vector`` (``-mavx2 -mfma``); ``variant()`` says which this CPU runs. Fixed flags, not ``-march=native``:
+the library in a shared cache never depends on which machine built it.
+
+Concurrency: each build writes a temporary of this process's own name and renames it into place
+(``os.replace``, atomic), so two processes building at once each produce a whole library and the cache
+holds one of them; a process that loaded a library keeps its (unlinked) inode. A failed build leaves
+nothing behind and says why in one line (``NativeUnavailable``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from .errors import FastLLCError
+from .storage import fastllc_home, remove, temporary_sibling
+
+SOURCE = Path(__file__).with_name("kernels") / "mlp_sgld_cpu.cpp"
+COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
+VARIANT_FLAGS = {"scalar": (), "vector": ("-mavx2", "-mfma")}
+BUILD_TIMEOUT_S = 300
+
+
+class NativeUnavailable(FastLLCError):
+    """The native kernel cannot be built or loaded here (one line: why, and what to do)."""
+
+
+def compiler() -> str:
+    """The C++ compiler to use: $FASTLLC_CXX (a path or a name on PATH), else g++, else c++."""
+    chosen = os.environ.get("FASTLLC_CXX")
+    if chosen:
+        found = shutil.which(chosen)
+        if not found:
+            raise NativeUnavailable(f"the C++ compiler FASTLLC_CXX={chosen} was not found; "
+                                    "point FASTLLC_CXX at g++ or clang++")
+        return found
+    for name in ("g++", "c++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise NativeUnavailable("no C++ compiler found (g++ or c++ on PATH); install one (e.g. apt install g++) "
+                            "or set FASTLLC_CXX")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_identity(path: str) -> str:
+    try:
+        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise NativeUnavailable(f"the C++ compiler {path} does not run ({err}); set FASTLLC_CXX to a working one")
+    return done.stdout.strip()
+
+
+def cpu_has_avx2_fma() -> bool:
+    """Whether this CPU runs the ``vector`` variant (x86-64 with AVX2 and FMA; Linux's /proc/cpuinfo)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    words = set(flags.split())
+    return {"avx2", "fma"} <= words
+
+
+def variant() -> str:
+    """The variant this machine runs: ``vector`` where the CPU has AVX2 and FMA, else ``scalar``."""
+    return "vector" if cpu_has_avx2_fma() else "scalar"
+
+
+def library_path(which: str, cxx: str) -> Path:
+    """Where the cached library of variant ``which`` built by ``cxx`` lives (the key: source, compiler, flags)."""
+    flags = (*COMMON_FLAGS, *VARIANT_FLAGS[which])
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), _compiler_identity(cxx).encode(),
+                                     " ".join(flags).encode()])).hexdigest()[:20]
+    return fastllc_home() / "native" / key / f"libmlp_sgld_{which}.so"
+
+
+def build(which: str) -> Path:
+    """The library of variant ``which``, compiled now unless already cached; NativeUnavailable if it cannot be."""
+    cxx = compiler()
+    path = library_path(which, cxx)
+    if path.is_file():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise NativeUnavailable(f"cannot write the native kernel cache {path.parent} ({err.strerror}); "
+                                "set FASTLLC_HOME to a writable directory")
+    tmp = temporary_sibling(path)
+    command = [cxx, *COMMON_FLAGS, *VARIANT_FLAGS[which], str(SOURCE), "-o", str(tmp)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+            raise NativeUnavailable(f"building the native kernel with {cxx} failed: {first.strip()}")
+        os.replace(tmp, path)
+    except subprocess.TimeoutExpired:
+        raise NativeUnavailable(f"building the native kernel with {cxx} took over {BUILD_TIMEOUT_S} s")
+    except OSError as err:
+        raise NativeUnavailable(f"building the native kernel with {cxx} failed: {err}")
+    finally:
+        remove(tmp)
+    return path
+
+
+_I64, _F32, _F64, _I32 = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int32))
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, d = ctypes.c_int64, ctypes.c_double
+    lib.fastllc_mlp_sgld_variant.restype = ctypes.c_char_p
+    lib.fastllc_mlp_sgld_variant.argtypes = []
+    lib.fastllc_mlp_sgld_run.restype = ctypes.c_int
+    lib.fastllc_mlp_sgld_run.argtypes = [i64, i64, i64, i64, i64, _F32, _F32, _F32, _F64, _I64, _I64, _I64, i64,
+                                         _I64, i64, _I64, _F32, i64, _F64, _F32, _F32, _F64, d, i64, i64, _F64,
+                                         _I32, ctypes.c_int]
+    lib.fastllc_exp.restype = lib.fastllc_gelu.restype = None
+    lib.fastllc_exp.argtypes = [i64, _F32, _F32]
+    lib.fastllc_gelu.argtypes = [i64, _F32, _F32, _F32]
+    lib.fastllc_draw.restype = None
+    lib.fastllc_draw.argtypes = [i64, i64, i64, i64, _I64, i64, i64, _F64, _F32, _F32, _F64, d, _I64, _F32]
+    return lib
+
+
+_loaded: dict[tuple[str, str], ctypes.CDLL] = {}
+
+
+def load(which: str | None = None) -> ctypes.CDLL:
+    """The kernel library of variant ``which`` (default: this CPU's), built on first use, loaded once per
+    process and compiler. NativeUnavailable (one line) when it cannot be built or loaded."""
+    which = which or variant()
+    if which not in VARIANT_FLAGS:
+        raise ValueError(f"unknown variant {which!r}; known: {sorted(VARIANT_FLAGS)}")
+    cxx = compiler()
+    if (which, cxx) not in _loaded:
+        path = build(which)
+        try:
+            _loaded[which, cxx] = _declare(ctypes.CDLL(str(path)))
+        except OSError as err:
+            raise NativeUnavailable(f"cannot load the native kernel {path}: {err}")
+    return _loaded[which, cxx]
