@@ -16,13 +16,14 @@ from .llc import LLCResult, estimate_llc
 from .model import ModularMLP
 from .backends import resolve_backend, sample, sample_starts
 from .sampling import SGLDConfig, resolve_device
+from .sampling.restrict import selection_mask
 from .sampling.starts import Start
 from .train import Run
 
 
 def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLDConfig | None = None, *,
              backend: str = "auto", device="cpu", randomness=None, progress: bool = False,
-             init_loss: float | None = None, **settings) -> LLCResult:
+             init_loss: float | None = None, restrict=None, **settings) -> LLCResult:
     """Estimate the LLC of ``model`` at its current weights w* on ``data``.
 
     ``data`` is ``(inputs, targets)`` or a DataLoader of such pairs (its dataset is materialised once and
@@ -34,6 +35,13 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
     ``reference`` for modules that cannot be vmapped. ``mala=True`` needs a backend that records the MALA
     acceptance (``generic``), which ``auto`` then picks. ``init_loss`` replaces L_n(w*) (default: the mean
     loss over all of ``data`` at w*). The caller's model is neither moved nor changed.
+
+    ``restrict`` samples only some weights and keeps the others exactly at w* (the weight-restricted or
+    "refined" LLC, Wang et al. 2024): parameter names, glob patterns over ``named_parameters()``
+    (``"layers.1.*"``), submodules of ``model``, a dict ``{name: bool mask of the parameter's shape}``, or a
+    list of those (``fastllc/sampling/restrict.py``). nβ (default n/log n) and the health bound are unchanged;
+    the orthogonal restriction uses ∇L_n(w*) restricted to the selected weights. Backends ``generic`` and
+    ``reference`` run it (``auto`` picks one).
     """
     if is_loader(data):
         if config is None and "batch_size" not in settings and data.batch_size:
@@ -48,15 +56,16 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
         raise FastLLCError("the model has no trainable parameters (none with requires_grad): nothing to sample")
     if init_loss is not None and not math.isfinite(init_loss):
         raise FastLLCError(f"init_loss must be finite, got {init_loss}")
+    mask = None if restrict is None else selection_mask(model, restrict)  # bad selections refused before any work
     _warn_if_batch_exceeds_data(config.batch_size, len(targets))
     minibatch = (resources.mlp_minibatch_bytes(model.p, model.embed_dim, model.hidden_dim, config.batch_size)
                  if isinstance(model, ModularMLP) else 0)
     require_chain_memory(config, parameters, minibatch, resolve_device(device))
-    needs = config.needs()  # e.g. mala, sampler="rmsprop_sgld": what the backend must be able to do
+    needs = config.needs() + (("restrict",) if mask is not None else ())  # what the backend must be able to do
     if needs:  # refused before the loss at w* is computed
         backend = resolve_backend(backend, resolve_device(device), model, loss_fn, needs)
     samples = sample(model, inputs, targets, loss_fn, config, backend=backend, device=device,
-                     randomness=randomness, progress=progress, needs=needs)
+                     randomness=randomness, progress=progress, needs=needs, restrict=mask)
     if init_loss is not None:
         samples = replace(samples, init_loss=float(init_loss))
     return estimate_llc(samples, config)

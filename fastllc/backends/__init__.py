@@ -5,7 +5,9 @@ A backend is one module here, named as users name it (``--backend NAME``), that 
     CAPABILITIES    what it can do beyond ``sample``, as data: ``stacked_starts`` (several starting points
                     in one batch: it has ``sample_starts``), ``mala`` (records the MALA acceptance),
                     ``rmsprop_sgld`` (runs ``SGLDConfig.sampler="rmsprop_sgld"``; without it a backend runs
-                    plain SGLD only, and ``config.hyperparameters`` refuses it any other sampler)
+                    plain SGLD only, and ``config.hyperparameters`` refuses it any other sampler),
+                    ``restrict`` (its ``sample`` takes ``restrict=``, a bool mask [d] over the flat weights:
+                    only those move, the others stay at w* bit for bit; ``sampling/restrict.py``)
     DEVICES         device types it runs on
     AUTO_PRIORITY   ``auto`` tries backends in increasing priority: the fastest first
     supports(model, loss_fn, device) -> bool    may ``auto`` give it this work? cheap, imports nothing heavy
@@ -42,6 +44,7 @@ NEEDED_FOR = {  # what a caller that needs a capability is doing, for the one-li
     "stacked_starts": "several starting points in one batch (estimate_checkpoints)",
     "mala": "mala=True (the MALA acceptance rate)",
     "rmsprop_sgld": "sampler='rmsprop_sgld' (RMSProp-preconditioned SGLD)",
+    "restrict": "restrict= (weight-restricted sampling)",
 }
 
 
@@ -102,14 +105,19 @@ def resolve_backend(name: str, device, model=None, loss_fn=None, needs=()) -> st
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, backend: str = "auto", device="cpu",
-           randomness=None, progress: bool = False, needs=()) -> Samples:
-    """``config.chains`` SGLD chains from ``model``'s weights on the chosen backend (see ``resolve_backend``)."""
+           randomness=None, progress: bool = False, needs=(), restrict=None) -> Samples:
+    """``config.chains`` SGLD chains from ``model``'s weights on the chosen backend (see ``resolve_backend``).
+
+    ``restrict``: a bool mask [d] over the flat weights (``sampling.restrict.selection_mask``): only those are
+    sampled, on a backend with the ``restrict`` capability."""
     from ..sampling import resolve_device
     device = resolve_device(device)
     config = config.validate()
-    name = resolve_backend(backend, device, model, loss_fn, tuple(dict.fromkeys((*needs, *config.needs()))))
+    extra = ("restrict",) if restrict is not None else ()
+    name = resolve_backend(backend, device, model, loss_fn, tuple(dict.fromkeys((*needs, *config.needs(), *extra))))
+    keywords = {"restrict": restrict} if restrict is not None else {}  # backends without it never see the keyword
     return backend_module(name).sample(model, inputs, targets, loss_fn, config, randomness=randomness,
-                                       device=device, progress=progress)
+                                       device=device, progress=progress, **keywords)
 
 
 def sample_starts(starts, config: SGLDConfig, *, backend: str = "auto", device="cpu", randomness=None,

@@ -31,6 +31,11 @@ both ends of the step, each end on its own minibatch (the orthogonal restriction
 ``sampler="rmsprop_sgld"`` (formula in ``SGLDConfig``) keeps every chain's V in the same parameter-major
 layout and applies ``sgld.rmsprop_sgld_update``; the traced replay covers the gradient step, which is the
 same for both samplers.
+
+``restrict`` (a bool mask [d] over the flat weights, ``sampling/restrict.py``) samples only the selected
+weights: every step zeroes ∇L_m on the others (so drift, RMSProp's V and MALA's ∇U live in the restricted
+space) and then copies w* back into them, so that they stay at w* bit for bit whatever rounding the in-place
+update does (keep·w* + decay·w* need not be w*); the orthogonal direction is ∇L_n(w*) masked.
 """
 
 from __future__ import annotations
@@ -51,11 +56,12 @@ from ..sampling.config import SAMPLERS, SGLDConfig
 from ..sampling.contract import (Samples, flat_parameters, loss_and_gradient_at_start, nan_from_first_non_finite,
                                  on_device, orthogonal_direction)
 from ..sampling.randomness import for_run
+from ..sampling.restrict import check_mask
 from ..sampling.sgld import ParameterMajor, RMSpropState, StepDraws, axpy, rmsprop_sgld_update, sgld_update
 from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
 
 NAME = "generic"
-CAPABILITIES = frozenset({"mala", "rmsprop_sgld"})
+CAPABILITIES = frozenset({"mala", "rmsprop_sgld", "restrict"})
 DEVICES = ("cpu", "cuda")
 AUTO_PRIORITY = 30  # ``auto`` tries lower first: any vmappable module
 
@@ -136,6 +142,13 @@ class _Chains(ParameterMajor):
         self.minus_drift = self.coefficient(-(epsilon * nbeta / 2), device)
         self.noise_scale = self.coefficient(epsilon.sqrt(), device)
         self.rmsprop = None  # RMSProp-SGLD's state and coefficients (``use_rmsprop``)
+        self.frozen = None  # (~restrict in the buffer's layout, the flat indices of the fixed weights, W* there)
+
+    def restrict(self, keep: torch.Tensor) -> None:
+        """Move only the weights where ``keep`` [d] is True (see the module docstring)."""
+        frozen = ~self.to_parameter_major(keep.to(self.W.device).expand(self.C, self.d))
+        indices = frozen.nonzero().squeeze(1)
+        self.frozen = (frozen, indices, self.W_star.index_select(0, indices))
 
     def use_rmsprop(self, alpha: float, delta: float, device) -> None:
         """Run RMSProp-SGLD (``sgld.rmsprop_sgld_update``): V from 0, per-chain nβ, γ, −ε/2."""
@@ -151,6 +164,8 @@ class _Chains(ParameterMajor):
         else:
             self.G.mul_(self.minus_drift)  # −drift·∇L_m
             sgld_update(self.W, self.G, noise, self.noise_scale, self.keep, self.decay_w_star, projection)
+        if self.frozen is not None:
+            self.W.index_copy_(0, self.frozen[1], self.frozen[2])  # the fixed weights back at w*, exactly
 
     def chain_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Σ over each chain's elements of a parameter-major buffer, float64 [C]."""
@@ -219,10 +234,12 @@ def _trace(step, args, eager_result):
 
 
 def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, direction, inputs, targets,
-               config: SGLDConfig, randomness, device, trace: bool, tick):
+               config: SGLDConfig, randomness, device, trace: bool, tick, keep=None):
     """SGLD for the chains ``ids``: (loss trace [T, C], final weights [C, d] chain-major, MALA or None)."""
     C, d, m, T = len(ids), w_star.numel(), config.batch_size, config.steps
     chains = _Chains(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper), device)
+    if keep is not None:
+        chains.restrict(keep)
     projection = None
     if direction is not None:
         projection = (chains.rows(chains.G), chains.rows(chains.to_parameter_major(direction.to(device).expand(C, d))))
@@ -252,6 +269,8 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
             grads, loss = step(*args)
         losses[t] = loss.detach()
         torch.cat([g.reshape(-1) for g in grads], out=chains.G)
+        if chains.frozen is not None:  # ∇L_m in the restricted space, before MALA or the update reads it
+            chains.G.masked_fill_(chains.frozen[0], 0.0)
         if mala is not None:
             mala.observe(t, losses[t], chains.W - chains.W_star)
         chains.step(noise, projection)
@@ -271,7 +290,8 @@ def _private_copy(model: nn.Module) -> nn.Module | None:
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
-           progress: bool = False, trace: bool | None = None, workers: int | None = None) -> Samples:
+           progress: bool = False, trace: bool | None = None, workers: int | None = None,
+           restrict: torch.Tensor | None = None) -> Samples:
     config.validate()
     device = torch.device(device)
     require(device, model, loss_fn)
@@ -282,6 +302,9 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     names, shapes, w_star = flat_parameters(model)
     d = w_star.numel()
     init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
+    keep = None if restrict is None else check_mask(restrict, d)
+    if keep is not None:
+        gradient = torch.where(keep.to(gradient.device), gradient, 0.0)  # the restricted space's ∇L_n(w*)
     direction = orthogonal_direction(gradient) if config.orthogonal else None
     randomness = for_run(randomness, config, n, d)
 
@@ -289,7 +312,7 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     groups = chain_groups(C, device, min_per_group=min_chains_per_group(d), groups=workers or None)  # workers: tests
     run = functools.partial(_run_group, loss_fn=loss_fn, names=names, shapes=shapes, w_star=w_star,
                             hyper=hyper, direction=direction, inputs=inputs, targets=targets, config=config,
-                            randomness=randomness, device=device, trace=trace)
+                            randomness=randomness, device=device, trace=trace, keep=keep)
     models = [model] + [_private_copy(model) for _ in groups[1:]]
     if any(copy_ is None for copy_ in models):
         groups, models = [(0, C)], [model]

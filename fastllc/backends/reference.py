@@ -22,10 +22,11 @@ from ..sampling.config import SAMPLERS, SGLDConfig
 from ..sampling.contract import (Samples, flat_parameters, loss_and_gradient_at_start, on_device,
                                  orthogonal_direction, private_buffers, unflatten)
 from ..sampling.randomness import for_run
+from ..sampling.restrict import check_mask
 from ..sampling.threads import single_threaded_torch
 
 NAME = "reference"
-CAPABILITIES = frozenset({"rmsprop_sgld"})
+CAPABILITIES = frozenset({"rmsprop_sgld", "restrict"})
 DEVICES = ("cpu", "cuda")
 AUTO_PRIORITY = 100  # ``auto`` tries lower first: the last resort: runs anything
 
@@ -41,7 +42,9 @@ def require(device, model=None, loss_fn=None) -> None:
 
 @single_threaded_torch()
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
-           progress: bool = False) -> Samples:
+           progress: bool = False, restrict: torch.Tensor | None = None) -> Samples:
+    """``restrict``: a bool mask [d] over the flat weights (``sampling/restrict.py``): only those move, the others
+    stay at w* bit for bit (the whole increment is masked; the orthogonal direction is ∇L_n(w*) masked)."""
     config.validate()
     model = on_device(model, device)  # the caller's model is never moved
     inputs, targets = inputs.to(device), targets.to(device)
@@ -51,6 +54,9 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     alpha, delta = config.rmsprop_alpha, config.rmsprop_eps
     names, shapes, w_star = flat_parameters(model)
     init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
+    keep = None if restrict is None else check_mask(restrict, w_star.numel()).to(device)
+    if keep is not None:
+        gradient = torch.where(keep, gradient, 0.0)  # the restricted space's ∇L_n(w*)
     direction = orthogonal_direction(gradient) if config.orthogonal else None
     randomness = for_run(randomness, config, n, w_star.numel())
 
@@ -83,6 +89,8 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
                 increment = -(eps / 2) * (gam * (w - w_star) + nb * grad) + math.sqrt(eps) * noise
             if direction is not None:
                 increment -= (increment @ direction) * direction
+            if keep is not None:
+                increment = torch.where(keep, increment, 0.0)  # w + 0 = w: unselected weights never change
             w = w + increment
         finals[c] = w.cpu()
         bar.update(config.steps)
