@@ -10,7 +10,10 @@ callback ``mala_accept/trace|mean|std``), same SGLD update (Δw = −(lr/2)(loca
 ``SGLDConfig(sampler="rmsprop_sgld")``, whose docstring states the update), the same defaults (lr 0.01, localization 0, nβ = b/log b with b the loader's batch size ×
 ``grad_accum_steps``) and the same draws (the loss at w_t, before the step, at steps burn-in + k − 1,
 burn-in + 2k − 1, ... with k = ``num_steps_bw_draws``). All chains run at once (backend ``auto``: the
-specialised path for the study's MLP, else ``generic``, else the reference). Extra keys: ``llc/se``,
+specialised path for the study's MLP, else ``generic``, else the reference). ``optimize_over_per_model_param`` ({name: bool mask} for every parameter) is fastllc's weight-restricted
+sampling (``estimate(restrict=...)``, backends generic and reference): only the True weights move, the others
+stay at w* (devinterp masks the whole update alike); unlike devinterp, a mask for a name the model lacks, of
+the wrong shape or not 0/1, or masks selecting nothing, are refused. Extra keys: ``llc/se``,
 ``llc/r_hat``, ``llc/ess``, ``llc/healthy_chains``, ``init_loss``, ``nbeta``, ``fastllc``.
 
 Differences from devinterp 1.3.2, all deliberate:
@@ -33,7 +36,7 @@ Differences from devinterp 1.3.2, all deliberate:
   ``gpu_idxs`` and ``use_amp`` are ignored (one process, float32). Not supported (refused with a message):
   samplers other than SGLD (``SGLD``, ``SGMCMC.sgld``) and RMSprop-SGLD (``SGMCMC.rmsprop_sgld``), e.g.
   ``SGNHT`` or ``SGMCMC`` itself, ``noise_level`` ≠ 1, ``weight_decay``, ``bounding_box_size``,
-  ``add_grad_correction``, ``optimize_over_per_model_param``, callbacks other than ``MalaAcceptanceRate``, and
+  ``add_grad_correction``, callbacks other than ``MalaAcceptanceRate``, and
   ``MalaAcceptanceRate`` with RMSprop-SGLD (its formula is plain SGLD's proposal).
 """
 
@@ -50,6 +53,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..api import estimate
 from ..errors import FastLLCError
 from ..sampling import SGLDConfig
+from ..sampling.restrict import selection_mask
 from .loaders import materialise
 
 _IGNORED_KWARGS = {"metrics", "save_noise", "save_mala_vars", "noise_norm", "grad_norm", "weight_norm", "distance"}
@@ -139,7 +143,31 @@ def _criterion(evaluate):
     return None
 
 
-def _settings(optimizer_kwargs, sampling_method, callbacks, batch_size, grad_accum_steps, optimize_over):
+def _restriction(model: nn.Module, masks) -> dict | None:
+    """devinterp's ``optimize_over_per_model_param`` ({name: bool mask of the parameter's shape}, one for every
+    parameter: True where it may move) as fastllc's ``restrict`` dict, checked against ``model`` (messages in
+    devinterp's name). Empty or None: every weight moves, as in devinterp."""
+    if not masks:
+        return None
+    if not isinstance(masks, dict):
+        raise FastLLCError(f"optimize_over_per_model_param must be a dict {{parameter name: bool mask of its shape}}, "
+                           f"not {type(masks).__name__}")
+    trainable = {}
+    for name, parameter in model.named_parameters():
+        if name not in masks:  # devinterp looks every parameter up (a KeyError there)
+            raise FastLLCError(f"optimize_over_per_model_param has no mask for parameter {name!r}; give one for every "
+                               "parameter of the model (all False to keep it fixed)")
+        if parameter.requires_grad:  # fastllc samples trainable parameters only: frozen ones stay where they are
+            trainable[name] = masks[name]
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    try:
+        selection_mask(model, {**trainable, **{k: v for k, v in masks.items() if k not in trainable and k not in frozen}})
+    except FastLLCError as error:  # restrict's message, in the words of devinterp's argument
+        raise FastLLCError(str(error).replace("restrict", "optimize_over_per_model_param")) from None
+    return trainable
+
+
+def _settings(optimizer_kwargs, sampling_method, callbacks, batch_size, grad_accum_steps):
     kwargs = dict(optimizer_kwargs or {})
     if "temperature" in kwargs:
         if "nbeta" in kwargs:
@@ -158,8 +186,6 @@ def _settings(optimizer_kwargs, sampling_method, callbacks, batch_size, grad_acc
     if unknown:
         raise FastLLCError(f"unknown optimizer_kwargs for {_SAMPLER_LABELS[sampler]}: {', '.join(sorted(unknown))}")
     options = {ours: kwargs[key] for key, ours in extra.items() if ours is not None and key in kwargs}
-    if optimize_over:
-        raise FastLLCError("optimize_over_per_model_param is not supported by fastllc")
     mala = False
     for callback in callbacks or []:
         kind = type(callback).__name__
@@ -193,8 +219,8 @@ def estimate_learning_coeff_with_summary(
     """devinterp's ``estimate_learning_coeff_with_summary`` on fastllc (see the module docstring)."""
     if not loader.batch_size:
         raise FastLLCError("the DataLoader must have a batch_size (the minibatch size of every chain)")
-    settings = _settings(optimizer_kwargs, sampling_method, callbacks, loader.batch_size, grad_accum_steps,
-                         optimize_over_per_model_param)
+    settings = _settings(optimizer_kwargs, sampling_method, callbacks, loader.batch_size, grad_accum_steps)
+    restrict = _restriction(model, optimize_over_per_model_param)
     if seed is None:
         seed = int(torch.randint(2**31, ()))
     elif not isinstance(seed, (int, np.integer)):
@@ -207,13 +233,15 @@ def estimate_learning_coeff_with_summary(
         target, inputs, targets, loss_fn = model, data[0], data[1], criterion
     else:
         target = EvaluateLoss(model, evaluate or _default_evaluate, data)
+        if restrict is not None:  # the wrapper's parameters are the model's, prefixed
+            restrict = {f"model.{name}": mask for name, mask in restrict.items()}
         n = len(tree_flatten(data)[0][0])
         inputs, targets, loss_fn = torch.arange(n), torch.zeros(n), loss_as_given
     was_training = model.training
     model.train()  # devinterp evaluates the sampled models in training mode
     try:
         result = estimate(target, (inputs, targets), loss_fn, config, backend=backend, device=device,
-                          progress=verbose, init_loss=init_loss)
+                          progress=verbose, init_loss=init_loss, restrict=restrict)
     finally:
         model.train(was_training)
     out = summary(result, config, online)

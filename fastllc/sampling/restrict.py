@@ -43,7 +43,7 @@ def _select(model, named, item) -> dict[str, torch.Tensor]:
     if isinstance(item, str):
         hits = [name for name in shapes if fnmatch.fnmatchcase(name, item)]
         if not hits:
-            raise FastLLCError(f"restrict: {item!r} matches no trainable parameter of the model{_closest(item, shapes)}")
+            raise FastLLCError(f"restrict: {item!r} matches no trainable parameter of the model{closest_names(item, shapes)}")
         return {name: torch.ones(shapes[name], dtype=torch.bool) for name in hits}
     if isinstance(item, nn.Module):
         if not any(item is module for module in model.modules()):
@@ -63,7 +63,7 @@ def _select(model, named, item) -> dict[str, torch.Tensor]:
 def _element_mask(name, mask, shapes) -> torch.Tensor:
     if name not in shapes:
         raise FastLLCError(f"restrict: mask for {name!r}, which is not a trainable parameter of the model"
-                           f"{_closest(str(name), shapes)}")
+                           f"{closest_names(str(name), shapes)}")
     mask = torch.as_tensor(mask).detach().cpu()
     if tuple(mask.shape) != tuple(shapes[name]):
         raise FastLLCError(f"restrict: the mask for {name!r} has shape {tuple(mask.shape)}, the parameter "
@@ -75,7 +75,7 @@ def _element_mask(name, mask, shapes) -> torch.Tensor:
     return mask
 
 
-def _closest(key: str, names) -> str:
+def closest_names(key: str, names) -> str:
     """'; closest: ...' naming the parameter names most like ``key`` (any, if none is alike)."""
     names = list(names)
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.4) or names[:3]
