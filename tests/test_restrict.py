@@ -154,3 +154,16 @@ def test_a_submodule_without_trainable_parameters_is_refused():
     model = tiny_model()
     with pytest.raises(FastLLCError, match=r"^restrict: the Tanh given holds no trainable parameter of the model$"):
         selection_mask(model, model[1])
+
+
+def test_mala_acceptance_is_recorded_in_the_restricted_space():
+    """generic's MALA sees ∇U restricted to the selected weights: with every weight selected it is the
+    unrestricted run's acceptance exactly; restricted, a probability of every step."""
+    model, (x, y) = tiny_model(), data()
+    config = SGLDConfig(chains=2, steps=20, batch_size=8, epsilon=3e-3, gamma=1.0, nbeta=5.0, mala=True)
+    unrestricted = generic.sample(model, x, y, F.cross_entropy, config)
+    everything = generic.sample(model, x, y, F.cross_entropy, config, restrict=selection_mask(model, "*"))
+    assert torch.equal(everything.mala_acceptance, unrestricted.mala_acceptance)
+    restricted = generic.sample(model, x, y, F.cross_entropy, config, restrict=selection_mask(model, "2.*"))
+    acceptance = restricted.mala_acceptance
+    assert ((acceptance >= 0) & (acceptance <= 1)).all() and not torch.equal(acceptance, unrestricted.mala_acceptance)
