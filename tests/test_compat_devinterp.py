@@ -321,8 +321,8 @@ def test_optimize_over_per_model_param_maps_onto_restrict(monkeypatch, path):
     masks["0.bias"][3] = True  # element-wise: one more weight
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     how = sys.modules["devinterp.utils"].evaluate_ce if path == "evaluate_ce" else evaluate
-    out = estimate_learning_coeff_with_summary(model, loader, evaluate=how, optimizer_kwargs=dict(lr=1e-3, localization=10.0),
-                                               num_chains=2, num_draws=10, seed=5, verbose=False,
+    out = estimate_learning_coeff_with_summary(model, loader, evaluate=how,
+                                               optimizer_kwargs=dict(lr=1e-3, localization=10.0), num_chains=2, num_draws=10, seed=5, verbose=False,
                                                optimize_over_per_model_param=masks)
     config = SGLDConfig(chains=2, steps=10, seed=5, epsilon=1e-3, gamma=10.0, nbeta=default_nbeta(8), batch_size=8)
     if path == "evaluate_ce":  # the native path: the model itself, with the same names
@@ -337,8 +337,9 @@ def test_a_bad_optimize_over_per_model_param_is_a_one_line_error():
     model, x, y = classifier_problem(n=32)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     masks = devinterp_masks(model)
-    cases = [({"2.weight": masks["2.weight"]}, r"^optimize_over_per_model_param has no mask for parameter '0\.weight'; "
-                                               r"give one for every parameter of the model \(all False to keep it fixed\)$"),
+    cases = [({"2.weight": masks["2.weight"]},
+              r"^optimize_over_per_model_param has no mask for parameter '0\.weight'; give one for every parameter of "
+              r"the model \(all False to keep it fixed\)$"),
              ({**masks, "2.wieght": masks["2.weight"]},
               r"^optimize_over_per_model_param: mask for '2\.wieght', which is not a trainable parameter of the "
               r"model; closest: '2\.weight'"),

@@ -1,5 +1,7 @@
 """Weight-restricted sampling (``estimate(restrict=...)``, ``sampling/restrict.py``) on reference and generic."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,6 +104,9 @@ def test_estimate_picks_a_backend_that_restricts_and_refuses_one_that_cannot():
     for backend in ("auto", "reference", "generic"):
         result = estimate(model, (x, y), chains=2, steps=5, batch_size=8, restrict="0.*", backend=backend)
         assert result.healthy_chains == 2
+        # nβ's default is unchanged by a restriction: n/log n of the training examples
+        nbeta = torch.as_tensor(result.nbeta, dtype=torch.float64).reshape(-1)
+        assert nbeta.tolist() == pytest.approx([40 / math.log(40)] * len(nbeta))
     with pytest.raises(FastLLCError, match=r"^restrict= \(weight-restricted sampling\) needs backend 'generic' or "
                                            r"'reference', not 'torch'$"):
         estimate(model, (x, y), chains=2, steps=5, restrict="0.*", backend="torch", batch_size=8)

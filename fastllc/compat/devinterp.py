@@ -161,7 +161,8 @@ def _restriction(model: nn.Module, masks) -> dict | None:
             trainable[name] = masks[name]
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     try:
-        selection_mask(model, {**trainable, **{k: v for k, v in masks.items() if k not in trainable and k not in frozen}})
+        unknown = {name: mask for name, mask in masks.items() if name not in trainable and name not in frozen}
+        selection_mask(model, {**trainable, **unknown})  # an unknown name is refused there, with the closest ones
     except FastLLCError as error:  # restrict's message, in the words of devinterp's argument
         raise FastLLCError(str(error).replace("restrict", "optimize_over_per_model_param")) from None
     return trainable

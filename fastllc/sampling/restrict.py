@@ -43,7 +43,8 @@ def _select(model, named, item) -> dict[str, torch.Tensor]:
     if isinstance(item, str):
         hits = [name for name in shapes if fnmatch.fnmatchcase(name, item)]
         if not hits:
-            raise FastLLCError(f"restrict: {item!r} matches no trainable parameter of the model{closest_names(item, shapes)}")
+            raise FastLLCError(f"restrict: {item!r} matches no trainable parameter of the model"
+                               f"{closest_names(item, shapes)}")
         return {name: torch.ones(shapes[name], dtype=torch.bool) for name in hits}
     if isinstance(item, nn.Module):
         if not any(item is module for module in model.modules()):
