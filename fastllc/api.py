@@ -68,7 +68,10 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
                      randomness=randomness, progress=progress, needs=needs, restrict=mask)
     if init_loss is not None:
         samples = replace(samples, init_loss=float(init_loss))
-    return estimate_llc(samples, config)
+    result = estimate_llc(samples, config)
+    if mask is not None:  # the record says which λ̂ this is: of how many of the model's weights
+        result = replace(result, sampled_weights=int(mask.sum()))
+    return result
 
 
 def _warn_if_batch_exceeds_data(batch_size: int, n: int) -> None:

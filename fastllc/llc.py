@@ -109,6 +109,7 @@ class LLCResult:
     mala_acceptance: float | None = None  # mean MALA acceptance of healthy chains' steps after burn-in (config.mala)
     mala_trace: torch.Tensor | None = field(default=None, repr=False)  # [C, T−1]; not serialised
     sampler: str = "sgld"  # SGLDConfig.sampler: which update produced the chains
+    sampled_weights: int | None = None  # weights the chains moved when restricted (restrict=); None: all of them
 
     def to_dict(self) -> dict:
         record = {k: v for k, v in asdict(self).items() if k not in ("loss_trace", "mala_trace")}

@@ -172,3 +172,12 @@ def test_mala_acceptance_is_recorded_in_the_restricted_space():
     restricted = generic.sample(model, x, y, F.cross_entropy, config, restrict=selection_mask(model, "2.*"))
     acceptance = restricted.mala_acceptance
     assert ((acceptance >= 0) & (acceptance <= 1)).all() and not torch.equal(acceptance, unrestricted.mala_acceptance)
+
+
+def test_the_result_records_how_many_weights_were_sampled():
+    import fastllc
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    restricted = fastllc.estimate(model, (x, y), chains=2, steps=20, batch_size=8, restrict="2.*")
+    assert restricted.sampled_weights == 4 * 2 + 2 and restricted.to_dict()["sampled_weights"] == 10
+    assert fastllc.estimate(model, (x, y), chains=2, steps=20, batch_size=8).sampled_weights is None
