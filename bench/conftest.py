@@ -51,6 +51,27 @@ def published():
     return ModularMLP(PUBLISHED.p, PUBLISHED.embed, PUBLISHED.hidden), task.train_data()
 
 
+def assert_follows_reference(backend, published) -> bool:
+    """``backend`` (a backend module) follows the reference parameter by parameter on the published shape,
+    with the same injected noise: 3 chains × 10 orthogonal steps (tolerance as in its tests/test_backend_*.py)."""
+    import torch.nn.functional as F
+
+    from fastllc import SGLDConfig
+    from fastllc.backends import reference
+    from fastllc.sampling import InjectedRandomness
+    from fastllc.sampling.contract import flat_parameters
+
+    model, (x, y) = published
+    chains, steps, m, d = 3, 10, PUBLISHED.batch_size, flat_parameters(model)[2].numel()
+    noise = InjectedRandomness.seeded(chains, steps, len(y), m, d)
+    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=True)
+    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = backend.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=5e-5)
+    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=5e-5)
+    return True
+
+
 def record(benchmark, backend: str, workload, chains: int, steps: int, seconds: list[float], **extra):
     """Store chain-steps/s (median over rounds of the sampler's own loop time) beside the timing.
 

@@ -10,11 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from fastllc import SGLDConfig
-from fastllc.backends import native, reference
-from fastllc.sampling import InjectedRandomness
-from fastllc.sampling.contract import flat_parameters
+from fastllc.backends import native
 
-from conftest import PUBLISHED, record
+from conftest import PUBLISHED, assert_follows_reference, record
 
 pytestmark = pytest.mark.benchmark(min_rounds=1)
 
@@ -25,15 +23,7 @@ def native_matches_reference(published):
     reason = native.unavailable_reason()
     if reason is not None:
         pytest.skip(f"the native kernel does not build here: {reason}")
-    model, (x, y) = published
-    chains, steps, m, d = 3, 10, PUBLISHED.batch_size, flat_parameters(model)[2].numel()
-    noise = InjectedRandomness.seeded(chains, steps, len(y), m, d)
-    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=True)
-    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    fast = native.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=5e-5)  # as tests/test_backend_native.py
-    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=5e-5)
-    return True
+    return assert_follows_reference(native, published)
 
 
 @pytest.mark.parametrize("chains,steps", [(64, 200), (256, 100), (1024, 40)], ids=lambda v: str(v))

@@ -11,12 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from fastllc import SGLDConfig
-from fastllc.backends import reference
 from fastllc.backends import torch as torch_backend
-from fastllc.sampling import InjectedRandomness, wbic_nbeta
-from fastllc.sampling.contract import flat_parameters
+from fastllc.sampling import wbic_nbeta
 
-from conftest import PUBLISHED, record
+from conftest import PUBLISHED, assert_follows_reference, record
 
 pytestmark = pytest.mark.benchmark(min_rounds=1)
 
@@ -24,15 +22,7 @@ pytestmark = pytest.mark.benchmark(min_rounds=1)
 @pytest.fixture(scope="session")
 def torch_matches_reference(published):
     """The torch backend follows the reference parameter by parameter on the benchmarked shapes."""
-    model, (x, y) = published
-    chains, steps, m, d = 3, 10, PUBLISHED.batch_size, flat_parameters(model)[2].numel()
-    noise = InjectedRandomness.seeded(chains, steps, len(y), m, d)
-    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=True)
-    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    fast = torch_backend.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=5e-5)  # as tests/test_backend_torch.py
-    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=5e-5)
-    return True
+    return assert_follows_reference(torch_backend, published)
 
 
 def peak_rss_bytes() -> int | None:

@@ -7,8 +7,6 @@ import sys
 import textwrap
 import time
 
-import pytest
-
 TRAIN = """
     import hashlib
     from fastllc.train import TrainConfig, cached_run

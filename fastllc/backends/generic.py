@@ -297,7 +297,7 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     require(device, model, loss_fn)
     model = on_device(model, device)  # the caller's model is never moved
     inputs, targets = inputs.to(device), targets.to(device)
-    n, C, m, T = len(targets), config.chains, config.batch_size, config.steps
+    n, C, T = len(targets), config.chains, config.steps
     hyper = config.hyperparameters(n, samplers=SAMPLERS)
     names, shapes, w_star = flat_parameters(model)
     d = w_star.numel()
