@@ -18,6 +18,7 @@ from .errors import FastLLCError
 from .backends import CHOICES as BACKEND_CHOICES, resolve_backend
 from .sampling import SGLDConfig, resolve_device
 from .seeding import check_seed
+from .tasks import train_size
 from .train import Run, TrainConfig, default_batches, train
 from .train import cached_run as load_or_train
 
@@ -127,14 +128,9 @@ def _refuse_training_options_with_run() -> None:
                                "drop it")
 
 
-def _examples(config: TrainConfig) -> int:
-    """n, the size of the train split (as tasks.make_task draws it), known without building the task."""
-    return max(1, round(config.train_frac * config.p * config.p))
-
-
 def _require_sampling_memory(training: TrainConfig, sgld: SGLDConfig, device) -> None:
     """The host's share of sampling (api.estimate checks the device's share itself)."""
-    n, C, T = _examples(training), sgld.chains, sgld.steps
+    n, C, T = train_size(training.p, training.train_frac), sgld.chains, sgld.steps
     start, chains = resources.mlp_sampling_bytes(training.p, training.embed, training.hidden, n, C, T, sgld.batch_size)
     if device.type != "cpu":
         chains = resources.chains_bytes(C, T, 0)  # only the loss traces come back to the host

@@ -43,6 +43,11 @@ def random_commutative_table(p: int, seed: int) -> torch.Tensor:
     return torch.triu(upper) + torch.triu(upper, diagonal=1).T
 
 
+def train_size(p: int, train_frac: float) -> int:
+    """n, the number of training examples of a split of the p² pairs (known without building the task)."""
+    return max(1, round(train_frac * p * p))
+
+
 def make_task(p: int, kind: str = "add", seed: int = 0, train_frac: float = 0.8) -> Task:
     """The task ``kind`` on Z_p, split at random (seeded) into ``train_frac`` train and the rest test."""
     if p < 2:
@@ -58,5 +63,5 @@ def make_task(p: int, kind: str = "add", seed: int = 0, train_frac: float = 0.8)
     else:
         labels = random_commutative_table(p, seed)[pairs[:, 0], pairs[:, 1]]
     order = torch.randperm(p * p, generator=generator(seed, "split", p))
-    n_train = max(1, round(train_frac * p * p))
+    n_train = train_size(p, train_frac)
     return Task(p, kind, pairs, labels, order[:n_train].sort().values, order[n_train:].sort().values)

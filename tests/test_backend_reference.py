@@ -33,6 +33,14 @@ def injected(chains, steps, n, m, d, seed=0, scale=1.0):
                               scale * torch.randn(chains, steps, d, generator=gen))
 
 
+def in_float64(model, x, y):
+    """(w*, X, y, the unit ∇L_n(w*)) of the regression problem in float64, for hand computations."""
+    w_star = model.weight.detach().double().reshape(-1)
+    x64, y64 = x.double(), y.double()
+    full_grad = -x64.T @ (y64 - x64 @ w_star) / len(y64)
+    return w_star, x64, y64, full_grad / full_grad.norm()
+
+
 @pytest.mark.parametrize("orthogonal", [False, True])
 def test_step_matches_the_formula(orthogonal):
     """w ← w − (ε/2)[γ(w − w*) + nβ ∇L_m(w)] + √ε ξ, with ∇L_m = −Xᵀ(y − Xw)/m, written out in float64."""
@@ -42,10 +50,7 @@ def test_step_matches_the_formula(orthogonal):
     rand = injected(2, 6, 40, 8, 3)
     out = reference.sample(model, x, y, half_mse, config, randomness=rand)
 
-    w_star = model.weight.detach().double().reshape(-1)
-    x64, y64 = x.double(), y.double()
-    full_grad = -x64.T @ (y64 - x64 @ w_star) / len(y64)
-    g = full_grad / full_grad.norm()
+    w_star, x64, y64, g = in_float64(model, x, y)
     for c, (eps, gam, nb) in enumerate([(1e-3, 5.0, 7.0), (3e-3, 0.5, 11.0)]):
         w = w_star.clone()
         for t in range(6):
@@ -74,10 +79,7 @@ def test_rmsprop_step_matches_the_formula(orthogonal):
     rand = injected(2, 6, 40, 8, 3)
     out = reference.sample(model, x, y, half_mse, config, randomness=rand)
 
-    w_star = model.weight.detach().double().reshape(-1)
-    x64, y64 = x.double(), y.double()
-    full_grad = -x64.T @ (y64 - x64 @ w_star) / len(y64)
-    g = full_grad / full_grad.norm()
+    w_star, x64, y64, g = in_float64(model, x, y)
     for c, (eps, gam, nb) in enumerate([(1e-2, 5.0, 7.0), (3e-2, 0.5, 11.0)]):
         w, square_avg = w_star.clone(), torch.zeros(3, dtype=torch.float64)
         for t in range(6):
