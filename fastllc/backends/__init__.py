@@ -7,7 +7,8 @@ A backend is one module here, named as users name it (``--backend NAME``), that 
                     ``rmsprop_sgld`` (runs ``SGLDConfig.sampler="rmsprop_sgld"``; without it a backend runs
                     plain SGLD only, and ``config.hyperparameters`` refuses it any other sampler),
                     ``restrict`` (its ``sample`` takes ``restrict=``, a bool mask [d] over the flat weights:
-                    only those move, the others stay at w* bit for bit; ``sampling/restrict.py``)
+                    only those move, the others stay at w* bit for bit; ``sampling/restrict.py``),
+                    ``published_chain_loss`` (follows ``SGLDConfig.chain_loss="published"``)
     DEVICES         device types it runs on
     AUTO_PRIORITY   ``auto`` tries backends in increasing priority: the fastest first
     supports(model, loss_fn, device) -> bool    may ``auto`` give it this work? cheap, imports nothing heavy
@@ -45,6 +46,7 @@ NEEDED_FOR = {  # what a caller that needs a capability is doing, for the one-li
     "mala": "mala=True (the MALA acceptance rate)",
     "rmsprop_sgld": "sampler='rmsprop_sgld' (RMSProp-preconditioned SGLD)",
     "restrict": "restrict= (weight-restricted sampling)",
+    "published_chain_loss": "chain_loss='published' (the study's −log(p_y + 1e-6) chain loss)",
 }
 
 

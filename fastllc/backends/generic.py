@@ -53,7 +53,8 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from ..errors import FastLLCError
 from ..sampling.config import SAMPLERS, SGLDConfig
-from ..sampling.contract import (Samples, flat_parameters, loss_and_gradient_at_start, nan_from_first_non_finite,
+from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters,
+                                 loss_and_gradient_at_start, nan_from_first_non_finite,
                                  on_device, orthogonal_direction)
 from ..sampling.randomness import for_run
 from ..sampling.restrict import check_mask
@@ -61,7 +62,7 @@ from ..sampling.sgld import ParameterMajor, RMSpropState, StepDraws, axpy, rmspr
 from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
 
 NAME = "generic"
-CAPABILITIES = frozenset({"mala", "rmsprop_sgld", "restrict"})
+CAPABILITIES = frozenset({"mala", "rmsprop_sgld", "restrict", "published_chain_loss"})
 DEVICES = ("cpu", "cuda")
 AUTO_PRIORITY = 30  # ``auto`` tries lower first: any vmappable module
 
@@ -310,8 +311,8 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
 
     trace = T >= _TRACE_FROM_STEPS if trace is None else trace
     groups = chain_groups(C, device, min_per_group=min_chains_per_group(d), groups=workers or None)  # workers: tests
-    run = functools.partial(_run_group, loss_fn=loss_fn, names=names, shapes=shapes, w_star=w_star,
-                            hyper=hyper, direction=direction, inputs=inputs, targets=targets, config=config,
+    run = functools.partial(_run_group, loss_fn=chain_loss_fn(loss_fn, config), names=names, shapes=shapes,
+                            w_star=w_star, hyper=hyper, direction=direction, inputs=inputs, targets=targets, config=config,
                             randomness=randomness, device=device, trace=trace, keep=keep)
     models = [model] + [_private_copy(model) for _ in groups[1:]]
     if any(copy_ is None for copy_ in models):

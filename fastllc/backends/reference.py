@@ -19,14 +19,15 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..sampling.config import SAMPLERS, SGLDConfig
-from ..sampling.contract import (Samples, flat_parameters, loss_and_gradient_at_start, on_device,
+from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters,
+                                 loss_and_gradient_at_start, on_device,
                                  orthogonal_direction, private_buffers, unflatten)
 from ..sampling.randomness import for_run
 from ..sampling.restrict import check_mask
 from ..sampling.threads import single_threaded_torch
 
 NAME = "reference"
-CAPABILITIES = frozenset({"rmsprop_sgld", "restrict"})
+CAPABILITIES = frozenset({"rmsprop_sgld", "restrict", "published_chain_loss"})
 DEVICES = ("cpu", "cuda")
 AUTO_PRIORITY = 100  # ``auto`` tries lower first: the last resort: runs anything
 
@@ -54,6 +55,7 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     alpha, delta = config.rmsprop_alpha, config.rmsprop_eps
     names, shapes, w_star = flat_parameters(model)
     init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
+    step_loss = chain_loss_fn(loss_fn, config)  # what the chains follow; L_n(w*) is always loss_fn's
     keep = None if restrict is None else check_mask(restrict, w_star.numel()).to(device)
     if keep is not None:
         gradient = torch.where(keep, gradient, 0.0)  # the restricted space's ∇L_n(w*)
@@ -74,7 +76,7 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
             indices, noise = indices.to(device), noise.to(device)
             w.requires_grad_(True)
             weights = {**unflatten(w, names, shapes), **buffers}
-            loss = loss_fn(functional_call(model, weights, (inputs[indices],)), targets[indices])
+            loss = step_loss(functional_call(model, weights, (inputs[indices],)), targets[indices])
             (grad,) = torch.autograd.grad(loss, w)
             w = w.detach()
             trace[c, t] = loss.item()

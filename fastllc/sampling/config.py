@@ -16,6 +16,8 @@ from ..seeding import check_seed
 
 PerChain = Union[float, Sequence[float], torch.Tensor]
 SAMPLERS = ("sgld", "rmsprop_sgld")  # what ``SGLDConfig.sampler`` accepts
+CHAIN_LOSSES = ("exact", "published")  # what ``SGLDConfig.chain_loss`` accepts
+PUBLISHED_LOSS_OFFSET = 1e-6  # δ of the study's chain loss −mean log(softmax(z)_y + δ) (seed_results.json)
 
 
 def wbic_nbeta(n: int) -> float:
@@ -51,6 +53,13 @@ class SGLDConfig:
     so the preconditioner scales the gradient and the localisation term alike, and the noise by √P_t (its
     covariance is ε·P_t). ``orthogonal`` projects this whole increment. Not with ``mala`` (the acceptance
     is that of plain SGLD's proposal).
+
+    ``chain_loss``: the loss L_m the chains record and follow. ``"exact"`` (default): the caller's
+    ``loss_fn``. ``"published"``: the published study's −mean log(softmax(z)_y + δ), δ = 1e-6
+    (``PUBLISHED_LOSS_OFFSET``), defined for a cross-entropy ``loss_fn`` only. L_n(w*) stays exact in both:
+    λ̂ = nβ·(mean L_m(w_t) − L_n(w*)) as the study computed it. The δ caps the loss of an example at
+    −log δ ≈ 13.8 nats and scales its gradient by p_y/(p_y + δ): it matters only where chains visit
+    p_y ≲ 1e-6, as memorising networks' chains do (about 1.25× higher λ̂ there; ≤ 2% on generalising ones).
     """
 
     chains: int = 4
@@ -68,6 +77,7 @@ class SGLDConfig:
     sampler: str = "sgld"  # or "rmsprop_sgld" (see above)
     rmsprop_alpha: float = 0.99  # RMSProp-SGLD: decay of the mean squared gradient V (devinterp's alpha)
     rmsprop_eps: float = 0.1  # RMSProp-SGLD: δ in P = 1/(√V + δ) (devinterp's eps)
+    chain_loss: str = "exact"  # or "published" (see above)
 
     def validate(self) -> "SGLDConfig":
         if self.chains < 1:
@@ -97,13 +107,17 @@ class SGLDConfig:
             raise FastLLCError(f"rmsprop_alpha must be in (0, 1), got {alpha}")
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise FastLLCError(f"rmsprop_eps must be finite and > 0, got {eps}")
+        if self.chain_loss not in CHAIN_LOSSES:
+            raise FastLLCError(f"unknown chain_loss {self.chain_loss!r}; choose one of {', '.join(CHAIN_LOSSES)}")
         if self.mala and self.sampler != "sgld":
             raise FastLLCError(f"mala=True records plain SGLD's acceptance rate; it is not defined for "
                                f"sampler={self.sampler!r}: use sampler='sgld' or drop mala")
 
     def needs(self) -> tuple[str, ...]:
-        """The backend capabilities (``fastllc.backends``) these settings need: ``mala``, the sampler."""
-        return (("mala",) if self.mala else ()) + ((self.sampler,) if self.sampler != "sgld" else ())
+        """The backend capabilities (``fastllc.backends``) these settings need: ``mala``, the sampler, the
+        published chain loss."""
+        return ((("mala",) if self.mala else ()) + ((self.sampler,) if self.sampler != "sgld" else ())
+                + (("published_chain_loss",) if self.chain_loss == "published" else ()))
 
     def per_chain(self, name: str, ok=lambda v: True, rule: str = "", n: int | None = None) -> torch.Tensor:
         """The setting ``name`` as a float64 vector of length ``chains`` (checked against ``rule``)."""

@@ -15,9 +15,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..errors import FastLLCError
+from .config import PUBLISHED_LOSS_OFFSET, SGLDConfig
 
 
 @dataclass
@@ -111,6 +113,32 @@ def _checked_loss_at_start(loss) -> float:
         raise FastLLCError(f"the loss at w* is {value} (the starting weights or data give a non-finite loss); "
                            "check the model and data")
     return value
+
+
+def published_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The published study's chain loss −mean log(softmax(z)_y + δ), δ = ``PUBLISHED_LOSS_OFFSET``.
+    p_y comes from log_softmax (exact where softmax underflows), and is then offset as the study did."""
+    p_y = torch.log_softmax(logits, dim=-1).gather(-1, targets.reshape(-1, 1)).exp()
+    return -(p_y + PUBLISHED_LOSS_OFFSET).log().mean()
+
+
+def is_cross_entropy(loss_fn) -> bool:
+    """Is ``loss_fn`` plain mean cross-entropy on logits (``F.cross_entropy``, or ``nn.CrossEntropyLoss()``
+    without weights, label smoothing or another reduction)?"""
+    if loss_fn is F.cross_entropy:
+        return True
+    return (isinstance(loss_fn, torch.nn.CrossEntropyLoss) and loss_fn.weight is None
+            and loss_fn.reduction == "mean" and loss_fn.label_smoothing == 0)
+
+
+def chain_loss_fn(loss_fn, config: SGLDConfig):
+    """The loss the chains record and follow (``SGLDConfig.chain_loss``); L_n(w*) always uses ``loss_fn``."""
+    if config.chain_loss == "exact":
+        return loss_fn
+    if not is_cross_entropy(loss_fn):
+        raise FastLLCError("chain_loss='published' is the study's −log(softmax(z)_y + 1e-6): it needs "
+                           "loss_fn=F.cross_entropy (plain mean cross-entropy); use chain_loss='exact'")
+    return published_cross_entropy
 
 
 def orthogonal_direction(gradient: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,20 @@
+"""The ``fastllc`` command line: parse options, call the public API, print. No logic lives only here.
+
+One module per command (``estimate.py`` is ``fastllc estimate``); what they share is in ``common.py``."""
+
+from __future__ import annotations
+
+import click
+
+from . import circuits, estimate, reproduce, train
+
+
+@click.group()
+@click.version_option(package_name="fastllc")
+def main():
+    """fastllc: fast estimates of the local learning coefficient λ̂ with batched SGLD."""
+
+
+for command in (train.train_command, estimate.estimate_command, circuits.circuits_command,
+                reproduce.reproduce_command, reproduce.report_command):
+    main.add_command(command)

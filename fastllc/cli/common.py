@@ -1,0 +1,162 @@
+"""What the commands share: one-line errors, progress on a terminal or in a log, the training options,
+the cached runs and the memory checks made before any work."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from .. import resources, storage
+from ..errors import FastLLCError
+from ..sampling import SGLDConfig
+from ..seeding import check_seed
+from ..tasks import train_size
+from ..train import Run, TrainConfig, default_batches
+from ..train import cached_run as load_or_train
+
+
+fastllc_home = storage.fastllc_home  # where cached runs live (the library's rule)
+
+
+def progress() -> bool:
+    return sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def long_work(start: str, done: str):
+    """On a terminal tqdm's bars show progress; elsewhere (a log file, CI) one line on stderr when long
+    work starts and one when it is done, so that a log tells waiting from hanging."""
+    if progress():
+        yield
+        return
+    click.echo(f"{start} ...", err=True)
+    began = time.perf_counter()
+    yield
+    click.echo(f"{done} in {time.perf_counter() - began:.1f} s", err=True)
+
+
+def one_line_errors(command):
+    """Turn library errors into ``Error: <message>`` and exit code 1, never a traceback; print each
+    RuntimeWarning raised on the way as a ``warning: <message>`` line when it happens (a sweep's warning
+    about a damaged file is seen while the sweep runs, not after)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", RuntimeWarning)
+            show_others = warnings.showwarning
+
+            def show(message, category, *rest, **options):
+                if issubclass(category, RuntimeWarning):
+                    click.echo(f"warning: {message}", err=True)
+                else:
+                    show_others(message, category, *rest, **options)
+
+            warnings.showwarning = show  # restored by catch_warnings
+            try:
+                return command(*args, **kwargs)
+            except FastLLCError as err:
+                raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
+def check_plot_path(plot: Path) -> None:
+    """The plot's file type (its suffix) must be one matplotlib writes, and its place writable."""
+    from matplotlib.figure import Figure
+
+    kinds = sorted(Figure().canvas.get_supported_filetypes())
+    if plot.suffix[1:].lower() not in kinds:
+        raise FastLLCError(f"--plot {plot}: matplotlib cannot write {plot.suffix or 'a name without a suffix'}; "
+                           f"end the name with one of {', '.join('.' + k for k in kinds)}")
+    storage.check_writable_file(plot, "--plot")
+
+
+def training_options(train_seed_names=("--train-seed",)):
+    """The options that define a training run; ``train_seed_names``: the seed option's names (``train``
+    also takes ``--seed``; ``estimate`` has its own ``--seed``, the SGLD seed)."""
+
+    def decorate(command):
+        options = [
+            click.option("--p", "p", type=int, default=None, help="Modulus: the task lives on Z_p."),
+            click.option("--task", type=click.Choice(["add", "random"]), default="add", show_default=True,
+                         help="Modular addition, or a random commutative operation (memorisation)."),
+            click.option("--embed", type=int, default=8, show_default=True, help="Embedding width e."),
+            click.option("--hidden", type=int, default=32, show_default=True, help="Hidden width h."),
+            click.option("--batches", type=int, default=None,
+                         help="Training batches of 64 [default: 10000; 15000 for p >= 41, as published]."),
+            click.option("--checkpoints", type=int, default=25, show_default=True,
+                         help="Evenly spaced checkpoints (0 = initialisation), plus the final weights."),
+            click.option(*train_seed_names, "train_seed", type=int, default=0, show_default=True,
+                         help="Seed of the task table, split, initialisation and batches."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+TRAINING_OPTIONS = ("p", "task", "embed", "hidden", "batches", "checkpoints", "train_seed")
+
+
+def train_config(p, task, embed, hidden, batches, checkpoints, train_seed, seed_option="--train-seed") -> TrainConfig:
+    if p is None:
+        raise FastLLCError("give the modulus --p (or, for `estimate`, an existing --run)")
+    check_seed(train_seed, seed_option)
+    batches = default_batches(p) if batches is None else batches
+    return TrainConfig(p=p, task=task, embed=embed, hidden=hidden, batches=batches, checkpoints=checkpoints,
+                       seed=train_seed).validate()
+
+
+def refuse_training_options_with_run() -> None:
+    """With --run the run's own config fixes the model and its training: a training option given as
+    well would be silently ignored, so it is refused."""
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        if param.name in TRAINING_OPTIONS and ctx.get_parameter_source(param.name) in (
+                ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            raise FastLLCError(f"{param.opts[0]} is ignored with --run (the run fixes the model and its training): "
+                               "drop it")
+
+
+def require_sampling_memory(training: TrainConfig, sgld: SGLDConfig, device) -> None:
+    """The host's share of sampling (api.estimate checks the device's share itself)."""
+    n, C, T = train_size(training.p, training.train_frac), sgld.chains, sgld.steps
+    start, chains = resources.mlp_sampling_bytes(training.p, training.embed, training.hidden, n, C, T, sgld.batch_size)
+    if device.type != "cpu":
+        chains = resources.chains_bytes(C, T, 0)  # only the loss traces come back to the host
+    if start > chains:
+        resources.require_memory(start + chains, f"p = {training.p}",
+                                 f"sampling (the loss and gradient at w* over all {n:,} training pairs)",
+                                 "use a smaller --p")
+    else:
+        resources.require_memory(start + chains, f"a run of {C:,} chains × {T:,} steps",
+                                 "sampling (every chain's weights, gradients and loss trace)",
+                                 "use fewer --chains or --steps")
+
+
+def cache_path(config: TrainConfig) -> Path:
+    return fastllc_home() / "runs" / config.run_name()
+
+
+def cached_run(config: TrainConfig) -> Run:
+    """The run for ``config`` from the cache, training it once if it is not there (safe when several
+    processes ask at once: ``train.cached_run``); without a terminal, a line when training ends."""
+    started = []
+
+    def notice(line: str) -> None:
+        started.append(time.perf_counter())
+        click.echo(line, err=True)
+
+    run = load_or_train(config, fastllc_home(), progress=progress(), notice=notice)
+    if started and not progress():
+        click.echo(f"trained in {time.perf_counter() - started[0]:.1f} s", err=True)
+    return run
