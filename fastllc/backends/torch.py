@@ -7,6 +7,12 @@ of one architecture, each with its own train split of equal size) run as one bat
 
 On the CPU the chains run in groups, one per core, each in its own thread with single-threaded torch ops
 (``sampling/threads.py``: the operations are too small for intra-op threads, which stall on a busy machine).
+
+Beyond plain SGLD with exact cross-entropy, as the reference defines them (``backends/reference.py``):
+``chain_loss="published"`` (the chains follow −log(p_y + δ): ``_PublishedLossBatch``), ``sampler="rmsprop_sgld"``
+(``sgld.rmsprop_sgld_update`` on the same layout) and ``restrict`` (a bool mask [d] for all chains or [C, d],
+one row per chain: the fixed weights are copied back from w* after every update, so they stay there bit for
+bit; the orthogonal direction is each chain's ∇L_n(w*) masked by its row).
 """
 
 from __future__ import annotations
@@ -16,17 +22,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import torch.nn.functional as F
+
 from ..engine import ChainBatch, is_study_mlp
 from ..errors import FastLLCError
-from ..sampling.config import SGLDConfig
-from ..sampling.contract import Samples, nan_from_first_non_finite
+from ..sampling.config import PUBLISHED_LOSS_OFFSET, SAMPLERS, SGLDConfig
+from ..sampling.contract import (Samples, flat_parameters, loss_and_gradient_at_start, nan_from_first_non_finite,
+                                 orthogonal_direction)
 from ..sampling.randomness import for_run
-from ..sampling.sgld import StepDraws, sgld_update
+from ..sampling.restrict import check_mask
+from ..sampling.sgld import RMSpropState, StepDraws, rmsprop_sgld_update, sgld_update
 from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
 from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
 
 NAME = "torch"
-CAPABILITIES = frozenset({"stacked_starts"})
+CAPABILITIES = frozenset({"stacked_starts", "published_chain_loss", "restrict", "rmsprop_sgld"})
 DEVICES = ("cpu", "cuda")
 AUTO_PRIORITY = 20  # ``auto`` tries lower first: the study's MLP on CPU
 
@@ -43,6 +53,45 @@ def require(device, model=None, loss_fn=None) -> None:
                            "use --backend reference for other models or losses")
 
 
+class _PublishedLossBatch(ChainBatch):
+    """``ChainBatch`` whose chains follow the published study's loss −log(p_y + δ) (``SGLDConfig.chain_loss``).
+
+    The forward pass is the engine's; per example, the loss is −log(p_y + δ) with p_y = exp(log_softmax(s)_y)
+    (exact where softmax underflows, as ``contract.published_cross_entropy``) and the logit gradient is exact
+    cross-entropy's scaled by p_y/(p_y + δ). The backward pass from δs on is the engine's, line for line."""
+
+    def loss_and_scaled_grad(self, operands: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                             loss_sum: torch.Tensor) -> None:
+        """As ``ChainBatch.loss_and_scaled_grad``, for the published loss: m·L_m negated into ``loss_sum``."""
+        C, m, p, e = self.C, self.m, self.p, self.e
+        param, grad = self.param, self.grad
+        E, U = param["embed.weight"], param["unembed.weight"]
+        rows = (operands + self.row_offset).view(-1)
+        x = E.view(C * p, e).index_select(0, rows).view(C, m, 2 * e)
+        torch.cat((param["left.weight"], param["right.weight"]), dim=2, out=self.LR)
+        bias = (param["left.bias"] + param["right.bias"]).unsqueeze(1)
+        z = torch.baddbmm(bias, x, self.LR.transpose(1, 2))
+        u = F.gelu(z)
+        log_probs = torch.log_softmax(torch.bmm(u, U.transpose(1, 2)), dim=-1)  # [C, m, p]
+        y = y.unsqueeze(-1)
+        p_y = log_probs.gather(-1, y).exp_()  # [C, m, 1]
+        offset = p_y + PUBLISHED_LOSS_OFFSET
+        torch.sum(offset.log(), dim=(1, 2), out=loss_sum)  # −m·L_m, as the engine records it
+
+        d_logits = log_probs.exp_()
+        d_logits.scatter_add_(-1, y, self.minus_one)
+        d_logits.mul_(p_y.div_(offset).mul_(scale))  # δs = k/m·p_y/(p_y + δ)·(softmax − onehot)
+        torch.bmm(d_logits.transpose(1, 2), u, out=grad["unembed.weight"])
+        dz = torch.ops.aten.gelu_backward(torch.bmm(d_logits, U), z)
+        torch.sum(dz, dim=1, out=grad["left.bias"])
+        grad["right.bias"].copy_(grad["left.bias"])
+        d_LR = torch.bmm(dz.transpose(1, 2), x)
+        grad["left.weight"].copy_(d_LR[..., :e])
+        grad["right.weight"].copy_(d_LR[..., e:])
+        d_x = torch.bmm(dz, self.LR)
+        grad["embed.weight"].zero_().view(C * p, e).index_add_(0, rows, d_x.view(-1, e))
+
+
 @dataclass
 class _Chains:
     """Everything about a set of chains that does not change during sampling; sliceable into groups."""
@@ -54,28 +103,58 @@ class _Chains:
     nbeta: torch.Tensor
     direction: torch.Tensor | None  # [C, d] unit ∇L_n(w*) of each chain's start, or None
     example_offset: torch.Tensor  # [C] where the chain's start's train split begins in operands/targets
+    fixed: torch.Tensor | None = None  # [C, d] bool: weights held at w* (``restrict``), or None
 
     def group(self, lo: int, hi: int) -> "_Chains":
+        def rows(t):
+            return None if t is None else t[lo:hi]
         return _Chains(self.ids[lo:hi], self.w_star[lo:hi], self.epsilon[lo:hi], self.gamma[lo:hi],
-                       self.nbeta[lo:hi], None if self.direction is None else self.direction[lo:hi],
-                       self.example_offset[lo:hi])
+                       self.nbeta[lo:hi], rows(self.direction), self.example_offset[lo:hi], rows(self.fixed))
 
 
-def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, randomness, device,
-                tick) -> tuple[torch.Tensor, torch.Tensor]:
-    """SGLD for one group of chains: (loss trace [T, C], final weights [C, d] chain-major)."""
-    C, m, T = len(chains.ids), config.batch_size, config.steps
-    batch = ChainBatch(*arch, chains.w_star.to(device), m)
+def _update_rule(batch: ChainBatch, chains: _Chains, config: SGLDConfig, device):
+    """(the factor k_c/m the engine scales ∇L_m by [C, 1, 1], the in-place update ``(G, noise, projection)``)
+    of ``config.sampler`` (formulas: ``sampling/sgld.py``)."""
+    C, m = len(chains.ids), config.batch_size
+    if config.sampler == "rmsprop_sgld":  # G = ∇L_m itself: the preconditioner needs the raw gradient
+        state = RMSpropState(batch.W, config.rmsprop_alpha, config.rmsprop_eps)
+        w_star = batch.W.clone()
+        nbeta, gamma = batch.coefficient(chains.nbeta, device), batch.coefficient(chains.gamma, device)
+        minus_half_eps = batch.coefficient(-chains.epsilon / 2, device)
+        noise_scale = batch.coefficient(chains.epsilon.sqrt(), device)
+        scale = torch.full((C, 1, 1), 1.0 / m, device=device)
+
+        def update(G, noise, projection):
+            rmsprop_sgld_update(batch.W, G, noise, state, w_star, nbeta, gamma, minus_half_eps, noise_scale,
+                                projection)
+        return scale, update
 
     # W ← W − decay·(W − W*) − drift·∇L_m + noise_scale·ξ  (``sgld.py``)
     decay = batch.coefficient(chains.epsilon * chains.gamma / 2, device)
     keep, noise_scale = 1 - decay, batch.coefficient(chains.epsilon.sqrt(), device)
     decay_w_star = batch.W * decay
     drift = chains.epsilon / 2 * chains.nbeta
-    grad_scale = (-drift / m).to(device=device, dtype=torch.float32).view(C, 1, 1)  # G = −drift·∇L_m (mean's 1/m)
+    scale = (-drift / m).to(device=device, dtype=torch.float32).view(C, 1, 1)  # G = −drift·∇L_m (mean's 1/m)
+
+    def update(G, noise, projection):
+        sgld_update(batch.W, G, noise, noise_scale, keep, decay_w_star, projection)
+    return scale, update
+
+
+def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, randomness, device,
+                tick) -> tuple[torch.Tensor, torch.Tensor]:
+    """SGLD for one group of chains: (loss trace [T, C], final weights [C, d] chain-major)."""
+    C, m, T = len(chains.ids), config.batch_size, config.steps
+    batch_type = _PublishedLossBatch if config.chain_loss == "published" else ChainBatch
+    batch = batch_type(*arch, chains.w_star.to(device), m)
+    grad_scale, update = _update_rule(batch, chains, config, device)
     projection = None
     if chains.direction is not None:
         projection = (batch.rows(batch.G), batch.rows(batch.to_parameter_major(chains.direction.to(device))))
+    fixed = None  # (flat indices of the fixed weights in the buffer, their w*)
+    if chains.fixed is not None and bool(chains.fixed.any()):
+        indices = batch.to_parameter_major(chains.fixed.to(device)).nonzero().squeeze(1)
+        fixed = (indices, batch.W.index_select(0, indices))
     example_offset = chains.example_offset.to(device).unsqueeze(1)
     draws = StepDraws(C, m, batch.d, device)
     trace = torch.empty(T, C, device=device)
@@ -86,29 +165,67 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
         examples = (indices + example_offset).view(-1)
         batch.loss_and_scaled_grad(operands.index_select(0, examples).view(C, m, 2),
                                    targets.index_select(0, examples).view(C, m), grad_scale, trace[t])
-        sgld_update(batch.W, batch.G, noise, noise_scale, keep, decay_w_star, projection)
+        update(batch.G, noise, projection)
+        if fixed is not None:
+            batch.W.index_copy_(0, *fixed)  # the fixed weights back at w*, exactly (keep·w* + decay·w* need not be)
         if (t + 1) % report_every == 0:
             tick(C * report_every)
     return trace.cpu().div_(-m), batch.to_chain_major(batch.W).cpu()
 
 
+def _chain_masks(restrict: torch.Tensor, chains: int, d: int) -> torch.Tensor:
+    """``restrict`` as a bool [chains, d] mask (one [d] row for every chain, or one row per chain), or the
+    one-line error saying what is wrong with it."""
+    if not (isinstance(restrict, torch.Tensor) and restrict.dim() == 2):
+        return check_mask(restrict, d).cpu().expand(chains, d)
+    if restrict.dtype != torch.bool or tuple(restrict.shape) != (chains, d):
+        raise FastLLCError(f"restrict must reach the backend as a bool tensor of shape ({d},) or ({chains}, {d}) "
+                           f"(one row per chain) over the flat weights, got {restrict.dtype} "
+                           f"{tuple(restrict.shape)} (fastllc.sampling.restrict.selection_mask)")
+    empty = (~restrict.any(dim=1)).nonzero()
+    if len(empty):
+        raise FastLLCError(f"restrict selects no weights for chain {int(empty[0])}; select at least one weight "
+                           "in every row, or drop restrict")
+    return restrict.cpu()
+
+
+def _restricted_directions(starts: list[Start], keep: torch.Tensor) -> torch.Tensor:
+    """[S·C, d]: the unit ∇L_n(w*) of chain j of start s masked by its row ``keep[j]`` (zero where the masked
+    gradient vanishes: nothing to restrict), as the reference computes it."""
+    rows = []
+    for s in starts:
+        home = next(s.model.parameters()).device
+        gradient = loss_and_gradient_at_start(s.model, s.pairs.to(home), s.labels.to(home), F.cross_entropy)[1].cpu()
+        for row in keep:
+            unit = orthogonal_direction(torch.where(row, gradient, 0.0))
+            rows.append(unit if unit is not None else torch.zeros_like(gradient))
+    return torch.stack(rows)
+
+
 def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, device="cpu",
-                  progress: bool = False, workers: int | None = None) -> list[Samples]:
-    """Run ``config.chains`` chains from every start as one batch; one ``Samples`` per start."""
+                  progress: bool = False, workers: int | None = None,
+                  restrict: torch.Tensor | None = None) -> list[Samples]:
+    """Run ``config.chains`` chains from every start as one batch; one ``Samples`` per start.
+
+    ``restrict``: a bool mask [d] or [config.chains, d] (``sample``), the same for every start."""
     config.validate()
     device = torch.device(device)
     arch, n = check_starts(starts)
     S, C_per, T = len(starts), config.chains, config.steps
     C = S * C_per
-    epsilon, gamma, nbeta = config.hyperparameters(n)
+    epsilon, gamma, nbeta = config.hyperparameters(n, samplers=SAMPLERS)
 
-    init_losses, w_star, direction = start_points(starts, config.orthogonal)
+    d = flat_parameters(starts[0].model)[2].numel()
+    keep = None if restrict is None else _chain_masks(restrict, C_per, d)  # refused before any work
+
+    init_losses, w_star, direction = start_points(starts, config.orthogonal and restrict is None)
     w_star = w_star.repeat_interleave(C_per, 0)
-    d = w_star.shape[1]
     if direction is not None:
         direction = direction.repeat_interleave(C_per, 0)
+    elif keep is not None and config.orthogonal:
+        direction = _restricted_directions(starts, keep)
     chains = _Chains(np.arange(C, dtype=np.int64), w_star, epsilon.repeat(S), gamma.repeat(S), nbeta.repeat(S),
-                     direction, torch.arange(C) // C_per * n)
+                     direction, torch.arange(C) // C_per * n, None if keep is None else ~keep.repeat(S, 1))
     operands, targets = stacked_examples(starts, device)
     randomness = for_run(randomness, config, n, d, chains=C)
 
@@ -124,7 +241,9 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
-           progress: bool = False) -> Samples:
+           progress: bool = False, restrict: torch.Tensor | None = None) -> Samples:
+    """``restrict``: a bool mask [d] (every chain) or [C, d] (one row per chain) over the flat weights
+    (``sampling/restrict.py``): only the selected weights move, the others stay at w* bit for bit."""
     require(device, model, loss_fn)
     return sample_starts([Start(model, inputs, targets)], config, randomness=randomness,
-                         device=device, progress=progress)[0]
+                         device=device, progress=progress, restrict=restrict)[0]
