@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from ..engine import ChainBatch, is_study_mlp
 from ..errors import FastLLCError
 from ..sampling.config import PUBLISHED_LOSS_OFFSET, SAMPLERS, SGLDConfig
-from ..sampling.contract import (Samples, flat_parameters, loss_and_gradient_at_start, nan_from_first_non_finite,
-                                 orthogonal_direction)
+from ..sampling.chain_masks import chain_masks, restricted_directions
+from ..sampling.contract import Samples, flat_parameters, nan_from_first_non_finite
 from ..sampling.randomness import for_run
-from ..sampling.restrict import check_mask
 from ..sampling.sgld import RMSpropState, StepDraws, rmsprop_sgld_update, sgld_update
 from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
 from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
@@ -173,35 +172,6 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
     return trace.cpu().div_(-m), batch.to_chain_major(batch.W).cpu()
 
 
-def _chain_masks(restrict: torch.Tensor, chains: int, d: int) -> torch.Tensor:
-    """``restrict`` as a bool [chains, d] mask (one [d] row for every chain, or one row per chain), or the
-    one-line error saying what is wrong with it."""
-    if not (isinstance(restrict, torch.Tensor) and restrict.dim() == 2):
-        return check_mask(restrict, d).cpu().expand(chains, d)
-    if restrict.dtype != torch.bool or tuple(restrict.shape) != (chains, d):
-        raise FastLLCError(f"restrict must reach the backend as a bool tensor of shape ({d},) or ({chains}, {d}) "
-                           f"(one row per chain) over the flat weights, got {restrict.dtype} "
-                           f"{tuple(restrict.shape)} (fastllc.sampling.restrict.selection_mask)")
-    empty = (~restrict.any(dim=1)).nonzero()
-    if len(empty):
-        raise FastLLCError(f"restrict selects no weights for chain {int(empty[0])}; select at least one weight "
-                           "in every row, or drop restrict")
-    return restrict.cpu()
-
-
-def _restricted_directions(starts: list[Start], keep: torch.Tensor) -> torch.Tensor:
-    """[S·C, d]: the unit ∇L_n(w*) of chain j of start s masked by its row ``keep[j]`` (zero where the masked
-    gradient vanishes: nothing to restrict), as the reference computes it."""
-    rows = []
-    for s in starts:
-        home = next(s.model.parameters()).device
-        gradient = loss_and_gradient_at_start(s.model, s.pairs.to(home), s.labels.to(home), F.cross_entropy)[1].cpu()
-        for row in keep:
-            unit = orthogonal_direction(torch.where(row, gradient, 0.0))
-            rows.append(unit if unit is not None else torch.zeros_like(gradient))
-    return torch.stack(rows)
-
-
 def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, device="cpu",
                   progress: bool = False, workers: int | None = None,
                   restrict: torch.Tensor | None = None) -> list[Samples]:
@@ -216,14 +186,14 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     epsilon, gamma, nbeta = config.hyperparameters(n, samplers=SAMPLERS)
 
     d = flat_parameters(starts[0].model)[2].numel()
-    keep = None if restrict is None else _chain_masks(restrict, C_per, d)  # refused before any work
+    keep = None if restrict is None else chain_masks(restrict, C_per, d)  # refused before any work
 
     init_losses, w_star, direction = start_points(starts, config.orthogonal and restrict is None)
     w_star = w_star.repeat_interleave(C_per, 0)
     if direction is not None:
         direction = direction.repeat_interleave(C_per, 0)
     elif keep is not None and config.orthogonal:
-        direction = _restricted_directions(starts, keep)
+        direction = restricted_directions(starts, keep)
     chains = _Chains(np.arange(C, dtype=np.int64), w_star, epsilon.repeat(S), gamma.repeat(S), nbeta.repeat(S),
                      direction, torch.arange(C) // C_per * n, None if keep is None else ~keep.repeat(S, 1))
     operands, targets = stacked_examples(starts, device)

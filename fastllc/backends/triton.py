@@ -15,6 +15,10 @@ Randomness. ``randomness=None``: minibatches and noise are drawn in the kernel (
 ``config.seed``, chain and step; see the kernel module): reproducible and independent of C, but *not*
 the numbers the CPU backends draw for the same seed. ``InjectedRandomness``: read from its tensors
 (tests compare with the reference parameter by parameter). Other generators are refused.
+
+Variants, as the reference defines them: ``chain_loss="published"`` (the kernel's PUBLISHED flag) and
+``restrict`` (a bool mask [d] or [C, d], ``sampling/chain_masks.py``: the kernel zeroes the increment of the
+fixed weights, and projects on each chain's masked ∇L_n(w*)). Plain SGLD only (no ``rmsprop_sgld``).
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from ..engine import is_study_mlp
 from ..errors import FastLLCError
 from ..model import ModularMLP
 from ..sampling.config import SGLDConfig
-from ..sampling.contract import Samples, nan_from_first_non_finite
+from ..sampling.chain_masks import chain_masks, restricted_directions
+from ..sampling.contract import Samples, flat_parameters, nan_from_first_non_finite
 from ..sampling.randomness import InjectedRandomness
 from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
 
 NAME = "triton"
-CAPABILITIES = frozenset({"stacked_starts"})
+CAPABILITIES = frozenset({"stacked_starts", "published_chain_loss", "restrict"})
 DEVICES = ("cuda",)  # and the CPU in Triton's interpreter, for tests only (see the docstring)
 AUTO_PRIORITY = 10  # ``auto`` tries lower first: the fastest where it runs (CUDA)
 
@@ -114,8 +119,10 @@ def _check_starts(starts: list[Start]) -> tuple[tuple[int, int, int], int]:
 
 
 def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, device="cpu",
-                  progress: bool = False) -> list[Samples]:
-    """Run ``config.chains`` chains from every start as one launch per chunk of steps; one ``Samples`` per start."""
+                  progress: bool = False, restrict: torch.Tensor | None = None) -> list[Samples]:
+    """Run ``config.chains`` chains from every start as one launch per chunk of steps; one ``Samples`` per start.
+
+    ``restrict``: a bool mask [d] or [config.chains, d], the same for every start (``sampling/chain_masks.py``)."""
     config.validate()
     device = torch.device(device)
     kernels = _kernels(device)
@@ -125,11 +132,17 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     S, C_per, m, T = len(starts), config.chains, config.batch_size, config.steps
     C = S * C_per
     epsilon, gamma, nbeta = config.hyperparameters(n)
+    d = flat_parameters(starts[0].model)[2].numel()
+    keep = None if restrict is None else chain_masks(restrict, C_per, d)  # refused before any work
 
-    init_losses, w_star, direction = start_points(starts, config.orthogonal)  # w_star, direction: [S, d]
-    d = w_star.shape[1]
+    # w_star, direction: [S, d]; restricted, direction is each chain's own: [C, d]
+    init_losses, w_star, direction = start_points(starts, config.orthogonal and keep is None)
+    if keep is not None and config.orthogonal:
+        direction = restricted_directions(starts, keep)
     if direction is not None:
         direction = direction.to(device).contiguous()
+    if keep is not None:
+        keep = keep.repeat(S, 1).to(device=device, dtype=torch.int8).contiguous()
 
     injected = None
     if isinstance(randomness, InjectedRandomness):
@@ -149,7 +162,8 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
 
     def launch(t0: int, n_steps: int) -> None:
         kernels.run_chains(w, w_star, direction, hyper, operands, targets, trace, arch=arch, batch_size=m, n=n,
-                           chains_per_start=C_per, seed=config.seed, t0=t0, n_steps=n_steps, injected=injected)
+                           chains_per_start=C_per, seed=config.seed, t0=t0, n_steps=n_steps, injected=injected,
+                           published=config.chain_loss == "published", keep=keep)
 
     if device.type == "cuda":
         launch(0, 0)  # compiles (or loads from Triton's cache) outside the timed loop; moves no weights
@@ -173,9 +187,11 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
-           progress: bool = False) -> Samples:
+           progress: bool = False, restrict: torch.Tensor | None = None) -> Samples:
+    """``restrict``: a bool mask [d] (every chain) or [C, d] (one row per chain) over the flat weights
+    (``sampling/restrict.py``): only the selected weights move, the others stay at w* bit for bit."""
     if not is_study_mlp(model, loss_fn):
         raise FastLLCError("the triton backend runs the study's ModularMLP with cross-entropy; "
                            "use --backend reference or generic for other models or losses")
     return sample_starts([Start(model, inputs, targets)], config, randomness=randomness, device=device,
-                         progress=progress)[0]
+                         progress=progress, restrict=restrict)[0]

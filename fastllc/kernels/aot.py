@@ -24,19 +24,20 @@ from triton.compiler import ASTSource
 from . import mlp_sgld
 
 _POINTERS = {"w_ptr": "*fp32", "star_ptr": "*fp32", "dir_ptr": "*fp32", "hyper_ptr": "*fp32", "ops_ptr": "*i64",
-             "tgt_ptr": "*i64", "idx_ptr": "*i64", "noise_ptr": "*fp32", "trace_ptr": "*fp32"}
+             "tgt_ptr": "*i64", "idx_ptr": "*i64", "noise_ptr": "*fp32", "trace_ptr": "*fp32", "keep_ptr": "*i8"}
 _SCALARS = {"seed": "i64", "n": "i32", "chains_per_start": "i32", "total_steps": "i32", "t0": "i32", "n_steps": "i32"}
 
 
 def ptxas_report(p: int, e: int, h: int, m: int, *, injected: bool = False, orthogonal: bool = False,
-                 num_warps: int | None = None, capability: int = 90) -> dict:
+                 published: bool = False, restricted: bool = False, num_warps: int | None = None,
+                 capability: int = 90) -> dict:
     """Compile ``_sgld_kernel`` for sm_``capability``: registers, spill bytes and shared memory per program."""
     if mlp_sgld.INTERPRETED:
         raise RuntimeError("the kernels were defined under TRITON_INTERPRET=1: nothing to compile")
     P, M = mlp_sgld.padded(p), mlp_sgld.padded(m)
     num_warps = num_warps or mlp_sgld.default_num_warps(P, M)
     constants = dict(p=p, e=e, h=h, m=m, P=P, EB=mlp_sgld.padded(e), H=mlp_sgld.padded(h), M=M,
-                     INJECTED=injected, ORTHOGONAL=orthogonal)
+                     INJECTED=injected, ORTHOGONAL=orthogonal, PUBLISHED=published, RESTRICTED=restricted)
     signature = {**_POINTERS, **_SCALARS, **{name: "constexpr" for name in constants}}
     log = io.StringIO()
     knobs = triton.knobs
@@ -62,10 +63,13 @@ def main() -> None:
         parser.add_argument(name, type=int)
     parser.add_argument("--injected", action="store_true")
     parser.add_argument("--orthogonal", action="store_true")
+    parser.add_argument("--published", action="store_true", help="the published chain loss −log(p_y + 1e-6)")
+    parser.add_argument("--restricted", action="store_true", help="a per-chain weight mask (restrict=)")
     parser.add_argument("--num-warps", type=int, default=None)
     parser.add_argument("--capability", type=int, default=90)
     args = parser.parse_args()
     report = ptxas_report(args.p, args.e, args.h, args.m, injected=args.injected, orthogonal=args.orthogonal,
+                          published=args.published, restricted=args.restricted,
                           num_warps=args.num_warps, capability=args.capability)
     print({k: v for k, v in report.items() if k != "log"})
 

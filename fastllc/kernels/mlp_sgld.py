@@ -20,6 +20,11 @@ One step (a_i, b_i operands, y_i label of minibatch example i; A, B, Y the one-h
     Δ = −decay·(w − w*) − drift·∇L_m + noise_scale·ξ,   Δ −= (Δ·g)·g if orthogonal,   w += Δ
     (decay = εγ/2, drift = ε·nβ/2, noise_scale = √ε per chain: ``sampling/sgld.py``'s vocabulary)
 
+Variants (compile-time flags). PUBLISHED: the chains follow the study's −log(p_y + δ) (``SGLDConfig.chain_loss``):
+with p_y = exp(s_y − lse(s)) the row loss is −log(p_y + δ) and δs_i is scaled by p_y/(p_y + δ). RESTRICTED:
+a per-chain mask keep [C, d] (int8) zeroes Δ where it is 0 (after the projection), so those weights stay at
+w* bit for bit; g is then each chain's own masked direction (dir_ptr [C, d] instead of [S, d]).
+
 Registers. Each step's one-hot matrices are rebuilt where needed (Aᵀ, Bᵀ for ∇E) instead of kept live,
 and the orthogonal projection runs in two passes over the tiles (Δ·g first, then each Δ again, its noise
 redrawn from the same counters) instead of holding six increments: measured with ``fastllc.kernels.aot``
@@ -41,7 +46,10 @@ import triton
 import triton.language as tl
 from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
+from ..sampling.config import PUBLISHED_LOSS_OFFSET
+
 NOISE_STREAM, INDEX_STREAM = tl.constexpr(0), tl.constexpr(1)  # the fourth counter word
+OFFSET = tl.constexpr(PUBLISHED_LOSS_OFFSET)  # δ of the published chain loss
 
 
 def default_num_warps(P: int, M: int) -> int:
@@ -107,25 +115,29 @@ def _along(x, grad, offsets, mask, star_row, dir_row, noise_row, seed, chain, st
 
 
 @triton.jit
-def _apply(x, grad, offsets, mask, star_row, dir_row, noise_row, seed, chain, step, decay, drift, noise_scale, along,
-           INJECTED: tl.constexpr, ORTHOGONAL: tl.constexpr):
-    """x + Δ, or x + Δ − (Δ·g)·g with ``along`` = Δ·g."""
+def _apply(x, grad, offsets, mask, star_row, dir_row, keep_row, noise_row, seed, chain, step, decay, drift, noise_scale,
+           along, INJECTED: tl.constexpr, ORTHOGONAL: tl.constexpr, RESTRICTED: tl.constexpr):
+    """x + Δ, or x + Δ − (Δ·g)·g with ``along`` = Δ·g; the increment zeroed where keep is 0 (RESTRICTED)."""
     delta = _delta(x, grad, offsets, mask, star_row, noise_row, seed, chain, step, decay, drift, noise_scale, INJECTED)
     if ORTHOGONAL:
         delta -= along * tl.load(dir_row + offsets, mask=mask, other=0.0)
+    if RESTRICTED:
+        delta = tl.where(tl.load(keep_row + offsets, mask=mask, other=0) != 0, delta, 0.0)
     return x + delta
 
 
 @triton.jit(do_not_specialize=["seed", "t0", "n_steps"])  # a 1 there would otherwise compile a second kernel
 def _sgld_kernel(w_ptr,  # [C, d] fp32, chain-major weights, canonical order: updated in place
                  star_ptr,  # [S, d] fp32, w* of each start (start s = chain // chains_per_start)
-                 dir_ptr,  # [S, d] fp32, unit ∇L_n(w*) of each start (read only if ORTHOGONAL)
+                 dir_ptr,  # [S, d] fp32, unit ∇L_n(w*) of each start, [C, d] of each chain if RESTRICTED
+                 #           (read only if ORTHOGONAL)
                  hyper_ptr,  # [C, 3] fp32, per chain (decay, drift, noise_scale) = (εγ/2, ε·nβ/2, √ε)
                  ops_ptr,  # [S·n, 2] int64, operands (a, b): start s's split at rows s·n ..
                  tgt_ptr,  # [S·n] int64, labels, same rows
                  idx_ptr,  # [C, total_steps, m] int64, injected minibatch indices (read only if INJECTED)
                  noise_ptr,  # [C, total_steps, d] fp32, injected unit noise (read only if INJECTED)
                  trace_ptr,  # [C, total_steps] fp32, out: L_m(w_t) of every step run
+                 keep_ptr,  # [C, d] int8, 1 where the chain moves the weight (read only if RESTRICTED)
                  seed,  # int64, keys the in-kernel Philox streams
                  n,  # examples in one start's split
                  chains_per_start,  # C / S
@@ -133,7 +145,8 @@ def _sgld_kernel(w_ptr,  # [C, d] fp32, chain-major weights, canonical order: up
                  t0, n_steps,  # this launch runs steps t0 .. t0+n_steps−1
                  p: tl.constexpr, e: tl.constexpr, h: tl.constexpr, m: tl.constexpr,  # the MLP and minibatch
                  P: tl.constexpr, EB: tl.constexpr, H: tl.constexpr, M: tl.constexpr,  # their tiles (``padded``)
-                 INJECTED: tl.constexpr, ORTHOGONAL: tl.constexpr):
+                 INJECTED: tl.constexpr, ORTHOGONAL: tl.constexpr, PUBLISHED: tl.constexpr,
+                 RESTRICTED: tl.constexpr):
     """Steps t0 .. t0+n_steps−1 of chain ``program_id(0)``; see the module docstring."""
     chain = tl.program_id(0)
     row = chain.to(tl.int64)
@@ -152,7 +165,11 @@ def _sgld_kernel(w_ptr,  # [C, d] fp32, chain-major weights, canonical order: up
     oBL, oBR = OFF_BL + rH, OFF_BR + rH
     oU, mU = OFF_U + rP[:, None] * h + rH[None, :], p_ok[:, None] & h_ok[None, :]
 
-    w_row, star_row, dir_row = w_ptr + row * D, star_ptr + start * D, dir_ptr + start * D
+    w_row, star_row, keep_row = w_ptr + row * D, star_ptr + start * D, keep_ptr + row * D
+    if RESTRICTED:  # each chain projects on its own masked direction
+        dir_row = dir_ptr + row * D
+    else:
+        dir_row = dir_ptr + start * D
     E = tl.load(w_row + oE, mask=mE, other=0.0)
     L = tl.load(w_row + oL, mask=mL, other=0.0)
     bL = tl.load(w_row + oBL, mask=h_ok, other=0.0)
@@ -189,12 +206,18 @@ def _sgld_kernel(w_ptr,  # [C, d] fp32, chain-major weights, canonical order: up
         s_max = tl.max(s, axis=1)
         expo = tl.exp(s - s_max[:, None])
         total = tl.sum(expo, axis=1)
-        row_loss = s_max + tl.log(total) - tl.sum(tl.where(Y, s, 0.0), axis=1)
+        row_loss = s_max + tl.log(total) - tl.sum(tl.where(Y, s, 0.0), axis=1)  # −log p_y
+        if PUBLISHED:  # −log(p_y + δ); its logit gradient is cross-entropy's times p_y/(p_y + δ)
+            p_y = tl.exp(-row_loss)
+            row_loss = -tl.log(p_y + OFFSET)
+            row_weight = p_y / (p_y + OFFSET)
         loss = tl.sum(tl.where(m_ok, row_loss, 0.0), axis=0) / m
         tl.store(trace_ptr + row * total_steps + step, loss)
 
         # backward
         ds = tl.where(m_ok[:, None] & p_ok[None, :], expo / total[:, None] - Y.to(tl.float32), 0.0) / m
+        if PUBLISHED:
+            ds = ds * row_weight[:, None]
         gU = tl.dot(tl.trans(ds), u, input_precision="ieee")
         dz = tl.dot(ds, U, input_precision="ieee") * (cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327)
         gB = tl.sum(dz, axis=0)
@@ -225,18 +248,18 @@ def _sgld_kernel(w_ptr,  # [C, d] fp32, chain-major weights, canonical order: up
                               decay, drift, noise_scale, INJECTED))
         else:
             along = 0.0
-        E = _apply(E, gE, oE, mE, star_row, dir_row, noise_row, seed, chain, step,
-                   decay, drift, noise_scale, along, INJECTED, ORTHOGONAL)
-        L = _apply(L, gL, oL, mL, star_row, dir_row, noise_row, seed, chain, step,
-                   decay, drift, noise_scale, along, INJECTED, ORTHOGONAL)
-        bL = _apply(bL, gB, oBL, h_ok, star_row, dir_row, noise_row, seed, chain, step,
-                    decay, drift, noise_scale, along, INJECTED, ORTHOGONAL)
-        R = _apply(R, gR, oR, mL, star_row, dir_row, noise_row, seed, chain, step,
-                   decay, drift, noise_scale, along, INJECTED, ORTHOGONAL)
-        bR = _apply(bR, gB, oBR, h_ok, star_row, dir_row, noise_row, seed, chain, step,
-                    decay, drift, noise_scale, along, INJECTED, ORTHOGONAL)
-        U = _apply(U, gU, oU, mU, star_row, dir_row, noise_row, seed, chain, step,
-                   decay, drift, noise_scale, along, INJECTED, ORTHOGONAL)
+        E = _apply(E, gE, oE, mE, star_row, dir_row, keep_row, noise_row, seed, chain, step,
+                   decay, drift, noise_scale, along, INJECTED, ORTHOGONAL, RESTRICTED)
+        L = _apply(L, gL, oL, mL, star_row, dir_row, keep_row, noise_row, seed, chain, step,
+                   decay, drift, noise_scale, along, INJECTED, ORTHOGONAL, RESTRICTED)
+        bL = _apply(bL, gB, oBL, h_ok, star_row, dir_row, keep_row, noise_row, seed, chain, step,
+                    decay, drift, noise_scale, along, INJECTED, ORTHOGONAL, RESTRICTED)
+        R = _apply(R, gR, oR, mL, star_row, dir_row, keep_row, noise_row, seed, chain, step,
+                   decay, drift, noise_scale, along, INJECTED, ORTHOGONAL, RESTRICTED)
+        bR = _apply(bR, gB, oBR, h_ok, star_row, dir_row, keep_row, noise_row, seed, chain, step,
+                    decay, drift, noise_scale, along, INJECTED, ORTHOGONAL, RESTRICTED)
+        U = _apply(U, gU, oU, mU, star_row, dir_row, keep_row, noise_row, seed, chain, step,
+                   decay, drift, noise_scale, along, INJECTED, ORTHOGONAL, RESTRICTED)
 
     tl.store(w_row + oE, E, mask=mE)
     tl.store(w_row + oL, L, mask=mL)
@@ -270,10 +293,12 @@ if INTERPRETED and isinstance(tl.philox, triton.runtime.JITFunction):  # Triton'
 
 
 def run_chains(w, w_star, direction, hyper, operands, targets, trace, *, arch, batch_size, n, chains_per_start,
-               seed, t0, n_steps, injected=None, num_warps=None):
+               seed, t0, n_steps, injected=None, num_warps=None, published=False, keep=None):
     """Advance every chain of ``w`` [C, d] by steps t0 .. t0+n_steps−1 in one launch, in place.
 
-    ``direction`` None: no orthogonal restriction. ``injected``: (indices [C, T, m] int64, noise [C, T, d]).
+    ``direction`` None: no orthogonal restriction; else [S, d] (one row per start), or [C, d] (one per chain)
+    when ``keep`` is given. ``injected``: (indices [C, T, m] int64, noise [C, T, d]). ``published``: follow
+    −log(p_y + δ). ``keep``: [C, d] int8, the weights each chain moves (the others stay at w*).
     All tensors contiguous on one device (CPU only under the interpreter).
     """
     p, e, h = arch
@@ -282,9 +307,11 @@ def run_chains(w, w_star, direction, hyper, operands, targets, trace, *, arch, b
     idx, noise = injected if injected is not None else (targets, w)  # never read unless INJECTED
     _sgld_kernel[(w.shape[0],)](
         w, w_star, w_star if direction is None else direction, hyper, operands, targets, idx, noise, trace,
+        w if keep is None else keep,  # never read unless RESTRICTED
         seed, n, chains_per_start, trace.shape[1], t0, n_steps,
         p=p, e=e, h=h, m=batch_size, P=P, EB=padded(e), H=padded(h), M=M,
-        INJECTED=injected is not None, ORTHOGONAL=direction is not None, num_warps=num_warps)
+        INJECTED=injected is not None, ORTHOGONAL=direction is not None, PUBLISHED=bool(published),
+        RESTRICTED=keep is not None, num_warps=num_warps)
 
 
 def draws(seed: int, chains, steps: int, n: int, batch_size: int, dim: int, device="cpu", block: int = 256):
