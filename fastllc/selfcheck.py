@@ -4,7 +4,8 @@
 
 Checks (small shapes, the patterns of tests/test_backend_torch.py, test_backend_generic.py and
 test_backend_triton.py): the ``torch``, ``generic`` and ``triton`` backends on CUDA against the reference
-sampler on CPU, fed the same ``InjectedRandomness`` and compared parameter by parameter; the triton
+sampler on CPU, fed the same ``InjectedRandomness`` and compared parameter by parameter (``torch`` and
+``triton`` also with the published chain loss and with restricted weights); the triton
 kernel's in-kernel Philox draws against the reference fed ``kernels.draws``; chain trajectories
 independent of the chain count;
 the moments of the kernel's noise. Then chain-steps per second of ``triton`` and ``torch`` at C = 64,
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from .errors import FastLLCError
 from .model import ModularMLP
 from .sampling import InjectedRandomness, SGLDConfig
+from .sampling.config import PUBLISHED_LOSS_OFFSET
 from .sampling.contract import flat_parameters
 from .tasks import make_task
 
@@ -94,20 +96,36 @@ def _difference(fast, ref) -> float:
     return worst if math.isfinite(worst) else math.inf
 
 
-def _against_reference(backend: str, device, shape, chains, steps, settings, **options) -> float:
-    """``backend`` on ``device`` and the reference on CPU, the same injected noise: the largest difference."""
+def _against_reference(backend: str, device, shape, chains, steps, settings, *, chain_loss="exact",
+                       output_scale=1.0, restrict=None, **options) -> float:
+    """``backend`` on ``device`` and the reference on CPU, the same injected noise: the largest difference.
+
+    ``output_scale`` multiplies the output weights (confident logits: some p_y < 1e-6, where the published
+    chain loss departs from cross-entropy); ``restrict``: a selection (``sampling/restrict.py``) both sample."""
     from .backends import backend_module
+    from .sampling.restrict import selection_mask
 
     reference = backend_module("reference")
     p, e, h, m = shape
     model, x, y = _setting(p, e, h, seed=p)
+    with torch.no_grad():
+        model.unembed.weight.mul_(output_scale)
+    if restrict is not None:
+        options["restrict"] = selection_mask(model, restrict)
+    if chain_loss == "published" and not bool((F.log_softmax(model(x), -1).gather(-1, y.view(-1, 1)).exp()
+                                                < PUBLISHED_LOSS_OFFSET).any()):
+        raise RuntimeError("no example has p_y < 1e-6: the published-loss comparison would be vacuous")
     noise = InjectedRandomness.seeded(chains, steps, len(y), m, flat_parameters(model)[2].numel(), seed=2)
-    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=True, **settings)
-    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=True, chain_loss=chain_loss, **settings)
+    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise,
+                           **{k: v for k, v in options.items() if k == "restrict"})
     if (ref.final_params - flat_parameters(model)[2]).abs().max() < 1e-2:
         raise RuntimeError("the reference chains did not move: the comparison would be vacuous")
     fast = backend_module(backend).sample(copy.deepcopy(model), x, y, F.cross_entropy, config, randomness=noise,
                                           device=device, **options)
+    if restrict is not None and not torch.equal(fast.final_params.cpu()[:, ~options["restrict"]],
+                                                ref.final_params[:, ~options["restrict"]]):
+        return math.inf  # the fixed weights must stay at w* bit for bit
     return _difference(fast, ref)
 
 
@@ -176,6 +194,10 @@ def check_list(device) -> list[tuple[str, Callable[[], float], float]]:
     """(name, function returning the largest error, tolerance) of every check on ``device``."""
     small = (7, 5, 13, 16)  # awkward, non-power-of-two shapes, as tests/test_backend_torch.py
     padded = (11, 5, 13, 11)  # every triton tile padded and masked, as tests/test_backend_triton.py
+    # the study's chain loss −log(p_y + 1e-6) on confident logits (output weights ×20: some p_y < 1e-6), and
+    # a restricted run (the left layer and the output weights), as tests/test_backend_torch.py and _triton.py
+    published = dict(chain_loss="published", output_scale=20.0)
+    restricted = dict(restrict=["left.*", "unembed.weight"])
     return [
         ("torch vs reference, injected noise (p=7 e=5 h=13 m=16, 3 chains x 100 steps)",
          lambda: _against_reference("torch", device, small, 3, 100, PER_CHAIN), ACROSS_BACKENDS),
@@ -183,8 +205,16 @@ def check_list(device) -> list[tuple[str, Callable[[], float], float]]:
          lambda: _torch_seeded_on_device_and_cpu(device), SAME_PROGRAM),
         ("generic vs reference, injected noise, traced step (p=7 e=5 h=13 m=16, 3 chains x 100 steps)",
          lambda: _against_reference("generic", device, small, 3, 100, PER_CHAIN, trace=True), ACROSS_BACKENDS),
+        ("torch vs reference, published chain loss (p=7 e=5 h=13 m=16, 3 chains x 30 steps)",
+         lambda: _against_reference("torch", device, small, 3, 30, PER_CHAIN, **published), ACROSS_BACKENDS),
+        ("torch vs reference, restricted weights (p=7 e=5 h=13 m=16, 3 chains x 60 steps)",
+         lambda: _against_reference("torch", device, small, 3, 60, PER_CHAIN, **restricted), ACROSS_BACKENDS),
         ("triton vs reference, injected noise, padded tiles (p=11 e=5 h=13 m=11, 3 chains x 20 steps)",
          lambda: _against_reference("triton", device, padded, 3, 20, PER_CHAIN), ACROSS_BACKENDS),
+        ("triton vs reference, published chain loss, padded tiles (p=11 e=5 h=13 m=11, 3 chains x 20 steps)",
+         lambda: _against_reference("triton", device, padded, 3, 20, PER_CHAIN, **published), ACROSS_BACKENDS),
+        ("triton vs reference, restricted weights, padded tiles (p=11 e=5 h=13 m=11, 3 chains x 20 steps)",
+         lambda: _against_reference("triton", device, padded, 3, 20, PER_CHAIN, **restricted), ACROSS_BACKENDS),
         ("triton vs reference, injected noise, published shape (p=53 e=8 h=32 m=64, 2 chains x 10 steps)",
          lambda: _against_reference("triton", device, PUBLISHED_SHAPE, 2, 10,
                                     dict(epsilon=[1e-3, 2e-3], nbeta=[50.0, 100.0])), ACROSS_BACKENDS),
