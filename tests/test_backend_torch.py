@@ -320,3 +320,13 @@ def test_rmsprop_sgld_matches_the_reference_with_injected_noise():
     plain = torch_backend.sample(model, x, y, F.cross_entropy, SGLDConfig(**{**config.to_dict(), "sampler": "sgld"}),
                                  randomness=noise)
     assert (plain.final_params - fast.final_params).abs().max() > 1e-2  # preconditioned: another trajectory
+
+
+def test_estimate_runs_restricted_published_rmsprop_chains_on_the_torch_backend():
+    """Through the public API: the registry hands ``backend="torch"`` all three (its capabilities)."""
+    from fastllc import estimate
+    model, x, y, _ = restricted_setting()
+    result = estimate(model, (x, y), backend="torch", restrict=["left.*", "unembed.weight"], chains=2, steps=20,
+                      batch_size=8, chain_loss="published", sampler="rmsprop_sgld", orthogonal=True)
+    assert result.backend == "torch" and result.sampled_weights == HIDDEN * EMBED + HIDDEN + P * HIDDEN  # L, b_L, U
+    assert math.isfinite(result.llc_mean)
