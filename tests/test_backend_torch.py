@@ -288,20 +288,30 @@ def test_per_chain_masks_equal_separate_runs():
         assert torch.equal(together.final_params[c, ~rows[c]], w_star[~rows[c]])
 
 
+D = 7 * 5 + 2 * (13 * 5 + 13) + 7 * 13  # restricted_setting's model: E, L, b_L, R, b_R, U
+SHAPES = f"shape ({D},) or (2, {D}) (one row per chain) over the flat weights"
+
+
 @pytest.mark.parametrize("mask,message", [
-    (torch.ones(3, 5, dtype=torch.bool), "restrict must reach the backend as a bool tensor of shape ("),
-    (torch.ones(2, 1, dtype=torch.bool), "or (2, "),
-    ("rows", "restrict selects no weights for chain 1; select at least one weight in every row, or drop restrict"),
-    (torch.zeros(1, dtype=torch.bool), "restrict must reach the backend as a bool tensor of shape ("),
+    (torch.ones(3, D, dtype=torch.bool),
+     f"restrict must reach the backend as a bool tensor of {SHAPES}, got torch.bool (3, {D}) "
+     "(fastllc.sampling.restrict.selection_mask)"),
+    (torch.ones(2, D, dtype=torch.int64),
+     f"restrict must reach the backend as a bool tensor of {SHAPES}, got torch.int64 (2, {D}) "
+     "(fastllc.sampling.restrict.selection_mask)"),
+    ("second row empty", "restrict selects no weights for chain 1; select at least one weight in every row, "
+                         "or drop restrict"),
+    (torch.zeros(D, dtype=torch.bool), "restrict selects no weights; select at least one weight, or drop restrict"),
 ])
 def test_bad_masks_are_one_line_errors_before_any_chain_runs(mask, message, monkeypatch):
     model, x, y, keep = restricted_setting()
+    assert keep.numel() == D
     if isinstance(mask, str):
         mask = torch.stack([keep, torch.zeros_like(keep)])
     monkeypatch.setattr(torch_backend, "_run_chains", lambda *a, **k: pytest.fail("a chain ran"))
     with pytest.raises(FastLLCError) as error:
         torch_backend.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=2, steps=3), restrict=mask)
-    assert message in str(error.value) and "\n" not in str(error.value)
+    assert str(error.value) == message
 
 
 def test_rmsprop_sgld_matches_the_reference_with_injected_noise():

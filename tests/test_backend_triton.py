@@ -172,6 +172,18 @@ def test_per_chain_restriction_matches_separate_reference_runs():
     assert (fast.final_params - w_star).abs().max() > 1e-2  # not vacuous: the chains travelled
 
 
+def test_a_bad_mask_is_a_one_line_error_before_any_launch(monkeypatch):
+    model, x, y = setting(5)
+    d = flat_parameters(model)[2].numel()
+    monkeypatch.setattr(kernels, "run_chains", lambda *a, **k: pytest.fail("a kernel ran"))
+    rows = torch.ones(CHAINS, d, dtype=torch.bool)
+    rows[2] = False
+    with pytest.raises(FastLLCError) as error:
+        triton_backend.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=CHAINS, steps=2), restrict=rows)
+    assert str(error.value) == ("restrict selects no weights for chain 2; select at least one weight in every row, "
+                                "or drop restrict")
+
+
 def test_stacked_starting_points_equal_separate_runs():
     first, x, y = setting(5)
     second = ModularMLP(5, EMBED, HIDDEN)  # another start of the same architecture
