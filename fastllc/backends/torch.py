@@ -21,13 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 import torch.nn.functional as F
 
 from ..engine import ChainBatch, is_study_mlp
 from ..errors import FastLLCError
-from ..sampling.config import PUBLISHED_LOSS_OFFSET, SAMPLERS, SGLDConfig
 from ..sampling.chain_masks import chain_masks, restricted_directions
+from ..sampling.config import PUBLISHED_LOSS_OFFSET, SAMPLERS, SGLDConfig
 from ..sampling.contract import Samples, flat_parameters, nan_from_first_non_finite
 from ..sampling.randomness import for_run
 from ..sampling.sgld import RMSpropState, StepDraws, rmsprop_sgld_update, sgld_update
@@ -152,8 +151,8 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
         projection = (batch.rows(batch.G), batch.rows(batch.to_parameter_major(chains.direction.to(device))))
     fixed = None  # (flat indices of the fixed weights in the buffer, their w*)
     if chains.fixed is not None and bool(chains.fixed.any()):
-        indices = batch.to_parameter_major(chains.fixed.to(device)).nonzero().squeeze(1)
-        fixed = (indices, batch.W.index_select(0, indices))
+        at = batch.to_parameter_major(chains.fixed.to(device)).nonzero().squeeze(1)
+        fixed = (at, batch.W.index_select(0, at))
     example_offset = chains.example_offset.to(device).unsqueeze(1)
     draws = StepDraws(C, m, batch.d, device)
     trace = torch.empty(T, C, device=device)
