@@ -32,10 +32,11 @@ both ends of the step, each end on its own minibatch (the orthogonal restriction
 layout and applies ``sgld.rmsprop_sgld_update``; the traced replay covers the gradient step, which is the
 same for both samplers.
 
-``restrict`` (a bool mask [d] over the flat weights, ``sampling/restrict.py``) samples only the selected
-weights: every step zeroes ∇L_m on the others (so drift, RMSProp's V and MALA's ∇U live in the restricted
-space) and then copies w* back into them, so that they stay at w* bit for bit whatever rounding the in-place
-update does (keep·w* + decay·w* need not be w*); the orthogonal direction is ∇L_n(w*) masked.
+``restrict`` (a bool mask [d] over the flat weights, ``sampling/restrict.py``, or [C, d] with one row per
+chain) samples only the selected weights: every step zeroes ∇L_m on the others (so drift, RMSProp's V and
+MALA's ∇U live in the restricted space) and then copies w* back into them, so that they stay at w* bit for bit
+whatever rounding the in-place update does (keep·w* + decay·w* need not be w*); the orthogonal direction is
+∇L_n(w*) masked by the chain's row.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ from ..errors import FastLLCError
 from ..sampling.config import SAMPLERS, SGLDConfig
 from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters,
                                  loss_and_gradient_at_start, nan_from_first_non_finite,
-                                 on_device, orthogonal_direction)
+                                 on_device)
 from ..sampling.randomness import for_run
-from ..sampling.restrict import check_mask
+from ..sampling.restrict import check_mask, restricted_directions
 from ..sampling.sgld import ParameterMajor, RMSpropState, StepDraws, axpy, rmsprop_sgld_update, sgld_update
 from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
 
@@ -146,7 +147,7 @@ class _Chains(ParameterMajor):
         self.frozen = None  # (~restrict in the buffer's layout, the flat indices of the fixed weights, W* there)
 
     def restrict(self, keep: torch.Tensor) -> None:
-        """Move only the weights where ``keep`` [d] is True (see the module docstring)."""
+        """Move only the weights where ``keep`` ([d], or [C, d]: one row per chain) is True (module docstring)."""
         frozen = ~self.to_parameter_major(keep.to(self.W.device).expand(self.C, self.d))
         indices = frozen.nonzero().squeeze(1)
         self.frozen = (frozen, indices, self.W_star.index_select(0, indices))
@@ -240,10 +241,11 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
     C, d, m, T = len(ids), w_star.numel(), config.batch_size, config.steps
     chains = _Chains(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper), device)
     if keep is not None:
-        chains.restrict(keep)
+        chains.restrict(_rows(keep, ids))
     projection = None
     if direction is not None:
-        projection = (chains.rows(chains.G), chains.rows(chains.to_parameter_major(direction.to(device).expand(C, d))))
+        direction = _rows(direction, ids).to(device).expand(C, d)
+        projection = (chains.rows(chains.G), chains.rows(chains.to_parameter_major(direction)))
     if config.sampler == "rmsprop_sgld":
         chains.use_rmsprop(config.rmsprop_alpha, config.rmsprop_eps, device)
     mala = _Mala(chains, T) if config.mala else None
@@ -280,6 +282,11 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
     return losses.cpu(), chains.to_chain_major(chains.W).cpu(), None if mala is None else mala.acceptance
 
 
+def _rows(values: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+    """The rows ``ids`` of a per-chain [C, d] tensor; a [d] tensor (every chain's) as it is."""
+    return values[torch.as_tensor(ids)] if values.dim() == 2 else values
+
+
 def _private_copy(model: nn.Module) -> nn.Module | None:
     """The module tree copied, sharing every parameter and buffer tensor: ``functional_call`` swaps weights
     on module objects, so concurrent groups need their own (None if the model cannot be copied)."""
@@ -303,10 +310,8 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     names, shapes, w_star = flat_parameters(model)
     d = w_star.numel()
     init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
-    keep = None if restrict is None else check_mask(restrict, d)
-    if keep is not None:
-        gradient = torch.where(keep.to(gradient.device), gradient, 0.0)  # the restricted space's ∇L_n(w*)
-    direction = orthogonal_direction(gradient) if config.orthogonal else None
+    keep = None if restrict is None else check_mask(restrict, d, C)
+    direction = restricted_directions(gradient, keep) if config.orthogonal else None  # from ∇L_n(w*) masked
     randomness = for_run(randomness, config, n, d)
 
     trace = T >= _TRACE_FROM_STEPS if trace is None else trace
