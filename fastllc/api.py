@@ -173,6 +173,15 @@ def estimate_run(run: Run | str, checkpoint: int | None = None, config: SGLDConf
     return estimate(model, run.task().train_data(), F.cross_entropy, config, **kwargs)
 
 
+def estimate_run_groups(run: Run | str, checkpoint: int | None = None, config: SGLDConfig | None = None,
+                        groups="per-parameter", **kwargs) -> GroupResults:
+    """``estimate_groups`` at checkpoint ``checkpoint`` (default: final) of a training run, on its train split
+    (default: one group per parameter tensor of the study's MLP)."""
+    run = run if isinstance(run, Run) else Run.load(run)
+    model = run.load_model(checkpoint)
+    return estimate_groups(model, run.task().train_data(), F.cross_entropy, config, groups=groups, **kwargs)
+
+
 def estimate_checkpoints(run: Run | str, checkpoints: list[int] | None = None, config: SGLDConfig | None = None, *,
                          backend: str = "auto", device="cpu", randomness=None, progress: bool = False,
                          **settings) -> list[LLCResult]:
