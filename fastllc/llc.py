@@ -137,8 +137,8 @@ def estimate_llc(samples: Samples, config: SGLDConfig, label: str | None = None)
     per_chain = samples.nbeta * (recorded.mean(dim=1) - samples.init_loss)
     count = int(healthy.sum())
     if count < chains:
-        warnings.warn(f"{label + ': ' if label else ''}{chains - count} of {chains} chains diverged or left the basin (loss not finite or "
-                      f"above {bound:g}); they are excluded from λ̂", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{label + ': ' if label else ''}{chains - count} of {chains} chains diverged or left the basin "
+                      f"(loss not finite or above {bound:g}); they are excluded from λ̂", RuntimeWarning, stacklevel=2)
     good = per_chain[healthy]
     mean = float(good.mean()) if count else math.nan
     std = float(good.std(unbiased=True)) if count > 1 else math.nan

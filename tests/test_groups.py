@@ -198,7 +198,8 @@ def test_cli_per_parameter_table_and_json(tiny_run):
     assert all(row[-1] == "2/2" for row in table)
     assert "6 groups × 2 chains = 12 chains × 20 steps in one batch" in shown.stdout
     record = json.loads(runner.invoke(estimate_command, args + ["--json"]).stdout)
-    assert list(record["groups"]) == tensors and record["p"] == 5 and record["checkpoint"] == len(tiny_run.steps) - 1  # the final one
+    assert list(record["groups"]) == tensors and record["p"] == 5
+    assert record["checkpoint"] == len(tiny_run.steps) - 1  # the final one
     assert record["groups"]["left.bias"]["sampled_weights"] == 16 and record["groups"]["left.bias"]["chains"] == 2
 
 
