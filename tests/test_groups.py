@@ -135,6 +135,14 @@ def test_per_chain_settings_apply_to_every_group_and_init_loss_to_all():
         assert result.epsilon == [1e-3, 3e-3] and result.nbeta == [4.0, 8.0] and result.init_loss == 0.5
 
 
+def test_a_groups_unhealthy_chains_are_reported_under_its_name():
+    model, xy = tiny_model(), data()
+    with pytest.warns(RuntimeWarning, match=r"^group 'last': 2 of 2 chains diverged or left the basin"):
+        results = estimate_groups(model, xy, groups={"last": "2.*"}, chains=2, steps=20, batch_size=8, epsilon=1e4)
+    assert results["last"].healthy_chains == 0 and math.isnan(results["last"].llc_mean)
+    assert results.table().splitlines()[1].split()[2:] == ["—", "0/2"]
+
+
 def test_the_registry_picks_a_backend_that_restricts_for_the_studys_mlp():
     torch.manual_seed(0)
     model = ModularMLP(5, 3, 6)
