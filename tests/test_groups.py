@@ -15,7 +15,7 @@ from fastllc.api import estimate_groups
 from fastllc.backends import generic, names, reference, with_capabilities
 from fastllc.cli.estimate import estimate_command
 from fastllc.sampling.contract import flat_parameters
-from fastllc.sampling.restrict import check_mask, selection_mask
+from fastllc.sampling.restrict import check_mask, group_masks, selection_mask
 
 from test_cli import assert_one_line_error
 
@@ -125,6 +125,18 @@ def test_per_module_and_per_parameter_groups_and_overlapping_groups():
     table = per_parameter.table().splitlines()
     assert table[0].split() == ["group", "weights", "λ̂", "±", "se", "healthy"] and len(table) == 5
     assert table[4].split()[:2] == ["2.bias", "2"] and table[4].endswith("2/2")
+
+
+def test_per_module_groups_of_a_model_with_tied_weights_share_the_tied_tensor():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+            self.b.weight = self.a.weight  # named once by named_parameters(): 'a.weight'
+
+    masks = group_masks(Tied(), "per-module")
+    assert list(masks) == ["a", "b"] and [int(m.sum()) for m in masks.values()] == [12, 12]  # d = 9 + 3 + 3
+    assert torch.equal(masks["a"] & masks["b"], torch.arange(15) < 9)  # both hold the tied weight
 
 
 def test_per_chain_settings_apply_to_every_group_and_init_loss_to_all():

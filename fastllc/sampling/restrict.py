@@ -135,10 +135,11 @@ def _per_parameter(model: nn.Module) -> dict[str, dict]:
 def _per_module(model: nn.Module) -> dict[str, dict]:
     """One group per module holding trainable parameters itself (not through submodules), named as in
     ``named_modules()`` (the model itself: ``"(model)"``)."""
+    canonical = {id(p): name for name, p in model.named_parameters()}  # a tied parameter: its first name
     groups = {}
     for module_name, module in model.named_modules():
-        own = {f"{module_name}.{name}" if module_name else name: torch.ones(p.shape, dtype=torch.bool)
-               for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+        own = {canonical[id(p)]: torch.ones(p.shape, dtype=torch.bool)
+               for p in module.parameters(recurse=False) if p.requires_grad}
         if own:
             groups[module_name or "(model)"] = own
     return groups
