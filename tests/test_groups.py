@@ -187,6 +187,8 @@ BAD_GROUPS = [
                             r"at least one weight, or drop the group$"),
     ({"a": {"2.bias": torch.zeros(2, dtype=torch.bool)}}, r"^groups\['a'\] selects no weights"),
     ({}, r"^groups is empty \(or the model has no trainable parameters\); give at least one \{name: selection\}$"),
+    ({1: "0.*", "1": "2.*"}, r"^groups has names that read the same as text: 1, '1'; give every group a distinct "
+                             r"name$"),
     ("per-layer", r"^groups must be a dict \{name: selection\}, 'per-module' or 'per-parameter', not 'per-layer'$"),
     (["0.*", "2.*"], r"^groups must be a dict \{name: selection\}, 'per-module' or 'per-parameter', not list$"),
 ]
@@ -228,3 +230,13 @@ def test_cli_per_parameter_exits_non_zero_when_a_group_diverges(tiny_run):
                                                    "--batch-size", "8", "--epsilon", "1e3", "--per-parameter"])
     assert "group" in result.output  # the table is printed first
     assert_one_line_error(result, "diverged (non-finite or exploding loss); try a smaller --epsilon")
+
+
+def test_cli_per_parameter_refuses_a_backend_without_restrict_before_training(tmp_path, monkeypatch):
+    lacking = [name for name in names() if name not in with_capabilities(("restrict",))]
+    if not lacking:
+        pytest.skip("every backend restricts")
+    monkeypatch.setenv("FASTLLC_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(estimate_command, ["--p", "5", "--per-parameter", "--backend", lacking[0]])
+    assert_one_line_error(result, "restrict= (weight-restricted sampling) needs backend ")
+    assert f"not '{lacking[0]}'" in result.output and not (tmp_path / "home").exists()  # nothing trained or cached

@@ -122,6 +122,9 @@ def group_masks(model: nn.Module, groups) -> dict[str, torch.Tensor]:
     if not groups:
         raise FastLLCError("groups is empty (or the model has no trainable parameters); give at least one "
                            "{name: selection}")
+    if len({str(name) for name in groups}) < len(groups):  # e.g. 1 and "1": one result would be lost
+        raise FastLLCError(f"groups has names that read the same as text: {', '.join(map(repr, groups))}; "
+                           "give every group a distinct name")
     return {str(name): selection_mask(model, selection, label=f"groups[{name!r}]", fallback="drop the group")
             for name, selection in groups.items()}
 
