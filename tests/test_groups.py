@@ -240,3 +240,20 @@ def test_cli_per_parameter_refuses_a_backend_without_restrict_before_training(tm
     result = CliRunner().invoke(estimate_command, ["--p", "5", "--per-parameter", "--backend", lacking[0]])
     assert_one_line_error(result, "restrict= (weight-restricted sampling) needs backend ")
     assert f"not '{lacking[0]}'" in result.output and not (tmp_path / "home").exists()  # nothing trained or cached
+
+
+@pytest.mark.parametrize("orthogonal,mala", [(True, False), (False, True)])
+def test_generic_fixes_weights_alike_by_slices_and_by_mask(monkeypatch, orthogonal, mala):
+    """generic fixes a layer-wise restriction's weights by slices of its buffer, a scattered one by index and
+    mask (``generic._Frozen``): forced to the other way, the same chains to the bit."""
+    model = tiny_model()
+    config = SGLDConfig(chains=3, steps=25, batch_size=8, epsilon=3e-3, gamma=1.0, nbeta=5.0, orthogonal=orthogonal,
+                        mala=mala)
+    sliced = sample("generic", model, config, rows(model))
+    monkeypatch.setattr(generic._Frozen, "MAX_SLICES", 0)
+    masked = sample("generic", model, config, rows(model))
+    assert torch.equal(sliced.final_params, masked.final_params) and torch.equal(sliced.loss_trace, masked.loss_trace)
+    if mala:
+        assert torch.equal(sliced.mala_acceptance, masked.mala_acceptance)
+    w_star, keep = flat_parameters(model)[2], rows(model)
+    assert torch.equal(masked.final_params[~keep], w_star.expand(3, -1)[~keep])

@@ -144,13 +144,11 @@ class _Chains(ParameterMajor):
         self.minus_drift = self.coefficient(-(epsilon * nbeta / 2), device)
         self.noise_scale = self.coefficient(epsilon.sqrt(), device)
         self.rmsprop = None  # RMSProp-SGLD's state and coefficients (``use_rmsprop``)
-        self.frozen = None  # (~restrict in the buffer's layout, the flat indices of the fixed weights, W* there)
+        self.frozen = None  # _Frozen: the weights a restriction keeps at w* (``restrict``)
 
     def restrict(self, keep: torch.Tensor) -> None:
         """Move only the weights where ``keep`` ([d], or [C, d]: one row per chain) is True (module docstring)."""
-        frozen = ~self.to_parameter_major(keep.to(self.W.device).expand(self.C, self.d))
-        indices = frozen.nonzero().squeeze(1)
-        self.frozen = (frozen, indices, self.W_star.index_select(0, indices))
+        self.frozen = _Frozen(~self.to_parameter_major(keep.to(self.W.device).expand(self.C, self.d)), self.W_star)
 
     def use_rmsprop(self, alpha: float, delta: float, device) -> None:
         """Run RMSProp-SGLD (``sgld.rmsprop_sgld_update``): V from 0, per-chain nβ, γ, −ε/2."""
@@ -167,11 +165,46 @@ class _Chains(ParameterMajor):
             self.G.mul_(self.minus_drift)  # −drift·∇L_m
             sgld_update(self.W, self.G, noise, self.noise_scale, self.keep, self.decay_w_star, projection)
         if self.frozen is not None:
-            self.W.index_copy_(0, self.frozen[1], self.frozen[2])  # the fixed weights back at w*, exactly
+            self.frozen.restore(self.W)  # the fixed weights back at w*, exactly
 
     def chain_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Σ over each chain's elements of a parameter-major buffer, float64 [C]."""
         return sum(r.sum(dim=1, dtype=torch.float64) for r in self.rows(flat))
+
+
+class _Frozen:
+    """The fixed weights of a restriction in the parameter-major buffer, and the two things done to them each
+    step: ∇L_m zeroed there, w* copied back. A layer-wise restriction fixes a few long runs of the buffer
+    (one per parameter and run of chains sharing a row), handled as slices: copies at memory speed. A scattered
+    (element-wise) one goes by index and mask, which on the CPU cost ~10× more per element."""
+
+    MAX_SLICES = 64  # beyond this many runs, one masked/indexed pass beats a Python loop of slices
+
+    def __init__(self, frozen: torch.Tensor, W_star: torch.Tensor):
+        edges = torch.diff(frozen.to(torch.int8), prepend=frozen.new_zeros(1, dtype=torch.int8),
+                           append=frozen.new_zeros(1, dtype=torch.int8))
+        starts, ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
+        if len(starts) <= self.MAX_SLICES:
+            self.slices = [slice(lo, hi) for lo, hi in zip(starts, ends)]
+            self.w_star = [W_star[part].clone() for part in self.slices]
+        else:
+            self.slices, self.mask = None, frozen
+            self.indices = frozen.nonzero().squeeze(1)
+            self.w_star = W_star.index_select(0, self.indices)
+
+    def zero(self, G: torch.Tensor) -> None:
+        if self.slices is None:
+            G.masked_fill_(self.mask, 0.0)
+        else:
+            for part in self.slices:
+                G[part].zero_()
+
+    def restore(self, W: torch.Tensor) -> None:
+        if self.slices is None:
+            W.index_copy_(0, self.indices, self.w_star)
+        else:
+            for part, values in zip(self.slices, self.w_star):
+                W[part].copy_(values)
 
 
 class _Mala:
@@ -273,7 +306,7 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
         losses[t] = loss.detach()
         torch.cat([g.reshape(-1) for g in grads], out=chains.G)
         if chains.frozen is not None:  # ∇L_m in the restricted space, before MALA or the update reads it
-            chains.G.masked_fill_(chains.frozen[0], 0.0)
+            chains.frozen.zero(chains.G)
         if mala is not None:
             mala.observe(t, losses[t], chains.W - chains.W_star)
         chains.step(noise, projection)
