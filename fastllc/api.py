@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from . import resources
 from .compat.loaders import as_pair, is_loader, materialise
 from .errors import FastLLCError
-from .llc import LLCResult, estimate_llc
+from .llc import GroupResults, LLCResult, estimate_llc
 from .model import ModularMLP
 from .backends import resolve_backend, sample, sample_starts
 from .sampling import SGLDConfig, resolve_device
-from .sampling.restrict import selection_mask
+from .sampling.contract import select_chains
+from .sampling.restrict import group_masks, selection_mask
 from .sampling.starts import Start
 from .train import Run
 
@@ -38,11 +39,76 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
 
     ``restrict`` samples only some weights and keeps the others exactly at w* (the weight-restricted or
     "refined" LLC, Wang et al. 2024): parameter names, glob patterns over ``named_parameters()``
-    (``"layers.1.*"``), submodules of ``model``, a dict ``{name: bool mask of the parameter's shape}``, or a
-    list of those (``fastllc/sampling/restrict.py``). nβ (default n/log n) and the health bound are unchanged;
-    the orthogonal restriction uses ∇L_n(w*) restricted to the selected weights. Backends ``generic`` and
-    ``reference`` run it (``auto`` picks one).
+    (``"layers.1.*"``), submodules of ``model``, a dict ``{name: bool mask of the parameter's shape}``, a bool
+    tensor [d] over the flat trainable weights, or a list of those (``fastllc/sampling/restrict.py``). nβ
+    (default n/log n) and the health bound are unchanged; the orthogonal restriction uses ∇L_n(w*) restricted to
+    the selected weights. Backends with the ``restrict`` capability run it (``auto`` picks one). Several
+    restrictions in one batched run: ``estimate_groups``.
     """
+    config, inputs, targets, parameters = _checked_work(model, data, config, settings, init_loss)
+    mask = None if restrict is None else selection_mask(model, restrict)  # bad selections refused before any work
+    _warn_if_batch_exceeds_data(config.batch_size, len(targets))
+    require_chain_memory(config, parameters, _minibatch_bytes(model, config), resolve_device(device))
+    needs = config.needs() + (("restrict",) if mask is not None else ())  # what the backend must be able to do
+    if needs:  # refused before the loss at w* is computed
+        backend = resolve_backend(backend, resolve_device(device), model, loss_fn, needs)
+    samples = sample(model, inputs, targets, loss_fn, config, backend=backend, device=device,
+                     randomness=randomness, progress=progress, needs=needs, restrict=mask)
+    if init_loss is not None:
+        samples = replace(samples, init_loss=float(init_loss))
+    result = estimate_llc(samples, config)
+    if mask is not None:  # the record says which λ̂ this is: of how many of the model's weights
+        result = replace(result, sampled_weights=int(mask.sum()))
+    return result
+
+
+def estimate_groups(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLDConfig | None = None, *,
+                    groups="per-module", backend: str = "auto", device="cpu", randomness=None,
+                    progress: bool = False, init_loss: float | None = None, **settings) -> GroupResults:
+    """The weight-restricted λ̂ of several groups of weights (per layer, per parameter, any selections) from ONE
+    batched run: ``config.chains`` chains per group, each chain restricted to its group's weights (a bool mask
+    [C, d], one row per chain), so C = groups × chains chains advance together.
+
+    ``groups``: a dict ``{name: selection}`` (a selection is anything ``estimate``'s ``restrict`` takes:
+    parameter names, glob patterns, submodules, ``{name: bool mask}``, a flat bool mask [d], or a list of
+    those), ``"per-module"`` (one group per module holding trainable parameters itself, named as in
+    ``named_modules()``: every layer of an ``nn.Sequential``) or ``"per-parameter"`` (one group per trainable
+    parameter tensor, named as in ``named_parameters()``). Groups may overlap (a weight in two groups is sampled
+    by both groups' chains, independently); each group's λ̂ is that of ``estimate(restrict=selection)``: nβ
+    (default n/log n of the examples), the health bound, the orthogonal restriction (∇L_n(w*) masked by the
+    group) and the estimator are the same, read from the group's own chains only.
+
+    Chain j of the g-th group (in the dict's order) is chain g·chains + j of the batch, and its randomness key:
+    it follows the same trajectory as chain g·chains + j of ``estimate(restrict=that group, chains=groups ×
+    chains)``. Per-chain ε, γ, nβ (lists of ``chains`` values) apply to every group alike. Every selection is
+    checked (one-line ``FastLLCError`` naming the group) before any sampling.
+
+    Returns a ``GroupResults``: a dict ``{group name: LLCResult}`` (each with ``sampled_weights``) with
+    ``table()`` and ``to_dict()``/``to_json()``.
+    """
+    config, inputs, targets, parameters = _checked_work(model, data, config, settings, init_loss)
+    masks = group_masks(model, groups)  # every group checked before any work
+    chains, count = config.chains, len(masks)
+    batch = replace(config, chains=chains * count, **_tiled_per_chain_settings(config, count)).validate()
+    _warn_if_batch_exceeds_data(config.batch_size, len(targets))
+    require_chain_memory(batch, parameters, _minibatch_bytes(model, batch), resolve_device(device))
+    needs = config.needs() + ("restrict",)
+    backend = resolve_backend(backend, resolve_device(device), model, loss_fn, needs)  # before the loss at w*
+    rows = torch.stack(list(masks.values())).repeat_interleave(chains, dim=0)  # group g's mask on its chains
+    samples = sample(model, inputs, targets, loss_fn, batch, backend=backend, device=device,
+                     randomness=randomness, progress=progress, needs=needs, restrict=rows)
+    if init_loss is not None:
+        samples = replace(samples, init_loss=float(init_loss))
+    results = {}
+    for g, (name, mask) in enumerate(masks.items()):
+        own = select_chains(samples, range(g * chains, (g + 1) * chains))
+        result = estimate_llc(own, config, label=f"group {name!r}")
+        results[name] = replace(result, sampled_weights=int(mask.sum()))
+    return GroupResults(results)
+
+
+def _checked_work(model, data, config, settings, init_loss):
+    """(config, inputs, targets, trainable parameter count), every cheap check of ``estimate``'s input done."""
     if is_loader(data):
         if config is None and "batch_size" not in settings and data.batch_size:
             settings["batch_size"] = data.batch_size
@@ -56,22 +122,24 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
         raise FastLLCError("the model has no trainable parameters (none with requires_grad): nothing to sample")
     if init_loss is not None and not math.isfinite(init_loss):
         raise FastLLCError(f"init_loss must be finite, got {init_loss}")
-    mask = None if restrict is None else selection_mask(model, restrict)  # bad selections refused before any work
-    _warn_if_batch_exceeds_data(config.batch_size, len(targets))
-    minibatch = (resources.mlp_minibatch_bytes(model.p, model.embed_dim, model.hidden_dim, config.batch_size)
-                 if isinstance(model, ModularMLP) else 0)
-    require_chain_memory(config, parameters, minibatch, resolve_device(device))
-    needs = config.needs() + (("restrict",) if mask is not None else ())  # what the backend must be able to do
-    if needs:  # refused before the loss at w* is computed
-        backend = resolve_backend(backend, resolve_device(device), model, loss_fn, needs)
-    samples = sample(model, inputs, targets, loss_fn, config, backend=backend, device=device,
-                     randomness=randomness, progress=progress, needs=needs, restrict=mask)
-    if init_loss is not None:
-        samples = replace(samples, init_loss=float(init_loss))
-    result = estimate_llc(samples, config)
-    if mask is not None:  # the record says which λ̂ this is: of how many of the model's weights
-        result = replace(result, sampled_weights=int(mask.sum()))
-    return result
+    return config, inputs, targets, parameters
+
+
+def _minibatch_bytes(model, config: SGLDConfig) -> int:
+    """The study's MLP's per-chain minibatch buffers (what its specialised backends allocate), else 0."""
+    if not isinstance(model, ModularMLP):
+        return 0
+    return resources.mlp_minibatch_bytes(model.p, model.embed_dim, model.hidden_dim, config.batch_size)
+
+
+def _tiled_per_chain_settings(config: SGLDConfig, groups: int) -> dict:
+    """ε, γ, nβ given per chain (``chains`` values) repeated for every group; single values as they are."""
+    tiled = {}
+    for name in ("epsilon", "gamma", "nbeta"):
+        value = getattr(config, name)
+        if value is not None and torch.as_tensor(value).numel() > 1:
+            tiled[name] = torch.as_tensor(value, dtype=torch.float64).reshape(-1).repeat(groups).tolist()
+    return tiled
 
 
 def _warn_if_batch_exceeds_data(batch_size: int, n: int) -> None:
@@ -103,6 +171,15 @@ def estimate_run(run: Run | str, checkpoint: int | None = None, config: SGLDConf
     run = run if isinstance(run, Run) else Run.load(run)
     model = run.load_model(checkpoint)
     return estimate(model, run.task().train_data(), F.cross_entropy, config, **kwargs)
+
+
+def estimate_run_groups(run: Run | str, checkpoint: int | None = None, config: SGLDConfig | None = None,
+                        groups="per-parameter", **kwargs) -> GroupResults:
+    """``estimate_groups`` at checkpoint ``checkpoint`` (default: final) of a training run, on its train split
+    (default: one group per parameter tensor of the study's MLP)."""
+    run = run if isinstance(run, Run) else Run.load(run)
+    model = run.load_model(checkpoint)
+    return estimate_groups(model, run.task().train_data(), F.cross_entropy, config, groups=groups, **kwargs)
 
 
 def estimate_checkpoints(run: Run | str, checkpoints: list[int] | None = None, config: SGLDConfig | None = None, *,

@@ -122,8 +122,10 @@ class LLCResult:
         return json.dumps(self.to_dict(), **kwargs)
 
 
-def estimate_llc(samples: Samples, config: SGLDConfig) -> LLCResult:
-    """λ̂ with its spread, health flags and convergence diagnostics from a backend's ``Samples``."""
+def estimate_llc(samples: Samples, config: SGLDConfig, label: str | None = None) -> LLCResult:
+    """λ̂ with its spread, health flags and convergence diagnostics from a backend's ``Samples``.
+
+    ``label`` (e.g. ``"group 'embed'"``) starts the warning about unhealthy chains: which estimate it concerns."""
     if not math.isfinite(samples.init_loss):  # api.estimate checks before sampling; this covers direct backend use
         raise FastLLCError(f"the loss at w* is {samples.init_loss} (the starting weights or data give a non-finite "
                            "loss); check the model and data")
@@ -135,8 +137,8 @@ def estimate_llc(samples: Samples, config: SGLDConfig) -> LLCResult:
     per_chain = samples.nbeta * (recorded.mean(dim=1) - samples.init_loss)
     count = int(healthy.sum())
     if count < chains:
-        warnings.warn(f"{chains - count} of {chains} chains diverged or left the basin (loss not finite or "
-                      f"above {bound:g}); they are excluded from λ̂", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{label + ': ' if label else ''}{chains - count} of {chains} chains diverged or left the basin "
+                      f"(loss not finite or above {bound:g}); they are excluded from λ̂", RuntimeWarning, stacklevel=2)
     good = per_chain[healthy]
     mean = float(good.mean()) if count else math.nan
     std = float(good.std(unbiased=True)) if count > 1 else math.nan
@@ -173,3 +175,22 @@ def _mean_acceptance(samples: Samples, healthy: torch.Tensor, burn_in: int) -> f
         return None
     kept = samples.mala_acceptance[healthy, burn_in:]
     return float(kept.mean()) if kept.numel() else None
+
+
+class GroupResults(dict):
+    """``api.estimate_groups``'s answer: {group name: LLCResult}, in the groups' order, with a table and JSON."""
+
+    def table(self) -> str:
+        """One line per group: name, weights sampled, λ̂ ± standard error, healthy chains."""
+        width = max([len("group")] + [len(name) for name in self])
+        lines = [f"{'group':<{width}}  {'weights':>8}  {'λ̂ ± se':>19}  healthy"]
+        for name, r in self.items():
+            estimate = "—" if r.healthy_chains == 0 else f"{r.llc_mean:.3g} ± {r.llc_se:.2g}"
+            lines.append(f"{name:<{width}}  {r.sampled_weights:>8,}  {estimate:>19}  {r.healthy_chains}/{r.chains}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {name: result.to_dict() for name, result in self.items()}
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)

@@ -88,7 +88,7 @@ def test_restricting_to_every_weight_equals_the_unrestricted_run_exactly(backend
 def test_a_name_a_glob_a_module_and_a_mask_denoting_the_same_weights_give_the_same_result():
     model, (x, y) = tiny_model(), data()
     full = {"2.weight": torch.ones(2, 5, dtype=torch.bool), "2.bias": torch.ones(2, dtype=torch.bool)}
-    selections = [["2.weight", "2.bias"], "2.*", model[2], full, [model[2], "2.bias"]]
+    selections = [["2.weight", "2.bias"], "2.*", model[2], full, [model[2], "2.bias"], torch.arange(32) >= 20]
     masks = [selection_mask(model, s) for s in selections]
     assert all(torch.equal(mask, masks[0]) for mask in masks) and int(masks[0].sum()) == 12
     assert torch.equal(masks[0], torch.arange(32) >= 20)  # the last 12 of named_parameters' flat order
@@ -138,8 +138,12 @@ BAD = [
     ([], r"^restrict selects no weights"),
     (nn.Linear(3, 5), r"^restrict: the Linear given is not a submodule of the model; pass one of the model's own "
                       r"modules \(model\.named_modules\(\)\)$"),
-    (nn.Tanh, r"^restrict takes parameter names, glob patterns, submodules, a dict \{name: bool mask\} or a list of "
-              r"those, not type$"),
+    (nn.Tanh, r"^restrict takes parameter names, glob patterns, submodules, a dict \{name: bool mask\}, a bool tensor "
+              r"over the flat weights or a list of those, not type$"),
+    (torch.ones(31, dtype=torch.bool),
+     r"^restrict: a flat mask has shape \(31,\), the model has 32 trainable weights; give a bool tensor of shape "
+     r"\(32,\) in named_parameters\(\) order, or a dict \{name: mask of the parameter's shape\}$"),
+    (torch.arange(32) % 3, r"^restrict: the flat mask must be boolean \(or 0/1\), got other values$"),
     (3, r"not int$"),
 ]
 

@@ -32,10 +32,11 @@ both ends of the step, each end on its own minibatch (the orthogonal restriction
 layout and applies ``sgld.rmsprop_sgld_update``; the traced replay covers the gradient step, which is the
 same for both samplers.
 
-``restrict`` (a bool mask [d] over the flat weights, ``sampling/restrict.py``) samples only the selected
-weights: every step zeroes ∇L_m on the others (so drift, RMSProp's V and MALA's ∇U live in the restricted
-space) and then copies w* back into them, so that they stay at w* bit for bit whatever rounding the in-place
-update does (keep·w* + decay·w* need not be w*); the orthogonal direction is ∇L_n(w*) masked.
+``restrict`` (a bool mask [d] over the flat weights, ``sampling/restrict.py``, or [C, d] with one row per
+chain) samples only the selected weights: every step zeroes ∇L_m on the others (so drift, RMSProp's V and
+MALA's ∇U live in the restricted space) and then copies w* back into them, so that they stay at w* bit for bit
+whatever rounding the in-place update does (keep·w* + decay·w* need not be w*); the orthogonal direction is
+∇L_n(w*) masked by the chain's row.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ from ..errors import FastLLCError
 from ..sampling.config import SAMPLERS, SGLDConfig
 from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters,
                                  loss_and_gradient_at_start, nan_from_first_non_finite,
-                                 on_device, orthogonal_direction)
+                                 on_device)
 from ..sampling.randomness import for_run
-from ..sampling.restrict import check_mask
+from ..sampling.restrict import check_mask, restricted_directions
 from ..sampling.sgld import ParameterMajor, RMSpropState, StepDraws, axpy, rmsprop_sgld_update, sgld_update
 from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
 
@@ -143,13 +144,11 @@ class _Chains(ParameterMajor):
         self.minus_drift = self.coefficient(-(epsilon * nbeta / 2), device)
         self.noise_scale = self.coefficient(epsilon.sqrt(), device)
         self.rmsprop = None  # RMSProp-SGLD's state and coefficients (``use_rmsprop``)
-        self.frozen = None  # (~restrict in the buffer's layout, the flat indices of the fixed weights, W* there)
+        self.frozen = None  # _Frozen: the weights a restriction keeps at w* (``restrict``)
 
     def restrict(self, keep: torch.Tensor) -> None:
-        """Move only the weights where ``keep`` [d] is True (see the module docstring)."""
-        frozen = ~self.to_parameter_major(keep.to(self.W.device).expand(self.C, self.d))
-        indices = frozen.nonzero().squeeze(1)
-        self.frozen = (frozen, indices, self.W_star.index_select(0, indices))
+        """Move only the weights where ``keep`` ([d], or [C, d]: one row per chain) is True (module docstring)."""
+        self.frozen = _Frozen(~self.to_parameter_major(keep.to(self.W.device).expand(self.C, self.d)), self.W_star)
 
     def use_rmsprop(self, alpha: float, delta: float, device) -> None:
         """Run RMSProp-SGLD (``sgld.rmsprop_sgld_update``): V from 0, per-chain nβ, γ, −ε/2."""
@@ -166,11 +165,46 @@ class _Chains(ParameterMajor):
             self.G.mul_(self.minus_drift)  # −drift·∇L_m
             sgld_update(self.W, self.G, noise, self.noise_scale, self.keep, self.decay_w_star, projection)
         if self.frozen is not None:
-            self.W.index_copy_(0, self.frozen[1], self.frozen[2])  # the fixed weights back at w*, exactly
+            self.frozen.restore(self.W)  # the fixed weights back at w*, exactly
 
     def chain_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Σ over each chain's elements of a parameter-major buffer, float64 [C]."""
         return sum(r.sum(dim=1, dtype=torch.float64) for r in self.rows(flat))
+
+
+class _Frozen:
+    """The fixed weights of a restriction in the parameter-major buffer, and the two things done to them each
+    step: ∇L_m zeroed there, w* copied back. A layer-wise restriction fixes a few long runs of the buffer
+    (one per parameter and run of chains sharing a row), handled as slices: copies at memory speed. A scattered
+    (element-wise) one goes by index and mask, which on the CPU cost ~10× more per element."""
+
+    MAX_SLICES = 64  # beyond this many runs, one masked/indexed pass beats a Python loop of slices
+
+    def __init__(self, frozen: torch.Tensor, W_star: torch.Tensor):
+        edges = torch.diff(frozen.to(torch.int8), prepend=frozen.new_zeros(1, dtype=torch.int8),
+                           append=frozen.new_zeros(1, dtype=torch.int8))
+        starts, ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
+        if len(starts) <= self.MAX_SLICES:
+            self.slices = [slice(lo, hi) for lo, hi in zip(starts, ends)]
+            self.w_star = [W_star[part].clone() for part in self.slices]
+        else:
+            self.slices, self.mask = None, frozen
+            self.indices = frozen.nonzero().squeeze(1)
+            self.w_star = W_star.index_select(0, self.indices)
+
+    def zero(self, G: torch.Tensor) -> None:
+        if self.slices is None:
+            G.masked_fill_(self.mask, 0.0)
+        else:
+            for part in self.slices:
+                G[part].zero_()
+
+    def restore(self, W: torch.Tensor) -> None:
+        if self.slices is None:
+            W.index_copy_(0, self.indices, self.w_star)
+        else:
+            for part, values in zip(self.slices, self.w_star):
+                W[part].copy_(values)
 
 
 class _Mala:
@@ -240,10 +274,11 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
     C, d, m, T = len(ids), w_star.numel(), config.batch_size, config.steps
     chains = _Chains(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper), device)
     if keep is not None:
-        chains.restrict(keep)
+        chains.restrict(_rows(keep, ids))
     projection = None
     if direction is not None:
-        projection = (chains.rows(chains.G), chains.rows(chains.to_parameter_major(direction.to(device).expand(C, d))))
+        direction = _rows(direction, ids).to(device).expand(C, d)
+        projection = (chains.rows(chains.G), chains.rows(chains.to_parameter_major(direction)))
     if config.sampler == "rmsprop_sgld":
         chains.use_rmsprop(config.rmsprop_alpha, config.rmsprop_eps, device)
     mala = _Mala(chains, T) if config.mala else None
@@ -271,13 +306,18 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
         losses[t] = loss.detach()
         torch.cat([g.reshape(-1) for g in grads], out=chains.G)
         if chains.frozen is not None:  # ∇L_m in the restricted space, before MALA or the update reads it
-            chains.G.masked_fill_(chains.frozen[0], 0.0)
+            chains.frozen.zero(chains.G)
         if mala is not None:
             mala.observe(t, losses[t], chains.W - chains.W_star)
         chains.step(noise, projection)
         if (t + 1) % report_every == 0:
             tick(C * report_every)
     return losses.cpu(), chains.to_chain_major(chains.W).cpu(), None if mala is None else mala.acceptance
+
+
+def _rows(values: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+    """The rows ``ids`` of a per-chain [C, d] tensor; a [d] tensor (every chain's) as it is."""
+    return values[torch.as_tensor(ids)] if values.dim() == 2 else values
 
 
 def _private_copy(model: nn.Module) -> nn.Module | None:
@@ -303,10 +343,8 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     names, shapes, w_star = flat_parameters(model)
     d = w_star.numel()
     init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
-    keep = None if restrict is None else check_mask(restrict, d)
-    if keep is not None:
-        gradient = torch.where(keep.to(gradient.device), gradient, 0.0)  # the restricted space's ∇L_n(w*)
-    direction = orthogonal_direction(gradient) if config.orthogonal else None
+    keep = None if restrict is None else check_mask(restrict, d, C)
+    direction = restricted_directions(gradient, keep) if config.orthogonal else None  # from ∇L_n(w*) masked
     randomness = for_run(randomness, config, n, d)
 
     trace = T >= _TRACE_FROM_STEPS if trace is None else trace

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from ..sampling.config import SAMPLERS, SGLDConfig
 from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters,
                                  loss_and_gradient_at_start, on_device,
-                                 orthogonal_direction, private_buffers, unflatten)
+                                 private_buffers, unflatten)
 from ..sampling.randomness import for_run
-from ..sampling.restrict import check_mask
+from ..sampling.restrict import check_mask, restricted_directions
 from ..sampling.threads import single_threaded_torch
 
 NAME = "reference"
@@ -44,8 +44,9 @@ def require(device, model=None, loss_fn=None) -> None:
 @single_threaded_torch()
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
            progress: bool = False, restrict: torch.Tensor | None = None) -> Samples:
-    """``restrict``: a bool mask [d] over the flat weights (``sampling/restrict.py``): only those move, the others
-    stay at w* bit for bit (the whole increment is masked; the orthogonal direction is ∇L_n(w*) masked)."""
+    """``restrict``: a bool mask [d] over the flat weights (``sampling/restrict.py``), or [C, d] with one row per
+    chain: only those move, the others stay at w* bit for bit (the whole increment is masked; the orthogonal
+    direction is ∇L_n(w*) masked by the chain's row)."""
     config.validate()
     model = on_device(model, device)  # the caller's model is never moved
     inputs, targets = inputs.to(device), targets.to(device)
@@ -56,10 +57,8 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     names, shapes, w_star = flat_parameters(model)
     init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
     step_loss = chain_loss_fn(loss_fn, config)  # what the chains follow; L_n(w*) is always loss_fn's
-    keep = None if restrict is None else check_mask(restrict, w_star.numel()).to(device)
-    if keep is not None:
-        gradient = torch.where(keep, gradient, 0.0)  # the restricted space's ∇L_n(w*)
-    direction = orthogonal_direction(gradient) if config.orthogonal else None
+    keep = None if restrict is None else check_mask(restrict, w_star.numel(), config.chains).to(device)
+    direction = restricted_directions(gradient, keep) if config.orthogonal else None  # from ∇L_n(w*) masked
     randomness = for_run(randomness, config, n, w_star.numel())
 
     trace = torch.full((config.chains, config.steps), math.nan, dtype=torch.float64)
@@ -69,6 +68,9 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     start = time.perf_counter()
     for c in range(config.chains):
         eps, gam, nb = float(epsilon[c]), float(gamma[c]), float(nbeta[c])
+        keep_c, direction_c = _chain_row(keep, c), _chain_row(direction, c)
+        if direction_c is not None and not bool(direction_c.any()):
+            direction_c = None  # this chain's masked ∇L_n(w*) is zero: nothing to project out
         w = w_star.clone()
         square_avg = torch.zeros_like(w)  # RMSProp-SGLD's V: the chain's running mean of ∇L_m², from 0
         for t in range(config.steps):
@@ -89,13 +91,18 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
                              + math.sqrt(eps) * (precondition.sqrt() * noise))
             else:  # −decay·(w − w*) − drift·∇L_m + noise_scale·ξ, in SGLDConfig's grouping (the floats it always gave)
                 increment = -(eps / 2) * (gam * (w - w_star) + nb * grad) + math.sqrt(eps) * noise
-            if direction is not None:
-                increment -= (increment @ direction) * direction
-            if keep is not None:
-                increment = torch.where(keep, increment, 0.0)  # w + 0 = w: unselected weights never change
+            if direction_c is not None:
+                increment -= (increment @ direction_c) * direction_c
+            if keep_c is not None:
+                increment = torch.where(keep_c, increment, 0.0)  # w + 0 = w: unselected weights never change
             w = w + increment
         finals[c] = w.cpu()
         bar.update(config.steps)
     bar.close()
     return Samples(trace, init_loss, epsilon, gamma, nbeta, NAME, str(torch.device(device)),
                    time.perf_counter() - start, finals)
+
+
+def _chain_row(values: torch.Tensor | None, c: int) -> torch.Tensor | None:
+    """Chain c's row of a per-chain [C, d] tensor; a [d] tensor (every chain's) or None as it is."""
+    return values[c] if values is not None and values.dim() == 2 else values

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -10,10 +11,13 @@ import click
 from .. import api, resources, storage
 from ..backends import CHOICES as BACKEND_CHOICES, resolve_backend
 from ..errors import FastLLCError
+from ..model import param_shapes
 from ..sampling import SGLDConfig, resolve_device
 from ..train import Run
 from .common import (cache_path, cached_run, long_work, one_line_errors, progress, refuse_training_options_with_run,
                      require_sampling_memory, train_config, training_options)
+
+TENSORS = len(param_shapes(2, 1, 1))  # the study's MLP's parameter tensors, whatever its size: one group each
 
 
 @click.command("estimate")
@@ -39,10 +43,14 @@ from .common import (cache_path, cached_run, long_work, one_line_errors, progres
               help="A run directory from `fastllc train` [default: train (once, cached) for --p].")
 @click.option("--checkpoint", type=int, default=None, help="Checkpoint index [default: the final weights].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the SGLD noise and minibatches.")
+@click.option("--per-parameter", is_flag=True,
+              help="λ̂ of each parameter tensor (embedding, both first-layer maps and biases, unembedding) with the "
+                   "others fixed at w*: --chains chains per tensor, all in one batched run; prints a table.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 @one_line_errors
 def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, orthogonal, sampler, rmsprop_alpha,
-                     rmsprop_eps, chain_loss, backend, device, run_dir, checkpoint, seed, as_json, **training):
+                     rmsprop_eps, chain_loss, backend, device, run_dir, checkpoint, seed, per_parameter, as_json,
+                     **training):
     """Estimate λ̂ at a checkpoint with SGLD chains started at its weights."""
     if run_dir is not None:
         refuse_training_options_with_run()
@@ -50,26 +58,27 @@ def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, 
                         batch_size=batch_size, orthogonal=orthogonal, seed=seed, sampler=sampler,
                         rmsprop_alpha=rmsprop_alpha, rmsprop_eps=rmsprop_eps, chain_loss=chain_loss).validate()
     device = resolve_device(device)
-    name = resolve_backend(backend, device, needs=config.needs())  # fail before any training
+    needs = config.needs() + (("restrict",) if per_parameter else ())
+    name = resolve_backend(backend, device, needs=needs)  # fail before any training
+    batch = replace(config, chains=config.chains * TENSORS) if per_parameter else config
     if run_dir is not None:
         run = Run.load(run_dir)
-        require_sampling_memory(run.config, config, device)
+        require_sampling_memory(run.config, batch, device)
     else:
         training_config = train_config(**training)
         if not cache_path(training_config).exists():
             storage.check_writable_dir(cache_path(training_config), "the run cache (FASTLLC_HOME)")
             resources.require_training_memory(training_config.p, training_config.embed, training_config.hidden)
-        require_sampling_memory(training_config, config, device)
+        require_sampling_memory(training_config, batch, device)
         run = cached_run(training_config)
     index = run.checkpoint_index(checkpoint)
+    if per_parameter:
+        return _per_parameter(run, index, config, backend, name, device, as_json)
     with long_work(f"sampling {config.chains} chains × {config.steps} steps ({name} on {device})", "sampled"):
         result = api.estimate_run(run, index, config, backend=backend, device=device, progress=progress())
     metrics = run.metrics[index]
     if as_json:
-        record = dict(result.to_dict(), run=str(run.path), checkpoint=index, step=run.steps[index],
-                      p=run.config.p, task=run.config.task, embed=run.config.embed, hidden=run.config.hidden,
-                      train_loss=metrics["train_loss"], test_loss=metrics["test_loss"])
-        click.echo(json.dumps(record))
+        click.echo(json.dumps(dict(result.to_dict(), **_run_record(run, index))))
     else:
         click.echo(f"run       {run.path}  checkpoint {index} (step {run.steps[index]})")
         click.echo(f"model     train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.1%} | "
@@ -81,3 +90,36 @@ def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, 
                    f"split-R̂ {result.r_hat:.3f}, ESS {result.ess:.0f}")
     if result.healthy_chains == 0:
         raise FastLLCError("every chain diverged (non-finite or exploding loss); try a smaller --epsilon")
+
+
+def _run_record(run: Run, index: int) -> dict:
+    """What a JSON answer says about the run and checkpoint it sampled."""
+    metrics = run.metrics[index]
+    return dict(run=str(run.path), checkpoint=index, step=run.steps[index], p=run.config.p, task=run.config.task,
+                embed=run.config.embed, hidden=run.config.hidden, train_loss=metrics["train_loss"],
+                test_loss=metrics["test_loss"])
+
+
+def _per_parameter(run: Run, index: int, config: SGLDConfig, backend: str, name: str, device, as_json: bool) -> None:
+    """--per-parameter: one group per parameter tensor, one batched run, a table (or one JSON object)."""
+    groups = TENSORS
+    with long_work(f"sampling {groups} parameter tensors × {config.chains} chains × {config.steps} steps "
+                   f"({name} on {device})", "sampled"):
+        results = api.estimate_run_groups(run, index, config, groups="per-parameter", backend=backend, device=device,
+                                          progress=progress())
+    first = next(iter(results.values()))
+    if as_json:
+        click.echo(json.dumps(dict(_run_record(run, index), groups=results.to_dict())))
+    else:
+        metrics = run.metrics[index]
+        click.echo(f"run       {run.path}  checkpoint {index} (step {run.steps[index]})")
+        click.echo(f"model     train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.1%} | "
+                   f"test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:.1%}")
+        click.echo(results.table())
+        click.echo(f"sampling  {groups} groups × {config.chains} chains = {groups * config.chains} chains × "
+                   f"{first.steps} steps in one batch, {first.backend} on {first.device}: "
+                   f"{first.sampling_seconds:.1f} s; each group's other weights fixed at w*")
+    diverged = [group for group, result in results.items() if result.healthy_chains == 0]
+    if diverged:
+        raise FastLLCError(f"every chain of {', '.join(map(repr, diverged))} diverged (non-finite or exploding loss); "
+                           "try a smaller --epsilon")
