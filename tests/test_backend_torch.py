@@ -289,18 +289,17 @@ def test_per_chain_masks_equal_separate_runs():
 
 
 D = 7 * 5 + 2 * (13 * 5 + 13) + 7 * 13  # restricted_setting's model: E, L, b_L, R, b_R, U
-SHAPES = f"shape ({D},) or (2, {D}) (one row per chain) over the flat weights"
+SHAPES = f"shape ({D},) or (2, {D}) over the flat weights"
 
 
 @pytest.mark.parametrize("mask,message", [
     (torch.ones(3, D, dtype=torch.bool),
-     f"restrict must reach the backend as a bool tensor of {SHAPES}, got torch.bool (3, {D}) "
+     f"restrict must reach the backend as a bool tensor of {SHAPES}, got (3, {D}) "
      "(fastllc.sampling.restrict.selection_mask)"),
     (torch.ones(2, D, dtype=torch.int64),
      f"restrict must reach the backend as a bool tensor of {SHAPES}, got torch.int64 (2, {D}) "
      "(fastllc.sampling.restrict.selection_mask)"),
-    ("second row empty", "restrict selects no weights for chain 1; select at least one weight in every row, "
-                         "or drop restrict"),
+    ("second row empty", "restrict selects no weights for chain 1; select at least one weight, or drop restrict"),
     (torch.zeros(D, dtype=torch.bool), "restrict selects no weights; select at least one weight, or drop restrict"),
 ])
 def test_bad_masks_are_one_line_errors_before_any_chain_runs(mask, message, monkeypatch):

@@ -9,7 +9,6 @@ from torch import nn
 
 from fastllc import FastLLCError, SGLDConfig
 from fastllc.backends import backend_module, resolve_backend, sample
-from fastllc.sampling import InjectedRandomness
 from fastllc.sampling.config import PUBLISHED_LOSS_OFFSET
 from fastllc.sampling.contract import chain_loss_fn, published_cross_entropy
 

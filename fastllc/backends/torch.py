@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..engine import ChainBatch, is_study_mlp
 from ..errors import FastLLCError
-from ..sampling.chain_masks import chain_masks, restricted_directions
+from ..sampling.restrict import start_directions, start_masks
 from ..sampling.config import PUBLISHED_LOSS_OFFSET, SAMPLERS, SGLDConfig
 from ..sampling.contract import Samples, flat_parameters, nan_from_first_non_finite
 from ..sampling.randomness import for_run
@@ -185,14 +185,14 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     epsilon, gamma, nbeta = config.hyperparameters(n, samplers=SAMPLERS)
 
     d = flat_parameters(starts[0].model)[2].numel()
-    keep = None if restrict is None else chain_masks(restrict, C_per, d)  # refused before any work
+    keep = None if restrict is None else start_masks(restrict, C_per, d)  # refused before any work
 
     init_losses, w_star, direction = start_points(starts, config.orthogonal and restrict is None)
     w_star = w_star.repeat_interleave(C_per, 0)
     if direction is not None:
         direction = direction.repeat_interleave(C_per, 0)
     elif keep is not None and config.orthogonal:
-        direction = restricted_directions(starts, keep)
+        direction = start_directions(starts, keep)
     chains = _Chains(np.arange(C, dtype=np.int64), w_star, epsilon.repeat(S), gamma.repeat(S), nbeta.repeat(S),
                      direction, torch.arange(C) // C_per * n, None if keep is None else ~keep.repeat(S, 1))
     operands, targets = stacked_examples(starts, device)

@@ -17,7 +17,7 @@ the numbers the CPU backends draw for the same seed. ``InjectedRandomness``: rea
 (tests compare with the reference parameter by parameter). Other generators are refused.
 
 Variants, as the reference defines them: ``chain_loss="published"`` (the kernel's PUBLISHED flag) and
-``restrict`` (a bool mask [d] or [C, d], ``sampling/chain_masks.py``: the kernel zeroes the increment of the
+``restrict`` (a bool mask [d] or [C, d], ``sampling/restrict.py``: the kernel zeroes the increment of the
 fixed weights, and projects on each chain's masked ∇L_n(w*)). Plain SGLD only (no ``rmsprop_sgld``).
 """
 
@@ -35,7 +35,7 @@ from ..engine import is_study_mlp
 from ..errors import FastLLCError
 from ..model import ModularMLP
 from ..sampling.config import SGLDConfig
-from ..sampling.chain_masks import chain_masks, restricted_directions
+from ..sampling.restrict import start_directions, start_masks
 from ..sampling.contract import Samples, flat_parameters, nan_from_first_non_finite
 from ..sampling.randomness import InjectedRandomness
 from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
@@ -122,7 +122,7 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
                   progress: bool = False, restrict: torch.Tensor | None = None) -> list[Samples]:
     """Run ``config.chains`` chains from every start as one launch per chunk of steps; one ``Samples`` per start.
 
-    ``restrict``: a bool mask [d] or [config.chains, d], the same for every start (``sampling/chain_masks.py``)."""
+    ``restrict``: a bool mask [d] or [config.chains, d], the same for every start (``sampling/restrict.py``)."""
     config.validate()
     device = torch.device(device)
     kernels = _kernels(device)
@@ -133,12 +133,12 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     C = S * C_per
     epsilon, gamma, nbeta = config.hyperparameters(n)
     d = flat_parameters(starts[0].model)[2].numel()
-    keep = None if restrict is None else chain_masks(restrict, C_per, d)  # refused before any work
+    keep = None if restrict is None else start_masks(restrict, C_per, d)  # refused before any work
 
     # w_star, direction: [S, d]; restricted, direction is each chain's own: [C, d]
     init_losses, w_star, direction = start_points(starts, config.orthogonal and keep is None)
     if keep is not None and config.orthogonal:
-        direction = restricted_directions(starts, keep)
+        direction = start_directions(starts, keep)
     if direction is not None:
         direction = direction.to(device).contiguous()
     if keep is not None:

@@ -22,10 +22,11 @@ import difflib
 import fnmatch
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FastLLCError
-from .contract import orthogonal_direction
+from .contract import loss_and_gradient_at_start, orthogonal_direction
 
 
 def selection_mask(model: nn.Module, restrict, label: str = "restrict",
@@ -160,7 +161,8 @@ def check_mask(mask: torch.Tensor, d: int, chains: int | None = None) -> torch.T
     chain), every row selecting something. ``chains``: the run's chains (None: only [d] is checked for)."""
     shapes = [(d,)] + ([] if chains is None else [(chains, d)])
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) not in shapes:
-        given = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        given = type(mask).__name__ if not isinstance(mask, torch.Tensor) else (
+            tuple(mask.shape) if mask.dtype == torch.bool else f"{mask.dtype} {tuple(mask.shape)}")
         raise FastLLCError(f"restrict must reach the backend as a bool tensor of shape {' or '.join(map(str, shapes))} "
                            f"over the flat weights, got {given} (fastllc.sampling.restrict.selection_mask)")
     empty = (~mask.reshape(-1, d).any(dim=1)).nonzero().flatten().tolist()
@@ -184,3 +186,21 @@ def restricted_directions(gradient: torch.Tensor, keep: torch.Tensor | None):
     if all(row is None for row in rows):
         return None
     return torch.stack([torch.zeros_like(gradient) if row is None else row for row in rows])[row_of]
+
+
+def start_masks(restrict: torch.Tensor, chains: int, d: int) -> torch.Tensor:
+    """For the backends that stack starts (``torch``, ``triton``): ``restrict`` checked (``check_mask``) and
+    as a bool [chains, d] on the CPU; row j applies to chain j of every start."""
+    return check_mask(restrict, d, chains).cpu().expand(chains, d)
+
+
+def start_directions(starts, keep: torch.Tensor) -> torch.Tensor:
+    """[S·C, d] on the CPU: chain j of start s (``starts.Start``, the study's MLP with cross-entropy) projects
+    on its start's ∇L_n(w*) masked by ``keep[j]`` (``restricted_directions``), a zero row where that vanishes."""
+    rows = []
+    for s in starts:
+        home = next(s.model.parameters()).device
+        gradient = loss_and_gradient_at_start(s.model, s.pairs.to(home), s.labels.to(home), F.cross_entropy)[1]
+        directions = restricted_directions(gradient.cpu(), keep)
+        rows.append(torch.zeros(keep.shape, dtype=gradient.dtype) if directions is None else directions)
+    return torch.cat(rows)
