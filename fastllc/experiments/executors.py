@@ -180,21 +180,27 @@ class ProcessPool:
             # a worker died: every task still in the broken pool runs again in a fresh one
             lost = [self.futures.pop(f) for f in list(self.futures)
                     if not f.done() or isinstance(f.exception(), BrokenProcessPool)]
-            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor.shutdown(wait=True, cancel_futures=True)  # its processes are gone already
             self.executor = self.factory(self.workers, mp_context=self.context)
             for key, fn, args, attempt in lost:
                 if attempt < self.retries:
                     self.submit(key, fn, args, attempt=attempt + 1)
                 else:
-                    self.given_up.append((key, ("failed", f"its worker process died {attempt + 1} times")))
+                    self.given_up.append((key, ("failed", f"its worker process died {attempt + 1} times (a script "
+                                                          "that runs jobs in workers needs if __name__ == '__main__':)")))
         return self.given_up.pop(0)
 
     def close(self) -> None:
+        if not self.futures:  # all done: let the processes exit on their own
+            self.executor.shutdown(wait=True)
+            return
         processes = list((getattr(self.executor, "_processes", None) or {}).values())
         self.executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:  # an interrupted driver does not wait for the jobs in flight
             if process.is_alive():
                 process.terminate()
+        for process in processes:
+            process.join(timeout=10)
 
 
 class RayPool:

@@ -1,0 +1,261 @@
+"""Executors: the same records in process, in local worker processes and as Ray tasks; resume after an
+interrupted driver, a killed worker retried, a failing job reported while the others finish."""
+
+import functools
+import os
+import pickle
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastllc import SGLDConfig, TrainConfig
+from fastllc.errors import FastLLCError
+from fastllc.experiments import Job, run_sweep
+from fastllc.experiments.executors import RAY_MISSING, JobsFailed, run_jobs
+from fastllc.experiments.spec import EstimateJob
+
+try:
+    import ray
+except ImportError:  # the ray extra is not installed: the Ray tests below are skipped, saying so
+    ray = None
+
+needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install -e '.[ray]' runs these)")
+TIMING_KEYS = ("sampling_seconds", "chain_steps_per_second")  # wall-clock fields: the only ones that may differ
+
+
+def tiny_jobs(seeds=(0, 1), ps=(5,), **sgld) -> list[Job]:
+    """p = 5 networks trained 40 batches; 2 chains × 20 SGLD steps (a second or two per job)."""
+    settings = dict(chains=2, steps=20, batch_size=8) | sgld
+    return [Job("psweep", TrainConfig(p=p, embed=4, hidden=16, batches=40, checkpoints=1, seed=seed),
+                SGLDConfig(**settings)) for p in ps for seed in seeds]
+
+
+def numbers(record: dict) -> dict:
+    """A record without its wall-clock timings and its run path (which names the sweep directory)."""
+    result = {k: v for k, v in record["result"].items() if k not in TIMING_KEYS}
+    return {k: v for k, v in record.items() if k != "run"} | dict(result=result)
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporary files or directories of a write that did not finish."""
+    return [str(p) for p in out.rglob(".*") if ".tmp-" in p.name]
+
+
+# module-level factories: jobs that travel to other processes are pickled by reference
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+
+def tiny_data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(32, 3, generator=generator)
+    return inputs, (inputs[:, 0] > 0).long()
+
+
+def model_that_dies_once(marker: str) -> torch.nn.Module:
+    """Kills its worker process the first time (a node lost mid-job); builds the model the next."""
+    if not os.path.exists(marker):
+        Path(marker).write_text("died once\n")
+        os._exit(1)
+    return tiny_model()
+
+
+def estimate_jobs(count: int, **extra) -> list[EstimateJob]:
+    return [EstimateJob(f"net{i}", functools.partial(tiny_model, i), tiny_data, SGLDConfig(chains=2, steps=20, batch_size=8),
+                        **extra) for i in range(count)]
+
+
+# ---- local ----
+
+def test_local_executor_gives_run_sweeps_records(tmp_path):
+    records = run_jobs(tiny_jobs(), tmp_path / "a", progress=False)
+    assert [numbers(r) for r in records] == [numbers(r) for r in run_sweep(tiny_jobs(), tmp_path / "b", progress=False)]
+    assert records[0]["run"] == str(tmp_path / "a" / "runs" / tiny_jobs()[0].training.run_name())
+    assert run_jobs(tiny_jobs(), tmp_path / "a", progress=False) == records  # finished: read back, nothing run
+    assert not leftovers(tmp_path)
+
+
+def test_local_worker_processes_give_the_same_numbers_and_a_killed_one_is_retried(tmp_path):
+    jobs = tiny_jobs(seeds=(0, 1, 2))
+    marker = tmp_path / "died"
+    dying = EstimateJob("dies-once", functools.partial(model_that_dies_once, str(marker)), tiny_data,
+                        SGLDConfig(chains=2, steps=20, batch_size=8))
+    in_process = run_jobs(jobs, tmp_path / "a", progress=False)
+    workers = run_jobs([dying] + jobs, tmp_path / "b", workers=2, progress=False)
+    assert [numbers(r) for r in workers[1:]] == [numbers(r) for r in in_process]  # bit for bit
+    assert marker.exists() and workers[0]["job"] == "dies-once" and workers[0]["result"]["llc_mean"] is not None
+    print(f"\nlocal worker killed (os._exit) by job dies-once, its jobs rerun in a new pool: {len(workers)} of 4 finished")
+    assert not leftovers(tmp_path)
+
+
+def test_a_failing_job_is_reported_in_one_line_and_the_others_finish(tmp_path, capsys):
+    bad = Job("psweep", TrainConfig(p=5, embed=4, hidden=16, batches=40, checkpoints=1, seed=7),
+              SGLDConfig(chains=2, steps=20, burn_in=20, batch_size=8))
+    with pytest.raises(JobsFailed, match=r"1 of 3 jobs failed \(psweep-add-p5-e4-h16-b40-k1-seed7-final\); the others "
+                                         r"are saved") as failed:
+        run_jobs(tiny_jobs() + [bad], tmp_path, progress="log")
+    lines = [line for line in capsys.readouterr().err.splitlines() if "failed" in line]
+    assert lines == [f"job {bad.name} failed: burn-in must be in [0, steps) = [0, 20), got 20"]
+    assert failed.value.failures == {bad.name: "burn-in must be in [0, steps) = [0, 20), got 20"}
+    assert len(failed.value.records) == 2 and len(list((tmp_path / "jobs").glob("*.json"))) == 2
+    assert not leftovers(tmp_path)
+
+
+def test_an_interrupted_driver_loses_no_finished_job_and_resumes(tmp_path):
+    jobs = tiny_jobs(seeds=(0, 1, 2, 3))
+    ran = []
+
+    def interrupt_after_two(name, outcome, detail):
+        ran.append(name)
+        if len(ran) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the driver, between two jobs
+
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(jobs, tmp_path, progress=False, on_record=interrupt_after_two)
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "jobs").glob("*.json")}
+    assert len(kept) == 2 and not leftovers(tmp_path)
+    rerun = []
+    records = run_jobs(jobs, tmp_path, progress=False, on_record=lambda name, *_: rerun.append(name))
+    assert sorted(rerun) == sorted(j.name for j in jobs if j.name not in ran)  # nothing finished is redone
+    assert len(records) == 4 and {p.name: p.stat().st_mtime_ns for p in (tmp_path / "jobs").glob("*.json")
+                                  if p.name in kept} == kept
+
+
+def test_estimate_jobs_of_ones_own_models_run_and_resume(tmp_path):
+    records = run_jobs(estimate_jobs(2, tags=dict(note="mine")), tmp_path, progress=False)
+    assert [r["job"] for r in records] == ["net0", "net1"] and records[0]["note"] == "mine"
+    assert records[0]["kind"] == "estimate" and records[0]["result"]["chains"] == 2
+    again = run_jobs(estimate_jobs(2, tags=dict(note="mine")), tmp_path, progress=False,
+                     on_record=lambda *_: pytest.fail("a finished job ran again"))
+    assert again == records
+
+
+def test_a_finished_json_made_with_other_settings_is_refused(tmp_path):
+    run_jobs(tiny_jobs(seeds=(0,)), tmp_path, progress=False)
+    with pytest.raises(FastLLCError, match=r"holds job psweep-add-p5-e4-h16-b40-k1-seed0-final with other settings "
+                                           r"\(sgld.steps 20 there, 30 now\); give another --out"):
+        run_jobs(tiny_jobs(seeds=(0,), steps=30), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(executor="dask"), "unknown executor 'dask'; choose one of local, ray"),
+    (dict(workers=0), "--workers must be a whole number of at least 1, got 0"),
+    (dict(address="auto"), "--address is for --executor ray"),
+])
+def test_bad_executor_options_are_one_line_errors_before_any_work(tmp_path, options, message):
+    with pytest.raises(FastLLCError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_jobs(tiny_jobs(), tmp_path / "out", progress=False, **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_jobs_with_one_name_or_that_cannot_travel_are_refused_before_any_work(tmp_path):
+    with pytest.raises(FastLLCError, match="two jobs are named 'psweep-add-p5-e4-h16-b40-k1-seed0-final'"):
+        run_jobs(tiny_jobs() + tiny_jobs(), tmp_path / "out", progress=False)
+    local = EstimateJob("local", lambda: tiny_model(), tiny_data)
+    with pytest.raises(FastLLCError, match="job 'local' cannot be sent to worker processes .*make its model and data "
+                                           "factories module-level functions"):
+        run_jobs([local], tmp_path / "out", workers=2, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_executor_without_ray_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    with pytest.raises(FastLLCError, match=r"--executor ray needs Ray, an optional extra: pip install -e '\.\[ray\]'"):
+        run_jobs(tiny_jobs(), tmp_path / "out", executor="ray", progress=False)
+    assert RAY_MISSING.count("\n") == 0 and not (tmp_path / "out").exists()
+
+
+# ---- Ray: one local 2-CPU instance for the module ----
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    if ray is None:
+        pytest.skip("ray is not installed (pip install -e '.[ray]' runs these)")
+    here, root = str(Path(__file__).parent), str(Path(__file__).parents[1])
+    path = os.pathsep.join(p for p in (here, root, os.environ.get("PYTHONPATH")) if p)  # workers import this module
+    started = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env=dict(env_vars=dict(PYTHONPATH=path)))
+    print(f"\nlocal Ray instance (2 CPUs) started in {time.perf_counter() - started:.1f} s")
+    yield
+    ray.shutdown()
+
+
+@needs_ray
+def test_ray_gives_bit_identical_numbers_and_its_overhead_per_job(ray_cluster, tmp_path):
+    jobs = tiny_jobs(seeds=(0, 1, 2), ps=(5, 7))
+    started = time.perf_counter()
+    local = run_jobs(jobs, tmp_path / "local", progress=False)
+    local_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    remote = run_jobs(jobs, tmp_path / "ray", executor="ray", progress=False)  # trains in tasks, ships the runs
+    ray_seconds = time.perf_counter() - started
+    assert [numbers(r) for r in remote] == [numbers(r) for r in local]  # bit for bit, runs trained on workers
+    for job in jobs:  # the shipped runs are the local ones, file for file
+        name = job.training.run_name()
+        for file in (tmp_path / "local" / "runs" / name).rglob("*.pt"):
+            assert (tmp_path / "ray" / "runs" / name / file.relative_to(tmp_path / "local" / "runs" / name)).read_bytes() \
+                == file.read_bytes()
+    print(f"\n{len(jobs)} jobs with training: local in process {local_seconds:.1f} s, Ray (2 CPUs) {ray_seconds:.1f} s")
+    # overhead: the same estimate jobs (runs already there) one at a time, Ray's task taking both CPUs
+    for name in ("local2", "ray2"):
+        shutil.copytree(tmp_path / "local" / "runs", tmp_path / name / "runs")
+    started = time.perf_counter()
+    run_jobs(jobs, tmp_path / "local2", progress=False)
+    local_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    run_jobs(jobs, tmp_path / "ray2", executor="ray", progress=False, cpus_per_job=2)
+    ray_seconds = time.perf_counter() - started
+    print(f"{len(jobs)} estimate jobs, one at a time: local {local_seconds:.2f} s, Ray {ray_seconds:.2f} s: "
+          f"Ray's overhead {(ray_seconds - local_seconds) / len(jobs) * 1000:.0f} ms per job")
+    assert not leftovers(tmp_path)
+
+
+@needs_ray
+def test_ray_retries_a_job_whose_worker_was_killed(ray_cluster, tmp_path):
+    marker = tmp_path / "died"
+    dying = EstimateJob("dies-once", functools.partial(model_that_dies_once, str(marker)), tiny_data,
+                        SGLDConfig(chains=2, steps=20, batch_size=8))
+    records = run_jobs([dying] + estimate_jobs(2), tmp_path / "out", executor="ray", progress=False)
+    assert marker.exists() and [r["job"] for r in records] == ["dies-once", "net0", "net1"]
+    print(f"\nRay worker killed (os._exit) by job dies-once, task retried: {len(records)} of 3 jobs finished")
+
+
+@needs_ray
+def test_ray_reports_a_failing_job_and_finishes_the_others(ray_cluster, tmp_path, capsys):
+    bad = Job("psweep", TrainConfig(p=5, embed=4, hidden=16, batches=40, checkpoints=1, seed=7),
+              SGLDConfig(chains=2, steps=20, burn_in=20, batch_size=8))
+    with pytest.raises(JobsFailed, match="1 of 3 jobs failed"):
+        run_jobs(tiny_jobs() + [bad], tmp_path, executor="ray", progress="log")
+    failed = [line for line in capsys.readouterr().err.splitlines() if "failed" in line]
+    assert failed == [f"job {bad.name} failed: burn-in must be in [0, steps) = [0, 20), got 20"]
+    assert len(list((tmp_path / "jobs").glob("*.json"))) == 2
+    print("\n" + failed[0])
+
+
+@needs_ray
+def test_ray_driver_interrupted_and_resumed_redoes_only_jobs_in_flight(ray_cluster, tmp_path):
+    jobs = tiny_jobs(seeds=(0, 1, 2, 3, 4, 5))
+    seen = []
+
+    def interrupt_after_two(name, outcome, detail):
+        seen.append(name)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(jobs, tmp_path, executor="ray", progress=False, on_record=interrupt_after_two)
+    written = {p.stem for p in (tmp_path / "jobs").glob("*.json")}
+    assert written == set(seen) and not leftovers(tmp_path)
+    redone = []
+    records = run_jobs(jobs, tmp_path, executor="ray", progress=False, on_record=lambda name, *_: redone.append(name))
+    assert set(redone) == {j.name for j in jobs} - written and len(records) == len(jobs)
+    print(f"\ndriver interrupted after {len(written)} of {len(jobs)} jobs; the rerun ran the other {len(redone)} "
+          "(submitted but unwritten at the interruption), none of the finished ones")
