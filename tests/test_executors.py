@@ -174,6 +174,21 @@ def test_ray_executor_without_ray_names_the_extra(tmp_path, monkeypatch):
 
 # ---- Ray: one local 2-CPU instance for the module ----
 
+@needs_ray
+def test_a_ray_address_where_no_cluster_answers_is_a_one_line_error(tmp_path):
+    import socket
+
+    if ray.is_initialized():  # tests run in file order: this one comes before the module's Ray instance
+        pytest.skip("needs Ray not yet started in this test session")
+    with socket.socket() as probe:  # a loopback port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(FastLLCError, match=rf"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers there "
+                                           r"\(connection refused\); start its head with `ray start --head`"):
+        run_jobs(tiny_jobs(), tmp_path / "out", executor="ray", address=f"127.0.0.1:{port}", progress=False)
+    assert not (tmp_path / "out").exists() and not ray.is_initialized()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     if ray is None:

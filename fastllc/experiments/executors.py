@@ -222,6 +222,8 @@ class RayPool:
             options = dict(logging_level=logging.ERROR if quiet else logging.WARNING, log_to_driver=not quiet)
             if address is None:  # a Ray instance of our own, for this run
                 options.update(num_cpus=workers, include_dashboard=False)
+            else:
+                _check_reachable(address)
             try:
                 ray.init(address=address, **options)
             except (ConnectionError, RuntimeError, ValueError) as err:
@@ -261,6 +263,21 @@ class RayPool:
         self.refs.clear()
         if self.started:
             self.ray.shutdown()
+
+
+def _check_reachable(address: str, seconds: float = 10) -> None:
+    """Refuse at once a host:port where nothing listens (ray.init would retry it for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not host or not port.isdigit():
+        return  # "auto" (ray finds the local cluster or says none runs), ray:// clients: Ray's own check
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+    except OSError as err:
+        raise FastLLCError(f"cannot join the Ray cluster at {address}: nothing answers there "
+                           f"({(err.strerror or str(err)).lower()}); start its head with `ray start --head`, "
+                           "or give no --address for a local Ray instance") from None
 
 
 def open_pool(executor: str, workers: int | None, address: str | None, retries: int, cpus: float, quiet: bool):
@@ -404,8 +421,6 @@ def run_jobs(jobs: list, out: str | os.PathLike, *, executor: str = "local", wor
     check_jobs(jobs, executor, workers)
     out, mode = Path(out), progress_mode(progress)
     storage.check_writable_dir(out)  # before any work: a sweep that cannot save its results must not start
-    with storage.writing(out):
-        (out / "jobs").mkdir(parents=True, exist_ok=True)
     for folder in (out, out / "jobs", out / "runs"):
         storage.remove_stale_temporaries(folder)  # of crashed processes
     paths = {job.name: out / "jobs" / f"{job.name}.json" for job in jobs}
