@@ -256,6 +256,14 @@ def test_ray_reports_a_failing_job_and_finishes_the_others(ray_cluster, tmp_path
 
 
 @needs_ray
+def test_a_cuda_job_on_a_cluster_without_gpus_is_refused_not_queued_forever(ray_cluster, tmp_path):
+    (job,) = estimate_jobs(1, device="cuda")
+    with pytest.raises(FastLLCError, match="job net0 runs on CUDA, but the Ray cluster has no GPU"):
+        run_jobs([job], tmp_path / "out", executor="ray", progress=False)
+    assert not (tmp_path / "out" / "jobs").exists()
+
+
+@needs_ray
 def test_ray_driver_interrupted_and_resumed_redoes_only_jobs_in_flight(ray_cluster, tmp_path):
     jobs = tiny_jobs(seeds=(0, 1, 2, 3, 4, 5))
     seen = []

@@ -232,6 +232,13 @@ class RayPool:
         self.remote = {}
         self.puts: dict[str, object] = {}
 
+    def require_gpus(self, jobs: list, gpus_per_job: float) -> None:
+        """A job on CUDA asks for a GPU share: refuse now, not hang, on a cluster without GPUs."""
+        needing = [job.name for job in jobs if _gpus(job, gpus_per_job) > 0]
+        if needing and not self.ray.cluster_resources().get("GPU", 0):
+            raise FastLLCError(f"job {needing[0]} runs on CUDA, but the Ray cluster has no GPU; start its nodes "
+                               "on GPU machines (ray start detects their GPUs), or run the job on the CPU")
+
     def put(self, name: str, files) -> object:
         """One object-store copy of a run's files per run, shared by every job that needs it."""
         if name not in self.puts:
@@ -258,8 +265,8 @@ class RayPool:
                                    f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")
 
     def close(self) -> None:
-        for ref in list(self.refs):
-            self.ray.cancel(ref, force=True)
+        for ref in list(self.refs):  # an interrupted driver: queued jobs never start, running ones are interrupted
+            self.ray.cancel(ref)
         self.refs.clear()
         if self.started:
             self.ray.shutdown()
@@ -442,6 +449,8 @@ def run_jobs(jobs: list, out: str | os.PathLike, *, executor: str = "local", wor
 
 def _drive(pool, todo, out, paths, records, failures, bar, on_record, gpus_per_job) -> None:
     root = str(out) if pool.shared else None
+    if not pool.shared:
+        pool.require_gpus(todo, gpus_per_job)
     by_name = {job.name: job for job in todo}
     waiting: dict[str, list[Job]] = {}  # run name -> the jobs that wait for that run to be trained
     groups: dict[TrainConfig, list[TrainConfig]] = {}  # runs that differ only in their seed train together
