@@ -3,7 +3,6 @@ interrupted driver, a killed worker retried, a failing job reported while the ot
 
 import functools
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -11,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastllc import SGLDConfig, TrainConfig
 from fastllc.errors import FastLLCError
 from fastllc.experiments import Job, run_sweep
-from fastllc.experiments.executors import RAY_MISSING, JobsFailed, run_jobs
+from fastllc.experiments.executors import JobsFailed, run_jobs
+from fastllc.experiments.pools import RAY_MISSING
 from fastllc.experiments.spec import EstimateJob
 
 try:
