@@ -94,6 +94,24 @@ def test_local_worker_processes_give_the_same_numbers_and_a_killed_one_is_retrie
     assert not leftovers(tmp_path)
 
 
+def test_the_numbers_do_not_depend_on_torchs_thread_count(tmp_path):
+    """run_job alone differs in the last bits between 1 and 2 torch threads at this shape (L_n(w*) and its
+    gradient): the executors run every job single-threaded, so a Ray worker (OMP_NUM_THREADS=1) agrees
+    with a driver that has torch's default threads."""
+    job = Job("psweep", TrainConfig(p=7, batches=200, checkpoints=1), SGLDConfig(chains=4, steps=50, orthogonal=True,
+                                                                                 batch_size=16))
+    previous = torch.get_num_threads()
+    try:
+        records = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            (records[threads],) = run_jobs([job], tmp_path / str(threads), progress=False)
+        assert torch.get_num_threads() == 2  # the caller's setting is left as it was
+    finally:
+        torch.set_num_threads(previous)
+    assert numbers(records[1]) == numbers(records[2])
+
+
 def test_a_failing_job_is_reported_in_one_line_and_the_others_finish(tmp_path, capsys):
     bad = Job("psweep", TrainConfig(p=5, embed=4, hidden=16, batches=40, checkpoints=1, seed=7),
               SGLDConfig(chains=2, steps=20, burn_in=20, batch_size=8))
