@@ -236,16 +236,17 @@ def test_ray_gives_bit_identical_numbers_and_its_overhead_per_job(ray_cluster, t
             assert (tmp_path / "ray" / "runs" / name / file.relative_to(tmp_path / "local" / "runs" / name)).read_bytes() \
                 == file.read_bytes()
     print(f"\n{len(jobs)} jobs with training: local in process {local_seconds:.1f} s, Ray (2 CPUs) {ray_seconds:.1f} s")
-    # overhead: the same estimate jobs (runs already there) one at a time, Ray's task taking both CPUs
-    for name in ("local2", "ray2"):
-        shutil.copytree(tmp_path / "local" / "runs", tmp_path / name / "runs")
-    started = time.perf_counter()
-    run_jobs(jobs, tmp_path / "local2", progress=False)
-    local_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    run_jobs(jobs, tmp_path / "ray2", executor="ray", progress=False, cpus_per_job=2)
-    ray_seconds = time.perf_counter() - started
-    print(f"{len(jobs)} estimate jobs, one at a time: local {local_seconds:.2f} s, Ray {ray_seconds:.2f} s: "
+    # overhead: the same estimate jobs (runs already there) one at a time, Ray's task taking both CPUs;
+    # the fastest of three tries each, as the machine's other load comes and goes
+    seconds = {"local": [], "ray": []}
+    for trial in range(3):
+        for executor in seconds:
+            shutil.copytree(tmp_path / "local" / "runs", tmp_path / f"{executor}{trial}" / "runs")
+            started = time.perf_counter()
+            run_jobs(jobs, tmp_path / f"{executor}{trial}", executor=executor, progress=False, cpus_per_job=2)
+            seconds[executor].append(time.perf_counter() - started)
+    local_seconds, ray_seconds = min(seconds["local"]), min(seconds["ray"])
+    print(f"{len(jobs)} estimate jobs, one at a time, fastest of 3: local {local_seconds:.2f} s, Ray {ray_seconds:.2f} s: "
           f"Ray's overhead {(ray_seconds - local_seconds) / len(jobs) * 1000:.0f} ms per job")
     assert not leftovers(tmp_path)
 
