@@ -145,6 +145,46 @@ def test_an_interrupted_driver_loses_no_finished_job_and_resumes(tmp_path):
                                   if p.name in kept} == kept
 
 
+DRIVER = """
+import sys
+from fastllc import SGLDConfig, TrainConfig
+from fastllc.experiments import Job
+from fastllc.experiments.executors import run_jobs
+jobs = [Job("psweep", TrainConfig(p=5, embed=4, hidden=16, batches=40, checkpoints=1, seed=seed),
+            SGLDConfig(chains=2, steps=2000, batch_size=8)) for seed in range(6)]
+run_jobs(jobs, sys.argv[1], progress=False)
+"""
+
+
+def test_a_driver_killed_outright_resumes_with_every_finished_job_kept(tmp_path):
+    import json
+    import signal
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(Path(__file__).parents[1]),
+                                                                     os.environ.get("PYTHONPATH")))))
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((tmp_path / "jobs").glob("*.json"))) < 2 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.05)
+    finally:
+        driver.send_signal(signal.SIGKILL)  # no cleanup, no finally: as a lost machine or `kill -9`
+        driver.wait()
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "jobs").glob("*.json")}
+    assert 2 <= len(written) < 6, "the driver finished before it could be killed: give its jobs more steps"
+    for name in written:
+        assert json.loads((tmp_path / "jobs" / name).read_text())["result"]["llc_mean"] is not None  # whole
+    jobs = [Job("psweep", TrainConfig(p=5, embed=4, hidden=16, batches=40, checkpoints=1, seed=seed),
+                SGLDConfig(chains=2, steps=2000, batch_size=8)) for seed in range(6)]
+    redone = []
+    records = run_jobs(jobs, tmp_path, progress=False, on_record=lambda name, *_: redone.append(name))
+    assert len(records) == 6 and len(redone) == 6 - len(written)  # in process, one job was in flight
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "jobs").glob("*.json") if p.name in written} == written
+    assert not leftovers(tmp_path)  # the killed driver's temporaries were cleared
+    print(f"\ndriver killed (SIGKILL) after {len(written)} of 6 jobs; the rerun ran the other {len(redone)}")
+
+
 def test_estimate_jobs_of_ones_own_models_run_and_resume(tmp_path):
     records = run_jobs(estimate_jobs(2, tags=dict(note="mine")), tmp_path, progress=False)
     assert [r["job"] for r in records] == ["net0", "net1"] and records[0]["note"] == "mine"
