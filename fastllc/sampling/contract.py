@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from ..errors import FastLLCError
 from .config import PUBLISHED_LOSS_OFFSET, SGLDConfig
+from .threads import single_threaded_torch
 
 
 @dataclass
@@ -92,7 +93,16 @@ def private_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def loss_and_gradient_at_start(model, inputs, targets, loss_fn) -> tuple[float, torch.Tensor]:
-    """L_n(w*) and ∇L_n(w*) (flat, [d]) over all given examples, by autograd; the model is left as it was."""
+    """L_n(w*) and ∇L_n(w*) (flat, [d]) over all given examples, by autograd; the model is left as it was.
+    On the CPU with one torch thread: a multi-threaded reduction rounds differently with the thread count,
+    and λ̂ must not depend on the machine's core count (a sweep on a Ray worker equals one run locally)."""
+    if inputs.device.type == "cpu":
+        with single_threaded_torch():
+            return _loss_and_gradient(model, inputs, targets, loss_fn)
+    return _loss_and_gradient(model, inputs, targets, loss_fn)
+
+
+def _loss_and_gradient(model, inputs, targets, loss_fn) -> tuple[float, torch.Tensor]:
     names, shapes, w_star = flat_parameters(model)
     w = w_star.clone().requires_grad_(True)
     weights = {**unflatten(w, names, shapes), **private_buffers(model)}
