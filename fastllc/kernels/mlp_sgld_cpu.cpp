@@ -15,7 +15,9 @@
 //   z_i = L E[a_i] + R E[b_i] + b_L + b_R,  u = GELU(z) (exact erf),  s_i = U u_i
 //   L_m = mean_i (logsumexp(s_i) − s_i[y_i])          (never the log of an underflowed probability)
 //   δs = (softmax(s) − onehot(y)) / m, the hand-written backward to ∇L_m,
-//   Δ = −(εγ/2)(w − w*) − (ε·nβ/2)∇L_m + √ε ξ,  Δ −= (Δ·g)g (orthogonal),  w += Δ
+//   Δ = −(εγ/2)(w − w*) − (ε·nβ/2)∇L_m + √ε ξ,  Δ −= (Δ·g)g (orthogonal),  Δ ⊙= keep (restricted),  w += Δ
+// or, with the published chain loss, L_m = −mean_i log(p_i + δ), p_i = exp(s_i[y_i] − logsumexp(s_i)), whose
+// δs_i is cross-entropy's times p_i/(p_i + δ).
 // with L_m recorded at w_t before each update; at the first non-finite loss the chain stops (its trace
 // stays NaN from there, its weights are those at which the loss blew up: as the reference).
 //
@@ -252,7 +254,8 @@ struct Scratch {  // one thread's buffers, reused for every chain it runs; hp, p
 };
 
 // L_m(w) of one minibatch (NaN when any logit is not finite) and ∇L_m(w) into k.grad.
-double loss_and_gradient(const Shape& S, const float* w, Scratch& k) {
+// offset δ > 0: the chain loss is the study's −mean log(softmax(s)_y + δ) instead of cross-entropy (δ = 0).
+double loss_and_gradient(const Shape& S, const float* w, Scratch& k, double offset) {
     const int64_t p = S.p, e = S.e, h = S.h, m = S.m, hp = k.hp, pp = k.pp;
     const float* E = w + S.oE;
     const float* L = w + S.oL;
@@ -314,10 +317,20 @@ double loss_and_gradient(const Shape& S, const float* w, Scratch& k) {
         const float sum = sum8(total);
         finite = finite && std::isfinite(check) && std::isfinite(sum);
         // −log softmax(s)[y] = log Σ exp(s − top) − (s[y] − top): exact however small softmax(s)[y] is
-        loss += static_cast<double>(std::log(sum) - label_shifted);
-        const v8 scale = splat(inv_m / sum);
+        const float nll = std::log(sum) - label_shifted;
+        float weight = inv_m;  // of this example's (softmax(s) − onehot(y)) in δs
+        if (offset > 0) {
+            // −log(p_y + δ) with p_y = exp(log softmax(s)[y]) (0 where that underflows: the exact limit), whose
+            // gradient is cross-entropy's scaled by p_y/(p_y + δ); in double, then rounded as the reference's
+            const double p_y = std::exp(-static_cast<double>(nll));
+            loss += -std::log(p_y + offset);
+            weight = static_cast<float>(inv_m * (p_y / (p_y + offset)));
+        } else {
+            loss += static_cast<double>(nll);
+        }
+        const v8 scale = splat(weight / sum);
         for (int64_t q = 0; q < pp; q += 8) store(s + q, load(s + q) * scale);
-        s[label] -= inv_m;
+        s[label] -= weight;
     }
 
     // backward. ∇U[q] = Σ_i δs_i[q]·u_i;  δz_i = (Σ_q δs_i[q]·U[q]) ⊙ GELU′(z_i)
@@ -378,12 +391,15 @@ extern "C" {
 const char* fastllc_mlp_sgld_variant() { return FASTLLC_VARIANT; }
 
 // Steps t0 .. t0+n_steps−1 of C chains, in place on w [C, d]; returns 0, or 1 when scratch memory could not
-// be allocated. hyper [C, 3] = (ε, γ, nβ); ops [·, 2], targets [·]: the stacked train splits, chain c's
+// be allocated. keep: null, or the restriction's mask (chain c's row at keep + c·keep_stride: stride 0 when all
+// chains share one [d] mask), applied to the whole increment after the projection; loss_offset: 0 for
+// cross-entropy, δ > 0 for the published chain loss −mean log(p_y + δ). hyper [C, 3] = (ε, γ, nβ); ops [·, 2], targets [·]: the stacked train splits, chain c's
 // examples at example_offset[c] + 0 .. n−1; direction [C, d] or null; injected_indices [C, T, m] and
 // injected_noise [C, T, d] (T = total_steps) or null (then CounterRandomness's streams of chain_ids[c]);
 // trace [C, T] float64; alive [C]: 1 until the chain's loss is first non-finite.
 int fastllc_mlp_sgld_run(int64_t C, int64_t p, int64_t e, int64_t h, int64_t m, float* w, const float* w_star,
-                         const float* direction, const double* hyper, const int64_t* ops, const int64_t* targets,
+                         const float* direction, const uint8_t* keep, int64_t keep_stride, double loss_offset,
+                         const double* hyper, const int64_t* ops, const int64_t* targets,
                          const int64_t* example_offset, int64_t n, const int64_t* chain_ids, int64_t seed,
                          const int64_t* injected_indices, const float* injected_noise, int64_t total_steps,
                          const double* edges, const float* edges32, const float* ratios, const double* density,
@@ -436,7 +452,7 @@ int fastllc_mlp_sgld_run(int64_t C, int64_t p, int64_t e, int64_t h, int64_t m, 
                         fill_normal(zig, nkey, S.d, k.noise.data());
                         xi = k.noise.data();
                     }
-                    const double loss = loss_and_gradient(S, wc, k);
+                    const double loss = loss_and_gradient(S, wc, k, loss_offset);
                     trace[c * total_steps + t] = loss;
                     if (!std::isfinite(loss)) {
                         alive[c] = 0;
@@ -452,7 +468,12 @@ int fastllc_mlp_sgld_run(int64_t C, int64_t p, int64_t e, int64_t h, int64_t m, 
                         const float f = static_cast<float>(dot);
                         for (int64_t j = 0; j < S.d; ++j) inc[j] = MADD(-f, dir[j], inc[j]);
                     }
-                    for (int64_t j = 0; j < S.d; ++j) wc[j] += inc[j];
+                    if (keep) {  // restricted: unselected weights get no increment at all (bit for bit w*)
+                        const uint8_t* kc = keep + c * keep_stride;
+                        for (int64_t j = 0; j < S.d; ++j) wc[j] = kc[j] ? wc[j] + inc[j] : wc[j];
+                    } else {
+                        for (int64_t j = 0; j < S.d; ++j) wc[j] += inc[j];
+                    }
                 }
             }
             delete scratch;
