@@ -30,6 +30,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -211,176 +212,192 @@ inline void gelu8(v8 z, v8& value, v8& slope) {
     slope = madd(z, pdf, cdf);
 }
 
-// Products of the step, register-blocked: NB vectors of one output row stay in registers over the sum.
-// out[blk] = Σ_r coef[r·stride] · rows[r·ld + blk]   (r < count; blk = NB vectors starting at col)
-template <int NB>
-inline void row_combination(const float* coef, int64_t stride, const float* rows, int64_t ld, int64_t count,
-                            int64_t col, float* out, bool accumulate) {
-    v8 acc[NB];
-    for (int b = 0; b < NB; ++b) acc[b] = accumulate ? load(out + col + 8 * b) : splat(0.0f);
-    for (int64_t r = 0; r < count; ++r) {
-        const v8 c = splat(coef[r * stride]);
-        const float* row = rows + r * ld + col;
-        for (int b = 0; b < NB; ++b) acc[b] = madd(c, load(row + 8 * b), acc[b]);
-    }
-    for (int b = 0; b < NB; ++b) store(out + col + 8 * b, acc[b]);
-}
-
-// out[0 .. width) (width a multiple of 8) = (accumulate ? out : 0) + Σ_r coef[r·stride]·rows[r·ld + ·]
-void combine_rows(const float* coef, int64_t stride, const float* rows, int64_t ld, int64_t count, int64_t width,
-                  float* out, bool accumulate) {
-    for (int64_t col = 0; col < width; col += 64) {
-        switch ((width - col) >= 64 ? 8 : (width - col) / 8) {
-            case 8: row_combination<8>(coef, stride, rows, ld, count, col, out, accumulate); break;
-            case 7: row_combination<7>(coef, stride, rows, ld, count, col, out, accumulate); break;
-            case 6: row_combination<6>(coef, stride, rows, ld, count, col, out, accumulate); break;
-            case 5: row_combination<5>(coef, stride, rows, ld, count, col, out, accumulate); break;
-            case 4: row_combination<4>(coef, stride, rows, ld, count, col, out, accumulate); break;
-            case 3: row_combination<3>(coef, stride, rows, ld, count, col, out, accumulate); break;
-            case 2: row_combination<2>(coef, stride, rows, ld, count, col, out, accumulate); break;
-            default: row_combination<1>(coef, stride, rows, ld, count, col, out, accumulate); break;
+// The step's products, all of one form: C [M rows, NV vectors of 8] = A [M, K] · B [K, NV·8], with A read
+// through strides (element (r, k) at A[r·ra + k·ka], so that the weights and their transposes are read in
+// place) and broadcast, B's rows loaded as vectors. Register-blocked: a tile of MR rows × NR vectors stays
+// in registers over the whole sum (MR·NR ≥ 8 independent accumulators hide the FMA latency).
+template <int MR, int NR>
+inline void tile(const float* A, int64_t ra, int64_t ka, const float* B, int64_t ldb, int64_t K, float* C,
+                 int64_t ldc) {
+    v8 acc[MR][NR];
+    for (int r = 0; r < MR; ++r)
+        for (int n = 0; n < NR; ++n) acc[r][n] = splat(0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+        v8 b[NR];
+        for (int n = 0; n < NR; ++n) b[n] = load(B + k * ldb + 8 * n);
+        for (int r = 0; r < MR; ++r) {
+            const v8 a = splat(A[r * ra + k * ka]);
+            for (int n = 0; n < NR; ++n) acc[r][n] = madd(a, b[n], acc[r][n]);
         }
     }
+    for (int r = 0; r < MR; ++r)
+        for (int n = 0; n < NR; ++n) store(C + r * ldc + 8 * n, acc[r][n]);
 }
 
-struct Scratch {  // one thread's buffers, reused for every chain it runs; hp, pp: h and p padded to 8
-    int64_t hp, pp;
-    std::vector<float> LT, RT, UT, Up, bias, z, u, gelu_grad, s, dz, gLT, gRT, gU, gbias, grad, inc, noise;
+constexpr int TILE_ROWS = 6;  // 6 rows × 2 vectors: 12 accumulators, 2 loaded rows of B, 1 broadcast
+
+template <int NR>
+void gemm_columns(int64_t M, const float* A, int64_t ra, int64_t ka, const float* B, int64_t ldb, int64_t K,
+                  float* C, int64_t ldc) {
+    int64_t r = 0;
+    for (; r + TILE_ROWS <= M; r += TILE_ROWS) tile<TILE_ROWS, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc);
+    switch (M - r) {
+        case 5: tile<5, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc); break;
+        case 4: tile<4, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc); break;
+        case 3: tile<3, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc); break;
+        case 2: tile<2, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc); break;
+        case 1: tile<1, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc); break;
+        default: break;
+    }
+}
+
+// C [M, 8·NV] (row stride ldc) = A [M, K] (strides ra, ka) · B [K, 8·NV] (row stride ldb)
+void gemm(int64_t M, int64_t NV, int64_t K, const float* A, int64_t ra, int64_t ka, const float* B, int64_t ldb,
+          float* C, int64_t ldc) {
+    int64_t n = 0;
+    for (; n + 2 <= NV; n += 2) gemm_columns<2>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
+    if (n < NV) gemm_columns<1>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
+}
+
+// One thread's buffers, reused for every chain it runs. The minibatch's examples are the vector lanes
+// ("…T" buffers: [rows, mp], mp = m padded to 8; the padding lanes hold a zero embedding and get zero
+// weight in δs, so they add nothing to any gradient); ep, hp: e and h padded to 8.
+struct Scratch {
+    int64_t mp, ep, hp;
+    std::vector<float> LR, ET, EE, zT, gT, sT, u, gU, dzT, dET, gLR, noise, inc;
     std::vector<int64_t> a, b, y;
+    std::vector<float> grad;
     explicit Scratch(const Shape& S)
-        : hp(padded(S.h)), pp(padded(S.p)), LT(S.e * hp), RT(S.e * hp), UT(S.h * pp), Up(S.p * hp), bias(hp),
-          z(S.m * hp), u(S.m * hp), gelu_grad(S.m * hp), s(S.m * pp), dz(S.m * hp), gLT(S.e * hp), gRT(S.e * hp),
-          gU(S.p * hp), gbias(hp), grad(S.d), inc(S.d), noise(S.d), a(S.m), b(S.m), y(S.m) {}
+        : mp(padded(S.m)), ep(padded(S.e)), hp(padded(S.h)), LR(S.h * 2 * S.e), ET(2 * S.e * mp, 0.0f),
+          EE(mp * 2 * ep, 0.0f), zT(S.h * mp), gT(S.h * mp), sT(S.p * mp), u(mp * hp, 0.0f), gU(S.p * hp),
+          dzT(S.h * mp), dET(2 * S.e * mp), gLR(S.h * 2 * ep), noise(S.d), inc(S.d), a(S.m), b(S.m), y(S.m),
+          grad(S.d) {}
 };
 
-// L_m(w) of one minibatch (NaN when any logit is not finite) and ∇L_m(w) into k.grad.
 // offset δ > 0: the chain loss is the study's −mean log(softmax(s)_y + δ) instead of cross-entropy (δ = 0).
+// L_m(w) of one minibatch (NaN when any logit is not finite) and ∇L_m(w) into k.grad.
 double loss_and_gradient(const Shape& S, const float* w, Scratch& k, double offset) {
-    const int64_t p = S.p, e = S.e, h = S.h, m = S.m, hp = k.hp, pp = k.pp;
+    const int64_t p = S.p, e = S.e, h = S.h, m = S.m, mp = k.mp, ep = k.ep, hp = k.hp, e2 = 2 * e;
     const float* E = w + S.oE;
     const float* L = w + S.oL;
     const float* R = w + S.oR;
     const float* U = w + S.oU;
 
-    // padded copies, so that every product below runs along a contiguous, zero-padded row of h or p
-    for (int64_t j = 0; j < e; ++j)
-        for (int64_t c = 0; c < h; ++c) {
-            k.LT[j * hp + c] = L[c * e + j];
-            k.RT[j * hp + c] = R[c * e + j];
+    // the minibatch's embeddings: ET [2e, mp] = [E[a]ᵀ; E[b]ᵀ] (lanes), EE [mp, 2ep] = rows [E[a_i] E[b_i]]
+    for (int64_t i = 0; i < m; ++i) {
+        const float* Ea = E + k.a[i] * e;
+        const float* Eb = E + k.b[i] * e;
+        for (int64_t j = 0; j < e; ++j) {
+            k.ET[j * mp + i] = Ea[j];
+            k.ET[(e + j) * mp + i] = Eb[j];
+            k.EE[i * 2 * ep + j] = Ea[j];
+            k.EE[i * 2 * ep + ep + j] = Eb[j];
         }
-    for (int64_t c = 0; c < h; ++c)
-        for (int64_t q = 0; q < p; ++q) k.UT[c * pp + q] = U[q * h + c];
-    for (int64_t q = 0; q < p; ++q) std::memcpy(k.Up.data() + q * hp, U + q * h, sizeof(float) * h);
-    for (int64_t c = 0; c < h; ++c) k.bias[c] = w[S.obL + c] + w[S.obR + c];
+    }
+    for (int64_t c = 0; c < h; ++c)  // LR [h, 2e] = [L R]
+        for (int64_t j = 0; j < e; ++j) {
+            k.LR[c * e2 + j] = L[c * e + j];
+            k.LR[c * e2 + e + j] = R[c * e + j];
+        }
 
-    // forward, example by example; δs = (softmax(s) − onehot(y))/m overwrites the logits
+    // forward: zT = [L R]·ET (+ b_L + b_R), u = GELU(z), logits sT = U·uT
+    gemm(h, mp / 8, e2, k.LR.data(), e2, 1, k.ET.data(), mp, k.zT.data(), mp);
+    for (int64_t c = 0; c < h; ++c) {
+        const v8 bias = splat(w[S.obL + c] + w[S.obR + c]);
+        float* z = k.zT.data() + c * mp;
+        float* gg = k.gT.data() + c * mp;
+        for (int64_t i = 0; i < mp; i += 8) {
+            v8 value, slope;
+            gelu8(load(z + i) + bias, value, slope);
+            store(z + i, value);  // zT now holds uT
+            store(gg + i, slope);
+        }
+    }
+    const float* uT = k.zT.data();
+    gemm(p, mp / 8, h, U, h, 1, uT, mp, k.sT.data(), mp);
+
+    // the loss, and δs = w_i·(softmax(s_i) − onehot(y_i)) over the logits, 8 examples at a time
     double loss = 0.0;
     bool finite = true;
     const float inv_m = 1.0f / static_cast<float>(m);
-    const v8 lanes = v8{0, 1, 2, 3, 4, 5, 6, 7};
-    for (int64_t i = 0; i < m; ++i) {
-        float* z = k.z.data() + i * hp;
-        float* u = k.u.data() + i * hp;
-        float* gg = k.gelu_grad.data() + i * hp;
-        float* s = k.s.data() + i * pp;
-        const float* Ea = E + k.a[i] * e;
-        const float* Eb = E + k.b[i] * e;
-        std::memcpy(z, k.bias.data(), sizeof(float) * hp);
-        combine_rows(Ea, 1, k.LT.data(), hp, e, hp, z, true);
-        combine_rows(Eb, 1, k.RT.data(), hp, e, hp, z, true);
-        for (int64_t c = 0; c < hp; c += 8) {
-            v8 value, slope;
-            gelu8(load(z + c), value, slope);
-            store(u + c, value);
-            store(gg + c, slope);
+    float* sT = k.sT.data();
+    for (int64_t i0 = 0; i0 < mp; i0 += 8) {
+        v8 top = splat(-INFINITY), check = splat(0.0f);
+        for (int64_t q = 0; q < p; ++q) {
+            const v8 x = load(sT + q * mp + i0);
+            top = x > top ? x : top;
+            check += x;  // NaN when any logit is NaN or ±inf
         }
-        combine_rows(u, 1, k.UT.data(), pp, h, pp, s, false);  // logits (padding: 0)
-        v8 top8 = splat(-INFINITY), check8 = splat(0.0f);
-        for (int64_t q = 0; q < pp; q += 8) {
-            const v8 x = load(s + q);
-            const v8 real = lanes + splat(static_cast<float>(q)) < splat(static_cast<float>(p)) ? x : splat(-INFINITY);
-            top8 = real > top8 ? real : top8;
-            check8 += x;  // NaN when any logit is NaN or ±inf (padding holds 0)
-        }
-        float top = top8[0];
-        for (int b = 1; b < 8; ++b) top = top8[b] > top ? top8[b] : top;
-        const float check = sum8(check8);
-        const int64_t label = k.y[i];
-        const float label_shifted = s[label] - top;
+        float label_shifted[8];
+        const int lanes = static_cast<int>(std::min<int64_t>(8, m - i0));
+        for (int l = 0; l < lanes; ++l) label_shifted[l] = sT[k.y[i0 + l] * mp + i0 + l] - top[l];
         v8 total = splat(0.0f);
-        for (int64_t q = 0; q < pp; q += 8) {
-            v8 ex = exp8(load(s + q) - splat(top));
-            ex = lanes + splat(static_cast<float>(q)) < splat(static_cast<float>(p)) ? ex : splat(0.0f);
-            store(s + q, ex);
+        for (int64_t q = 0; q < p; ++q) {
+            const v8 ex = exp8(load(sT + q * mp + i0) - top);
+            store(sT + q * mp + i0, ex);
             total += ex;
         }
-        const float sum = sum8(total);
-        finite = finite && std::isfinite(check) && std::isfinite(sum);
-        // −log softmax(s)[y] = log Σ exp(s − top) − (s[y] − top): exact however small softmax(s)[y] is
-        const float nll = std::log(sum) - label_shifted;
-        float weight = inv_m;  // of this example's (softmax(s) − onehot(y)) in δs
-        if (offset > 0) {
-            // −log(p_y + δ) with p_y = exp(log softmax(s)[y]) (0 where that underflows: the exact limit), whose
-            // gradient is cross-entropy's scaled by p_y/(p_y + δ); in double, then rounded as the reference's
-            const double p_y = std::exp(-static_cast<double>(nll));
-            loss += -std::log(p_y + offset);
-            weight = static_cast<float>(inv_m * (p_y / (p_y + offset)));
-        } else {
-            loss += static_cast<double>(nll);
-        }
-        const v8 scale = splat(weight / sum);
-        for (int64_t q = 0; q < pp; q += 8) store(s + q, load(s + q) * scale);
-        s[label] -= weight;
-    }
-
-    // backward. ∇U[q] = Σ_i δs_i[q]·u_i;  δz_i = (Σ_q δs_i[q]·U[q]) ⊙ GELU′(z_i)
-    const float* ds = k.s.data();
-    for (int64_t q = 0; q < p; ++q) combine_rows(ds + q, pp, k.u.data(), hp, m, hp, k.gU.data() + q * hp, false);
-    std::memset(k.gbias.data(), 0, sizeof(float) * hp);
-    std::memset(k.gLT.data(), 0, sizeof(float) * e * hp);
-    std::memset(k.gRT.data(), 0, sizeof(float) * e * hp);
-    float* g = k.grad.data();
-    std::memset(g, 0, sizeof(float) * S.d);
-    float* gE = g + S.oE;
-    for (int64_t i = 0; i < m; ++i) {
-        float* dz = k.dz.data() + i * hp;
-        combine_rows(ds + i * pp, 1, k.Up.data(), hp, p, hp, dz, false);
-        const float* gg = k.gelu_grad.data() + i * hp;
-        for (int64_t c = 0; c < hp; c += 8) {
-            const v8 d = load(dz + c) * load(gg + c);
-            store(dz + c, d);
-            store(k.gbias.data() + c, load(k.gbias.data() + c) + d);
-        }
-        // [∇L ∇R] += δz ⊗ [E[a] E[b]] (kept transposed), ∇E[a] += Lᵀδz, ∇E[b] += Rᵀδz
-        const int64_t ia = k.a[i], ib = k.b[i];
-        const float* Ea = E + ia * e;
-        const float* Eb = E + ib * e;
-        for (int64_t j = 0; j < e; ++j) {
-            const v8 xa = splat(Ea[j]), xb = splat(Eb[j]);
-            float* gl = k.gLT.data() + j * hp;
-            float* gr = k.gRT.data() + j * hp;
-            const float* lt = k.LT.data() + j * hp;
-            const float* rt = k.RT.data() + j * hp;
-            v8 da = splat(0.0f), db = splat(0.0f);
-            for (int64_t c = 0; c < hp; c += 8) {
-                const v8 d = load(dz + c);
-                store(gl + c, madd(xa, d, load(gl + c)));
-                store(gr + c, madd(xb, d, load(gr + c)));
-                da = madd(d, load(lt + c), da);
-                db = madd(d, load(rt + c), db);
+        v8 scale = splat(0.0f);  // padding lanes: weight 0
+        float weight[8];
+        for (int l = 0; l < lanes; ++l) {
+            finite = finite && std::isfinite(check[l]) && std::isfinite(total[l]);
+            // −log softmax(s)[y] = log Σ exp(s − top) − (s[y] − top): exact however small softmax(s)[y] is
+            const float nll = std::log(total[l]) - label_shifted[l];
+            weight[l] = inv_m;  // of this example's (softmax(s) − onehot(y)) in δs
+            if (offset > 0) {
+                // −log(p_y + δ) with p_y = exp(log softmax(s)[y]) (0 where that underflows: the exact limit), whose
+                // gradient is cross-entropy's scaled by p_y/(p_y + δ); in double, then rounded as the reference's
+                const double p_y = std::exp(-static_cast<double>(nll));
+                loss += -std::log(p_y + offset);
+                weight[l] = static_cast<float>(inv_m * (p_y / (p_y + offset)));
+            } else {
+                loss += static_cast<double>(nll);
             }
-            gE[ia * e + j] += sum8(da);
-            gE[ib * e + j] += sum8(db);
+            scale[l] = weight[l] / total[l];
         }
+        for (int64_t q = 0; q < p; ++q) store(sT + q * mp + i0, load(sT + q * mp + i0) * scale);
+        for (int l = 0; l < lanes; ++l) sT[k.y[i0 + l] * mp + i0 + l] -= weight[l];
     }
-    // back to the canonical layout
+    const float* dsT = sT;
+
+    // backward. ∇U = δsᵀ·u (u: uT transposed, [mp, hp]); δzT = (Uᵀ·δsT) ⊙ GELU′(zT)
+    for (int64_t c = 0; c < h; ++c)
+        for (int64_t i = 0; i < m; ++i) k.u[i * hp + c] = uT[c * mp + i];
+    gemm(p, hp / 8, m, dsT, mp, 1, k.u.data(), hp, k.gU.data(), hp);
+    gemm(h, mp / 8, p, U, 1, h, dsT, mp, k.dzT.data(), mp);
+    float* g = k.grad.data();
+    for (int64_t c = 0; c < h; ++c) {
+        float* dz = k.dzT.data() + c * mp;
+        const float* gg = k.gT.data() + c * mp;
+        v8 sum = splat(0.0f);
+        for (int64_t i = 0; i < mp; i += 8) {
+            const v8 d = load(dz + i) * load(gg + i);
+            store(dz + i, d);
+            sum += d;
+        }
+        g[S.obL + c] = g[S.obR + c] = sum8(sum);
+    }
+    // [∇L ∇R] = δzᵀ·[E[a] E[b]] (rows of EE), and [∇E[a]; ∇E[b]]ᵀ = [L R]ᵀ·δzT, scattered to the rows of ∇E
+    gemm(h, 2 * ep / 8, m, k.dzT.data(), mp, 1, k.EE.data(), 2 * ep, k.gLR.data(), 2 * ep);
+    gemm(e2, mp / 8, h, k.LR.data(), 1, e2, k.dzT.data(), mp, k.dET.data(), mp);
+
+    // into the canonical layout
     for (int64_t c = 0; c < h; ++c)
         for (int64_t j = 0; j < e; ++j) {
-            g[S.oL + c * e + j] = k.gLT[j * hp + c];
-            g[S.oR + c * e + j] = k.gRT[j * hp + c];
+            g[S.oL + c * e + j] = k.gLR[c * 2 * ep + j];
+            g[S.oR + c * e + j] = k.gLR[c * 2 * ep + ep + j];
         }
-    for (int64_t c = 0; c < h; ++c) g[S.obL + c] = g[S.obR + c] = k.gbias[c];
     for (int64_t q = 0; q < p; ++q) std::memcpy(g + S.oU + q * h, k.gU.data() + q * hp, sizeof(float) * h);
+    float* gE = g + S.oE;
+    std::memset(gE, 0, sizeof(float) * p * e);
+    for (int64_t i = 0; i < m; ++i) {
+        float* ga = gE + k.a[i] * e;
+        float* gb = gE + k.b[i] * e;
+        for (int64_t j = 0; j < e; ++j) {
+            ga[j] += k.dET[j * mp + i];
+            gb[j] += k.dET[(e + j) * mp + i];
+        }
+    }
     return finite ? loss / static_cast<double>(m) : NAN;
 }
 
