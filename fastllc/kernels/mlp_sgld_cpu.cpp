@@ -160,57 +160,78 @@ inline v8 madd(v8 a, v8 b, v8 c) {
 inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 inline int64_t padded(int64_t x) { return (x + 7) / 8 * 8; }
 
-// exp(x) for x ≤ 88 (Cephes expf: Cody–Waite reduction by ln 2, a degree-5 polynomial; relative error
-// ≤ 2 ulp on [−87, 88], checked against the double-precision exp in tests/test_backend_native.py). Below
-// −87.3 it returns ~1e-38 instead of 0 or a denormal: terms that small never change a float32 sum here.
-inline v8 exp8(v8 x) {
-    x = x < splat(-87.3f) ? splat(-87.3f) : x;
-    x = x > splat(88.0f) ? splat(88.0f) : x;
-    v8 fx = madd(x, splat(1.44269504088896341f), splat(0.5f));
-    v8i n = __builtin_convertvector(fx, v8i);
-    v8 nf = __builtin_convertvector(n, v8);
-    n = nf > fx ? n - 1 : n;  // floor
-    nf = __builtin_convertvector(n, v8);
-    x = madd(nf, splat(-0.693359375f), x);
-    x = madd(nf, splat(2.12194440e-4f), x);
-    v8 y = splat(1.9875691500e-4f);
-    y = madd(y, x, splat(1.3981999507e-3f));
-    y = madd(y, x, splat(8.3334519073e-3f));
-    y = madd(y, x, splat(4.1665795894e-2f));
-    y = madd(y, x, splat(1.6666665459e-1f));
-    y = madd(y, x, splat(5.0000001201e-1f));
-    y = madd(y, x * x, x + splat(1.0f));
-    v8i bits = (n + 127) << 23;
-    v8 scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return y * scale;
+// The elementwise passes (GELU, softmax) work on N vectors at once, statement by statement over the N: N
+// independent chains that hide the latency of the long polynomial and exp sequences. Lane for lane the same
+// operations for any N, so the same results.
+#define EACH for (int j_ = 0; j_ < N; ++j_)
+#define X(a) a[j_]
+
+// exp(x) for x ≤ 88, in place on N vectors (Cephes expf: Cody–Waite reduction by ln 2, a degree-5
+// polynomial; relative error ≤ 2 ulp on [−87, 88], checked against the double-precision exp in
+// tests/test_backend_native.py). Below −87.3 it returns ~1e-38 instead of 0 or a denormal: terms that small
+// never change a float32 sum here.
+template <int N> inline void expn(v8* x) {
+    v8 fx[N], nf[N], y[N];
+    v8i n[N];
+    EACH {
+        X(x) = X(x) < splat(-87.3f) ? splat(-87.3f) : X(x);
+        X(x) = X(x) > splat(88.0f) ? splat(88.0f) : X(x);
+        X(fx) = madd(X(x), splat(1.44269504088896341f), splat(0.5f));
+        X(n) = __builtin_convertvector(X(fx), v8i);
+        X(nf) = __builtin_convertvector(X(n), v8);
+        X(n) = X(nf) > X(fx) ? X(n) - 1 : X(n);  // floor
+        X(nf) = __builtin_convertvector(X(n), v8);
+    }
+    EACH X(x) = madd(X(nf), splat(-0.693359375f), X(x));
+    EACH X(x) = madd(X(nf), splat(2.12194440e-4f), X(x));
+    EACH X(y) = madd(splat(1.9875691500e-4f), X(x), splat(1.3981999507e-3f));
+    EACH X(y) = madd(X(y), X(x), splat(8.3334519073e-3f));
+    EACH X(y) = madd(X(y), X(x), splat(4.1665795894e-2f));
+    EACH X(y) = madd(X(y), X(x), splat(1.6666665459e-1f));
+    EACH X(y) = madd(X(y), X(x), splat(5.0000001201e-1f));
+    EACH X(y) = madd(X(y), X(x) * X(x), X(x) + splat(1.0f));
+    EACH {
+        const v8i bits = (X(n) + 127) << 23;
+        v8 scale;
+        std::memcpy(&scale, &bits, sizeof scale);
+        X(x) = X(y) * scale;
+    }
 }
 
-// GELU(z) = z·Φ(z) and GELU′(z) = Φ(z) + z·φ(z), exact-erf GELU as F.gelu. Φ from erfc by Numerical
-// Recipes' Chebyshev fit (erfcc: fractional error < 1.2e-7 everywhere, so Φ keeps its relative accuracy in
-// the negative tail) and exp8. Measured against double precision over z in [−20, 20] (and asserted in
-// tests/test_backend_native.py): GELU absolute error ≤ 4e-7 everywhere (torch's own CPU F.gelu: 1.2e-6),
-// relative ≤ 3e-6 for |z| ≤ 5 and ≤ 1e-5 for |z| ≤ 10 (the rounding of x² inside exp); GELU′ absolute
-// error ≤ 3e-7. Below z ≈ −13 GELU is < 1e-38 in magnitude and comes out as such tiny numbers.
-inline void gelu8(v8 z, v8& value, v8& slope) {
-    const v8 x = (z < splat(0.0f) ? -z : z) * splat(0.70710678118654752f);  // |z|/√2
-    const v8 t = splat(1.0f) / madd(splat(0.5f), x, splat(1.0f));
-    v8 poly = splat(0.17087277f);
-    poly = madd(poly, t, splat(-0.82215223f));
-    poly = madd(poly, t, splat(1.48851587f));
-    poly = madd(poly, t, splat(-1.13520398f));
-    poly = madd(poly, t, splat(0.27886807f));
-    poly = madd(poly, t, splat(-0.18628806f));
-    poly = madd(poly, t, splat(0.09678418f));
-    poly = madd(poly, t, splat(0.37409196f));
-    poly = madd(poly, t, splat(1.00002368f));
-    poly = madd(poly, t, splat(-1.26551223f));
-    const v8 half_erfc = splat(0.5f) * t * exp8(poly - x * x);  // Φ(−|z|)
-    const v8 cdf = z < splat(0.0f) ? half_erfc : splat(1.0f) - half_erfc;
-    const v8 pdf = splat(0.39894228040143268f) * exp8(-(x * x));
-    value = z * cdf;
-    slope = madd(z, pdf, cdf);
+// GELU(z) = z·Φ(z) and GELU′(z) = Φ(z) + z·φ(z) of N vectors, exact-erf GELU as F.gelu. Φ from erfc by
+// Numerical Recipes' Chebyshev fit (erfcc: fractional error < 1.2e-7 everywhere, so Φ keeps its relative
+// accuracy in the negative tail) and expn. Measured against double precision over z in [−20, 20] (and
+// asserted in tests/test_backend_native.py): GELU absolute error ≤ 4e-7 everywhere (torch's own CPU F.gelu:
+// 1.2e-6), relative ≤ 3e-6 for |z| ≤ 5 and ≤ 1e-5 for |z| ≤ 10 (the rounding of x² inside exp); GELU′
+// absolute error ≤ 3e-7. Below z ≈ −13 GELU is < 1e-38 in magnitude and comes out as such tiny numbers.
+template <int N> inline void gelun(const v8* z, v8* value, v8* slope) {
+    static const float coefficients[] = {-0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f, -0.18628806f,
+                                         0.09678418f, 0.37409196f, 1.00002368f, -1.26551223f};
+    v8 x[N], t[N], poly[N], tail[N], pdf[N];
+    EACH {
+        X(x) = (X(z) < splat(0.0f) ? -X(z) : X(z)) * splat(0.70710678118654752f);  // |z|/√2
+        X(t) = splat(1.0f) / madd(splat(0.5f), X(x), splat(1.0f));
+        X(poly) = splat(0.17087277f);
+    }
+    for (float coefficient : coefficients) EACH X(poly) = madd(X(poly), X(t), splat(coefficient));
+    EACH {
+        X(tail) = X(poly) - X(x) * X(x);
+        X(pdf) = -(X(x) * X(x));
+    }
+    expn<N>(tail);
+    expn<N>(pdf);
+    EACH {
+        const v8 half_erfc = splat(0.5f) * X(t) * X(tail);  // Φ(−|z|)
+        const v8 cdf = X(z) < splat(0.0f) ? half_erfc : splat(1.0f) - half_erfc;
+        X(value) = X(z) * cdf;
+        X(slope) = madd(X(z), splat(0.39894228040143268f) * X(pdf), cdf);
+    }
 }
+
+#undef EACH
+#undef X
+
+inline v8 exp8(v8 x) { expn<1>(&x); return x; }
 
 // The step's products, all of one form: C [M rows, NV vectors of 8] = A [M, K] · B [K, NV·8], with A read
 // through strides (element (r, k) at A[r·ra + k·ka], so that the weights and their transposes are read in
@@ -274,10 +295,63 @@ struct Scratch {
           grad(S.d) {}
 };
 
+// Examples i0 .. i0 + 8N − 1 (lanes of N vectors) of the logits k.sT [p, mp]: adds their loss to ``loss`` and
+// overwrites their logits with δs = w_i·(softmax(s_i) − onehot(y_i)), w_i = 1/m for cross-entropy and
+// p_y/(p_y + δ)/m for the published loss (δ = offset > 0), 0 in the padding lanes. False when a logit of a
+// real example is not finite.
+template <int N>
+bool softmax_block(const Shape& S, Scratch& k, int64_t i0, double offset, double& loss) {
+    const int64_t p = S.p, m = S.m, mp = k.mp;
+    float* sT = k.sT.data() + i0;
+    v8 top[N], check[N], total[N], ex[N];
+    for (int j = 0; j < N; ++j) top[j] = splat(-INFINITY), check[j] = total[j] = splat(0.0f);
+    for (int64_t q = 0; q < p; ++q)
+        for (int j = 0; j < N; ++j) {
+            const v8 x = load(sT + q * mp + 8 * j);
+            top[j] = x > top[j] ? x : top[j];
+            check[j] += x;  // NaN when any logit is NaN or ±inf
+        }
+    const int lanes = static_cast<int>(std::min<int64_t>(8 * N, m - i0));
+    float label_shifted[8 * N];
+    for (int l = 0; l < lanes; ++l) label_shifted[l] = sT[k.y[i0 + l] * mp + l] - top[l / 8][l % 8];
+    for (int64_t q = 0; q < p; ++q) {
+        for (int j = 0; j < N; ++j) ex[j] = load(sT + q * mp + 8 * j) - top[j];
+        expn<N>(ex);
+        for (int j = 0; j < N; ++j) store(sT + q * mp + 8 * j, ex[j]), total[j] += ex[j];
+    }
+    bool finite = true;
+    const float inv_m = 1.0f / static_cast<float>(m);
+    float weight[8 * N], scale[8 * N] = {};  // padding lanes: weight 0
+    for (int l = 0; l < lanes; ++l) {
+        const float sum = total[l / 8][l % 8];
+        finite = finite && std::isfinite(check[l / 8][l % 8]) && std::isfinite(sum);
+        // −log softmax(s)[y] = log Σ exp(s − top) − (s[y] − top): exact however small softmax(s)[y] is
+        const float nll = std::log(sum) - label_shifted[l];
+        weight[l] = inv_m;  // of this example's (softmax(s) − onehot(y)) in δs
+        if (offset > 0) {
+            // −log(p_y + δ) with p_y = exp(log softmax(s)[y]) (0 where that underflows: the exact limit), whose
+            // gradient is cross-entropy's scaled by p_y/(p_y + δ); in double, then rounded as the reference's
+            const double p_y = std::exp(-static_cast<double>(nll));
+            loss += -std::log(p_y + offset);
+            weight[l] = static_cast<float>(inv_m * (p_y / (p_y + offset)));
+        } else {
+            loss += static_cast<double>(nll);
+        }
+        scale[l] = weight[l] / sum;
+    }
+    v8 scales[N];
+    std::memcpy(scales, scale, sizeof scales);
+    for (int64_t q = 0; q < p; ++q)
+        for (int j = 0; j < N; ++j) store(sT + q * mp + 8 * j, load(sT + q * mp + 8 * j) * scales[j]);
+    for (int l = 0; l < lanes; ++l) sT[k.y[i0 + l] * mp + l] -= weight[l];
+    return finite;
+}
+
 // offset δ > 0: the chain loss is the study's −mean log(softmax(s)_y + δ) instead of cross-entropy (δ = 0).
 // L_m(w) of one minibatch (NaN when any logit is not finite) and ∇L_m(w) into k.grad.
 double loss_and_gradient(const Shape& S, const float* w, Scratch& k, double offset) {
     const int64_t p = S.p, e = S.e, h = S.h, m = S.m, mp = k.mp, ep = k.ep, hp = k.hp, e2 = 2 * e;
+    float* sT = k.sT.data();
     const float* E = w + S.oE;
     const float* L = w + S.oL;
     const float* R = w + S.oR;
@@ -306,58 +380,29 @@ double loss_and_gradient(const Shape& S, const float* w, Scratch& k, double offs
         const v8 bias = splat(w[S.obL + c] + w[S.obR + c]);
         float* z = k.zT.data() + c * mp;
         float* gg = k.gT.data() + c * mp;
-        for (int64_t i = 0; i < mp; i += 8) {
-            v8 value, slope;
-            gelu8(load(z + i) + bias, value, slope);
-            store(z + i, value);  // zT now holds uT
+        int64_t i = 0;
+        for (; i + 32 <= mp; i += 32) {  // four vectors at a time, then single ones
+            v8 zz[4], value[4], slope[4];
+            for (int j = 0; j < 4; ++j) zz[j] = load(z + i + 8 * j) + bias;
+            gelun<4>(zz, value, slope);
+            for (int j = 0; j < 4; ++j) store(z + i + 8 * j, value[j]), store(gg + i + 8 * j, slope[j]);  // → uT
+        }
+        for (; i < mp; i += 8) {
+            v8 zz = load(z + i) + bias, value, slope;
+            gelun<1>(&zz, &value, &slope);
+            store(z + i, value);
             store(gg + i, slope);
         }
     }
     const float* uT = k.zT.data();
-    gemm(p, mp / 8, h, U, h, 1, uT, mp, k.sT.data(), mp);
+    gemm(p, mp / 8, h, U, h, 1, uT, mp, sT, mp);
 
-    // the loss, and δs = w_i·(softmax(s_i) − onehot(y_i)) over the logits, 8 examples at a time
+    // the loss, and δs = w_i·(softmax(s_i) − onehot(y_i)) over the logits, 16 examples at a time, then 8
     double loss = 0.0;
     bool finite = true;
-    const float inv_m = 1.0f / static_cast<float>(m);
-    float* sT = k.sT.data();
-    for (int64_t i0 = 0; i0 < mp; i0 += 8) {
-        v8 top = splat(-INFINITY), check = splat(0.0f);
-        for (int64_t q = 0; q < p; ++q) {
-            const v8 x = load(sT + q * mp + i0);
-            top = x > top ? x : top;
-            check += x;  // NaN when any logit is NaN or ±inf
-        }
-        float label_shifted[8];
-        const int lanes = static_cast<int>(std::min<int64_t>(8, m - i0));
-        for (int l = 0; l < lanes; ++l) label_shifted[l] = sT[k.y[i0 + l] * mp + i0 + l] - top[l];
-        v8 total = splat(0.0f);
-        for (int64_t q = 0; q < p; ++q) {
-            const v8 ex = exp8(load(sT + q * mp + i0) - top);
-            store(sT + q * mp + i0, ex);
-            total += ex;
-        }
-        v8 scale = splat(0.0f);  // padding lanes: weight 0
-        float weight[8];
-        for (int l = 0; l < lanes; ++l) {
-            finite = finite && std::isfinite(check[l]) && std::isfinite(total[l]);
-            // −log softmax(s)[y] = log Σ exp(s − top) − (s[y] − top): exact however small softmax(s)[y] is
-            const float nll = std::log(total[l]) - label_shifted[l];
-            weight[l] = inv_m;  // of this example's (softmax(s) − onehot(y)) in δs
-            if (offset > 0) {
-                // −log(p_y + δ) with p_y = exp(log softmax(s)[y]) (0 where that underflows: the exact limit), whose
-                // gradient is cross-entropy's scaled by p_y/(p_y + δ); in double, then rounded as the reference's
-                const double p_y = std::exp(-static_cast<double>(nll));
-                loss += -std::log(p_y + offset);
-                weight[l] = static_cast<float>(inv_m * (p_y / (p_y + offset)));
-            } else {
-                loss += static_cast<double>(nll);
-            }
-            scale[l] = weight[l] / total[l];
-        }
-        for (int64_t q = 0; q < p; ++q) store(sT + q * mp + i0, load(sT + q * mp + i0) * scale);
-        for (int l = 0; l < lanes; ++l) sT[k.y[i0 + l] * mp + i0 + l] -= weight[l];
-    }
+    int64_t i0 = 0;
+    for (; i0 + 16 <= mp; i0 += 16) finite &= softmax_block<2>(S, k, i0, offset, loss);
+    for (; i0 < mp; i0 += 8) finite &= softmax_block<1>(S, k, i0, offset, loss);
     const float* dsT = sT;
 
     // backward. ∇U = δsᵀ·u (u: uT transposed, [mp, hp]); δzT = (Uᵀ·δsT) ⊙ GELU′(zT)
@@ -499,17 +544,22 @@ int fastllc_mlp_sgld_run(int64_t C, int64_t p, int64_t e, int64_t h, int64_t m, 
     return failed;
 }
 
-// The vectorised transcendentals on n values (n a multiple of 8), for testing their error bounds.
-void fastllc_exp(int64_t n, const float* x, float* out) {
-    for (int64_t i = 0; i < n; i += 8) store(out + i, exp8(load(x + i)));
+// The vectorised transcendentals on n values (exp: n a multiple of 16, GELU: of 32), for testing their error
+// bounds.
+void fastllc_exp(int64_t n, const float* x, float* out) {  // two vectors at a time, as the softmax
+    for (int64_t i = 0; i < n; i += 16) {
+        v8 v[2] = {load(x + i), load(x + i + 8)};
+        expn<2>(v);
+        store(out + i, v[0]), store(out + i + 8, v[1]);
+    }
 }
 
 void fastllc_gelu(int64_t n, const float* z, float* value, float* slope) {
-    for (int64_t i = 0; i < n; i += 8) {
-        v8 v, s;
-        gelu8(load(z + i), v, s);
-        store(value + i, v);
-        store(slope + i, s);
+    for (int64_t i = 0; i < n; i += 32) {  // four vectors at a time, as the kernel
+        v8 x[4], v[4], s[4];
+        for (int j = 0; j < 4; ++j) x[j] = load(z + i + 8 * j);
+        gelun<4>(x, v, s);
+        for (int j = 0; j < 4; ++j) store(value + i + 8 * j, v[j]), store(slope + i + 8 * j, s[j]);
     }
 }
 
