@@ -23,7 +23,7 @@ from conftest import PUBLISHED, record
 
 pytestmark = pytest.mark.benchmark(min_rounds=1)
 
-CHAINS, DRAWS = 4, 150
+CHAINS, DRAWS = 8, 100
 EPSILON, GAMMA = 1e-3, 5.0
 
 
@@ -65,27 +65,26 @@ def standard_error(per_chain: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in per_chain) / (len(per_chain) - 1) / len(per_chain))
 
 
-def test_devinterp_peer_agrees_with_native_and_is_timed(benchmark, published):
+def test_devinterp_peer_is_timed_and_agrees_with_native(benchmark, published):
     pytest.importorskip("devinterp.slt.sampler")
     reason = native.unavailable_reason()
     if reason is not None:
         pytest.skip(f"the native kernel does not build here (the agreement check needs it): {reason}")
     model, (x, y) = published
-    theirs, _ = devinterp_llc(model, x, y, seed=1)
+    runs = []
+
+    def run():  # one round: devinterp runs ~30–50 chain-steps per second on the 2-core development machine
+        runs.append(devinterp_llc(model, x, y, seed=1))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    theirs = runs[0][0]
     ours = fastllc_llc(model, x, y, chains=64, seed=1)
-    their_chains = [float(theirs[f"llc-chain/{i}"]) for i in range(CHAINS)]
-    their_se = standard_error(their_chains)
-    gap = abs(float(theirs["llc/mean"]) - ours.llc_mean)
-    # independent estimates of one quantity: their difference has standard deviation √(se₁² + se₂²); 4 of them
-    # leave a chance of ~1e-4 to a correct pair (t with 3 degrees of freedom from devinterp's 4 chains: ~2e-2),
-    # while a factor 2 in ε or nβ, or a missing γ, moves λ̂ by far more here
-    assert gap <= 4 * math.hypot(their_se, ours.llc_se), (theirs["llc/mean"], their_se, ours.llc_mean, ours.llc_se)
-    seconds = []
-
-    def run():
-        summary, elapsed = devinterp_llc(model, x, y, seed=2)
-        seconds.append(elapsed)
-        assert math.isfinite(summary["llc/mean"])
-
-    benchmark.pedantic(run, rounds=2, iterations=1)
-    record(benchmark, "devinterp-1.3.2", PUBLISHED, CHAINS, DRAWS, seconds)
+    their_llc = float(theirs["llc/mean"])
+    their_se = standard_error([float(theirs[f"llc-chain/{i}"]) for i in range(CHAINS)])
+    # independent estimates of one quantity: their difference has standard deviation √(se₁² + se₂²); within 3 of
+    # them (the seeds are fixed, so the check is deterministic). Measured: devinterp 59.1 ± 2.05, native 61.7 ±
+    # 0.66. Native with ε doubled gives 76.6, without localisation (γ = 0) 73.1: both beyond 3 standard errors.
+    assert abs(their_llc - ours.llc_mean) <= 3 * math.hypot(their_se, ours.llc_se), (their_llc, their_se,
+                                                                                   ours.llc_mean, ours.llc_se)
+    record(benchmark, "devinterp-1.3.2", PUBLISHED, CHAINS, DRAWS, [runs[0][1]], llc=round(their_llc, 2),
+           llc_se=round(their_se, 2), native_llc=round(ours.llc_mean, 2), native_llc_se=round(ours.llc_se, 2))
