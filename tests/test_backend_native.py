@@ -210,6 +210,9 @@ def test_other_models_devices_and_generators_are_refused_in_one_line():
     with pytest.raises(FastLLCError, match="draws CounterRandomness's streams or reads InjectedRandomness, not "
                                            "OwnGenerator"):
         native.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=1, steps=1), randomness=OwnGenerator())
+    with pytest.raises(FastLLCError, match="^the native backend does not record the MALA acceptance; use --backend "
+                                           "generic for mala$"):
+        native.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=1, steps=1, mala=True))
 
 
 def test_auto_picks_native_for_the_study_mlp_on_the_cpu_only():
