@@ -184,12 +184,15 @@ def _sample_batch(starts: list[Start], config: SGLDConfig, randomness, device, p
     epsilon, gamma, nbeta = config.hyperparameters(n)
     loss_offset = PUBLISHED_LOSS_OFFSET if config.chain_loss == "published" else 0.0
 
-    init_losses, w_star, direction = start_points(starts, config.orthogonal and restrict is None)
-    d = w_star.shape[1]
-    keep = None
-    if restrict is not None:  # one start (``sample``)
+    mask = keep = None
+    if restrict is not None:  # one start (``sample``); checked before any work
+        d = sum(p.numel() for p in starts[0].model.parameters() if p.requires_grad)
         mask = check_restriction(restrict, C, d).cpu()
         keep = np.ascontiguousarray(mask.numpy(), np.uint8)
+
+    init_losses, w_star, direction = start_points(starts, config.orthogonal and restrict is None)
+    d = w_star.shape[1]
+    if mask is not None:
         if config.orthogonal:
             direction = _restricted_directions(starts[0], mask.reshape(-1, d)).expand(C, d)
     w_star = np.ascontiguousarray(w_star.repeat_interleave(C_per, 0).numpy(), np.float32)
