@@ -116,7 +116,8 @@ def build(which: str) -> Path:
     return path
 
 
-_I64, _F32, _F64, _I32 = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int32))
+_I64, _F32, _F64, _I32, _U8 = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_float, ctypes.c_double,
+                                                            ctypes.c_int32, ctypes.c_uint8))
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -124,9 +125,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.fastllc_mlp_sgld_variant.restype = ctypes.c_char_p
     lib.fastllc_mlp_sgld_variant.argtypes = []
     lib.fastllc_mlp_sgld_run.restype = ctypes.c_int
-    lib.fastllc_mlp_sgld_run.argtypes = [i64, i64, i64, i64, i64, _F32, _F32, _F32, _F64, _I64, _I64, _I64, i64,
-                                         _I64, i64, _I64, _F32, i64, _F64, _F32, _F32, _F64, d, i64, i64, _F64,
-                                         _I32, ctypes.c_int]
+    lib.fastllc_mlp_sgld_run.argtypes = [i64, i64, i64, i64, i64, _F32, _F32, _F32, _U8, i64, d, _F64, _I64, _I64,
+                                         _I64, i64, _I64, i64, _I64, _F32, i64, _F64, _F32, _F32, _F64, d, i64, i64,
+                                         _F64, _I32, ctypes.c_int]
     lib.fastllc_exp.restype = lib.fastllc_gelu.restype = None
     lib.fastllc_exp.argtypes = [i64, _F32, _F32]
     lib.fastllc_gelu.argtypes = [i64, _F32, _F32, _F32]

@@ -210,6 +210,9 @@ def test_other_models_devices_and_generators_are_refused_in_one_line():
     with pytest.raises(FastLLCError, match="draws CounterRandomness's streams or reads InjectedRandomness, not "
                                            "OwnGenerator"):
         native.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=1, steps=1), randomness=OwnGenerator())
+    with pytest.raises(FastLLCError, match="^the native backend does not record the MALA acceptance; use --backend "
+                                           "generic for mala$"):
+        native.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=1, steps=1, mala=True))
 
 
 def test_auto_picks_native_for_the_study_mlp_on_the_cpu_only():
@@ -286,3 +289,117 @@ def test_progress_runs_the_kernel_in_chunks_with_the_same_result():
     whole = native.sample(model, x, y, F.cross_entropy, config)
     ticked = native.sample(model, x, y, F.cross_entropy, config, progress=True)  # 100 calls of 2 or 3 steps
     assert torch.equal(ticked.final_params, whole.final_params) and torch.equal(ticked.loss_trace, whole.loss_trace)
+
+
+def _confident(p, e, h, scale):
+    """The workload with its output weights scaled up: confident logits, some minibatch p_y below 1e-6."""
+    model, data = _workload(p, e, h)
+    with torch.no_grad():
+        model.unembed.weight.mul_(scale)
+    return model, data
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_published_chain_loss_matches_the_reference_with_injected_noise(shape, variant):
+    p, e, h, m = SHAPES[shape]
+    model, (x, y) = _confident(p, e, h, 40.0)
+    p_y = torch.softmax(model(x), -1).gather(-1, y.unsqueeze(-1))
+    assert (p_y < 1e-6).float().mean() > 0.05  # the offset matters for many examples, not a rare one
+    d = flat_parameters(model)[2].numel()
+    chains, steps = 3, 60
+    noise = InjectedRandomness.seeded(chains, steps, len(y), m, d, seed=5)
+    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=True, chain_loss="published",
+                        epsilon=[1e-4, 2e-4, 5e-5], gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0])
+    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = native.sample(model, x, y, F.cross_entropy, config, randomness=noise, variant=variant)
+    # the tolerance and its reasons as test_trajectories_match_the_reference_with_injected_noise (measured
+    # ≤ 1e-6 on the weights, ≤ 2.1e-6 on losses of ~13 here); a missing p_y/(p_y + δ) factor shows as ≥ 1e-3
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=5e-5)
+    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=5e-5)
+    exact = native.sample(model, x, y, F.cross_entropy, SGLDConfig(**{**config.to_dict(), "chain_loss": "exact"}),
+                          randomness=noise, variant=variant)
+    assert fast.init_loss == exact.init_loss  # L_n(w*) is exact cross-entropy in both
+    assert (fast.loss_trace[:, 0] < exact.loss_trace[:, 0] - 1).all()  # same w_0: the capped loss, far below
+    assert (fast.final_params - exact.final_params).abs().max() > 1e-3  # and a different gradient
+
+
+def _selection(d, chains=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(d if chains is None else (chains, d), generator=gen) < 0.3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_restricted_chains_match_the_reference_and_keep_the_rest_at_w_star(orthogonal, shape, variant):
+    p, e, h, m = SHAPES[shape]
+    model, (x, y) = _workload(p, e, h)
+    w_star = flat_parameters(model)[2]
+    d, chains, steps = w_star.numel(), 3, 60
+    noise = InjectedRandomness.seeded(chains, steps, len(y), m, d, seed=6)
+    keep = _selection(d)
+    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=orthogonal,
+                        epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0])
+    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise, restrict=keep)
+    fast = native.sample(model, x, y, F.cross_entropy, config, randomness=noise, restrict=keep, variant=variant)
+    # as the unrestricted comparison above (the same fp32 reasons; measured ≤ 1e-6)
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=5e-5)
+    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=5e-5)
+    assert torch.equal(fast.final_params[:, ~keep], w_star[~keep].expand(chains, -1))  # bit for bit
+    assert (fast.final_params[:, keep] - w_star[keep]).abs().max() > 1e-2  # the selected weights travelled
+
+
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_per_chain_masks_equal_separate_runs_with_each_mask(orthogonal):
+    p, e, h, m = SHAPES["awkward"]
+    model, (x, y) = _workload(p, e, h)
+    w_star = flat_parameters(model)[2]
+    d, chains, steps = w_star.numel(), 3, 40
+    noise = InjectedRandomness.seeded(chains, steps, len(y), m, d, seed=7)
+    keep = _selection(d, chains, seed=1)
+    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=orthogonal, epsilon=[1e-3, 2e-3, 5e-4])
+    together = native.sample(model, x, y, F.cross_entropy, config, randomness=noise, restrict=keep)
+    for c in range(chains):
+        alone = native.sample(model, x, y, F.cross_entropy,
+                              SGLDConfig(chains=1, steps=steps, batch_size=m, orthogonal=orthogonal,
+                                         epsilon=config.epsilon[c]),
+                              randomness=InjectedRandomness(noise.indices[c:c + 1], noise.noise[c:c + 1]),
+                              restrict=keep[c])
+        assert torch.equal(together.final_params[c], alone.final_params[0])  # per-chain computation: the same bits
+        assert torch.equal(together.loss_trace[c], alone.loss_trace[0])
+        assert torch.equal(together.final_params[c, ~keep[c]], w_star[~keep[c]])
+
+
+def test_bad_restrictions_are_one_line_errors():
+    model, (x, y) = _workload(5, 4, 8)
+    d = flat_parameters(model)[2].numel()
+    config = SGLDConfig(chains=2, steps=2, batch_size=4)
+    shape = f"^restrict must reach the backend as a bool tensor of shape \\({d},\\) or \\(2, {d}\\) over the flat weights"
+    for bad in (torch.ones(d - 1, dtype=torch.bool), torch.ones(3, d, dtype=torch.bool), torch.ones(d),
+                [True] * d):
+        with pytest.raises(FastLLCError, match=shape):
+            native.sample(model, x, y, F.cross_entropy, config, restrict=bad)
+    with pytest.raises(FastLLCError, match="^restrict selects no weights; select at least one weight, or drop restrict$"):
+        native.sample(model, x, y, F.cross_entropy, config, restrict=torch.zeros(d, dtype=torch.bool))
+    rows = torch.ones(2, d, dtype=torch.bool)
+    rows[1] = False
+    with pytest.raises(FastLLCError, match="^restrict selects no weights for chain 1; select at least one weight"):
+        native.sample(model, x, y, F.cross_entropy, config, restrict=rows)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", [(3, 1, 1, 1), (5, 9, 17, 5), (31, 12, 7, 33), (7, 3, 40, 70)], ids=str)
+def test_odd_shapes_match_the_reference(shape, variant):
+    """Shapes that reach every tail of the kernel's blocking: one example, hidden and embedding widths below,
+    at and above one vector, minibatches that end in a block of 16 examples, of 8, and with padding lanes."""
+    p, e, h, m = shape
+    model, (x, y) = _workload(p, e, h)
+    d = flat_parameters(model)[2].numel()
+    noise = InjectedRandomness.seeded(2, 20, len(y), m, d, seed=3)
+    config = SGLDConfig(chains=2, steps=20, batch_size=m, orthogonal=True, epsilon=1e-3)
+    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
+    fast = native.sample(model, x, y, F.cross_entropy, config, randomness=noise, variant=variant)
+    # the tolerance of the comparison above (measured ≤ 6.3e-7 here)
+    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=5e-5)
+    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=5e-5)

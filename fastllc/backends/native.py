@@ -3,7 +3,8 @@
 The kernel (``fastllc/kernels/mlp_sgld_cpu.cpp``, compiled on first use by ``fastllc/native_build.py``)
 runs all of a chain's steps in a row, one chain per OpenMP thread at a time, with its weights and scratch
 in cache: minibatch gather, forward, hand-written backward, SGLD update with localisation, the orthogonal
-restriction, the loss record. It draws CounterRandomness's own streams inside (same seed, same
+restriction, the loss record; the published chain loss (``SGLDConfig.chain_loss``) and weight-restricted
+sampling (``restrict=``, one mask for all chains or one per chain). It draws CounterRandomness's own streams inside (same seed, same
 trajectory as the torch and reference backends up to fp32 rounding), or reads an ``InjectedRandomness``.
 Any other randomness object (one that only has ``fill``/``draw``) is refused with a one-line error.
 
@@ -17,18 +18,20 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..engine import is_study_mlp
 from ..errors import FastLLCError
-from ..sampling.config import SGLDConfig
-from ..sampling.contract import Samples, nan_from_first_non_finite
+from ..sampling.config import PUBLISHED_LOSS_OFFSET, SGLDConfig
+from ..sampling.contract import (Samples, loss_and_gradient_at_start, nan_from_first_non_finite,
+                                 orthogonal_direction)
 from ..sampling.randomness import (_DENSITY, _EDGES, _EDGES32, _RATIOS, _TAIL, CounterRandomness,
                                    InjectedRandomness, for_run)
 from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
 from ..sampling.threads import available_cores
 
 NAME = "native"
-CAPABILITIES = frozenset({"stacked_starts"})
+CAPABILITIES = frozenset({"stacked_starts", "restrict", "published_chain_loss"})
 DEVICES = ("cpu",)
 AUTO_PRIORITY = 15  # after triton (10, CUDA only), before torch (20): the study's MLP on the CPU where the kernel builds
 
@@ -80,11 +83,14 @@ def _pointer(array: np.ndarray, ctype):
 
 def run_kernel(w: np.ndarray, w_star: np.ndarray, direction: np.ndarray | None, hyper: np.ndarray,
                operands: np.ndarray, targets: np.ndarray, example_offset: np.ndarray, n: int, arch, m: int,
-               steps: int, randomness, chain_ids: np.ndarray, *, variant: str | None = None, threads: int | None = None,
+               steps: int, randomness, chain_ids: np.ndarray, *, keep: np.ndarray | None = None,
+               loss_offset: float = 0.0, variant: str | None = None, threads: int | None = None,
                tick=None) -> np.ndarray:
     """All chains' ``steps`` steps in place on ``w`` [C, d] float32; returns the loss trace [C, T] float64.
 
     ``randomness``: CounterRandomness (its streams drawn in the kernel) or InjectedRandomness (read as given).
+    ``keep``: the restriction, uint8 [d] (every chain) or [C, d] (one row per chain), or None.
+    ``loss_offset``: 0 (cross-entropy) or δ > 0 (the published chain loss −mean log(p_y + δ)).
     ``tick(chain_steps)``, when given, is called as the steps progress (the kernel then runs in chunks).
     """
     import ctypes
@@ -109,11 +115,13 @@ def run_kernel(w: np.ndarray, w_star: np.ndarray, direction: np.ndarray | None, 
     tables = (_pointer(_EDGES, ctypes.c_double), _pointer(_EDGES32, ctypes.c_float),
               _pointer(_RATIOS, ctypes.c_float), _pointer(_DENSITY, ctypes.c_double), _TAIL)
     direction_ptr = null_f32 if direction is None else _pointer(direction, ctypes.c_float)
+    keep_ptr = ctypes.POINTER(ctypes.c_uint8)() if keep is None else _pointer(keep, ctypes.c_uint8)
+    keep_stride = 0 if keep is None or keep.ndim == 1 else d
     for t0 in range(0, steps, chunk):
         n_steps = min(chunk, steps - t0)
         failed = lib.fastllc_mlp_sgld_run(
-            C, p, e, h, m, _pointer(w, ctypes.c_float), _pointer(w_star, ctypes.c_float), direction_ptr,
-            _pointer(hyper, ctypes.c_double), _pointer(operands, ctypes.c_int64), _pointer(targets, ctypes.c_int64),
+            C, p, e, h, m, _pointer(w, ctypes.c_float), _pointer(w_star, ctypes.c_float), direction_ptr, keep_ptr,
+            keep_stride, loss_offset, _pointer(hyper, ctypes.c_double), _pointer(operands, ctypes.c_int64), _pointer(targets, ctypes.c_int64),
             _pointer(example_offset, ctypes.c_int64), n, _pointer(chain_ids, ctypes.c_int64), seed, *injected, steps,
             *tables, t0, n_steps, _pointer(trace, ctypes.c_double), _pointer(alive, ctypes.c_int32), threads)
         if failed:
@@ -127,20 +135,71 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
                   progress: bool = False, variant: str | None = None, threads: int | None = None) -> list[Samples]:
     """Run ``config.chains`` chains from every start as one batch; one ``Samples`` per start.
     ``variant`` and ``threads`` are for tests and benchmarks (default: this CPU's variant, every core)."""
+    return _sample_batch(starts, config, randomness, device, progress, variant, threads)
+
+
+def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
+           progress: bool = False, restrict: torch.Tensor | None = None, variant: str | None = None,
+           threads: int | None = None) -> Samples:
+    """``restrict``: a bool mask [d] (every chain) or [C, d] (one row per chain) over the flat weights
+    (``sampling/restrict.py``): only those move, the others stay at w* bit for bit (the whole increment is
+    masked after the projection; the orthogonal direction is ∇L_n(w*) masked to the chain's selection)."""
+    require(device, model, loss_fn)
+    start = Start(model, inputs, targets)
+    return _sample_batch([start], config, randomness, device, progress, variant, threads, restrict)[0]
+
+
+def check_restriction(mask, chains: int, d: int) -> torch.Tensor:
+    """``restrict`` as this backend takes it: a bool tensor [d] or [chains, d], each row selecting something.
+    (A local check until ``sampling.restrict.check_mask`` accepts per-chain masks.)"""
+    if (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+            or tuple(mask.shape) not in ((d,), (chains, d))):
+        raise FastLLCError(f"restrict must reach the backend as a bool tensor of shape ({d},) or ({chains}, {d}) "
+                           "over the flat weights (fastllc.sampling.restrict.selection_mask)")
+    empty = (~mask.reshape(-1, d).any(dim=1)).nonzero()
+    if len(empty):
+        which = "" if mask.dim() == 1 else f" for chain {int(empty[0])}"
+        raise FastLLCError(f"restrict selects no weights{which}; select at least one weight, or drop restrict")
+    return mask
+
+
+def _restricted_directions(start: Start, keep: torch.Tensor) -> torch.Tensor:
+    """The unit ∇L_n(w*) masked to each row of ``keep`` [rows, d] (a zero row where that vanishes)."""
+    _, gradient = loss_and_gradient_at_start(start.model, start.pairs, start.labels, F.cross_entropy)
+    rows = [orthogonal_direction(torch.where(row, gradient, 0.0)) for row in keep]
+    return torch.stack([g if g is not None else torch.zeros(keep.shape[1]) for g in rows])
+
+
+def _sample_batch(starts: list[Start], config: SGLDConfig, randomness, device, progress: bool, variant, threads,
+                  restrict: torch.Tensor | None = None) -> list[Samples]:
     import time
     from tqdm.auto import tqdm
     config.validate()
+    if config.mala:
+        raise FastLLCError("the native backend does not record the MALA acceptance; use --backend generic for mala")
     require(device)
     arch, n = check_starts(starts)
     S, C_per, T = len(starts), config.chains, config.steps
     C = S * C_per
     epsilon, gamma, nbeta = config.hyperparameters(n)
+    loss_offset = PUBLISHED_LOSS_OFFSET if config.chain_loss == "published" else 0.0
 
-    init_losses, w_star, direction = start_points(starts, config.orthogonal)
-    w_star = np.ascontiguousarray(w_star.repeat_interleave(C_per, 0).numpy(), np.float32)
+    mask = keep = None
+    if restrict is not None:  # one start (``sample``); checked before any work
+        d = sum(p.numel() for p in starts[0].model.parameters() if p.requires_grad)
+        mask = check_restriction(restrict, C, d).cpu()
+        keep = np.ascontiguousarray(mask.numpy(), np.uint8)
+
+    init_losses, w_star, direction = start_points(starts, config.orthogonal and restrict is None)
     d = w_star.shape[1]
+    if mask is not None:
+        if config.orthogonal:
+            direction = _restricted_directions(starts[0], mask.reshape(-1, d)).expand(C, d)
+    w_star = np.ascontiguousarray(w_star.repeat_interleave(C_per, 0).numpy(), np.float32)
     if direction is not None:
-        direction = np.ascontiguousarray(direction.repeat_interleave(C_per, 0).numpy(), np.float32)
+        if len(direction) == S:
+            direction = direction.repeat_interleave(C_per, 0)
+        direction = np.ascontiguousarray(direction.numpy(), np.float32)
     hyper = np.ascontiguousarray(torch.stack([epsilon.repeat(S), gamma.repeat(S), nbeta.repeat(S)], 1).numpy())
     operands, targets = (np.ascontiguousarray(t.numpy(), np.int64) for t in stacked_examples(starts, "cpu"))
     example_offset = (np.arange(C, dtype=np.int64) // C_per) * n
@@ -150,17 +209,10 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     bar = tqdm(total=C * T, desc=f"SGLD (native, {C} chains)", disable=not progress, leave=False, unit_scale=True)
     start = time.perf_counter()
     trace = run_kernel(w, w_star, direction, hyper, operands, targets, example_offset, n, arch, config.batch_size,
-                       T, randomness, np.arange(C, dtype=np.int64), variant=variant, threads=threads,
-                       tick=bar.update if progress else None)
+                       T, randomness, np.arange(C, dtype=np.int64), keep=keep, loss_offset=loss_offset,
+                       variant=variant, threads=threads, tick=bar.update if progress else None)
     seconds = time.perf_counter() - start
     bar.close()
     trace = nan_from_first_non_finite(torch.from_numpy(trace))
     return per_start(trace, torch.from_numpy(w), init_losses, (epsilon, gamma, nbeta), NAME, torch.device(device),
                      seconds)
-
-
-def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
-           progress: bool = False, variant: str | None = None, threads: int | None = None) -> Samples:
-    require(device, model, loss_fn)
-    return sample_starts([Start(model, inputs, targets)], config, randomness=randomness, device=device,
-                         progress=progress, variant=variant, threads=threads)[0]
