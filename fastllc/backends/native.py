@@ -18,15 +18,14 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..engine import is_study_mlp
 from ..errors import FastLLCError
 from ..sampling.config import PUBLISHED_LOSS_OFFSET, SGLDConfig
-from ..sampling.contract import (Samples, loss_and_gradient_at_start, nan_from_first_non_finite,
-                                 orthogonal_direction)
+from ..sampling.contract import Samples, nan_from_first_non_finite
 from ..sampling.randomness import (_DENSITY, _EDGES, _EDGES32, _RATIOS, _TAIL, CounterRandomness,
                                    InjectedRandomness, for_run)
+from ..sampling.restrict import check_mask, start_directions
 from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
 from ..sampling.threads import available_cores
 
@@ -149,27 +148,6 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     return _sample_batch([start], config, randomness, device, progress, variant, threads, restrict)[0]
 
 
-def check_restriction(mask, chains: int, d: int) -> torch.Tensor:
-    """``restrict`` as this backend takes it: a bool tensor [d] or [chains, d], each row selecting something.
-    (A local check until ``sampling.restrict.check_mask`` accepts per-chain masks.)"""
-    if (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
-            or tuple(mask.shape) not in ((d,), (chains, d))):
-        raise FastLLCError(f"restrict must reach the backend as a bool tensor of shape ({d},) or ({chains}, {d}) "
-                           "over the flat weights (fastllc.sampling.restrict.selection_mask)")
-    empty = (~mask.reshape(-1, d).any(dim=1)).nonzero()
-    if len(empty):
-        which = "" if mask.dim() == 1 else f" for chain {int(empty[0])}"
-        raise FastLLCError(f"restrict selects no weights{which}; select at least one weight, or drop restrict")
-    return mask
-
-
-def _restricted_directions(start: Start, keep: torch.Tensor) -> torch.Tensor:
-    """The unit ∇L_n(w*) masked to each row of ``keep`` [rows, d] (a zero row where that vanishes)."""
-    _, gradient = loss_and_gradient_at_start(start.model, start.pairs, start.labels, F.cross_entropy)
-    rows = [orthogonal_direction(torch.where(row, gradient, 0.0)) for row in keep]
-    return torch.stack([g if g is not None else torch.zeros(keep.shape[1]) for g in rows])
-
-
 def _sample_batch(starts: list[Start], config: SGLDConfig, randomness, device, progress: bool, variant, threads,
                   restrict: torch.Tensor | None = None) -> list[Samples]:
     import time
@@ -187,14 +165,14 @@ def _sample_batch(starts: list[Start], config: SGLDConfig, randomness, device, p
     mask = keep = None
     if restrict is not None:  # one start (``sample``); checked before any work
         d = sum(p.numel() for p in starts[0].model.parameters() if p.requires_grad)
-        mask = check_restriction(restrict, C, d).cpu()
+        mask = check_mask(restrict, d, C).cpu()  # [d] (keep_stride 0) or [C, d]
         keep = np.ascontiguousarray(mask.numpy(), np.uint8)
 
     init_losses, w_star, direction = start_points(starts, config.orthogonal and restrict is None)
     d = w_star.shape[1]
     if mask is not None:
         if config.orthogonal:
-            direction = _restricted_directions(starts[0], mask.reshape(-1, d)).expand(C, d)
+            direction = start_directions(starts, mask.expand(C, d))  # each chain's masked ∇L_n(w*)
     w_star = np.ascontiguousarray(w_star.repeat_interleave(C_per, 0).numpy(), np.float32)
     if direction is not None:
         if len(direction) == S:
