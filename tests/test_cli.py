@@ -224,9 +224,9 @@ def test_rmsprop_sgld_from_the_command_line(cli, tiny_run):
                  "--sampler", "rmsprop_sgld", "--json")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
-    assert record["sampler"] == "rmsprop_sgld" and record["backend"] == "generic"  # auto: the first that has it
-    assert_one_line_error(cli("estimate", "--run", tiny_run.path, "--sampler", "rmsprop_sgld", "--backend", "torch"),
-                          "sampler='rmsprop_sgld' (RMSProp-preconditioned SGLD) needs backend 'generic' or "
-                          "'reference', not 'torch'")
+    assert record["sampler"] == "rmsprop_sgld" and record["backend"] == "torch"  # auto: the first that has it
+    assert_one_line_error(cli("estimate", "--run", tiny_run.path, "--sampler", "rmsprop_sgld", "--backend", "native"),
+                          "sampler='rmsprop_sgld' (RMSProp-preconditioned SGLD) needs backend 'torch' or 'generic' "
+                          "or 'reference', not 'native'")
     assert_one_line_error(cli("estimate", "--run", tiny_run.path, "--sampler", "rmsprop_sgld", "--rmsprop-alpha", 1),
                           "rmsprop_alpha must be in (0, 1), got 1.0")

@@ -107,14 +107,22 @@ def test_estimate_picks_a_backend_that_restricts_and_refuses_one_that_cannot():
         # nβ's default is unchanged by a restriction: n/log n of the training examples
         nbeta = torch.as_tensor(result.nbeta, dtype=torch.float64).reshape(-1)
         assert nbeta.tolist() == pytest.approx([40 / math.log(40)] * len(nbeta))
-    with pytest.raises(FastLLCError, match=r"^restrict= \(weight-restricted sampling\) needs backend 'generic' or "
-                                           r"'reference', not 'torch'$"):
+    # the study's fast backends restrict too, but run only the study's MLP: refused for this model in one line
+    with pytest.raises(FastLLCError, match=r"^the torch backend runs the study's ModularMLP with cross-entropy; "
+                                           r"use --backend reference for other models or losses$"):
         estimate(model, (x, y), chains=2, steps=5, restrict="0.*", backend="torch", batch_size=8)
 
 
-def test_a_backend_without_the_capability_is_never_handed_a_mask():
+def test_a_backend_without_the_capability_is_never_handed_a_mask(monkeypatch):
+    """Every backend restricts today; one that did not (its CAPABILITIES without "restrict") is refused by the
+    registry before its ``sample`` is called, so it can never run a restricted estimate unrestricted."""
+    from fastllc.backends import backend_module
+    native = backend_module("native")
+    monkeypatch.setattr(native, "CAPABILITIES", native.CAPABILITIES - {"restrict"})
+    monkeypatch.setattr(native, "sample", lambda *a, **k: pytest.fail("handed a mask"))
     model, (x, y) = tiny_model(), data()
-    with pytest.raises(FastLLCError, match="needs backend 'generic' or 'reference', not 'native'"):
+    with pytest.raises(FastLLCError, match=r"^restrict= \(weight-restricted sampling\) needs backend 'triton' or "
+                                           r"'torch' or 'generic' or 'reference', not 'native'$"):
         sample(model, x, y, F.cross_entropy, SGLDConfig(chains=1, steps=2), backend="native",
                restrict=selection_mask(model, "0.*"))
 

@@ -87,36 +87,36 @@ def test_the_reference_step_is_devinterps_rmsprop_sgld_step_by_step(monkeypatch)
 
 
 def test_auto_picks_a_backend_that_runs_it_and_others_are_refused_in_one_line():
-    assert with_capabilities(["rmsprop_sgld"]) == ["generic", "reference"]
+    assert with_capabilities(["rmsprop_sgld"]) == ["torch", "generic", "reference"]
     needs = SGLDConfig(sampler="rmsprop_sgld").needs()
-    assert resolve_backend("auto", CPU, ModularMLP(5, 4, 16), F.cross_entropy, needs) == "generic"
+    assert resolve_backend("auto", CPU, ModularMLP(5, 4, 16), F.cross_entropy, needs) == "torch"
     batchnorm = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()  # generic cannot vmap it
     assert resolve_backend("auto", CPU, batchnorm, F.cross_entropy, needs) == "reference"
-    for name in ("torch", "triton"):
+    for name in ("native", "triton"):
         with pytest.raises(FastLLCError) as error:
             resolve_backend(name, CPU, ModularMLP(5, 4, 16), F.cross_entropy, needs)
-        assert str(error.value) == (f"sampler='rmsprop_sgld' (RMSProp-preconditioned SGLD) needs backend 'generic' "
-                                    f"or 'reference', not '{name}'")
+        assert str(error.value) == (f"sampler='rmsprop_sgld' (RMSProp-preconditioned SGLD) needs backend 'torch' or "
+                                    f"'generic' or 'reference', not '{name}'")
 
 
 def test_estimate_and_the_registry_route_it_and_a_direct_call_cannot_ignore_it():
     x, y = make_task(5, "add", seed=0).train_data()
     model = ModularMLP(5, 4, 16)
     config = SGLDConfig(chains=2, steps=5, batch_size=4, sampler="rmsprop_sgld")
-    assert estimate(model, (x, y), config=config).backend == "generic"  # not the study's torch backend
-    assert sample(model, x, y, F.cross_entropy, config).backend == "generic"
-    with pytest.raises(FastLLCError, match="^sampler='rmsprop_sgld' .* needs backend 'generic' or 'reference', "
-                                           "not 'torch'$"):
-        estimate(model, (x, y), config=config, backend="torch")
+    assert estimate(model, (x, y), config=config).backend == "torch"  # the fastest that has it, not native
+    assert sample(model, x, y, F.cross_entropy, config).backend == "torch"
+    with pytest.raises(FastLLCError, match="^sampler='rmsprop_sgld' .* needs backend 'torch' or 'generic' or "
+                                           "'reference', not 'native'$"):
+        estimate(model, (x, y), config=config, backend="native")
     # a backend that implements plain SGLD only asks for its coefficients through config.hyperparameters,
     # which refuses another sampler: a direct call never runs SGLD in its place
     with pytest.raises(FastLLCError, match="^this backend implements sampler 'sgld' only, not 'rmsprop_sgld'; "
                                            "use backend='auto', which picks one that has it$"):
-        backend_module("torch").sample(model, x, y, F.cross_entropy, config)
-    with pytest.raises(FastLLCError, match="several starting points in one batch .* and sampler='rmsprop_sgld'"):
-        from fastllc.backends import sample_starts
-        from fastllc.sampling.starts import Start
-        sample_starts([Start(model, x, y)], config)
+        backend_module("native").sample(model, x, y, F.cross_entropy, config)
+    from fastllc.backends import sample_starts
+    from fastllc.sampling.starts import Start
+    stacked = sample_starts([Start(model, x, y)], config)  # checkpoints along training: torch stacks them
+    assert stacked[0].backend == "torch"
 
 
 def test_rmsprop_differs_from_sgld_and_sgld_is_unchanged_by_the_new_fields():

@@ -6,8 +6,9 @@ A backend is one module here, named as users name it (``--backend NAME``), that 
                     in one batch: it has ``sample_starts``), ``mala`` (records the MALA acceptance),
                     ``rmsprop_sgld`` (runs ``SGLDConfig.sampler="rmsprop_sgld"``; without it a backend runs
                     plain SGLD only, and ``config.hyperparameters`` refuses it any other sampler),
-                    ``restrict`` (its ``sample`` takes ``restrict=``, a bool mask [d] over the flat weights:
-                    only those move, the others stay at w* bit for bit; ``sampling/restrict.py``),
+                    ``restrict`` (its ``sample`` takes ``restrict=``, a bool mask over the flat weights, [d] for
+                    every chain or [C, d] one row per chain, checked by ``sampling.restrict.check_mask``: only
+                    those move, the others stay at w* bit for bit),
                     ``published_chain_loss`` (follows ``SGLDConfig.chain_loss="published"``)
     DEVICES         device types it runs on
     AUTO_PRIORITY   ``auto`` tries backends in increasing priority: the fastest first
@@ -110,8 +111,8 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, backend: str 
            randomness=None, progress: bool = False, needs=(), restrict=None) -> Samples:
     """``config.chains`` SGLD chains from ``model``'s weights on the chosen backend (see ``resolve_backend``).
 
-    ``restrict``: a bool mask [d] over the flat weights (``sampling.restrict.selection_mask``): only those are
-    sampled, on a backend with the ``restrict`` capability."""
+    ``restrict``: a bool mask [d] or [C, d] over the flat weights (``sampling.restrict.selection_mask``): only
+    those are sampled, on a backend with the ``restrict`` capability."""
     from ..sampling import resolve_device
     device = resolve_device(device)
     config = config.validate()
