@@ -338,3 +338,17 @@ def test_bad_init_scale_and_split_are_one_line(settings, message):
     with pytest.raises(FastLLCError) as caught:
         TrainConfig(p=5, **settings).validate()
     assert str(caught.value) == message
+
+
+def test_train_command_records_init_scale_and_split(tmp_path):
+    from click.testing import CliRunner
+    from fastllc.cli.train import train_command
+
+    args = ["--p", "5", "--embed", "4", "--hidden", "8", "--batches", "5", "--checkpoints", "1", "--seed", "2"]
+    result = CliRunner().invoke(train_command, args + ["--init-scale", "0.5", "--split", "fixed", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    config = Run.load(tmp_path / "r").config
+    assert (config.init_scale, config.split, config.seed) == (0.5, "fixed", 2)
+    bad = CliRunner().invoke(train_command, args + ["--init-scale", "-1", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and bad.output.strip() == "Error: init_scale must be > 0, got -1.0"
+    assert not (tmp_path / "bad").exists()
