@@ -439,3 +439,10 @@ def test_reproduce_refuses_bad_settings_in_one_line_before_any_work(tmp_path, ar
     result = cli(args + ["--out", str(tmp_path / "sweep")])
     assert result.exit_code == 1 and result.output.strip() == message
     assert not (tmp_path / "sweep").exists()  # nothing trained, nothing written
+
+
+def test_dynamics_runs_the_published_chain_loss_by_default_and_exact_on_request():
+    from fastllc.experiments.sweeps import dynamics
+    assert {(j.sgld.chain_loss, j.sgld.orthogonal, j.kind) for j in dynamics()} == {("published", True, "dynamics")}
+    assert {j.sgld.chain_loss for j in dynamics(chain_loss="exact")} == {"exact"}
+    assert dynamics(chain_loss="exact")[0].name == "dynamics-add-p53-e8-h32-b1500-k25-seed0-dynamics"  # the earlier JSONs' name

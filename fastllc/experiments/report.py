@@ -499,9 +499,9 @@ def report_dynamics(records, out: Path) -> list[str]:
         twin.plot(checkpoints, [m["test_loss"] for m in record["metrics"]], color="C2", label="test loss")
         twin.set_ylabel("loss")
         twin.legend(fontsize=8, loc="center right")
-        ax.set_title(f"p={record['training']['p']}, seed {record['training']['seed']}", fontsize=9)
+        ax.set_title(f"p={record['training']['p']}, seed {record['training']['seed']}; {settings_label(record)}", fontsize=9)
         peak = int(np.nanargmax(np.array(llc, dtype=float)))
-        lines.append(f"seed {record['training']['seed']}: λ̂ from {_fmt(llc[0])} at checkpoint 0 to a peak of "
+        lines.append(f"seed {record['training']['seed']} ({settings_label(record)}): λ̂ from {_fmt(llc[0])} at checkpoint 0 to a peak of "
                      f"{_fmt(llc[peak])} at checkpoint {peak}, {_fmt(llc[-1])} at the last; test loss "
                      f"{record['metrics'][0]['test_loss']:.2f} → {record['metrics'][-1]['test_loss']:.3f}")
     fig.tight_layout()

@@ -171,12 +171,13 @@ def memorization(chains: int = 64, seeds: int | None = None, quick: bool = False
 
 def dynamics(chains: int = 16, seeds: int | None = None, quick: bool = False, split: str | None = None,
              chain_loss: str | None = None, variants=None, backend: str = "auto") -> list[Job]:
-    """p = 53, 1500 batches, 25 checkpoints (one every 60 batches), λ̂ at each, orthogonal restriction on.
-    Exact chain loss by default: all checkpoints' chains run as one batch on a backend that stacks starting
-    points, and until those backends follow the published loss, ``--chain-loss published`` needs one that does."""
+    """p = 53, 1500 batches, 25 checkpoints (one every 60 batches), λ̂ at each, orthogonal restriction on, the
+    published chain loss (as the figure was made). All checkpoints' chains run as one batch: this needs a
+    backend that stacks starting points and follows the published loss (native, torch); ``--chain-loss exact``
+    gives fastllc's earlier settings."""
     _check_chain_loss(chain_loss)
     p, batches = (11, 600) if quick else (53, 1500)
-    losses = CHAIN_LOSS_CHOICES[chain_loss] if chain_loss else ("exact",)
+    losses = CHAIN_LOSS_CHOICES[chain_loss] if chain_loss else ("published",)
     return [Job("dynamics", TrainConfig(p=p, batches=batches, checkpoints=25 if not quick else 6, seed=seed,
                                         **({"split": split} if split else {})),
                 study_sgld(chains, 500 if quick else 5000, chain_loss=loss), kind="dynamics", backend=backend)
