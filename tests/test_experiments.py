@@ -347,6 +347,7 @@ def test_jobs_of_the_earlier_settings_keep_their_names():
 def test_split_and_chain_loss_options_override_the_variants():
     jobs = psweep(quick=True, seeds=1, split="per-seed", chain_loss="both")
     assert {(j.training.split, j.sgld.chain_loss) for j in jobs} == {("per-seed", "published"), ("per-seed", "exact")}
+    assert {j.tags["variant"] for j in jobs} == {"published", "published with the exact chain loss"}  # recorded as such
     assert {j.sgld.chain_loss for j in memorization(quick=True, seeds=1, chain_loss="exact")} == {"exact"}
 
 

@@ -115,13 +115,12 @@ def _png(base: str, index: int, group) -> str:
     """The first (published) group's plot keeps the sweep's plain name; the others get their variant's."""
     if index == 0:
         return f"{base}.png"
-    tag = group[0].get("variant") or settings_label(group[0])
+    tag = settings_label(group[0])
     return f"{base}-{''.join(c if c.isalnum() else '-' for c in tag).strip('-').lower()}.png"
 
 
 def _heading(label: str, group) -> list[str]:
-    variants = sorted({r.get("variant") for r in group} - {None})
-    return [f"#### settings: {label}" + (f" (variant {', '.join(variants)})" if variants else ""), ""]
+    return [f"#### settings: {label}", ""]
 
 
 def _converged(record) -> bool:

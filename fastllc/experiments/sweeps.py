@@ -86,6 +86,12 @@ def _settings(sweep: str, variant: str, split: str | None, chain_loss: str | Non
     return training, [dict(sgld, chain_loss=loss) for loss in losses]
 
 
+def _variant_tag(sweep: str, variant: str, sgld: SGLDConfig) -> str:
+    """The variant's name as recorded, saying so when --chain-loss replaced the variant's own chain loss."""
+    own = VARIANTS[sweep][variant][1]["chain_loss"]
+    return variant if sgld.chain_loss == own else f"{variant} with the {sgld.chain_loss} chain loss"
+
+
 def _unique(jobs: list[Job]) -> list[Job]:
     """One job per name: two variants that a --chain-loss or --split makes equal run once."""
     return list({job.name: job for job in jobs}.values())
@@ -112,7 +118,7 @@ def psweep(chains: int = 64, seeds: int | None = None, quick: bool = False, spli
                     config = TrainConfig(p=p, batches=psweep_batches(p, variant), checkpoints=1 if quick else 25,
                                          seed=seed, **training)
                     jobs.append(Job("psweep", config, sgld, backend=backend, tags=dict(
-                        variant=variant, published=PUBLISHED_PSWEEP.get(p), published_sd=PUBLISHED_PSWEEP_SD.get(p))))
+                        variant=_variant_tag("psweep", variant, sgld), published=PUBLISHED_PSWEEP.get(p), published_sd=PUBLISHED_PSWEEP_SD.get(p))))
     return _unique(jobs)
 
 
@@ -133,7 +139,7 @@ def architectures(chains: int = 64, seeds: int | None = None, quick: bool = Fals
                         config = TrainConfig(p=p, embed=embed, hidden=hidden, batches=batches,
                                              checkpoints=1 if quick else 25, seed=seed, **training)
                         jobs.append(Job("architectures", config, sgld, backend=backend,
-                                        tags=dict(variant=variant, published=published.get(p))))
+                                        tags=dict(variant=_variant_tag("architectures", variant, sgld), published=published.get(p))))
     return _unique(jobs)
 
 
@@ -158,7 +164,7 @@ def memorization(chains: int = 64, seeds: int | None = None, quick: bool = False
                                              checkpoints=1 if quick else 25, seed=seed, **training)
                     generalising = TrainConfig(p=p, batches=psweep_batches(p), checkpoints=1 if quick else 25,
                                                seed=seed, **training)
-                    tags = dict(variant=variant)
+                    tags = dict(variant=_variant_tag("memorization", variant, sgld))
                     jobs.append(Job("memorization", memorising, sgld, backend=backend,
                                     tags=dict(tags, published=PUBLISHED_MEMORIZATION.get(p))))
                     jobs.append(Job("memorization", generalising, sgld, backend=backend, tags=dict(tags, published=None)))
