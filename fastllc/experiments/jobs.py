@@ -48,6 +48,7 @@ class Job:
     kind: str = "final"
     tags: dict = field(default_factory=dict)  # extra fields for the report (e.g. published value)
     backend: str = "auto"  # the sampling backend asked for (recorded; the one used is in the result)
+    device: str = "cpu"  # where the chains run (the result records it)
 
     @property
     def name(self) -> str:
@@ -140,7 +141,7 @@ def run_job(job: Job, out: Path, progress: bool = False) -> dict:
     record = dict(job=job.name, sweep=job.sweep, kind=job.kind, training=asdict(job.training),
                   sgld=job.sgld.to_dict(), backend_requested=job.backend, run=str(run.path), **job.tags)
     if job.kind == "final":
-        result = estimate_run(run, config=job.sgld, progress=progress, backend=job.backend)
+        result = estimate_run(run, config=job.sgld, progress=progress, backend=job.backend, device=job.device)
         record.update(result=result.to_dict(), final_metrics=run.metrics[-1])
         if job.tags.get("prefixes"):
             record.update(prefix_results=prefix_results(result, job.sgld, job.tags["prefixes"]))
@@ -148,7 +149,7 @@ def run_job(job: Job, out: Path, progress: bool = False) -> dict:
             circuits, _ = analyse_run(run)
             record.update(circuits=circuits.learned, circuit_count=circuits.count)
     elif job.kind == "dynamics":
-        results = estimate_checkpoints(run, config=job.sgld, progress=progress, backend=job.backend)
+        results = estimate_checkpoints(run, config=job.sgld, progress=progress, backend=job.backend, device=job.device)
         record.update(steps=run.steps, metrics=run.metrics, results=[r.to_dict() for r in results])
     elif job.kind == "calibrate":
         record.update(cells=calibration_cells(run, job), final_metrics=run.metrics[-1])
