@@ -448,3 +448,12 @@ def test_dynamics_runs_the_published_chain_loss_by_default_and_exact_on_request(
     assert {(j.sgld.chain_loss, j.sgld.orthogonal, j.kind) for j in dynamics()} == {("published", True, "dynamics")}
     assert {j.sgld.chain_loss for j in dynamics(chain_loss="exact")} == {"exact"}
     assert dynamics(chain_loss="exact")[0].name == "dynamics-add-p53-e8-h32-b1500-k25-seed0-dynamics"  # the earlier JSONs' name
+
+
+def test_reproduce_refuses_a_backend_without_what_the_jobs_need_before_training(tmp_path):
+    # dynamics stacks every checkpoint's chains: generic cannot (which backends can depends on the build)
+    result = cli(["dynamics", "--quick", "--backend", "generic", "--out", str(tmp_path / "sweep")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith("Error: ") and "several starting points in one batch (estimate_checkpoints)" in result.output
+    assert result.output.strip().endswith(", not 'generic'")
+    assert not (tmp_path / "sweep").exists()
