@@ -54,9 +54,9 @@ def reproduce_command(sweep, out, chains, seeds, quick, moduli, variants, split,
             raise FastLLCError(f"the {sweep} sweep has no p = {unknown[0]}; "
                                f"its moduli are {sorted({job.training.p for job in jobs})}")
         jobs = [job for job in jobs if job.training.p in moduli]
-    if backend != "auto":  # refused before any training: a backend that lacks what a job needs
-        for needs in {job.sgld.needs() + (("stacked_starts",) if job.kind == "dynamics" else ()) for job in jobs}:
-            resolve_backend(backend, resolve_device("cpu"), needs=needs)
+    # refused before any training: no backend (or not the one asked for) has what a job needs
+    for needs in {job.sgld.needs() + (("stacked_starts",) if job.kind == "dynamics" else ()) for job in jobs}:
+        resolve_backend(backend, resolve_device("cpu"), needs=needs)
     records = run_sweep(jobs, out, progress="auto")
     report = write_report(out)
     click.echo(f"{len(records)} jobs in {out}; report: {report}")
