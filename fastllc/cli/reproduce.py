@@ -56,7 +56,11 @@ def reproduce_command(sweep, out, chains, seeds, quick, moduli, variants, split,
         jobs = [job for job in jobs if job.training.p in moduli]
     # refused before any training: no backend (or not the one asked for) has what a job needs
     for needs in {job.sgld.needs() + (("stacked_starts",) if job.kind == "dynamics" else ()) for job in jobs}:
-        resolve_backend(backend, resolve_device("cpu"), needs=needs)
+        try:
+            resolve_backend(backend, resolve_device("cpu"), needs=needs)
+        except FastLLCError as err:
+            hint = "; --chain-loss exact runs it with the exact chain loss" if "published_chain_loss" in needs else ""
+            raise FastLLCError(f"{err}{hint}") from None
     records = run_sweep(jobs, out, progress="auto")
     report = write_report(out)
     click.echo(f"{len(records)} jobs in {out}; report: {report}")
