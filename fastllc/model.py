@@ -44,3 +44,16 @@ class ModularMLP(nn.Module):
 
     def architecture(self) -> dict[str, int]:
         return {"p": self.p, "embed": self.embed_dim, "hidden": self.hidden_dim}
+
+
+INPUT_WEIGHTS = ("embed.weight", "left.weight", "right.weight")  # what ``init_scale`` scales (not the biases)
+
+
+@torch.no_grad()
+def scale_input_weights(model: ModularMLP, factor: float) -> ModularMLP:
+    """Multiply the embedding and both first-layer weight matrices by ``factor`` in place: the study's
+    architectures figure initialised them ×0.5 (seed_results.json, "init")."""
+    parameters = dict(model.named_parameters())
+    for name in INPUT_WEIGHTS:
+        parameters[name].mul_(factor)
+    return model

@@ -13,6 +13,15 @@ from .errors import FastLLCError
 from .seeding import generator
 
 TASK_KINDS = ("add", "random")
+SPLITS = ("per-seed", "fixed")  # TrainConfig.split
+
+
+def split_seed(seed: int, split: str) -> int:
+    """The seed that keys a run's task table and train split: its own ("per-seed"), or 0 for every run
+    ("fixed": the seeds of one p share one split and differ by initialisation and batches, as in the study)."""
+    if split not in SPLITS:
+        raise FastLLCError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    return seed if split == "per-seed" else 0
 
 
 @dataclass(frozen=True)

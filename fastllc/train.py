@@ -29,11 +29,13 @@ from .errors import FastLLCError
 from .model import ModularMLP
 from .sampling.threads import single_threaded_torch
 from .seeding import check_seed, derive_seed, generator
-from .tasks import TASK_KINDS, Task, make_task
+from .model import scale_input_weights
+from .tasks import SPLITS, TASK_KINDS, Task, make_task, split_seed
 
 
 def default_batches(p: int) -> int:
-    """Training length of the published study: 10,000 batches, 15,000 for the larger p (41 and 53)."""
+    """fastllc's default training length: 10,000 batches, 15,000 for p >= 41. (The study's p-sweep used
+    15,000 only at p = 41 and 53, 10,000 at p = 47: ``experiments.sweeps.psweep_batches``.)"""
     return 15_000 if p >= 41 else 10_000
 
 
@@ -50,6 +52,8 @@ class TrainConfig:
     weight_decay: float = 2e-4
     batch_size: int = 64
     train_frac: float = 0.8
+    init_scale: float = 1.0  # the embedding and both first-layer weights ×init_scale at initialisation
+    split: str = "per-seed"  # "per-seed": task and split keyed by ``seed``; "fixed": those of seed 0 for all seeds
 
     def validate(self) -> "TrainConfig":
         for name in _INTEGER_FIELDS:
@@ -58,8 +62,9 @@ class TrainConfig:
         for name in _REAL_FIELDS:
             if not _is_number(getattr(self, name)) or not math.isfinite(getattr(self, name)):
                 raise FastLLCError(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        if not isinstance(self.task, str):
-            raise FastLLCError(f"task must be a string, got {self.task!r}")
+        for name in ("task", "split"):
+            if not isinstance(getattr(self, name), str):
+                raise FastLLCError(f"{name} must be a string, got {getattr(self, name)!r}")
         if self.p < 2:
             raise FastLLCError(f"p must be at least 2, got {self.p}")
         if self.task not in TASK_KINDS:
@@ -72,23 +77,38 @@ class TrainConfig:
             raise FastLLCError("learning rate must be > 0 and weight decay >= 0")
         if not 0.0 < self.train_frac <= 1.0:
             raise FastLLCError(f"train_frac must be in (0, 1], got {self.train_frac}")
+        if not self.init_scale > 0:
+            raise FastLLCError(f"init_scale must be > 0, got {self.init_scale}")
+        if self.split not in SPLITS:
+            raise FastLLCError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
         return self
 
     def make_task(self) -> Task:
-        return make_task(self.p, self.task, self.seed, self.train_frac)
+        """The task table and train split: keyed by ``seed``, or by seed 0 for every seed (split "fixed")."""
+        return make_task(self.p, self.task, split_seed(self.seed, self.split), self.train_frac)
 
     def new_model(self) -> ModularMLP:
-        """The model at initialisation: PyTorch's default init, seeded by (seed, "init")."""
+        """The model at initialisation: PyTorch's default init, seeded by (seed, "init"), with the embedding
+        and first-layer weights ×``init_scale`` (1: untouched)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, "init"))
-            return ModularMLP(self.p, self.embed, self.hidden)
+            model = ModularMLP(self.p, self.embed, self.hidden)
+        if self.init_scale != 1:
+            scale_input_weights(model, self.init_scale)
+        return model
 
     def run_name(self) -> str:
-        return f"{self.task}-p{self.p}-e{self.embed}-h{self.hidden}-b{self.batches}-k{self.checkpoints}-seed{self.seed}"
+        """The run's directory name. Settings added later appear only when they differ from their default,
+        so a run trained before they existed keeps its name (and its cache)."""
+        extra = (f"-init{self.init_scale:g}" if self.init_scale != 1 else "") + ("-fixedsplit" if self.split == "fixed" else "")
+        return (f"{self.task}-p{self.p}-e{self.embed}-h{self.hidden}-b{self.batches}-k{self.checkpoints}{extra}"
+                f"-seed{self.seed}")
 
 
 _INTEGER_FIELDS = ("p", "embed", "hidden", "batches", "checkpoints", "seed", "batch_size")
-_REAL_FIELDS = ("lr", "weight_decay", "train_frac")
+_REAL_FIELDS = ("lr", "weight_decay", "train_frac", "init_scale")
+# fields added after runs were first written: a config.json without them has their defaults
+LATER_FIELDS = {"init_scale": 1.0, "split": "per-seed"}
 
 
 def _is_integer(value) -> bool:
@@ -355,6 +375,7 @@ def _read_config(file: Path) -> tuple[TrainConfig, list[int]]:
     record = _read_json_file(file, json.loads)
     if not isinstance(record, dict):
         raise FastLLCError(f"{file} is not a JSON object; {DAMAGED}")
+    record = {**LATER_FIELDS, **record}  # a run written before these settings existed used their defaults
     missing = [name for name in [f.name for f in fields(TrainConfig)] + ["checkpoint_steps"] if name not in record]
     if missing:
         raise FastLLCError(f"{file} lacks {', '.join(missing)}; {DAMAGED}")

@@ -97,7 +97,8 @@ def test_quick_reproduction_shows_the_qualitative_claims(tmp_path):
     llc = [r["result"]["llc_mean"] for r in grow]
     assert np.all(np.diff(np.array(llc)[np.argsort(ps)]) > 0)
     assert linear_fit(ps, llc)[2] > 0.9
-    memo = run_sweep(memorization(chains=8, seeds=1, quick=True), tmp_path / "m", progress=False)
+    # the published settings only: one job per (task, p) below, and the test's cost as before the variants
+    memo = run_sweep(memorization(chains=8, seeds=1, quick=True, variants=["published"]), tmp_path / "m", progress=False)
     by = {(r["training"]["task"], r["training"]["p"]): r["result"]["llc_mean"] for r in memo}
     assert by[("random", 17)] > by[("add", 17)]  # measured 165 against 78 (8 chains × 1000 steps)
 
@@ -302,3 +303,158 @@ def test_a_hand_edited_record_the_report_cannot_read_is_one_line(tmp_path):
     jobs_module.write_json_atomically(tmp_path / "jobs" / "j.json", record)
     with pytest.raises(FastLLCError, match=r"^the psweep records in .*jobs do not have the fields the report needs \(TypeError"):
         write_report(tmp_path)
+
+
+# ---- per-figure settings, chain loss, variants side by side (issue #15) ----
+
+import re
+
+from click.testing import CliRunner
+
+from fastllc.cli.reproduce import reproduce_command
+from fastllc.experiments.report import settings_label
+from fastllc.experiments.sweeps import architectures
+
+
+def test_each_sweep_runs_its_figures_settings_by_default():
+    jobs = psweep()
+    by_p = {p: [j for j in jobs if j.training.p == p] for p in (23, 41, 47, 53)}
+    assert {j.training.batches for j in by_p[47]} == {10_000} and {j.training.batches for j in by_p[23]} == {10_000}
+    assert {j.training.batches for j in by_p[41] + by_p[53]} == {15_000}  # 15,000 only at p = 41 and 53
+    assert len(by_p[53]) == 10 and len(by_p[23]) == 5  # p = 53 over 10 seeds
+    assert {(j.training.split, j.sgld.chain_loss, j.sgld.orthogonal) for j in jobs} == {("fixed", "published", True)}
+    arch = {j.tags["variant"]: j for j in architectures() if j.training.p == 47 and j.training.embed == 8}
+    assert (arch["published"].training.init_scale, arch["published"].training.batches, arch["published"].sgld.orthogonal,
+            arch["published"].sgld.chain_loss) == (0.5, 10_000, False, "published")
+    assert (arch["today"].training.init_scale, arch["today"].training.batches, arch["today"].sgld.orthogonal) == (1.0, 15_000, True)
+    memo = [j for j in memorization() if j.training.task == "random" and j.training.p == 25 and j.training.seed == 0]
+    settings = {(j.sgld.chain_loss, j.sgld.orthogonal, j.sgld.steps) for j in memo}
+    assert settings == {("published", False, 5000), ("exact", False, 5000), ("published", True, 5000), ("exact", True, 5000),
+                        ("published", False, 10_000), ("exact", False, 10_000)}  # + the chain-length chains
+    assert all(j.tags["prefixes"] == [2000, 5000] for j in memo if j.sgld.steps == 10_000)
+    for sweep in (psweep(chain_loss="both"), architectures(), memorization()):
+        assert len({j.name for j in sweep}) == len(sweep)  # no two jobs share a JSON
+
+
+def test_jobs_of_the_earlier_settings_keep_their_names():
+    """Exact loss, orthogonal on, 5000 steps, init 1, a split per seed: the JSONs written before the settings
+    could vary are found again (docs/results/jobs), not rerun."""
+    today = [j for j in psweep(variants=["today"]) if j.training.p == 47 and j.training.seed == 0]
+    assert [j.name for j in today] == ["psweep-add-p47-e8-h32-b15000-k25-seed0-final"]
+    (published,) = [j for j in psweep() if j.training.p == 47 and j.training.seed == 0]
+    assert published.name == "psweep-add-p47-e8-h32-b10000-k25-fixedsplit-seed0-final-published-loss"
+
+
+def test_split_and_chain_loss_options_override_the_variants():
+    jobs = psweep(quick=True, seeds=1, split="per-seed", chain_loss="both")
+    assert {(j.training.split, j.sgld.chain_loss) for j in jobs} == {("per-seed", "published"), ("per-seed", "exact")}
+    assert {j.tags["variant"] for j in jobs} == {"published", "published with the exact chain loss"}  # recorded as such
+    assert {j.sgld.chain_loss for j in memorization(quick=True, seeds=1, chain_loss="exact")} == {"exact"}
+
+
+def test_a_long_chain_gives_the_shorter_chains_estimates_exactly(tmp_path):
+    training = TrainConfig(p=5, task="random", embed=4, hidden=8, batches=30, checkpoints=1)
+    short = Job("memorization", training, SGLDConfig(chains=2, steps=20, chain_loss="published"))
+    long = Job("memorization", training, SGLDConfig(chains=2, steps=40, chain_loss="published"), tags=dict(prefixes=[20]))
+    with pytest.warns(RuntimeWarning, match="batch size 64 is larger"):
+        first, second = run_sweep([short, long], tmp_path, progress=False)
+    (prefix,) = second["prefix_results"]
+    # the same (seed, chain, step) draws: the first 20 records of the long chains are the short chains' records
+    assert prefix["llc_mean"] == first["result"]["llc_mean"] and prefix["steps"] == 20
+    assert prefix["loss_trace_summary"] == first["result"]["loss_trace_summary"] and prefix["r_hat"] == first["result"]["r_hat"]
+    assert second["sgld"]["chain_loss"] == "published" and second["backend_requested"] == "auto"
+    assert second["training"]["split"] == "per-seed" and second["training"]["init_scale"] == 1.0
+
+
+def memo_record(p, seed, llc, loss="published", orthogonal=False, steps=5000, **extra):
+    sgld = dict(chain_loss=loss, orthogonal=orthogonal, steps=steps)
+    return dict(job=f"m{p}-{seed}-{loss}-{orthogonal}-{steps}", sweep="memorization", kind="final", sgld=sgld,
+                training=dict(p=p, task="random", seed=seed), final_metrics=dict(train_acc=1.0),
+                result=dict(llc_mean=llc, llc_se=0.5, steps=steps, nbeta=100.0, r_hat=1.01,
+                            loss_trace_summary=dict(mean_loss=1.0, first_tenth_mean_loss=1.0, last_tenth_mean_loss=1.5)),
+                published={10: 53, 15: 157, 20: 318, 25: 550}.get(p), **extra)
+
+
+def write_records(folder, records):
+    for r in records:
+        jobs_module.write_json_atomically(folder / "jobs" / f"{r['job']}.json", r)
+
+
+def test_memorisation_report_shows_each_chain_loss_and_chain_length_side_by_side(tmp_path):
+    published = [memo_record(p, s, 0.9 * p * p, variant="published") for p in (10, 15, 20, 25) for s in (0, 1)]
+    exact = [memo_record(p, s, 0.72 * p * p, loss="exact") for p in (10, 15, 20, 25) for s in (0, 1)]
+    long = [memo_record(25, s, 600.0, steps=10_000, chain_length_study=True,
+                        prefix_results=[dict(memo_record(25, s, 500.0, steps=2000)["result"], r_hat=1.2)])
+            for s in (0, 1)]
+    write_records(tmp_path, published + exact + long)
+    text = write_report(tmp_path).read_text()
+    first, second = text.index("#### settings: +1e-6 chain loss (as published), orthogonal off"), \
+        text.index("#### settings: exact chain loss, orthogonal off")
+    assert first < second  # the published settings first, the principled variant beside them, never merged
+    # c is 0 to rounding: printed +0.0 or -0.0
+    assert re.search(r"\| \+1e-6 chain loss \(as published\), orthogonal off, a split per seed \| 0\.900 \| [+-]0\.0 \| 1\.0000 \| "
+                     r"1\.698 \| 1\.290 \| 1\.132 \| 1\.023 \|", text)
+    assert re.search(r"\| exact chain loss, orthogonal off, a split per seed \| 0\.720 \| [+-]0\.0 \| 1\.0000 \|", text)
+    assert "fit a ∈ [0.85, 1.05]: met (a = 0.900)" in text and "fit a ∈ [0.85, 1.05]: not met (a = 0.720)" in text
+    # chain length: 2000 from the prefixes, 10,000 from the long chains; drift 0.5 nats against λ̂/nβ = 5 or 6
+    assert "| +1e-6 chain loss (as published), orthogonal off, a split per seed | 25 | 2000 | 500.0 ± 0.0 (2) | 0.500 | 0.100 | 1.200 |" in text
+    assert "| 25 | 10000 | 600.0 ± 0.0 (2) | 0.500 | 0.083 | 1.010 |" in text
+    assert (tmp_path / "memorization.png").exists() and (tmp_path / "memorization-exact-chain-loss--orthogonal-off--a-split-per-seed.png").exists()
+
+
+def test_a_job_json_written_before_chain_losses_reads_as_exact():
+    old = dict(job="j", sweep="psweep", kind="final", training=dict(p=5), sgld=dict(orthogonal=True), result=dict(llc_mean=1.0))
+    assert settings_label(old) == "exact chain loss, orthogonal on, a split per seed"
+    assert settings_label(dict(old, sgld=dict(orthogonal=False, chain_loss="published"),
+                               training=dict(p=5, init_scale=0.5, split="fixed"))) == \
+        "+1e-6 chain loss (as published), orthogonal off, init ×0.5, one split per p"
+
+
+def test_psweep_report_gives_convergence_both_sds_and_the_targets(tmp_path):
+    def record(p, seed, llc, test_acc=1.0):
+        return dict(job=f"p{p}-{seed}", sweep="psweep", kind="final", training=dict(p=p, seed=seed, split="fixed", batches=10_000),
+                    sgld=dict(chain_loss="published", orthogonal=True), result=dict(llc_mean=llc, llc_se=0.3),
+                    final_metrics=dict(test_acc=test_acc), published=8.6 * p - 90, published_sd=1.0, variant="published")
+    records = [record(p, s, 8.6 * p - 90 + (s - 2)) for p in (23, 29, 37) for s in range(5)]
+    records += [record(53, s, 366.0 + (4 if s % 2 else -4), test_acc=0.9 if s == 6 else 1.0) for s in range(10)]
+    write_records(tmp_path, records)
+    text = write_report(tmp_path).read_text()
+    assert "| 23 | 107.8 ± 1.6 | 0.30 | 5 | 107.8 (1.0) | 1.000 | [None, None, None, None, None] | 1.6 / 1.4 | 5 of 5 | 10000 |" in text
+    assert "| 53 | 366.0 ± 4.2 | 0.30 | 10 | 365.8 (1.0) | 1.001 | " in text and "| 4.2 / 4.0 | 9 of 10 |" in text
+    assert "p = 53: 9 of 10 runs converged (convergence rate 90%)" in text and "seed 6: 362.0 (test acc 90.0%)" in text
+    assert "p = 53, seeds 0–4 only (the study's count of runs): mean 365.2, sd 3.9 (ddof 0, the published basis) / 4.4 (ddof 1)" in text
+    assert "every mean within 5% of the published one: met" in text and "slope 8.6 ± 0.4: met (8.61)" in text
+    assert "R² ≥ 0.98 over all runs: met" in text
+
+
+def cli(args):
+    return CliRunner().invoke(reproduce_command, args)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["memorization", "--variant", "fancy"], "Error: --variant fancy: the memorization sweep has variants published, exact, "
+                                             "published-orth, exact-orth"),
+    (["dynamics", "--variant", "published"], "Error: --variant: the dynamics sweep has no settings variants; drop --variant"),
+    (["psweep", "--chains", "0"], "Error: --chains must be at least 1, got 0"),
+])
+def test_reproduce_refuses_bad_settings_in_one_line_before_any_work(tmp_path, args, message):
+    result = cli(args + ["--out", str(tmp_path / "sweep")])
+    assert result.exit_code == 1 and result.output.strip() == message
+    assert not (tmp_path / "sweep").exists()  # nothing trained, nothing written
+
+
+def test_dynamics_runs_the_published_chain_loss_by_default_and_exact_on_request():
+    from fastllc.experiments.sweeps import dynamics
+    assert {(j.sgld.chain_loss, j.sgld.orthogonal, j.kind) for j in dynamics()} == {("published", True, "dynamics")}
+    assert {j.sgld.chain_loss for j in dynamics(chain_loss="exact")} == {"exact"}
+    assert dynamics(chain_loss="exact")[0].name == "dynamics-add-p53-e8-h32-b1500-k25-seed0-dynamics"  # the earlier JSONs' name
+
+
+def test_reproduce_refuses_a_backend_without_what_the_jobs_need_before_training(tmp_path):
+    # dynamics stacks every checkpoint's chains: generic cannot (which backends can depends on the build)
+    result = cli(["dynamics", "--quick", "--backend", "generic", "--out", str(tmp_path / "sweep")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith("Error: ") and "several starting points in one batch (estimate_checkpoints)" in result.output
+    assert "not 'generic'" in result.output
+    assert result.output.strip().endswith("; --chain-loss exact runs it with the exact chain loss")  # the way out
+    assert not (tmp_path / "sweep").exists()

@@ -19,3 +19,13 @@ def test_forward_matches_the_written_formula():
     pre = E[pairs[:, 0]] @ model.left.weight.T + model.left.bias + E[pairs[:, 1]] @ model.right.weight.T + model.right.bias
     expected = F.gelu(pre) @ model.unembed.weight.T
     torch.testing.assert_close(model(pairs), expected)
+
+
+def test_scale_input_weights_scales_the_three_input_matrices_in_place():
+    from fastllc.model import INPUT_WEIGHTS, scale_input_weights
+    model = ModularMLP(7, 5, 13)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    assert scale_input_weights(model, 0.5) is model
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name] * (0.5 if name in INPUT_WEIGHTS else 1.0), rtol=0, atol=0)
+    assert INPUT_WEIGHTS == ("embed.weight", "left.weight", "right.weight")

@@ -43,3 +43,10 @@ def test_split_is_seeded_disjoint_and_sized():
 def test_bad_tasks_are_refused(p, kind, message):
     with pytest.raises(FastLLCError, match=message):
         make_task(p, kind)
+
+
+def test_split_seed_fixed_is_seed_0_and_unknown_split_is_refused():
+    from fastllc.tasks import split_seed
+    assert [split_seed(s, "per-seed") for s in (0, 4)] == [0, 4] and [split_seed(s, "fixed") for s in (0, 4)] == [0, 0]
+    with pytest.raises(FastLLCError, match="^unknown split 'one'; choose one of per-seed, fixed$"):
+        split_seed(1, "one")

@@ -293,3 +293,62 @@ def test_training_that_cannot_fit_is_refused_by_the_library_too(tmp_path, monkey
                                            r"1 MiB is available: use a smaller --p$"):
         train(TrainConfig(p=40, batches=5, checkpoints=1), tmp_path / "run")
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+# ---- init scale and split (issue #15): recorded in the config, old runs keep their names and load ----
+
+def test_init_scale_multiplies_the_embedding_and_first_layer_weights_only():
+    plain, half = TrainConfig(p=5, embed=4, hidden=8).new_model(), TrainConfig(p=5, embed=4, hidden=8, init_scale=0.5).new_model()
+    for name, weight in plain.state_dict().items():
+        factor = 0.5 if name in ("embed.weight", "left.weight", "right.weight") else 1.0  # biases and U untouched
+        assert torch.equal(half.state_dict()[name], weight * factor)
+
+
+def test_fixed_split_shares_the_split_of_seed_0_and_seeds_still_differ():
+    fixed = [TrainConfig(p=7, split="fixed", seed=s) for s in (0, 1)]
+    assert torch.equal(fixed[0].make_task().train, fixed[1].make_task().train)
+    assert torch.equal(fixed[1].make_task().train, TrainConfig(p=7, seed=0).make_task().train)  # seed 0's split
+    assert not torch.equal(TrainConfig(p=7, seed=1).make_task().train, fixed[1].make_task().train)  # per-seed differs
+    assert not torch.equal(fixed[0].new_model().embed.weight, fixed[1].new_model().embed.weight)  # init still by seed
+    table = [TrainConfig(p=7, task="random", split="fixed", seed=s).make_task().labels for s in (0, 3)]
+    assert torch.equal(*table)  # a random operation's table is seed 0's too: the data are shared
+
+
+def test_run_names_change_only_for_settings_away_from_their_defaults():
+    assert TrainConfig(p=5, batches=60, checkpoints=3, seed=1).run_name() == "add-p5-e8-h32-b60-k3-seed1"  # as before
+    assert TrainConfig(p=5, batches=60, checkpoints=3, seed=1, init_scale=0.5, split="fixed").run_name() == \
+        "add-p5-e8-h32-b60-k3-init0.5-fixedsplit-seed1"
+
+
+def test_a_run_written_before_init_scale_and_split_existed_loads_with_their_defaults(tiny_run, tmp_path):
+    def drop_new_fields(record):
+        del record["init_scale"], record["split"]
+    run = Run.load(damaged_copy(tiny_run, tmp_path, edit_config=drop_new_fields))
+    assert run.config == tiny_run.config and run.config.init_scale == 1.0 and run.config.split == "per-seed"
+    assert json.loads((tiny_run.path / "config.json").read_text())["split"] == "per-seed"  # recorded in new runs
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(init_scale=0.0), "init_scale must be > 0, got 0.0"),
+    (dict(init_scale="half"), "init_scale must be a finite number, got 'half'"),
+    (dict(split="shared"), "unknown split 'shared'; choose one of per-seed, fixed"),
+    (dict(split=0), "split must be a string, got 0"),
+])
+def test_bad_init_scale_and_split_are_one_line(settings, message):
+    with pytest.raises(FastLLCError) as caught:
+        TrainConfig(p=5, **settings).validate()
+    assert str(caught.value) == message
+
+
+def test_train_command_records_init_scale_and_split(tmp_path):
+    from click.testing import CliRunner
+    from fastllc.cli.train import train_command
+
+    args = ["--p", "5", "--embed", "4", "--hidden", "8", "--batches", "5", "--checkpoints", "1", "--seed", "2"]
+    result = CliRunner().invoke(train_command, args + ["--init-scale", "0.5", "--split", "fixed", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    config = Run.load(tmp_path / "r").config
+    assert (config.init_scale, config.split, config.seed) == (0.5, "fixed", 2)
+    bad = CliRunner().invoke(train_command, args + ["--init-scale", "-1", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 1 and bad.output.strip() == "Error: init_scale must be > 0, got -1.0"
+    assert not (tmp_path / "bad").exists()

@@ -91,11 +91,17 @@ def training_options(train_seed_names=("--train-seed",)):
             click.option("--embed", type=int, default=8, show_default=True, help="Embedding width e."),
             click.option("--hidden", type=int, default=32, show_default=True, help="Hidden width h."),
             click.option("--batches", type=int, default=None,
-                         help="Training batches of 64 [default: 10000; 15000 for p >= 41, as published]."),
+                         help="Training batches of 64 [default: 10000; 15000 for p >= 41 (the study's p-sweep: 15000 at p = 41 and 53 only)]."),
             click.option("--checkpoints", type=int, default=25, show_default=True,
                          help="Evenly spaced checkpoints (0 = initialisation), plus the final weights."),
             click.option(*train_seed_names, "train_seed", type=int, default=0, show_default=True,
                          help="Seed of the task table, split, initialisation and batches."),
+            click.option("--init-scale", type=float, default=1.0, show_default=True,
+                         help="Multiply the embedding and both first-layer weights at initialisation (the study's "
+                              "architectures figure: 0.5)."),
+            click.option("--split", type=click.Choice(["per-seed", "fixed"]), default="per-seed", show_default=True,
+                         help="per-seed: the seed keys the task table and split; fixed: seed 0's table and split for "
+                              "every seed (runs differ by initialisation and batches, as in the study's p-sweep)."),
         ]
         for option in reversed(options):
             command = option(command)
@@ -104,16 +110,17 @@ def training_options(train_seed_names=("--train-seed",)):
     return decorate
 
 
-TRAINING_OPTIONS = ("p", "task", "embed", "hidden", "batches", "checkpoints", "train_seed")
+TRAINING_OPTIONS = ("p", "task", "embed", "hidden", "batches", "checkpoints", "train_seed", "init_scale", "split")
 
 
-def train_config(p, task, embed, hidden, batches, checkpoints, train_seed, seed_option="--train-seed") -> TrainConfig:
+def train_config(p, task, embed, hidden, batches, checkpoints, train_seed, init_scale=1.0, split="per-seed",
+                 seed_option="--train-seed") -> TrainConfig:
     if p is None:
         raise FastLLCError("give the modulus --p (or, for `estimate`, an existing --run)")
     check_seed(train_seed, seed_option)
     batches = default_batches(p) if batches is None else batches
     return TrainConfig(p=p, task=task, embed=embed, hidden=hidden, batches=batches, checkpoints=checkpoints,
-                       seed=train_seed).validate()
+                       seed=train_seed, init_scale=init_scale, split=split).validate()
 
 
 def refuse_training_options_with_run() -> None:

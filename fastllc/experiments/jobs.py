@@ -17,6 +17,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -27,7 +28,7 @@ from ..backends import sample
 from ..errors import FastLLCError
 from ..llc import estimate_llc
 from ..sampling import SGLDConfig, wbic_nbeta
-from ..sampling.contract import select_chains
+from ..sampling.contract import Samples, select_chains
 from ..train import Run, TrainConfig, cached_run, train_together
 
 
@@ -46,10 +47,25 @@ class Job:
     sgld: SGLDConfig
     kind: str = "final"
     tags: dict = field(default_factory=dict)  # extra fields for the report (e.g. published value)
+    backend: str = "auto"  # the sampling backend asked for (recorded; the one used is in the result)
+    device: str = "cpu"  # where the chains run (the result records it)
 
     @property
     def name(self) -> str:
-        return f"{self.sweep}-{self.training.run_name()}-{self.kind}"
+        return f"{self.sweep}-{self.training.run_name()}-{self.kind}{sgld_suffix(self.sgld)}"
+
+
+BASELINE_STEPS = 5000  # the study's chain length: a job of another length says so in its name
+
+
+def sgld_suffix(sgld: SGLDConfig) -> str:
+    """The part of a job's name that tells its SGLD settings apart from those its sweep used before they
+    could vary (exact chain loss, orthogonal restriction on, 5000 steps): empty for those, so that job
+    JSONs written then keep their names and are not run again."""
+    parts = (["published-loss"] if sgld.chain_loss == "published" else []) + \
+            (["orth-off"] if not sgld.orthogonal else []) + \
+            ([f"T{sgld.steps}"] if sgld.steps != BASELINE_STEPS else [])
+    return "".join("-" + part for part in parts)
 
 
 def write_json_atomically(path: Path, record: dict) -> None:
@@ -123,21 +139,44 @@ def trained_run(config: TrainConfig, out: Path) -> Run:
 def run_job(job: Job, out: Path, progress: bool = False) -> dict:
     run = trained_run(job.training, out)
     record = dict(job=job.name, sweep=job.sweep, kind=job.kind, training=asdict(job.training),
-                  sgld=job.sgld.to_dict(), run=str(run.path), **job.tags)
+                  sgld=job.sgld.to_dict(), backend_requested=job.backend, run=str(run.path), **job.tags)
     if job.kind == "final":
-        result = estimate_run(run, config=job.sgld, progress=progress)
+        result = estimate_run(run, config=job.sgld, progress=progress, backend=job.backend, device=job.device)
         record.update(result=result.to_dict(), final_metrics=run.metrics[-1])
+        if job.tags.get("prefixes"):
+            record.update(prefix_results=prefix_results(result, job.sgld, job.tags["prefixes"]))
         if job.training.task == "add" and job.training.p >= 3:
             circuits, _ = analyse_run(run)
             record.update(circuits=circuits.learned, circuit_count=circuits.count)
     elif job.kind == "dynamics":
-        results = estimate_checkpoints(run, config=job.sgld, progress=progress)
+        results = estimate_checkpoints(run, config=job.sgld, progress=progress, backend=job.backend, device=job.device)
         record.update(steps=run.steps, metrics=run.metrics, results=[r.to_dict() for r in results])
     elif job.kind == "calibrate":
         record.update(cells=calibration_cells(run, job), final_metrics=run.metrics[-1])
     else:
         raise ValueError(f"unknown job kind {job.kind!r}")
     return record
+
+
+def prefix_results(result, sgld: SGLDConfig, lengths) -> list[dict]:
+    """λ̂ and its diagnostics over the first T steps of the chains, for each T in ``lengths`` (< sgld.steps).
+
+    Each chain's step t depends only on (seed, chain, t), so the first T records of a long chain are
+    exactly the records of a chain of T steps: one long run gives every shorter length's estimate."""
+    C = result.chains
+    out = []
+    for steps in lengths:
+        if not 0 < steps < sgld.steps:
+            raise FastLLCError(f"a chain-length prefix must be in (0, {sgld.steps}), got {steps}")
+        per_chain = {name: torch.as_tensor(getattr(result, name), dtype=torch.float64).reshape(-1).expand(C).clone()
+                     for name in ("epsilon", "gamma", "nbeta")}
+        samples = Samples(loss_trace=result.loss_trace[:, :steps].clone(), init_loss=result.init_loss, **per_chain,
+                          backend=result.backend, device=result.device,
+                          seconds=result.sampling_seconds * steps / sgld.steps)
+        with warnings.catch_warnings():  # unhealthy chains were warned about once, by the full estimate
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out.append(estimate_llc(samples, replace(sgld, steps=steps)).to_dict())
+    return out
 
 
 def calibration_cells(run: Run, job: Job) -> list[dict]:

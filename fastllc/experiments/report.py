@@ -78,6 +78,55 @@ def _fmt(x, digits=1):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _sd(values, ddof: int) -> float:
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    return float(np.std(values, ddof=ddof)) if len(values) > ddof else math.nan
+
+
+def chain_loss_of(record) -> str:
+    """The SGLD chain loss of a job; a JSON written before chain losses could vary used the exact one."""
+    return record.get("sgld", {}).get("chain_loss", "exact")
+
+
+def settings_label(record) -> str:
+    """The settings a job's λ̂ depends on beyond p and the network, in words: jobs are grouped and labelled by
+    it, so that no variant is averaged with another. Read from the record itself (old JSONs included)."""
+    sgld, training = record.get("sgld", {}), record["training"]
+    parts = ["+1e-6 chain loss (as published)" if chain_loss_of(record) == "published" else "exact chain loss"]
+    if "orthogonal" in sgld:
+        parts.append(f"orthogonal {'on' if sgld['orthogonal'] else 'off'}")
+    if training.get("init_scale", 1) != 1:
+        parts.append(f"init ×{training['init_scale']:g}")
+    parts.append("one split per p" if training.get("split") == "fixed" else "a split per seed")
+    return ", ".join(parts)
+
+
+def _variant_groups(records) -> list[tuple[str, list]]:
+    """Records grouped by ``settings_label``, the group holding the "published" variant's jobs first."""
+    groups = _by(records, settings_label)
+    def order(item):
+        label, group = item
+        return (0 if any(r.get("variant") == "published" for r in group) else 1, label)
+    return sorted(groups.items(), key=order)
+
+
+def _png(base: str, index: int, group) -> str:
+    """The first (published) group's plot keeps the sweep's plain name; the others get their variant's."""
+    if index == 0:
+        return f"{base}.png"
+    tag = settings_label(group[0])
+    return f"{base}-{''.join(c if c.isalnum() else '-' for c in tag).strip('-').lower()}.png"
+
+
+def _heading(label: str, group) -> list[str]:
+    return [f"#### settings: {label}", ""]
+
+
+def _converged(record) -> bool:
+    return record.get("final_metrics", {}).get("test_acc", 0) >= GENERALISED_TEST_ACCURACY
+
+
 GENERALISED_TEST_ACCURACY = 0.99
 
 
@@ -94,21 +143,43 @@ def _generalised_only(records) -> list[str]:
             f"{len(records)}: mean λ̂ (seeds) {per_p}; linear fit λ̂ ≈ {slope:.2f}·p {intercept:+.1f}, {r2}."]
 
 
+AUTHORS_CIRCUITS_P53 = [3, 3, 2, 3, 3]  # the authors' recorded counts for their five p = 53 runs (seed_results.json)
+PSWEEP_TARGETS = dict(mean_within=0.05, slope=(8.6, 0.4), r2=0.98)  # issue #15
+
+
 def report_psweep(records, out: Path) -> list[str]:
+    lines = ["### λ̂ against p (generalising networks)", ""]
+    for index, (label, group) in enumerate(_variant_groups(records)):
+        lines += _heading(label, group) + _psweep_group(group, out, _png("psweep", index, group))
+        if index == 0:
+            lines += report_circuits(group, out)
+    return lines
+
+
+def _psweep_group(records, out: Path, png: str) -> list[str]:
     rows = _summary_rows(records)
-    lines = ["### λ̂ against p (generalising networks)", "",
-             "| p | λ̂ mean ± sd over seeds | within-run se | seeds | published (sd) | ours / published | circuits per seed |",
-             "|---|---|---|---|---|---|---|"]
+    by_p = _by(records, lambda r: r["training"]["p"])
+    lines = ["| p | λ̂ mean ± sd over seeds | within-run se | seeds | published (sd) | ours / published | circuits per seed "
+             "| sd ddof 1 / ddof 0 | converged (test acc ≥ 99%) | batches |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["mean"] / r["published"] if r["published"] else None
         pub = f"{_fmt(r['published'])} ({_fmt(r['published_sd'])})" if r["published"] else "–"
+        group = by_p[r["p"]]
+        batches = sorted({g["training"].get("batches") for g in group} - {None})
         lines.append(f"| {r['p']} | {_fmt(r['mean'])} ± {_fmt(r['sd'])} | {_fmt(r['se'], 2)} | {r['seeds']} | {pub} | "
-                     f"{_fmt(ratio, 3)} | {r['circuits']} |")
+                     f"{_fmt(ratio, 3)} | {r['circuits']} | {_fmt(_sd(r['values'], 1))} / {_fmt(_sd(r['values'], 0))} | "
+                     f"{sum(map(_converged, group))} of {len(group)} | {', '.join(map(str, batches)) or '–'} |")
     if len(rows) >= 2:
         slope, intercept, r2 = _fit([r["p"] for r in rows], [r["mean"] for r in rows])
         lines += ["", f"Linear fit of the means: λ̂ ≈ {slope:.2f}·p {intercept:+.1f}, {r2} "
                   f"(published: slope 8.60, intercept −90)."]
+        ps, values = [r["training"]["p"] for r in records], [_llc(r) for r in records]
+        all_slope, all_intercept, all_r2 = _fit(ps, values)
+        lines += [f"Fit over all {len(records)} runs: λ̂ ≈ {all_slope:.2f}·p {all_intercept:+.1f}, {all_r2}."]
+        lines += _psweep_targets(rows, all_slope, linear_fit(ps, values)[2])
         lines += _generalised_only(records)
+    lines += _unconverged_lines(by_p)
     fig = _figure(figsize=(6, 4.2))
     ax = fig.subplots()
     ps = np.array([r["p"] for r in rows])
@@ -126,10 +197,47 @@ def report_psweep(records, out: Path) -> list[str]:
     ax.set_xlabel("p")
     ax.set_ylabel("λ̂")
     ax.legend(fontsize=8)
-    ax.set_title("λ̂ of generalising networks against p")
-    _save(fig, out / "psweep.png")
-    lines += ["", "![λ̂ against p](psweep.png)", ""]
-    return lines + report_circuits(records, out)
+    ax.set_title(f"λ̂ of generalising networks against p\n{settings_label(records[0])}", fontsize=9)
+    _save(fig, out / png)
+    return lines + ["", f"![λ̂ against p]({png})", ""]
+
+
+def _psweep_targets(rows, slope: float, r2_all: float) -> list[str]:
+    """Issue #15's targets for the p-sweep, each with its number: met or not."""
+    compared = [(r["p"], r["mean"] / r["published"] - 1) for r in rows if r["published"]]
+    if not compared:
+        return []
+    worst_p, worst = max(compared, key=lambda t: abs(t[1]))
+    target, width = PSWEEP_TARGETS["slope"]
+    def verdict(ok):
+        return "met" if ok else "not met"
+    return [f"Targets: every mean within {PSWEEP_TARGETS['mean_within']:.0%} of the published one: "
+            f"{verdict(abs(worst) <= PSWEEP_TARGETS['mean_within'])} (largest difference {worst:+.1%} at p = {worst_p}); "
+            f"slope {target} ± {width}: {verdict(abs(slope - target) <= width)} ({slope:.2f}); "
+            f"R² ≥ {PSWEEP_TARGETS['r2']} over all runs: {verdict(r2_all >= PSWEEP_TARGETS['r2'])} ({_fmt(r2_all, 4)})."]
+
+
+def _unconverged_lines(by_p) -> list[str]:
+    """Per p with runs short of 99% test accuracy: how many converged, and λ̂ of each kind; and, where there
+    are more seeds than the study's five, the first five's mean and population sd (the published basis)."""
+    lines = []
+    for p, group in by_p.items():
+        done = [_llc(r) for r in group if _converged(r)]
+        short = [(r["training"].get("seed"), _llc(r), r.get("final_metrics", {}).get("test_acc")) for r in group
+                 if not _converged(r)]
+        if short:
+            each = ", ".join(f"seed {seed}: {_fmt(v)} (test acc {_fmt(100 * acc if acc is not None else None)}%)"
+                             for seed, v, acc in short)
+            lines.append(f"p = {p}: {len(done)} of {len(group)} runs converged (convergence rate {len(done) / len(group):.0%}); "
+                         f"λ̂ of the converged runs {_fmt(np.mean(done) if done else None)} ± {_fmt(_sd(done, 1))}; "
+                         f"of the others {each}.")
+        seeds = sorted(group, key=lambda r: r["training"].get("seed", 0))
+        if len(seeds) > 5 and seeds[0].get("published") is not None:
+            first = [_llc(r) for r in seeds[:5]]
+            lines.append(f"p = {p}, seeds 0–4 only (the study's count of runs): mean {_fmt(np.mean(first))}, sd "
+                         f"{_fmt(_sd(first, 0))} (ddof 0, the published basis) / {_fmt(_sd(first, 1))} (ddof 1); "
+                         f"published {_fmt(seeds[0]['published'])} ({_fmt(seeds[0].get('published_sd'))}).")
+    return [""] + lines if lines else []
 
 
 def report_circuits(records, out: Path) -> list[str]:
@@ -139,6 +247,12 @@ def report_circuits(records, out: Path) -> list[str]:
         return []
     lines = ["### circuits against λ̂", "", "| p | circuits | λ̂ |", "|---|---|---|"]
     lines += [f"| {p} | {c} | {_fmt(v)} |" for p, c, v in sorted(counts)]
+    at_53 = sorted((r["training"].get("seed", 0), r.get("circuit_count")) for r in records
+                   if r["training"]["p"] == 53 and r.get("circuit_count") is not None)
+    if at_53:
+        lines.append(f"\np = 53: circuits of seeds {', '.join(str(s) for s, _ in at_53)}: "
+                     f"{', '.join(str(c) for _, c in at_53)}; the authors' recorded counts for their five p = 53 runs: "
+                     f"{', '.join(map(str, AUTHORS_CIRCUITS_P53))} (the post's '4–7' does not describe these networks).")
     for p, group in _by(records, lambda r: r["training"]["p"]).items():
         values = [_llc(r) for r in group]
         kinds = sorted({r.get("circuit_count") for r in group} - {None})
@@ -160,17 +274,31 @@ def report_circuits(records, out: Path) -> list[str]:
     return lines + ["", "![λ̂ against circuits](circuits.png)", ""]
 
 
+ARCHITECTURES_TARGET = dict(network=(8, 32), primes=(23, 37), within=0.10)  # issue #15
+
+
 def report_architectures(records, out: Path) -> list[str]:
-    lines = ["### λ̂ by architecture", "", "| (e, h) | p | λ̂ mean ± sd (seeds) | published single run | ours / published |",
-             "|---|---|---|---|---|"]
+    lines = ["### λ̂ by architecture", ""]
+    for index, (label, group) in enumerate(_variant_groups(records)):
+        lines += _heading(label, group) + _architectures_group(group, out, _png("architectures", index, group))
+    return lines
+
+
+def _architectures_group(records, out: Path, png: str) -> list[str]:
+    lines = ["| (e, h) | p | λ̂ mean ± sd (seeds) | published single run | ours / published | converged (test acc ≥ 99%) |",
+             "|---|---|---|---|---|---|"]
     fig = _figure(figsize=(6, 4.2))
     ax = fig.subplots()
-    fits = []
+    fits, targets = [], []
     for index, ((e, h), group) in enumerate(_by(records, lambda r: (r["training"]["embed"], r["training"]["hidden"])).items()):
         rows = _summary_rows(group)
+        by_p = _by(group, lambda r: r["training"]["p"])
         for row in rows:
             ratio = row["mean"] / row["published"] if row["published"] else None
-            lines.append(f"| ({e}, {h}) | {row['p']} | {_mean_sd(row)} | {_fmt(row['published'], 0)} | {_fmt(ratio, 3)} |")
+            lines.append(f"| ({e}, {h}) | {row['p']} | {_mean_sd(row)} | {_fmt(row['published'], 0)} | {_fmt(ratio, 3)} | "
+                         f"{sum(map(_converged, by_p[row['p']]))} of {row['seeds']} |")
+            if (e, h) == ARCHITECTURES_TARGET["network"] and row["p"] in ARCHITECTURES_TARGET["primes"] and ratio:
+                targets.append((row["p"], ratio - 1))
         ps = [row["p"] for row in rows]
         ax.errorbar(ps, [row["mean"] for row in rows], yerr=[0 if math.isnan(row["sd"]) else row["sd"] for row in rows],
                     fmt="o-", color=f"C{index}", capsize=3, label=f"e = {e}, h = {h}")
@@ -182,12 +310,18 @@ def report_architectures(records, out: Path) -> list[str]:
             fits.append(f"({e}, {h}): slope {slope:.2f}, intercept {intercept:+.1f}, {r2}")
     ax.set_xlabel("p")
     ax.set_ylabel("λ̂")
-    ax.set_title("λ̂ by architecture (× published single runs)")
+    ax.set_title(f"λ̂ by architecture (× published single runs)\n{settings_label(records[0])}", fontsize=9)
     ax.legend(fontsize=8)
-    _save(fig, out / "architectures.png")
+    _save(fig, out / png)
     if fits:
         lines += ["", "Linear fits of the means: " + "; ".join(fits) + "."]
-    return lines + ["", "![λ̂ by architecture](architectures.png)", ""]
+    if targets:
+        within = ARCHITECTURES_TARGET["within"]
+        each = ", ".join(f"p = {p}: {d:+.1%}" for p, d in targets)
+        met = "met" if all(abs(d) <= within for _, d in targets) else "not met"
+        lines += ["", f"Target: {ARCHITECTURES_TARGET['network']} at p = 23 and 37 within {within:.0%} of the published "
+                  f"single runs: {met} ({each})."]
+    return lines + ["", f"![λ̂ by architecture]({png})", ""]
 
 
 MEMORISED_TRAIN_ACCURACY = 1.0
@@ -208,25 +342,51 @@ def _quadratic_fit_line(rows: dict, label: str) -> list[str]:
     return ["", f"{label}: fit over p ∈ [10, 25]: λ̂ ≈ {a:.3f}·p² {c:+.1f} ({r2}); the study's claim is a ≈ 0.8."]
 
 
+MEMORIZATION_TARGETS = dict(primes=(10, 15, 20, 25), within=0.10, a=(0.85, 1.05))  # issue #15
+
+
+def _chain_length_job(record) -> bool:
+    """A job of the chain-length study (one long chain and its prefixes): shown in its own table only."""
+    return bool(record.get("chain_length_study") or record.get("prefix_results"))
+
+
 def report_memorization(records, out: Path) -> list[str]:
+    main = [r for r in records if not _chain_length_job(r)]
+    lines = ["### memorisation against generalisation", ""]
+    fits = []
+    for index, (label, group) in enumerate(_variant_groups(main)):
+        group_lines, fit = _memorization_group(group, out, _png("memorization", index, group))
+        lines += _heading(label, group) + group_lines
+        fits.append((label, fit))
+    lines += _claim_under_each_loss(fits)
+    lines += report_chain_length([r for r in records if _chain_length_job(r)])
+    return lines
+
+
+def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
     tasks = _by(records, lambda r: r["training"]["task"])
-    lines = ["### memorisation against generalisation", "", "| p | λ̂ random operation (± sd, seeds) | published (e50 h200) | "
-             "λ̂ modular addition | 0.8 p² |", "|---|---|---|---|---|"]
+    lines = ["| p | λ̂ random operation (± sd, seeds) | published (e50 h200) | "
+             "λ̂ modular addition | 0.8 p² | ours / published | memorised (train acc 100%) |",
+             "|---|---|---|---|---|---|---|"]
     memo = {row["p"]: row for row in _summary_rows(tasks.get("random", []))}
     gen = {row["p"]: row for row in _summary_rows(tasks.get("add", []))}
+    memo_by_p = _by(tasks.get("random", []), lambda r: r["training"]["p"])
     for p in sorted(set(memo) | set(gen)):
         m, g = memo.get(p), gen.get(p)
+        ratio = m["mean"] / m["published"] if m and m["published"] else None
+        memorised = (f"{sum(_memorised(r) for r in memo_by_p[p])} of {len(memo_by_p[p])}" if p in memo_by_p else "–")
         lines.append(f"| {p} | {_mean_sd(m)} | {_fmt(m['published'], 0) if m and m['published'] else '–'} | "
-                     f"{_mean_sd(g)} | {0.8 * p * p:.0f} |")
+                     f"{_mean_sd(g)} | {0.8 * p * p:.0f} | {_fmt(ratio, 3)} | {memorised} |")
     lines += _quadratic_fit_line(memo, "All runs")
+    fit = dict(memo=memo, a=_quadratic_fit(memo))
     # λ̂ of a network that has not memorised its train set is not the claim's quantity: shown beside, never instead
-    kept = [r for r in tasks.get("random", [])
-            if r.get("final_metrics", {}).get("train_acc", 0) >= MEMORISED_TRAIN_ACCURACY]
+    kept = [r for r in tasks.get("random", []) if _memorised(r)]
     if 0 < len(kept) < len(tasks.get("random", [])):
         memorised = {row["p"]: row for row in _summary_rows(kept)}
         per_p = ", ".join(f"p = {p}: {_fmt(row['mean'])} ({row['seeds']})" for p, row in memorised.items())
         lines += ["", f"Runs that memorised (final train accuracy 100%), {len(kept)} of {len(tasks['random'])}: {per_p}."]
         lines += _quadratic_fit_line(memorised, "Runs that memorised")
+    lines += _memorization_targets(memo, fit["a"])
     fig = _figure(figsize=(6, 4.2))
     ax = fig.subplots()
     for rows, style, colour, label in ((memo, "o-", "C0", "random operation (memorising)"),
@@ -245,9 +405,82 @@ def report_memorization(records, out: Path) -> list[str]:
     ax.plot(grid, 0.8 * grid**2, "--", color="0.5", label="0.8 p² (train-set size)")
     ax.set_xlabel("p")
     ax.set_ylabel("λ̂")
+    ax.set_title(settings_label(records[0]), fontsize=9)
     ax.legend(fontsize=8)
-    _save(fig, out / "memorization.png")
-    return lines + ["", "![memorisation](memorization.png)", ""]
+    _save(fig, out / png)
+    return lines + ["", f"![memorisation]({png})", ""], fit
+
+
+def _memorised(record) -> bool:
+    return record.get("final_metrics", {}).get("train_acc", 0) >= MEMORISED_TRAIN_ACCURACY
+
+
+def _quadratic_fit(rows: dict) -> tuple[float, float, float]:
+    """a, c and R² of λ̂ ≈ a·p² + c over the means at p ∈ [10, 25] (NaN with fewer than two p)."""
+    trusted = [(p, row["mean"]) for p, row in rows.items() if 10 <= p <= 25]
+    if len(trusted) < 2:
+        return math.nan, math.nan, math.nan
+    ps, values = zip(*trusted)
+    return linear_fit(np.array(ps) ** 2, values)
+
+
+def _memorization_targets(memo: dict, fit) -> list[str]:
+    compared = [(p, memo[p]["mean"] / memo[p]["published"] - 1) for p in MEMORIZATION_TARGETS["primes"]
+                if p in memo and memo[p]["published"]]
+    if not compared or math.isnan(fit[0]):
+        return []
+    within, (low, high) = MEMORIZATION_TARGETS["within"], MEMORIZATION_TARGETS["a"]
+    each = ", ".join(f"p = {p}: {d:+.1%}" for p, d in compared)
+    return ["", f"Targets: each of p = 10, 15, 20, 25 within {within:.0%} of the published value: "
+            f"{'met' if all(abs(d) <= within for _, d in compared) else 'not met'} ({each}); "
+            f"fit a ∈ [{low}, {high}]: {'met' if low <= fit[0] <= high else 'not met'} (a = {fit[0]:.3f})."]
+
+
+def _claim_under_each_loss(fits) -> list[str]:
+    """The 0.8 p² claim under every settings group: one row each, side by side."""
+    rows = [(label, fit) for label, fit in fits if not math.isnan(fit["a"][0])]
+    if not rows:
+        return []
+    primes = MEMORIZATION_TARGETS["primes"]
+    lines = ["### robustness: the 0.8 p² claim under each chain loss", "",
+             "| settings | a (λ̂ ≈ a·p² + c, p ∈ [10, 25]) | c | R² | " + " | ".join(f"ours / published, p = {p}" for p in primes)
+             + " |", "|---|---|---|---|" + "---|" * len(primes)]
+    for label, fit in rows:
+        a, c, r2 = fit["a"]
+        ratios = [fit["memo"][p]["mean"] / fit["memo"][p]["published"] if p in fit["memo"] and fit["memo"][p]["published"]
+                  else None for p in primes]
+        lines.append(f"| {label} | {a:.3f} | {c:+.1f} | {_fmt(r2, 4)} | " + " | ".join(_fmt(x, 3) for x in ratios) + " |")
+    return lines + [""]
+
+
+def report_chain_length(records) -> list[str]:
+    """Memorisation λ̂ against chain length: each long chain's prefixes and its whole, per settings group, with
+    the stationarity diagnostics of each cell (drift of the mean loss from the first to the last tenth of the
+    records, and split-R̂ across chains)."""
+    if not records:
+        return []
+    lines = ["### robustness: memorisation λ̂ against chain length", "",
+             "Drift: mean loss of the last tenth of the records minus that of the first tenth (nats; mean over seeds, "
+             "and as a fraction of λ̂/nβ, the loss excess λ̂ measures); split-R̂: the largest over seeds.", "",
+             "| settings | p | steps | λ̂ mean ± sd (seeds) | drift (nats) | drift / (λ̂/nβ) | split-R̂ |",
+             "|---|---|---|---|---|---|---|"]
+    for label, group in _variant_groups(records):
+        for p, at_p in _by(group, lambda r: r["training"]["p"]).items():
+            cells = defaultdict(list)
+            for record in at_p:
+                for result in record.get("prefix_results", []) + [record["result"]]:
+                    cells[result["steps"]].append(result)
+            for steps, results in sorted(cells.items()):
+                values = [math.nan if r["llc_mean"] is None else r["llc_mean"] for r in results]
+                drifts = [r["loss_trace_summary"]["last_tenth_mean_loss"] - r["loss_trace_summary"]["first_tenth_mean_loss"]
+                          for r in results if r["loss_trace_summary"].get("mean_loss") is not None]
+                excess = [r["llc_mean"] / r["nbeta"] for r in results if r["llc_mean"] and isinstance(r["nbeta"], (int, float))]
+                relative = np.mean(drifts) / np.mean(excess) if drifts and excess else None
+                r_hats = [r["r_hat"] for r in results if r.get("r_hat") is not None]
+                row = dict(mean=float(np.nanmean(values)), sd=_sd(values, 1), seeds=len(values))
+                lines.append(f"| {label} | {p} | {steps} | {_mean_sd(row)} | {_fmt(np.mean(drifts) if drifts else None, 3)} | "
+                             f"{_fmt(relative, 3)} | {_fmt(max(r_hats) if r_hats else None, 3)} |")
+    return lines + [""]
 
 
 def report_dynamics(records, out: Path) -> list[str]:
@@ -265,9 +498,9 @@ def report_dynamics(records, out: Path) -> list[str]:
         twin.plot(checkpoints, [m["test_loss"] for m in record["metrics"]], color="C2", label="test loss")
         twin.set_ylabel("loss")
         twin.legend(fontsize=8, loc="center right")
-        ax.set_title(f"p={record['training']['p']}, seed {record['training']['seed']}", fontsize=9)
+        ax.set_title(f"p={record['training']['p']}, seed {record['training']['seed']}; {settings_label(record)}", fontsize=9)
         peak = int(np.nanargmax(np.array(llc, dtype=float)))
-        lines.append(f"seed {record['training']['seed']}: λ̂ from {_fmt(llc[0])} at checkpoint 0 to a peak of "
+        lines.append(f"seed {record['training']['seed']} ({settings_label(record)}): λ̂ from {_fmt(llc[0])} at checkpoint 0 to a peak of "
                      f"{_fmt(llc[peak])} at checkpoint {peak}, {_fmt(llc[-1])} at the last; test loss "
                      f"{record['metrics'][0]['test_loss']:.2f} → {record['metrics'][-1]['test_loss']:.3f}")
     fig.tight_layout()
