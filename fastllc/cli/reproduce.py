@@ -11,6 +11,7 @@ from ..backends import resolve_backend
 from ..errors import FastLLCError
 from ..sampling import resolve_device
 from .common import one_line_errors
+from .sweep import executor_options
 
 
 @click.command("reproduce")
@@ -34,8 +35,10 @@ from .common import one_line_errors
                    "[default: the variant's].")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="Sampling backend (recorded in every job JSON); auto picks the fastest that has what a job needs.")
+@executor_options
 @one_line_errors
-def reproduce_command(sweep, out, chains, seeds, quick, moduli, variants, split, chain_loss, backend):
+def reproduce_command(sweep, out, chains, seeds, quick, moduli, variants, split, chain_loss, backend, executor, workers,
+                      address):
     """Run one of the published study's sweeps (resumable), then write its report."""
     from ..experiments import SWEEPS, run_sweep, write_report
     from ..experiments.sweeps import VARIANTS
@@ -61,7 +64,7 @@ def reproduce_command(sweep, out, chains, seeds, quick, moduli, variants, split,
         except FastLLCError as err:
             hint = "; --chain-loss exact runs it with the exact chain loss" if "published_chain_loss" in needs else ""
             raise FastLLCError(f"{err}{hint}") from None
-    records = run_sweep(jobs, out, progress="auto")
+    records = run_sweep(jobs, out, progress="auto", executor=executor, workers=workers, address=address)
     report = write_report(out)
     click.echo(f"{len(records)} jobs in {out}; report: {report}")
     click.echo(report.read_text())

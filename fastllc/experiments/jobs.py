@@ -245,14 +245,21 @@ def train_missing_runs(jobs: list[Job], out: Path, progress: bool | str = True) 
                  f"seed{'s' * (len(configs) > 1)} {seeds} ({time.perf_counter() - start:.0f} s)")
 
 
-def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool | str = "auto") -> list[dict]:
+def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool | str = "auto", *, executor: str = "local",
+              workers: int | None = None, address: str | None = None) -> list[dict]:
     """Run every job whose JSON is missing; return all jobs' records (finished earlier or now).
+
+    ``executor="ray"`` or ``workers``: the jobs go to ``executors.run_jobs`` (Ray tasks, or local processes);
+    the default runs them here, one after another.
 
     Missing runs are trained first, seeds of one configuration together (an interruption loses at most
     the group in flight); then each job's estimate runs and its JSON is written. ``progress``: True
     (progress bars), "log" (one line per finished job on stderr), False, or "auto" (bars on a terminal,
     log lines otherwise).
     """
+    if executor != "local" or workers or address:
+        from .executors import run_jobs
+        return run_jobs(jobs, out, executor=executor, workers=workers, address=address, progress=progress)
     out, mode = Path(out), progress_mode(progress)
     storage.check_writable_dir(out)  # before any work: a sweep that cannot save its results must not start
     for folder in (out, out / "jobs", out / "runs"):
