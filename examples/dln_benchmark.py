@@ -4,6 +4,7 @@
     python examples/dln_benchmark.py 20-20-20 5        # one network: widths joined by '-', then the true rank
     python examples/dln_benchmark.py --calibrated      # hand settings and calibrate's recommendation side by side
     python examples/dln_benchmark.py --calibrated 20-20-20 5
+    python examples/dln_benchmark.py --calibrated --save table.json   # also every row and calibration as JSON
 
 The exact λ is Aoyagi's (Neural Networks 2024, Theorem 1; ``fastllc.theory.dln.dln_learning_coefficient``);
 the teacher has every layer of the given rank and the data make it the exact minimum of the training loss.
@@ -11,6 +12,7 @@ With ``--calibrated`` each network first gets ``fastllc.calibrate`` on the grid 
 0.1} (``CalibratedSettings``), then a fresh estimate at the recommended cell (~5× the hand run's time).
 """
 
+import json
 import sys
 
 import torch
@@ -23,6 +25,10 @@ torch.set_num_threads(1)  # small matmuls: one thread per chain group is faster 
 arguments = sys.argv[1:]
 calibrated = "--calibrated" in arguments
 arguments = [a for a in arguments if a != "--calibrated"]
+save = None
+if "--save" in arguments[:-1]:
+    at = arguments.index("--save")
+    save, arguments = arguments[at + 1], arguments[:at] + arguments[at + 2:]
 
 
 def report(row):
@@ -46,6 +52,11 @@ try:
         rows = benchmark_table(configs, settings, n=BENCHMARK_N, progress=report)
         for name, result in settings.calibrations.items():
             print(f"{name}: {result.reason if result.recommended is not None else result.hint}", file=sys.stderr)
+    if save:
+        calibrations = {name: r.to_dict() for name, r in settings.calibrations.items()} if calibrated else {}
+        with open(save, "w") as file:
+            json.dump(dict(hand=hand, calibrated=rows if calibrated else None, calibrations=calibrations), file,
+                      indent=1)
 except FastLLCError as error:
     sys.exit(f"Error: {error}")
 print("\n".join(format_comparison(hand, rows) if calibrated else format_table(hand)))

@@ -8,29 +8,31 @@ per-chain ε, nβ, γ: ``SGLDConfig`` takes them as vectors) and measures per ce
 - ``drift``: (mean loss over the last fifth − mean loss over the first fifth of the post-burn-in trace)
   divided by its spread, the standard error that difference has for stationary chains (σ·√(2·5/ESS), σ the
   pooled within-chain standard deviation of the recorded loss and ESS the cell's effective sample size): a
-  z-score, so that minibatch noise (which dominates σ) does not hide a slow trend;
+  z-score, so that minibatch noise (which dominates σ) does not hide a slow trend; and ``drift_relative``,
+  the same difference times nβ over λ̂: how much λ̂ itself moved between the two fifths;
 - split-R̂ over the cell's healthy chains (each split in halves) and their effective sample size;
-- the MALA acceptance (``mala=True``, on a backend that records it: ``generic``).
+- the MALA acceptance (``mala=True``, on a backend that records it: ``generic``; it compares the potential at
+  both ends of a step on different minibatches, so with nβ·(minibatch noise of L) ≫ 1 it sits near ½ whatever ε).
 
-Flags: ``diverged`` (some chain's loss went non-finite or above the loss bound), ``drifting``
-(|drift| > ``DRIFT_LIMIT`` = 3 standard errors), ``unmixed`` (split-R̂ > ``R_HAT_LIMIT``).
+Flags: ``diverged`` (some chain's loss went non-finite or above the loss bound), ``drifting`` (|drift| >
+``DRIFT_LIMIT`` = 3 standard errors AND |drift_relative| > ``DRIFT_RELATIVE`` = 10%: a trend that is both
+real and large enough to matter; a z-score alone flags every slow approach once the chains are many and
+long), ``unmixed`` (split-R̂ > ``R_HAT_LIMIT``).
 
 The rule (``recommend``), stated once here and in ``CalibrationResult.reason``:
-1. A cell is *usable* when it has no flag: every chain healthy, no drift, split-R̂ ≤ ``R_HAT_LIMIT``.
-2. A usable cell is *on the plateau* when the next smaller ε at the same nβ and γ is usable too and the two
-   λ̂ agree: |Δλ̂| ≤ ``AGREEMENT_SE`` combined standard errors, or ≤ ``AGREEMENT_RELATIVE`` of λ̂ (so that very
-   precise cells are not refused for a difference that does not matter). λ̂ of SGLD rises with ε
-   (discretisation bias) once ε is large and is low where ε is too small to mix in the steps given (the
-   loss is still rising: drifting); two neighbouring ε that agree bracket the flat part in between.
-3. Recommended: among the cells on the plateau, the nβ closest (in log) to the default nβ = n/log n, then the
-   smallest γ (the least localisation bias), then the LARGEST ε (the best mixed in the steps given: too
-   small an ε, not too large a one, is what biases SGLD's λ̂ most often, and agreement with the smaller
-   neighbour bounds the discretisation bias).
-4. No cell on the plateau but some usable: the usable cell with the same preferences and the largest ε,
-   with a reason saying there is no plateau evidence (widen the grid or add steps): on the deep linear
-   networks λ̂ keeps rising with ε (slow mixing below, discretisation above) and the largest stationary ε
-   is the best of the grid. None usable: no recommendation, a one-line ``hint`` saying what to change
-   (every cell diverged: smaller ε).
+1. A cell is *usable* when it has no flag and a λ̂.
+2. The row (nβ, γ) it is taken from: among rows with two usable cells at neighbouring ε, the nβ nearest
+   (in log) to the default nβ = n/log n, then the smallest γ (the least localisation bias).
+3. In that row, among neighbouring usable pairs: if some pair *agrees* (|Δλ̂| ≤ ``AGREEMENT_SE`` combined
+   standard errors or ≤ ``AGREEMENT_RELATIVE`` of λ̂: a plateau), the larger ε of the agreeing pair with
+   the largest ε (the top of the plateau: best mixed, its bias bounded by the agreement); else the larger ε
+   of the *flattest* pair (the smallest |Δλ̂|/λ̂), stated as "no plateau evidence". SGLD's λ̂ is low where ε
+   is too small to mix in the steps given and high where ε is so large that discretisation biases it; in
+   between it changes least with ε, and that is where it is closest to λ. On deep linear networks there is
+   often no flat part at all at a few thousand steps (λ̂ rises through the whole grid): the flattest pair
+   then marks the crossing from one bias to the other.
+4. No row with a usable pair: the largest usable ε in the preferred row (no plateau evidence). No usable
+   cell: no recommendation, and a one-line ``hint`` saying what to change (every cell diverged: smaller ε).
 
 nβ values are absolute (not multiples of n/log n); the default grid is (½, 1, 2)·n/log n.
 """
@@ -51,7 +53,8 @@ from .errors import FastLLCError
 from .llc import effective_sample_size, split_r_hat
 from .sampling import SGLDConfig, wbic_nbeta
 
-DRIFT_LIMIT = 3.0  # |drift| (a z-score) above which a cell is "drifting"
+DRIFT_LIMIT = 3.0  # |drift| (a z-score) above which, with DRIFT_RELATIVE, a cell is "drifting"
+DRIFT_RELATIVE = 0.1  # |drift_relative| (λ̂'s change between the fifths, relative) above which ... likewise
 R_HAT_LIMIT = 1.1  # split-R̂ above which a cell is "unmixed"
 AGREEMENT_SE = 2.0  # neighbouring ε agree within this many combined standard errors ...
 AGREEMENT_RELATIVE = 0.05  # ... or within this fraction of λ̂
@@ -72,6 +75,7 @@ class CalibrationCell:
     healthy_chains: int
     healthy_fraction: float
     drift: float  # (last fifth − first fifth mean loss) / its standard error; NaN with no healthy chain
+    drift_relative: float  # nβ·(last fifth − first fifth mean loss) / λ̂
     r_hat: float
     ess: float
     mala_acceptance: float | None
@@ -134,13 +138,15 @@ class CalibrationResult:
 
 
 def format_cells(cells: Sequence[Mapping], recommended: int | None) -> list[str]:
-    """Cells (dicts) as aligned lines: γ, nβ, ε, λ̂ ± se, healthy, drift, split-R̂, MALA, flags."""
-    lines = [f"{'':1} {'γ':>6} {'nβ':>9} {'ε':>9} {'λ̂ ± se':>19} {'healthy':>7} {'drift':>6} {'R̂':>6} "
-             f"{'MALA':>5}  flags"]
+    """Cells (dicts) as aligned lines: γ, nβ, ε, λ̂ ± se, healthy, drift (z), Δλ̂ (drift_relative), split-R̂,
+    MALA acceptance, flags."""
+    lines = [f"{'':1} {'γ':>6} {'nβ':>9} {'ε':>9} {'λ̂ ± se':>19} {'healthy':>7} {'drift':>6} {'Δλ̂':>6} "
+             f"{'R̂':>6} {'MALA':>5}  flags"]
     for index, c in enumerate(cells):
         llc = "–" if c.get("llc_mean") is None else f"{c['llc_mean']:9.3g} ± {_text(c.get('llc_se'), '.2g'):<7}"
         lines.append(f"{'★' if index == recommended else ' '} {c['gamma']:>6.3g} {c['nbeta']:>9.4g} {c['epsilon']:>9.3g} "
                      f"{llc:>19} {c['healthy_fraction']:>7.0%} {_text(c.get('drift'), '+.2f'):>6} "
+                     f"{_text(c.get('drift_relative'), '+.0%'):>6} "
                      f"{_text(c.get('r_hat'), '.3f'):>6} {_text(c.get('mala_acceptance'), '.2f'):>5}  "
                      f"{','.join(cell_flags(c)) or '-'}")
     return lines
@@ -264,6 +270,7 @@ def measure_cell(epsilon, nbeta, gamma, llc: np.ndarray, healthy: np.ndarray, re
     cell = CalibrationCell(
         epsilon=float(epsilon), nbeta=float(nbeta), gamma=float(gamma), llc_mean=mean, llc_se=se, chains=total,
         healthy_chains=count, healthy_fraction=count / total, drift=drift,
+        drift_relative=nbeta * (last - first) / abs(mean) if count and mean != 0 else math.nan,
         r_hat=split_r_hat(good) if count else math.nan, ess=ess,
         mala_acceptance=float(mala[healthy].mean()) if mala is not None and count and mala.size else None,
         mean_loss=float(good.mean()) if count else math.nan, first_fifth_mean_loss=first, last_fifth_mean_loss=last)
@@ -292,8 +299,9 @@ def cell_flags(cell: Mapping) -> list[str]:
         flags.append("diverged")
     if cell.get("healthy_fraction", 0) > 0:
         if "drift" in cell:
-            drift = cell["drift"]  # None: a trace too short to tell (fewer than 10 records)
-            drifting = drift is not None and not abs(drift) <= DRIFT_LIMIT
+            drift, relative = cell["drift"], cell.get("drift_relative")  # None: too short to tell (< 10 records)
+            drifting = (drift is not None and not abs(drift) <= DRIFT_LIMIT
+                        and (relative is None or not abs(relative) <= DRIFT_RELATIVE))
         else:
             first, last, mean = (cell.get(k) for k in ("first_tenth_mean_loss", "last_tenth_mean_loss", "mean_loss"))
             drifting = None in (first, last, mean) or abs(last - first) >= 0.1 * max(abs(mean), 1e-12)
@@ -336,31 +344,43 @@ def smaller_neighbours(cells: Sequence[Mapping]) -> list[int | None]:
 def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | None, str, str | None]:
     """(index of the recommended cell or None, the reason in words, a one-line hint when None).
 
-    ``cells``: dicts with epsilon, nbeta, gamma, llc_mean, llc_se, healthy_fraction and drift (or the older
-    records' tenth means), r_hat. The rule is the module docstring's."""
-    def preference(index):  # nβ nearest the default, then the smallest γ, then the largest ε
-        c = cells[index]
-        return (round(abs(math.log(c["nbeta"] / default_nbeta)), 9), c["gamma"], -c["epsilon"])
-
+    ``cells``: dicts with epsilon, nbeta, gamma, llc_mean, llc_se, healthy_fraction, drift and
+    drift_relative (or the older records' tenth means), r_hat. The rule is the module docstring's."""
     if not cells:
         return None, "no cells", "the grid is empty"
     below = smaller_neighbours(cells)
-    plateau = [i for i, c in enumerate(cells) if below[i] is not None and agree(c, cells[below[i]])]
-    if plateau:
-        best = min(plateau, key=preference)
+    pairs = [i for i, c in enumerate(cells) if below[i] is not None and usable(c) and usable(cells[below[i]])]
+    where = (f"the row nearest the default nβ = n/log n = {default_nbeta:.4g}, then of the smallest γ, with "
+             "usable neighbours")
+    stationary = (f"every chain healthy, stationary (no |drift| > {DRIFT_LIMIT:g} se with λ̂ moving more than "
+                  f"{DRIFT_RELATIVE:.0%}), split-R̂ ≤ {R_HAT_LIMIT}")
+
+    def row_preference(i):
+        c = cells[i]
+        return (round(abs(math.log(c["nbeta"] / default_nbeta)), 9), c["gamma"])
+
+    if pairs:
+        row = row_preference(min(pairs, key=row_preference))
+        in_row = [i for i in pairs if row_preference(i) == row]
+        agreeing = [i for i in in_row if agree(cells[i], cells[below[i]])]
+        best = max(agreeing or in_row, key=lambda i: cells[i]["epsilon"]) if agreeing else min(
+            in_row, key=lambda i: (relative_step(cells[i], cells[below[i]]), -cells[i]["epsilon"]))
         c, lower = cells[best], cells[below[best]]
-        return best, (f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: every chain healthy, "
-                      f"stationary (|drift| ≤ {DRIFT_LIMIT:g} se, split-R̂ ≤ {R_HAT_LIMIT}), and λ̂ = "
-                      f"{c['llc_mean']:.4g} agrees with {lower['llc_mean']:.4g} at the next smaller ε = "
-                      f"{lower['epsilon']:g} (the plateau); the largest such ε at the nβ nearest n/log n = "
-                      f"{default_nbeta:.4g}"), None
+        head = f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: {stationary}; "
+        if agreeing:
+            return best, head + (f"λ̂ = {c['llc_mean']:.4g} agrees with {lower['llc_mean']:.4g} at the next smaller "
+                                 f"ε = {lower['epsilon']:g} (the plateau's top in {where})"), None
+        return best, head + (f"no plateau evidence (no neighbouring ε agree): λ̂ changes least, "
+                             f"{relative_step(c, lower):.0%}, from ε = {lower['epsilon']:g} ({lower['llc_mean']:.4g}) "
+                             f"to here ({c['llc_mean']:.4g}), in {where}; widen the grid or run more steps to "
+                             "confirm"), None
     candidates = [i for i, c in enumerate(cells) if usable(c)]
     if candidates:
-        best = min(candidates, key=preference)
+        best = min(candidates, key=lambda i: (row_preference(i), -cells[i]["epsilon"]))
         c = cells[best]
-        return best, (f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: healthy and stationary, "
-                      "but no two neighbouring ε agree (no plateau evidence): the largest such ε; widen the grid "
-                      "or run more steps to confirm"), None
+        return best, (f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: {stationary}, but no "
+                      "neighbouring ε is usable (no plateau evidence): the largest usable ε nearest the default "
+                      "nβ; widen the grid or run more steps to confirm"), None
     if all(c["healthy_fraction"] == 0 for c in cells):
         hint = (f"every cell diverged (no chain stayed finite and below the loss bound): try smaller epsilons, "
                 f"below {min(c['epsilon'] for c in cells):g}")
@@ -370,3 +390,8 @@ def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | Non
         hint = ("no cell is both healthy and stationary (drifting or unmixed chains): run more steps or a larger "
                 "burn-in, or try larger epsilons if the smallest ones drift")
     return None, "no cell is usable", hint
+
+
+def relative_step(cell: Mapping, smaller: Mapping) -> float:
+    """|Δλ̂| between neighbouring ε relative to their mean λ̂ (how flat λ̂(ε) is there)."""
+    return abs(cell["llc_mean"] - smaller["llc_mean"]) / max(abs(cell["llc_mean"] + smaller["llc_mean"]) / 2, 1e-300)

@@ -46,7 +46,6 @@ def dln_calibration():
 
 
 def test_recommended_cell_of_a_dln_is_near_aoyagis_lambda(dln_calibration):
-    print("\n".join(dln_calibration.table()))
     """Tolerance 25% of λ = 4: the recommended cell's 4 chains × 1200 draws have se ≈ 0.3 (7.5%); on this
     network SGLD's λ̂ at the hand-tuned ε·nβ = 0.03 is within 10% (tests/test_dln.py), so 25% ≈ 2 se plus
     the grid's bias, and it excludes d/2 = 9 and the under-mixed smallest cell (≈ 2.7)."""
@@ -80,41 +79,63 @@ def test_recommended_cell_of_linear_regression_is_d_over_2():
     model, data = linear_regression()
     result = calibrate(model, data, half_squared_error, epsilons=[s / NBETA for s in SCALED[1:]], gammas=[1.0],
                        chains=4, steps=800, batch_size=500, backend="generic", mala=True)
-    print("\n".join(result.table()))
     assert [c.nbeta for c in result.cells[::3]] == pytest.approx([NBETA / 2, NBETA, 2 * NBETA])  # the default nβ grid
     assert result.recommended_cell.nbeta == pytest.approx(NBETA)  # n/log n preferred where it has a plateau
     assert result.recommended_cell.llc_mean == pytest.approx(3.0, rel=0.2)
     assert all(0 <= c.mala_acceptance <= 1 for c in result.cells)
 
 
-def cell(epsilon, llc, se=0.1, nbeta=1.0, gamma=1.0, healthy=1.0, drift=0.0, r_hat=1.0):
+def cell(epsilon, llc, se=0.1, nbeta=1.0, gamma=1.0, healthy=1.0, drift=0.0, relative=0.0, r_hat=1.0):
     return dict(epsilon=epsilon, nbeta=nbeta, gamma=gamma, llc_mean=llc, llc_se=se, healthy_fraction=healthy,
-                drift=drift, r_hat=r_hat)
+                drift=drift, drift_relative=relative, r_hat=r_hat)
 
 
-def test_rule_takes_the_largest_agreeing_epsilon_at_the_default_nbeta():
+def test_rule_takes_the_top_of_the_plateau_at_the_default_nbeta():
     cells = [cell(1, 5.0), cell(2, 9.0), cell(3, 9.1), cell(4, 9.2), cell(5, 14.0),  # plateau 2..4 at nβ = 1
              cell(1, 5.0, nbeta=2.0), cell(2, 5.1, nbeta=2.0), cell(3, 5.2, nbeta=2.0), cell(4, 5.3, nbeta=2.0)]
     best, reason, hint = recommend(cells, default_nbeta=1.0)
-    assert best == 3 and hint is None and "agrees with 9.1 at the next smaller ε = 3" in reason
-    cells[3]["drift"] = DRIFT_LIMIT + 0.1  # now ε = 4 is drifting: the plateau's top is ε = 3
-    assert recommend(cells, 1.0)[0] == 2 and cell_flags(cells[3]) == ["drifting"]
+    assert best == 3 and hint is None and "agrees with 9.1 at the next smaller ε = 3 (the plateau's top" in reason
+    cells[3].update(drift=DRIFT_LIMIT + 0.1, drift_relative=0.05)  # significant but small: not drifting
+    assert cell_flags(cells[3]) == [] and recommend(cells, 1.0)[0] == 3
+    cells[3]["drift_relative"] = 0.2  # significant and large: drifting, so the plateau's top is ε = 3
+    assert cell_flags(cells[3]) == ["drifting"] and recommend(cells, 1.0)[0] == 2
     cells[3]["r_hat"] = 1.2
     assert cell_flags(cells[3]) == ["drifting", "unmixed"]
+    cells[3]["healthy_fraction"] = 0.75
+    assert cell_flags(cells[3]) == ["diverged", "drifting", "unmixed"]
+
+
+def test_rule_without_a_plateau_takes_the_flattest_pair():
+    """λ̂ rising through the whole grid (the deep linear networks at a few thousand steps): the larger ε of
+    the pair where it rises least, relative to λ̂."""
+    cells = [cell(1, 6.0), cell(2, 9.0), cell(3, 15.0), cell(4, 19.0), cell(5, 30.0)]
+    best, reason, _ = recommend(cells, 1.0)
+    assert best == 3 and "no plateau evidence (no neighbouring ε agree): λ̂ changes least, 24%, from ε = 3" in reason
+    cells[3]["healthy_fraction"] = 0.5  # a pair needs both cells usable: now (1, 2) at 40% is the flattest
+    assert recommend(cells, 1.0)[0] == 1
 
 
 def test_rule_agreement_is_within_two_se_or_five_percent():
     near = 10.0 * (1 + AGREEMENT_RELATIVE) - 1e-9
-    assert recommend([cell(1, 10.0, se=0.0), cell(2, near, se=0.0)], 1.0)[0] == 1
-    assert recommend([cell(1, 10.0, se=1.0), cell(2, 12.8, se=1.0)], 1.0)[0] == 1  # 2.8 ≤ 2·√2
-    best, reason, _ = recommend([cell(1, 10.0, se=0.1), cell(2, 12.0, se=0.1)], 1.0)
-    assert best == 1 and "no two neighbouring ε agree (no plateau evidence): the largest such ε" in reason
+    assert "agrees" in recommend([cell(1, 10.0, se=0.0), cell(2, near, se=0.0)], 1.0)[1]
+    assert "agrees" in recommend([cell(1, 10.0, se=1.0), cell(2, 12.8, se=1.0)], 1.0)[1]  # 2.8 ≤ 2·√2
+    assert "no plateau evidence" in recommend([cell(1, 10.0, se=0.1), cell(2, 12.0, se=0.1)], 1.0)[1]
+
+
+def test_rule_prefers_the_default_nbeta_then_the_smallest_gamma():
+    cells = [cell(e, 10.0, nbeta=b, gamma=g) for g in (5.0, 1.0) for b in (0.5, 1.0, 2.0) for e in (1, 2)]
+    best = recommend(cells, default_nbeta=1.0)[0]
+    assert (cells[best]["nbeta"], cells[best]["gamma"], cells[best]["epsilon"]) == (1.0, 1.0, 2)
+    lonely = [cell(1, 10.0), cell(2, 11.0, healthy=0.5), cell(1, 20.0, nbeta=2.0), cell(2, 20.0, nbeta=2.0)]
+    assert recommend(lonely, 1.0)[0] == 3  # a row with a usable pair beats a nearer row without one
+    best, reason, _ = recommend(lonely[:2], 1.0)
+    assert best == 0 and "no neighbouring ε is usable (no plateau evidence)" in reason
 
 
 def test_rule_without_usable_cells_gives_a_hint():
     best, _, hint = recommend([cell(1, math.nan, healthy=0.0), cell(2, math.nan, healthy=0.0)], 1.0)
     assert best is None and hint.startswith("every cell diverged") and "below 1" in hint
-    best, _, hint = recommend([cell(1, 3.0, drift=9.0), cell(2, 4.0, drift=-9.0)], 1.0)
+    best, _, hint = recommend([cell(1, 3.0, drift=9.0, relative=0.5), cell(2, 4.0, drift=-9.0, relative=-0.5)], 1.0)
     assert best is None and hint.startswith("no cell is both healthy and stationary")
 
 
