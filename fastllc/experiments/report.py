@@ -285,12 +285,13 @@ def recommended(cell: dict, smaller: dict | None) -> bool:
 
 
 def report_calibrate(records, out: Path) -> list[str]:
-    from ..calibration import DRIFT_LIMIT, R_HAT_LIMIT, cell_flags, recommend
+    from ..calibration import DRIFT_LIMIT, DRIFT_RELATIVE, R_HAT_LIMIT, cell_flags, recommend
 
     lines = ["### calibration grid", "",
              f"λ̂ per (ε, nβ, γ) cell (nβ as a multiple of n/log n); ✓ = on the plateau: this cell and the next "
-             f"smaller ε healthy, stationary (|drift| ≤ {DRIFT_LIMIT:g} se, split-R̂ ≤ {R_HAT_LIMIT}) and agreeing "
-             "in λ̂; ★ = the recommended cell (`fastllc.calibration`'s rule)", ""]
+             f"smaller ε healthy, stationary (no drift beyond {DRIFT_LIMIT:g} se that moves λ̂ more than "
+             f"{DRIFT_RELATIVE:.0%}; drift is the z-score), split-R̂ ≤ {R_HAT_LIMIT}, and agreeing in λ̂; ★ = the "
+             "recommended cell (`fastllc.calibration`'s rule)", ""]
     for record in records:
         cells = sorted(record["cells"], key=lambda c: (c["gamma"], c["nbeta"], c["epsilon"]))
         best, reason, hint = recommend(cells, default_nbeta=1.0)
