@@ -31,8 +31,12 @@ The rule (``recommend``), stated once here and in ``CalibrationResult.reason``:
    between it changes least with ε, and that is where it is closest to λ. On deep linear networks there is
    often no flat part at all at a few thousand steps (λ̂ rises through the whole grid): the flattest pair
    then marks the crossing from one bias to the other.
-4. No row with a usable pair: the largest usable ε in the preferred row (no plateau evidence). No usable
-   cell: no recommendation, and a one-line ``hint`` saying what to change (every cell diverged: smaller ε).
+4. No row with a usable pair: the chains still drift at (nearly) every ε, and a lone cell that does not is
+   more likely stuck (too small an ε to move in the steps given) than mixed. Then step 3 is applied to the
+   cells that are healthy and mixed but drifting (the flattest pair, larger ε), with a reason that says the
+   chains have not mixed and λ̂ is uncertain. With no such pair either: the largest usable ε in the
+   preferred row. No usable cell: no recommendation, and a one-line ``hint`` saying what to change (every
+   cell diverged: smaller ε).
 
 nβ values are absolute (not multiples of n/log n); the default grid is (½, 1, 2)·n/log n.
 """
@@ -374,6 +378,18 @@ def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | Non
                              f"{relative_step(c, lower):.0%}, from ε = {lower['epsilon']:g} ({lower['llc_mean']:.4g}) "
                              f"to here ({c['llc_mean']:.4g}), in {where}; widen the grid or run more steps to "
                              "confirm"), None
+    moving = [i for i, c in enumerate(cells) if below[i] is not None and healthy_and_mixed(c)
+              and healthy_and_mixed(cells[below[i]])]
+    if moving:  # every usable cell is alone: the chains still drift at most ε, the few that do not are stuck
+        row = row_preference(min(moving, key=row_preference))
+        best = min((i for i in moving if row_preference(i) == row),
+                   key=lambda i: (relative_step(cells[i], cells[below[i]]), -cells[i]["epsilon"]))
+        c, lower = cells[best], cells[below[best]]
+        return best, (f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: every chain healthy and "
+                      f"split-R̂ ≤ {R_HAT_LIMIT}, but the chains still drift at nearly every ε (not mixed in "
+                      f"the steps given: λ̂ is uncertain): λ̂ changes least, {relative_step(c, lower):.0%}, from "
+                      f"ε = {lower['epsilon']:g} ({lower['llc_mean']:.4g}) to here ({c['llc_mean']:.4g}), in {where}; "
+                      "run more steps to confirm"), None
     candidates = [i for i, c in enumerate(cells) if usable(c)]
     if candidates:
         best = min(candidates, key=lambda i: (row_preference(i), -cells[i]["epsilon"]))
@@ -390,6 +406,12 @@ def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | Non
         hint = ("no cell is both healthy and stationary (drifting or unmixed chains): run more steps or a larger "
                 "burn-in, or try larger epsilons if the smallest ones drift")
     return None, "no cell is usable", hint
+
+
+def healthy_and_mixed(cell: Mapping) -> bool:
+    """Usable but for drift: every chain healthy, split-R̂ within the limit, a λ̂."""
+    return not set(cell_flags(cell)) - {"drifting"} and cell.get("llc_mean") is not None and math.isfinite(
+        cell["llc_mean"])
 
 
 def relative_step(cell: Mapping, smaller: Mapping) -> float:
