@@ -115,6 +115,17 @@ def test_rule_without_a_plateau_takes_the_flattest_pair():
     assert recommend(cells, 1.0)[0] == 1
 
 
+def test_rule_when_the_chains_drift_at_nearly_every_epsilon():
+    """The (20,)*6 rank-1 network's calibration (8 chains × 3000 steps): only the smallest ε is not drifting,
+    because its chains hardly move; the flattest healthy pair is taken instead, and the reason says so."""
+    cells = [cell(1, 19.1, drift=1.5, relative=0.29), cell(2, 40.6, drift=11.2, relative=1.05),
+             cell(3, 92.8, drift=8.6, relative=0.36), cell(4, 168.3, drift=9.5, relative=0.25)]
+    assert [cell_flags(c) for c in cells] == [[], ["drifting"], ["drifting"], ["drifting"]]
+    best, reason, hint = recommend(cells, 1.0)
+    assert best == 3 and hint is None and "the chains still drift at nearly every ε" in reason
+    assert "changes least, 58%, from ε = 3 (92.8) to here (168.3)" in reason
+
+
 def test_rule_agreement_is_within_two_se_or_five_percent():
     near = 10.0 * (1 + AGREEMENT_RELATIVE) - 1e-9
     assert "agrees" in recommend([cell(1, 10.0, se=0.0), cell(2, near, se=0.0)], 1.0)[1]
@@ -135,7 +146,7 @@ def test_rule_prefers_the_default_nbeta_then_the_smallest_gamma():
 def test_rule_without_usable_cells_gives_a_hint():
     best, _, hint = recommend([cell(1, math.nan, healthy=0.0), cell(2, math.nan, healthy=0.0)], 1.0)
     assert best is None and hint.startswith("every cell diverged") and "below 1" in hint
-    best, _, hint = recommend([cell(1, 3.0, drift=9.0, relative=0.5), cell(2, 4.0, drift=-9.0, relative=-0.5)], 1.0)
+    best, _, hint = recommend([cell(1, 3.0, drift=9.0, relative=0.5, r_hat=1.5), cell(2, 4.0, r_hat=1.3)], 1.0)
     assert best is None and hint.startswith("no cell is both healthy and stationary")
 
 
