@@ -25,8 +25,9 @@ The rule (``recommend``), stated once here and in ``CalibrationResult.reason``:
    (in log) to the default nβ = n/log n, then the smallest γ (the least localisation bias).
 3. In that row, among neighbouring usable pairs: if some pair *agrees* (|Δλ̂| ≤ ``AGREEMENT_SE`` combined
    standard errors or ≤ ``AGREEMENT_RELATIVE`` of λ̂: a plateau), the larger ε of the agreeing pair with
-   the largest ε (the top of the plateau: best mixed, its bias bounded by the agreement); else the larger ε
-   of the *flattest* pair (the smallest |Δλ̂|/λ̂), stated as "no plateau evidence". SGLD's λ̂ is low where ε
+   the largest ε (the top of the plateau: best mixed, its bias bounded by the agreement); else the *flattest*
+   pair (the smallest |Δλ̂|/λ̂), or, among the pairs as flat as it within two of its standard errors, the one
+   with the largest ε, its larger ε, stated as "no plateau evidence". SGLD's λ̂ is low where ε
    is too small to mix in the steps given and high where ε is so large that discretisation biases it; in
    between it changes least with ε, and that is where it is closest to λ. On deep linear networks there is
    often no flat part at all at a few thousand steps (λ̂ rises through the whole grid): the flattest pair
@@ -148,7 +149,8 @@ def format_cells(cells: Sequence[Mapping], recommended: int | None) -> list[str]
              f"{'R̂':>6} {'MALA':>5}  flags"]
     for index, c in enumerate(cells):
         llc = "–" if c.get("llc_mean") is None else f"{c['llc_mean']:9.3g} ± {_text(c.get('llc_se'), '.2g'):<7}"
-        lines.append(f"{'★' if index == recommended else ' '} {c['gamma']:>6.3g} {c['nbeta']:>9.4g} {c['epsilon']:>9.3g} "
+        mark = "★" if index == recommended else " "
+        lines.append(f"{mark} {c['gamma']:>6.3g} {c['nbeta']:>9.4g} {c['epsilon']:>9.3g} "
                      f"{llc:>19} {c['healthy_fraction']:>7.0%} {_text(c.get('drift'), '+.2f'):>6} "
                      f"{_text(c.get('drift_relative'), '+.0%'):>6} "
                      f"{_text(c.get('r_hat'), '.3f'):>6} {_text(c.get('mala_acceptance'), '.2f'):>5}  "
@@ -367,14 +369,14 @@ def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | Non
         row = row_preference(min(pairs, key=row_preference))
         in_row = [i for i in pairs if row_preference(i) == row]
         agreeing = [i for i in in_row if agree(cells[i], cells[below[i]])]
-        best = max(agreeing or in_row, key=lambda i: cells[i]["epsilon"]) if agreeing else min(
-            in_row, key=lambda i: (relative_step(cells[i], cells[below[i]]), -cells[i]["epsilon"]))
+        best = (max(agreeing, key=lambda i: cells[i]["epsilon"]) if agreeing
+                else flattest_within_noise(cells, below, in_row))
         c, lower = cells[best], cells[below[best]]
         head = f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: {stationary}; "
         if agreeing:
             return best, head + (f"λ̂ = {c['llc_mean']:.4g} agrees with {lower['llc_mean']:.4g} at the next smaller "
                                  f"ε = {lower['epsilon']:g} (the plateau's top in {where})"), None
-        return best, head + (f"no plateau evidence (no neighbouring ε agree): λ̂ changes least, "
+        return best, head + (f"no plateau evidence (no neighbouring ε agree): λ̂ is flattest (within the noise), "
                              f"{relative_step(c, lower):.0%}, from ε = {lower['epsilon']:g} ({lower['llc_mean']:.4g}) "
                              f"to here ({c['llc_mean']:.4g}), in {where}; widen the grid or run more steps to "
                              "confirm"), None
@@ -382,12 +384,12 @@ def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | Non
               and healthy_and_mixed(cells[below[i]])]
     if moving:  # every usable cell is alone: the chains still drift at most ε, the few that do not are stuck
         row = row_preference(min(moving, key=row_preference))
-        best = min((i for i in moving if row_preference(i) == row),
-                   key=lambda i: (relative_step(cells[i], cells[below[i]]), -cells[i]["epsilon"]))
+        best = flattest_within_noise(cells, below, [i for i in moving if row_preference(i) == row])
         c, lower = cells[best], cells[below[best]]
         return best, (f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: every chain healthy and "
                       f"split-R̂ ≤ {R_HAT_LIMIT}, but the chains still drift at nearly every ε (not mixed in "
-                      f"the steps given: λ̂ is uncertain): λ̂ changes least, {relative_step(c, lower):.0%}, from "
+                      f"the steps given: λ̂ is uncertain): λ̂ is flattest (within the noise), "
+                      f"{relative_step(c, lower):.0%}, from "
                       f"ε = {lower['epsilon']:g} ({lower['llc_mean']:.4g}) to here ({c['llc_mean']:.4g}), in {where}; "
                       "run more steps to confirm"), None
     candidates = [i for i, c in enumerate(cells) if usable(c)]
@@ -412,6 +414,24 @@ def healthy_and_mixed(cell: Mapping) -> bool:
     """Usable but for drift: every chain healthy, split-R̂ within the limit, a λ̂."""
     return not set(cell_flags(cell)) - {"drifting"} and cell.get("llc_mean") is not None and math.isfinite(
         cell["llc_mean"])
+
+
+def flattest_within_noise(cells: Sequence[Mapping], below: Sequence[int | None], pairs: Sequence[int]) -> int:
+    """Of the pairs (each named by its larger-ε cell), the largest ε among those whose relative step is within
+    two of its standard errors of the flattest pair's: flat within the noise, then the best mixed."""
+    def step(i):
+        return relative_step(cells[i], cells[below[i]])
+
+    def noise(i):
+        ses = [cells[j].get("llc_se") for j in (i, below[i])]
+        if any(se is None or not math.isfinite(se) for se in ses):
+            return 0.0
+        mean = abs(cells[i]["llc_mean"] + cells[below[i]]["llc_mean"]) / 2
+        return math.sqrt(ses[0] ** 2 + ses[1] ** 2) / max(mean, 1e-300)
+
+    flattest = min(pairs, key=step)
+    bound = step(flattest) + 2 * noise(flattest)
+    return max((i for i in pairs if step(i) <= bound), key=lambda i: cells[i]["epsilon"])
 
 
 def relative_step(cell: Mapping, smaller: Mapping) -> float:

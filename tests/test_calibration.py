@@ -110,7 +110,8 @@ def test_rule_without_a_plateau_takes_the_flattest_pair():
     the pair where it rises least, relative to λ̂."""
     cells = [cell(1, 6.0), cell(2, 9.0), cell(3, 15.0), cell(4, 19.0), cell(5, 30.0)]
     best, reason, _ = recommend(cells, 1.0)
-    assert best == 3 and "no plateau evidence (no neighbouring ε agree): λ̂ changes least, 24%, from ε = 3" in reason
+    assert best == 3 and "no plateau evidence (no neighbouring ε agree)" in reason
+    assert "λ̂ is flattest (within the noise), 24%, from ε = 3" in reason
     cells[3]["healthy_fraction"] = 0.5  # a pair needs both cells usable: now (1, 2) at 40% is the flattest
     assert recommend(cells, 1.0)[0] == 1
 
@@ -123,7 +124,7 @@ def test_rule_when_the_chains_drift_at_nearly_every_epsilon():
     assert [cell_flags(c) for c in cells] == [[], ["drifting"], ["drifting"], ["drifting"]]
     best, reason, hint = recommend(cells, 1.0)
     assert best == 3 and hint is None and "the chains still drift at nearly every ε" in reason
-    assert "changes least, 58%, from ε = 3 (92.8) to here (168.3)" in reason
+    assert "is flattest (within the noise), 58%, from ε = 3 (92.8) to here (168.3)" in reason
 
 
 def test_rule_agreement_is_within_two_se_or_five_percent():
