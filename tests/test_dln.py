@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from fastllc import FastLLCError, estimate
-from fastllc.theory.dln import (DLNConfig, benchmark_table, dln_data, dln_learning_coefficient, dln_teacher,
-                                format_table, half_squared_error, reduced_rank_regression_llc)
+from fastllc.theory.dln import (CALIBRATION_SCALED_EPSILONS, CalibratedSettings, DLNConfig, benchmark_table,
+                                dln_data, dln_learning_coefficient, dln_teacher, format_comparison, format_table,
+                                half_squared_error, reduced_rank_regression_llc)
 
 SMALL = range(1, 7)
 
@@ -194,3 +195,21 @@ def test_benchmark_table_checks_every_architecture_before_sampling(tmp_path, mon
         benchmark_table([DLNConfig((2, 2), 1), DLNConfig((2, 3), 5)], dict(chains=2, steps=30), n=200,
                         progress=seen.append)
     assert seen == [] and os.listdir(tmp_path) == []
+
+
+def test_calibrated_settings_feed_the_table():
+    """Plumbing of the calibrated column (tiny runs; the numbers are the benchmark's): each network is
+    calibrated on its own teacher and data, and the table's estimate runs at the recommended cell."""
+    configs = [DLNConfig((2, 3, 2), 1)]
+    settings = CalibratedSettings(200, base=dict(chains=2, steps=40, batch_size=50), chains=2, steps=60, burn_in=10,
+                                  batch_size=50)
+    rows = benchmark_table(configs, settings, n=200)
+    calibration = settings.calibrations["2-3-2 r1"]
+    assert len(calibration.cells) == len(CALIBRATION_SCALED_EPSILONS) and calibration.chains == 2
+    chosen = calibration.recommended_cell
+    assert rows[0]["epsilon"] == pytest.approx(chosen.epsilon) and rows[0]["nbeta"] == pytest.approx(200 / math.log(200))
+    assert rows[0]["healthy"] == "2/2" and rows[0]["gamma"] == 1.0
+    hand = benchmark_table(configs, dict(chains=2, steps=40, epsilon=1e-4, batch_size=50), n=200)
+    lines = format_comparison(hand, rows)
+    assert len(lines) == 4 and lines[0].split()[:3] == ["config", "params", "λ"]
+    assert lines[2].startswith("hand: median |λ̂ − λ|/λ = ") and lines[3].startswith("calibrated: median")

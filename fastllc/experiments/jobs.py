@@ -180,21 +180,19 @@ def prefix_results(result, sgld: SGLDConfig, lengths) -> list[dict]:
 
 
 def calibration_cells(run: Run, job: Job) -> list[dict]:
-    """Every grid cell's λ̂, split-R̂, ESS and healthy fraction, from one batched run of all cells' chains."""
+    """Every grid cell's λ̂ ± se, healthy fraction, drift, split-R̂, ESS and flags, from one batched run of all
+    cells' chains (``fastllc.calibration.run_cells``, the code behind ``fastllc.calibrate``); nβ stays in the
+    record as the grid gives it, a multiple of n/log n."""
+    from ..calibration import run_cells
+
     grid, per_cell = job.tags["grid"], job.sgld.chains
-    pairs, labels = run.task().train_data()
-    base = wbic_nbeta(len(labels))
-    settings = {name: [cell[name] * (base if name == "nbeta" else 1) for cell in grid for _ in range(per_cell)]
-                for name in ("epsilon", "nbeta", "gamma")}
-    config = replace(job.sgld, chains=len(grid) * per_cell, **settings)
-    samples = sample(run.load_model(), pairs, labels, F.cross_entropy, config)  # auto on the CPU: the study's MLP
-    cells = []
-    for index, cell in enumerate(grid):
-        chains = range(index * per_cell, (index + 1) * per_cell)
-        result = estimate_llc(select_chains(samples, chains), replace(job.sgld, chains=per_cell))
-        cells.append(dict(cell, llc_mean=result.llc_mean, llc_se=result.llc_se, r_hat=result.r_hat, ess=result.ess,
-                          healthy_fraction=result.healthy_chains / per_cell, **result.loss_trace_summary))
-    return cells
+    data = run.task().train_data()
+    base = wbic_nbeta(len(data[1]))
+    cells = [(cell["epsilon"], cell["nbeta"] * base, cell["gamma"]) for cell in grid]
+    result = run_cells(run.load_model(), data, F.cross_entropy, cells, chains=per_cell, default_nbeta=base,
+                       config=job.sgld)  # backend auto on the CPU: the study's MLP
+    return [dict(cell, **{k: v for k, v in measured.to_dict().items() if k not in cell})
+            for cell, measured in zip(grid, result.cells)]
 
 
 PROGRESS_MODES = {True: "bar", "bar": "bar", "log": "log", False: "off", "off": "off"}

@@ -509,32 +509,38 @@ def report_dynamics(records, out: Path) -> list[str]:
 
 
 def recommended(cell: dict, smaller: dict | None) -> bool:
-    """Healthy, mixed (split-R̂ < 1.05), stationary (the last tenth of the trace within 10% of the first
-    tenth's mean loss) and on the ε plateau (λ̂ within 10% of the next smaller ε's, same γ and nβ):
-    where λ̂ can be trusted. The smallest ε of a row has no plateau evidence and is never marked."""
-    if cell["healthy_fraction"] < 1 or cell["r_hat"] is None or cell["mean_loss"] is None or smaller is None:
-        return False
-    drift = abs(cell["last_tenth_mean_loss"] - cell["first_tenth_mean_loss"])
-    plateau = smaller["llc_mean"] is not None and abs(cell["llc_mean"] - smaller["llc_mean"]) < 0.1 * abs(cell["llc_mean"])
-    return cell["r_hat"] < 1.05 and drift < 0.1 * max(abs(cell["mean_loss"]), 1e-12) and plateau
+    """On the plateau by ``fastllc.calibration``'s rule: the cell and the next smaller ε at the same γ and nβ
+    both healthy, stationary and mixed, their λ̂ in agreement (``calibration.agree``). Reads the older
+    records too (no ``drift``: the tenths' rule they were made with). The smallest ε of a row is never marked."""
+    from ..calibration import agree
+
+    return agree(cell, smaller)
 
 
 def report_calibrate(records, out: Path) -> list[str]:
+    from ..calibration import DRIFT_LIMIT, DRIFT_RELATIVE, R_HAT_LIMIT, cell_flags, recommend
+
     lines = ["### calibration grid", "",
-             "λ̂ per (ε, nβ, γ) cell (nβ as a multiple of n/log n); ✓ = healthy, split-R̂ < 1.05, no drift, "
-             "and λ̂ within 10% of the next smaller ε", ""]
+             f"λ̂ per (ε, nβ, γ) cell (nβ as a multiple of n/log n); ✓ = on the plateau: this cell and the next "
+             f"smaller ε healthy, stationary (no drift beyond {DRIFT_LIMIT:g} se that moves λ̂ more than "
+             f"{DRIFT_RELATIVE:.0%}; drift is the z-score), split-R̂ ≤ {R_HAT_LIMIT}, and agreeing in λ̂; ★ = the "
+             "recommended cell (`fastllc.calibration`'s rule)", ""]
     for record in records:
+        cells = sorted(record["cells"], key=lambda c: (c["gamma"], c["nbeta"], c["epsilon"]))
+        best, reason, hint = recommend(cells, default_nbeta=1.0)
         lines += [f"p = {record['training']['p']}, seed {record['training']['seed']}", "",
-                  "| γ | nβ × n/log n | ε | λ̂ ± se | split-R̂ | ESS | healthy | |", "|---|---|---|---|---|---|---|---|"]
+                  "| γ | nβ × n/log n | ε | λ̂ ± se | split-R̂ | ESS | healthy | drift | flags | |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         previous = {}
-        for cell in sorted(record["cells"], key=lambda c: (c["gamma"], c["nbeta"], c["epsilon"])):
+        for index, cell in enumerate(cells):
             row = (cell["gamma"], cell["nbeta"])
-            mark = "✓" if recommended(cell, previous.get(row)) else ""
+            mark = ("★ " if index == best else "") + ("✓" if recommended(cell, previous.get(row)) else "")
             previous[row] = cell
             lines.append(f"| {cell['gamma']:g} | {cell['nbeta']:g} | {cell['epsilon']:g} | {_fmt(cell['llc_mean'])} ± "
                          f"{_fmt(cell['llc_se'], 2)} | {_fmt(cell['r_hat'], 3)} | {_fmt(cell['ess'], 0)} | "
-                         f"{cell['healthy_fraction']:.0%} | {mark} |")
-        lines.append("")
+                         f"{cell['healthy_fraction']:.0%} | {_fmt(cell.get('drift'), 2)} | "
+                         f"{', '.join(cell_flags(cell)) or '–'} | {mark.strip()} |")
+        lines += ["", f"Recommended: {reason}." if best is not None else f"No recommendation: {hint}.", ""]
     return lines
 
 

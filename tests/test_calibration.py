@@ -1,0 +1,262 @@
+"""fastllc.calibrate: a grid of SGLD settings as one batched run, the recommendation rule on models whose λ is
+known, bad grids, a grid that diverges everywhere, the figure and the `calibrate` command."""
+
+import json
+import math
+import os
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from fastllc import FastLLCError
+from fastllc.analysis.plots import plot_calibration
+from fastllc.calibration import (AGREEMENT_RELATIVE, DRIFT_LIMIT, CalibrationResult, calibrate, cell_flags,
+                                 recommend)
+from fastllc.cli.calibrate import calibrate_command
+from fastllc.theory.dln import dln_data, dln_learning_coefficient, dln_teacher, half_squared_error
+
+N = 2000
+NBETA = N / math.log(N)  # the default nβ, ≈ 263
+SCALED = (0.003, 0.01, 0.03, 0.1)  # ε·nβ: from under-mixed in 1500 steps to ~10% discretisation bias
+
+
+def linear_regression(d=6, seed=3):
+    """A regular model at its least-squares minimum: λ = d/2 (as in tests/test_known_answers.py)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=gen)
+    y = (x @ torch.randn(d, generator=gen) + torch.randn(N, generator=gen)).unsqueeze(1)
+    model = nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x.double(), y.double()).solution.float().reshape(1, d))
+    return model, (x, y)
+
+
+@pytest.fixture(scope="module")
+def dln_calibration():
+    """(3,3,3) deep linear network, rank-1 teacher: Aoyagi's λ = 4 (d/2 would be 9). One batched run of
+    4 ε × 1 nβ × 1 γ cells × 4 chains × 1500 steps, plus an ε far too large (diverges)."""
+    teacher = dln_teacher((3, 3, 3), 1, seed=0)
+    data = dln_data(teacher, N, seed=0)
+    return calibrate(teacher, data, half_squared_error, epsilons=[s / NBETA for s in SCALED] + [10.0],
+                     nbetas=[NBETA], gammas=[1.0], chains=4, steps=1500, burn_in=300, batch_size=500,
+                     backend="generic", seed=0)
+
+
+def test_recommended_cell_of_a_dln_is_near_aoyagis_lambda(dln_calibration):
+    """Tolerance 25% of λ = 4: the recommended cell's 4 chains × 1200 draws have se ≈ 0.3 (7.5%); on this
+    network SGLD's λ̂ at the hand-tuned ε·nβ = 0.03 is within 10% (tests/test_dln.py), so 25% ≈ 2 se plus
+    the grid's bias, and it excludes d/2 = 9 and the under-mixed smallest cell (≈ 2.7)."""
+    result = dln_calibration
+    cell = result.recommended_cell
+    assert cell is not None and not cell.flags and cell.healthy_fraction == 1
+    assert cell.llc_mean == pytest.approx(dln_learning_coefficient((3, 3, 3), 1), rel=0.25)
+    assert result.settings() == dict(epsilon=cell.epsilon, nbeta=cell.nbeta, gamma=cell.gamma)
+    assert result.reason.startswith(f"ε = {cell.epsilon:g}, nβ = {cell.nbeta:g}, γ = 1")
+    diverged = result.cells[-1]
+    assert diverged.epsilon == 10.0 and diverged.flags == ["diverged"] and diverged.healthy_fraction == 0
+    assert math.isnan(diverged.llc_mean)
+
+
+def test_grid_is_one_batch_with_per_cell_statistics(dln_calibration):
+    result = dln_calibration
+    assert [c.epsilon for c in result.cells] == pytest.approx([s / NBETA for s in SCALED] + [10.0])
+    assert all(c.chains == 4 and c.nbeta == NBETA and c.gamma == 1.0 for c in result.cells)
+    assert result.mean_traces.shape == (5, 1500) and result.n == N and result.default_nbeta == NBETA
+    for cell in result.cells[:-1]:
+        assert math.isfinite(cell.drift) and math.isfinite(cell.r_hat) and cell.ess > 0
+        assert cell.mala_acceptance is None  # not asked for
+    record = json.loads(result.to_json())  # NaN becomes null: strict JSON
+    assert record["cells"][-1]["llc_mean"] is None and record["recommended"] == result.recommended
+    assert record["cells"][-1]["flags"] == ["diverged"]
+
+
+def test_recommended_cell_of_linear_regression_is_d_over_2():
+    """λ = d/2 = 3. Tolerance 20%: se ≈ 0.25 (8%) with 4 chains × 600 draws, discretisation bias of the
+    cells' ε·nβ ≤ 0.1 below 5% in a quadratic basin (relaxation in ≤ 70 steps at ε·nβ ≥ 0.03)."""
+    model, data = linear_regression()
+    result = calibrate(model, data, half_squared_error, epsilons=[s / NBETA for s in SCALED[1:]], gammas=[1.0],
+                       chains=4, steps=800, batch_size=500, backend="generic", mala=True)
+    assert [c.nbeta for c in result.cells[::3]] == pytest.approx([NBETA / 2, NBETA, 2 * NBETA])  # the default nβ grid
+    assert result.recommended_cell.nbeta == pytest.approx(NBETA)  # n/log n preferred where it has a plateau
+    assert result.recommended_cell.llc_mean == pytest.approx(3.0, rel=0.2)
+    assert all(0 <= c.mala_acceptance <= 1 for c in result.cells)
+
+
+def cell(epsilon, llc, se=0.1, nbeta=1.0, gamma=1.0, healthy=1.0, drift=0.0, relative=0.0, r_hat=1.0):
+    return dict(epsilon=epsilon, nbeta=nbeta, gamma=gamma, llc_mean=llc, llc_se=se, healthy_fraction=healthy,
+                drift=drift, drift_relative=relative, r_hat=r_hat)
+
+
+def test_rule_takes_the_top_of_the_plateau_at_the_default_nbeta():
+    cells = [cell(1, 5.0), cell(2, 9.0), cell(3, 9.1), cell(4, 9.2), cell(5, 14.0),  # plateau 2..4 at nβ = 1
+             cell(1, 5.0, nbeta=2.0), cell(2, 5.1, nbeta=2.0), cell(3, 5.2, nbeta=2.0), cell(4, 5.3, nbeta=2.0)]
+    best, reason, hint = recommend(cells, default_nbeta=1.0)
+    assert best == 3 and hint is None and "agrees with 9.1 at the next smaller ε = 3 (the plateau's top" in reason
+    cells[3].update(drift=DRIFT_LIMIT + 0.1, drift_relative=0.05)  # significant but small: not drifting
+    assert cell_flags(cells[3]) == [] and recommend(cells, 1.0)[0] == 3
+    cells[3]["drift_relative"] = 0.2  # significant and large: drifting, so the plateau's top is ε = 3
+    assert cell_flags(cells[3]) == ["drifting"] and recommend(cells, 1.0)[0] == 2
+    cells[3]["r_hat"] = 1.2
+    assert cell_flags(cells[3]) == ["drifting", "unmixed"]
+    cells[3]["healthy_fraction"] = 0.75
+    assert cell_flags(cells[3]) == ["diverged", "drifting", "unmixed"]
+
+
+def test_rule_without_a_plateau_takes_the_flattest_pair():
+    """λ̂ rising through the whole grid (the deep linear networks at a few thousand steps): the larger ε of
+    the pair where it rises least, relative to λ̂."""
+    cells = [cell(1, 6.0), cell(2, 9.0), cell(3, 15.0), cell(4, 19.0), cell(5, 30.0)]
+    best, reason, _ = recommend(cells, 1.0)
+    assert best == 3 and "no plateau evidence (no neighbouring ε agree)" in reason
+    assert "λ̂ is flattest (within the noise), 24%, from ε = 3" in reason
+    cells[3]["healthy_fraction"] = 0.5  # a pair needs both cells usable: now (1, 2) at 40% is the flattest
+    assert recommend(cells, 1.0)[0] == 1
+
+
+def test_rule_when_the_chains_drift_at_nearly_every_epsilon():
+    """The (20,)*6 rank-1 network's calibration (8 chains × 3000 steps): only the smallest ε is not drifting,
+    because its chains hardly move; the flattest healthy pair is taken instead, and the reason says so."""
+    cells = [cell(1, 19.1, drift=1.5, relative=0.29), cell(2, 40.6, drift=11.2, relative=1.05),
+             cell(3, 92.8, drift=8.6, relative=0.36), cell(4, 168.3, drift=9.5, relative=0.25)]
+    assert [cell_flags(c) for c in cells] == [[], ["drifting"], ["drifting"], ["drifting"]]
+    best, reason, hint = recommend(cells, 1.0)
+    assert best == 3 and hint is None and "the chains still drift at nearly every ε" in reason
+    assert "is flattest (within the noise), 58%, from ε = 3 (92.8) to here (168.3)" in reason
+
+
+def test_rule_agreement_is_within_two_se_or_five_percent():
+    near = 10.0 * (1 + AGREEMENT_RELATIVE) - 1e-9
+    assert "agrees" in recommend([cell(1, 10.0, se=0.0), cell(2, near, se=0.0)], 1.0)[1]
+    assert "agrees" in recommend([cell(1, 10.0, se=1.0), cell(2, 12.8, se=1.0)], 1.0)[1]  # 2.8 ≤ 2·√2
+    assert "no plateau evidence" in recommend([cell(1, 10.0, se=0.1), cell(2, 12.0, se=0.1)], 1.0)[1]
+
+
+def test_rule_prefers_the_default_nbeta_then_the_smallest_gamma():
+    cells = [cell(e, 10.0, nbeta=b, gamma=g) for g in (5.0, 1.0) for b in (0.5, 1.0, 2.0) for e in (1, 2)]
+    best = recommend(cells, default_nbeta=1.0)[0]
+    assert (cells[best]["nbeta"], cells[best]["gamma"], cells[best]["epsilon"]) == (1.0, 1.0, 2)
+    lonely = [cell(1, 10.0), cell(2, 11.0, healthy=0.5), cell(1, 20.0, nbeta=2.0), cell(2, 20.0, nbeta=2.0)]
+    assert recommend(lonely, 1.0)[0] == 3  # a row with a usable pair beats a nearer row without one
+    best, reason, _ = recommend(lonely[:2], 1.0)
+    assert best == 0 and "no neighbouring ε is usable (no plateau evidence)" in reason
+
+
+def test_rule_without_usable_cells_gives_a_hint():
+    best, _, hint = recommend([cell(1, math.nan, healthy=0.0), cell(2, math.nan, healthy=0.0)], 1.0)
+    assert best is None and hint.startswith("every cell diverged") and "below 1" in hint
+    best, _, hint = recommend([cell(1, 3.0, drift=9.0, relative=0.5, r_hat=1.5), cell(2, 4.0, r_hat=1.3)], 1.0)
+    assert best is None and hint.startswith("no cell is both healthy and stationary")
+
+
+def test_rule_reads_the_studys_older_records():
+    """Job records written before fastllc.calibration have tenths of the trace instead of ``drift``."""
+    old = dict(epsilon=1e-3, nbeta=1.0, gamma=5.0, llc_mean=100.0, llc_se=1.0, healthy_fraction=1.0, r_hat=1.01,
+               mean_loss=0.1, first_tenth_mean_loss=0.1, last_tenth_mean_loss=0.1)
+    assert cell_flags(old) == []
+    assert cell_flags(dict(old, last_tenth_mean_loss=0.2)) == ["drifting"]
+
+
+def in_empty_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("grid,message", [
+    (dict(epsilons=[1e-3, -1e-3]), "calibration grid: epsilons has -0.001; every value must be finite and > 0"),
+    (dict(epsilons=[0.0]), "calibration grid: epsilons has 0; every value must be finite and > 0"),
+    (dict(epsilons=[1e-3, math.nan]), "calibration grid: epsilons has nan; every value must be finite and > 0"),
+    (dict(epsilons=[1e-3], nbetas=[math.inf]), "calibration grid: nbetas has inf; every value must be finite and > 0"),
+    (dict(epsilons=[1e-3], gammas=[-1.0]), "calibration grid: gammas has -1; every value must be finite and >= 0"),
+    (dict(epsilons=[]), "calibration grid: epsilons is empty; give at least one value"),
+    (dict(epsilons=[1e-3, 1e-3]), "calibration grid: epsilons lists 0.001 twice; give each value once"),
+    (dict(epsilons=["x"]), "calibration grid: epsilons must be a list of numbers, got ['x']"),
+    (dict(epsilons=[1e-3], chains=0), "calibration needs at least one chain per cell, got chains = 0"),
+])
+def test_bad_grids_are_refused_in_one_line(grid, message, tmp_path, monkeypatch):
+    in_empty_dir(tmp_path, monkeypatch)
+    model, data = linear_regression()
+    with pytest.raises(FastLLCError) as error:
+        calibrate(model, data, half_squared_error, **grid)
+    assert str(error.value) == message
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_grid_that_diverges_everywhere_is_a_result_with_a_hint(tmp_path, monkeypatch):
+    in_empty_dir(tmp_path, monkeypatch)
+    model, data = linear_regression()
+    with pytest.warns(RuntimeWarning, match="calibration: every cell diverged"):
+        result = calibrate(model, data, half_squared_error, epsilons=[10.0, 100.0], nbetas=[NBETA], gammas=[1.0],
+                           chains=2, steps=20, batch_size=100, backend="generic")
+    assert isinstance(result, CalibrationResult) and result.recommended is None
+    assert all(c.flags == ["diverged"] for c in result.cells)
+    assert result.hint == ("every cell diverged (no chain stayed finite and below the loss bound): try smaller "
+                           "epsilons, below 10")
+    assert result.table()[-1] == f"no recommendation: {result.hint}"
+    with pytest.raises(FastLLCError, match="^no calibration cell is recommended: every cell diverged"):
+        result.settings()
+    assert os.listdir(tmp_path) == []
+
+
+def test_figure_of_a_calibration(dln_calibration, tmp_path):
+    path = plot_calibration(dln_calibration, tmp_path / "calibration.png", title="(3,3,3) rank 1")
+    assert path.stat().st_size > 20_000 and path.read_bytes()[:4] == b"\x89PNG"
+    assert os.listdir(tmp_path) == ["calibration.png"]
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTLLC_HOME", str(tmp_path / "home"))
+    group = click.Group("fastllc", commands=[calibrate_command])
+    return lambda *args: CliRunner().invoke(group, ["calibrate", *map(str, args)])
+
+
+def assert_one_line_error(result, message):
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+
+
+def test_cli_prints_the_table_and_the_recommendation(cli, tiny_run, tmp_path):
+    plot = tmp_path / "out" / "grid.png"
+    result = cli("--run", tiny_run.path, "--epsilons", "1e-4,1e-3", "--nbetas", "10,20", "--gammas", "5",
+                 "--chains", 2, "--steps", 40, "--backend", "reference", "--plot", plot)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"run       {tiny_run.path}  checkpoint 3") and "n/log n = " in lines[0]
+    assert sum(line.startswith(("★", " ")) and " 5 " in line for line in lines) == 4  # four cells
+    assert any(line.startswith("recommended: ε = ") for line in lines) and plot.stat().st_size > 0
+    record = json.loads(cli("--run", tiny_run.path, "--epsilons", "1e-4", "--nbetas", "10", "--chains", 2, "--steps",
+                            40, "--checkpoint", 1, "--json").stdout)
+    assert record["checkpoint"] == 1 and len(record["cells"]) == 1 and record["cells"][0]["nbeta"] == 10
+
+
+def test_cli_exits_non_zero_after_the_table_when_every_cell_diverges(cli, tiny_run):
+    result = cli("--run", tiny_run.path, "--epsilons", "1e3,1e4", "--nbetas", "10", "--chains", 2, "--steps", 20)
+    assert_one_line_error(result, "Error: every cell diverged (no chain stayed finite and below the loss bound): "
+                                  "try smaller epsilons, below 1000")
+    assert "no recommendation: every cell diverged" in result.output  # the table came first
+    assert result.output.index("diverged\n") < result.output.index("Error:")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epsilons", "1e-4,abc"], "Error: --epsilons '1e-4,abc': give comma-separated numbers, like 1e-4,3e-4,1e-3"),
+    (["--epsilons", "1e-4,-1"], "Error: calibration grid: --epsilons has -1; every value must be finite and > 0"),
+    (["--nbetas", "0"], "Error: calibration grid: --nbetas has 0; every value must be finite and > 0"),
+    (["--gammas", "nan"], "Error: calibration grid: --gammas has nan; every value must be finite and >= 0"),
+    (["--chains", "0"], "Error: --chains must be at least 1 per cell, got 0"),
+    (["--plot", "grid.xyz"], "Error: --plot grid.xyz: matplotlib cannot write .xyz"),
+    (["--checkpoint", "9"], "does not exist;"),
+])
+def test_cli_bad_options_are_one_line_errors(cli, tiny_run, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    result = cli("--run", tiny_run.path, "--steps", 20, *args)
+    assert_one_line_error(result, message)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_cli_needs_an_existing_run(cli, tmp_path):
+    assert_one_line_error(cli("--run", tmp_path / "nope"), f"Error: run directory {tmp_path / 'nope'} does not exist")
