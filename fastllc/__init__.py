@@ -1,6 +1,7 @@
 """fastllc: fast batched estimation of the local learning coefficient (LLC) with SGLD."""
 
 from .api import estimate, estimate_checkpoints, estimate_groups, estimate_run, estimate_run_groups
+from .calibration import CalibrationCell, CalibrationResult, calibrate
 from .errors import FastLLCError
 from .llc import GroupResults, LLCResult, estimate_llc
 from .model import ModularMLP
@@ -8,7 +9,7 @@ from .sampling import SGLDConfig
 from .tasks import Task, make_task
 from .train import Run, TrainConfig, train
 
-__all__ = ["estimate", "estimate_checkpoints", "estimate_groups", "estimate_run", "estimate_run_groups", "estimate_llc",
+__all__ = ["calibrate", "CalibrationCell", "CalibrationResult", "estimate", "estimate_checkpoints", "estimate_groups", "estimate_run", "estimate_run_groups", "estimate_llc",
            "FastLLCError", "GroupResults", "LLCResult", "ModularMLP", "Run", "SGLDConfig", "Task", "TrainConfig",
            "make_task", "train"]
 __version__ = "0.1.0"

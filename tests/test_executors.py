@@ -195,10 +195,11 @@ def test_estimate_jobs_of_ones_own_models_run_and_resume(tmp_path):
 
 
 def test_a_finished_json_made_with_other_settings_is_refused(tmp_path):
-    run_jobs(tiny_jobs(seeds=(0,)), tmp_path, progress=False)
-    with pytest.raises(FastLLCError, match=r"holds job psweep-add-p5-e4-h16-b40-k1-seed0-final with other settings "
-                                           r"\(sgld.steps 20 there, 30 now\); give another --out"):
-        run_jobs(tiny_jobs(seeds=(0,), steps=30), tmp_path, progress=False)
+    (job,) = run_jobs(tiny_jobs(seeds=(0,)), tmp_path, progress=False)
+    (other,) = tiny_jobs(seeds=(0,), epsilon=2e-3)  # ε is not part of a job's name: the same file, other settings
+    with pytest.raises(FastLLCError, match=rf"holds job {re.escape(other.name)} with other settings "
+                                           r"\(sgld.epsilon 0.001 there, 0.002 now\); give another --out"):
+        run_jobs([other], tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -213,7 +214,7 @@ def test_bad_executor_options_are_one_line_errors_before_any_work(tmp_path, opti
 
 
 def test_jobs_with_one_name_or_that_cannot_travel_are_refused_before_any_work(tmp_path):
-    with pytest.raises(FastLLCError, match="two jobs are named 'psweep-add-p5-e4-h16-b40-k1-seed0-final'"):
+    with pytest.raises(FastLLCError, match=f"two jobs are named '{re.escape(tiny_jobs()[0].name)}'"):
         run_jobs(tiny_jobs() + tiny_jobs(), tmp_path / "out", progress=False)
     local = EstimateJob("local", lambda: tiny_model(), tiny_data)
     with pytest.raises(FastLLCError, match="job 'local' cannot be sent to worker processes .*make its model and data "

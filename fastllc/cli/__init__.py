@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from . import circuits, estimate, reproduce, sweep, train
+from . import calibrate, circuits, estimate, reproduce, sweep, train
 
 
 @click.group()
@@ -15,6 +15,6 @@ def main():
     """fastllc: fast estimates of the local learning coefficient λ̂ with batched SGLD."""
 
 
-for command in (train.train_command, estimate.estimate_command, circuits.circuits_command,
+for command in (train.train_command, estimate.estimate_command, calibrate.calibrate_command, circuits.circuits_command,
                 reproduce.reproduce_command, reproduce.report_command, sweep.sweep_command):
     main.add_command(command)

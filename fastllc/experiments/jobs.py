@@ -24,11 +24,10 @@ from tqdm.auto import tqdm
 from .. import storage
 from ..analysis import analyse_run
 from ..api import estimate_checkpoints, estimate_run
-from ..backends import sample
 from ..errors import FastLLCError
 from ..llc import estimate_llc
 from ..sampling import SGLDConfig, wbic_nbeta
-from ..sampling.contract import Samples, select_chains
+from ..sampling.contract import Samples
 from ..train import Run, TrainConfig, cached_run, train_together
 
 
