@@ -25,17 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from .model import ModularMLP, param_shapes
+from .sampling.contract import is_cross_entropy
 from .sampling.sgld import ParameterMajor
 
 _gelu_backward = torch.ops.aten.gelu_backward
-
-
-def is_cross_entropy(loss_fn) -> bool:
-    """F.cross_entropy, or nn.CrossEntropyLoss with the defaults (mean, no weights, no smoothing)."""
-    if loss_fn is F.cross_entropy:
-        return True
-    return (isinstance(loss_fn, torch.nn.CrossEntropyLoss) and loss_fn.reduction == "mean"
-            and loss_fn.weight is None and loss_fn.label_smoothing == 0.0)
 
 
 def is_study_mlp(model, loss_fn) -> bool:
@@ -46,8 +39,11 @@ def is_study_mlp(model, loss_fn) -> bool:
 class ChainBatch(ParameterMajor):
     """Weights and gradients of C chains of one architecture (parameter-major), and the fused step."""
 
-    def __init__(self, p: int, embed: int, hidden: int, w_star: torch.Tensor, batch_size: int):
-        """``w_star``: [C, d] chain-major starting weights (canonical order)."""
+    def __init__(self, p: int, embed: int, hidden: int, w_star: torch.Tensor, batch_size: int,
+                 loss_offset: float = 0.0):
+        """``w_star``: [C, d] chain-major starting weights (canonical order). ``loss_offset`` δ > 0: the chains
+        follow the published study's −log(p_y + δ) (``SGLDConfig.chain_loss``) instead of cross-entropy."""
+        self.loss_offset = loss_offset
         shapes = param_shapes(p, embed, hidden)
         super().__init__(shapes.values(), len(w_star))
         self.p, self.e, self.h, self.m = p, embed, hidden, batch_size
@@ -76,11 +72,17 @@ class ChainBatch(ParameterMajor):
         u = F.gelu(z)
         log_probs = torch.log_softmax(torch.bmm(u, U.transpose(1, 2)), dim=-1)  # [C, m, p]
         y = y.unsqueeze(-1)
-        torch.sum(log_probs.gather(-1, y), dim=(1, 2), out=loss_sum)  # −m·L_m: negated and scaled once, at the end
+        if self.loss_offset:  # −log(p_y + δ), p_y from the log-softmax: its logit gradient is cross-entropy's
+            p_y = log_probs.gather(-1, y).exp_()  # scaled by p_y/(p_y + δ) per example   [C, m, 1]
+            offset = p_y + self.loss_offset
+            torch.sum(offset.log(), dim=(1, 2), out=loss_sum)
+            scale = p_y.div_(offset).mul_(scale)  # k/m·p_y/(p_y + δ)
+        else:
+            torch.sum(log_probs.gather(-1, y), dim=(1, 2), out=loss_sum)  # −m·L_m: negated and scaled once, at the end
 
         d_logits = log_probs.exp_()  # softmax, in place (a hand-rolled single-exp softmax measured slower)
         d_logits.scatter_add_(-1, y, self.minus_one)
-        d_logits.mul_(scale)  # δs = k/m·(softmax − onehot)
+        d_logits.mul_(scale)  # δs = k/m·(softmax − onehot), per example ·p_y/(p_y + δ) for the published loss
         torch.bmm(d_logits.transpose(1, 2), u, out=grad["unembed.weight"])
         dz = _gelu_backward(torch.bmm(d_logits, U), z)  # [C, m, h]
         torch.sum(dz, dim=1, out=grad["left.bias"])

@@ -11,6 +11,7 @@ from fastllc.backends import reference
 from fastllc.backends import torch as torch_backend
 from fastllc.engine import ChainBatch
 from fastllc.sampling import InjectedRandomness
+from fastllc.sampling.config import PUBLISHED_LOSS_OFFSET
 from fastllc.sampling.starts import Start
 from fastllc.sampling.contract import flat_parameters
 
@@ -220,7 +221,7 @@ def test_published_loss_gradient_matches_autograd():
     m = 11
     gen = torch.Generator().manual_seed(1)
     operands, labels = torch.randint(P, (1, m, 2), generator=gen), torch.randint(P, (1, m), generator=gen)
-    batch = torch_backend._PublishedLossBatch(P, EMBED, HIDDEN, w.unsqueeze(0), m)
+    batch = ChainBatch(P, EMBED, HIDDEN, w.unsqueeze(0), m, loss_offset=PUBLISHED_LOSS_OFFSET)
     loss_sum = torch.empty(1)
     batch.loss_and_scaled_grad(operands, labels, torch.full((1, 1, 1), 1.0 / m), loss_sum)
     weights = w.clone().requires_grad_(True)

@@ -9,7 +9,7 @@ On the CPU the chains run in groups, one per core, each in its own thread with s
 (``sampling/threads.py``: the operations are too small for intra-op threads, which stall on a busy machine).
 
 Beyond plain SGLD with exact cross-entropy, as the reference defines them (``backends/reference.py``):
-``chain_loss="published"`` (the chains follow −log(p_y + δ): ``_PublishedLossBatch``), ``sampler="rmsprop_sgld"``
+``chain_loss="published"`` (the chains follow −log(p_y + δ): ``ChainBatch(loss_offset=δ)``), ``sampler="rmsprop_sgld"``
 (``sgld.rmsprop_sgld_update`` on the same layout) and ``restrict`` (a bool mask [d] for all chains or [C, d],
 one row per chain: the fixed weights are copied back from w* after every update, so they stay there bit for
 bit; the orthogonal direction is each chain's ∇L_n(w*) masked by its row).
@@ -21,14 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..engine import ChainBatch, is_study_mlp
 from ..errors import FastLLCError
-from ..sampling.restrict import start_directions, start_masks
 from ..sampling.config import PUBLISHED_LOSS_OFFSET, SAMPLERS, SGLDConfig
 from ..sampling.contract import Samples, flat_parameters, nan_from_first_non_finite
 from ..sampling.randomness import for_run
+from ..sampling.restrict import start_directions, start_masks
 from ..sampling.sgld import RMSpropState, StepDraws, rmsprop_sgld_update, sgld_update
 from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
 from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
@@ -49,45 +48,6 @@ def require(device, model=None, loss_fn=None) -> None:
     if model is not None and not supports(model, loss_fn, device):
         raise FastLLCError("the torch backend runs the study's ModularMLP with cross-entropy; "
                            "use --backend reference for other models or losses")
-
-
-class _PublishedLossBatch(ChainBatch):
-    """``ChainBatch`` whose chains follow the published study's loss −log(p_y + δ) (``SGLDConfig.chain_loss``).
-
-    The forward pass is the engine's; per example, the loss is −log(p_y + δ) with p_y = exp(log_softmax(s)_y)
-    (exact where softmax underflows, as ``contract.published_cross_entropy``) and the logit gradient is exact
-    cross-entropy's scaled by p_y/(p_y + δ). The backward pass from δs on is the engine's, line for line."""
-
-    def loss_and_scaled_grad(self, operands: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
-                             loss_sum: torch.Tensor) -> None:
-        """As ``ChainBatch.loss_and_scaled_grad``, for the published loss: m·L_m negated into ``loss_sum``."""
-        C, m, p, e = self.C, self.m, self.p, self.e
-        param, grad = self.param, self.grad
-        E, U = param["embed.weight"], param["unembed.weight"]
-        rows = (operands + self.row_offset).view(-1)
-        x = E.view(C * p, e).index_select(0, rows).view(C, m, 2 * e)
-        torch.cat((param["left.weight"], param["right.weight"]), dim=2, out=self.LR)
-        bias = (param["left.bias"] + param["right.bias"]).unsqueeze(1)
-        z = torch.baddbmm(bias, x, self.LR.transpose(1, 2))
-        u = F.gelu(z)
-        log_probs = torch.log_softmax(torch.bmm(u, U.transpose(1, 2)), dim=-1)  # [C, m, p]
-        y = y.unsqueeze(-1)
-        p_y = log_probs.gather(-1, y).exp_()  # [C, m, 1]
-        offset = p_y + PUBLISHED_LOSS_OFFSET
-        torch.sum(offset.log(), dim=(1, 2), out=loss_sum)  # −m·L_m, as the engine records it
-
-        d_logits = log_probs.exp_()
-        d_logits.scatter_add_(-1, y, self.minus_one)
-        d_logits.mul_(p_y.div_(offset).mul_(scale))  # δs = k/m·p_y/(p_y + δ)·(softmax − onehot)
-        torch.bmm(d_logits.transpose(1, 2), u, out=grad["unembed.weight"])
-        dz = torch.ops.aten.gelu_backward(torch.bmm(d_logits, U), z)
-        torch.sum(dz, dim=1, out=grad["left.bias"])
-        grad["right.bias"].copy_(grad["left.bias"])
-        d_LR = torch.bmm(dz.transpose(1, 2), x)
-        grad["left.weight"].copy_(d_LR[..., :e])
-        grad["right.weight"].copy_(d_LR[..., e:])
-        d_x = torch.bmm(dz, self.LR)
-        grad["embed.weight"].zero_().view(C * p, e).index_add_(0, rows, d_x.view(-1, e))
 
 
 @dataclass
@@ -143,8 +103,8 @@ def _run_chains(chains: _Chains, arch, operands, targets, config: SGLDConfig, ra
                 tick) -> tuple[torch.Tensor, torch.Tensor]:
     """SGLD for one group of chains: (loss trace [T, C], final weights [C, d] chain-major)."""
     C, m, T = len(chains.ids), config.batch_size, config.steps
-    batch_type = _PublishedLossBatch if config.chain_loss == "published" else ChainBatch
-    batch = batch_type(*arch, chains.w_star.to(device), m)
+    offset = PUBLISHED_LOSS_OFFSET if config.chain_loss == "published" else 0.0
+    batch = ChainBatch(*arch, chains.w_star.to(device), m, loss_offset=offset)
     grad_scale, update = _update_rule(batch, chains, config, device)
     projection = None
     if chains.direction is not None:
