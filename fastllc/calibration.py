@@ -136,10 +136,11 @@ class CalibrationResult:
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
-    def table(self) -> list[str]:
-        """The grid as aligned text lines (★ the recommended cell), then the reason or the hint."""
-        return format_cells([c.to_dict() for c in self.cells], self.recommended) + [
-            f"recommended: {self.reason}" if self.recommended is not None else f"no recommendation: {self.hint}"]
+    def table(self) -> str:
+        """The grid as aligned text (★ the recommended cell), then the reason or the hint (as
+        ``GroupResults.table``: one string, a line per row)."""
+        return "\n".join(format_cells([c.to_dict() for c in self.cells], self.recommended) + [
+            f"recommended: {self.reason}" if self.recommended is not None else f"no recommendation: {self.hint}"])
 
 
 def format_cells(cells: Sequence[Mapping], recommended: int | None) -> list[str]:

@@ -83,8 +83,7 @@ def calibrate_command(run_dir, checkpoint, epsilons, nbetas, gammas, chains, ste
                    f"n/log n = {result.default_nbeta:.4g}")
         click.echo(f"sampling  {len(result.cells)} cells × {result.chains} chains × {result.steps} steps "
                    f"(burn-in {result.burn_in}), {result.backend} on {result.device}: {result.sampling_seconds:.1f} s")
-        for line in result.table():
-            click.echo(line)
+        click.echo(result.table())
     if plot is not None:
         plot_calibration(result, plot, title=f"calibration of {run.path.name}, checkpoint {index}")
         if not as_json:
