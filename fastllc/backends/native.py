@@ -25,7 +25,7 @@ from ..sampling.config import PUBLISHED_LOSS_OFFSET, SGLDConfig
 from ..sampling.contract import Samples, nan_from_first_non_finite
 from ..sampling.randomness import (_DENSITY, _EDGES, _EDGES32, _RATIOS, _TAIL, CounterRandomness,
                                    InjectedRandomness, for_run)
-from ..sampling.restrict import check_mask, start_directions
+from ..sampling.restrict import check_mask
 from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
 from ..sampling.threads import available_cores
 
@@ -168,14 +168,12 @@ def _sample_batch(starts: list[Start], config: SGLDConfig, randomness, device, p
         mask = check_mask(restrict, d, C).cpu()  # [d] (keep_stride 0) or [C, d]
         keep = np.ascontiguousarray(mask.numpy(), np.uint8)
 
-    init_losses, w_star, direction = start_points(starts, config.orthogonal and restrict is None)
+    rows = None if mask is None else mask.expand(C, d)  # restricted (one start): a direction per chain
+    init_losses, w_star, direction = start_points(starts, config.orthogonal, rows)
     d = w_star.shape[1]
-    if mask is not None:
-        if config.orthogonal:
-            direction = start_directions(starts, mask.expand(C, d))  # each chain's masked ∇L_n(w*)
     w_star = np.ascontiguousarray(w_star.repeat_interleave(C_per, 0).numpy(), np.float32)
     if direction is not None:
-        if len(direction) == S:
+        if mask is None:
             direction = direction.repeat_interleave(C_per, 0)
         direction = np.ascontiguousarray(direction.numpy(), np.float32)
     hyper = np.ascontiguousarray(torch.stack([epsilon.repeat(S), gamma.repeat(S), nbeta.repeat(S)], 1).numpy())

@@ -27,7 +27,7 @@ from ..errors import FastLLCError
 from ..sampling.config import PUBLISHED_LOSS_OFFSET, SAMPLERS, SGLDConfig
 from ..sampling.contract import Samples, flat_parameters, nan_from_first_non_finite
 from ..sampling.randomness import for_run
-from ..sampling.restrict import start_directions, start_masks
+from ..sampling.restrict import start_masks
 from ..sampling.sgld import RMSpropState, StepDraws, rmsprop_sgld_update, sgld_update
 from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
 from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
@@ -147,12 +147,10 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     d = flat_parameters(starts[0].model)[2].numel()
     keep = None if restrict is None else start_masks(restrict, C_per, d)  # refused before any work
 
-    init_losses, w_star, direction = start_points(starts, config.orthogonal and restrict is None)
+    init_losses, w_star, direction = start_points(starts, config.orthogonal, keep)  # restricted: a row per chain
     w_star = w_star.repeat_interleave(C_per, 0)
-    if direction is not None:
+    if direction is not None and keep is None:
         direction = direction.repeat_interleave(C_per, 0)
-    elif keep is not None and config.orthogonal:
-        direction = start_directions(starts, keep)
     chains = _Chains(np.arange(C, dtype=np.int64), w_star, epsilon.repeat(S), gamma.repeat(S), nbeta.repeat(S),
                      direction, torch.arange(C) // C_per * n, None if keep is None else ~keep.repeat(S, 1))
     operands, targets = stacked_examples(starts, device)

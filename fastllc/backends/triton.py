@@ -35,7 +35,7 @@ from ..engine import is_study_mlp
 from ..errors import FastLLCError
 from ..model import ModularMLP
 from ..sampling.config import SGLDConfig
-from ..sampling.restrict import start_directions, start_masks
+from ..sampling.restrict import start_masks
 from ..sampling.contract import Samples, flat_parameters, nan_from_first_non_finite
 from ..sampling.randomness import InjectedRandomness
 from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
@@ -136,9 +136,7 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
     keep = None if restrict is None else start_masks(restrict, C_per, d)  # refused before any work
 
     # w_star, direction: [S, d]; restricted, direction is each chain's own: [C, d]
-    init_losses, w_star, direction = start_points(starts, config.orthogonal and keep is None)
-    if keep is not None and config.orthogonal:
-        direction = start_directions(starts, keep)
+    init_losses, w_star, direction = start_points(starts, config.orthogonal, keep)
     if direction is not None:
         direction = direction.to(device).contiguous()
     if keep is not None:

@@ -22,11 +22,10 @@ import difflib
 import fnmatch
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FastLLCError
-from .contract import loss_and_gradient_at_start, orthogonal_direction
+from .contract import orthogonal_direction
 
 
 def selection_mask(model: nn.Module, restrict, label: str = "restrict",
@@ -192,15 +191,3 @@ def start_masks(restrict: torch.Tensor, chains: int, d: int) -> torch.Tensor:
     """For the backends that stack starts (``torch``, ``triton``): ``restrict`` checked (``check_mask``) and
     as a bool [chains, d] on the CPU; row j applies to chain j of every start."""
     return check_mask(restrict, d, chains).cpu().expand(chains, d)
-
-
-def start_directions(starts, keep: torch.Tensor) -> torch.Tensor:
-    """[S·C, d] on the CPU: chain j of start s (``starts.Start``, the study's MLP with cross-entropy) projects
-    on its start's ∇L_n(w*) masked by ``keep[j]`` (``restricted_directions``), a zero row where that vanishes."""
-    rows = []
-    for s in starts:
-        home = next(s.model.parameters()).device
-        gradient = loss_and_gradient_at_start(s.model, s.pairs.to(home), s.labels.to(home), F.cross_entropy)[1]
-        directions = restricted_directions(gradient.cpu(), keep)
-        rows.append(torch.zeros(keep.shape, dtype=gradient.dtype) if directions is None else directions)
-    return torch.cat(rows)

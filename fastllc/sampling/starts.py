@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..errors import FastLLCError
 from ..model import ModularMLP
 from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction
+from .restrict import restricted_directions
 
 
 @dataclass
@@ -41,10 +42,14 @@ def check_starts(starts: list[Start]) -> tuple[tuple[int, int, int], int]:
     return arch, n
 
 
-def start_points(starts: list[Start], orthogonal: bool) -> tuple[list[float], torch.Tensor, torch.Tensor | None]:
+def start_points(starts: list[Start], orthogonal: bool, keep: torch.Tensor | None = None
+                 ) -> tuple[list[float], torch.Tensor, torch.Tensor | None]:
     """Per start: L_n(w*), w* and (orthogonal) the unit ∇L_n(w*) — as (losses, [S, d], [S, d] or None) on the
     CPU; a start whose gradient vanishes gets a zero direction (nothing to restrict). Each model is
-    evaluated on its own device and never moved."""
+    evaluated on its own device and never moved.
+
+    ``keep`` (a restriction, bool [C, d]: row j for chain j of every start): the directions are each chain's
+    own, [S·C, d], row s·C + j the gradient of start s masked by ``keep[j]`` (``restrict.restricted_directions``)."""
     losses, gradients = [], []
     for s in starts:
         home = next(s.model.parameters()).device
@@ -54,6 +59,9 @@ def start_points(starts: list[Start], orthogonal: bool) -> tuple[list[float], to
     w_star = torch.stack([flat_parameters(s.model)[2].cpu() for s in starts])
     if not orthogonal:
         return losses, w_star, None
+    if keep is not None:
+        rows = [restricted_directions(g, keep) for g in gradients]
+        return losses, w_star, torch.cat([torch.zeros(keep.shape) if r is None else r for r in rows])
     units = [orthogonal_direction(g) for g in gradients]
     return losses, w_star, torch.stack([g if g is not None else torch.zeros(w_star.shape[1]) for g in units])
 
