@@ -71,11 +71,12 @@ def write_json_atomically(path: Path, record: dict) -> None:
     storage.write_atomically(path, json.dumps(record, indent=1) + "\n")
 
 
-def publish_record(path: Path, record: dict) -> dict:
-    """Write a job's JSON unless another process finished the job first; the record on disk wins."""
+def publish_record(path: Path, record: dict, check=None) -> dict:
+    """Write a job's JSON unless another process finished the job first; the record on disk wins.
+    ``check``: as in ``finished_record`` (default ``record_problem``)."""
     if storage.publish_file_once(path, json.dumps(record, indent=1) + "\n"):
         return record
-    existing = finished_record(path)
+    existing = finished_record(path, check=check or record_problem)
     if existing is None:  # it was damaged and is now moved aside: ours replaces it
         write_json_atomically(path, record)
         return record
@@ -104,22 +105,23 @@ def record_problem(record) -> str | None:
     return None
 
 
-def read_record(path: Path) -> tuple[dict | None, str | None]:
-    """A job JSON's record, or None and what is wrong with it (missing file: None, None)."""
+def read_record(path: Path, check=record_problem) -> tuple[dict | None, str | None]:
+    """A job JSON's record, or None and what is wrong with it (missing file: None, None); ``check(record)``
+    says what makes a record unusable (``record_problem`` for the sweeps' jobs)."""
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
         return None, None
     except (OSError, ValueError) as err:  # ValueError: truncated or empty JSON, bad UTF-8
         return None, f"unreadable: {err}" if str(err) else "unreadable"
-    problem = record_problem(record)
+    problem = check(record)
     return (None, problem) if problem else (record, None)
 
 
-def finished_record(path: Path, job: Job | None = None) -> dict | None:
+def finished_record(path: Path, job: Job | None = None, check=record_problem) -> dict | None:
     """The record of a finished job; None if there is none. A damaged JSON is moved aside with a warning,
     so that the job runs again."""
-    record, problem = read_record(path)
+    record, problem = read_record(path, check)
     if record is not None and job is not None and record["job"] != job.name:
         record, problem = None, f"it is the record of another job, {record['job']!r}"
     if problem is None:

@@ -26,21 +26,18 @@ machine, where the module must be importable too (an installed package, or Ray's
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import torch.nn.functional as F
 
-from .. import storage
 from ..errors import FastLLCError
 from ..sampling import SGLDConfig
 from ..train import TrainConfig
-from .jobs import Job
+from .jobs import Job, finished_record, publish_record
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -243,33 +240,17 @@ class EstimateJob:
         result = estimate(self.model(), self.data(), self.loss_fn, self.sgld, backend=self.backend, device=self.device)
         return dict(job=self.name, sweep=self.sweep, **self.settings_record(), result=result.to_dict(), **self.tags)
 
+    def problem(self, record) -> str | None:
+        """What makes ``record`` unusable as this job's finished record (None: nothing)."""
+        return _estimate_problem(record, self.name)
+
     def finished(self, path: Path) -> dict | None:
         """Its finished record, or None; a damaged JSON is moved aside with a warning."""
-        try:
-            record = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as err:
-            problem = f"unreadable: {err}"
-        else:
-            problem = _estimate_problem(record, self.name)
-            if problem is None:
-                return record
-        aside = storage.move_aside(path)
-        if aside is not None:
-            warnings.warn(f"{path} is damaged ({problem}); moved it to {aside.name} and running its job again",
-                          RuntimeWarning, stacklevel=2)
-        return None
+        return finished_record(path, check=self.problem)
 
     def publish(self, path: Path, record: dict) -> dict:
         """Write the record unless another process finished the job first (the record on disk wins)."""
-        if storage.publish_file_once(path, json.dumps(record, indent=1) + "\n"):
-            return record
-        existing = self.finished(path)
-        if existing is None:
-            storage.write_atomically(path, json.dumps(record, indent=1) + "\n")
-            return record
-        return existing
+        return publish_record(path, record, check=self.problem)
 
 
 def _estimate_problem(record, name: str) -> str | None:
