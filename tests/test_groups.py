@@ -18,18 +18,7 @@ from fastllc.sampling.contract import flat_parameters
 from fastllc.sampling.restrict import check_mask, group_masks, selection_mask
 
 from test_cli import assert_one_line_error
-
-BACKENDS = {"reference": reference, "generic": generic}
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))  # d = 20 + 12 = 32
-
-
-def data(n=40):
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(n, 3, generator=gen), torch.randint(2, (n,), generator=gen)
+from test_restrict import BACKENDS, data, tiny_model  # the same tiny model and data
 
 
 def rows(model):

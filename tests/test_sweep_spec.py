@@ -12,6 +12,8 @@ from fastllc.cli.reproduce import report_command
 from fastllc.cli.sweep import sweep_command
 from fastllc.experiments.spec import load_spec
 
+from test_cli import assert_one_line_error
+
 EXAMPLE = Path(__file__).parents[1] / "examples" / "sweep_small.toml"
 TINY = """
 name = "tiny"
@@ -49,14 +51,6 @@ def write_spec(tmp_path, text: str) -> Path:
     path = tmp_path / "spec.toml"
     path.write_text(text)
     return path
-
-
-def assert_one_line_error(result, message):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and message in errors[0], result.output
 
 
 def test_the_example_spec_is_a_grid_of_runs():
@@ -141,18 +135,12 @@ def test_a_setting_where_a_table_belongs_is_refused(tmp_path):
         load_spec(write_spec(tmp_path, "sgld = 3\n[training]\np = 5\n"))
 
 
-def test_a_backend_the_sweep_jobs_cannot_take_yet_is_refused(cli, tmp_path):
-    from dataclasses import fields
-
-    from fastllc.experiments import Job
-
+def test_the_specs_backend_reaches_every_job_record(cli, tmp_path):
     result = cli("sweep", write_spec(tmp_path, 'backend = "reference"\n' + TINY), "--out", tmp_path / "out")
-    if "backend" in {f.name for f in fields(Job)}:  # jobs that take a backend: it reaches the record
-        assert result.exit_code == 0, result.output
-    else:
-        assert_one_line_error(result, "spec.toml: backend = 'reference' is not supported by this version's sweep jobs; "
-                                      "use 'auto'")
-        assert not (tmp_path / "out").exists()
+    assert result.exit_code == 0, result.output
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "out" / "jobs").glob("*.json"))]
+    assert records and all(r["backend_requested"] == "reference" for r in records)
+    assert all(r["result"]["backend"] == "reference" for r in records)  # and it ran there
 
 
 def test_missing_spec_and_bad_executor_options(cli, tmp_path):

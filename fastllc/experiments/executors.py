@@ -43,7 +43,7 @@ from ..errors import FastLLCError
 from ..sampling import SGLDConfig
 from ..sampling.threads import single_threaded_torch
 from ..train import TrainConfig, train_together
-from .jobs import Job, finished_record, progress_mode, publish_record, run_job
+from .jobs import Job, finished_record, open_sweep, progress_mode, publish_record, run_job
 from .pools import RAY_MISSING, open_pool
 
 EXECUTORS = ("local", "ray")
@@ -266,12 +266,8 @@ def run_jobs(jobs: list, out: str | os.PathLike, *, executor: str = "local", wor
     """
     check_options(executor, workers, address)
     check_jobs(jobs, executor, workers)
-    out, mode = Path(out), progress_mode(progress)
-    storage.check_writable_dir(out)  # before any work: a sweep that cannot save its results must not start
-    for folder in (out, out / "jobs", out / "runs"):
-        storage.remove_stale_temporaries(folder)  # of crashed processes
-    paths = {job.name: out / "jobs" / f"{job.name}.json" for job in jobs}
-    records = {job.name: finished(paths[job.name], job) for job in jobs}
+    mode = progress_mode(progress)
+    out, paths, records = open_sweep(jobs, out, finished)
     todo = [job for job in jobs if records[job.name] is None]
     failures: dict[str, str] = {}
     if todo:

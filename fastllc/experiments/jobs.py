@@ -244,6 +244,18 @@ def train_missing_runs(jobs: list[Job], out: Path, progress: bool | str = True) 
                  f"seed{'s' * (len(configs) > 1)} {seeds} ({time.perf_counter() - start:.0f} s)")
 
 
+def open_sweep(jobs: list, out: str | os.PathLike, finished=finished_record) -> tuple[Path, dict, dict]:
+    """Before any work: ``out`` writable (a sweep that cannot save its results must not start), crashed
+    processes' temporaries removed; (out, {job name: its JSON path}, {job name: ``finished(path, job)``, the
+    record of a job done earlier or None})."""
+    out = Path(out)
+    storage.check_writable_dir(out)
+    for folder in (out, out / "jobs", out / "runs"):
+        storage.remove_stale_temporaries(folder)
+    paths = {job.name: out / "jobs" / f"{job.name}.json" for job in jobs}
+    return out, paths, {job.name: finished(paths[job.name], job) for job in jobs}
+
+
 def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool | str = "auto", *, executor: str = "local",
               workers: int | None = None, address: str | None = None) -> list[dict]:
     """Run every job whose JSON is missing; return all jobs' records (finished earlier or now).
@@ -259,12 +271,8 @@ def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool | str = "a
     if executor != "local" or workers or address:
         from .executors import run_jobs
         return run_jobs(jobs, out, executor=executor, workers=workers, address=address, progress=progress)
-    out, mode = Path(out), progress_mode(progress)
-    storage.check_writable_dir(out)  # before any work: a sweep that cannot save its results must not start
-    for folder in (out, out / "jobs", out / "runs"):
-        storage.remove_stale_temporaries(folder)  # of crashed processes
-    paths = {job.name: out / "jobs" / f"{job.name}.json" for job in jobs}
-    finished = {job.name: finished_record(paths[job.name], job) for job in jobs}
+    mode = progress_mode(progress)
+    out, paths, finished = open_sweep(jobs, out)
     todo = [job for job in jobs if finished[job.name] is None]
     if mode == "log" and len(todo) < len(jobs):
         _log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs finished earlier in {out / 'jobs'}; running {len(todo)}")
