@@ -2,10 +2,11 @@
 
 The kernel is plain C++17 with OpenMP, built by the system compiler (``$FASTLLC_CXX``, else ``g++``, else
 ``c++``) into ``FASTLLC_HOME/native/<key>/``, where the key hashes the source, the compiler's identity
-(its ``--version``) and the flags: a new source, compiler or flag set never loads a stale library. Two
-variants come from the one source: ``scalar`` (portable flags) and, on x86-64 CPUs with AVX2 and FMA,
-``vector`` (``-mavx2 -mfma``); ``variant()`` says which this CPU runs. Fixed flags, not ``-march=native``:
-the library in a shared cache never depends on which machine built it.
+(its ``--version``) and the flags: a new source, compiler or flag set never loads a stale library. Three
+variants come from the one source: ``scalar`` (portable flags), ``avx2`` (``-mavx2 -mfma``, x86-64 CPUs
+with AVX2 and FMA) and ``avx512`` (AVX2 plus AVX-512 F/DQ/VL/BW: the noise's 64-bit hashing in 64-bit
+lanes); ``variants()`` lists those this CPU runs, best first, and the first that builds is used. Fixed
+flags, not ``-march=native``: the library in a shared cache never depends on which machine built it.
 
 Concurrency: each build writes a temporary of this process's own name and renames it into place
 (``os.replace``, atomic), so two processes building at once each produce a whole library and the cache
@@ -29,7 +30,11 @@ from .storage import fastllc_home, remove, temporary_sibling
 
 SOURCE = Path(__file__).with_name("kernels") / "mlp_sgld_cpu.cpp"
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
-VARIANT_FLAGS = {"scalar": (), "vector": ("-mavx2", "-mfma")}
+VARIANT_FLAGS = {"scalar": (), "avx2": ("-mavx2", "-mfma"),
+                 "avx512": ("-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw")}
+# the /proc/cpuinfo flags each variant needs (scalar: none)
+VARIANT_CPU_FLAGS = {"scalar": set(), "avx2": {"avx2", "fma"},
+                     "avx512": {"avx2", "fma", "avx512f", "avx512dq", "avx512vl", "avx512bw"}}
 BUILD_TIMEOUT_S = 300
 
 
@@ -63,21 +68,26 @@ def _compiler_identity(path: str) -> str:
     return done.stdout.strip()
 
 
-def cpu_has_avx2_fma() -> bool:
-    """Whether this CPU runs the ``vector`` variant (x86-64 with AVX2 and FMA; Linux's /proc/cpuinfo)."""
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux's /proc/cpuinfo; empty elsewhere and off x86-64)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return set()
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
-        return False
-    words = set(flags.split())
-    return {"avx2", "fma"} <= words
+        return set()
+    return set(flags.split())
+
+
+def variants() -> list[str]:
+    """The variants this CPU runs, best first: ``avx512``, ``avx2`` where it has their features; ``scalar`` always."""
+    flags = cpu_flags()
+    return [name for name in ("avx512", "avx2", "scalar") if VARIANT_CPU_FLAGS[name] <= flags]
 
 
 def variant() -> str:
-    """The variant this machine runs: ``vector`` where the CPU has AVX2 and FMA, else ``scalar``."""
-    return "vector" if cpu_has_avx2_fma() else "scalar"
+    """The best variant this CPU runs (the default of ``load``)."""
+    return variants()[0]
 
 
 def library_path(which: str, cxx: str) -> Path:
@@ -140,9 +150,16 @@ _loaded: dict[tuple[str, str], ctypes.CDLL] = {}
 
 
 def load(which: str | None = None) -> ctypes.CDLL:
-    """The kernel library of variant ``which`` (default: this CPU's), built on first use, loaded once per
-    process and compiler. NativeUnavailable (one line) when it cannot be built or loaded."""
-    which = which or variant()
+    """The kernel library of variant ``which`` (default: the best this CPU runs that builds), built on first
+    use, loaded once per process and compiler. NativeUnavailable (one line) when it cannot be built or loaded."""
+    if which is None:
+        errors = []
+        for candidate in variants():  # a compiler without AVX-512 support still builds avx2
+            try:
+                return load(candidate)
+            except NativeUnavailable as err:
+                errors.append(err)
+        raise errors[0]
     if which not in VARIANT_FLAGS:
         raise ValueError(f"unknown variant {which!r}; known: {sorted(VARIANT_FLAGS)}")
     cxx = compiler()

@@ -3,12 +3,14 @@
 // fastllc/backends/native.py, which compiles this file on first use: fastllc/native_build.py).
 //
 // Plain C++17, no PyTorch headers; called through ctypes on contiguous float32/float64/int64 buffers.
-// The same source is compiled twice: a portable build (baseline flags, any CPU: "scalar") and one with
-// -mavx2 -mfma ("vector"). The arithmetic is written on 8-float vectors (GCC/Clang vector extensions, v8
-// below): AVX registers and FMA instructions in the vector build, what the baseline ISA has (SSE2 pairs on
-// x86-64) in the portable one. Both build with -ffp-contract=off, so that the random streams round exactly
-// as Numba's (fastllc/sampling/randomness.py); the hot loops ask for fused multiply-adds explicitly (madd,
-// MADD), which the portable build computes as a multiply and an add.
+// The same source is compiled three ways: a portable build (baseline flags, any CPU: "scalar"), one with
+// -mavx2 -mfma ("avx2") and one that adds AVX-512 F/DQ/VL/BW ("avx512"). The arithmetic is written on
+// 8-float vectors (GCC/Clang vector extensions, v8 below): AVX registers and FMA instructions in the vector
+// builds, what the baseline ISA has (SSE2 pairs on x86-64) in the portable one; intrinsics appear only
+// where the extensions cannot say it (the noise's 64-bit hashing, fast_normals). All build with
+// -ffp-contract=off, so that the random streams round exactly as Numba's (fastllc/sampling/randomness.py);
+// the hot loops ask for fused multiply-adds explicitly (madd, MADD), which the portable build computes as
+// a multiply and an add.
 //
 // One step of chain c (canonical parameter order of fastllc/model.py: E [p,e], L [h,e], b_L [h],
 // R [h,e], b_R [h], U [p,h]; the chain's weights w [d] are contiguous):
@@ -29,11 +31,9 @@
 //
 // Layout of a step (loss_and_gradient): the minibatch's m examples are the vector lanes. Every product is one
 // register-blocked tile kernel (gemm: 6 rows × 2 vectors of accumulators) that reads the weights in place
-// through strides; at the published shape (p = 53, e = 8, h = 32, m = 64) the products run near the FMA
-// units' peak and take about half of a chain-step, the noise about a quarter, GELU and softmax most of the
-// rest. (Measured alternatives that were not faster: other tile shapes; the noise four or eight words at a
-// time in AVX2 or AVX-512 lanes, with gathered or scalar table loads; its rejected elements drawn in a
-// second pass.)
+// through strides; at the published shape (p = 53, e = 8, h = 32, m = 64) the three large products run at
+// about 94% of the FMA units' peak. Noise: 2,696 normals per chain-step, eight hashes at a time, the ~1.4%
+// outside their layer's rectangle in a second pass (fill_normal).
 
 #include <algorithm>
 #include <cmath>
@@ -41,13 +41,21 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #if defined(__FMA__)
 #define MADD(a, b, c) std::fma((a), (b), (c))
-#define FASTLLC_VARIANT "vector"
+#if defined(__AVX512F__)
+#define FASTLLC_VARIANT "avx512"
+#else
+#define FASTLLC_VARIANT "avx2"
+#endif
 #else
 #define MADD(a, b, c) ((a) * (b) + (c))
 #define FASTLLC_VARIANT "scalar"
@@ -118,17 +126,94 @@ float normal(const Ziggurat& z, uint64_t key, int64_t element) {
     }
 }
 
-// Unit normals of elements 0 .. count−1 of the stream ``key`` into out: _fill_noise's fast path (the point
-// in its layer's rectangle, ~98.6% of elements) inline, the full ziggurat for the rest: the same values as
-// ``normal`` element by element. (Four words at a time in 64-bit vector lanes measured 10% slower overall:
-// AVX2 has no 64-bit multiply.)
-void fill_normal(const Ziggurat& zig, uint64_t key, int64_t count, float* out) {
-    for (int64_t j = 0; j < count; ++j) {
+// Unit normals of elements 0 .. count−1 of the stream ``key`` into out, the same values as ``normal`` element by
+// element, in two passes. The first computes every element's first word and its point in the layer's rectangle
+// (_fill_noise's fast path, accepted for ~98.6% of elements) and lists the others without a branch; the second
+// runs the full ziggurat for the listed ones (~40 per 2,696 elements). The first pass takes eight words at a
+// time: in 64-bit lanes with AVX-512's 64-bit multiply, in two 4-lane halves with AVX2 (each 64-bit product
+// from three 32-bit ones), else one at a time. rejected: room for count + 8 indices.
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+int64_t fast_normals(const Ziggurat& zig, uint64_t key, int64_t count, float* out, int32_t* rejected) {
+    constexpr uint64_t stride = GOLDEN << WORDS_PER_ELEMENT_SHIFT;  // word_of(key, j + 1, 0) − word_of's argument
+    __m512i base = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(key)),
+                                    _mm512_mullo_epi64(_mm512_set1_epi64(stride), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)));
+    const __m512i step = _mm512_set1_epi64(stride * 8), mix1 = _mm512_set1_epi64(MIX1), mix2 = _mm512_set1_epi64(MIX2);
+    const __m512i byte = _mm512_set1_epi64(255);
+    const __m256 unit = _mm256_set1_ps(1.0f / 8388608.0f), one = _mm256_set1_ps(1.0f);
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int64_t j = 0, n = 0;
+    for (; j + 8 <= count; j += 8) {
+        __m512i z = base;  // mix64, lane by lane
+        base = _mm512_add_epi64(base, step);
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), mix1);
+        z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), mix2);
+        z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+        const __m256i layer = _mm512_cvtepi64_epi32(_mm512_and_si512(z, byte));
+        const __m256 u = _mm256_sub_ps(_mm256_mul_ps(_mm512_cvtepi64_ps(_mm512_srli_epi64(z, 40)), unit), one);
+        const __m256 ratio = _mm256_i32gather_ps(zig.ratios, layer, 4), edge = _mm256_i32gather_ps(zig.edges32, layer, 4);
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(u, edge));
+        const __mmask8 outside = _mm256_cmp_ps_mask(_mm256_and_ps(u, magnitude), ratio, _CMP_NLT_UQ);
+        // compressed in a register: Zen 4's compressing store to memory is microcoded and slow
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rejected + n), _mm256_maskz_compress_epi32(outside, lanes));
+        n += __builtin_popcount(outside);
+        lanes = _mm256_add_epi32(lanes, _mm256_set1_epi32(8));
+    }
+#elif defined(__AVX2__)
+inline __m256i times(__m256i z, __m256i low, __m256i high) {  // z · (high·2³² + low) mod 2⁶⁴, lane by lane
+    const __m256i cross = _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(z, 32), low), _mm256_mul_epu32(z, high));
+    return _mm256_add_epi64(_mm256_mul_epu32(z, low), _mm256_slli_epi64(cross, 32));
+}
+inline __m256i mix64x4(__m256i z) {
+    const __m256i low1 = _mm256_set1_epi64x(MIX1 & 0xffffffffu), high1 = _mm256_set1_epi64x(MIX1 >> 32);
+    const __m256i low2 = _mm256_set1_epi64x(MIX2 & 0xffffffffu), high2 = _mm256_set1_epi64x(MIX2 >> 32);
+    z = times(_mm256_xor_si256(z, _mm256_srli_epi64(z, 30)), low1, high1);
+    z = times(_mm256_xor_si256(z, _mm256_srli_epi64(z, 27)), low2, high2);
+    return _mm256_xor_si256(z, _mm256_srli_epi64(z, 31));
+}
+int64_t fast_normals(const Ziggurat& zig, uint64_t key, int64_t count, float* out, int32_t* rejected) {
+    constexpr uint64_t stride = GOLDEN << WORDS_PER_ELEMENT_SHIFT;
+    __m256i first = _mm256_setr_epi64x(static_cast<int64_t>(key), static_cast<int64_t>(key + stride),
+                                       static_cast<int64_t>(key + 2 * stride), static_cast<int64_t>(key + 3 * stride));
+    __m256i second = _mm256_add_epi64(first, _mm256_set1_epi64x(static_cast<int64_t>(4 * stride)));
+    const __m256i step = _mm256_set1_epi64x(static_cast<int64_t>(8 * stride)), byte = _mm256_set1_epi64x(255);
+    const __m256i interleave = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m256 unit = _mm256_set1_ps(1.0f / 8388608.0f), one = _mm256_set1_ps(1.0f);
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    int64_t j = 0, n = 0;
+    for (; j + 8 <= count; j += 8) {
+        const __m256i z0 = mix64x4(first), z1 = mix64x4(second);
+        first = _mm256_add_epi64(first, step), second = _mm256_add_epi64(second, step);
+        // the 8 words' low bytes (layers) and top 24 bits (u) as 32-bit lanes, in element order
+        const __m256i layer = _mm256_permutevar8x32_epi32(
+            _mm256_blend_epi32(_mm256_and_si256(z0, byte), _mm256_slli_epi64(_mm256_and_si256(z1, byte), 32), 0xAA), interleave);
+        const __m256i top = _mm256_permutevar8x32_epi32(
+            _mm256_blend_epi32(_mm256_srli_epi64(z0, 40), _mm256_slli_epi64(_mm256_srli_epi64(z1, 40), 32), 0xAA), interleave);
+        const __m256 u = _mm256_sub_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(top), unit), one);
+        const __m256 ratio = _mm256_i32gather_ps(zig.ratios, layer, 4), edge = _mm256_i32gather_ps(zig.edges32, layer, 4);
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(u, edge));
+        for (int outside = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(u, magnitude), ratio, _CMP_NLT_UQ)); outside;
+             outside &= outside - 1)
+            rejected[n++] = static_cast<int32_t>(j + __builtin_ctz(outside));
+    }
+#else
+int64_t fast_normals(const Ziggurat& zig, uint64_t key, int64_t count, float* out, int32_t* rejected) {
+    int64_t j = 0, n = 0;
+#endif
+    for (; j < count; ++j) {  // the rest one at a time
         const uint64_t word = word_of(key, j, 0);
         const int layer = static_cast<int>(word & 255u);
         const float u = signed_unit(word);
-        out[j] = std::fabs(u) < zig.ratios[layer] ? u * zig.edges32[layer] : normal(zig, key, j);
+        out[j] = u * zig.edges32[layer];
+        rejected[n] = static_cast<int32_t>(j);
+        n += !(std::fabs(u) < zig.ratios[layer]);
     }
+    return n;
+}
+
+void fill_normal(const Ziggurat& zig, uint64_t key, int64_t count, float* out, int32_t* rejected) {
+    const int64_t n = fast_normals(zig, key, count, out, rejected);
+    for (int64_t i = 0; i < n; ++i) out[rejected[i]] = normal(zig, key, rejected[i]);
 }
 
 struct Shape {
@@ -489,7 +574,9 @@ int fastllc_mlp_sgld_run(int64_t C, int64_t p, int64_t e, int64_t h, int64_t m, 
 #endif
     {
         Scratch* scratch = nullptr;
+        std::vector<int32_t> rejected;  // the noise's second pass (fill_normal)
         try {
+            rejected.resize(S.d + 8);
             scratch = new Scratch(S);
         } catch (...) {
             failed = 1;
@@ -525,7 +612,7 @@ int fastllc_mlp_sgld_run(int64_t C, int64_t p, int64_t e, int64_t h, int64_t m, 
                             k.a[i] = ops[2 * ex], k.b[i] = ops[2 * ex + 1], k.y[i] = targets[ex];
                         }
                         const uint64_t nkey = stream_key(seed, NOISE_STREAM, chain_ids[c], t);
-                        fill_normal(zig, nkey, S.d, k.noise.data());
+                        fill_normal(zig, nkey, S.d, k.noise.data(), rejected.data());
                         xi = k.noise.data();
                     }
                     const double loss = loss_and_gradient(S, wc, k, loss_offset);
@@ -534,22 +621,28 @@ int fastllc_mlp_sgld_run(int64_t C, int64_t p, int64_t e, int64_t h, int64_t m, 
                         alive[c] = 0;
                         break;
                     }
-                    float* inc = k.inc.data();
                     const float* g = k.grad.data();
-                    for (int64_t j = 0; j < S.d; ++j)  // −decay·(w − w*) − drift·∇L_m + √ε·ξ
-                        inc[j] = MADD(noise_scale, xi[j], MADD(-drift, g[j], -decay * (wc[j] - star[j])));
-                    if (dir) {
-                        double dot = 0.0;
-                        for (int64_t j = 0; j < S.d; ++j) dot += static_cast<double>(inc[j]) * dir[j];
-                        const float f = static_cast<float>(dot);
+                    const uint8_t* kc = keep ? keep + c * keep_stride : nullptr;
+                    // Δ_j = −decay·(w − w*)_j − drift·∇_j + √ε·ξ_j, rounded the same way in each branch
+#define INCREMENT(j) MADD(noise_scale, xi[j], MADD(-drift, g[j], -decay * (wc[j] - star[j])))
+                    if (dir) {  // Δ −= (Δ·g)g needs the whole Δ first
+                        float* inc = k.inc.data();
+                        for (int64_t j = 0; j < S.d; ++j) inc[j] = INCREMENT(j);
+                        double dot[8] = {};  // Δ·g in eight running sums (lanes), not one serial chain of adds
+                        int64_t j = 0;
+                        for (; j + 8 <= S.d; j += 8)
+                            for (int l = 0; l < 8; ++l) dot[l] += static_cast<double>(inc[j + l]) * dir[j + l];
+                        for (; j < S.d; ++j) dot[0] += static_cast<double>(inc[j]) * dir[j];
+                        const float f = static_cast<float>(((dot[0] + dot[4]) + (dot[1] + dot[5])) +
+                                                           ((dot[2] + dot[6]) + (dot[3] + dot[7])));
                         for (int64_t j = 0; j < S.d; ++j) inc[j] = MADD(-f, dir[j], inc[j]);
-                    }
-                    if (keep) {  // restricted: unselected weights get no increment at all (bit for bit w*)
-                        const uint8_t* kc = keep + c * keep_stride;
-                        for (int64_t j = 0; j < S.d; ++j) wc[j] = kc[j] ? wc[j] + inc[j] : wc[j];
+                        for (int64_t j = 0; j < S.d; ++j) wc[j] = !kc || kc[j] ? wc[j] + inc[j] : wc[j];
+                    } else if (kc) {  // restricted: unselected weights get no increment at all (bit for bit w*)
+                        for (int64_t j = 0; j < S.d; ++j) wc[j] = kc[j] ? wc[j] + INCREMENT(j) : wc[j];
                     } else {
-                        for (int64_t j = 0; j < S.d; ++j) wc[j] += inc[j];
+                        for (int64_t j = 0; j < S.d; ++j) wc[j] += INCREMENT(j);
                     }
+#undef INCREMENT
                 }
             }
             delete scratch;
@@ -583,6 +676,7 @@ void fastllc_draw(int64_t C, int64_t m, int64_t d, int64_t n, const int64_t* cha
                   const double* edges, const float* edges32, const float* ratios, const double* density, double tail,
                   int64_t* indices, float* noise) {
     const Ziggurat zig{edges, edges32, ratios, density, tail};
+    std::vector<int32_t> rejected(d + 8);
     for (int64_t c = 0; c < C; ++c) {
         const uint64_t ikey = stream_key(seed, INDEX_STREAM, chain_ids[c], step);
         for (int64_t i = 0; i < m; ++i) {
@@ -590,7 +684,7 @@ void fastllc_draw(int64_t C, int64_t m, int64_t d, int64_t n, const int64_t* cha
             indices[c * m + i] = static_cast<int64_t>(((word >> 32) * static_cast<uint64_t>(n)) >> 32);
         }
         const uint64_t nkey = stream_key(seed, NOISE_STREAM, chain_ids[c], step);
-        fill_normal(zig, nkey, d, noise + c * d);
+        fill_normal(zig, nkey, d, noise + c * d, rejected.data());
     }
 }
 
