@@ -104,6 +104,9 @@ def pytest_terminal_summary(terminalreporter):
         write(f"  {name:<46} {r['rate']:>10,.0f}  {r['fraction']:6.1%} of CPU FLOP ceiling{extra}")
     for family in sorted({r["family"] for r in RESULTS.values()}):
         rows = [r for r in RESULTS.values() if r["family"] == family]
+        for base in (r for r in rows if r["backend"] == "torch"):  # the fastest framework backend, at equal C
+            for fast in (r for r in rows if r["chains"] == base["chains"] and r["backend"].startswith("native")):
+                write(f"  {family}: {fast['backend']} / torch (C={base['chains']}): {fast['rate'] / base['rate']:.2f}x")
         for peer in (r for r in rows if is_peer(r["backend"])):
             for fast in (r for r in rows if not is_peer(r["backend"])):
                 write(f"  {family}: {fast['backend']} (C={fast['chains']}) / {peer['backend']} (C={peer['chains']}): "
