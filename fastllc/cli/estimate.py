@@ -32,7 +32,7 @@ TENSORS = len(param_shapes(2, 1, 1))  # the study's MLP's parameter tensors, wha
 @click.option("--orthogonal/--no-orthogonal", default=False, show_default=True,
               help="Restrict SGLD orthogonally to the full-batch gradient at w*.")
 @click.option("--sampler", type=click.Choice(["sgld", "rmsprop_sgld"]), default="sgld", show_default=True,
-              help="Plain SGLD, or RMSProp-preconditioned SGLD (devinterp's rmsprop_sgld; backend generic or reference).")
+              help="Plain SGLD, or RMSProp-preconditioned SGLD (devinterp's rmsprop_sgld; backends torch, generic and reference).")
 @click.option("--rmsprop-alpha", type=float, default=0.99, show_default=True, help="RMSProp's decay α.")
 @click.option("--rmsprop-eps", type=float, default=0.1, show_default=True, help="RMSProp's stabiliser δ in 1/(√V + δ).")
 @click.option("--chain-loss", type=click.Choice(["exact", "published"]), default="exact", show_default=True,
