@@ -270,6 +270,22 @@ def test_a_failing_compiler_is_a_one_line_error_and_leaves_nothing(monkeypatch, 
     assert [p for p in (tmp_path / "home").rglob("*") if p.is_file()] == []
 
 
+def test_a_compiler_without_avx512_falls_back_to_the_next_build(monkeypatch, tmp_path):
+    real = subprocess.run(["sh", "-c", "command -v g++ || command -v c++"], capture_output=True, text=True).stdout.strip()
+    if not real:
+        pytest.skip("no C++ compiler here (the fallback to torch is tested above)")
+    picky = tmp_path / "no-avx512-g++"  # as an old compiler: refuses the AVX-512 flags, builds the rest
+    picky.write_text(f"#!/bin/sh\ncase \"$*\" in *-mavx512f*) echo 'error: unknown flag -mavx512f' >&2; exit 1;; esac\n"
+                     f"exec {real} \"$@\"\n")
+    picky.chmod(0o755)
+    monkeypatch.setenv("FASTLLC_CXX", str(picky))
+    monkeypatch.setenv("FASTLLC_HOME", str(tmp_path / "home"))  # nothing cached: both builds are attempted
+    monkeypatch.setattr(native_build, "_loaded", {})
+    monkeypatch.setattr(native_build, "variants", lambda: ["avx512", "scalar"])  # any CPU runs the scalar build
+    assert native_build.load().fastllc_mlp_sgld_variant() == b"scalar"
+    assert [p.name for p in (tmp_path / "home").rglob("*") if p.is_file()] == ["libmlp_sgld_scalar.so"]
+
+
 def test_two_processes_building_at_once_leave_one_whole_library(tmp_path):
     home = tmp_path / "home"
     script = ("from fastllc import native_build as nb; lib = nb.load('scalar'); "
