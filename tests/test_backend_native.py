@@ -191,12 +191,13 @@ def test_transcendentals_keep_their_documented_error_bounds(variant):
     zd = torch.from_numpy(z).double()
     cdf = 0.5 * torch.erfc(-zd / math.sqrt(2))
     gelu, gelu_slope = (zd * cdf).numpy(), (cdf + zd * torch.exp(-zd * zd / 2) / math.sqrt(2 * math.pi)).numpy()
-    # the bounds stated in mlp_sgld_cpu.cpp (measured: 3.8e-7, 2.3e-6, 8.5e-6, 2.4e-7)
+    # the bounds stated in mlp_sgld_cpu.cpp (measured: 3.8e-7; relative 7.1e-7 and 2.1e-6, in the portable
+    # build, which rounds exp's argument twice, 7.8e-7 and 2.9e-6; 2.0e-7)
     assert np.abs(value - gelu).max() <= 4e-7
-    for limit, bound in ((5, 3e-6), (10, 1e-5)):
+    for limit, bound in ((5, 1.5e-6), (10, 5e-6)) if variant == "scalar" else ((5, 1e-6), (10, 2.5e-6)):
         inside = np.abs(z) <= limit
         assert (np.abs(value - gelu)[inside] / np.abs(gelu)[inside].clip(1e-38)).max() <= bound
-    assert np.abs(slope - gelu_slope).max() <= 3e-7
+    assert np.abs(slope - gelu_slope).max() <= 2.5e-7
 
 
 def test_other_models_devices_and_generators_are_refused_in_one_line():
