@@ -395,12 +395,13 @@ bool softmax_block(const Shape& S, Scratch& k, int64_t i0, double offset, double
     }
     bool finite = true;
     const float inv_m = 1.0f / static_cast<float>(m);
-    float weight[8 * N], scale[8 * N] = {};  // padding lanes: weight 0
+    float sums[8 * N], checks[8 * N], weight[8 * N] = {};  // padding lanes: weight 0
+    std::memcpy(sums, total, sizeof sums);
+    std::memcpy(checks, check, sizeof checks);
     for (int l = 0; l < lanes; ++l) {
-        const float sum = total[l / 8][l % 8];
-        finite = finite && std::isfinite(check[l / 8][l % 8]) && std::isfinite(sum);
+        finite &= std::isfinite(checks[l]) & std::isfinite(sums[l]);
         // −log softmax(s)[y] = log Σ exp(s − top) − (s[y] − top): exact however small softmax(s)[y] is
-        const float nll = std::log(sum) - label_shifted[l];
+        const float nll = std::log(sums[l]) - label_shifted[l];
         weight[l] = inv_m;  // of this example's (softmax(s) − onehot(y)) in δs
         if (offset > 0) {
             // −log(p_y + δ) with p_y = exp(log softmax(s)[y]) (0 where that underflows: the exact limit), whose
@@ -411,10 +412,13 @@ bool softmax_block(const Shape& S, Scratch& k, int64_t i0, double offset, double
         } else {
             loss += static_cast<double>(nll);
         }
-        scale[l] = weight[l] / sum;
     }
-    v8 scales[N];
-    std::memcpy(scales, scale, sizeof scales);
+    v8 scales[N];  // weight / Σ exp(s − top), 0 in the padding lanes
+    for (int j = 0; j < N; ++j) {
+        v8i lane;
+        for (int l = 0; l < 8; ++l) lane[l] = 8 * j + l;
+        scales[j] = lane < lanes ? load(weight + 8 * j) / total[j] : splat(0.0f);
+    }
     for (int64_t q = 0; q < p; ++q)
         for (int j = 0; j < N; ++j) store(sT + q * mp + 8 * j, load(sT + q * mp + 8 * j) * scales[j]);
     for (int l = 0; l < lanes; ++l) sT[k.y[i0 + l] * mp + l] -= weight[l];
