@@ -254,7 +254,7 @@ inline v8 exp8(v8 x) { expn<1>(&x); return x; }
 // The step's products, all of one form: C [M rows, NV vectors of 8] = A [M, K] · B [K, NV·8], with A read
 // through strides (element (r, k) at A[r·ra + k·ka], so that the weights and their transposes are read in
 // place) and broadcast, B's rows loaded as vectors. Register-blocked: a tile of MR rows × NR vectors stays
-// in registers over the whole sum (MR·NR ≥ 8 independent accumulators hide the FMA latency). K ≥ 1: the
+// in registers over the whole sum (MR·NR ≥ 8 independent accumulators hide the FMA latency). K ≥ 1 (gemm): the
 // loop is a do-while and steps pointers, so that GCC neither versions it on ka nor keeps the accumulators in
 // a stack array around it (with a for loop it did both: the products took 7% longer).
 template <int MR, int NR>
@@ -305,9 +305,13 @@ void gemm_columns(int64_t M, const float* A, int64_t ra, int64_t ka, const float
     }
 }
 
-// C [M, 8·NV] (row stride ldc) = A [M, K] (strides ra, ka) · B [K, 8·NV] (row stride ldb), K ≥ 1
+// C [M, 8·NV] (row stride ldc) = A [M, K] (strides ra, ka) · B [K, 8·NV] (row stride ldb)
 void gemm(int64_t M, int64_t NV, int64_t K, const float* A, int64_t ra, int64_t ka, const float* B, int64_t ldb,
           float* C, int64_t ldc) {
+    if (K < 1) {  // an empty sum (not at any shape the backends pass; the tiles need K ≥ 1)
+        for (int64_t r = 0; r < M; ++r) std::memset(C + r * ldc, 0, sizeof(float) * 8 * NV);
+        return;
+    }
     int64_t n = 0;
     for (; n + 2 <= NV; n += 2) gemm_columns<2>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
     if (n < NV) gemm_columns<1>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
