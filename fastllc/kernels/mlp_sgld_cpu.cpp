@@ -437,9 +437,9 @@ bool softmax_block(const Shape& S, Scratch& k, int64_t i0, double offset, double
 // with AVX-512's 32 registers (20% faster than four at the published shape), four with AVX2's 16 (eight: 4%
 // slower), then single ones.
 template <int N>
-inline void gelu_vectors(float* z, float* slope, v8 bias) {
+inline void gelu_vectors(float* z, float* slope, float bias) {
     v8 zz[N], value[N], derivative[N];
-    for (int j = 0; j < N; ++j) zz[j] = load(z + 8 * j) + bias;
+    for (int j = 0; j < N; ++j) zz[j] = load(z + 8 * j) + splat(bias);
     gelun<N>(zz, value, derivative);
     for (int j = 0; j < N; ++j) store(z + 8 * j, value[j]), store(slope + 8 * j, derivative[j]);
 }
@@ -468,7 +468,7 @@ double loss_and_gradient(const Shape& S, const float* w, Scratch& k, double offs
     // forward: zT = [L R]·ET (+ b_L + b_R), u = GELU(z), logits sT = U·uT (the padding adds exact zeros)
     gemm(h, mp / 8, 2 * ep, k.LR.data(), 2 * ep, 1, k.ET.data(), mp, k.zT.data(), mp);
     for (int64_t c = 0; c < h; ++c) {
-        const v8 bias = splat(w[S.obL + c] + w[S.obR + c]);
+        const float bias = w[S.obL + c] + w[S.obR + c];
         float* z = k.zT.data() + c * mp;
         float* gg = k.gT.data() + c * mp;
         int64_t i = 0;
