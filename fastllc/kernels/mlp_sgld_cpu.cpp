@@ -416,45 +416,64 @@ inline v8 exp8(v8 x) { expn<1>(&x); return x; }
 // The step's products, all of one form: C [M rows, NV vectors of 8] = A [M, K] · B [K, NV·8], with A read
 // through strides (element (r, k) at A[r·ra + k·ka], so that the weights and their transposes are read in
 // place) and broadcast, B's rows loaded as vectors. Register-blocked: a tile of MR rows × NR vectors stays
-// in registers over the whole sum (MR·NR ≥ 8 independent accumulators hide the FMA latency).
+// in registers over the whole sum (MR·NR ≥ 8 independent accumulators hide the FMA latency). K ≥ 1 (gemm): the
+// loop is a do-while and steps pointers, so that GCC neither versions it on ka nor keeps the accumulators in
+// a stack array around it (with a for loop it did both: the products took 7% longer).
 template <int MR, int NR>
 inline void tile(const float* A, int64_t ra, int64_t ka, const float* B, int64_t ldb, int64_t K, float* C,
                  int64_t ldc) {
     v8 acc[MR][NR];
     for (int r = 0; r < MR; ++r)
         for (int n = 0; n < NR; ++n) acc[r][n] = splat(0.0f);
-    for (int64_t k = 0; k < K; ++k) {
+    int64_t k = 0;
+    do {
         v8 b[NR];
-        for (int n = 0; n < NR; ++n) b[n] = load(B + k * ldb + 8 * n);
+        for (int n = 0; n < NR; ++n) b[n] = load(B + 8 * n);
         for (int r = 0; r < MR; ++r) {
-            const v8 a = splat(A[r * ra + k * ka]);
+            const v8 a = splat(A[r * ra]);
             for (int n = 0; n < NR; ++n) acc[r][n] = madd(a, b[n], acc[r][n]);
         }
-    }
+        A += ka, B += ldb;
+    } while (++k < K);
     for (int r = 0; r < MR; ++r)
         for (int n = 0; n < NR; ++n) store(C + r * ldc + 8 * n, acc[r][n]);
 }
 
-constexpr int TILE_ROWS = 6;  // 6 rows × 2 vectors: 12 accumulators, 2 loaded rows of B, 1 broadcast
+// 6 rows × 2 vectors: 12 accumulators, 2 loaded rows of B, 1 broadcast. (Measured at the published shape, with
+// AVX2 and with AVX-512's 32 registers: 12 × 2, 8 × 3, 7 × 3, 6 × 4, 4 × 4, 4 × 3 and 3 × 4 were all slower.)
+constexpr int TILE_ROWS = 6;
 
+template <int NR, int R = TILE_ROWS>
+inline void tile_of(int64_t rows, const float* A, int64_t ra, int64_t ka, const float* B, int64_t ldb, int64_t K,
+                    float* C, int64_t ldc) {  // tile<rows, NR>, 1 ≤ rows ≤ TILE_ROWS
+    if constexpr (R >= 1) {
+        if (rows == R) tile<R, NR>(A, ra, ka, B, ldb, K, C, ldc);
+        else tile_of<NR, R - 1>(rows, A, ra, ka, B, ldb, K, C, ldc);
+    }
+}
+
+// Whole tiles, then the rest; a rest of 1 or 2 rows (2 or 4 accumulators: too few to hide the FMA latency)
+// is instead shared with the last whole tile as two tiles of half as many rows (M = 32: 6+6+6+6+4+4).
 template <int NR>
 void gemm_columns(int64_t M, const float* A, int64_t ra, int64_t ka, const float* B, int64_t ldb, int64_t K,
                   float* C, int64_t ldc) {
-    int64_t r = 0;
-    for (; r + TILE_ROWS <= M; r += TILE_ROWS) tile<TILE_ROWS, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc);
-    switch (M - r) {
-        case 5: tile<5, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc); break;
-        case 4: tile<4, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc); break;
-        case 3: tile<3, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc); break;
-        case 2: tile<2, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc); break;
-        case 1: tile<1, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc); break;
-        default: break;
+    int64_t whole = M / TILE_ROWS, r = 0;
+    if (whole >= 1 && M % TILE_ROWS != 0 && M % TILE_ROWS < TILE_ROWS / 2) whole -= 1;
+    for (int64_t t = 0; t < whole; ++t, r += TILE_ROWS) tile<TILE_ROWS, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc);
+    while (r < M) {
+        const int64_t rows = M - r > TILE_ROWS ? (M - r) / 2 : M - r;
+        tile_of<NR>(rows, A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc);
+        r += rows;
     }
 }
 
 // C [M, 8·NV] (row stride ldc) = A [M, K] (strides ra, ka) · B [K, 8·NV] (row stride ldb)
 void gemm(int64_t M, int64_t NV, int64_t K, const float* A, int64_t ra, int64_t ka, const float* B, int64_t ldb,
           float* C, int64_t ldc) {
+    if (K < 1) {  // an empty sum (not at any shape the backends pass; the tiles need K ≥ 1)
+        for (int64_t r = 0; r < M; ++r) std::memset(C + r * ldc, 0, sizeof(float) * 8 * NV);
+        return;
+    }
     int64_t n = 0;
     for (; n + 2 <= NV; n += 2) gemm_columns<2>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
     if (n < NV) gemm_columns<1>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
@@ -462,18 +481,63 @@ void gemm(int64_t M, int64_t NV, int64_t K, const float* A, int64_t ra, int64_t 
 
 // One thread's buffers, reused for every chain it runs. The minibatch's examples are the vector lanes
 // ("…T" buffers: [rows, mp], mp = m padded to 8; the padding lanes hold a zero embedding and get zero
-// weight in δs, so they add nothing to any gradient); ep, hp: e and h padded to 8.
+// weight in δs, so they add nothing to any gradient); ep, hp: e and h padded to 8. The padding rows and
+// columns (LR's, EE's and ET's beyond e, zT's beyond h, u's beyond h) are zero and never written.
 struct Scratch {
     int64_t mp, ep, hp;
-    std::vector<float> LR, ET, EE, zT, gT, sT, u, gU, dzT, dET, gLR, noise, inc;
+    std::vector<float> LR, ET, EE, zT, gT, sT, u, gU, dzT, dEE, gLR, noise, inc;
     std::vector<int64_t> a, b, y;
     std::vector<float> grad;
     explicit Scratch(const Shape& S)
-        : mp(padded(S.m)), ep(padded(S.e)), hp(padded(S.h)), LR(S.h * 2 * S.e), ET(2 * S.e * mp, 0.0f),
-          EE(mp * 2 * ep, 0.0f), zT(S.h * mp), gT(S.h * mp), sT(S.p * mp), u(mp * hp, 0.0f), gU(S.p * hp),
-          dzT(S.h * mp), dET(2 * S.e * mp), gLR(S.h * 2 * ep), noise(S.d), inc(S.d), a(S.m), b(S.m), y(S.m),
+        : mp(padded(S.m)), ep(padded(S.e)), hp(padded(S.h)), LR(S.h * 2 * ep, 0.0f), ET(2 * ep * mp, 0.0f),
+          EE(mp * 2 * ep, 0.0f), zT(hp * mp, 0.0f), gT(S.h * mp), sT(S.p * mp), u(mp * hp, 0.0f), gU(S.p * hp),
+          dzT(S.h * mp), dEE(mp * 2 * ep), gLR(S.h * 2 * ep), noise(S.d), inc(S.d), a(S.m), b(S.m), y(S.m),
           grad(S.d) {}
 };
+
+// dst[0 .. n) = src[0 .. n), and dst[0 .. n) += src[0 .. n): a vector at a time, then the tail
+inline void copy_row(float* dst, const float* src, int64_t n) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) store(dst + j, load(src + j));
+    for (; j < n; ++j) dst[j] = src[j];
+}
+inline void add_row(float* dst, const float* src, int64_t n) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) store(dst + j, load(dst + j) + load(src + j));
+    for (; j < n; ++j) dst[j] += src[j];
+}
+
+// dst [cols, ·] (row stride ldd) = src [rows, ·]ᵀ (row stride lds), both padded to whole 8 × 8 blocks: with
+// AVX, eight loads, sixteen in-register shuffles and eight stores per block (vs. 64 scalar copies).
+inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+#if defined(__AVX__)
+    __m256 r[8], t[8];
+    for (int i = 0; i < 4; ++i) {  // r[i] = rows i and i + 4, columns 0..3; r[i + 4]: columns 4..7
+        r[i] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(src + i * lds)), _mm_loadu_ps(src + (i + 4) * lds), 1);
+        r[i + 4] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(src + i * lds + 4)),
+                                        _mm_loadu_ps(src + (i + 4) * lds + 4), 1);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+        t[i + 2] = _mm256_unpacklo_ps(r[i + 2], r[i + 3]);
+        t[i + 3] = _mm256_unpackhi_ps(r[i + 2], r[i + 3]);
+        _mm256_storeu_ps(dst + i * ldd, _mm256_shuffle_ps(t[i], t[i + 2], 0x44));
+        _mm256_storeu_ps(dst + (i + 1) * ldd, _mm256_shuffle_ps(t[i], t[i + 2], 0xEE));
+        _mm256_storeu_ps(dst + (i + 2) * ldd, _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44));
+        _mm256_storeu_ps(dst + (i + 3) * ldd, _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE));
+    }
+#else
+    for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < 8; ++j) dst[j * ldd + i] = src[i * lds + j];
+#endif
+}
+
+// dst [cols, rows] = src [rows, cols]ᵀ, rows and cols multiples of 8
+inline void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd) {
+    for (int64_t i = 0; i < rows; i += 8)
+        for (int64_t j = 0; j < cols; j += 8) transpose8(src + i * lds + j, lds, dst + j * ldd + i, ldd);
+}
 
 // Examples i0 .. i0 + 8N − 1 (lanes of N vectors) of the logits k.sT [p, mp]: adds their loss to ``loss`` and
 // overwrites their logits with δs = w_i·(softmax(s_i) − onehot(y_i)), w_i = 1/m for cross-entropy and
@@ -501,12 +565,13 @@ bool softmax_block(const Shape& S, Scratch& k, int64_t i0, double offset, double
     }
     bool finite = true;
     const float inv_m = 1.0f / static_cast<float>(m);
-    float weight[8 * N], scale[8 * N] = {};  // padding lanes: weight 0
+    float sums[8 * N], checks[8 * N], weight[8 * N] = {};  // padding lanes: weight 0
+    std::memcpy(sums, total, sizeof sums);
+    std::memcpy(checks, check, sizeof checks);
     for (int l = 0; l < lanes; ++l) {
-        const float sum = total[l / 8][l % 8];
-        finite = finite && std::isfinite(check[l / 8][l % 8]) && std::isfinite(sum);
+        finite &= std::isfinite(checks[l]) & std::isfinite(sums[l]);
         // −log softmax(s)[y] = log Σ exp(s − top) − (s[y] − top): exact however small softmax(s)[y] is
-        const float nll = std::log(sum) - label_shifted[l];
+        const float nll = std::log(sums[l]) - label_shifted[l];
         weight[l] = inv_m;  // of this example's (softmax(s) − onehot(y)) in δs
         if (offset > 0) {
             // −log(p_y + δ) with p_y = exp(log softmax(s)[y]) (0 where that underflows: the exact limit), whose
@@ -517,80 +582,87 @@ bool softmax_block(const Shape& S, Scratch& k, int64_t i0, double offset, double
         } else {
             loss += static_cast<double>(nll);
         }
-        scale[l] = weight[l] / sum;
     }
-    v8 scales[N];
-    std::memcpy(scales, scale, sizeof scales);
+    v8 scales[N];  // weight / Σ exp(s − top), 0 in the padding lanes
+    for (int j = 0; j < N; ++j) {
+        v8i lane;
+        for (int l = 0; l < 8; ++l) lane[l] = 8 * j + l;
+        scales[j] = lane < lanes ? load(weight + 8 * j) / total[j] : splat(0.0f);
+    }
     for (int64_t q = 0; q < p; ++q)
         for (int j = 0; j < N; ++j) store(sT + q * mp + 8 * j, load(sT + q * mp + 8 * j) * scales[j]);
     for (int l = 0; l < lanes; ++l) sT[k.y[i0 + l] * mp + l] -= weight[l];
     return finite;
 }
 
+// N vectors of z + bias → GELU in place (uT) and GELU′ into slope. The GELU pass runs eight vectors at a time
+// with AVX-512's 32 registers (20% faster than four at the published shape), four with AVX2's 16 (eight: 4%
+// slower), then single ones.
+template <int N>
+inline void gelu_vectors(float* z, float* slope, float bias) {
+    v8 zz[N], value[N], derivative[N];
+    for (int j = 0; j < N; ++j) zz[j] = load(z + 8 * j) + splat(bias);
+    gelun<N>(zz, value, derivative);
+    for (int j = 0; j < N; ++j) store(z + 8 * j, value[j]), store(slope + 8 * j, derivative[j]);
+}
+
 // offset δ > 0: the chain loss is the study's −mean log(softmax(s)_y + δ) instead of cross-entropy (δ = 0).
 // L_m(w) of one minibatch (NaN when any logit is not finite) and ∇L_m(w) into k.grad.
 double loss_and_gradient(const Shape& S, const float* w, Scratch& k, double offset) {
-    const int64_t p = S.p, e = S.e, h = S.h, m = S.m, mp = k.mp, ep = k.ep, hp = k.hp, e2 = 2 * e;
+    const int64_t p = S.p, e = S.e, h = S.h, m = S.m, mp = k.mp, ep = k.ep, hp = k.hp;
     float* sT = k.sT.data();
     const float* E = w + S.oE;
     const float* L = w + S.oL;
     const float* R = w + S.oR;
     const float* U = w + S.oU;
 
-    // the minibatch's embeddings: ET [2e, mp] = [E[a]ᵀ; E[b]ᵀ] (lanes), EE [mp, 2ep] = rows [E[a_i] E[b_i]]
+    // the minibatch's embeddings: EE [mp, 2ep] = rows [E[a_i] E[b_i]], ET [2ep, mp] = EEᵀ (examples as lanes)
     for (int64_t i = 0; i < m; ++i) {
-        const float* Ea = E + k.a[i] * e;
-        const float* Eb = E + k.b[i] * e;
-        for (int64_t j = 0; j < e; ++j) {
-            k.ET[j * mp + i] = Ea[j];
-            k.ET[(e + j) * mp + i] = Eb[j];
-            k.EE[i * 2 * ep + j] = Ea[j];
-            k.EE[i * 2 * ep + ep + j] = Eb[j];
-        }
+        copy_row(k.EE.data() + i * 2 * ep, E + k.a[i] * e, e);
+        copy_row(k.EE.data() + i * 2 * ep + ep, E + k.b[i] * e, e);
     }
-    for (int64_t c = 0; c < h; ++c)  // LR [h, 2e] = [L R]
-        for (int64_t j = 0; j < e; ++j) {
-            k.LR[c * e2 + j] = L[c * e + j];
-            k.LR[c * e2 + e + j] = R[c * e + j];
-        }
+    transpose(mp, 2 * ep, k.EE.data(), 2 * ep, k.ET.data(), mp);
+    for (int64_t c = 0; c < h; ++c) {  // LR [h, 2ep] = [L R]
+        copy_row(k.LR.data() + c * 2 * ep, L + c * e, e);
+        copy_row(k.LR.data() + c * 2 * ep + ep, R + c * e, e);
+    }
 
-    // forward: zT = [L R]·ET (+ b_L + b_R), u = GELU(z), logits sT = U·uT
-    gemm(h, mp / 8, e2, k.LR.data(), e2, 1, k.ET.data(), mp, k.zT.data(), mp);
+    // forward: zT = [L R]·ET (+ b_L + b_R), u = GELU(z), logits sT = U·uT (the padding adds exact zeros)
+    gemm(h, mp / 8, 2 * ep, k.LR.data(), 2 * ep, 1, k.ET.data(), mp, k.zT.data(), mp);
     for (int64_t c = 0; c < h; ++c) {
-        const v8 bias = splat(w[S.obL + c] + w[S.obR + c]);
+        const float bias = w[S.obL + c] + w[S.obR + c];
         float* z = k.zT.data() + c * mp;
         float* gg = k.gT.data() + c * mp;
         int64_t i = 0;
-        for (; i + 32 <= mp; i += 32) {  // four vectors at a time, then single ones
-            v8 zz[4], value[4], slope[4];
-            for (int j = 0; j < 4; ++j) zz[j] = load(z + i + 8 * j) + bias;
-            gelun<4>(zz, value, slope);
-            for (int j = 0; j < 4; ++j) store(z + i + 8 * j, value[j]), store(gg + i + 8 * j, slope[j]);  // → uT
-        }
-        for (; i < mp; i += 8) {
-            v8 zz = load(z + i) + bias, value, slope;
-            gelun<1>(&zz, &value, &slope);
-            store(z + i, value);
-            store(gg + i, slope);
-        }
+#if defined(__AVX512F__)
+        for (; i + 64 <= mp; i += 64) gelu_vectors<8>(z + i, gg + i, bias);
+#endif
+        for (; i + 32 <= mp; i += 32) gelu_vectors<4>(z + i, gg + i, bias);
+        for (; i < mp; i += 8) gelu_vectors<1>(z + i, gg + i, bias);
     }
     const float* uT = k.zT.data();
     gemm(p, mp / 8, h, U, h, 1, uT, mp, sT, mp);
 
-    // the loss, and δs = w_i·(softmax(s_i) − onehot(y_i)) over the logits, 16 examples at a time, then 8
+    // the loss, and δs = w_i·(softmax(s_i) − onehot(y_i)) over the logits, 32 examples at a time (as fast as 16
+    // with AVX2, 12% faster with AVX-512's registers; 64: slower), then 16, then 8
     double loss = 0.0;
     bool finite = true;
     int64_t i0 = 0;
+    for (; i0 + 32 <= mp; i0 += 32) finite &= softmax_block<4>(S, k, i0, offset, loss);
     for (; i0 + 16 <= mp; i0 += 16) finite &= softmax_block<2>(S, k, i0, offset, loss);
     for (; i0 < mp; i0 += 8) finite &= softmax_block<1>(S, k, i0, offset, loss);
     const float* dsT = sT;
 
     // backward. ∇U = δsᵀ·u (u: uT transposed, [mp, hp]); δzT = (Uᵀ·δsT) ⊙ GELU′(zT)
-    for (int64_t c = 0; c < h; ++c)
-        for (int64_t i = 0; i < m; ++i) k.u[i * hp + c] = uT[c * mp + i];
-    gemm(p, hp / 8, m, dsT, mp, 1, k.u.data(), hp, k.gU.data(), hp);
-    gemm(h, mp / 8, p, U, 1, h, dsT, mp, k.dzT.data(), mp);
     float* g = k.grad.data();
+    transpose(hp, mp, uT, mp, k.u.data(), hp);
+    if (h == hp) {  // ∇U straight into its place, else through gU (whole vectors would spill into the next row)
+        gemm(p, hp / 8, m, dsT, mp, 1, k.u.data(), hp, g + S.oU, h);
+    } else {
+        gemm(p, hp / 8, m, dsT, mp, 1, k.u.data(), hp, k.gU.data(), hp);
+        for (int64_t q = 0; q < p; ++q) copy_row(g + S.oU + q * h, k.gU.data() + q * hp, h);
+    }
+    gemm(h, mp / 8, p, U, 1, h, dsT, mp, k.dzT.data(), mp);
     for (int64_t c = 0; c < h; ++c) {
         float* dz = k.dzT.data() + c * mp;
         const float* gg = k.gT.data() + c * mp;
@@ -602,26 +674,18 @@ double loss_and_gradient(const Shape& S, const float* w, Scratch& k, double offs
         }
         g[S.obL + c] = g[S.obR + c] = sum8(sum);
     }
-    // [∇L ∇R] = δzᵀ·[E[a] E[b]] (rows of EE), and [∇E[a]; ∇E[b]]ᵀ = [L R]ᵀ·δzT, scattered to the rows of ∇E
+    // [∇L ∇R] = δzᵀ·[E[a] E[b]] (rows of EE); [∇E[a_i] ∇E[b_i]] = δz_i·[L R] (rows of dEE), added to ∇E's rows
     gemm(h, 2 * ep / 8, m, k.dzT.data(), mp, 1, k.EE.data(), 2 * ep, k.gLR.data(), 2 * ep);
-    gemm(e2, mp / 8, h, k.LR.data(), 1, e2, k.dzT.data(), mp, k.dET.data(), mp);
-
-    // into the canonical layout
-    for (int64_t c = 0; c < h; ++c)
-        for (int64_t j = 0; j < e; ++j) {
-            g[S.oL + c * e + j] = k.gLR[c * 2 * ep + j];
-            g[S.oR + c * e + j] = k.gLR[c * 2 * ep + ep + j];
-        }
-    for (int64_t q = 0; q < p; ++q) std::memcpy(g + S.oU + q * h, k.gU.data() + q * hp, sizeof(float) * h);
+    gemm(m, 2 * ep / 8, h, k.dzT.data(), 1, mp, k.LR.data(), 2 * ep, k.dEE.data(), 2 * ep);
+    for (int64_t c = 0; c < h; ++c) {  // into the canonical layout
+        copy_row(g + S.oL + c * e, k.gLR.data() + c * 2 * ep, e);
+        copy_row(g + S.oR + c * e, k.gLR.data() + c * 2 * ep + ep, e);
+    }
     float* gE = g + S.oE;
     std::memset(gE, 0, sizeof(float) * p * e);
     for (int64_t i = 0; i < m; ++i) {
-        float* ga = gE + k.a[i] * e;
-        float* gb = gE + k.b[i] * e;
-        for (int64_t j = 0; j < e; ++j) {
-            ga[j] += k.dET[j * mp + i];
-            gb[j] += k.dET[(e + j) * mp + i];
-        }
+        add_row(gE + k.a[i] * e, k.dEE.data() + i * 2 * ep, e);
+        add_row(gE + k.b[i] * e, k.dEE.data() + i * 2 * ep + ep, e);
     }
     return finite ? loss / static_cast<double>(m) : NAN;
 }
