@@ -308,6 +308,66 @@ void finish_normals(const Ziggurat& zig, uint64_t key, int32_t* pending, int64_t
     }
     for (int64_t q = 0; q < ns; ++q) out[scalar[q]] = normal(zig, key, scalar[q]);
 }
+#elif defined(__AVX2__)
+// exp(a) of 4 doubles a ∈ [−7, 0]: exp_wedge's reduction and polynomial (the same values), 2ⁿ (n ∈ [−11, 0])
+// built in the exponent bits for want of AVX-512's scalef.
+inline __m256d exp_wedge4(__m256d a) {
+    const __m256d n = _mm256_round_pd(_mm256_mul_pd(a, _mm256_set1_pd(1.4426950408889634)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93147180369123816490e-01), a);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.90821492927058770002e-10), r);
+    __m256d y = _mm256_set1_pd(1.0 / 6227020800.0);
+    static const double taylor[] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+                                    1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
+    for (double c : taylor) y = _mm256_fmadd_pd(y, r, _mm256_set1_pd(c));
+    const __m256i biased = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)), _mm256_set1_epi64x(1023));
+    return _mm256_mul_pd(y, _mm256_castsi256_pd(_mm256_slli_epi64(biased, 52)));
+}
+
+// The second pass in rounds as with AVX-512 (round k: words 2k and 2k + 1 of each pending element), eight
+// elements at a time: their words hashed in general-purpose registers (AVX2 has no 64-bit multiply), the
+// wedge tests' exps in one vector. Round 0 skips the rectangle test: the first pass saw it fail on the same
+// word. The tail layer and near ties go to ``normal``: the same values.
+void finish_normals(const Ziggurat& zig, uint64_t key, int32_t* pending, int64_t n, float* out) {
+    for (int64_t j = 0; n > 0; j += 2) {
+        int64_t next = 0;  // rejected by their wedge: pending in the next round, in place
+        for (int64_t i = 0; i < n; i += 8) {
+            alignas(32) double x[8] = {}, height[8] = {};
+            int32_t element[8];
+            int wedges = 0;
+            for (int64_t l = i; l < std::min(i + 8, n); ++l) {
+                const int32_t at = pending[l];
+                const uint64_t word = word_of(key, at, j);
+                const int layer = static_cast<int>(word & 255u);
+                const float u = signed_unit(word);
+                if (j > 0 && std::fabs(u) < zig.ratios[layer]) {
+                    out[at] = u * zig.edges32[layer];
+                } else if (layer == 0) {
+                    out[at] = normal(zig, key, at);
+                } else {
+                    x[wedges] = static_cast<double>(u) * zig.edges[layer];
+                    const double v = uniform01(word_of(key, at, j + 1));
+                    height[wedges] = zig.density[layer + 1] + v * (zig.density[layer] - zig.density[layer + 1]);
+                    element[wedges++] = at;
+                }
+            }
+            if (wedges == 0) continue;
+            int below = 0, above = 0;
+            for (int half = 0; half < (wedges > 4 ? 2 : 1); ++half) {  // two independent vectors: their exps overlap
+                const __m256d xs = _mm256_load_pd(x + 4 * half), heights = _mm256_load_pd(height + 4 * half);
+                const __m256d curve = exp_wedge4(_mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(-0.5), xs), xs));
+                below |= _mm256_movemask_pd(_mm256_cmp_pd(heights, _mm256_mul_pd(curve, _mm256_set1_pd(1 - 1e-13)), _CMP_LT_OQ)) << 4 * half;
+                above |= _mm256_movemask_pd(_mm256_cmp_pd(heights, _mm256_mul_pd(curve, _mm256_set1_pd(1 + 1e-13)), _CMP_GT_OQ)) << 4 * half;
+            }
+            for (int l = 0; l < wedges; ++l) {
+                if (below >> l & 1) out[element[l]] = static_cast<float>(x[l]);
+                else if (above >> l & 1) pending[next++] = element[l];
+                else out[element[l]] = normal(zig, key, element[l]);
+            }
+        }
+        n = next;
+    }
+}
 #else
 void finish_normals(const Ziggurat& zig, uint64_t key, const int32_t* pending, int64_t n, float* out) {
     for (int64_t i = 0; i < n; ++i) out[pending[i]] = normal(zig, key, pending[i]);
