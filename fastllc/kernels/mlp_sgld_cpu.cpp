@@ -25,15 +25,18 @@
 // Randomness: either injected (indices [C, T, m] and unit noise [C, T, d], for tests), or drawn here
 // exactly as CounterRandomness draws it: SplitMix64 words keyed by (seed, stream, chain, step), Lemire's
 // multiply-shift for indices, Doornik's 256-layer ziggurat (tables passed in from Python) for the noise.
-// Transcendentals: exp and the GELU's erfc are vectorised approximations of our own with the error bounds
-// stated where they are defined (expn, gelun); one logf per example and the ziggurat's double exp and log
-// are the C library's.
+// Transcendentals: exp and the GELU's Φ (one exp and a fitted polynomial) are vectorised approximations of
+// our own with the error bounds stated where they are defined (expn, gelun); one logf per example is the C
+// library's. The ziggurat's wedge test uses the C library's double exp and log, or (vector builds) a double
+// exp of our own whose error is far below the margin its decisions need (exp_wedge).
 //
 // Layout of a step (loss_and_gradient): the minibatch's m examples are the vector lanes. Every product is one
 // register-blocked tile kernel (gemm: 6 rows × 2 vectors of accumulators) that reads the weights in place
 // through strides; at the published shape (p = 53, e = 8, h = 32, m = 64) the three large products run at
 // about 94% of the FMA units' peak. Noise: 2,696 normals per chain-step, eight hashes at a time, the ~1.4%
-// outside their layer's rectangle in a second pass (fill_normal).
+// outside their layer's rectangle in a second pass (fill_normal). Measured at the published shape, one
+// thread, Zen 4 at 3.7 GHz: a chain-step takes 14.8 µs with AVX-512 (loss and gradient 11.2, noise 2.9) and
+// 16.4 µs with AVX2 (noise 4.1).
 
 #include <algorithm>
 #include <cmath>
