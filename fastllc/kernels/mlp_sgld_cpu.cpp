@@ -35,8 +35,8 @@
 // through strides; at the published shape (p = 53, e = 8, h = 32, m = 64) the three large products run at
 // about 94% of the FMA units' peak. Noise: 2,696 normals per chain-step, eight hashes at a time, the ~1.4%
 // outside their layer's rectangle in a second pass (fill_normal). Measured at the published shape, one
-// thread, on the project's Zen 4 machine: a chain-step takes 14.8 µs with AVX-512 (loss and gradient 11.2, noise 2.9) and
-// 16.4 µs with AVX2 (noise 4.1).
+// thread, on the project's Zen 4 machine: a chain-step takes 14.8 µs with AVX-512 (loss and gradient 11.2,
+// noise 2.9) and 16.4 µs with AVX2 (noise 4.1).
 
 #include <algorithm>
 #include <cmath>
