@@ -145,14 +145,16 @@ def test_an_interrupted_driver_loses_no_finished_job_and_resumes(tmp_path):
                                   if p.name in kept} == kept
 
 
+# The driver pauses after each finished job, so that the test (polling every 50 ms) kills it after its
+# second job however fast the jobs run (with the native kernel the six can finish within one poll).
 DRIVER = """
-import sys
+import sys, time
 from fastllc import SGLDConfig, TrainConfig
 from fastllc.experiments import Job
 from fastllc.experiments.executors import run_jobs
 jobs = [Job("psweep", TrainConfig(p=5, embed=4, hidden=16, batches=40, checkpoints=1, seed=seed),
             SGLDConfig(chains=2, steps=2000, batch_size=8)) for seed in range(6)]
-run_jobs(jobs, sys.argv[1], progress=False)
+run_jobs(jobs, sys.argv[1], progress=False, on_record=lambda *_: time.sleep(0.5))
 """
 
 
@@ -172,7 +174,7 @@ def test_a_driver_killed_outright_resumes_with_every_finished_job_kept(tmp_path)
         driver.send_signal(signal.SIGKILL)  # no cleanup, no finally: as a lost machine or `kill -9`
         driver.wait()
     written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "jobs").glob("*.json")}
-    assert 2 <= len(written) < 6, "the driver finished before it could be killed: give its jobs more steps"
+    assert 2 <= len(written) < 6, "the driver finished before it could be killed: make it pause longer"
     for name in written:
         assert json.loads((tmp_path / "jobs" / name).read_text())["result"]["llc_mean"] is not None  # whole
     jobs = [Job("psweep", TrainConfig(p=5, embed=4, hidden=16, batches=40, checkpoints=1, seed=seed),
