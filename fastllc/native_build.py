@@ -10,8 +10,10 @@ flags, not ``-march=native``: the library in a shared cache never depends on whi
 
 Concurrency: each build writes a temporary of this process's own name and renames it into place
 (``os.replace``, atomic), so two processes building at once each produce a whole library and the cache
-holds one of them; a process that loaded a library keeps its (unlinked) inode. A failed build leaves
-nothing behind and says why in one line (``NativeUnavailable``).
+holds one of them; a process that loaded a library keeps its (unlinked) inode. A failed build says why in
+one line (``NativeUnavailable``); when the compiler itself rejected the source or flags, that line is also
+kept beside the cache entry (``libmlp_sgld_<variant>.failed``), so that later processes fall back at once
+instead of compiling again (delete the file to retry).
 """
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ def build(which: str) -> Path:
     path = library_path(which, cxx)
     if path.is_file():
         return path
+    failed = path.with_suffix(".failed")
+    if failed.is_file():
+        raise NativeUnavailable(f"{failed.read_text().strip()} (remembered; delete {failed} to try again)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -115,7 +120,10 @@ def build(which: str) -> Path:
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-            raise NativeUnavailable(f"building the native kernel with {cxx} failed: {first.strip()}")
+            message = f"building the native kernel ({which}) with {cxx} failed: {first.strip()}"
+            if done.returncode > 0:  # the compiler's verdict on this source and these flags (not a signal)
+                _remember(failed, message)
+            raise NativeUnavailable(message)
         os.replace(tmp, path)
     except subprocess.TimeoutExpired:
         raise NativeUnavailable(f"building the native kernel with {cxx} took over {BUILD_TIMEOUT_S} s")
@@ -124,6 +132,18 @@ def build(which: str) -> Path:
     finally:
         remove(tmp)
     return path
+
+
+def _remember(failed: Path, message: str) -> None:
+    """Write a failed build's one-line reason (atomically); a cache that cannot be written just retries."""
+    tmp = temporary_sibling(failed)
+    try:
+        tmp.write_text(message + "\n")
+        os.replace(tmp, failed)
+    except OSError:
+        pass
+    finally:
+        remove(tmp)
 
 
 _I64, _F32, _F64, _I32, _U8 = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_float, ctypes.c_double,

@@ -257,18 +257,23 @@ def test_without_a_compiler_an_explicit_native_is_a_one_line_error(no_compiler):
     assert not (no_compiler / "home").exists()  # refused before training anything
 
 
-def test_a_failing_compiler_is_a_one_line_error_and_leaves_nothing(monkeypatch, tmp_path):
+def test_a_failing_compiler_is_a_one_line_error_and_leaves_only_its_reason(monkeypatch, tmp_path):
     broken = tmp_path / "broken-g++"
     broken.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo broken 1.0; exit 0; fi\n"
                       "echo 'x.cpp:1:1: error: no such luck' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("FASTLLC_CXX", str(broken))
     monkeypatch.setenv("FASTLLC_HOME", str(tmp_path / "home"))
-    message = (f"the native backend is unavailable: building the native kernel with {broken} failed: "
-               "x.cpp:1:1: error: no such luck; or use --backend torch")
-    with pytest.raises(FastLLCError, match=f"^{re.escape(message)}$"):
+    reason = (f"building the native kernel ({native_build.variant()}) with {broken} failed: "
+              "x.cpp:1:1: error: no such luck")  # the best build's error: every build failed
+    with pytest.raises(FastLLCError, match=f"^{re.escape(f'the native backend is unavailable: {reason}; or use --backend torch')}$"):
         native.require("cpu")
-    assert [p for p in (tmp_path / "home").rglob("*") if p.is_file()] == []
+    files = sorted(p.name for p in (tmp_path / "home").rglob("*") if p.is_file())
+    assert files == sorted(f"libmlp_sgld_{v}.failed" for v in native_build.variants())  # no library, no temporary
+    monkeypatch.setattr(native_build, "_loaded", {})
+    with pytest.raises(FastLLCError, match=f"^{re.escape(f'the native backend is unavailable: {reason}')} "
+                                           r"\(remembered; delete .*\.failed to try again\); or use --backend torch$"):
+        native.require("cpu")  # a later process: the same line, without compiling again
 
 
 def test_a_compiler_without_avx512_falls_back_to_the_next_build(monkeypatch, tmp_path):
@@ -276,15 +281,23 @@ def test_a_compiler_without_avx512_falls_back_to_the_next_build(monkeypatch, tmp
     if not real:
         pytest.skip("no C++ compiler here (the fallback to torch is tested above)")
     picky = tmp_path / "no-avx512-g++"  # as an old compiler: refuses the AVX-512 flags, builds the rest
-    picky.write_text(f"#!/bin/sh\ncase \"$*\" in *-mavx512f*) echo 'error: unknown flag -mavx512f' >&2; exit 1;; esac\n"
-                     f"exec {real} \"$@\"\n")
+    calls = tmp_path / "calls"  # one line per compile (not per --version) with the AVX-512 flags
+    picky.write_text(f"#!/bin/sh\ncase \"$*\" in *-mavx512f*) echo x >> {calls}; "
+                     f"echo 'error: unknown flag -mavx512f' >&2; exit 1;; esac\nexec {real} \"$@\"\n")
     picky.chmod(0o755)
     monkeypatch.setenv("FASTLLC_CXX", str(picky))
     monkeypatch.setenv("FASTLLC_HOME", str(tmp_path / "home"))  # nothing cached: both builds are attempted
     monkeypatch.setattr(native_build, "_loaded", {})
     monkeypatch.setattr(native_build, "variants", lambda: ["avx512", "scalar"])  # any CPU runs the scalar build
     assert native_build.load().fastllc_mlp_sgld_variant() == b"scalar"
-    assert [p.name for p in (tmp_path / "home").rglob("*") if p.is_file()] == ["libmlp_sgld_scalar.so"]
+    files = sorted(p.name for p in (tmp_path / "home").rglob("*") if p.is_file())
+    assert files == ["libmlp_sgld_avx512.failed", "libmlp_sgld_scalar.so"]  # the failure is remembered
+    monkeypatch.setattr(native_build, "_loaded", {})  # as a new process: falls back without compiling again
+    assert native_build.load().fastllc_mlp_sgld_variant() == b"scalar"
+    assert calls.read_text().count("x") == 1
+    with pytest.raises(native_build.NativeUnavailable, match=r"^building the native kernel \(avx512\) with .* failed: "
+                       r"error: unknown flag -mavx512f \(remembered; delete .*libmlp_sgld_avx512.failed to try again\)$"):
+        native_build.load("avx512")
 
 
 def test_two_processes_building_at_once_leave_one_whole_library(tmp_path):
