@@ -28,7 +28,7 @@ import subprocess
 from pathlib import Path
 
 from .errors import FastLLCError
-from .storage import fastllc_home, remove, temporary_sibling
+from .storage import fastllc_home, remove, temporary_sibling, write_atomically
 
 SOURCE = Path(__file__).with_name("kernels") / "mlp_sgld_cpu.cpp"
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
@@ -135,15 +135,11 @@ def build(which: str) -> Path:
 
 
 def _remember(failed: Path, message: str) -> None:
-    """Write a failed build's one-line reason (atomically); a cache that cannot be written just retries."""
-    tmp = temporary_sibling(failed)
+    """Keep a failed build's one-line reason; a cache that cannot be written just retries next time."""
     try:
-        tmp.write_text(message + "\n")
-        os.replace(tmp, failed)
-    except OSError:
+        write_atomically(failed, message + "\n")
+    except FastLLCError:
         pass
-    finally:
-        remove(tmp)
 
 
 _I64, _F32, _F64, _I32, _U8 = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_float, ctypes.c_double,

@@ -500,8 +500,6 @@ template <int N> inline void gelun(const v8* z, v8* value, v8* slope) {
 #undef EACH
 #undef X
 
-inline v8 exp8(v8 x) { expn<1>(&x); return x; }
-
 // The step's products, all of one form: C [M rows, NV vectors of 8] = A [M, K] · B [K, NV·8], with A read
 // through strides (element (r, k) at A[r·ra + k·ka], so that the weights and their transposes are read in
 // place) and broadcast, B's rows loaded as vectors. Register-blocked: a tile of MR rows × NR vectors stays
@@ -887,7 +885,7 @@ int fastllc_mlp_sgld_run(int64_t C, int64_t p, int64_t e, int64_t h, int64_t m, 
 
 // The vectorised transcendentals on n values (exp: n a multiple of 16, GELU: of 32), for testing their error
 // bounds.
-void fastllc_exp(int64_t n, const float* x, float* out) {  // two vectors at a time, as the softmax
+void fastllc_exp(int64_t n, const float* x, float* out) {  // lane for lane as the softmax's expn<4>
     for (int64_t i = 0; i < n; i += 16) {
         v8 v[2] = {load(x + i), load(x + i + 8)};
         expn<2>(v);
