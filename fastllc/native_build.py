@@ -150,6 +150,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, d = ctypes.c_int64, ctypes.c_double
     lib.fastllc_mlp_sgld_variant.restype = ctypes.c_char_p
     lib.fastllc_mlp_sgld_variant.argtypes = []
+    lib.fastllc_fp_mode.restype = ctypes.c_uint
+    lib.fastllc_fp_mode.argtypes = []
     lib.fastllc_mlp_sgld_run.restype = ctypes.c_int
     lib.fastllc_mlp_sgld_run.argtypes = [i64, i64, i64, i64, i64, _F32, _F32, _F32, _U8, i64, d, _F64, _I64, _I64,
                                          _I64, i64, _I64, i64, _I64, _F32, i64, _F64, _F32, _F32, _F64, d, i64, i64,

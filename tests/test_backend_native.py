@@ -437,3 +437,25 @@ def test_odd_shapes_match_the_reference(shape, variant):
     # the tolerance of the comparison above (measured ≤ 6.3e-7 here)
     torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=5e-5)
     torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("flush", [False, True])
+def test_a_run_leaves_the_callers_floating_point_mode_as_it_was(flush, variant):
+    """The kernel flushes subnormals (FTZ/DAZ) in each of its threads and restores every thread's mode after:
+    the caller's mode, flushing or not, is the same after a run, and so is its arithmetic on subnormals."""
+    lib = native_build.load(variant)
+    model, (x, y) = _confident(7, 5, 13, 40.0)  # confident logits: subnormal probabilities inside the kernel
+    supported = torch.set_flush_denormal(flush)  # False where the CPU has no such mode (then nothing to check)
+    try:
+        mode = 0xFFC0  # MXCSR's control bits (the low six are sticky exception flags any arithmetic sets)
+        before = lib.fastllc_fp_mode() & mode
+        native.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=4, steps=20, batch_size=8), variant=variant,
+                      threads=2)
+        assert lib.fastllc_fp_mode() & mode == before
+        subnormal = (torch.tensor([1e-38]) * torch.tensor([0.01])).item()
+        assert (subnormal == 0.0) == (flush and supported)
+        if supported:  # x86: the mode is MXCSR, FTZ (bit 15) and DAZ (bit 6) as the caller chose
+            assert (before & 0x8040 == 0x8040) == flush
+    finally:
+        torch.set_flush_denormal(False)
