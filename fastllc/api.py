@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from .sampling.contract import select_chains
 from .sampling.restrict import group_masks, selection_mask
 from .sampling.starts import Start
 from .train import Run
+from .validate import check_float
 
 
 def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLDConfig | None = None, *,
@@ -113,16 +113,28 @@ def _checked_work(model, data, config, settings, init_loss):
         if config is None and "batch_size" not in settings and data.batch_size:
             settings["batch_size"] = data.batch_size
         data = materialise(data)
-    config = replace(config or SGLDConfig(), **settings).validate()
+    config = sgld_config(config, settings)
     inputs, targets = as_pair(data)
     if len(inputs) != len(targets) or len(targets) == 0:
         raise FastLLCError(f"data has {len(inputs)} inputs and {len(targets)} targets; need equal and non-zero")
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if parameters == 0:
         raise FastLLCError("the model has no trainable parameters (none with requires_grad): nothing to sample")
-    if init_loss is not None and not math.isfinite(init_loss):
-        raise FastLLCError(f"init_loss must be finite, got {init_loss}")
+    if init_loss is not None:
+        check_float("init_loss", init_loss)
     return config, inputs, targets, parameters
+
+
+def sgld_config(config: SGLDConfig | None, settings: dict) -> SGLDConfig:
+    """``config`` (default ``SGLDConfig()``) with ``settings`` as keywords, every field type-checked: a name
+    that is not a setting or a wrong type is a one-line error, not a TypeError from ``dataclasses.replace``."""
+    if config is not None and not isinstance(config, SGLDConfig):
+        raise FastLLCError(f"config must be an SGLDConfig or None, got {type(config).__name__}")
+    known = {f.name for f in fields(SGLDConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise FastLLCError(f"{unknown[0]!r} is not an SGLD setting; known: {', '.join(sorted(known))}")
+    return replace(config or SGLDConfig(), **settings).validate()
 
 
 def _minibatch_bytes(model, config: SGLDConfig) -> int:
@@ -191,7 +203,9 @@ def estimate_checkpoints(run: Run | str, checkpoints: list[int] | None = None, c
     Chain j of the k-th listed checkpoint is global chain k·chains + j of the batch (its randomness key).
     """
     run = run if isinstance(run, Run) else Run.load(run)
-    config = replace(config or SGLDConfig(), **settings).validate()
+    config = sgld_config(config, settings)
+    if checkpoints is not None and not isinstance(checkpoints, (list, tuple, range)):
+        raise FastLLCError(f"checkpoints must be a list of checkpoint indices or None, got {checkpoints!r}")
     indices = range(len(run.steps)) if checkpoints is None else [run.checkpoint_index(k) for k in checkpoints]
     if not indices:
         raise FastLLCError("estimate_checkpoints needs at least one checkpoint, got an empty list")

@@ -30,6 +30,7 @@ from .model import ModularMLP
 from .sampling.threads import single_threaded_torch
 from .seeding import check_seed, derive_seed, generator
 from .model import scale_input_weights
+from .validate import check_int
 from .tasks import SPLITS, TASK_KINDS, Task, make_task, split_seed
 
 
@@ -330,7 +331,10 @@ class Run:
     def checkpoint_index(self, checkpoint: int | None) -> int:
         """Resolve a checkpoint index; None or -1 is the final weights."""
         last = len(self.steps) - 1
-        if checkpoint is None or checkpoint == -1:
+        if checkpoint is None:
+            return last
+        checkpoint = check_int("checkpoint", checkpoint)
+        if checkpoint == -1:
             return last
         if not 0 <= checkpoint <= last:
             raise FastLLCError(f"checkpoint {checkpoint} does not exist; {self.path} has checkpoints 0..{last}")

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import FastLLCError
 from ..seeding import check_seed
+from ..validate import check_bool, check_float, check_int, check_numbers
 
 PerChain = Union[float, Sequence[float], torch.Tensor]
 SAMPLERS = ("sgld", "rmsprop_sgld")  # what ``SGLDConfig.sampler`` accepts
@@ -80,14 +81,9 @@ class SGLDConfig:
     chain_loss: str = "exact"  # or "published" (see above)
 
     def validate(self) -> "SGLDConfig":
-        if self.chains < 1:
-            raise FastLLCError(f"chains must be at least 1, got {self.chains}")
-        if self.steps < 1:
-            raise FastLLCError(f"steps must be at least 1, got {self.steps}")
+        self._check_types()
         if not 0 <= self.burn_in < self.steps:
             raise FastLLCError(f"burn-in must be in [0, steps) = [0, {self.steps}), got {self.burn_in}")
-        if self.batch_size < 1:
-            raise FastLLCError(f"batch size must be at least 1, got {self.batch_size}")
         if self.thin < 1 or self.thin > self.steps - self.burn_in:
             raise FastLLCError(f"thin must be in [1, steps − burn-in] = [1, {self.steps - self.burn_in}], "
                                f"got {self.thin}")
@@ -98,6 +94,19 @@ class SGLDConfig:
             self._values("nbeta", lambda v: v > 0, "> 0")
         self._check_sampler()
         return self
+
+    def _check_types(self) -> None:
+        """Every field's type, first: a wrong one (steps=50.5, chains="2") is a one-line error naming the
+        field, never a TypeError from deep inside a backend (``fastllc.validate``)."""
+        for name in ("chains", "steps", "batch_size", "thin"):
+            check_int(name, getattr(self, name), 1)
+        check_int("burn_in", self.burn_in, 0)
+        for name in ("orthogonal", "mala"):
+            check_bool(name, getattr(self, name))
+        for name in ("epsilon", "gamma") + (("nbeta",) if self.nbeta is not None else ()):
+            check_numbers(name, getattr(self, name))
+        if self.loss_bound is not None:
+            check_float("loss_bound", self.loss_bound, above=0)
 
     def _check_sampler(self) -> None:
         if self.sampler not in SAMPLERS:
