@@ -77,6 +77,29 @@ def mlp_sampling_bytes(p: int, embed: int, hidden: int, examples: int, chains: i
                                mlp_minibatch_bytes(p, embed, hidden, batch_size))
 
 
+# What a sweep's driver holds per job until the sweep ends: the Job (~0.7 KB measured), its JSON path and
+# its record (final 2-3 KB with circuits, dynamics ~40 KB, calibrate ~1 KB per cell), rounded up.
+JOB_BYTES = {"final": 8 * 2**10, "dynamics": 64 * 2**10, "calibrate": 32 * 2**10, "estimate": 8 * 2**10}
+
+
+def require_jobs_memory(counts: dict[str, int], advice: str) -> None:
+    """Refuse, before a sweep's job list is even built, a sweep whose jobs cannot all be held in memory
+    (``counts``: jobs of each kind). A count like seeds = 10¹¹ would otherwise grow until the OOM killer
+    ends the process without a message."""
+    total = sum(counts.values())
+    needed = sum(JOB_BYTES.get(kind, JOB_BYTES["dynamics"]) * count for kind, count in counts.items())
+    require_memory(needed, f"a sweep of {total:,} jobs", "their job list and records", advice)
+
+
+def sampling_advice(chains: int, steps: int, parameters: int, minibatch_bytes: int, options: bool = True) -> str:
+    """What to reduce when sampling does not fit: the term of ``chains_bytes`` that dominates (a huge
+    --batch-size is not cured by fewer steps). ``options``: name the CLI's options, else the API's fields."""
+    minibatch, rest = chains * minibatch_bytes, chains * (48 * parameters + 128 * steps)
+    if minibatch > rest:
+        return "use a smaller --batch-size" if options else "use a smaller batch_size"
+    return "use fewer --chains or --steps" if options else "use fewer chains or steps"
+
+
 def _read_int(path: Path) -> int | None:
     try:
         text = path.read_text().split()[0]

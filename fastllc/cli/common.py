@@ -145,9 +145,11 @@ def require_sampling_memory(training: TrainConfig, sgld: SGLDConfig, device) -> 
                                  f"sampling (the loss and gradient at w* over all {n:,} training pairs)",
                                  "use a smaller --p")
     else:
+        p, e, h = training.p, training.embed, training.hidden
+        advice = resources.sampling_advice(C, T, resources.mlp_parameters(p, e, h),
+                                           resources.mlp_minibatch_bytes(p, e, h, sgld.batch_size))
         resources.require_memory(start + chains, f"a run of {C:,} chains × {T:,} steps",
-                                 "sampling (every chain's weights, gradients and loss trace)",
-                                 "use fewer --chains or --steps")
+                                 "sampling (every chain's weights, gradients and loss trace)", advice)
 
 
 def cache_path(config: TrainConfig) -> Path:

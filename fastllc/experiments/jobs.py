@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import storage
+from .. import resources, storage
 from ..analysis import analyse_run
 from ..api import estimate_checkpoints, estimate_run
 from ..errors import FastLLCError
 from ..llc import estimate_llc
 from ..sampling import SGLDConfig, wbic_nbeta
 from ..sampling.contract import Samples
+from ..tasks import train_size
 from ..train import Run, TrainConfig, cached_run, train_together
 
 
@@ -244,10 +245,36 @@ def train_missing_runs(jobs: list[Job], out: Path, progress: bool | str = True) 
                  f"seed{'s' * (len(configs) > 1)} {seeds} ({time.perf_counter() - start:.0f} s)")
 
 
+def require_jobs_memory(jobs: list) -> None:
+    """Refuse, before any training, a sweep one of whose jobs cannot fit: its training, or its chains
+    (``chains`` per checkpoint of a dynamics job, per cell of a calibration grid). Without this a sweep
+    trains every run first and then fails each job at its estimate."""
+    from collections import Counter
+
+    resources.require_jobs_memory(Counter(getattr(job, "kind", "estimate") for job in jobs), "run fewer jobs")
+    seen = set()
+    for job in jobs:
+        if not isinstance(job, Job) or (job.training, job.sgld, job.kind) in seen:
+            continue
+        seen.add((job.training, job.sgld, job.kind))
+        t, sgld = job.training, job.sgld
+        resources.require_training_memory(t.p, t.embed, t.hidden)
+        batch = sgld.chains * {"dynamics": t.checkpoints + 1, "calibrate": len(job.tags.get("grid", [1]))}.get(job.kind, 1)
+        start, chains = resources.mlp_sampling_bytes(t.p, t.embed, t.hidden, train_size(t.p, t.train_frac), batch,
+                                                     sgld.steps, sgld.batch_size)
+        advice = resources.sampling_advice(batch, sgld.steps, resources.mlp_parameters(t.p, t.embed, t.hidden),
+                                           resources.mlp_minibatch_bytes(t.p, t.embed, t.hidden, sgld.batch_size),
+                                           options=False)
+        advice += " (--chains, or the spec's [sgld] " + ("batch_size)" if "batch" in advice else "chains, steps)")
+        resources.require_memory(start + chains, f"job {job.name} ({batch:,} chains × {sgld.steps:,} steps)",
+                                 "sampling", advice)
+
+
 def open_sweep(jobs: list, out: str | os.PathLike, finished=finished_record) -> tuple[Path, dict, dict]:
-    """Before any work: ``out`` writable (a sweep that cannot save its results must not start), crashed
-    processes' temporaries removed; (out, {job name: its JSON path}, {job name: ``finished(path, job)``, the
-    record of a job done earlier or None})."""
+    """Before any work: every job fits in memory (``require_jobs_memory``), ``out`` writable (a sweep that
+    cannot save its results must not start), crashed processes' temporaries removed; (out, {job name: its
+    JSON path}, {job name: ``finished(path, job)``, the record of a job done earlier or None})."""
+    require_jobs_memory(jobs)
     out = Path(out)
     storage.check_writable_dir(out)
     for folder in (out, out / "jobs", out / "runs"):

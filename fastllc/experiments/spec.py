@@ -26,6 +26,7 @@ machine, where the module must be importable too (an installed package, or Ray's
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -34,6 +35,7 @@ from typing import Callable
 
 import torch.nn.functional as F
 
+from .. import resources
 from ..errors import FastLLCError
 from ..sampling import SGLDConfig
 from ..train import TrainConfig
@@ -145,7 +147,7 @@ def load_spec(path: str | Path) -> list[Job]:
         if key != "seeds":
             values = spec.value(f"training.{key}", value, _TRAIN_KINDS[key], key in GRID_KEYS)
             (grid if key in GRID_KEYS else fixed)[key] = values if key in GRID_KEYS else values[0]
-    seeds = _seeds(spec, training.get("seeds", [0]))
+    seeds = _seeds(spec, training.get("seeds", [0]), kind, math.prod(len(values) for values in grid.values()))
     options = _executor_options(spec, top)
     tags = dict(spec=top.get("name", spec.path.stem), published=None)
     jobs = []
@@ -160,13 +162,18 @@ def load_spec(path: str | Path) -> list[Job]:
     return jobs
 
 
-def _seeds(spec: _Spec, value) -> list[int]:
-    """seeds = [0, 3] (those seeds) or seeds = 2 (a count: 0 and 1)."""
+def _seeds(spec: _Spec, value, kind: str, runs_per_seed: int) -> list[int]:
+    """seeds = [0, 3] (those seeds) or seeds = 2 (a count: 0 and 1). A count is checked against memory
+    before its list is made: the sweep holds a job per seed and grid point (``resources.JOB_BYTES``)."""
     seeds = spec.value("training.seeds", value, "int", allow_list=True)
     if isinstance(value, list):
         return seeds
     if seeds[0] < 1:
         raise spec.error("training.seeds", f"must be a count of at least 1 or a list of seeds, got {seeds[0]}")
+    try:
+        resources.require_jobs_memory({kind: seeds[0] * runs_per_seed}, "use a smaller count")
+    except FastLLCError as err:
+        raise spec.error("training.seeds", f"= {seeds[0]:,}: {err}") from None
     return list(range(seeds[0]))
 
 

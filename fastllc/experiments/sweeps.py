@@ -9,9 +9,13 @@ the SGLD settings it changes.
 
 from __future__ import annotations
 
+import functools
+from collections import Counter
 from dataclasses import replace
 
+from .. import resources
 from ..errors import FastLLCError
+from ..validate import check_int
 from ..sampling import SGLDConfig
 from ..train import TrainConfig, default_batches
 from .jobs import Job
@@ -102,6 +106,26 @@ def _check_chain_loss(chain_loss: str | None) -> None:
         raise FastLLCError(f"--chain-loss must be one of {', '.join(CHAIN_LOSS_CHOICES)}, got {chain_loss!r}")
 
 
+def _counts_checked(builder):
+    """Check ``chains`` and ``seeds`` before a sweep's jobs are built: types here, and the job list against
+    memory (its length grows linearly with ``seeds``, so a one-seed build, a few jobs, counts it). A
+    ``--seeds 100000000000`` is then a one-line error instead of a process killed without a message."""
+
+    @functools.wraps(builder)
+    def build(chains: int | None = None, seeds: int | None = None, **options) -> list[Job]:
+        if chains is not None:
+            check_int("--chains", chains, 1)
+        if seeds is not None:
+            check_int("--seeds", seeds, 1)
+            one_seed = Counter(job.kind for job in builder(seeds=1, **options))
+            resources.require_jobs_memory({kind: count * seeds for kind, count in one_seed.items()},
+                                          "use fewer --seeds")
+        return builder(**({"chains": chains} if chains is not None else {}), seeds=seeds, **options)
+
+    return build
+
+
+@_counts_checked
 def psweep(chains: int = 64, seeds: int | None = None, quick: bool = False, split: str | None = None,
            chain_loss: str | None = None, variants=None, backend: str = "auto") -> list[Job]:
     """λ̂ against p for e=8, h=32; 5 seeds per p and 10 at p = 53 (unless ``seeds`` is given)."""
@@ -122,6 +146,7 @@ def psweep(chains: int = 64, seeds: int | None = None, quick: bool = False, spli
     return _unique(jobs)
 
 
+@_counts_checked
 def architectures(chains: int = 64, seeds: int | None = None, quick: bool = False, split: str | None = None,
                   chain_loss: str | None = None, variants=None, backend: str = "auto") -> list[Job]:
     """Three (e, h) networks at five p: single published runs made with init ×0.5 and 10,000 batches."""
@@ -143,6 +168,7 @@ def architectures(chains: int = 64, seeds: int | None = None, quick: bool = Fals
     return _unique(jobs)
 
 
+@_counts_checked
 def memorization(chains: int = 64, seeds: int | None = None, quick: bool = False, split: str | None = None,
                  chain_loss: str | None = None, variants=None, backend: str = "auto") -> list[Job]:
     """Random commutative operation with a network big enough to memorise (the study's e=50, h=200),
@@ -175,6 +201,7 @@ def memorization(chains: int = 64, seeds: int | None = None, quick: bool = False
     return _unique(jobs)
 
 
+@_counts_checked
 def dynamics(chains: int = 16, seeds: int | None = None, quick: bool = False, split: str | None = None,
              chain_loss: str | None = None, variants=None, backend: str = "auto") -> list[Job]:
     """p = 53, 1500 batches, 25 checkpoints (one every 60 batches), λ̂ at each, orthogonal restriction on, the
@@ -190,6 +217,7 @@ def dynamics(chains: int = 16, seeds: int | None = None, quick: bool = False, sp
             for loss in losses for seed in range(seeds or 2)]
 
 
+@_counts_checked
 def calibrate(chains: int = 8, seeds: int | None = None, quick: bool = False, split: str | None = None,
               chain_loss: str | None = None, variants=None, backend: str = "auto") -> list[Job]:
     """An ε × nβ × γ grid on one trained p = 23 network; ``chains`` chains per cell, one batched run."""
@@ -205,11 +233,13 @@ def calibrate(chains: int = 8, seeds: int | None = None, quick: bool = False, sp
             for loss in losses for seed in range(seeds or 1)]
 
 
+@_counts_checked
 def circuits(chains: int = 64, seeds: int | None = None, quick: bool = False, split: str | None = None,
              chain_loss: str | None = None, variants=None, backend: str = "auto") -> list[Job]:
     """Circuits against λ̂ are read from the p-sweep's runs: the same jobs (each records its circuits), so
     a sweep directory that holds the p-sweep answers this without running anything again."""
-    return psweep(chains, seeds, quick, split, chain_loss, variants, backend)
+    return psweep(chains=chains, seeds=seeds, quick=quick, split=split, chain_loss=chain_loss, variants=variants,
+                  backend=backend)
 
 
 SWEEPS = {"psweep": psweep, "circuits": circuits, "architectures": architectures, "memorization": memorization, "dynamics": dynamics,
