@@ -10,25 +10,33 @@ flags, not ``-march=native``: the library in a shared cache never depends on whi
 
 Concurrency: each build writes a temporary of this process's own name and renames it into place
 (``os.replace``, atomic), so two processes building at once each produce a whole library and the cache
-holds one of them; a process that loaded a library keeps its (unlinked) inode. A failed build says why in
-one line (``NativeUnavailable``); when the compiler itself rejected the source or flags, that line is also
-kept beside the cache entry (``libmlp_sgld_<variant>.failed``), so that later processes fall back at once
-instead of compiling again (delete the file to retry).
+holds one of them; a process that loaded a library keeps its (unlinked) inode. The library's sha256 is
+recorded beside it after the rename (``libmlp_sgld_<variant>.sha256``) and checked before every load: a
+library truncated or with damaged bytes (which would crash the process when run) or without its checksum is
+rebuilt, with one line on stderr. Temporaries of builds whose process was killed are removed by the next build.
+
+A failed build says why in one line (``NativeUnavailable``). When the compiler itself rejected the source or
+flags, that line is also kept beside the cache entry (``libmlp_sgld_<variant>.failed``), so that later
+processes fall back at once instead of compiling again (delete the file to retry); a failure of the
+environment (a full disk, named as such with the cache directory; a compiler killed or out of memory) is
+not kept: the next run compiles again.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from .errors import FastLLCError
-from .storage import fastllc_home, remove, temporary_sibling, write_atomically
+from .storage import fastllc_home, remove, remove_stale_temporaries, temporary_sibling, write_atomically
 
 SOURCE = Path(__file__).with_name("kernels") / "mlp_sgld_cpu.cpp"
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
@@ -100,34 +108,93 @@ def library_path(which: str, cxx: str) -> Path:
     return fastllc_home() / "native" / key / f"libmlp_sgld_{which}.so"
 
 
+def checksum_path(path: Path) -> Path:
+    """The sidecar holding the sha256 of the library at ``path``, written once the library is whole."""
+    return path.with_suffix(".sha256")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def verified(path: Path) -> bool:
+    """Whether the cached library at ``path`` is the one its build wrote (its sha256 as recorded). A library
+    truncated or with damaged code bytes would otherwise crash the process (SIGBUS, SIGTRAP) when run."""
+    try:
+        return checksum_path(path).read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
+# Words in a failed compile's output that mean the environment failed, not the compiler judging the source:
+# such a failure is not remembered (the next run compiles again once space, memory or time is back).
+ENVIRONMENT_FAILURES = ("no space left on device", "disk quota exceeded", "killed", "signal terminated program",
+                        "out of memory", "cannot allocate memory", "virtual memory exhausted",
+                        "memory exhausted", "resource temporarily unavailable", "read-only file system",
+                        "input/output error")
+_NO_SPACE = ("no space left on device", "disk quota exceeded")
+
+
+def _no_space(cache: Path, which: str) -> NativeUnavailable:
+    return NativeUnavailable(f"building the native kernel ({which}) ran out of disk space in its cache {cache}: "
+                             "free space there (or set FASTLLC_HOME elsewhere) and rerun")
+
+
 def build(which: str) -> Path:
-    """The library of variant ``which``, compiled now unless already cached; NativeUnavailable if it cannot be."""
+    """The library of variant ``which``, compiled now unless already cached and verified; NativeUnavailable if it
+    cannot be. A cached library whose checksum does not match is rebuilt (one line on stderr)."""
     cxx = compiler()
     path = library_path(which, cxx)
     if path.is_file():
-        return path
+        if verified(path):
+            return path
+        print(f"fastllc: the cached native kernel {path} is damaged or incomplete (its checksum does not match); "
+              "rebuilding it", file=sys.stderr)
+        remove(path)
+        remove(checksum_path(path))
     failed = path.with_suffix(".failed")
     if failed.is_file():
-        raise NativeUnavailable(f"{failed.read_text().strip()} (remembered; delete {failed} to try again)")
+        reason = failed.read_text().strip()
+        if not any(word in reason.lower() for word in ENVIRONMENT_FAILURES):
+            raise NativeUnavailable(f"{reason} (remembered; delete {failed} to try again)")
+        remove(failed)  # an environment failure recorded by an older fastllc: try again
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(path.parent, which)
         raise NativeUnavailable(f"cannot write the native kernel cache {path.parent} ({err.strerror}); "
                                 "set FASTLLC_HOME to a writable directory")
+    remove_stale_temporaries(path.parent)  # of builds whose process was killed
     tmp = temporary_sibling(path)
     command = [cxx, *COMMON_FLAGS, *VARIANT_FLAGS[which], str(SOURCE), "-o", str(tmp)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
+            output = done.stderr.lower()
+            if any(word in output for word in _NO_SPACE):
+                raise _no_space(path.parent, which)
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+            if done.returncode < 0:
+                first = f"the compiler was killed by signal {-done.returncode}"
             message = f"building the native kernel ({which}) with {cxx} failed: {first.strip()}"
-            if done.returncode > 0:  # the compiler's verdict on this source and these flags (not a signal)
-                _remember(failed, message)
+            if done.returncode > 0 and not any(word in output for word in ENVIRONMENT_FAILURES):
+                _remember(failed, message)  # the compiler's verdict on this source and these flags
             raise NativeUnavailable(message)
+        digest = _digest(tmp)
         os.replace(tmp, path)
+        write_atomically(checksum_path(path), digest + "\n")  # after the library: a sidecar vouches for a whole one
+    except NativeUnavailable:
+        raise
     except subprocess.TimeoutExpired:
         raise NativeUnavailable(f"building the native kernel with {cxx} took over {BUILD_TIMEOUT_S} s")
     except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(path.parent, which)
+        raise NativeUnavailable(f"building the native kernel with {cxx} failed: {err}")
+    except FastLLCError as err:  # the checksum could not be written (storage's one line)
+        if "no space left" in str(err) or "quota" in str(err):
+            raise _no_space(path.parent, which)
         raise NativeUnavailable(f"building the native kernel with {cxx} failed: {err}")
     finally:
         remove(tmp)

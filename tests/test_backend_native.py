@@ -291,7 +291,7 @@ def test_a_compiler_without_avx512_falls_back_to_the_next_build(monkeypatch, tmp
     monkeypatch.setattr(native_build, "variants", lambda: ["avx512", "scalar"])  # any CPU runs the scalar build
     assert native_build.load().fastllc_mlp_sgld_variant() == b"scalar"
     files = sorted(p.name for p in (tmp_path / "home").rglob("*") if p.is_file())
-    assert files == ["libmlp_sgld_avx512.failed", "libmlp_sgld_scalar.so"]  # the failure is remembered
+    assert files == ["libmlp_sgld_avx512.failed", "libmlp_sgld_scalar.sha256", "libmlp_sgld_scalar.so"]  # remembered
     monkeypatch.setattr(native_build, "_loaded", {})  # as a new process: falls back without compiling again
     assert native_build.load().fastllc_mlp_sgld_variant() == b"scalar"
     assert calls.read_text().count("x") == 1
@@ -310,9 +310,10 @@ def test_two_processes_building_at_once_leave_one_whole_library(tmp_path):
     outputs = [b.communicate(timeout=300) for b in builders]
     assert [b.returncode for b in builders] == [0, 0], outputs
     assert [out for out, _ in outputs] == ["scalar\n", "scalar\n"]
-    files = [p for p in home.rglob("*") if p.is_file()]
-    assert [p.name for p in files] == ["libmlp_sgld_scalar.so"]  # no temporaries left, one library
-    lib = ctypes.CDLL(str(files[0]))  # and it is whole: it loads and runs
+    files = sorted(p for p in home.rglob("*") if p.is_file())
+    assert [p.name for p in files] == ["libmlp_sgld_scalar.sha256", "libmlp_sgld_scalar.so"]  # no temporaries left
+    assert native_build.verified(files[1])  # one library, whole: its checksum matches, and it loads and runs
+    lib = ctypes.CDLL(str(files[1]))
     lib.fastllc_mlp_sgld_variant.restype = ctypes.c_char_p
     assert lib.fastllc_mlp_sgld_variant() == b"scalar"
 

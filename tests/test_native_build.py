@@ -1,0 +1,140 @@
+"""The native kernel's cache (fastllc/native_build.py) recovers from what the environment does to it: a damaged
+cached library is rebuilt, not run; a full disk, a killed or starved compiler are not remembered as the
+compiler's verdict; a build killed midway leaves nothing behind once the next one runs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastllc import native_build
+
+ROOT = Path(__file__).resolve().parents[1]
+LOAD_AND_RUN = ("from fastllc import native_build as nb; lib = nb.load('scalar'); "
+                "print(lib.fastllc_mlp_sgld_variant().decode())")
+
+
+def _real_compiler() -> str:
+    found = subprocess.run(["sh", "-c", "command -v g++ || command -v c++"], capture_output=True, text=True).stdout.strip()
+    if not found:
+        pytest.skip("no C++ compiler here")
+    return found
+
+
+def _fake_compiler(tmp_path: Path, body: str) -> Path:
+    """A compiler script that answers --version as the real one (so the cache key is the real one's) and
+    otherwise runs ``body`` (sh; "$@" are the compile's arguments, $REAL the real compiler)."""
+    script = tmp_path / "fake-g++"
+    script.write_text(f"#!/bin/sh\nREAL={_real_compiler()}\n"
+                      "if [ \"$1\" = --version ]; then exec $REAL --version; fi\n" + body)
+    script.chmod(0o755)
+    return script
+
+
+def _files(home: Path) -> list[str]:
+    return sorted(p.name for p in home.rglob("*") if p.is_file())
+
+
+def _fresh_process(home: Path, cxx: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FASTLLC_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    if cxx:
+        env["FASTLLC_CXX"] = cxx
+    return subprocess.run([sys.executable, "-c", LOAD_AND_RUN], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def home(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTLLC_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FASTLLC_CXX", raising=False)
+    monkeypatch.setattr(native_build, "_loaded", {})
+    return tmp_path / "home"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "code bytes changed", "checksum missing"])
+def test_a_damaged_cached_library_is_rebuilt_not_run(home, damage):
+    _real_compiler()
+    first = _fresh_process(home)
+    assert first.returncode == 0 and first.stdout == "scalar\n", first.stderr
+    library = next(home.rglob("libmlp_sgld_scalar.so"))
+    assert _files(home) == ["libmlp_sgld_scalar.sha256", "libmlp_sgld_scalar.so"]
+    whole = library.read_bytes()
+    if damage == "truncated":  # a copy interrupted
+        library.write_bytes(whole[: len(whole) // 2])
+    elif damage == "code bytes changed":  # the same size: only the checksum can tell
+        middle = len(whole) // 2
+        library.write_bytes(whole[:middle] + bytes(b ^ 0xFF for b in whole[middle:middle + 4096]) + whole[middle + 4096:])
+    else:  # a build killed between writing the library and its checksum
+        native_build.checksum_path(library).unlink()
+    later = _fresh_process(home)  # before: SIGBUS (rc 135) or SIGTRAP (rc 133), no message
+    assert later.returncode == 0 and later.stdout == "scalar\n", later.stderr
+    assert later.stderr == (f"fastllc: the cached native kernel {library} is damaged or incomplete (its checksum "
+                            "does not match); rebuilding it\n")
+    assert library.read_bytes() == whole  # rebuilt whole
+    assert _files(home) == ["libmlp_sgld_scalar.sha256", "libmlp_sgld_scalar.so"]  # nothing else left
+    again = _fresh_process(home)
+    assert again.returncode == 0 and again.stderr == ""  # verified: loaded without a word
+
+
+def test_a_full_disk_during_the_first_compile_is_not_remembered(home, tmp_path, monkeypatch):
+    full = tmp_path / "disk-full"
+    full.touch()
+    cxx = _fake_compiler(tmp_path, f"if [ -e {full} ]; then\n"
+                         "  echo '/usr/bin/ld: final link failed: No space left on device' >&2\n"
+                         "  echo 'collect2: error: ld returned 1 exit status' >&2; exit 1\nfi\nexec $REAL \"$@\"\n")
+    monkeypatch.setenv("FASTLLC_CXX", str(cxx))
+    cache = native_build.library_path("scalar", str(cxx)).parent
+    with pytest.raises(native_build.NativeUnavailable) as caught:
+        native_build.load("scalar")
+    assert str(caught.value) == (f"building the native kernel (scalar) ran out of disk space in its cache {cache}: "
+                                 "free space there (or set FASTLLC_HOME elsewhere) and rerun")
+    assert _files(home) == []  # no .failed: not the compiler's verdict
+    full.unlink()  # space freed: the next process builds
+    later = _fresh_process(home, str(cxx))
+    assert later.returncode == 0 and later.stdout == "scalar\n", later.stderr
+    assert _files(home) == ["libmlp_sgld_scalar.sha256", "libmlp_sgld_scalar.so"]
+
+
+@pytest.mark.parametrize("failure,body", [
+    ("out of memory", "echo 'cc1plus: out of memory allocating 65536 bytes' >&2; exit 1\n"),
+    ("a killed cc1plus", "echo 'g++: fatal error: Killed signal terminated program cc1plus' >&2\n"
+                         "echo 'compilation terminated.' >&2; exit 1\n"),
+    ("the compiler killed", "kill -9 $$\n"),
+])
+def test_environment_failures_of_the_compiler_are_not_remembered(home, tmp_path, monkeypatch, failure, body):
+    monkeypatch.setenv("FASTLLC_CXX", str(_fake_compiler(tmp_path, body)))
+    with pytest.raises(native_build.NativeUnavailable, match=r"^building the native kernel \(scalar\) with .* failed: "):
+        native_build.load("scalar")
+    assert _files(home) == []  # nothing remembered, no temporary
+
+
+def test_an_older_remembered_environment_failure_is_retried(home, tmp_path, monkeypatch):
+    cxx = _fake_compiler(tmp_path, "exec $REAL \"$@\"\n")
+    monkeypatch.setenv("FASTLLC_CXX", str(cxx))
+    failed = native_build.library_path("scalar", str(cxx)).with_suffix(".failed")
+    failed.parent.mkdir(parents=True)
+    failed.write_text("building the native kernel (scalar) with g++ failed: /usr/bin/ld: final link failed: "
+                      "No space left on device\n")  # as fastllc before this fix recorded a full disk
+    assert native_build.load("scalar").fastllc_mlp_sgld_variant() == b"scalar"
+    assert _files(home) == ["libmlp_sgld_scalar.sha256", "libmlp_sgld_scalar.so"]
+
+
+def test_a_build_killed_midway_leaves_nothing_once_the_next_build_runs(home, tmp_path):
+    started = tmp_path / "started"
+    cxx = _fake_compiler(tmp_path, "for a in \"$@\"; do out=$a; done\n"  # the last argument: -o's temporary
+                         f"head -c 50000 /dev/zero > \"$out\"; touch {started}; sleep 300\n")
+    env = {**os.environ, "FASTLLC_HOME": str(home), "PYTHONPATH": str(ROOT), "FASTLLC_CXX": str(cxx)}
+    builder = subprocess.Popen([sys.executable, "-c", LOAD_AND_RUN], env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert started.exists()
+    os.killpg(builder.pid, signal.SIGKILL)  # the process and its compiler, as a user's kill -9 of the job
+    builder.wait(timeout=60)
+    assert any(".tmp-" in name for name in _files(home))  # the half-written library of the killed build
+    later = _fresh_process(home)  # the real compiler, the same cache key
+    assert later.returncode == 0 and later.stdout == "scalar\n", later.stderr
+    assert _files(home) == ["libmlp_sgld_scalar.sha256", "libmlp_sgld_scalar.so"]
