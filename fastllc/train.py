@@ -16,6 +16,10 @@ import io
 import json
 import math
 import os
+import pickle
+import re
+import shlex
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -229,11 +233,29 @@ def train_together(configs: list[TrainConfig], outs: list[str | os.PathLike], pr
     outs = [Path(out) for out in outs]
     if not adopt:
         return _train_batch(configs, outs, progress, adopt)
-    runs = {i: _adopted(c, out) for i, (c, out) in enumerate(zip(configs, outs)) if _holds_files(out)}  # there already
+    there = {i: usable_run(c, out) for i, (c, out) in enumerate(zip(configs, outs))}
+    runs = {i: run for i, run in there.items() if run is not None}  # there already, and whole
     todo = [i for i in range(len(configs)) if i not in runs]
     if todo:
         runs.update(zip(todo, _train_batch([configs[i] for i in todo], [outs[i] for i in todo], progress, adopt)))
     return [runs[i] for i in range(len(configs))]
+
+
+def usable_run(config: TrainConfig, out: Path) -> "Run | None":
+    """The run already at ``out`` (a cache or a sweep's runs/ folder, named by its config), or None to train
+    it. A damaged one (a deleted checkpoint, an edited config) is moved aside, kept for inspection, with a
+    warning: it is retrained instead of failing every later command that needs it."""
+    if not _holds_files(out):
+        return None
+    try:
+        return _adopted(config, out)
+    except FastLLCError as err:
+        reason = str(err).split("; the run is incomplete or damaged")[0]
+        aside = storage.move_aside(out)
+        if aside is not None:  # None: another process moved it first
+            warnings.warn(f"the run {out} is damaged ({reason}); moved it to {aside.name} and training it again",
+                          RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _adopted(config: TrainConfig, out: Path) -> "Run":
@@ -297,8 +319,9 @@ def cached_run(config: TrainConfig, root: str | os.PathLike, progress: bool = Fa
     adopts the first one finished. ``notice`` (e.g. a print to stderr) is told when training starts.
     """
     path = Path(root) / "runs" / config.validate().run_name()
-    if _holds_files(path):
-        return _adopted(config, path)
+    run = usable_run(config, path)
+    if run is not None:
+        return run
     if notice is not None:
         notice(f"training {config.run_name()} once (cached in {path.parent})")
     return train_together([config], [path], progress, adopt=True)[0]
@@ -321,11 +344,12 @@ class Run:
             raise FastLLCError(f"run directory {path} does not exist" if not path.exists()
                                else f"run directory {path} is not a directory")
         config, steps = _read_config(path / "config.json")
-        metrics = _read_metrics(path / "metrics.jsonl", steps)
-        for step in steps:
-            file = path / "checkpoints" / f"step_{step:05d}.pt"
-            if not file.is_file():
-                raise FastLLCError(f"checkpoint file {file} is missing; {DAMAGED}")
+        try:
+            metrics = _read_metrics(path / "metrics.jsonl", steps)
+            for step in steps:  # every checkpoint's contents, not only its name: refused before any sampling
+                _load_checkpoint(path / "checkpoints" / f"step_{step:05d}.pt", config)
+        except FastLLCError as err:
+            raise FastLLCError(f"{err}; the run is incomplete or damaged: {retrain_advice(config, path)}") from None
         return cls(path, config, steps, metrics)
 
     def checkpoint_index(self, checkpoint: int | None) -> int:
@@ -345,33 +369,70 @@ class Run:
 
     def load_model(self, checkpoint: int | None = None) -> torch.nn.Module:
         """The model at checkpoint k (default: final), loaded safely (weights_only)."""
-        file = self.checkpoint_path(checkpoint)
-        if not file.is_file():
-            raise FastLLCError(f"checkpoint file {file} is missing")
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-            model = self.config.new_model()
-            model.load_state_dict(state)
-        except Exception as err:  # torch raises many types for a damaged file; all mean the same here
-            raise FastLLCError(f"checkpoint {file} is corrupt or does not match the run's architecture "
-                               f"({type(err).__name__})") from None
-        return model.eval()
+        return _load_checkpoint(self.checkpoint_path(checkpoint), self.config).eval()
 
     def task(self) -> Task:
         return self.config.make_task()
 
 
-DAMAGED = "the run is incomplete or damaged: retrain it"
+def _load_checkpoint(file: Path, config: TrainConfig) -> torch.nn.Module:
+    """The model of one checkpoint file, loaded safely (weights_only: tensors only, never code); a
+    one-line FastLLCError that says whether the file is missing, refused as unsafe or corrupt."""
+    if not file.is_file():
+        raise FastLLCError(f"checkpoint file {file} is missing")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if re.search(r"unsupported global|is blocked|allowed global", str(err), re.IGNORECASE):  # torch's words
+            # (2.4 to 2.13) for a pickle that names a function or class it will not import: code, not tensors
+            raise FastLLCError(f"checkpoint {file} was refused as unsafe: it holds Python objects or code, not "
+                               "only tensors (torch.load with weights_only=True)") from None
+        raise FastLLCError(f"checkpoint {file} is corrupt (UnpicklingError)") from None
+    except Exception as err:  # torch raises many types for a damaged file; all mean the same here
+        raise FastLLCError(f"checkpoint {file} is corrupt ({type(err).__name__})") from None
+    model = config.new_model()
+    try:
+        model.load_state_dict(state)
+    except Exception as err:
+        raise FastLLCError(f"checkpoint {file} does not match the run's architecture ({type(err).__name__})") from None
+    return model
+
+
+# TrainConfig field -> the `fastllc train` option that sets it (lr, weight_decay, batch_size, train_frac have none)
+_TRAIN_OPTIONS = dict(p="--p", task="--task", embed="--embed", hidden="--hidden", batches="--batches",
+                      checkpoints="--checkpoints", seed="--train-seed", init_scale="--init-scale", split="--split")
+
+
+def retrain_advice(config: TrainConfig, path: Path) -> str:
+    """The one command that retrains a damaged run in place: `fastllc train` refuses a non-empty --out, so
+    the damaged directory is moved aside first (kept for inspection)."""
+    default = TrainConfig(p=config.p)
+    if any(getattr(config, name) != getattr(default, name) for name in ("lr", "weight_decay", "batch_size", "train_frac")):
+        return (f"move it aside and retrain it from Python: fastllc.train({config!r}, {str(path)!r}) "
+                "(its lr, weight decay, batch size or train fraction have no command-line option)")
+    options = " ".join(f"{option} {getattr(config, name)}" for name, option in _TRAIN_OPTIONS.items()
+                       if name in ("p", "batches", "checkpoints") or getattr(config, name) != getattr(default, name))
+    aside = next(f"{path}.damaged" + (f"-{n}" if n else "") for n in range(1000)
+                 if not Path(f"{path}.damaged" + (f"-{n}" if n else "")).exists())  # mv into an existing one nests it
+    quoted = shlex.quote(str(path))
+    return f"retrain it with: mv {quoted} {shlex.quote(aside)} && fastllc train {options} --out {quoted}"
+
+
+DAMAGED = ("the run is incomplete or damaged: retrain it with `fastllc train` and the options it was made with, "
+           "into a new --out")
 METRIC_KEYS = ("step", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
-def _read_json_file(file: Path, what: Callable[[str], object]):
+def _read_json_file(file: Path, what: Callable[[str], object], first: bool = True):
+    """``what`` of the file's text; ``first``: config.json, whose absence means "not a run" (later files'
+    errors get the retraining advice from ``Run.load``)."""
     try:
         return what(file.read_text())
     except FileNotFoundError:
-        raise FastLLCError(f"{file.parent} is not a fastllc run: {file.name} is missing") from None
+        raise FastLLCError(f"{file.parent} is not a fastllc run: {file.name} is missing" if first
+                           else f"{file} is missing") from None
     except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
-        raise FastLLCError(f"{file} is unreadable ({err}); {DAMAGED}") from None
+        raise FastLLCError(f"{file} is unreadable ({err})" + (f"; {DAMAGED}" if first else "")) from None
 
 
 def _read_config(file: Path) -> tuple[TrainConfig, list[int]]:
@@ -397,20 +458,20 @@ def _read_config(file: Path) -> tuple[TrainConfig, list[int]]:
 
 def _read_metrics(file: Path, steps: list[int]) -> list[dict]:
     """One line per checkpoint, each with the checkpoint's step and numeric losses and accuracies."""
-    lines = [line for line in _read_json_file(file, str.splitlines) if line.strip()]
+    lines = [line for line in _read_json_file(file, str.splitlines, first=False) if line.strip()]
     if len(lines) != len(steps):
-        raise FastLLCError(f"{file} has {len(lines)} line{'s' * (len(lines) != 1)} for {len(steps)} checkpoints; {DAMAGED}")
+        raise FastLLCError(f"{file} has {len(lines)} line{'s' * (len(lines) != 1)} for {len(steps)} checkpoints")
     metrics = []
     for number, (line, step) in enumerate(zip(lines, steps), start=1):
         try:
             entry = json.loads(line)
         except ValueError:
-            raise FastLLCError(f"{file} line {number} is not JSON; {DAMAGED}") from None
+            raise FastLLCError(f"{file} line {number} is not JSON") from None
         bad = [key for key in METRIC_KEYS if not (isinstance(entry, dict) and _is_number(entry.get(key)))]
         if bad:
-            raise FastLLCError(f"{file} line {number} lacks a numeric {bad[0]}; {DAMAGED}")
+            raise FastLLCError(f"{file} line {number} lacks a numeric {bad[0]}")
         if entry["step"] != step:
             raise FastLLCError(f"{file} line {number} is for step {entry['step']}, but checkpoint {number - 1} "
-                               f"is step {step}; {DAMAGED}")
+                               f"is step {step}")
         metrics.append(entry)
     return metrics

@@ -42,7 +42,7 @@ from .. import storage
 from ..errors import FastLLCError
 from ..sampling import SGLDConfig
 from ..sampling.threads import single_threaded_torch
-from ..train import TrainConfig, train_together
+from ..train import TrainConfig, train_together, usable_run
 from .jobs import Job, finished_record, open_sweep, progress_mode, publish_record, run_job
 from .pools import RAY_MISSING, open_pool
 
@@ -290,12 +290,15 @@ def _drive(pool, todo, out, paths, records, failures, bar, on_record, gpus_per_j
     by_name = {job.name: job for job in todo}
     waiting: dict[str, list[Job]] = {}  # run name -> the jobs that wait for that run to be trained
     groups: dict[TrainConfig, list[TrainConfig]] = {}  # runs that differ only in their seed train together
+    usable: dict[str, bool] = {}  # run name -> whether <out>/runs holds it whole
     for job in todo:
         if not isinstance(job, Job):
             pool.submit(job.name, job_task, (job, root, None), _gpus(job, gpus_per_job))
             continue
         name = job.training.run_name()
-        if _holds_files(out / "runs" / name):
+        if name not in usable:  # checked once per run; a damaged one is moved aside and trained again
+            usable[name] = usable_run(job.training, out / "runs" / name) is not None
+        if usable[name]:
             _submit_job(pool, job, root, out, gpus_per_job)
             continue
         if name not in waiting:
@@ -334,10 +337,6 @@ def _drive(pool, todo, out, paths, records, failures, bar, on_record, gpus_per_j
                         ended(job.name, "failed", f"training {config.run_name()} failed: {value}")
     finally:
         bar.close()
-
-
-def _holds_files(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
 
 
 def _submit_job(pool, job: Job, root, out: Path, gpus_per_job: float) -> None:
