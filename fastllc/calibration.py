@@ -1,8 +1,13 @@
-"""Choosing ε, nβ and γ for any model: a grid of settings run as the chains of ONE batched estimate.
+"""Choosing ε (and γ) for any model, and λ̂ with the step size's bias removed: ONE batched run of a grid.
 
-``calibrate(model, data, loss_fn, epsilons=[...], nbetas=[...], gammas=[...])`` runs every cell of the grid
-ε × nβ × γ with ``chains`` chains each (chain j of cell k is chain k·chains + j of the batch, with its own
-per-chain ε, nβ, γ: ``SGLDConfig`` takes them as vectors) and measures per cell:
+``calibrate(model, data, loss_fn)`` measures κ, the largest Hessian eigenvalue of L_n at w*
+(``curvature.top_curvature``), and runs SGLD at the step scales s = ε·nβ·κ in ``step_scales`` (default
+0.1, 0.05, 0.025) × ``gammas`` (default γ = 5) at nβ = n/log n, ``chains`` chains per cell, as the chains of
+one batched ``fastllc.estimate`` (chain j of cell k is chain k·chains + j, with its own ε, nβ, γ). Explicit
+``epsilons`` (absolute) and ``nbetas`` replace the scaled grid. Why s: SGLD on a direction of curvature h is
+stable only for ε·nβ·h < 4 and biased by ~ε·nβ·h/4 there, so the same s means the same discretisation on any
+model; measured on deep linear networks (docs/calibration.md), λ̂ is 20–70% high at s = 0.2 and within
+noise of λ from s ≈ 0.1 down, so the grid sits below 0.1 and halves twice. Per cell it measures:
 
 - λ̂ mean and standard error over the cell's healthy chains, and the healthy fraction;
 - ``drift``: (mean loss over the last fifth − mean loss over the first fifth of the post-burn-in trace)
@@ -11,35 +16,23 @@ per-chain ε, nβ, γ: ``SGLDConfig`` takes them as vectors) and measures per ce
   z-score, so that minibatch noise (which dominates σ) does not hide a slow trend; and ``drift_relative``,
   the same difference times nβ over λ̂: how much λ̂ itself moved between the two fifths;
 - split-R̂ over the cell's healthy chains (each split in halves) and their effective sample size;
-- the MALA acceptance (``mala=True``, on a backend that records it: ``generic``; it compares the potential at
-  both ends of a step on different minibatches, so with nβ·(minibatch noise of L) ≫ 1 it sits near ½ whatever ε).
+- ``locality``: (mean sampled loss − L_n(w*)) / (trivial loss − L_n(w*)), the trivial loss that of the model
+  with every weight zero (``curvature.trivial_loss``: log(classes) for a classifier);
+- the MALA acceptance (``mala=True``, on a backend that records it: ``generic``).
 
 Flags: ``diverged`` (some chain's loss went non-finite or above the loss bound), ``drifting`` (|drift| >
-``DRIFT_LIMIT`` = 3 standard errors AND |drift_relative| > ``DRIFT_RELATIVE`` = 10%: a trend that is both
-real and large enough to matter; a z-score alone flags every slow approach once the chains are many and
-long), ``unmixed`` (split-R̂ > ``R_HAT_LIMIT``).
+``DRIFT_LIMIT`` = 3 standard errors AND |drift_relative| > ``DRIFT_RELATIVE`` = 10%), ``unmixed`` (split-R̂ >
+``R_HAT_LIMIT``), ``nonlocal`` (locality > ``LOCALITY_LIMIT`` = ½: the chains went halfway to the trivial
+predictor's loss, so λ̂ = nβ·ΔL measures the temperature, not the geometry at w*).
 
-The rule (``recommend``), stated once here and in ``CalibrationResult.reason``:
-1. A cell is *usable* when it has no flag and a λ̂.
-2. The row (nβ, γ) it is taken from: among rows with two usable cells at neighbouring ε, the nβ nearest
-   (in log) to the default nβ = n/log n, then the smallest γ (the least localisation bias).
-3. In that row, among neighbouring usable pairs: if some pair *agrees* (|Δλ̂| ≤ ``AGREEMENT_SE`` combined
-   standard errors or ≤ ``AGREEMENT_RELATIVE`` of λ̂: a plateau), the larger ε of the agreeing pair with
-   the largest ε (the top of the plateau: best mixed, its bias bounded by the agreement); else the *flattest*
-   pair (the smallest |Δλ̂|/λ̂), or, among the pairs as flat as it within two of its standard errors, the one
-   with the largest ε, its larger ε, stated as "no plateau evidence". SGLD's λ̂ is low where ε
-   is too small to mix in the steps given and high where ε is so large that discretisation biases it; in
-   between it changes least with ε, and that is where it is closest to λ. On deep linear networks there is
-   often no flat part at all at a few thousand steps (λ̂ rises through the whole grid): the flattest pair
-   then marks the crossing from one bias to the other.
-4. No row with a usable pair: the chains still drift at (nearly) every ε, and a lone cell that does not is
-   more likely stuck (too small an ε to move in the steps given) than mixed. Then step 3 is applied to the
-   cells that are healthy and mixed but drifting (the flattest pair, larger ε), with a reason that says the
-   chains have not mixed and λ̂ is uncertain. With no such pair either: the largest usable ε in the
-   preferred row. No usable cell: no recommendation, and a one-line ``hint`` saying what to change (every
-   cell diverged: smaller ε).
-
-nβ values are absolute (not multiples of n/log n); the default grid is (½, 1, 2)·n/log n.
+The rule (``recommend``), stated once here and in ``CalibrationResult.reason``: a cell is *usable* when it has
+no flag and a λ̂; the recommended cell is, in the row of nβ nearest n/log n and then of the smallest γ with a
+usable cell, the usable cell of smallest ε: of the cells whose chains are stationary, the one with the least
+discretisation bias. Nothing in the rule rewards agreement between neighbouring ε (a plateau within the noise
+of a few chains let the large-ε bias through: the earlier rule overestimated λ by 21% median on random deep
+linear networks). The λ̂ to report is ``CalibrationResult.zero_step``: λ̂(ε) over the row's usable cells
+extrapolated to ε → 0 (``extrapolation.zero_step``), with a 90% interval that includes the fit's uncertainty and
+the spread over γ rows that agree. No usable cell: no recommendation, and a one-line ``hint``.
 """
 
 from __future__ import annotations
@@ -54,16 +47,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .curvature import top_curvature, trivial_loss
 from .errors import FastLLCError
+from .extrapolation import ZeroStepEstimate, zero_step
 from .llc import effective_sample_size, split_r_hat
 from .sampling import SGLDConfig, wbic_nbeta
+from .validate import check_int
 
 DRIFT_LIMIT = 3.0  # |drift| (a z-score) above which, with DRIFT_RELATIVE, a cell is "drifting"
 DRIFT_RELATIVE = 0.1  # |drift_relative| (λ̂'s change between the fifths, relative) above which ... likewise
 R_HAT_LIMIT = 1.1  # split-R̂ above which a cell is "unmixed"
-AGREEMENT_SE = 2.0  # neighbouring ε agree within this many combined standard errors ...
+LOCALITY_LIMIT = 0.5  # a cell whose loss rose this fraction of the way to the trivial loss is "nonlocal"
+AGREEMENT_SE = 2.0  # neighbouring ε agree within this many combined standard errors ... (``agree``: reports)
 AGREEMENT_RELATIVE = 0.05  # ... or within this fraction of λ̂
-DEFAULT_NBETA_MULTIPLES = (0.5, 1.0, 2.0)  # the default nβ grid, as multiples of n/log n
+DEFAULT_NBETA_MULTIPLES = (1.0,)  # the default nβ grid, as multiples of n/log n (nβ defines λ̂; it is not tuned)
+DEFAULT_STEP_SCALES = (0.1, 0.05, 0.025)  # s = ε·nβ·κ: below the measured onset of large bias (~0.2), halving
+STATIONARY = (f"every chain healthy, stationary (no |drift| > {DRIFT_LIMIT:g} se with λ̂ moving more than "
+              f"{DRIFT_RELATIVE:.0%}), split-R̂ ≤ {R_HAT_LIMIT}, local")
 FIFTH = 5  # drift compares the first and last 1/FIFTH of the post-burn-in trace
 
 
@@ -87,7 +87,9 @@ class CalibrationCell:
     mean_loss: float
     first_fifth_mean_loss: float
     last_fifth_mean_loss: float
-    flags: list = field(default_factory=list)  # "diverged", "drifting", "unmixed"
+    locality: float = math.nan  # (mean loss − L_n(w*)) / (trivial loss − L_n(w*)); NaN when not measured
+    step_scale: float = math.nan  # s = ε·nβ·κ (NaN when κ was not measured)
+    flags: list = field(default_factory=list)  # "diverged", "drifting", "unmixed", "nonlocal"
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
@@ -112,6 +114,9 @@ class CalibrationResult:
     device: str
     init_loss: float
     sampling_seconds: float
+    kappa: float | None = None  # largest Hessian eigenvalue of L_n at w* (None: not measured)
+    trivial_loss: float | None = None  # the loss with every weight zero
+    zero_step: ZeroStepEstimate | None = None  # λ̂ extrapolated to ε → 0 in the recommended row, its interval
     mean_traces: np.ndarray | None = field(default=None, repr=False)  # [cells, T]: healthy chains' mean loss
 
     @property
@@ -126,8 +131,9 @@ class CalibrationResult:
         return dict(epsilon=cell.epsilon, nbeta=cell.nbeta, gamma=cell.gamma)
 
     def to_dict(self) -> dict:
-        record = {k: v for k, v in asdict(self).items() if k not in ("cells", "mean_traces")}
+        record = {k: v for k, v in asdict(self).items() if k not in ("cells", "mean_traces", "zero_step")}
         record["cells"] = [c.to_dict() for c in self.cells]
+        record["zero_step"] = None if self.zero_step is None else self.zero_step.to_dict()
         for key, value in record.items():
             if isinstance(value, float) and not math.isfinite(value):
                 record[key] = None
@@ -139,8 +145,13 @@ class CalibrationResult:
     def table(self) -> str:
         """The grid as aligned text (★ the recommended cell), then the reason or the hint (as
         ``GroupResults.table``: one string, a line per row)."""
-        return "\n".join(format_cells([c.to_dict() for c in self.cells], self.recommended) + [
-            f"recommended: {self.reason}" if self.recommended is not None else f"no recommendation: {self.hint}"])
+        lines = format_cells([c.to_dict() for c in self.cells], self.recommended)
+        if self.recommended is None:
+            return "\n".join(lines + [f"no recommendation: {self.hint}"])
+        z = self.zero_step
+        return "\n".join(lines + [f"recommended: {self.reason}",
+                                  f"λ̂ at ε → 0: {z.llc:.4g} ± {z.se:.2g}, 90% interval [{z.low:.4g}, {z.high:.4g}] "
+                                  f"({z.method})"])
 
 
 def format_cells(cells: Sequence[Mapping], recommended: int | None) -> list[str]:
@@ -182,14 +193,17 @@ def check_grid(name: str, values, allow_zero: bool = False) -> tuple[float, ...]
     return tuple(sorted(floats))
 
 
-def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons, nbetas=None,
+def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons=None,
+              step_scales=DEFAULT_STEP_SCALES, nbetas=None,
               gammas=(SGLDConfig.gamma,), chains: int = 4, steps: int = 2000, burn_in: int | None = None,
               batch_size: int | None = None, seed: int = 0, backend: str = "auto", device="cpu",
               progress: bool = False, mala: bool = False, restrict=None, **settings) -> CalibrationResult:
-    """Run the grid ``epsilons`` × ``nbetas`` × ``gammas`` (``chains`` chains per cell) as one batched
-    ``fastllc.estimate`` and recommend a cell by the rule in this module's docstring.
+    """Run the grid of step sizes × ``nbetas`` × ``gammas`` (``chains`` chains per cell) as one batched
+    ``fastllc.estimate``, recommend a cell and extrapolate λ̂ to ε → 0 by the rule in this module's docstring.
 
-    ``nbetas``: absolute nβ values; default (½, 1, 2)·n/log n. ``gammas`` default: ``SGLDConfig``'s γ = 5.
+    The step sizes: ``epsilons`` (absolute values), or by default ε = s/(nβ·κ) for each s in ``step_scales``,
+    κ measured at w* (``result.kappa``). ``nbetas``: absolute nβ values; default n/log n. ``gammas`` default:
+    ``SGLDConfig``'s γ = 5.
     ``burn_in`` default: a quarter of ``steps``. ``batch_size`` default: ``SGLDConfig``'s (64), or a
     DataLoader's. ``mala=True`` records the MALA acceptance (``backend="auto"`` then picks ``generic``).
     Other ``SGLDConfig`` fields (``thin``, ``orthogonal``, ``sampler``, ``chain_loss``, ``loss_bound``) and
@@ -199,7 +213,12 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
     """
     from .compat.loaders import as_pair, is_loader, materialise
 
-    epsilons = check_grid("epsilons", epsilons)
+    check_int("chains", chains, minimum=1)
+    check_int("steps", steps, minimum=1)
+    if burn_in is not None:
+        check_int("burn_in", burn_in, minimum=0)
+    scaled = epsilons is None
+    epsilons = check_grid("step_scales" if scaled else "epsilons", step_scales if scaled else epsilons)
     gammas = check_grid("gammas", gammas, allow_zero=True)
     if nbetas is not None:
         nbetas = check_grid("nbetas", nbetas)
@@ -209,18 +228,36 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
     n = len(as_pair(data)[1])
     default = wbic_nbeta(n)
     nbetas = nbetas or tuple(m * default for m in DEFAULT_NBETA_MULTIPLES)
-    cells = [(e, b, g) for g in gammas for b in nbetas for e in epsilons]
+    kappa = measured_curvature(model, as_pair(data), loss_fn, seed, required=scaled)
+    cells = [(s / (b * kappa) if scaled else s, b, g) for g in gammas for b in nbetas for s in epsilons]
     return run_cells(model, data, loss_fn, cells, chains=chains, steps=steps,
                      burn_in=steps // 4 if burn_in is None else burn_in, batch_size=batch_size, seed=seed,
                      backend=backend, device=device, progress=progress, mala=mala, restrict=restrict,
-                     default_nbeta=default, **settings)
+                     default_nbeta=default, kappa=kappa, **settings)
+
+
+def measured_curvature(model, data, loss_fn, seed: int, required: bool) -> float | None:
+    """κ at w* (``curvature.top_curvature``). Needed to scale the grid; otherwise only reported, so a model
+    that torch.func cannot differentiate twice just goes without (None)."""
+    try:
+        kappa = top_curvature(model, data, loss_fn, seed=seed)
+    except Exception as err:  # any failure of torch.func on a user's model: explicit epsilons still work
+        if required:
+            raise FastLLCError(f"cannot measure the loss's curvature at w* to scale the step size ({err}); give "
+                               "epsilons explicitly") from None
+        return None
+    if required and not (math.isfinite(kappa) and kappa > 0):
+        raise FastLLCError(f"the loss has no curvature at w* to scale the step size by (κ = {kappa:g}); give "
+                           "epsilons explicitly")
+    return kappa
 
 
 def run_cells(model, data, loss_fn, cells: Sequence[tuple[float, float, float]], *, chains: int,
               default_nbeta: float, config: SGLDConfig | None = None, backend="auto", device="cpu",
-              progress=False, restrict=None, **settings) -> CalibrationResult:
+              progress=False, restrict=None, kappa: float | None = None, **settings) -> CalibrationResult:
     """The given (ε, nβ, γ) cells (absolute values, any list) as one batched estimate; the calibration
-    result. ``config``: settings every cell shares (its chains, ε, nβ, γ are replaced)."""
+    result. ``config``: settings every cell shares (its chains, ε, nβ, γ are replaced). ``kappa``: the
+    curvature at w* if measured (it gives each cell's step scale)."""
     from .api import estimate
     from .compat.loaders import as_pair, is_loader, materialise
 
@@ -243,22 +280,31 @@ def run_cells(model, data, loss_fn, cells: Sequence[tuple[float, float, float]],
     per_chain_llc = np.array([math.nan if v is None else v for v in result.llc_per_chain])
     healthy = np.array(result.healthy, dtype=bool)
     mala = None if result.mala_trace is None else result.mala_trace.double().numpy()[:, config.burn_in:]
+    trivial = trivial_loss(model, as_pair(data), loss_fn)
+    gap = trivial - result.init_loss  # how far the trivial predictor's loss is above w*'s
     measured, means = [], []
     for index, (epsilon, nbeta, gamma) in enumerate(cells):
         rows = slice(index * chains, (index + 1) * chains)
         cell = measure_cell(epsilon, nbeta, gamma, per_chain_llc[rows], healthy[rows], recorded[rows],
                             None if mala is None else mala[rows])
+        if gap > 0 and cell.healthy_chains:
+            cell.locality = (cell.mean_loss - result.init_loss) / gap
+        if kappa is not None:
+            cell.step_scale = epsilon * nbeta * kappa
+        cell.flags = cell_flags(cell.to_dict())
         measured.append(cell)
         good = trace[rows][healthy[rows]]
         means.append(good.mean(axis=0) if len(good) else np.full(trace.shape[1], math.nan))
-    recommended, reason, hint = recommend([c.to_dict() for c in measured], default_nbeta)
+    dicts = [c.to_dict() for c in measured]
+    recommended, reason, hint = recommend(dicts, default_nbeta)
     if hint is not None:
         warnings.warn(f"calibration: {hint}", RuntimeWarning, stacklevel=3)
     return CalibrationResult(
         cells=measured, recommended=recommended, reason=reason, hint=hint, n=n,
         default_nbeta=default_nbeta, chains=chains, steps=config.steps, burn_in=config.burn_in,
         batch_size=config.batch_size, seed=config.seed, backend=result.backend, device=result.device,
-        init_loss=result.init_loss, sampling_seconds=result.sampling_seconds, mean_traces=np.array(means))
+        init_loss=result.init_loss, sampling_seconds=result.sampling_seconds, kappa=kappa, trivial_loss=trivial,
+        zero_step=zero_step_of(dicts, recommended), mean_traces=np.array(means))
 
 
 def measure_cell(epsilon, nbeta, gamma, llc: np.ndarray, healthy: np.ndarray, recorded: np.ndarray,
@@ -297,7 +343,7 @@ def drift_score(good: np.ndarray, first: float, last: float, ess: float) -> floa
 
 
 def cell_flags(cell: Mapping) -> list[str]:
-    """What is wrong with a cell (a dict of its measurements): "diverged", "drifting", "unmixed".
+    """What is wrong with a cell (a dict of its measurements): "diverged", "drifting", "unmixed", "nonlocal".
 
     Reads the study's older job records too, which have no ``drift``: there the last tenth of the trace
     more than 10% away from the first tenth's mean loss counts as drifting (the rule they were made with)."""
@@ -317,6 +363,9 @@ def cell_flags(cell: Mapping) -> list[str]:
         r_hat = cell.get("r_hat")
         if r_hat is not None and math.isfinite(r_hat) and r_hat > R_HAT_LIMIT:
             flags.append("unmixed")
+        locality = cell.get("locality")
+        if locality is not None and math.isfinite(locality) and locality > LOCALITY_LIMIT:
+            flags.append("nonlocal")
     return flags
 
 
@@ -355,86 +404,47 @@ def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | Non
     drift_relative (or the older records' tenth means), r_hat. The rule is the module docstring's."""
     if not cells:
         return None, "no cells", "the grid is empty"
-    below = smaller_neighbours(cells)
-    pairs = [i for i, c in enumerate(cells) if below[i] is not None and usable(c) and usable(cells[below[i]])]
-    where = (f"the row nearest the default nβ = n/log n = {default_nbeta:.4g}, then of the smallest γ, with "
-             "usable neighbours")
-    stationary = (f"every chain healthy, stationary (no |drift| > {DRIFT_LIMIT:g} se with λ̂ moving more than "
-                  f"{DRIFT_RELATIVE:.0%}), split-R̂ ≤ {R_HAT_LIMIT}")
-
-    def row_preference(i):
-        c = cells[i]
-        return (round(abs(math.log(c["nbeta"] / default_nbeta)), 9), c["gamma"])
-
-    if pairs:
-        row = row_preference(min(pairs, key=row_preference))
-        in_row = [i for i in pairs if row_preference(i) == row]
-        agreeing = [i for i in in_row if agree(cells[i], cells[below[i]])]
-        best = (max(agreeing, key=lambda i: cells[i]["epsilon"]) if agreeing
-                else flattest_within_noise(cells, below, in_row))
-        c, lower = cells[best], cells[below[best]]
-        head = f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: {stationary}; "
-        if agreeing:
-            return best, head + (f"λ̂ = {c['llc_mean']:.4g} agrees with {lower['llc_mean']:.4g} at the next smaller "
-                                 f"ε = {lower['epsilon']:g} (the plateau's top in {where})"), None
-        return best, head + (f"no plateau evidence (no neighbouring ε agree): λ̂ is flattest (within the noise), "
-                             f"{relative_step(c, lower):.0%}, from ε = {lower['epsilon']:g} ({lower['llc_mean']:.4g}) "
-                             f"to here ({c['llc_mean']:.4g}), in {where}; widen the grid or run more steps to "
-                             "confirm"), None
-    moving = [i for i, c in enumerate(cells) if below[i] is not None and healthy_and_mixed(c)
-              and healthy_and_mixed(cells[below[i]])]
-    if moving:  # every usable cell is alone: the chains still drift at most ε, the few that do not are stuck
-        row = row_preference(min(moving, key=row_preference))
-        best = flattest_within_noise(cells, below, [i for i in moving if row_preference(i) == row])
-        c, lower = cells[best], cells[below[best]]
-        return best, (f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: every chain healthy and "
-                      f"split-R̂ ≤ {R_HAT_LIMIT}, but the chains still drift at nearly every ε (not mixed in "
-                      f"the steps given: λ̂ is uncertain): λ̂ is flattest (within the noise), "
-                      f"{relative_step(c, lower):.0%}, from "
-                      f"ε = {lower['epsilon']:g} ({lower['llc_mean']:.4g}) to here ({c['llc_mean']:.4g}), in {where}; "
-                      "run more steps to confirm"), None
     candidates = [i for i, c in enumerate(cells) if usable(c)]
     if candidates:
-        best = min(candidates, key=lambda i: (row_preference(i), -cells[i]["epsilon"]))
+        row = preferred_row(cells, candidates, default_nbeta)
+        best = min((i for i in candidates if row_of(cells[i]) == row), key=lambda i: cells[i]["epsilon"])
         c = cells[best]
-        return best, (f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: {stationary}, but no "
-                      "neighbouring ε is usable (no plateau evidence): the largest usable ε nearest the default "
-                      "nβ; widen the grid or run more steps to confirm"), None
+        return best, (f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: the smallest ε (least "
+                      f"discretisation bias) whose chains are {STATIONARY}, in the row of nβ nearest n/log n = "
+                      f"{default_nbeta:.4g}, then of the smallest γ"), None
     if all(c["healthy_fraction"] == 0 for c in cells):
         hint = (f"every cell diverged (no chain stayed finite and below the loss bound): try smaller epsilons, "
                 f"below {min(c['epsilon'] for c in cells):g}")
     elif all("diverged" in cell_flags(c) for c in cells):
         hint = f"every cell had diverging chains: try smaller epsilons, below {min(c['epsilon'] for c in cells):g}"
+    elif all("nonlocal" in cell_flags(c) for c in cells if c["healthy_fraction"] > 0):
+        hint = ("every cell's chains left the basin of w* (their loss rose halfway to the trivial predictor's): "
+                "try a larger gamma or smaller epsilons")
     else:
         hint = ("no cell is both healthy and stationary (drifting or unmixed chains): run more steps or a larger "
                 "burn-in, or try larger epsilons if the smallest ones drift")
     return None, "no cell is usable", hint
 
 
-def healthy_and_mixed(cell: Mapping) -> bool:
-    """Usable but for drift: every chain healthy, split-R̂ within the limit, a λ̂."""
-    return not set(cell_flags(cell)) - {"drifting"} and cell.get("llc_mean") is not None and math.isfinite(
-        cell["llc_mean"])
+def row_of(cell: Mapping) -> tuple[float, float]:
+    return cell["nbeta"], cell["gamma"]
 
 
-def flattest_within_noise(cells: Sequence[Mapping], below: Sequence[int | None], pairs: Sequence[int]) -> int:
-    """Of the pairs (each named by its larger-ε cell), the largest ε among those whose relative step is within
-    two of its standard errors of the flattest pair's: flat within the noise, then the best mixed."""
-    def step(i):
-        return relative_step(cells[i], cells[below[i]])
-
-    def noise(i):
-        ses = [cells[j].get("llc_se") for j in (i, below[i])]
-        if any(se is None or not math.isfinite(se) for se in ses):
-            return 0.0
-        mean = abs(cells[i]["llc_mean"] + cells[below[i]]["llc_mean"]) / 2
-        return math.sqrt(ses[0] ** 2 + ses[1] ** 2) / max(mean, 1e-300)
-
-    flattest = min(pairs, key=step)
-    bound = step(flattest) + 2 * noise(flattest)
-    return max((i for i in pairs if step(i) <= bound), key=lambda i: cells[i]["epsilon"])
+def preferred_row(cells: Sequence[Mapping], candidates: Sequence[int], default_nbeta: float) -> tuple[float, float]:
+    """(nβ, γ) of the row the recommendation comes from: nβ nearest (in log) the default, then the smallest γ."""
+    def preference(i):
+        return round(abs(math.log(cells[i]["nbeta"] / default_nbeta)), 9), cells[i]["gamma"]
+    return row_of(cells[min(candidates, key=preference)])
 
 
-def relative_step(cell: Mapping, smaller: Mapping) -> float:
-    """|Δλ̂| between neighbouring ε relative to their mean λ̂ (how flat λ̂(ε) is there)."""
-    return abs(cell["llc_mean"] - smaller["llc_mean"]) / max(abs(cell["llc_mean"] + smaller["llc_mean"]) / 2, 1e-300)
+def zero_step_of(cells: Sequence[Mapping], recommended: int | None) -> ZeroStepEstimate | None:
+    """λ̂ extrapolated to ε → 0 over the usable cells of the recommended cell's row; the γ rows at its nβ give
+    the localisation's spread (``extrapolation.zero_step``)."""
+    if recommended is None:
+        return None
+    nbeta, gamma = row_of(cells[recommended])
+    rows: dict = {}
+    for i, c in enumerate(cells):
+        if c["nbeta"] == nbeta and usable(c):
+            rows.setdefault(c["gamma"], []).append(i)
+    return zero_step(cells, rows, gamma)
