@@ -6,7 +6,8 @@
 // The same source is compiled three ways: a portable build (baseline flags, any CPU: "scalar"), one with
 // -mavx2 -mfma ("avx2") and one that adds AVX-512 F/DQ/VL/BW ("avx512"). The arithmetic is written on
 // 8-float vectors (GCC/Clang vector extensions, v8 below): AVX registers and FMA instructions in the vector
-// builds, what the baseline ISA has (SSE2 pairs on x86-64) in the portable one; intrinsics appear only
+// builds, what the baseline ISA has (SSE2 pairs on x86-64) in the portable one; the products also on
+// 16-float vectors (v16: 512-bit registers and FMAs) in the AVX-512 build; intrinsics appear only
 // where the extensions cannot say it (the noise's 64-bit hashing, fast_normals). All build with
 // -ffp-contract=off, so that the random streams round exactly as Numba's (fastllc/sampling/randomness.py);
 // the hot loops ask for fused multiply-adds explicitly (madd, MADD), which the portable build computes as
@@ -31,12 +32,13 @@
 // exp of our own whose error is far below the margin its decisions need (exp_wedge).
 //
 // Layout of a step (loss_and_gradient): the minibatch's m examples are the vector lanes. Every product is one
-// register-blocked tile kernel (gemm: 6 rows × 2 vectors of accumulators) that reads the weights in place
-// through strides; at the published shape (p = 53, e = 8, h = 32, m = 64) the three large products run at
-// about 94% of the FMA units' peak. Noise: 2,696 normals per chain-step, eight hashes at a time, the ~1.4%
-// outside their layer's rectangle in a second pass (fill_normal). Measured at the published shape, one
-// thread, on the project's Zen 4 machine: a chain-step takes 14.8 µs with AVX-512 (loss and gradient 11.2,
-// noise 2.9) and 16.4 µs with AVX2 (noise 4.1).
+// register-blocked tile kernel (gemm: 6 rows × 2 v8 of accumulators, or 12 rows × 2 v16 with AVX-512) that
+// reads the weights in place through strides. Noise: 2,696 normals per chain-step, eight hashes at a time,
+// the ~1.4% outside their layer's rectangle in a second pass (fill_normal). The subnormal floats of confident
+// predictions are flushed to zero inside the kernel (FlushDenormals: Intel computes them in microcode).
+// Measured at the published shape (p = 53, e = 8, h = 32, m = 64), one thread, on the project's Zen 4
+// machine (v8 tiles): a chain-step took 14.8 µs with AVX-512 (loss and gradient 11.2, noise 2.9) and 16.4 µs
+// with AVX2 (noise 4.1); the v16 tiles take the loss and gradient 16% lower again (see tile_rows).
 
 #include <algorithm>
 #include <cmath>
@@ -523,53 +525,74 @@ template <int N> inline void gelun(const v8* z, v8* value, v8* slope) {
 // The step's products, all of one form: C [M rows, NV vectors of 8] = A [M, K] · B [K, NV·8], with A read
 // through strides (element (r, k) at A[r·ra + k·ka], so that the weights and their transposes are read in
 // place) and broadcast, B's rows loaded as vectors. Register-blocked: a tile of MR rows × NR vectors stays
-// in registers over the whole sum (MR·NR ≥ 8 independent accumulators hide the FMA latency). K ≥ 1 (gemm): the
+// in registers over the whole sum (enough independent accumulators to hide the FMA latency). K ≥ 1 (gemm): the
 // loop is a do-while and steps pointers, so that GCC neither versions it on ka nor keeps the accumulators in
-// a stack array around it (with a for loop it did both: the products took 7% longer).
-template <int MR, int NR>
+// a stack array around it (with a for loop it did both: the products took 7% longer). The vectors are V: v8,
+// or v16 (512-bit) in the AVX-512 build; every output element is the same chain of fused multiply-adds over
+// k in order whatever V and the tile, so the results are the same bits.
+#if defined(__AVX512F__) && !defined(FASTLLC_PRODUCTS_256)
+#define FASTLLC_PRODUCTS_512 1
+typedef float v16 __attribute__((vector_size(64)));
+inline v16 madd(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
+#endif
+
+template <typename V> inline V vload(const float* x) { V r; std::memcpy(&r, x, sizeof r); return r; }
+template <typename V> inline void vstore(float* x, V v) { std::memcpy(x, &v, sizeof v); }
+template <typename V> inline V vsplat(float x) { return V{} + x; }
+
+template <typename V, int MR, int NR>
 inline void tile(const float* A, int64_t ra, int64_t ka, const float* B, int64_t ldb, int64_t K, float* C,
                  int64_t ldc) {
-    v8 acc[MR][NR];
+    constexpr int W = sizeof(V) / sizeof(float);
+    V acc[MR][NR];
     for (int r = 0; r < MR; ++r)
-        for (int n = 0; n < NR; ++n) acc[r][n] = splat(0.0f);
+        for (int n = 0; n < NR; ++n) acc[r][n] = vsplat<V>(0.0f);
     int64_t k = 0;
     do {
-        v8 b[NR];
-        for (int n = 0; n < NR; ++n) b[n] = load(B + 8 * n);
+        V b[NR];
+        for (int n = 0; n < NR; ++n) b[n] = vload<V>(B + W * n);
         for (int r = 0; r < MR; ++r) {
-            const v8 a = splat(A[r * ra]);
+            const V a = vsplat<V>(A[r * ra]);
             for (int n = 0; n < NR; ++n) acc[r][n] = madd(a, b[n], acc[r][n]);
         }
         A += ka, B += ldb;
     } while (++k < K);
     for (int r = 0; r < MR; ++r)
-        for (int n = 0; n < NR; ++n) store(C + r * ldc + 8 * n, acc[r][n]);
+        for (int n = 0; n < NR; ++n) vstore(C + r * ldc + W * n, acc[r][n]);
 }
 
-// 6 rows × 2 vectors: 12 accumulators, 2 loaded rows of B, 1 broadcast. (Measured at the published shape, with
-// AVX2 and with AVX-512's 32 registers: 12 × 2, 8 × 3, 7 × 3, 6 × 4, 4 × 4, 4 × 3 and 3 × 4 were all slower.)
-constexpr int TILE_ROWS = 6;
+// Rows per tile. v8 (16 registers with AVX2): 6 rows × 2 vectors, 12 accumulators, 2 loaded rows of B, 1
+// broadcast (measured at the published shape, with AVX2 and with AVX-512's 32 registers: 12 × 2, 8 × 3, 7 × 3,
+// 6 × 4, 4 × 4, 4 × 3 and 3 × 4 were all slower). v16 (AVX-512's 32 registers): 12 rows × 2 vectors, 24
+// accumulators + 2 rows of B + 1 broadcast = 27 registers, enough independent sums for two 512-bit FMA ports
+// of latency 4 (Intel) with the B loads amortised over 12 rows; 12 × 1 where only one v16 of columns is
+// left. On Zen 4 (512-bit FMAs as two 256-bit halves) the products take 16% less than with v8 tiles
+// (loss and gradient 14.0 -> 11.8 us, one thread, the published shape), 12 × 2 and 8 × 2 alike, 6 × 2 2%
+// slower: fewer instructions for the same FLOPs.
+template <typename V, int NR> constexpr int tile_rows() { return sizeof(V) == 32 ? 6 : 12; }
 
-template <int NR, int R = TILE_ROWS>
+template <typename V, int NR, int R = tile_rows<V, NR>()>
 inline void tile_of(int64_t rows, const float* A, int64_t ra, int64_t ka, const float* B, int64_t ldb, int64_t K,
-                    float* C, int64_t ldc) {  // tile<rows, NR>, 1 ≤ rows ≤ TILE_ROWS
+                    float* C, int64_t ldc) {  // tile<V, rows, NR>, 1 ≤ rows ≤ R
     if constexpr (R >= 1) {
-        if (rows == R) tile<R, NR>(A, ra, ka, B, ldb, K, C, ldc);
-        else tile_of<NR, R - 1>(rows, A, ra, ka, B, ldb, K, C, ldc);
+        if (rows == R) tile<V, R, NR>(A, ra, ka, B, ldb, K, C, ldc);
+        else tile_of<V, NR, R - 1>(rows, A, ra, ka, B, ldb, K, C, ldc);
     }
 }
 
-// Whole tiles, then the rest; a rest of 1 or 2 rows (2 or 4 accumulators: too few to hide the FMA latency)
-// is instead shared with the last whole tile as two tiles of half as many rows (M = 32: 6+6+6+6+4+4).
-template <int NR>
+// Whole tiles, then the rest; a rest of under half a tile (too few accumulators to hide the FMA latency) is
+// instead shared with the last whole tile as two tiles of half as many rows (v8, M = 32: 6+6+6+6+4+4).
+template <typename V, int NR>
 void gemm_columns(int64_t M, const float* A, int64_t ra, int64_t ka, const float* B, int64_t ldb, int64_t K,
                   float* C, int64_t ldc) {
-    int64_t whole = M / TILE_ROWS, r = 0;
-    if (whole >= 1 && M % TILE_ROWS != 0 && M % TILE_ROWS < TILE_ROWS / 2) whole -= 1;
-    for (int64_t t = 0; t < whole; ++t, r += TILE_ROWS) tile<TILE_ROWS, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc);
+    constexpr int64_t rows_per_tile = tile_rows<V, NR>();
+    int64_t whole = M / rows_per_tile, r = 0;
+    if (whole >= 1 && M % rows_per_tile != 0 && M % rows_per_tile < rows_per_tile / 2) whole -= 1;
+    for (int64_t t = 0; t < whole; ++t, r += rows_per_tile)
+        tile<V, rows_per_tile, NR>(A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc);
     while (r < M) {
-        const int64_t rows = M - r > TILE_ROWS ? (M - r) / 2 : M - r;
-        tile_of<NR>(rows, A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc);
+        const int64_t rows = M - r > rows_per_tile ? (M - r) / 2 : M - r;
+        tile_of<V, NR>(rows, A + r * ra, ra, ka, B, ldb, K, C + r * ldc, ldc);
         r += rows;
     }
 }
@@ -581,9 +604,13 @@ void gemm(int64_t M, int64_t NV, int64_t K, const float* A, int64_t ra, int64_t 
         for (int64_t r = 0; r < M; ++r) std::memset(C + r * ldc, 0, sizeof(float) * 8 * NV);
         return;
     }
-    int64_t n = 0;
-    for (; n + 2 <= NV; n += 2) gemm_columns<2>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
-    if (n < NV) gemm_columns<1>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
+    int64_t n = 0;  // in vectors of 8
+#if defined(FASTLLC_PRODUCTS_512)
+    for (; n + 4 <= NV; n += 4) gemm_columns<v16, 2>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
+    for (; n + 2 <= NV; n += 2) gemm_columns<v16, 1>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
+#endif
+    for (; n + 2 <= NV; n += 2) gemm_columns<v8, 2>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
+    if (n < NV) gemm_columns<v8, 1>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
 }
 
 // One thread's buffers, reused for every chain it runs. The minibatch's examples are the vector lanes
