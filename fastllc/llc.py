@@ -194,3 +194,13 @@ class GroupResults(dict):
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
+
+
+def divergence_advice(epsilon, nbeta, default_nbeta: float, prefix: str = "--") -> str:
+    """What to lower when every chain diverged. The gradient's step is ε·nβ/2: with nβ set far above its
+    default n/log n (say 1e300) no smaller ε helps, so that case names nβ; otherwise ε, the usual cause."""
+    nbetas = torch.as_tensor(nbeta if nbeta is not None else default_nbeta, dtype=torch.float64).reshape(-1)
+    if nbeta is not None and float(nbetas.max()) > 10 * default_nbeta:
+        return (f"try a smaller {prefix}nbeta (it is {float(nbetas.max()):g}; the default n/log n is "
+                f"{default_nbeta:.4g})")
+    return f"try a smaller {prefix}epsilon (it is {float(torch.as_tensor(epsilon).max()):g})"

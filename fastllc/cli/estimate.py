@@ -12,7 +12,8 @@ from .. import api, resources, storage
 from ..backends import CHOICES as BACKEND_CHOICES, resolve_backend
 from ..errors import FastLLCError
 from ..model import param_shapes
-from ..sampling import SGLDConfig, resolve_device
+from ..llc import divergence_advice
+from ..sampling import SGLDConfig, resolve_device, wbic_nbeta
 from ..train import Run
 from .common import (cache_path, cached_run, long_work, one_line_errors, progress, refuse_training_options_with_run,
                      require_sampling_memory, train_config, training_options)
@@ -89,7 +90,8 @@ def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, 
                    f"{result.sampling_seconds:.1f} s, {result.chain_steps_per_second:,.0f} chain-steps/s, "
                    f"split-R̂ {result.r_hat:.3f}, ESS {result.ess:.0f}")
     if result.healthy_chains == 0:
-        raise FastLLCError("every chain diverged (non-finite or exploding loss); try a smaller --epsilon")
+        advice = divergence_advice(config.epsilon, config.nbeta, wbic_nbeta(run.config.make_task().n_train))
+        raise FastLLCError(f"every chain diverged (non-finite or exploding loss); {advice}")
 
 
 def _run_record(run: Run, index: int) -> dict:
@@ -121,5 +123,6 @@ def _per_parameter(run: Run, index: int, config: SGLDConfig, backend: str, name:
                    f"{first.sampling_seconds:.1f} s; each group's other weights fixed at w*")
     diverged = [group for group, result in results.items() if result.healthy_chains == 0]
     if diverged:
+        advice = divergence_advice(config.epsilon, config.nbeta, wbic_nbeta(run.config.make_task().n_train))
         raise FastLLCError(f"every chain of {', '.join(map(repr, diverged))} diverged (non-finite or exploding loss); "
-                           "try a smaller --epsilon")
+                           f"{advice}")

@@ -55,8 +55,11 @@ class JobsFailed(FastLLCError):
 
     def __init__(self, failures: dict[str, str], records: list[dict], total: int):
         names = ", ".join(list(failures)[:3]) + (", ..." if len(failures) > 3 else "")
-        super().__init__(f"{len(failures)} of {total} jobs failed ({names}); the others are saved: fix the "
-                         "failed jobs' settings and rerun (finished jobs are skipped)")
+        reasons = set(failures.values())  # one shared reason (every job diverged) is worth saying here
+        why = f": {reasons.pop()}" if len(reasons) == 1 and len(failures) > 1 else ""
+        saved = "the others are saved" if len(failures) < total else "none finished"
+        super().__init__(f"{len(failures)} of {total} jobs failed ({names}){why}; {saved}: fix the failed jobs' "
+                         "settings and rerun (finished jobs are skipped)")
         self.failures, self.records = failures, records
 
 

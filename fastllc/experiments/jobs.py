@@ -25,7 +25,7 @@ from .. import resources, storage
 from ..analysis import analyse_run
 from ..api import estimate_checkpoints, estimate_run
 from ..errors import FastLLCError
-from ..llc import estimate_llc
+from ..llc import divergence_advice, estimate_llc
 from ..sampling import SGLDConfig, wbic_nbeta
 from ..sampling.contract import Samples
 from ..tasks import train_size
@@ -157,7 +157,23 @@ def run_job(job: Job, out: Path, progress: bool = False) -> dict:
         record.update(cells=calibration_cells(run, job), final_metrics=run.metrics[-1])
     else:
         raise ValueError(f"unknown job kind {job.kind!r}")
+    require_some_healthy(record, job.sgld, run.config.make_task().n_train)
     return record
+
+
+class AllChainsDiverged(FastLLCError):
+    """A job ended with no λ̂: every chain diverged. Its record is not written (a rerun with other settings
+    then runs it again); the sweep goes on and ends with ``executors.JobsFailed``, exit status 1."""
+
+
+def require_some_healthy(record: dict, sgld: SGLDConfig, n_train: int) -> None:
+    """Raise ``AllChainsDiverged`` when the record holds no λ̂ at all: every chain of the estimate (of every
+    checkpoint, of every calibration cell) diverged. A sweep must not record that as a finished job."""
+    results = record.get("results") or record.get("cells") or [record.get("result", {})]
+    if any(r.get("healthy_chains", r.get("healthy_fraction", 0)) for r in results):
+        return
+    advice = divergence_advice(sgld.epsilon, sgld.nbeta, wbic_nbeta(n_train), prefix="sgld.")
+    raise AllChainsDiverged(f"every chain diverged (non-finite or exploding loss), no λ̂; {advice}")
 
 
 def prefix_results(result, sgld: SGLDConfig, lengths) -> list[dict]:
@@ -304,17 +320,29 @@ def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool | str = "a
     if mode == "log" and len(todo) < len(jobs):
         _log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs finished earlier in {out / 'jobs'}; running {len(todo)}")
     train_missing_runs(todo, out, progress=mode)
+    failures = {}
     for number, job in enumerate(tqdm(todo, desc="jobs", disable=mode != "bar"), start=1):
         start, by = time.perf_counter(), ""
         record = finished_record(paths[job.name], job)  # another process may have finished it meanwhile
         if record is None:
-            record = publish_record(paths[job.name], run_job(job, out, progress=False))
+            try:
+                record = publish_record(paths[job.name], run_job(job, out, progress=False))
+            except AllChainsDiverged as err:  # this job's own failure: the others still run
+                failures[job.name] = str(err)
+                if mode != "off":
+                    tqdm.write(f"job {job.name} failed: {err}", file=sys.stderr)
+                continue
         else:
             by = ", by another process"
         finished[job.name] = record
         if mode == "log":
             _log(f"[{number}/{len(todo)}] {job.name}: {_summary(record)} ({time.perf_counter() - start:.0f} s{by})")
-    return [finished[job.name] for job in jobs]
+    done = [finished[job.name] for job in jobs if finished[job.name] is not None]
+    if failures:
+        from .executors import JobsFailed
+
+        raise JobsFailed(failures, done, len(jobs))
+    return done
 
 
 def load_records(out: str | os.PathLike, check=None) -> list[dict]:

@@ -67,8 +67,7 @@ def _summary_rows(records):
     for p, group in _by(records, lambda r: r["training"]["p"]).items():
         values = np.array([_llc(r) for r in group])
         ses = np.array([r["result"]["llc_se"] or math.nan for r in group])
-        rows.append(dict(p=p, mean=float(np.nanmean(values)), sd=float(np.nanstd(values, ddof=1)) if len(values) > 1 else math.nan,
-                         se=float(np.nanmean(ses)), seeds=len(group), published=group[0].get("published"),
+        rows.append(dict(p=p, mean=_mean(values), sd=_sd(values, 1), se=_mean(ses), seeds=len(group), published=group[0].get("published"),
                          published_sd=group[0].get("published_sd"),
                          circuits=[r.get("circuit_count") for r in group], values=values.tolist()))
     return rows
@@ -76,6 +75,13 @@ def _summary_rows(records):
 
 def _fmt(x, digits=1):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _mean(values) -> float:
+    """Mean of the finite values; NaN when there is none (every job diverged), without numpy's warning."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else math.nan
 
 
 def _sd(values, ddof: int) -> float:
@@ -148,7 +154,7 @@ PSWEEP_TARGETS = dict(mean_within=0.05, slope=(8.6, 0.4), r2=0.98)  # issue #15
 
 
 def report_psweep(records, out: Path) -> list[str]:
-    lines = ["### λ̂ against p (generalising networks)", ""]
+    lines = ["### λ̂ against p", ""]
     for index, (label, group) in enumerate(_variant_groups(records)):
         lines += _heading(label, group) + _psweep_group(group, out, _png("psweep", index, group))
         if index == 0:
@@ -170,7 +176,15 @@ def _psweep_group(records, out: Path, png: str) -> list[str]:
         lines.append(f"| {r['p']} | {_fmt(r['mean'])} ± {_fmt(r['sd'])} | {_fmt(r['se'], 2)} | {r['seeds']} | {pub} | "
                      f"{_fmt(ratio, 3)} | {r['circuits']} | {_fmt(_sd(r['values'], 1))} / {_fmt(_sd(r['values'], 0))} | "
                      f"{sum(map(_converged, group))} of {len(group)} | {', '.join(map(str, batches)) or '–'} |")
-    if len(rows) >= 2:
+    converged = sum(map(_converged, records))
+    if converged == 0:  # the study's claim is about generalising networks: say plainly these are not
+        lines += ["", f"None of the {len(records)} runs generalised (final test accuracy ≥ "
+                  f"{GENERALISED_TEST_ACCURACY:.0%}): this λ̂ is not that of generalising networks; train longer "
+                  "(more batches) for the study's quantity."]
+    finite = sum(1 for r in rows if math.isfinite(r["mean"]))
+    if len(rows) >= 2 and finite < 2:
+        lines += ["", f"No linear fit: {finite} of {len(rows)} p have a finite λ̂ (the others' jobs kept no healthy chain)."]
+    elif len(rows) >= 2:
         slope, intercept, r2 = _fit([r["p"] for r in rows], [r["mean"] for r in rows])
         lines += ["", f"Linear fit of the means: λ̂ ≈ {slope:.2f}·p {intercept:+.1f}, {r2} "
                   f"(published: slope 8.60, intercept −90)."]
@@ -197,7 +211,8 @@ def _psweep_group(records, out: Path, png: str) -> list[str]:
     ax.set_xlabel("p")
     ax.set_ylabel("λ̂")
     ax.legend(fontsize=8)
-    ax.set_title(f"λ̂ of generalising networks against p\n{settings_label(records[0])}", fontsize=9)
+    kind = "generalising networks" if converged == len(records) else f"{converged} of {len(records)} runs generalised"
+    ax.set_title(f"λ̂ against p ({kind})\n{settings_label(records[0])}", fontsize=9)
     _save(fig, out / png)
     return lines + ["", f"![λ̂ against p]({png})", ""]
 
@@ -256,7 +271,7 @@ def report_circuits(records, out: Path) -> list[str]:
     for p, group in _by(records, lambda r: r["training"]["p"]).items():
         values = [_llc(r) for r in group]
         kinds = sorted({r.get("circuit_count") for r in group} - {None})
-        if len(kinds) > 1:
+        if len(kinds) > 1 and all(math.isfinite(v) for v in values):  # a diverged job has no λ̂ to compare
             spread = (max(values) - min(values)) / np.mean(values)
             means = ", ".join(f"{k}: {np.mean([_llc(r) for r in group if r.get('circuit_count') == k]):.0f}" for k in kinds)
             lines.append(f"\np = {p}: mean λ̂ by circuit count {{{means}}}; spread (max − min)/mean = {spread:.1%}")
@@ -477,7 +492,7 @@ def report_chain_length(records) -> list[str]:
                 excess = [r["llc_mean"] / r["nbeta"] for r in results if r["llc_mean"] and isinstance(r["nbeta"], (int, float))]
                 relative = np.mean(drifts) / np.mean(excess) if drifts and excess else None
                 r_hats = [r["r_hat"] for r in results if r.get("r_hat") is not None]
-                row = dict(mean=float(np.nanmean(values)), sd=_sd(values, 1), seeds=len(values))
+                row = dict(mean=_mean(values), sd=_sd(values, 1), seeds=len(values))
                 lines.append(f"| {label} | {p} | {steps} | {_mean_sd(row)} | {_fmt(np.mean(drifts) if drifts else None, 3)} | "
                              f"{_fmt(relative, 3)} | {_fmt(max(r_hats) if r_hats else None, 3)} |")
     return lines + [""]
@@ -553,12 +568,38 @@ REPORT_FIELDS = {"psweep": (), "architectures": ("training.embed", "training.hid
                  "dynamics": ("training.seed",), "calibrate": ("training.seed",)}
 
 
+# numbers each kind of record must hold where the reports read them: (container, its keys); a value may be
+# null (no healthy chain: no λ̂), never a string or absent
+REPORT_NUMBERS = {"final": (("result", ("llc_mean", "llc_se")),),
+                  "dynamics": (("results[]", ("llc_mean",)), ("metrics[]", ("train_loss", "test_loss"))),
+                  "calibrate": (("cells[]", ("epsilon", "nbeta", "gamma", "llc_mean", "llc_se", "healthy_fraction")),)}
+
+
+def _numbers_problem(record: dict) -> str | None:
+    """The first number a report would read that is missing or not a number (e.g. llc_mean "abc"), or None:
+    such a record is skipped with a warning naming its file, instead of failing the whole report."""
+    for container, keys in REPORT_NUMBERS.get(record["kind"], ()):
+        name = container.rstrip("[]")
+        items = record.get(name) if container.endswith("[]") else [record.get(name)]
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            return f"{name} is not {'a list of objects' if container.endswith('[]') else 'an object'}"
+        for item in items:
+            for key in keys:
+                value = item.get(key, "missing")
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    return f"no {name}.{key}" if value == "missing" else f"{name}.{key} is {value!r}, not a number"
+    metrics = record.get("final_metrics", {})
+    if not isinstance(metrics, dict) or any(not isinstance(metrics.get(k, 0), (int, float)) for k in ("train_acc", "test_acc")):
+        return "final_metrics has a non-numeric accuracy"
+    return None
+
+
 def _report_problem(record: dict) -> str | None:
-    """Why a report cannot use ``record`` (an unknown sweep, a missing field), or None."""
+    """Why a report cannot use ``record`` (an unknown sweep, a missing field, a non-number), or None."""
     if record["sweep"] not in REPORTS:
         return f"unknown sweep {record['sweep']!r}"
     missing = [f for f in REPORT_FIELDS[record["sweep"]] if f.split(".")[1] not in record["training"]]
-    return f"no {missing[0]!r} field" if missing else None
+    return f"no {missing[0]!r} field" if missing else _numbers_problem(record)
 
 
 def write_report(out: str | Path) -> Path:

@@ -39,7 +39,7 @@ from .. import resources
 from ..errors import FastLLCError
 from ..sampling import SGLDConfig
 from ..train import TrainConfig
-from .jobs import Job, finished_record, publish_record
+from .jobs import Job, finished_record, publish_record, require_some_healthy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -238,8 +238,11 @@ class EstimateJob:
     def run(self) -> dict:
         from ..api import estimate
 
-        result = estimate(self.model(), self.data(), self.loss_fn, self.sgld, backend=self.backend, device=self.device)
-        return dict(job=self.name, sweep=self.sweep, **self.settings_record(), result=result.to_dict(), **self.tags)
+        data = self.data()
+        result = estimate(self.model(), data, self.loss_fn, self.sgld, backend=self.backend, device=self.device)
+        record = dict(job=self.name, sweep=self.sweep, **self.settings_record(), result=result.to_dict(), **self.tags)
+        require_some_healthy(record, self.sgld, len(data.dataset) if hasattr(data, "dataset") else len(data[1]))
+        return record
 
     def problem(self, record) -> str | None:
         """What makes ``record`` unusable as this job's finished record (None: nothing)."""
