@@ -5,8 +5,12 @@ The kernel is plain C++17 with OpenMP, built by the system compiler (``$FASTLLC_
 (its ``--version``) and the flags: a new source, compiler or flag set never loads a stale library. Three
 variants come from the one source: ``scalar`` (portable flags), ``avx2`` (``-mavx2 -mfma``, x86-64 CPUs
 with AVX2 and FMA) and ``avx512`` (AVX2 plus AVX-512 F/DQ/VL/BW: the noise's 64-bit hashing in 64-bit
-lanes); ``variants()`` lists those this CPU runs, best first, and the first that builds is used. Fixed
-flags, not ``-march=native``: the library in a shared cache never depends on which machine built it.
+lanes, and the products in 512-bit vectors); ``variants()`` lists those this CPU runs. The default build is
+the fastest of the vector builds this CPU runs, by a short timing at first use (``time_variants``: the
+widest instruction set is not always the fastest, e.g. where 512-bit FMAs run as two 256-bit halves), kept
+in ``choice-<key>.json`` beside the builds; ``$FASTLLC_NATIVE_VARIANT`` or ``load(variant)`` overrides it.
+The portable build is used only when no vector build builds. Fixed flags, not ``-march=native``: the
+library in a shared cache never depends on which machine built it.
 
 Concurrency: each build writes a temporary of this process's own name and renames it into place
 (``os.replace``, atomic), so two processes building at once each produce a whole library and the cache
@@ -28,11 +32,13 @@ import ctypes
 import errno
 import functools
 import hashlib
+import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .errors import FastLLCError
@@ -90,14 +96,23 @@ def cpu_flags() -> set[str]:
 
 
 def variants() -> list[str]:
-    """The variants this CPU runs, best first: ``avx512``, ``avx2`` where it has their features; ``scalar`` always."""
+    """The variants this CPU runs, widest first: ``avx512``, ``avx2`` where it has their features; ``scalar`` always."""
     flags = cpu_flags()
     return [name for name in ("avx512", "avx2", "scalar") if VARIANT_CPU_FLAGS[name] <= flags]
 
 
 def variant() -> str:
-    """The best variant this CPU runs (the default of ``load``)."""
+    """The widest variant this CPU runs (by its instruction sets; the default of ``load`` is chosen by timing)."""
     return variants()[0]
+
+
+def cpu_name() -> str:
+    """This CPU's model name (Linux's /proc/cpuinfo), else what the platform says."""
+    try:
+        line = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "")
+    except OSError:
+        line = ""
+    return line.partition(":")[2].strip() or platform.processor() or platform.machine()
 
 
 def library_path(which: str, cxx: str) -> Path:
@@ -232,21 +247,25 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 _loaded: dict[tuple[str, str], ctypes.CDLL] = {}
+VARIANT_ENV = "FASTLLC_NATIVE_VARIANT"
 
 
 def load(which: str | None = None) -> ctypes.CDLL:
-    """The kernel library of variant ``which`` (default: the best this CPU runs that builds), built on first
-    use, loaded once per process and compiler. NativeUnavailable (one line) when it cannot be built or loaded."""
+    """The kernel library of variant ``which``, built on first use, loaded once per process and compiler.
+    Default: $FASTLLC_NATIVE_VARIANT, else the fastest vector build this CPU runs (``default_variant``).
+    NativeUnavailable (one line) when it cannot be built or loaded, or when this CPU does not run it."""
     if which is None:
-        errors = []
-        for candidate in variants():  # a compiler without AVX-512 support still builds avx2
-            try:
-                return load(candidate)
-            except NativeUnavailable as err:
-                errors.append(err)
-        raise errors[0]
+        which = os.environ.get(VARIANT_ENV) or None
+        if which is None:
+            return _load_default()
+        if which not in VARIANT_FLAGS:
+            raise NativeUnavailable(f"{VARIANT_ENV}={which} is not a build of the native kernel; "
+                                    f"use one of {', '.join(variants())}")
     if which not in VARIANT_FLAGS:
         raise ValueError(f"unknown variant {which!r}; known: {sorted(VARIANT_FLAGS)}")
+    if which not in variants():
+        raise NativeUnavailable(f"this CPU does not run the {which} build of the native kernel "
+                                f"(it runs {', '.join(variants())})")
     cxx = compiler()
     if (which, cxx) not in _loaded:
         path = build(which)
@@ -255,3 +274,81 @@ def load(which: str | None = None) -> ctypes.CDLL:
         except OSError as err:
             raise NativeUnavailable(f"cannot load the native kernel {path}: {err}")
     return _loaded[which, cxx]
+
+
+def choice_path(cxx: str) -> Path:
+    """Where the timed choice among this CPU's vector builds is kept (key: source, compiler, CPU, candidates)."""
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), _compiler_identity(cxx).encode(), cpu_name().encode(),
+                                     " ".join(variants()).encode()])).hexdigest()[:20]
+    return fastllc_home() / "native" / f"choice-{key}.json"
+
+
+def _load_default() -> ctypes.CDLL:
+    """The fastest vector build this CPU runs: each one built, and timed when there are several (once: the
+    choice is kept in ``choice_path``); the portable build only when no vector build builds."""
+    cxx = compiler()
+    chosen = choice_path(cxx)
+    candidates = [v for v in variants() if v != "scalar"]
+    try:
+        recorded = json.loads(chosen.read_text())["variant"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded in candidates:
+        try:
+            return load(recorded)
+        except NativeUnavailable:
+            pass  # its build went away and fails now: choose again
+    libraries, errors = {}, []
+    for candidate in candidates:
+        try:
+            libraries[candidate] = load(candidate)
+        except NativeUnavailable as err:  # e.g. a compiler without AVX-512 support still builds avx2
+            errors.append(err)
+    if not libraries:
+        try:
+            return load("scalar")
+        except NativeUnavailable as err:
+            raise (errors or [err])[0]
+    if len(libraries) == 1:
+        return next(iter(libraries.values()))
+    timings = time_variants(list(libraries))
+    best = min(timings, key=timings.get)
+    record = {"variant": best, "us_per_chain_step": {v: round(t, 2) for v, t in timings.items()},
+              "cpu": cpu_name(), "workload": "p53-e8-h32-m64, one thread",
+              "note": f"the default build, chosen by timing; delete this file to time again, or set {VARIANT_ENV}"}
+    try:
+        write_atomically(chosen, json.dumps(record, indent=1) + "\n")
+    except FastLLCError:
+        pass  # an unwritable cache: time again next process
+    return libraries[best]
+
+
+def default_variant() -> str:
+    """The variant ``load()`` uses here (built and timed on first use)."""
+    return load().fastllc_mlp_sgld_variant().decode()
+
+
+def time_variants(candidates: list[str], rounds: int = 7) -> dict[str, float]:
+    """Microseconds per chain-step of each built variant: 8 chains × 25 steps of the published shape (p = 53,
+    e = 8, h = 32, m = 64) on one thread, the rounds interleaved, the least thread CPU time of each (what other
+    processes on the machine take is not counted). About 50 ms in all."""
+    import numpy as np
+
+    from .backends.native import run_kernel
+    from .sampling.randomness import CounterRandomness
+    p, e, h, m, n, chains, steps = 53, 8, 32, 64, 2247, 8, 25
+    d = p * e + 2 * (h * e + h) + p * h
+    rng = np.random.default_rng(0)
+    w_star = (rng.standard_normal((chains, d)) * 0.3).astype(np.float32)
+    hyper = np.tile(np.array([1e-3, 5.0, 300.0]), (chains, 1))
+    operands = rng.integers(0, p, (n, 2)).astype(np.int64)
+    targets = operands.sum(1) % p
+    best = {v: float("inf") for v in candidates}
+    for _ in range(rounds):
+        for candidate in candidates:
+            w = w_star.copy()
+            start = time.thread_time()
+            run_kernel(w, w_star, None, hyper, operands, targets, np.zeros(chains, np.int64), n, (p, e, h), m, steps,
+                       CounterRandomness(0, n, m, d), np.arange(chains, dtype=np.int64), variant=candidate, threads=1)
+            best[candidate] = min(best[candidate], time.thread_time() - start)
+    return {v: seconds / (chains * steps) * 1e6 for v, seconds in best.items()}

@@ -1,7 +1,9 @@
 """The native kernel's cache (fastllc/native_build.py) recovers from what the environment does to it: a damaged
 cached library is rebuilt, not run; a full disk, a killed or starved compiler are not remembered as the
-compiler's verdict; a build killed midway leaves nothing behind once the next one runs."""
+compiler's verdict; a build killed midway leaves nothing behind once the next one runs. The default build is
+the fastest by a short timing, kept beside the builds."""
 
+import json
 import os
 import signal
 import subprocess
@@ -138,3 +140,37 @@ def test_a_build_killed_midway_leaves_nothing_once_the_next_build_runs(home, tmp
     later = _fresh_process(home)  # the real compiler, the same cache key
     assert later.returncode == 0 and later.stdout == "scalar\n", later.stderr
     assert _files(home) == ["libmlp_sgld_scalar.sha256", "libmlp_sgld_scalar.so"]
+
+
+VECTOR_BUILDS = [v for v in native_build.variants() if v != "scalar"]
+
+
+@pytest.mark.skipif(len(VECTOR_BUILDS) < 2, reason="this CPU runs one vector build: nothing to choose")
+def test_the_default_build_is_timed_once_and_the_choice_kept(home, monkeypatch):
+    chosen = native_build.default_variant()  # builds every vector build, times them, records the fastest
+    record = json.loads(native_build.choice_path(native_build.compiler()).read_text())
+    assert record["variant"] == chosen and set(record["us_per_chain_step"]) == set(VECTOR_BUILDS)
+    assert record["cpu"] == native_build.cpu_name()
+    monkeypatch.setattr(native_build, "_loaded", {})  # a later process: the recorded choice, no timing
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(native_build, "time_variants", no_timing)
+    assert native_build.default_variant() == chosen
+    other = next(v for v in VECTOR_BUILDS if v != chosen)
+    monkeypatch.setenv(native_build.VARIANT_ENV, other)  # the override
+    assert native_build.default_variant() == other
+
+
+def test_a_variant_named_in_the_environment_is_checked(home, monkeypatch):
+    monkeypatch.setenv(native_build.VARIANT_ENV, "avx1024")
+    with pytest.raises(native_build.NativeUnavailable, match=r"^FASTLLC_NATIVE_VARIANT=avx1024 is not a build of "
+                                                              r"the native kernel; use one of .*scalar$"):
+        native_build.load()
+    monkeypatch.setattr(native_build, "variants", lambda: ["scalar"])  # a CPU without AVX2
+    monkeypatch.setenv(native_build.VARIANT_ENV, "avx2")
+    with pytest.raises(native_build.NativeUnavailable, match=r"^this CPU does not run the avx2 build of the native "
+                                                              r"kernel \(it runs scalar\)$"):
+        native_build.load()
+    assert not home.exists()  # refused before building anything
