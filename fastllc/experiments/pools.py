@@ -119,11 +119,19 @@ class RayPool:
                 options.update(num_cpus=workers, include_dashboard=False)
             else:
                 _check_reachable(address)
+            # Ray's notice that the instance it starts uses token authentication is not something a user of a
+            # private, per-sweep instance can act on: quieted for that instance only, never for a cluster joined
+            token_notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+            level = token_notice.level
+            if address is None:
+                token_notice.setLevel(logging.ERROR)
             try:
                 ray.init(address=address, **options)
             except (ConnectionError, RuntimeError, ValueError) as err:
                 raise FastLLCError(f"cannot join the Ray cluster at {address}: {str(err).splitlines()[0]} "
                                    "(start one with `ray start --head`, or give no --address for a local one)") from None
+            finally:
+                token_notice.setLevel(level)
         self.remote = {}
         self.puts: dict[str, object] = {}
 
