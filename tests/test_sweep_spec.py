@@ -55,10 +55,10 @@ def write_spec(tmp_path, text: str) -> Path:
 
 def test_the_example_spec_is_a_grid_of_runs():
     jobs = load_spec(EXAMPLE)
-    assert [(j.training.p, j.training.seed) for j in jobs] == [(11, 0), (11, 1), (13, 0), (13, 1), (17, 0), (17, 1)]
-    assert {(j.training.batches, j.training.embed, j.training.hidden, j.kind) for j in jobs} == {(1500, 8, 32, "final")}
+    assert [(j.training.p, j.training.seed) for j in jobs] == [(17, 0), (17, 1), (23, 0), (23, 1), (29, 0), (29, 1)]
+    assert {(j.training.batches, j.training.embed, j.training.hidden, j.kind) for j in jobs} == {(10000, 8, 32, "final")}
     assert {(j.sgld.chains, j.sgld.steps, j.sgld.orthogonal) for j in jobs} == {(8, 500, True)}
-    assert jobs[0].name == "psweep-add-p11-e8-h32-b1500-k1-seed0-final-T500" and jobs[0].tags["spec"] == "small"
+    assert jobs[0].name == "psweep-add-p17-e8-h32-b10000-k1-seed0-final-T500" and jobs[0].tags["spec"] == "small"
 
 
 def test_lists_make_a_grid_and_seeds_may_be_listed(tmp_path):
