@@ -1,13 +1,17 @@
 """Benchmark suite: ``pytest bench --benchmark-only``.
 
-Every benchmark names its workload in its id (p, e, h, m, C, T), checks its backend against the
-reference before timing, and records chain-steps per second and the fraction of this CPU's FLOP
-ceiling in ``extra_info``. A table of all backends side by side, with ratios, closes the run.
+Every benchmark names its workload in its id (p, e, h, m, C, T; "trained" when the network is), checks its
+backend against the reference before timing, and records chain-steps per second and the fraction of this
+CPU's FLOP ceiling in ``extra_info``. The ceiling is measured in the same run (``cpu_flop_ceiling``: torch's
+sgemm on every core, at the kernel's sizes and at a large size). A table of all backends side by side, with
+ratios, closes the run, headed by the CPU's name, its vector extensions and the measured ceiling.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -15,10 +19,50 @@ import torch
 
 from fastllc import ModularMLP, make_task
 
-# float32 matmul peak of the 2-core development CPU, measured 2026-11-29 with torch (2048² sgemm: 81 GFLOP/s on
-# one thread, 122 on two; 512²: 62 and 149). DESIGN.md's 80 GFLOP/s is one core's.
-CPU_CEILING_FLOPS = 120e9
 RESULTS: dict[str, dict] = {}
+
+
+def _sgemm_flops(a: torch.Tensor, b: torch.Tensor, seconds: float = 0.5) -> float:
+    """FLOP/s of ``a @ b`` (batched or not), the best of repeats over about ``seconds``."""
+    flops = 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+    torch.matmul(a, b)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return flops / best
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flop_ceiling() -> dict:
+    """This CPU's float32 matmul peak, measured now with torch's sgemm on every core (threads as the backends
+    use): at the kernel's sizes (a batch of the [p, h]·[h, m] products of the published shape) and at 2048²;
+    one thread at 2048² too. The ceiling is the best of them. Other processes on the machine lower both the
+    ceiling and the rates measured beside it alike."""
+    from fastllc.sampling.threads import available_cores
+    threads, previous = available_cores(), torch.get_num_threads()
+    gen = torch.Generator().manual_seed(0)
+    large = torch.randn(2048, 2048, generator=gen), torch.randn(2048, 2048, generator=gen)
+    p, h, m = PUBLISHED.p, PUBLISHED.hidden, PUBLISHED.batch_size
+    small = torch.randn(256, p, h, generator=gen), torch.randn(256, h, m, generator=gen)
+    try:
+        torch.set_num_threads(1)
+        one_thread = _sgemm_flops(*large)
+        torch.set_num_threads(threads)
+        kernel_sizes, large_size = _sgemm_flops(*small), _sgemm_flops(*large)
+    finally:
+        torch.set_num_threads(previous)
+    return dict(threads=threads, kernel_sizes=kernel_sizes, large=large_size, one_thread_large=one_thread,
+                ceiling=max(kernel_sizes, large_size))
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the vector extensions the native kernel can use."""
+    from fastllc import native_build
+    flags = native_build.cpu_flags()
+    wanted = ("avx2", "fma", "avx512f", "avx512dq", "avx512vl", "avx512bw", "avx512_vnni", "avx512_bf16")
+    return f"{native_build.cpu_name()} ({' '.join(f for f in wanted if f in flags) or 'no AVX'})"
 
 
 @dataclass(frozen=True)
@@ -27,12 +71,14 @@ class Workload:
     embed: int
     hidden: int
     batch_size: int
+    network: str = ""  # "trained": a trained network (confident predictions, subnormal probabilities)
 
     def name(self, chains: int, steps: int) -> str:
-        return f"p{self.p}-e{self.embed}-h{self.hidden}-m{self.batch_size}-C{chains}-T{steps}"
+        return f"{self.family()}-C{chains}-T{steps}"
 
     def family(self) -> str:
-        return f"p{self.p}-e{self.embed}-h{self.hidden}-m{self.batch_size}"
+        shape = f"p{self.p}-e{self.embed}-h{self.hidden}-m{self.batch_size}"
+        return f"{shape}-{self.network}" if self.network else shape
 
     def flops_per_chain_step(self) -> float:
         """Multiply-adds of the three p×h products (forward, two backward) and the first layer, ×2."""
@@ -41,14 +87,27 @@ class Workload:
 
 
 PUBLISHED = Workload(53, 8, 32, 64)
+TRAINED = Workload(53, 8, 32, 64, network="trained")
 
 
 @pytest.fixture(scope="session")
 def published():
-    """The published workload's model (untrained: throughput does not depend on the weights) and train split."""
+    """The published workload's model, untrained, and its train split."""
     torch.manual_seed(0)
     task = make_task(PUBLISHED.p, "add", seed=0)
     return ModularMLP(PUBLISHED.p, PUBLISHED.embed, PUBLISHED.hidden), task.train_data()
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """The published workload's network trained as ``fastllc estimate --p 53`` trains it (15,000 batches; once,
+    cached in FASTLLC_HOME's runs, the same run that command uses), and its train split. Throughput depends on
+    the weights: a trained network's confident predictions make subnormal floats, slow on some CPUs."""
+    from fastllc.storage import fastllc_home
+    from fastllc.train import TrainConfig, cached_run, default_batches
+    config = TrainConfig(p=TRAINED.p, embed=TRAINED.embed, hidden=TRAINED.hidden, batches=default_batches(TRAINED.p))
+    run = cached_run(config, fastllc_home())
+    return run.load_model(), run.task().train_data()
 
 
 def assert_follows_reference(backend, published) -> bool:
@@ -79,10 +138,10 @@ def record(benchmark, backend: str, workload, chains: int, steps: int, seconds: 
     are compared) and ``flops_per_chain_step()``.
     """
     rate = chains * steps / statistics.median(seconds)
-    fraction = rate * workload.flops_per_chain_step() / CPU_CEILING_FLOPS
+    fraction = rate * workload.flops_per_chain_step() / cpu_flop_ceiling()["ceiling"]
     benchmark.extra_info.update(workload=workload.name(chains, steps), backend=backend,
                                 chain_steps_per_second=round(rate), fraction_of_cpu_flop_ceiling=round(fraction, 4),
-                                **extra)
+                                cpu_flop_ceiling=round(cpu_flop_ceiling()["ceiling"]), **extra)
     RESULTS[f"{backend} {workload.name(chains, steps)}"] = dict(backend=backend, family=workload.family(),
                                                               chains=chains, rate=rate, fraction=fraction, **extra)
 
@@ -96,12 +155,17 @@ def pytest_terminal_summary(terminalreporter):
     if not RESULTS:
         return
     write = terminalreporter.write_line
+    ceiling = cpu_flop_ceiling()
     write("")
-    write("chain-steps per second (median of rounds; sampler loop only)")
+    write(f"CPU: {cpu_description()}")
+    write(f"float32 sgemm (torch, measured in this run): {ceiling['threads']} threads {ceiling['large'] / 1e9:,.0f} "
+          f"GFLOP/s at 2048², {ceiling['kernel_sizes'] / 1e9:,.0f} at the kernel's sizes (256 × [53, 32]·[32, 64]); "
+          f"one thread {ceiling['one_thread_large'] / 1e9:,.0f} at 2048². Ceiling: {ceiling['ceiling'] / 1e9:,.0f} GFLOP/s")
+    write("chain-steps per second (median of rounds; sampler loop only; % of the ceiling: the products' FLOPs)")
     hidden = ("backend", "family", "chains", "rate", "fraction")
     for name, r in sorted(RESULTS.items(), key=lambda item: (item[1]["family"], -item[1]["rate"])):
         extra = "".join(f"  {k}={v}" for k, v in r.items() if k not in hidden)
-        write(f"  {name:<46} {r['rate']:>10,.0f}  {r['fraction']:6.1%} of CPU FLOP ceiling{extra}")
+        write(f"  {name:<54} {r['rate']:>10,.0f}  {r['fraction']:6.1%} of CPU FLOP ceiling{extra}")
     for family in sorted({r["family"] for r in RESULTS.values()}):
         rows = [r for r in RESULTS.values() if r["family"] == family]
         for base in (r for r in rows if r["backend"] == "torch"):  # the fastest framework backend, at equal C
@@ -111,3 +175,8 @@ def pytest_terminal_summary(terminalreporter):
             for fast in (r for r in rows if not is_peer(r["backend"])):
                 write(f"  {family}: {fast['backend']} (C={fast['chains']}) / {peer['backend']} (C={peer['chains']}): "
                       f"{fast['rate'] / peer['rate']:.1f}x")
+    for trained in (r for r in RESULTS.values() if r["family"].endswith("-trained")):  # the weights' effect
+        for untrained in (r for r in RESULTS.values() if r["family"] == trained["family"].removesuffix("-trained")
+                          and r["backend"] == trained["backend"] and r["chains"] == trained["chains"]):
+            write(f"  {trained['backend']} (C={trained['chains']}): trained / untrained network: "
+                  f"{trained['rate'] / untrained['rate']:.2f}")
