@@ -40,21 +40,19 @@ def study(args) -> list[dict]:
                            backend="generic", seed=args.seed, sampler=args.sampler,
                            **({"step_scales": [float(v) for v in args.scales.split(",")]} if args.scales else {}))
         seconds = time.perf_counter() - start
-        z, cell = result.zero_step, result.recommended_cell
+        band, cell = result.interval, result.recommended_cell
         largest = max((c for c in result.cells if c.gamma == (cell or result.cells[0]).gamma), key=lambda c: c.epsilon)
         row = dict(problem=problem.name, family=problem.family, params=problem.parameters, llc=problem.llc,
                    kappa=result.kappa, seconds=seconds,
-                   extrapolated=None if z is None else z.llc, se=None if z is None else z.se,
-                   low=None if z is None else z.low, high=None if z is None else z.high,
-                   method=None if z is None else z.method,
-                   recommended=None if cell is None else cell.llc_mean,
+                   recommended=None if cell is None else cell.llc_mean, se=None if cell is None else cell.llc_se,
+                   low=None if band is None else band.low, high=None if band is None else band.high,
                    largest=largest.llc_mean if not largest.flags else None,
                    cells=[dict(s=c.step_scale, epsilon=c.epsilon, gamma=c.gamma, llc=c.llc_mean, se=c.llc_se, flags=c.flags, drift=c.drift, drift_relative=c.drift_relative, r_hat=c.r_hat)
                           for c in result.cells])
-        row["covered"] = z is not None and z.low <= problem.llc <= z.high
+        row["covered"] = band is not None and band.low <= problem.llc <= band.high
         rows.append(row)
         cells = " ".join(f"{c['llc']:.3g}{'*' if c['flags'] else ''}" for c in row["cells"])
-        print(f"{problem.name:<40} λ={problem.llc:7.3g} ε→0: {_text(row['extrapolated'])} "
+        print(f"{problem.name:<40} λ={problem.llc:7.3g} λ̂: {_text(row['recommended'])} "
               f"[{_text(row['low'])}, {_text(row['high'])}] {'✓' if row['covered'] else '✗'}  cells: {cells}  "
               f"({seconds:.0f} s)", flush=True)
     return rows
@@ -66,8 +64,7 @@ def _text(value):
 
 def summary(rows: list[dict]) -> list[str]:
     lines = []
-    for key, label in (("extrapolated", "ε → 0 extrapolation"), ("recommended", "recommended cell alone"),
-                       ("largest", "largest-ε cell alone")):
+    for key, label in (("recommended", "recommended cell"), ("largest", "largest-ε cell alone")):
         errors = [abs(r[key] - r["llc"]) / r["llc"] for r in rows if r[key] is not None]
         signed = [r[key] - r["llc"] for r in rows if r[key] is not None]
         if errors:

@@ -1,13 +1,17 @@
-"""Choosing ε (and γ) for any model, and λ̂ with the step size's bias removed: ONE batched run of a grid.
+"""Choosing ε for any model, and λ̂ with an interval that includes the step size's effect: ONE batched run.
 
 ``calibrate(model, data, loss_fn)`` measures κ, the largest Hessian eigenvalue of L_n at w*
-(``curvature.top_curvature``), and runs SGLD at the step scales s = ε·nβ·κ in ``step_scales`` (default
-0.1, 0.05, 0.025) × ``gammas`` (default γ = 5) at nβ = n/log n, ``chains`` chains per cell, as the chains of
-one batched ``fastllc.estimate`` (chain j of cell k is chain k·chains + j, with its own ε, nβ, γ). Explicit
-``epsilons`` (absolute) and ``nbetas`` replace the scaled grid. Why s: SGLD on a direction of curvature h is
-stable only for ε·nβ·h < 4 and biased by ~ε·nβ·h/4 there, so the same s means the same discretisation on any
-model; measured on deep linear networks (docs/calibration.md), λ̂ is 20–70% high at s = 0.2 and within
-noise of λ from s ≈ 0.1 down, so the grid sits below 0.1 and halves twice. Per cell it measures:
+(``curvature.top_curvature``), and runs SGLD at the step scales s = ε·nβ·κ in ``step_scales`` (default 0.1
+and 0.05) × ``gammas`` (default γ = 5) at nβ = n/log n, ``chains`` chains per cell, as the chains of one
+batched ``fastllc.estimate`` (chain j of cell k is chain k·chains + j, with its own ε, nβ, γ). Explicit
+``epsilons`` (absolute) and ``nbetas`` replace the scaled grid (κ is still measured, to name each cell's s).
+
+Why s: SGLD on a direction of curvature h is stable only for ε·nβ·h < 4 and biased there by ~ε·nβ·h/4, so
+the same s means the same discretisation on any model; the chains' slowest (singular) directions need more
+steps the smaller s is. On random deep linear networks (``theory.problems``, docs/calibration.md) λ̂ is
+16% high (median) at s = 0.2, with 19 of 20 networks over, and at s ≤ 0.05 too low on the larger networks
+after a few thousand steps (not yet mixed); s = 0.1 is where the two meet: 9% median error, as often over
+as under. Per cell it measures:
 
 - λ̂ mean and standard error over the cell's healthy chains, and the healthy fraction;
 - ``drift``: (mean loss over the last fifth − mean loss over the first fifth of the post-burn-in trace)
@@ -18,7 +22,7 @@ noise of λ from s ≈ 0.1 down, so the grid sits below 0.1 and halves twice. Pe
 - split-R̂ over the cell's healthy chains (each split in halves) and their effective sample size;
 - ``locality``: (mean sampled loss − L_n(w*)) / (trivial loss − L_n(w*)), the trivial loss that of the model
   with every weight zero (``curvature.trivial_loss``: log(classes) for a classifier);
-- the MALA acceptance (``mala=True``, on a backend that records it: ``generic``).
+- ``step_scale`` s = ε·nβ·κ, and the MALA acceptance (``mala=True``, on a backend that records it: ``generic``).
 
 Flags: ``diverged`` (some chain's loss went non-finite or above the loss bound), ``drifting`` (|drift| >
 ``DRIFT_LIMIT`` = 3 standard errors AND |drift_relative| > ``DRIFT_RELATIVE`` = 10%), ``unmixed`` (split-R̂ >
@@ -26,13 +30,12 @@ Flags: ``diverged`` (some chain's loss went non-finite or above the loss bound),
 predictor's loss, so λ̂ = nβ·ΔL measures the temperature, not the geometry at w*).
 
 The rule (``recommend``), stated once here and in ``CalibrationResult.reason``: a cell is *usable* when it has
-no flag and a λ̂; the recommended cell is, in the row of nβ nearest n/log n and then of the smallest γ with a
-usable cell, the usable cell of smallest ε: of the cells whose chains are stationary, the one with the least
-discretisation bias. Nothing in the rule rewards agreement between neighbouring ε (a plateau within the noise
-of a few chains let the large-ε bias through: the earlier rule overestimated λ by 21% median on random deep
-linear networks). The λ̂ to report is ``CalibrationResult.zero_step``: λ̂(ε) over the row's usable cells
-extrapolated to ε → 0 (``extrapolation.zero_step``), with a 90% interval that includes the fit's uncertainty and
-the spread over γ rows that agree. No usable cell: no recommendation, and a one-line ``hint``.
+no flag and a λ̂. In the row of nβ nearest n/log n, then of the smallest γ with a usable cell, the recommended
+cell is the usable one whose step scale is nearest ``TARGET_STEP_SCALE`` = 0.1 (in log; without κ: the
+smallest ε). Nothing in the rule rewards agreement between neighbouring ε (the earlier "top of the plateau"
+rule let large-ε bias through: 15–21% median error on random deep linear networks, mostly over). Its λ̂ comes
+with a 90% interval (``interval_of``) that adds to the standard error how much halving the step moves λ̂ and
+the spread over γ values on which λ̂ is flat. No usable cell: no recommendation, and a one-line ``hint``.
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ import torch.nn.functional as F
 
 from .curvature import top_curvature, trivial_loss
 from .errors import FastLLCError
-from .extrapolation import ZeroStepEstimate, zero_step
 from .llc import effective_sample_size, split_r_hat
 from .sampling import SGLDConfig, wbic_nbeta
 from .validate import check_int
@@ -61,7 +63,9 @@ LOCALITY_LIMIT = 0.5  # a cell whose loss rose this fraction of the way to the t
 AGREEMENT_SE = 2.0  # neighbouring ε agree within this many combined standard errors ... (``agree``: reports)
 AGREEMENT_RELATIVE = 0.05  # ... or within this fraction of λ̂
 DEFAULT_NBETA_MULTIPLES = (1.0,)  # the default nβ grid, as multiples of n/log n (nβ defines λ̂; it is not tuned)
-DEFAULT_STEP_SCALES = (0.1, 0.05, 0.025)  # s = ε·nβ·κ: below the measured onset of large bias (~0.2), halving
+TARGET_STEP_SCALE = 0.1  # the step scale s = ε·nβ·κ recommended (docs/calibration.md: how it was chosen)
+DEFAULT_STEP_SCALES = (0.1, 0.05)  # the target and half of it: their difference is the interval's step term
+Z90 = 1.6448536269514722  # two-sided 90% normal quantile
 STATIONARY = (f"every chain healthy, stationary (no |drift| > {DRIFT_LIMIT:g} se with λ̂ moving more than "
               f"{DRIFT_RELATIVE:.0%}), split-R̂ ≤ {R_HAT_LIMIT}, local")
 FIFTH = 5  # drift compares the first and last 1/FIFTH of the post-burn-in trace
@@ -96,6 +100,20 @@ class CalibrationCell:
 
 
 @dataclass
+class Interval:
+    """A 90% interval for λ̂ and the three terms in its width (``interval_of``)."""
+
+    low: float
+    high: float
+    standard_error: float  # Monte Carlo: the chains' spread
+    step_term: float  # |λ̂ − λ̂ at half the step|: discretisation bias or unfinished mixing
+    gamma_term: float  # spread over the γ values on which λ̂ is flat
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class CalibrationResult:
     """Every cell of a calibration grid, the recommended one (index into ``cells``) and why."""
 
@@ -116,7 +134,7 @@ class CalibrationResult:
     sampling_seconds: float
     kappa: float | None = None  # largest Hessian eigenvalue of L_n at w* (None: not measured)
     trivial_loss: float | None = None  # the loss with every weight zero
-    zero_step: ZeroStepEstimate | None = None  # λ̂ extrapolated to ε → 0 in the recommended row, its interval
+    interval: Interval | None = None  # the recommended λ̂'s 90% interval (``interval_of``)
     mean_traces: np.ndarray | None = field(default=None, repr=False)  # [cells, T]: healthy chains' mean loss
 
     @property
@@ -131,9 +149,9 @@ class CalibrationResult:
         return dict(epsilon=cell.epsilon, nbeta=cell.nbeta, gamma=cell.gamma)
 
     def to_dict(self) -> dict:
-        record = {k: v for k, v in asdict(self).items() if k not in ("cells", "mean_traces", "zero_step")}
+        record = {k: v for k, v in asdict(self).items() if k not in ("cells", "mean_traces", "interval")}
         record["cells"] = [c.to_dict() for c in self.cells]
-        record["zero_step"] = None if self.zero_step is None else self.zero_step.to_dict()
+        record["interval"] = None if self.interval is None else self.interval.to_dict()
         for key, value in record.items():
             if isinstance(value, float) and not math.isfinite(value):
                 record[key] = None
@@ -148,10 +166,11 @@ class CalibrationResult:
         lines = format_cells([c.to_dict() for c in self.cells], self.recommended)
         if self.recommended is None:
             return "\n".join(lines + [f"no recommendation: {self.hint}"])
-        z = self.zero_step
+        c, band = self.recommended_cell, self.interval
         return "\n".join(lines + [f"recommended: {self.reason}",
-                                  f"λ̂ at ε → 0: {z.llc:.4g} ± {z.se:.2g}, 90% interval [{z.low:.4g}, {z.high:.4g}] "
-                                  f"({z.method})"])
+                                  f"λ̂ = {c.llc_mean:.4g}, 90% interval [{band.low:.4g}, {band.high:.4g}] "
+                                  f"(standard error {c.llc_se:.2g}, step-size term {band.step_term:.2g}, "
+                                  f"γ term {band.gamma_term:.2g})"])
 
 
 def format_cells(cells: Sequence[Mapping], recommended: int | None) -> list[str]:
@@ -213,7 +232,7 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
     """
     from .compat.loaders import as_pair, is_loader, materialise
 
-    check_int("chains", chains, minimum=1)
+    check_int("chains", chains)  # the count itself: run_cells
     check_int("steps", steps, minimum=1)
     if burn_in is not None:
         check_int("burn_in", burn_in, minimum=0)
@@ -304,7 +323,7 @@ def run_cells(model, data, loss_fn, cells: Sequence[tuple[float, float, float]],
         default_nbeta=default_nbeta, chains=chains, steps=config.steps, burn_in=config.burn_in,
         batch_size=config.batch_size, seed=config.seed, backend=result.backend, device=result.device,
         init_loss=result.init_loss, sampling_seconds=result.sampling_seconds, kappa=kappa, trivial_loss=trivial,
-        zero_step=zero_step_of(dicts, recommended), mean_traces=np.array(means))
+        interval=interval_of(dicts, recommended), mean_traces=np.array(means))
 
 
 def measure_cell(epsilon, nbeta, gamma, llc: np.ndarray, healthy: np.ndarray, recorded: np.ndarray,
@@ -407,11 +426,19 @@ def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | Non
     candidates = [i for i, c in enumerate(cells) if usable(c)]
     if candidates:
         row = preferred_row(cells, candidates, default_nbeta)
-        best = min((i for i in candidates if row_of(cells[i]) == row), key=lambda i: cells[i]["epsilon"])
+        in_row = [i for i in candidates if row_of(cells[i]) == row]
+        scaled = all(_finite(cells[i].get("step_scale")) > 0 for i in in_row)
+        if scaled:  # the step scale nearest the target (in log; a tie goes to the smaller step)
+            best = min(in_row, key=lambda i: (round(abs(math.log(cells[i]["step_scale"] / TARGET_STEP_SCALE)), 9),
+                                              cells[i]["epsilon"]))
+        else:
+            best = min(in_row, key=lambda i: cells[i]["epsilon"])
         c = cells[best]
-        return best, (f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: the smallest ε (least "
-                      f"discretisation bias) whose chains are {STATIONARY}, in the row of nβ nearest n/log n = "
-                      f"{default_nbeta:.4g}, then of the smallest γ"), None
+        how = (f"the step scale ε·nβ·κ = {c['step_scale']:.3g} nearest {TARGET_STEP_SCALE:g}" if scaled else
+               "the smallest ε (least discretisation bias; κ unknown, so no step scale)")
+        return best, (f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: {how}, among cells whose "
+                      f"chains are {STATIONARY}, in the row of nβ nearest n/log n = {default_nbeta:.4g}, then of "
+                      "the smallest γ"), None
     if all(c["healthy_fraction"] == 0 for c in cells):
         hint = (f"every cell diverged (no chain stayed finite and below the loss bound): try smaller epsilons, "
                 f"below {min(c['epsilon'] for c in cells):g}")
@@ -437,14 +464,37 @@ def preferred_row(cells: Sequence[Mapping], candidates: Sequence[int], default_n
     return row_of(cells[min(candidates, key=preference)])
 
 
-def zero_step_of(cells: Sequence[Mapping], recommended: int | None) -> ZeroStepEstimate | None:
-    """λ̂ extrapolated to ε → 0 over the usable cells of the recommended cell's row; the γ rows at its nβ give
-    the localisation's spread (``extrapolation.zero_step``)."""
+def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval | None:
+    """The recommended λ̂'s 90% interval: λ̂ ± Z90·√(se² + step² + γ²), where ``step`` is |λ̂ − λ̂ at the next
+    smaller usable ε of its row| (else the next larger; 0 with neither): how much halving the step moves λ̂,
+    through discretisation bias or unfinished mixing, neither of which the standard error sees; and ``γ`` the
+    standard deviation of λ̂ over the γ rows (same nβ and step scale) that agree with it within two combined
+    standard errors (λ̂ flat in γ: their differences are the localisation's uncertainty)."""
     if recommended is None:
         return None
-    nbeta, gamma = row_of(cells[recommended])
-    rows: dict = {}
-    for i, c in enumerate(cells):
-        if c["nbeta"] == nbeta and usable(c):
-            rows.setdefault(c["gamma"], []).append(i)
-    return zero_step(cells, rows, gamma)
+    chosen = cells[recommended]
+    row = sorted((i for i, c in enumerate(cells) if row_of(c) == row_of(chosen) and usable(c)),
+                 key=lambda i: cells[i]["epsilon"])
+    place = row.index(recommended)
+    neighbour = row[place - 1] if place > 0 else (row[place + 1] if place + 1 < len(row) else None)
+    step = 0.0 if neighbour is None else abs(chosen["llc_mean"] - cells[neighbour]["llc_mean"])
+    se = _finite(chosen["llc_se"])
+    same = [c["llc_mean"] for c in cells if usable(c) and c["nbeta"] == chosen["nbeta"]
+            and _same_step(c, chosen) and abs(c["llc_mean"] - chosen["llc_mean"])
+            <= 2 * math.hypot(se, _finite(c["llc_se"]))]
+    gamma = float(np.std(same, ddof=1)) if len(same) > 1 else 0.0
+    half = Z90 * math.sqrt(se**2 + step**2 + gamma**2)
+    return Interval(low=chosen["llc_mean"] - half, high=chosen["llc_mean"] + half, standard_error=se,
+                    step_term=step, gamma_term=gamma)
+
+
+def _finite(value) -> float:
+    return value if value is not None and math.isfinite(value) else 0.0
+
+
+def _same_step(cell: Mapping, other: Mapping) -> bool:
+    """The same step scale s (or, without κ, the same ε)."""
+    a, b = cell.get("step_scale"), other.get("step_scale")
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)):
+        return cell["epsilon"] == other["epsilon"]
+    return math.isclose(a, b, rel_tol=1e-6)

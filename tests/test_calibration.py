@@ -4,6 +4,7 @@ known, bad grids, a grid that diverges everywhere, the figure and the `calibrate
 import json
 import math
 import os
+import statistics
 
 import click
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 
 from fastllc import FastLLCError
 from fastllc.analysis.plots import plot_calibration
-from fastllc.calibration import (AGREEMENT_RELATIVE, DRIFT_LIMIT, CalibrationResult, calibrate, cell_flags,
+from fastllc.calibration import (DRIFT_LIMIT, Z90, CalibrationResult, calibrate, cell_flags, interval_of,
                                  recommend)
 from fastllc.cli.calibrate import calibrate_command
 from fastllc.theory.dln import dln_data, dln_learning_coefficient, dln_teacher, half_squared_error
@@ -74,74 +75,89 @@ def test_grid_is_one_batch_with_per_cell_statistics(dln_calibration):
 
 
 def test_recommended_cell_of_linear_regression_is_d_over_2():
-    """λ = d/2 = 3. Tolerance 20%: se ≈ 0.25 (8%) with 4 chains × 600 draws, discretisation bias of the
-    cells' ε·nβ ≤ 0.1 below 5% in a quadratic basin (relaxation in ≤ 70 steps at ε·nβ ≥ 0.03)."""
+    """λ = d/2 = 3 with the default grid (step scales 0.1 and 0.05 of the measured κ, nβ = n/log n). Tolerance
+    20%: se ≈ 0.25 (8%) with 4 chains × 600 draws; discretisation bias at s = 0.1 about s/4 = 2.5% on the
+    stiffest direction, less on the others."""
     model, data = linear_regression()
-    result = calibrate(model, data, half_squared_error, epsilons=[s / NBETA for s in SCALED[1:]], gammas=[1.0],
-                       chains=4, steps=800, batch_size=500, backend="generic", mala=True)
-    assert [c.nbeta for c in result.cells[::3]] == pytest.approx([NBETA / 2, NBETA, 2 * NBETA])  # the default nβ grid
-    assert result.recommended_cell.nbeta == pytest.approx(NBETA)  # n/log n preferred where it has a plateau
-    assert result.recommended_cell.llc_mean == pytest.approx(3.0, rel=0.2)
+    result = calibrate(model, data, half_squared_error, gammas=[1.0], chains=4, steps=800, batch_size=500,
+                       backend="generic", mala=True)
+    x = data[0].double()
+    exact_kappa = float(torch.linalg.eigvalsh(x.T @ x / len(x)).max())  # the Hessian of ½(xw − y)² is xᵀx/n
+    # Power iteration's Rayleigh quotient approaches the top eigenvalue from below at the rate (λ₂/λ₁)^k; the top
+    # two of these six are within a few percent, so 30 iterations leave ~0.2%; the step scale needs a few percent.
+    assert exact_kappa * 0.98 <= result.kappa <= exact_kappa * (1 + 1e-9)
+    assert [c.nbeta for c in result.cells] == pytest.approx([NBETA, NBETA])  # nβ = n/log n only
+    assert [c.step_scale for c in result.cells] == pytest.approx([0.05, 0.1])
+    assert [c.epsilon * c.nbeta * exact_kappa for c in result.cells] == pytest.approx([0.05, 0.1], rel=0.02)
+    chosen = result.recommended_cell
+    assert chosen.step_scale == pytest.approx(0.1) and chosen.llc_mean == pytest.approx(3.0, rel=0.2)
+    band = result.interval
+    assert band.low < chosen.llc_mean < band.high and band.gamma_term == 0.0
+    assert band.step_term == pytest.approx(abs(chosen.llc_mean - result.cells[0].llc_mean))
     assert all(0 <= c.mala_acceptance <= 1 for c in result.cells)
+    assert all(0 <= c.locality < 0.01 for c in result.cells)  # λ/nβ ≪ the zero predictor's extra loss
 
 
-def cell(epsilon, llc, se=0.1, nbeta=1.0, gamma=1.0, healthy=1.0, drift=0.0, relative=0.0, r_hat=1.0):
+def cell(epsilon, llc, se=0.1, nbeta=1.0, gamma=1.0, healthy=1.0, drift=0.0, relative=0.0, r_hat=1.0, scale=None,
+         locality=None):
     return dict(epsilon=epsilon, nbeta=nbeta, gamma=gamma, llc_mean=llc, llc_se=se, healthy_fraction=healthy,
-                drift=drift, drift_relative=relative, r_hat=r_hat)
+                drift=drift, drift_relative=relative, r_hat=r_hat,
+                step_scale=epsilon / 10 if scale is None else scale, locality=locality)
 
 
-def test_rule_takes_the_top_of_the_plateau_at_the_default_nbeta():
-    cells = [cell(1, 5.0), cell(2, 9.0), cell(3, 9.1), cell(4, 9.2), cell(5, 14.0),  # plateau 2..4 at nβ = 1
-             cell(1, 5.0, nbeta=2.0), cell(2, 5.1, nbeta=2.0), cell(3, 5.2, nbeta=2.0), cell(4, 5.3, nbeta=2.0)]
+def test_rule_takes_the_step_scale_nearest_the_target():
+    """Cells at s = 0.025 … 0.4: the one at s = 0.1, whatever the λ̂ (nothing rewards a plateau)."""
+    cells = [cell(e, llc) for e, llc in ((0.25, 5.0), (0.5, 9.0), (1.0, 9.1), (2.0, 9.2), (4.0, 14.0))]
     best, reason, hint = recommend(cells, default_nbeta=1.0)
-    assert best == 3 and hint is None and "agrees with 9.1 at the next smaller ε = 3 (the plateau's top" in reason
-    cells[3].update(drift=DRIFT_LIMIT + 0.1, drift_relative=0.05)  # significant but small: not drifting
-    assert cell_flags(cells[3]) == [] and recommend(cells, 1.0)[0] == 3
-    cells[3]["drift_relative"] = 0.2  # significant and large: drifting, so the plateau's top is ε = 3
-    assert cell_flags(cells[3]) == ["drifting"] and recommend(cells, 1.0)[0] == 2
-    cells[3]["r_hat"] = 1.2
-    assert cell_flags(cells[3]) == ["drifting", "unmixed"]
-    cells[3]["healthy_fraction"] = 0.75
-    assert cell_flags(cells[3]) == ["diverged", "drifting", "unmixed"]
+    assert best == 2 and hint is None
+    assert reason.startswith("ε = 1, nβ = 1, γ = 1: the step scale ε·nβ·κ = 0.1 nearest 0.1, among cells whose")
+    cells[2].update(drift=DRIFT_LIMIT + 0.1, drift_relative=0.05)  # significant but small: not drifting
+    assert cell_flags(cells[2]) == [] and recommend(cells, 1.0)[0] == 2
+    cells[2]["drift_relative"] = 0.2  # significant and large: drifting; s = 0.05 and 0.2 tie in log: the smaller
+    assert cell_flags(cells[2]) == ["drifting"] and recommend(cells, 1.0)[0] == 1
+    cells[2]["r_hat"] = 1.2
+    assert cell_flags(cells[2]) == ["drifting", "unmixed"]
+    cells[2]["healthy_fraction"] = 0.75
+    assert cell_flags(cells[2]) == ["diverged", "drifting", "unmixed"]
 
 
-def test_rule_without_a_plateau_takes_the_flattest_pair():
-    """λ̂ rising through the whole grid (the deep linear networks at a few thousand steps): the larger ε of
-    the pair where it rises least, relative to λ̂."""
-    cells = [cell(1, 6.0), cell(2, 9.0), cell(3, 15.0), cell(4, 19.0), cell(5, 30.0)]
+def test_rule_without_curvature_takes_the_smallest_usable_epsilon():
+    cells = [dict(cell(e, 10.0 + e), step_scale=None) for e in (1, 2, 3)]
+    cells[0]["healthy_fraction"] = 0.5
     best, reason, _ = recommend(cells, 1.0)
-    assert best == 3 and "no plateau evidence (no neighbouring ε agree)" in reason
-    assert "λ̂ is flattest (within the noise), 24%, from ε = 3" in reason
-    cells[3]["healthy_fraction"] = 0.5  # a pair needs both cells usable: now (1, 2) at 40% is the flattest
+    assert best == 1 and "the smallest ε (least discretisation bias; κ unknown" in reason
+
+
+def test_rule_flags_chains_that_left_the_basin():
+    """Locality: the sampled loss halfway to the trivial predictor's is "nonlocal", never recommended."""
+    cells = [cell(1.0, 50.0, locality=0.8), cell(0.5, 20.0, locality=0.1)]
+    assert cell_flags(cells[0]) == ["nonlocal"] and cell_flags(cells[1]) == []
     assert recommend(cells, 1.0)[0] == 1
-
-
-def test_rule_when_the_chains_drift_at_nearly_every_epsilon():
-    """The (20,)*6 rank-1 network's calibration (8 chains × 3000 steps): only the smallest ε is not drifting,
-    because its chains hardly move; the flattest healthy pair is taken instead, and the reason says so."""
-    cells = [cell(1, 19.1, drift=1.5, relative=0.29), cell(2, 40.6, drift=11.2, relative=1.05),
-             cell(3, 92.8, drift=8.6, relative=0.36), cell(4, 168.3, drift=9.5, relative=0.25)]
-    assert [cell_flags(c) for c in cells] == [[], ["drifting"], ["drifting"], ["drifting"]]
-    best, reason, hint = recommend(cells, 1.0)
-    assert best == 3 and hint is None and "the chains still drift at nearly every ε" in reason
-    assert "is flattest (within the noise), 58%, from ε = 3 (92.8) to here (168.3)" in reason
-
-
-def test_rule_agreement_is_within_two_se_or_five_percent():
-    near = 10.0 * (1 + AGREEMENT_RELATIVE) - 1e-9
-    assert "agrees" in recommend([cell(1, 10.0, se=0.0), cell(2, near, se=0.0)], 1.0)[1]
-    assert "agrees" in recommend([cell(1, 10.0, se=1.0), cell(2, 12.8, se=1.0)], 1.0)[1]  # 2.8 ≤ 2·√2
-    assert "no plateau evidence" in recommend([cell(1, 10.0, se=0.1), cell(2, 12.0, se=0.1)], 1.0)[1]
+    best, _, hint = recommend([cells[0]], 1.0)
+    assert best is None and hint.startswith("every cell's chains left the basin of w*")
 
 
 def test_rule_prefers_the_default_nbeta_then_the_smallest_gamma():
-    cells = [cell(e, 10.0, nbeta=b, gamma=g) for g in (5.0, 1.0) for b in (0.5, 1.0, 2.0) for e in (1, 2)]
+    cells = [cell(e, 10.0, nbeta=b, gamma=g) for g in (5.0, 1.0) for b in (0.5, 1.0, 2.0) for e in (0.5, 1.0)]
     best = recommend(cells, default_nbeta=1.0)[0]
-    assert (cells[best]["nbeta"], cells[best]["gamma"], cells[best]["epsilon"]) == (1.0, 1.0, 2)
-    lonely = [cell(1, 10.0), cell(2, 11.0, healthy=0.5), cell(1, 20.0, nbeta=2.0), cell(2, 20.0, nbeta=2.0)]
-    assert recommend(lonely, 1.0)[0] == 3  # a row with a usable pair beats a nearer row without one
-    best, reason, _ = recommend(lonely[:2], 1.0)
-    assert best == 0 and "no neighbouring ε is usable (no plateau evidence)" in reason
+    assert (cells[best]["nbeta"], cells[best]["gamma"], cells[best]["epsilon"]) == (1.0, 1.0, 1.0)
+    cells = [cell(1.0, 10.0, healthy=0.5), cell(1.0, 20.0, nbeta=2.0)]
+    assert recommend(cells, 1.0)[0] == 1  # the nearest row with a usable cell
+
+
+def test_interval_adds_the_step_term_and_the_flat_gammas():
+    """λ̂ ± Z90·√(se² + step² + γ²): step = |λ̂ − λ̂ at the next smaller ε|; γ = the spread over γ rows at the same
+    step scale that agree within two combined se (the γ = 10 row here does not: it is left out)."""
+    cells = [cell(0.5, 9.0, se=0.3), cell(1.0, 10.0, se=0.3),
+             cell(0.5, 9.5, se=0.3, gamma=2.0), cell(1.0, 10.6, se=0.3, gamma=2.0),
+             cell(1.0, 14.0, se=0.3, gamma=10.0)]
+    best = recommend(cells, 1.0)[0]
+    band = interval_of(cells, best)
+    assert best == 1 and band.step_term == pytest.approx(1.0) and band.standard_error == 0.3
+    assert band.gamma_term == pytest.approx(statistics.stdev([10.0, 10.6]))
+    half = Z90 * math.sqrt(0.3**2 + 1.0**2 + band.gamma_term**2)
+    assert (band.low, band.high) == pytest.approx((10.0 - half, 10.0 + half))
+    assert interval_of([cell(1.0, 10.0, se=0.3)], 0).step_term == 0.0  # a lone cell: the standard error alone
 
 
 def test_rule_without_usable_cells_gives_a_hint():
@@ -152,11 +168,13 @@ def test_rule_without_usable_cells_gives_a_hint():
 
 
 def test_rule_reads_the_studys_older_records():
-    """Job records written before fastllc.calibration have tenths of the trace instead of ``drift``."""
+    """Job records written before fastllc.calibration have tenths of the trace instead of ``drift``, and no
+    step scale or locality."""
     old = dict(epsilon=1e-3, nbeta=1.0, gamma=5.0, llc_mean=100.0, llc_se=1.0, healthy_fraction=1.0, r_hat=1.01,
                mean_loss=0.1, first_tenth_mean_loss=0.1, last_tenth_mean_loss=0.1)
     assert cell_flags(old) == []
     assert cell_flags(dict(old, last_tenth_mean_loss=0.2)) == ["drifting"]
+    assert recommend([old, dict(old, epsilon=2e-3)], 1.0)[0] == 0  # no κ: the smallest ε
 
 
 def in_empty_dir(tmp_path, monkeypatch):
@@ -174,6 +192,9 @@ def in_empty_dir(tmp_path, monkeypatch):
     (dict(epsilons=[1e-3, 1e-3]), "calibration grid: epsilons lists 0.001 twice; give each value once"),
     (dict(epsilons=["x"]), "calibration grid: epsilons must be a list of numbers, got ['x']"),
     (dict(epsilons=[1e-3], chains=0), "calibration needs at least one chain per cell, got chains = 0"),
+    (dict(step_scales=[0.1, 0.0]), "calibration grid: step_scales has 0; every value must be finite and > 0"),
+    (dict(steps="50"), "steps must be a whole number, got '50'"),
+    (dict(chains=2.5), "chains must be a whole number, got 2.5"),
 ])
 def test_bad_grids_are_refused_in_one_line(grid, message, tmp_path, monkeypatch):
     in_empty_dir(tmp_path, monkeypatch)
@@ -233,6 +254,16 @@ def test_cli_prints_the_table_and_the_recommendation(cli, tiny_run, tmp_path):
     assert record["checkpoint"] == 1 and len(record["cells"]) == 1 and record["cells"][0]["nbeta"] == 10
 
 
+def test_cli_default_grid_is_scaled_by_the_curvature(cli, tiny_run):
+    result = cli("--run", tiny_run.path, "--chains", 2, "--steps", 40, "--backend", "reference", "--json")
+    assert result.exit_code in (0, 1), result.output  # 40 steps may leave every cell drifting: then exit 1
+    record = json.loads(result.stdout)
+    assert record["kappa"] > 0 and [c["step_scale"] for c in record["cells"]] == pytest.approx([0.05, 0.1])
+    assert record["trivial_loss"] == pytest.approx(math.log(tiny_run.config.p), rel=1e-4)  # uniform prediction
+    if record["recommended"] is not None:
+        assert record["interval"]["low"] < record["cells"][record["recommended"]]["llc_mean"] < record["interval"]["high"]
+
+
 def test_cli_exits_non_zero_after_the_table_when_every_cell_diverges(cli, tiny_run):
     result = cli("--run", tiny_run.path, "--epsilons", "1e3,1e4", "--nbetas", "10", "--chains", 2, "--steps", 20)
     assert_one_line_error(result, "Error: every cell diverged (no chain stayed finite and below the loss bound): "
@@ -242,7 +273,8 @@ def test_cli_exits_non_zero_after_the_table_when_every_cell_diverges(cli, tiny_r
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--epsilons", "1e-4,abc"], "Error: --epsilons '1e-4,abc': give comma-separated numbers, like 1e-4,3e-4,1e-3"),
+    (["--epsilons", "1e-4,abc"], "Error: --epsilons '1e-4,abc': give comma-separated numbers, like 1e-4,3e-4"),
+    (["--step-scales", "0.1,0"], "Error: calibration grid: --step-scales has 0; every value must be finite and > 0"),
     (["--epsilons", "1e-4,-1"], "Error: calibration grid: --epsilons has -1; every value must be finite and > 0"),
     (["--nbetas", "0"], "Error: calibration grid: --nbetas has 0; every value must be finite and > 0"),
     (["--gammas", "nan"], "Error: calibration grid: --gammas has nan; every value must be finite and >= 0"),

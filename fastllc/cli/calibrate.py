@@ -1,5 +1,6 @@
-"""``fastllc calibrate``: an ε × nβ × γ grid on one checkpoint of a run, as one batched run; a table (or
-JSON), a recommended cell with its reason, and optionally a figure (``fastllc.calibration``)."""
+"""``fastllc calibrate``: a grid of step sizes (scaled by the curvature at w*, or given) × nβ × γ on one
+checkpoint of a run, as one batched run; a table (or JSON), a recommended cell with its reason and a 90%
+interval, and optionally a figure (``fastllc.calibration``)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import torch.nn.functional as F
 
 from ..analysis.plots import plot_calibration
 from ..backends import CHOICES as BACKEND_CHOICES, resolve_backend
-from ..calibration import DEFAULT_NBETA_MULTIPLES, calibrate, check_grid
+from ..calibration import DEFAULT_NBETA_MULTIPLES, DEFAULT_STEP_SCALES, calibrate, check_grid
 from ..errors import FastLLCError
 from ..sampling import SGLDConfig, resolve_device
 from ..train import Run
 from .common import check_plot_path, long_work, one_line_errors, progress, require_sampling_memory
 
-DEFAULT_EPSILONS = "1e-4,3e-4,1e-3,3e-3,1e-2"
+DEFAULT_STEP_SCALES_TEXT = ",".join(f"{s:g}" for s in DEFAULT_STEP_SCALES)
 
 
 def parse_grid(option: str, text: str | None, allow_zero: bool = False) -> tuple[float, ...] | None:
@@ -27,7 +28,7 @@ def parse_grid(option: str, text: str | None, allow_zero: bool = False) -> tuple
     try:
         values = [float(part) for part in text.split(",")]
     except ValueError:
-        raise FastLLCError(f"{option} {text!r}: give comma-separated numbers, like {DEFAULT_EPSILONS}") from None
+        raise FastLLCError(f"{option} {text!r}: give comma-separated numbers, like 1e-4,3e-4") from None
     return check_grid(option, values, allow_zero=allow_zero)
 
 
@@ -35,9 +36,11 @@ def parse_grid(option: str, text: str | None, allow_zero: bool = False) -> tuple
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), required=True,
               help="A run directory from `fastllc train`.")
 @click.option("--checkpoint", type=int, default=None, help="Checkpoint index [default: the final weights].")
-@click.option("--epsilons", default=DEFAULT_EPSILONS, show_default=True, help="Step sizes ε, comma-separated.")
+@click.option("--step-scales", default=DEFAULT_STEP_SCALES_TEXT, show_default=True,
+              help="Step sizes as s = ε·nβ·κ (κ: the loss's largest curvature at w*, measured), comma-separated.")
+@click.option("--epsilons", default=None, help="Step sizes ε (absolute), comma-separated: replaces --step-scales.")
 @click.option("--nbetas", default=None, help="Inverse temperatures nβ (absolute), comma-separated "
-                                             "[default: 0.5, 1, 2 × n/log n].")
+                                             "[default: n/log n].")
 @click.option("--gammas", default="5", show_default=True, help="Localisation strengths γ, comma-separated.")
 @click.option("--chains", type=int, default=4, show_default=True, help="Chains per cell.")
 @click.option("--steps", type=int, default=2000, show_default=True, help="SGLD steps per chain.")
@@ -51,14 +54,15 @@ def parse_grid(option: str, text: str | None, allow_zero: bool = False) -> tuple
               help="Save a figure: λ̂ against ε per nβ, and the recommended cell's loss traces.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @one_line_errors
-def calibrate_command(run_dir, checkpoint, epsilons, nbetas, gammas, chains, steps, burn_in, batch_size, seed, mala,
+def calibrate_command(run_dir, checkpoint, step_scales, epsilons, nbetas, gammas, chains, steps, burn_in, batch_size, seed, mala,
                       backend, device, plot, as_json):
     """Run a grid of SGLD settings on a checkpoint in one batch and recommend one (exit 1 when none is)."""
     epsilons = parse_grid("--epsilons", epsilons)
+    step_scales = parse_grid("--step-scales", step_scales)
     nbetas = parse_grid("--nbetas", nbetas)
     gammas = parse_grid("--gammas", gammas, allow_zero=True)
     burn_in = steps // 4 if burn_in is None and isinstance(steps, int) else burn_in
-    cells = len(epsilons) * len(gammas) * len(nbetas or DEFAULT_NBETA_MULTIPLES)
+    cells = len(epsilons or step_scales) * len(gammas) * len(nbetas or DEFAULT_NBETA_MULTIPLES)
     if chains < 1:
         raise FastLLCError(f"--chains must be at least 1 per cell, got {chains}")
     config = SGLDConfig(chains=cells * chains, steps=steps, burn_in=burn_in, batch_size=batch_size, seed=seed,
@@ -73,7 +77,8 @@ def calibrate_command(run_dir, checkpoint, epsilons, nbetas, gammas, chains, ste
     model = run.load_model(index)
     with long_work(f"calibrating: {cells} cells × {chains} chains × {steps} steps ({name} on {device})",
                    "calibrated"):
-        result = calibrate(model, run.task().train_data(), F.cross_entropy, epsilons=epsilons, nbetas=nbetas,
+        result = calibrate(model, run.task().train_data(), F.cross_entropy, epsilons=epsilons,
+                           step_scales=step_scales, nbetas=nbetas,
                            gammas=gammas, chains=chains, steps=steps, burn_in=burn_in, batch_size=batch_size,
                            seed=seed, mala=mala, backend=backend, device=device, progress=progress())
     if as_json:
