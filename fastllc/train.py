@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import resources, storage
 from .errors import FastLLCError
+from .machine import PORTABLE_ENVIRONMENT, in_portable_environment, machine_record
 from .model import ModularMLP
 from .sampling.threads import single_threaded_torch
 from .seeding import check_seed, derive_seed, generator
@@ -59,6 +60,7 @@ class TrainConfig:
     train_frac: float = 0.8
     init_scale: float = 1.0  # the embedding and both first-layer weights ×init_scale at initialisation
     split: str = "per-seed"  # "per-seed": task and split keyed by ``seed``; "fixed": those of seed 0 for all seeds
+    portable: bool = False  # train with PyTorch's non-vector kernels: the same bits on any x86-64 CPU (machine.py)
 
     def validate(self) -> "TrainConfig":
         for name in _INTEGER_FIELDS:
@@ -67,6 +69,8 @@ class TrainConfig:
         for name in _REAL_FIELDS:
             if not _is_number(getattr(self, name)) or not math.isfinite(getattr(self, name)):
                 raise FastLLCError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not isinstance(self.portable, bool):
+            raise FastLLCError(f"portable must be true or false, got {self.portable!r}")
         for name in ("task", "split"):
             if not isinstance(getattr(self, name), str):
                 raise FastLLCError(f"{name} must be a string, got {getattr(self, name)!r}")
@@ -105,7 +109,8 @@ class TrainConfig:
     def run_name(self) -> str:
         """The run's directory name. Settings added later appear only when they differ from their default,
         so a run trained before they existed keeps its name (and its cache)."""
-        extra = (f"-init{self.init_scale:g}" if self.init_scale != 1 else "") + ("-fixedsplit" if self.split == "fixed" else "")
+        extra = ((f"-init{self.init_scale:g}" if self.init_scale != 1 else "") + ("-fixedsplit" if self.split == "fixed" else "")
+                 + ("-portable" if self.portable else ""))
         return (f"{self.task}-p{self.p}-e{self.embed}-h{self.hidden}-b{self.batches}-k{self.checkpoints}{extra}"
                 f"-seed{self.seed}")
 
@@ -113,7 +118,7 @@ class TrainConfig:
 _INTEGER_FIELDS = ("p", "embed", "hidden", "batches", "checkpoints", "seed", "batch_size")
 _REAL_FIELDS = ("lr", "weight_decay", "train_frac", "init_scale")
 # fields added after runs were first written: a config.json without them has their defaults
-LATER_FIELDS = {"init_scale": 1.0, "split": "per-seed"}
+LATER_FIELDS = {"init_scale": 1.0, "split": "per-seed", "portable": False}
 
 
 def _is_integer(value) -> bool:
@@ -169,7 +174,7 @@ class _RunWriter:
 
     def finish(self, steps: list[int]) -> "Run":
         """Publish the run; if another process published the same run first, adopt that one."""
-        record = dict(asdict(self.config), n_train=self.task.n_train, checkpoint_steps=steps)
+        record = dict(asdict(self.config), n_train=self.task.n_train, checkpoint_steps=steps, machine=machine_record())
         with storage.writing(self.out):
             storage.write_new_file(self.tmp / "config.json", (json.dumps(record, indent=2) + "\n").encode())
             storage.write_new_file(self.tmp / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics).encode())
@@ -232,12 +237,12 @@ def train_together(configs: list[TrainConfig], outs: list[str | os.PathLike], pr
     resources.require_training_memory(configs[0].p, configs[0].embed, configs[0].hidden)
     outs = [Path(out) for out in outs]
     if not adopt:
-        return _train_batch(configs, outs, progress, adopt)
+        return _train_here_or_portably(configs, outs, progress, adopt)
     there = {i: usable_run(c, out) for i, (c, out) in enumerate(zip(configs, outs))}
     runs = {i: run for i, run in there.items() if run is not None}  # there already, and whole
     todo = [i for i in range(len(configs)) if i not in runs]
     if todo:
-        runs.update(zip(todo, _train_batch([configs[i] for i in todo], [outs[i] for i in todo], progress, adopt)))
+        runs.update(zip(todo, _train_here_or_portably([configs[i] for i in todo], [outs[i] for i in todo], progress, adopt)))
     return [runs[i] for i in range(len(configs))]
 
 
@@ -264,6 +269,35 @@ def _adopted(config: TrainConfig, out: Path) -> "Run":
         raise FastLLCError(f"{out} holds a run of another configuration ({run.config.run_name()}); "
                            "remove it or choose another directory")
     return run
+
+
+def _train_here_or_portably(configs: list[TrainConfig], outs: list[Path], progress: bool, adopt: bool) -> list["Run"]:
+    """``_train_batch`` in this process, or for portable runs in a child process started with PyTorch's
+    DEFAULT kernels (``machine.PORTABLE_ENVIRONMENT``): the kernel choice is made once per process."""
+    if not configs[0].portable or in_portable_environment():
+        return _train_batch(configs, outs, progress, adopt)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    saved = {key: os.environ.get(key) for key in PORTABLE_ENVIRONMENT}
+    os.environ.update(PORTABLE_ENVIRONMENT)  # a spawned child copies the environment when it starts
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            paths = child.submit(_train_portably, configs, outs, progress, adopt).result()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return [Run.load(path) for path in paths]
+
+
+def _train_portably(configs, outs, progress, adopt) -> list[Path]:
+    if not in_portable_environment():  # never train a "portable" run with the vector kernels
+        raise FastLLCError("portable training needs PyTorch's DEFAULT CPU kernels, but ATEN_CPU_CAPABILITY="
+                           f"default was not honoured ({machine_record()['torch_cpu_capability']})")
+    return [run.path for run in _train_batch(configs, outs, progress, adopt)]
 
 
 @single_threaded_torch()  # tensors of a few kB: a second thread only adds synchronisation (measured 2-10× slower)
@@ -400,7 +434,8 @@ def _load_checkpoint(file: Path, config: TrainConfig) -> torch.nn.Module:
 
 # TrainConfig field -> the `fastllc train` option that sets it (lr, weight_decay, batch_size, train_frac have none)
 _TRAIN_OPTIONS = dict(p="--p", task="--task", embed="--embed", hidden="--hidden", batches="--batches",
-                      checkpoints="--checkpoints", seed="--train-seed", init_scale="--init-scale", split="--split")
+                      checkpoints="--checkpoints", seed="--train-seed", init_scale="--init-scale", split="--split",
+                      portable="--portable")
 
 
 def retrain_advice(config: TrainConfig, path: Path) -> str:
@@ -410,7 +445,8 @@ def retrain_advice(config: TrainConfig, path: Path) -> str:
     if any(getattr(config, name) != getattr(default, name) for name in ("lr", "weight_decay", "batch_size", "train_frac")):
         return (f"move it aside and retrain it from Python: fastllc.train({config!r}, {str(path)!r}) "
                 "(its lr, weight decay, batch size or train fraction have no command-line option)")
-    options = " ".join(f"{option} {getattr(config, name)}" for name, option in _TRAIN_OPTIONS.items()
+    options = " ".join(option if isinstance(getattr(config, name), bool) else f"{option} {getattr(config, name)}"
+                       for name, option in _TRAIN_OPTIONS.items()
                        if name in ("p", "batches", "checkpoints") or getattr(config, name) != getattr(default, name))
     aside = next(f"{path}.damaged" + (f"-{n}" if n else "") for n in range(1000)
                  if not Path(f"{path}.damaged" + (f"-{n}" if n else "")).exists())  # mv into an existing one nests it

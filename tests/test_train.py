@@ -110,6 +110,7 @@ def test_one_distinct_directory_per_run(tmp_path):
 
 import errno
 import shutil
+import os
 import subprocess
 import sys
 
@@ -352,3 +353,39 @@ def test_train_command_records_init_scale_and_split(tmp_path):
     bad = CliRunner().invoke(train_command, args + ["--init-scale", "-1", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 1 and bad.output.strip() == "Error: init_scale must be > 0, got -1.0"
     assert not (tmp_path / "bad").exists()
+
+
+# ---- the machine in config.json; portable training: the same bits whatever vector kernels the CPU has ----
+
+def test_config_records_the_cpu_and_its_vector_extensions(tiny_run):
+    machine = json.loads((tiny_run.path / "config.json").read_text())["machine"]
+    assert set(machine) == {"cpu", "vector_extensions", "torch_cpu_capability", "torch"}
+    assert machine["torch_cpu_capability"] in ("DEFAULT", "AVX2", "AVX512") and machine["torch"] == torch.__version__
+
+
+PORTABLE = TrainConfig(p=7, embed=4, hidden=8, batches=200, checkpoints=1, portable=True)
+TRAIN_IN_CHILD = """
+import sys, torch
+from pathlib import Path
+from fastllc import TrainConfig, train
+from fastllc.train import _train_batch
+config = TrainConfig(p=7, embed=4, hidden=8, batches=200, checkpoints=1, portable=True)
+(run,) = _train_batch([config], [Path(sys.argv[1])], False, False)  # in this process, under the environment given
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+def test_portable_training_gives_the_same_bits_under_other_vector_kernels(tmp_path):
+    """The run trained in a DEFAULT-kernel child equals one trained where MKL is told the CPU has only SSE4.2
+    (the nearest this test can come to another CPU: it cannot change the one it runs on)."""
+    run = train(PORTABLE, tmp_path / "portable")
+    assert run.path.name == "portable" and PORTABLE.run_name().endswith("-portable-seed0")
+    assert json.loads((run.path / "config.json").read_text())["machine"]["torch_cpu_capability"] == "DEFAULT"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", MKL_CBWR="COMPATIBLE", MKL_ENABLE_INSTRUCTIONS="SSE4_2")
+    child = subprocess.run([sys.executable, "-c", TRAIN_IN_CHILD, str(tmp_path / "elsewhere")], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0 and child.stdout.split() == ["DEFAULT"], child.stderr
+    other = Run.load(tmp_path / "elsewhere")
+    for a, b in zip(run.load_model().parameters(), other.load_model().parameters()):
+        assert torch.equal(a, b)  # bit for bit, not to a tolerance: that is the mode's promise
+    assert [p.name for p in tmp_path.iterdir()] != [] and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

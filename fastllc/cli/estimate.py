@@ -55,6 +55,7 @@ def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, 
     """Estimate λ̂ at a checkpoint with SGLD chains started at its weights."""
     if run_dir is not None:
         refuse_training_options_with_run()
+    training_config = None if run_dir is not None else train_config(**training)  # checked before the backend loads
     config = SGLDConfig(chains=chains, steps=steps, burn_in=burn_in, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                         batch_size=batch_size, orthogonal=orthogonal, seed=seed, sampler=sampler,
                         rmsprop_alpha=rmsprop_alpha, rmsprop_eps=rmsprop_eps, chain_loss=chain_loss).validate()
@@ -66,7 +67,6 @@ def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, 
         run = Run.load(run_dir)
         require_sampling_memory(run.config, batch, device)
     else:
-        training_config = train_config(**training)
         if not cache_path(training_config).exists():
             storage.check_writable_dir(cache_path(training_config), "the run cache (FASTLLC_HOME)")
             resources.require_training_memory(training_config.p, training_config.embed, training_config.hidden)
