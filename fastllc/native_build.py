@@ -287,6 +287,12 @@ def _load_default() -> ctypes.CDLL:
     """The fastest vector build this CPU runs: each one built, and timed when there are several (once: the
     choice is kept in ``choice_path``); the portable build only when no vector build builds."""
     cxx = compiler()
+    if ("default", cxx) not in _loaded:  # once per process, as every library
+        _loaded["default", cxx] = _choose_default(cxx)
+    return _loaded["default", cxx]
+
+
+def _choose_default(cxx: str) -> ctypes.CDLL:
     chosen = choice_path(cxx)
     candidates = [v for v in variants() if v != "scalar"]
     try:
