@@ -67,6 +67,11 @@ def check_numbers(name: str, value) -> None:
         if value.is_floating_point() or value.dtype in (torch.int32, torch.int64):
             return
         raise FastLLCError(f"{name} must be a number or one number per chain, got a {value.dtype} tensor")
+    kind = getattr(getattr(value, "dtype", None), "kind", None)  # a numpy array: its dtype says it all
+    if kind is not None and getattr(value, "ndim", 0) > 0:
+        if kind in "fiu":
+            return
+        raise FastLLCError(f"{name} must be a number or one number per chain, got an array of {value.dtype}")
     items = list(value) if isinstance(value, (list, tuple)) else [value]
     for item in items:
         if isinstance(item, bool) or not isinstance(item, numbers.Real):
