@@ -442,6 +442,26 @@ inline v8 madd(v8 a, v8 b, v8 c) {
 inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 inline int64_t padded(int64_t x) { return (x + 7) / 8 * 8; }
 
+// Sixteen floats (512-bit registers) in the AVX-512 build, for the products and the elementwise passes: lane
+// for lane the same operations as on v8, so the same results.
+#if defined(__AVX512F__)
+#define FASTLLC_V16 1
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+inline v16 madd(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
+#endif
+
+// Either width: the integer vector of the same lanes, loads, stores and broadcasts.
+template <typename V> struct Ints;
+template <> struct Ints<v8> { typedef v8i type; typedef uint32_t unsigned_type __attribute__((vector_size(32))); };
+#if defined(FASTLLC_V16)
+template <> struct Ints<v16> { typedef v16i type; typedef uint32_t unsigned_type __attribute__((vector_size(64))); };
+#endif
+template <typename V> inline V vload(const float* x) { V r; std::memcpy(&r, x, sizeof r); return r; }
+template <typename V> inline void vstore(float* x, V v) { std::memcpy(x, &v, sizeof v); }
+template <typename V> inline V vsplat(float x) { return V{} + x; }
+template <typename V> constexpr int lanes_of() { return sizeof(V) / sizeof(float); }
+
 // The elementwise passes (GELU, softmax) work on N vectors at once, statement by statement over the N: N
 // independent chains that hide the latency of the long polynomial and exp sequences. Lane for lane the same
 // operations for any N, so the same results.
@@ -456,22 +476,35 @@ inline int64_t padded(int64_t x) { return (x + 7) / 8 * 8; }
 // y = e^r in [0.7, 1.42] rather than multiplying (one floating-point operation less, the same bits): the
 // clamp keeps n ≥ −126 with y ≥ 1 at n = −126, and x ≤ 88 keeps n ≤ 127, so the result is always a normal
 // float; a NaN x stays NaN.
-template <int N> inline void expn(v8* x) {
-    v8 fx[N], nf[N], y[N];
-    v8i n[N];
+#if defined(__AVX__)
+// max(a, b) (b when either is NaN) and floor, one instruction each
+inline v8 max_second(v8 a, v8 b) { return __builtin_ia32_maxps256(a, b); }
+inline v8 floor_of(v8 x) { return __builtin_ia32_roundps256(x, 0x09); }
+#endif
+#if defined(FASTLLC_V16)
+inline v16 max_second(v16 a, v16 b) { return _mm512_max_ps(a, b); }
+inline v16 floor_of(v16 x) { return _mm512_roundscale_ps(x, 0x09); }
+#endif
+
+template <int N, typename V = v8> inline void expn(V* x) {
+    typedef typename Ints<V>::type VI;
+    typedef typename Ints<V>::unsigned_type VU;  // unsigned: the shift and sum wrap, never overflow
+    const auto splat = [](float x) { return vsplat<V>(x); };
+    V fx[N], nf[N], y[N];
+    VI n[N];
     EACH {
 #if defined(__AVX__)
-        X(x) = __builtin_ia32_maxps256(splat(-87.3f), X(x));  // as below: a NaN x stays NaN (second operand)
+        X(x) = max_second(splat(-87.3f), X(x));  // as below: a NaN x stays NaN (second operand)
         X(fx) = madd(X(x), splat(1.44269504088896341f), splat(0.5f));
-        X(nf) = __builtin_ia32_roundps256(X(fx), 0x09);  // floor, as below in one instruction
-        X(n) = __builtin_convertvector(X(nf), v8i);
+        X(nf) = floor_of(X(fx));  // as below in one instruction
+        X(n) = __builtin_convertvector(X(nf), VI);
 #else
         X(x) = X(x) < splat(-87.3f) ? splat(-87.3f) : X(x);
         X(fx) = madd(X(x), splat(1.44269504088896341f), splat(0.5f));
-        X(n) = __builtin_convertvector(X(fx), v8i);
-        X(nf) = __builtin_convertvector(X(n), v8);
+        X(n) = __builtin_convertvector(X(fx), VI);
+        X(nf) = __builtin_convertvector(X(n), V);
         X(n) = X(nf) > X(fx) ? X(n) - 1 : X(n);  // floor
-        X(nf) = __builtin_convertvector(X(n), v8);
+        X(nf) = __builtin_convertvector(X(n), V);
 #endif
     }
     EACH X(x) = madd(X(nf), splat(-0.693359375f), X(x));
@@ -482,8 +515,7 @@ template <int N> inline void expn(v8* x) {
     EACH X(y) = madd(X(y), X(x), splat(1.6666665459e-1f));
     EACH X(y) = madd(X(y), X(x), splat(5.0000001201e-1f));
     EACH X(y) = madd(X(y), X(x) * X(x), X(x) + splat(1.0f));
-    typedef uint32_t v8u __attribute__((vector_size(32)));  // unsigned: the shift and sum wrap, never overflow
-    EACH X(x) = (v8)((v8u)X(y) + ((v8u)X(n) << 23));  // y·2ⁿ: n added to y's exponent field (integer unit)
+    EACH X(x) = (V)((VU)X(y) + ((VU)X(n) << 23));  // y·2ⁿ: n added to y's exponent field (integer unit)
 }
 
 // GELU(z) = z·Φ(z) and GELU′(z) = Φ(z) + z·φ(z) of N vectors, exact-erf GELU as F.gelu, with ONE exp
@@ -499,12 +531,14 @@ template <int N> inline void expn(v8* x) {
 // |z| ≤ 5 and ≤ 2.5e-6 for |z| ≤ 10 (the rounding of −z²/2 − c inside exp; the portable build, without FMA,
 // rounds it twice: 1.5e-6 and 5e-6; the erfcc form had 3e-6 and 1e-5); GELU′ absolute error ≤ 2.5e-7.
 // Below z ≈ −13 GELU is < 1e-38 in magnitude and comes out as such tiny numbers. A NaN z gives NaN.
-template <int N> inline void gelun(const v8* z, v8* value, v8* slope) {
+template <int N, typename V = v8> inline void gelun(const V* z, V* value, V* slope) {
     static const float coefficients[] = {1824.9675f, -1176.6511f, 281.26566f, -19.758118f, 19.882963f,
                                          7.1597633f, 2.9083364f, 0.99988157f};
-    v8 t[N], poly[N], pdf[N];
+    typedef typename Ints<V>::type VI;
+    const auto splat = [](float x) { return vsplat<V>(x); };
+    V t[N], poly[N], pdf[N];
     EACH {
-        const v8 magnitude = (v8)((v8i)X(z) & 0x7fffffff);  // |z|, the sign bit cleared
+        const V magnitude = (V)((VI)X(z) & 0x7fffffff);  // |z|, the sign bit cleared
         X(t) = splat(1.0f) / (splat(2.9f) + magnitude);
         X(pdf) = madd(splat(-0.5f) * X(z), X(z), splat(-0.9189385f));  // −z²/2 − ln √(2π)
         X(poly) = splat(-1032.8263f);
@@ -512,8 +546,8 @@ template <int N> inline void gelun(const v8* z, v8* value, v8* slope) {
     for (float coefficient : coefficients) EACH X(poly) = madd(X(poly), X(t), splat(coefficient));
     expn<N>(pdf);  // φ(z), shared by Φ and GELU′
     EACH {
-        const v8 tail = X(t) * X(poly) * X(pdf);  // Φ(−|z|)
-        const v8 cdf = X(z) < splat(0.0f) ? tail : splat(1.0f) - tail;
+        const V tail = X(t) * X(poly) * X(pdf);  // Φ(−|z|)
+        const V cdf = X(z) < splat(0.0f) ? tail : splat(1.0f) - tail;
         X(value) = X(z) * cdf;
         X(slope) = madd(X(z), X(pdf), cdf);
     }
@@ -530,16 +564,6 @@ template <int N> inline void gelun(const v8* z, v8* value, v8* slope) {
 // a stack array around it (with a for loop it did both: the products took 7% longer). The vectors are V: v8,
 // or v16 (512-bit) in the AVX-512 build; every output element is the same chain of fused multiply-adds over
 // k in order whatever V and the tile, so the results are the same bits.
-#if defined(__AVX512F__) && !defined(FASTLLC_PRODUCTS_256)
-#define FASTLLC_PRODUCTS_512 1
-typedef float v16 __attribute__((vector_size(64)));
-inline v16 madd(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
-#endif
-
-template <typename V> inline V vload(const float* x) { V r; std::memcpy(&r, x, sizeof r); return r; }
-template <typename V> inline void vstore(float* x, V v) { std::memcpy(x, &v, sizeof v); }
-template <typename V> inline V vsplat(float x) { return V{} + x; }
-
 template <typename V, int MR, int NR>
 inline void tile(const float* A, int64_t ra, int64_t ka, const float* B, int64_t ldb, int64_t K, float* C,
                  int64_t ldc) {
@@ -605,7 +629,7 @@ void gemm(int64_t M, int64_t NV, int64_t K, const float* A, int64_t ra, int64_t 
         return;
     }
     int64_t n = 0;  // in vectors of 8
-#if defined(FASTLLC_PRODUCTS_512)
+#if defined(FASTLLC_V16)
     for (; n + 4 <= NV; n += 4) gemm_columns<v16, 2>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
     for (; n + 2 <= NV; n += 2) gemm_columns<v16, 1>(M, A, ra, ka, B + 8 * n, ldb, K, C + 8 * n, ldc);
 #endif
@@ -677,29 +701,32 @@ inline void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds,
 // overwrites their logits with δs = w_i·(softmax(s_i) − onehot(y_i)), w_i = 1/m for cross-entropy and
 // p_y/(p_y + δ)/m for the published loss (δ = offset > 0), 0 in the padding lanes. False when a logit of a
 // real example is not finite.
-template <int N>
+template <int N, typename V = v8>
 bool softmax_block(const Shape& S, Scratch& k, int64_t i0, double offset, double& loss) {
+    constexpr int W = lanes_of<V>();
+    typedef typename Ints<V>::type VI;
+    const auto splat = [](float x) { return vsplat<V>(x); };
     const int64_t p = S.p, m = S.m, mp = k.mp;
     float* sT = k.sT.data() + i0;
-    v8 top[N], check[N], total[N], ex[N];
+    V top[N], check[N], total[N], ex[N];
     for (int j = 0; j < N; ++j) top[j] = splat(-INFINITY), check[j] = total[j] = splat(0.0f);
     for (int64_t q = 0; q < p; ++q)
         for (int j = 0; j < N; ++j) {
-            const v8 x = load(sT + q * mp + 8 * j);
+            const V x = vload<V>(sT + q * mp + W * j);
             top[j] = x > top[j] ? x : top[j];
             check[j] += x;  // NaN when any logit is NaN or ±inf
         }
-    const int lanes = static_cast<int>(std::min<int64_t>(8 * N, m - i0));
-    float label_shifted[8 * N];
-    for (int l = 0; l < lanes; ++l) label_shifted[l] = sT[k.y[i0 + l] * mp + l] - top[l / 8][l % 8];
+    const int lanes = static_cast<int>(std::min<int64_t>(W * N, m - i0));
+    float label_shifted[W * N];
+    for (int l = 0; l < lanes; ++l) label_shifted[l] = sT[k.y[i0 + l] * mp + l] - top[l / W][l % W];
     for (int64_t q = 0; q < p; ++q) {
-        for (int j = 0; j < N; ++j) ex[j] = load(sT + q * mp + 8 * j) - top[j];
+        for (int j = 0; j < N; ++j) ex[j] = vload<V>(sT + q * mp + W * j) - top[j];
         expn<N>(ex);
-        for (int j = 0; j < N; ++j) store(sT + q * mp + 8 * j, ex[j]), total[j] += ex[j];
+        for (int j = 0; j < N; ++j) vstore(sT + q * mp + W * j, ex[j]), total[j] += ex[j];
     }
     bool finite = true;
     const float inv_m = 1.0f / static_cast<float>(m);
-    float sums[8 * N], checks[8 * N], weight[8 * N] = {};  // padding lanes: weight 0
+    float sums[W * N], checks[W * N], weight[W * N] = {};  // padding lanes: weight 0
     std::memcpy(sums, total, sizeof sums);
     std::memcpy(checks, check, sizeof checks);
     for (int l = 0; l < lanes; ++l) {
@@ -717,27 +744,28 @@ bool softmax_block(const Shape& S, Scratch& k, int64_t i0, double offset, double
             loss += static_cast<double>(nll);
         }
     }
-    v8 scales[N];  // weight / Σ exp(s − top), 0 in the padding lanes
+    V scales[N];  // weight / Σ exp(s − top), 0 in the padding lanes
     for (int j = 0; j < N; ++j) {
-        v8i lane;
-        for (int l = 0; l < 8; ++l) lane[l] = 8 * j + l;
-        scales[j] = lane < lanes ? load(weight + 8 * j) / total[j] : splat(0.0f);
+        VI lane;
+        for (int l = 0; l < W; ++l) lane[l] = W * j + l;
+        scales[j] = lane < lanes ? vload<V>(weight + W * j) / total[j] : splat(0.0f);
     }
     for (int64_t q = 0; q < p; ++q)
-        for (int j = 0; j < N; ++j) store(sT + q * mp + 8 * j, load(sT + q * mp + 8 * j) * scales[j]);
+        for (int j = 0; j < N; ++j) vstore(sT + q * mp + W * j, vload<V>(sT + q * mp + W * j) * scales[j]);
     for (int l = 0; l < lanes; ++l) sT[k.y[i0 + l] * mp + l] -= weight[l];
     return finite;
 }
 
-// N vectors of z + bias → GELU in place (uT) and GELU′ into slope. The GELU pass runs eight vectors at a time
-// with AVX-512's 32 registers (20% faster than four at the published shape), four with AVX2's 16 (eight: 4%
-// slower), then single ones.
-template <int N>
+// N vectors of z + bias → GELU in place (uT) and GELU′ into slope. The GELU pass runs four v16 (64 lanes) at a
+// time with AVX-512 (as eight v8 in AVX-512's 32 registers, which were 20% faster than four; v16: ~25% less
+// again on Zen 4), four v8 with AVX2's 16 (eight: 4% slower), then single ones.
+template <int N, typename V = v8>
 inline void gelu_vectors(float* z, float* slope, float bias) {
-    v8 zz[N], value[N], derivative[N];
-    for (int j = 0; j < N; ++j) zz[j] = load(z + 8 * j) + splat(bias);
+    constexpr int W = lanes_of<V>();
+    V zz[N], value[N], derivative[N];
+    for (int j = 0; j < N; ++j) zz[j] = vload<V>(z + W * j) + vsplat<V>(bias);
     gelun<N>(zz, value, derivative);
-    for (int j = 0; j < N; ++j) store(z + 8 * j, value[j]), store(slope + 8 * j, derivative[j]);
+    for (int j = 0; j < N; ++j) vstore(z + W * j, value[j]), vstore(slope + W * j, derivative[j]);
 }
 
 // offset δ > 0: the chain loss is the study's −mean log(softmax(s)_y + δ) instead of cross-entropy (δ = 0).
@@ -768,8 +796,8 @@ double loss_and_gradient(const Shape& S, const float* w, Scratch& k, double offs
         float* z = k.zT.data() + c * mp;
         float* gg = k.gT.data() + c * mp;
         int64_t i = 0;
-#if defined(__AVX512F__)
-        for (; i + 64 <= mp; i += 64) gelu_vectors<8>(z + i, gg + i, bias);
+#if defined(FASTLLC_V16)
+        for (; i + 64 <= mp; i += 64) gelu_vectors<4, v16>(z + i, gg + i, bias);
 #endif
         for (; i + 32 <= mp; i += 32) gelu_vectors<4>(z + i, gg + i, bias);
         for (; i < mp; i += 8) gelu_vectors<1>(z + i, gg + i, bias);
@@ -778,10 +806,14 @@ double loss_and_gradient(const Shape& S, const float* w, Scratch& k, double offs
     gemm(p, mp / 8, h, U, h, 1, uT, mp, sT, mp);
 
     // the loss, and δs = w_i·(softmax(s_i) − onehot(y_i)) over the logits, 32 examples at a time (as fast as 16
-    // with AVX2, 12% faster with AVX-512's registers; 64: slower), then 16, then 8
+    // with AVX2, 12% faster with AVX-512's registers; 64: slower; with AVX-512 as two v16, as fast as four v8 on
+    // Zen 4, half the instructions), then 16, then 8
     double loss = 0.0;
     bool finite = true;
     int64_t i0 = 0;
+#if defined(FASTLLC_V16)
+    for (; i0 + 32 <= mp; i0 += 32) finite &= softmax_block<2, v16>(S, k, i0, offset, loss);
+#endif
     for (; i0 + 32 <= mp; i0 += 32) finite &= softmax_block<4>(S, k, i0, offset, loss);
     for (; i0 + 16 <= mp; i0 += 16) finite &= softmax_block<2>(S, k, i0, offset, loss);
     for (; i0 < mp; i0 += 8) finite &= softmax_block<1>(S, k, i0, offset, loss);
