@@ -180,6 +180,8 @@ HAND_SETTINGS = dict(chains=8, steps=5000, burn_in=1000, epsilon=0.03 / (BENCHMA
                      gamma=1.0, batch_size=500, backend="generic")
 
 
+# NOTE: the figures in this comment were measured with calibrate's earlier plateau rule; calibrate now recommends
+# the cell whose step scale ε·nβ·κ is nearest 0.1 (fastllc/calibration.py; measured in docs/calibration.md).
 # calibrate's grid for the suite: ε·nβ ∈ {0.003, 0.01, 0.03, 0.1} at nβ = n/log n and γ = 1 (the hand settings'
 # nβ, γ and minibatch), 8 chains × 3000 steps per cell (750 burned), all four cells in one batched run.
 # Measured 2026-11-29 (``examples/dln_benchmark.py --calibrated``, seed 0): calibrated median |λ̂ − λ|/λ 14.5%,
