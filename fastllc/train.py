@@ -380,8 +380,9 @@ class Run:
         config, steps = _read_config(path / "config.json")
         try:
             metrics = _read_metrics(path / "metrics.jsonl", steps)
+            shapes = {name: value.shape for name, value in config.new_model().state_dict().items()}
             for step in steps:  # every checkpoint's contents, not only its name: refused before any sampling
-                _load_checkpoint(path / "checkpoints" / f"step_{step:05d}.pt", config)
+                _read_state(path / "checkpoints" / f"step_{step:05d}.pt", shapes)
         except FastLLCError as err:
             raise FastLLCError(f"{err}; the run is incomplete or damaged: {retrain_advice(config, path)}") from None
         return cls(path, config, steps, metrics)
@@ -403,15 +404,18 @@ class Run:
 
     def load_model(self, checkpoint: int | None = None) -> torch.nn.Module:
         """The model at checkpoint k (default: final), loaded safely (weights_only)."""
-        return _load_checkpoint(self.checkpoint_path(checkpoint), self.config).eval()
+        model = self.config.new_model()
+        model.load_state_dict(_read_state(self.checkpoint_path(checkpoint), model.state_dict()))
+        return model.eval()
 
     def task(self) -> Task:
         return self.config.make_task()
 
 
-def _load_checkpoint(file: Path, config: TrainConfig) -> torch.nn.Module:
-    """The model of one checkpoint file, loaded safely (weights_only: tensors only, never code); a
-    one-line FastLLCError that says whether the file is missing, refused as unsafe or corrupt."""
+def _read_state(file: Path, expected: dict) -> dict:
+    """One checkpoint's state dict, loaded safely (weights_only: tensors only, never code) and checked
+    against ``expected`` ({name: shape or tensor} of the run's architecture); a one-line FastLLCError that
+    says whether the file is missing, refused as unsafe, corrupt or of another architecture."""
     if not file.is_file():
         raise FastLLCError(f"checkpoint file {file} is missing")
     try:
@@ -424,12 +428,12 @@ def _load_checkpoint(file: Path, config: TrainConfig) -> torch.nn.Module:
         raise FastLLCError(f"checkpoint {file} is corrupt (UnpicklingError)") from None
     except Exception as err:  # torch raises many types for a damaged file; all mean the same here
         raise FastLLCError(f"checkpoint {file} is corrupt ({type(err).__name__})") from None
-    model = config.new_model()
-    try:
-        model.load_state_dict(state)
-    except Exception as err:
-        raise FastLLCError(f"checkpoint {file} does not match the run's architecture ({type(err).__name__})") from None
-    return model
+    shapes = {name: getattr(value, "shape", value) for name, value in expected.items()}
+    if not (isinstance(state, dict) and set(state) == set(shapes) and all(
+            isinstance(state[k], torch.Tensor) and state[k].is_floating_point() and state[k].shape == shapes[k]
+            for k in shapes)):
+        raise FastLLCError(f"checkpoint {file} does not match the run's architecture (its tensors' names or shapes)")
+    return state
 
 
 # TrainConfig field -> the `fastllc train` option that sets it (lr, weight_decay, batch_size, train_frac have none)
