@@ -15,7 +15,7 @@ library in a shared cache never depends on which machine built it.
 Concurrency: each build writes a temporary of this process's own name and renames it into place
 (``os.replace``, atomic), so two processes building at once each produce a whole library and the cache
 holds one of them; a process that loaded a library keeps its (unlinked) inode. The library's sha256 is
-recorded beside it after the rename (``libmlp_sgld_<variant>.sha256``) and checked before every load: a
+recorded beside it before the rename (``libmlp_sgld_<variant>.sha256``) and checked before every load: a
 library truncated or with damaged bytes (which would crash the process when run) or without its checksum is
 rebuilt, with one line on stderr. Temporaries of builds whose process was killed are removed by the next build.
 
@@ -38,6 +38,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,8 +152,8 @@ _NO_SPACE = ("no space left on device", "disk quota exceeded")
 
 
 def _no_space(cache: Path, which: str) -> NativeUnavailable:
-    return NativeUnavailable(f"building the native kernel ({which}) ran out of disk space in its cache {cache}: "
-                             "free space there (or set FASTLLC_HOME elsewhere) and rerun")
+    return NativeUnavailable(f"building the native kernel ({which}) ran out of disk space (its cache {cache}, or the "
+                             f"compiler's temporaries in {tempfile.gettempdir()}): free space there and rerun")
 
 
 def build(which: str) -> Path:
@@ -196,9 +197,10 @@ def build(which: str) -> Path:
             if done.returncode > 0 and not any(word in output for word in ENVIRONMENT_FAILURES):
                 _remember(failed, message)  # the compiler's verdict on this source and these flags
             raise NativeUnavailable(message)
-        digest = _digest(tmp)
+        # the checksum first, then the library: whoever finds the library finds its checksum (builds of one key
+        # are the same bytes, so concurrent builders write the same checksum)
+        write_atomically(checksum_path(path), _digest(tmp) + "\n")
         os.replace(tmp, path)
-        write_atomically(checksum_path(path), digest + "\n")  # after the library: a sidecar vouches for a whole one
     except NativeUnavailable:
         raise
     except subprocess.TimeoutExpired:

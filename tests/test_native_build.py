@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def test_a_damaged_cached_library_is_rebuilt_not_run(home, damage):
     elif damage == "code bytes changed":  # the same size: only the checksum can tell
         middle = len(whole) // 2
         library.write_bytes(whole[:middle] + bytes(b ^ 0xFF for b in whole[middle:middle + 4096]) + whole[middle + 4096:])
-    else:  # a build killed between writing the library and its checksum
+    else:  # the checksum lost (deleted by hand, or a library copied in without it)
         native_build.checksum_path(library).unlink()
     later = _fresh_process(home)  # before: SIGBUS (rc 135) or SIGTRAP (rc 133), no message
     assert later.returncode == 0 and later.stdout == "scalar\n", later.stderr
@@ -91,8 +92,8 @@ def test_a_full_disk_during_the_first_compile_is_not_remembered(home, tmp_path, 
     cache = native_build.library_path("scalar", str(cxx)).parent
     with pytest.raises(native_build.NativeUnavailable) as caught:
         native_build.load("scalar")
-    assert str(caught.value) == (f"building the native kernel (scalar) ran out of disk space in its cache {cache}: "
-                                 "free space there (or set FASTLLC_HOME elsewhere) and rerun")
+    assert str(caught.value) == (f"building the native kernel (scalar) ran out of disk space (its cache {cache}, or "
+                                 f"the compiler's temporaries in {tempfile.gettempdir()}): free space there and rerun")
     assert _files(home) == []  # no .failed: not the compiler's verdict
     full.unlink()  # space freed: the next process builds
     later = _fresh_process(home, str(cxx))
