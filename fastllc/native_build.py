@@ -306,9 +306,14 @@ def _choose_default(cxx: str) -> ctypes.CDLL:
             return load(recorded)
         except NativeUnavailable:
             pass  # its build went away and fails now: choose again
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(1, len(candidates))) as pool:  # the compilers side by side (first use: half the wait)
+        built = dict(zip(candidates, pool.map(_build_or_error, candidates)))
     libraries, errors = {}, []
     for candidate in candidates:
         try:
+            if isinstance(built[candidate], NativeUnavailable):
+                raise built[candidate]
             libraries[candidate] = load(candidate)
         except NativeUnavailable as err:  # e.g. a compiler without AVX-512 support still builds avx2
             errors.append(err)
@@ -329,6 +334,13 @@ def _choose_default(cxx: str) -> ctypes.CDLL:
     except FastLLCError:
         pass  # an unwritable cache: time again next process
     return libraries[best]
+
+
+def _build_or_error(which: str) -> Path | NativeUnavailable:
+    try:
+        return build(which)
+    except NativeUnavailable as err:
+        return err
 
 
 def default_variant() -> str:
