@@ -236,6 +236,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.fastllc_mlp_sgld_variant.argtypes = []
     lib.fastllc_fp_mode.restype = ctypes.c_uint
     lib.fastllc_fp_mode.argtypes = []
+    lib.fastllc_fp_modes.restype = None
+    lib.fastllc_fp_modes.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint)]
     lib.fastllc_mlp_sgld_run.restype = ctypes.c_int
     lib.fastllc_mlp_sgld_run.argtypes = [i64, i64, i64, i64, i64, _F32, _F32, _F32, _U8, i64, d, _F64, _I64, _I64,
                                          _I64, i64, _I64, i64, _I64, _F32, i64, _F64, _F32, _F32, _F64, d, i64, i64,

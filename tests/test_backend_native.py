@@ -458,9 +458,14 @@ def test_a_run_leaves_the_callers_floating_point_mode_as_it_was(flush, variant):
     try:
         mode = 0xFFC0  # MXCSR's control bits (the low six are sticky exception flags any arithmetic sets)
         before = lib.fastllc_fp_mode() & mode
+        pool = np.zeros(2, np.uint32)  # the OpenMP pool's threads: the kernel's team, reused by later regions
+        lib.fastllc_fp_modes(2, _pointer(pool, ctypes.c_uint))
+        pool_before = pool & mode
         native.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=4, steps=20, batch_size=8), variant=variant,
                       threads=2)
         assert lib.fastllc_fp_mode() & mode == before
+        lib.fastllc_fp_modes(2, _pointer(pool, ctypes.c_uint))
+        assert np.array_equal(pool & mode, pool_before)
         subnormal = (torch.tensor([1e-38]) * torch.tensor([0.01])).item()
         assert (subnormal == 0.0) == (flush and supported)
         if supported:  # x86: the mode is MXCSR, FTZ (bit 15) and DAZ (bit 6) as the caller chose

@@ -871,6 +871,17 @@ unsigned fastllc_fp_mode() {
 #endif
 }
 
+// The MXCSR of each thread of an OpenMP team of ``threads`` (out [threads]; the pool's threads are reused from
+// region to region, and torch's may be the same ones): for testing that a run leaves every thread's mode.
+void fastllc_fp_modes(int threads, unsigned* out) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    out[omp_get_thread_num()] = fastllc_fp_mode();
+#else
+    for (int t = 0; t < threads; ++t) out[t] = fastllc_fp_mode();
+#endif
+}
+
 // Steps t0 .. t0+n_steps−1 of C chains, in place on w [C, d]; returns 0, or 1 when scratch memory could not
 // be allocated. keep: null, or the restriction's mask (chain c's row at keep + c·keep_stride: stride 0 when all
 // chains share one [d] mask), applied to the whole increment after the projection; loss_offset: 0 for
