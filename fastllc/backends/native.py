@@ -7,6 +7,10 @@ restriction, the loss record; the published chain loss (``SGLDConfig.chain_loss`
 sampling (``restrict=``, one mask for all chains or one per chain). It draws CounterRandomness's own streams inside (same seed, same
 trajectory as the torch and reference backends up to fp32 rounding), or reads an ``InjectedRandomness``.
 Any other randomness object (one that only has ``fill``/``draw``) is refused with a one-line error.
+The kernel flushes subnormal floats to zero in its own threads (a trained network's confident predictions
+make them; some CPUs compute them ~100× slower) and leaves every thread's floating-point mode as it found it.
+The build it runs is the fastest this CPU runs, timed once at first build (``fastllc/native_build.py``;
+``FASTLLC_NATIVE_VARIANT`` or ``variant=`` chooses another).
 
 Without a working C++ compiler ``auto`` passes over this backend (one notice on stderr, once per
 process) and ``--backend native`` is a one-line error.
