@@ -50,15 +50,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .curvature import top_curvature, trivial_loss
+from .curvature import rmsprop_preconditioner, top_curvature, trivial_loss
 from .errors import FastLLCError
 from .llc import effective_sample_size, split_r_hat
 from .sampling import SGLDConfig, wbic_nbeta
-from .validate import check_int
+from .sampling.control_variate import corrected_trace, per_example_losses
+from .validate import check_float, check_int
 
 DRIFT_LIMIT = 3.0  # |drift| (a z-score) above which, with DRIFT_RELATIVE, a cell is "drifting"
 DRIFT_RELATIVE = 0.1  # |drift_relative| (λ̂'s change between the fifths, relative) above which ... likewise
 R_HAT_LIMIT = 1.1  # split-R̂ above which a cell is "unmixed"
+R_HAT_TARGET = 1.01  # split-R̂ at or below which ``calibrate(target_ess=...)`` stops extending the chains
 LOCALITY_LIMIT = 0.5  # a cell whose loss rose this fraction of the way to the trivial loss is "nonlocal"
 AGREEMENT_SE = 2.0  # neighbouring ε agree within this many combined standard errors ... (``agree``: reports)
 AGREEMENT_RELATIVE = 0.05  # ... or within this fraction of λ̂
@@ -135,6 +137,8 @@ class CalibrationResult:
     kappa: float | None = None  # largest Hessian eigenvalue of L_n at w* (None: not measured)
     trivial_loss: float | None = None  # the loss with every weight zero
     interval: Interval | None = None  # the recommended λ̂'s 90% interval (``interval_of``)
+    control_variate: bool = False  # λ̂ read with the minibatch control variate (``sampling.control_variate``)
+    extension: dict | None = None  # ``calibrate(target_ess=...)``: the rounds of longer chains and why they stopped
     mean_traces: np.ndarray | None = field(default=None, repr=False)  # [cells, T]: healthy chains' mean loss
 
     @property
@@ -216,7 +220,8 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
               step_scales=DEFAULT_STEP_SCALES, nbetas=None,
               gammas=(SGLDConfig.gamma,), chains: int = 4, steps: int = 2000, burn_in: int | None = None,
               batch_size: int | None = None, seed: int = 0, backend: str = "auto", device="cpu",
-              progress: bool = False, mala: bool = False, restrict=None, **settings) -> CalibrationResult:
+              progress: bool = False, mala: bool = False, restrict=None, target_ess: float | None = None,
+              max_chain_steps: int | None = None, **settings) -> CalibrationResult:
     """Run the grid of step sizes × ``nbetas`` × ``gammas`` (``chains`` chains per cell) as one batched
     ``fastllc.estimate``, recommend a cell and extrapolate λ̂ to ε → 0 by the rule in this module's docstring.
 
@@ -229,6 +234,13 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
     ``restrict`` pass through to ``estimate``. A grid value that is not finite and > 0 (γ: ≥ 0), an empty
     axis or a repeated value is refused in one line before any work. A grid in which every cell diverges is
     not an error: the result has every cell flagged, no recommendation and a ``hint``.
+
+    ``target_ess``: then the recommended cell and its half-step neighbour are run again with twice the steps
+    (and twice the burn-in) until the recommended cell has split-R̂ ≤ ``R_HAT_TARGET`` (1.01) and an ESS of
+    at least ``target_ess``, or until the next round would take the chain-steps spent in all past
+    ``max_chain_steps`` (default: 8× the first grid's); ``result.extension`` says what happened. Each round
+    restarts from w* with the same seed, so a chain's first steps repeat the previous round's exactly: the cost
+    of a round is its own steps, the evidence that of one chain twice as long.
     """
     from .compat.loaders import as_pair, is_loader, materialise
 
@@ -236,6 +248,10 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
     check_int("steps", steps, minimum=1)
     if burn_in is not None:
         check_int("burn_in", burn_in, minimum=0)
+    if target_ess is not None:
+        check_float("target_ess", target_ess, above=0)
+    if max_chain_steps is not None:
+        check_int("max_chain_steps", max_chain_steps, minimum=1)
     scaled = epsilons is None
     epsilons = check_grid("step_scales" if scaled else "epsilons", step_scales if scaled else epsilons)
     gammas = check_grid("gammas", gammas, allow_zero=True)
@@ -247,19 +263,78 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
     n = len(as_pair(data)[1])
     default = wbic_nbeta(n)
     nbetas = nbetas or tuple(m * default for m in DEFAULT_NBETA_MULTIPLES)
-    kappa = measured_curvature(model, as_pair(data), loss_fn, seed, required=scaled)
+    kappa = measured_curvature(model, as_pair(data), loss_fn, seed, required=scaled,
+                               preconditioner=start_preconditioner(model, as_pair(data), loss_fn, batch_size,
+                                                                   settings))
     cells = [(s / (b * kappa) if scaled else s, b, g) for g in gammas for b in nbetas for s in epsilons]
-    return run_cells(model, data, loss_fn, cells, chains=chains, steps=steps,
-                     burn_in=steps // 4 if burn_in is None else burn_in, batch_size=batch_size, seed=seed,
-                     backend=backend, device=device, progress=progress, mala=mala, restrict=restrict,
-                     default_nbeta=default, kappa=kappa, **settings)
+    burn_in = steps // 4 if burn_in is None else burn_in
+
+    def run(cells, steps, burn_in):
+        return run_cells(model, data, loss_fn, cells, chains=chains, steps=steps, burn_in=burn_in,
+                         batch_size=batch_size, seed=seed, backend=backend, device=device, progress=progress,
+                         mala=mala, restrict=restrict, default_nbeta=default, kappa=kappa, **settings)
+
+    result = run(cells, steps, burn_in)
+    if target_ess is None:
+        return result
+    return extend(result, run, target_ess, 8 * len(cells) * chains * steps if max_chain_steps is None
+                  else max_chain_steps)
 
 
-def measured_curvature(model, data, loss_fn, seed: int, required: bool) -> float | None:
-    """κ at w* (``curvature.top_curvature``). Needed to scale the grid; otherwise only reported, so a model
-    that torch.func cannot differentiate twice just goes without (None)."""
+def extend(result: CalibrationResult, run, target_ess: float, budget: int) -> CalibrationResult:
+    """Double the steps of the recommended cell and its half-step neighbour until the recommended cell is
+    converged (split-R̂ ≤ R_HAT_TARGET, ESS ≥ ``target_ess``) or the chain-steps would exceed ``budget``
+    (``calibrate``'s docstring); ``run(cells, steps, burn_in)`` runs the cells. ``result.extension`` records
+    every round (steps, the recommended λ̂, split-R̂, ESS) and why it stopped."""
+    spent = len(result.cells) * result.chains * result.steps
+    rounds = []
+    while True:
+        cell = result.recommended_cell
+        if cell is not None:
+            rounds.append(dict(steps=result.steps, llc_mean=cell.llc_mean, r_hat=cell.r_hat, ess=cell.ess))
+        if cell is None:
+            status = f"no usable cell after {result.steps} steps: {result.hint}"
+            break
+        if cell.r_hat <= R_HAT_TARGET and cell.ess >= target_ess:
+            status = f"converged: split-R̂ {cell.r_hat:.3f} ≤ {R_HAT_TARGET}, ESS {cell.ess:.0f} ≥ {target_ess:g}"
+            break
+        pair = [result.recommended] + [i for i in [half_step_neighbour(result, result.recommended)] if i is not None]
+        cost = len(pair) * result.chains * 2 * result.steps
+        if spent + cost > budget:
+            status = (f"budget: split-R̂ {cell.r_hat:.3f}, ESS {cell.ess:.0f} after {result.steps} steps; another "
+                      f"round would take {spent + cost:,} chain-steps in all, over max_chain_steps = {budget:,}")
+            break
+        cells = [(result.cells[i].epsilon, result.cells[i].nbeta, result.cells[i].gamma) for i in pair]
+        result = run(cells, 2 * result.steps, 2 * result.burn_in)
+        spent += cost
+    result.extension = dict(rounds=rounds, chain_steps=spent, status=status)
+    return result
+
+
+def half_step_neighbour(result: CalibrationResult, index: int) -> int | None:
+    """The usable cell at the next smaller ε in ``index``'s row (the interval's step term), if any."""
+    cell = result.cells[index]
+    smaller = [i for i, c in enumerate(result.cells) if (c.nbeta, c.gamma) == (cell.nbeta, cell.gamma)
+               and c.epsilon < cell.epsilon and usable(c.to_dict())]
+    return max(smaller, key=lambda i: result.cells[i].epsilon) if smaller else None
+
+
+def start_preconditioner(model, data, loss_fn, batch_size: int | None, settings: Mapping) -> dict | None:
+    """RMSProp-SGLD's preconditioner at w* when that is the sampler (``curvature.rmsprop_preconditioner``), else
+    None: the step scale of a preconditioned step is ε·nβ·κ(P^½ H P^½)."""
+    if settings.get("sampler", SGLDConfig.sampler) != "rmsprop_sgld":
+        return None
+    return rmsprop_preconditioner(model, data, loss_fn, batch_size=batch_size or SGLDConfig.batch_size,
+                                  delta=settings.get("rmsprop_eps", SGLDConfig.rmsprop_eps))
+
+
+def measured_curvature(model, data, loss_fn, seed: int, required: bool,
+                       preconditioner: dict | None = None) -> float | None:
+    """κ at w* (``curvature.top_curvature``; of P^½ H P^½ with RMSProp-SGLD's ``preconditioner``). Needed to
+    scale the grid; otherwise only reported, so a model that torch.func cannot differentiate twice just goes
+    without (None)."""
     try:
-        kappa = top_curvature(model, data, loss_fn, seed=seed)
+        kappa = top_curvature(model, data, loss_fn, seed=seed, preconditioner=preconditioner)
     except Exception as err:  # any failure of torch.func on a user's model: explicit epsilons still work
         if required:
             raise FastLLCError(f"cannot measure the loss's curvature at w* to scale the step size ({err}); give "
@@ -295,9 +370,16 @@ def run_cells(model, data, loss_fn, cells: Sequence[tuple[float, float, float]],
                       restrict=restrict)
     config = replace(config, batch_size=result.batch_size)
     trace = result.loss_trace.double().numpy()
-    recorded = trace[:, config.burn_in + config.thin - 1 :: config.thin]
     per_chain_llc = np.array([math.nan if v is None else v for v in result.llc_per_chain])
     healthy = np.array(result.healthy, dtype=bool)
+    baseline = minibatch_free(model, as_pair(data), loss_fn, result, config)
+    if baseline is not None:  # λ̂ per chain from the corrected trace: the same mean, far less noise
+        trace = corrected_trace(trace, baseline, config.seed, config.batch_size)
+        start = config.burn_in + config.thin - 1
+        nbetas = np.array(per_chain["nbeta"])
+        per_chain_llc = np.where(healthy, nbetas * (trace[:, start::config.thin].mean(axis=1) - result.init_loss),
+                                 math.nan)
+    recorded = trace[:, config.burn_in + config.thin - 1 :: config.thin]
     mala = None if result.mala_trace is None else result.mala_trace.double().numpy()[:, config.burn_in:]
     trivial = trivial_loss(model, as_pair(data), loss_fn)
     gap = trivial - result.init_loss  # how far the trivial predictor's loss is above w*'s
@@ -323,7 +405,23 @@ def run_cells(model, data, loss_fn, cells: Sequence[tuple[float, float, float]],
         default_nbeta=default_nbeta, chains=chains, steps=config.steps, burn_in=config.burn_in,
         batch_size=config.batch_size, seed=config.seed, backend=result.backend, device=result.device,
         init_loss=result.init_loss, sampling_seconds=result.sampling_seconds, kappa=kappa, trivial_loss=trivial,
+        control_variate=baseline is not None,
         interval=interval_of(dicts, recommended), mean_traces=np.array(means))
+
+
+def minibatch_free(model, data, loss_fn, result, config: SGLDConfig) -> np.ndarray | None:
+    """The per-example losses at w* for the control variate (``sampling.control_variate``), or None where it
+    does not apply: a backend whose minibatches are not ``CounterRandomness``'s (triton draws in its kernel),
+    the published chain loss (not ``loss_fn``), or a loss that is not the mean of its per-example values."""
+    if result.backend == "triton" or config.chain_loss != "exact":
+        return None
+    try:
+        per_example = per_example_losses(model, *data, loss_fn)
+    except Exception:  # a model torch.func cannot vmap over single examples: the plain estimator
+        return None
+    if not abs(per_example.mean() - result.init_loss) <= 1e-5 * max(1.0, abs(result.init_loss)):
+        return None
+    return per_example
 
 
 def measure_cell(epsilon, nbeta, gamma, llc: np.ndarray, healthy: np.ndarray, recorded: np.ndarray,

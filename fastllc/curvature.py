@@ -4,6 +4,8 @@
   products, ``torch.func``). SGLD's step on the stiffest direction is stable only for ε·nβ·κ < 4, and its
   Euler discretisation inflates that direction's variance by 1/(1 − ε·nβ·κ/4); the *step scale*
   s = ε·nβ·κ is therefore the natural unit for ε, comparable across models (calibration's grid is in s).
+- ``rmsprop_preconditioner``: RMSProp-SGLD's P = 1/(√V + δ) at w*; with it ``top_curvature`` gives the
+  largest eigenvalue of P^½ H P^½, so that the same step scale means the same thing for both samplers.
 - ``trivial_loss``: the loss of the same model with every weight at zero (for a classifier: the uniform
   prediction, log(classes); for a regression: the loss of the zero output). A chain whose sampled loss climbs
   a fair part of the way from L_n(w*) towards it has left w*'s basin: its λ̂ = nβ·ΔL then measures the
@@ -26,10 +28,13 @@ def _subset(data, examples: int):
 
 
 def top_curvature(model: torch.nn.Module, data, loss_fn, *, examples: int = EXAMPLES, iterations: int = 30,
-                  seed: int = 0) -> float:
+                  seed: int = 0, preconditioner: dict | None = None) -> float:
     """κ: the largest Hessian eigenvalue of the mean loss at the model's weights, by power iteration
     (``iterations`` Hessian-vector products on the first ``examples`` examples). Returns |κ| ≥ 0; a saddle's
-    negative eigenvalue of largest magnitude counts by its size (it limits the step the same way)."""
+    negative eigenvalue of largest magnitude counts by its size (it limits the step the same way).
+
+    ``preconditioner`` {name: P ≥ 0 of the parameter's shape}: the largest eigenvalue of P^½ H P^½ instead,
+    the curvature a step preconditioned by P sees (RMSProp-SGLD's ε·P in place of ε)."""
     inputs, targets = _subset(data, examples)
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
@@ -46,10 +51,35 @@ def top_curvature(model: torch.nn.Module, data, loss_fn, *, examples: int = EXAM
         if norm == 0 or not math.isfinite(norm):
             return 0.0 if norm == 0 else math.nan
         vector = {n: v / norm for n, v in vector.items()}
-        _, product = jvp(gradient, (params,), (vector,))
+        scale = {n: (preconditioner[n].sqrt() if preconditioner is not None else 1.0) for n in params}
+        _, product = jvp(gradient, (params,), ({n: v * scale[n] for n, v in vector.items()},))
+        product = {n: product[n] * scale[n] for n in params}
         eigenvalue = sum(float((product[n].double() * vector[n].double()).sum()) for n in params)
         vector = product
     return abs(eigenvalue)
+
+
+def rmsprop_preconditioner(model: torch.nn.Module, data, loss_fn, *, batch_size: int, delta: float,
+                           batches: int = 32, seed: int = 0) -> dict:
+    """RMSProp-SGLD's preconditioner P = 1/(√V + δ) at w*, V the mean square of minibatch gradients there (what
+    its running average V_t settles to near w*, where minibatch noise is most of the gradient), estimated from
+    ``batches`` minibatches of ``batch_size`` examples drawn with replacement."""
+    inputs, targets = data
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+
+    def loss(weights, x, y):
+        return loss_fn(functional_call(model, (weights, buffers), (x,)), y)
+
+    gradient = grad(loss)
+    generator = torch.Generator().manual_seed(seed)
+    squares = {n: torch.zeros_like(p) for n, p in params.items()}
+    for _ in range(batches):
+        rows = torch.randint(0, len(targets), (batch_size,), generator=generator)
+        g = gradient(params, inputs[rows], targets[rows])
+        for n in params:
+            squares[n] += g[n].detach() ** 2 / batches
+    return {n: 1 / (v.sqrt() + delta) for n, v in squares.items()}
 
 
 def trivial_loss(model: torch.nn.Module, data, loss_fn, *, examples: int = EXAMPLES) -> float:

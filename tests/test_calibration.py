@@ -292,3 +292,25 @@ def test_cli_bad_options_are_one_line_errors(cli, tiny_run, tmp_path, monkeypatc
 
 def test_cli_needs_an_existing_run(cli, tmp_path):
     assert_one_line_error(cli("--run", tmp_path / "nope"), f"Error: run directory {tmp_path / 'nope'} does not exist")
+
+
+def test_chains_are_extended_until_converged_or_out_of_budget():
+    """``target_ess``: rounds of twice the steps for the recommended cell and its half-step neighbour. A target
+    the first run meets stops at once; one it cannot meet stops at the budget and says so; the rounds' cost
+    (2 cells × 4 chains × 2·steps) is counted against max_chain_steps."""
+    model, data = linear_regression()
+    common = dict(gammas=[1.0], chains=4, steps=200, batch_size=500, backend="generic")
+    easy = calibrate(model, data, half_squared_error, target_ess=5, **common)  # split-R̂ ≤ 1.01 may take rounds
+    rounds = easy.extension["rounds"]
+    assert easy.extension["status"].startswith("converged: split-R̂") and 1 <= len(rounds) <= 4
+    assert [r["steps"] for r in rounds] == [200 * 2**k for k in range(len(rounds))]
+    assert rounds[-1]["r_hat"] <= 1.01 and rounds[-1]["ess"] >= 5 and easy.steps == rounds[-1]["steps"]
+    assert easy.extension["chain_steps"] == sum(2 * 4 * r["steps"] for r in rounds)
+    hard = calibrate(model, data, half_squared_error, target_ess=1e9, max_chain_steps=2 * 4 * 200 + 2 * 4 * 400,
+                     **common)
+    assert [r["steps"] for r in hard.extension["rounds"]] == [200, 400] and hard.steps == 400
+    assert hard.extension["status"].startswith("budget: split-R̂") and "over max_chain_steps = 4,800" in \
+        hard.extension["status"]
+    assert len(hard.cells) == 2 and hard.control_variate and hard.interval is not None
+    with pytest.raises(FastLLCError, match="^target_ess must be greater than 0, got -1$"):
+        calibrate(model, data, half_squared_error, target_ess=-1, **common)

@@ -44,6 +44,11 @@ def parse_grid(option: str, text: str | None, allow_zero: bool = False) -> tuple
 @click.option("--gammas", default="5", show_default=True, help="Localisation strengths γ, comma-separated.")
 @click.option("--chains", type=int, default=4, show_default=True, help="Chains per cell.")
 @click.option("--steps", type=int, default=2000, show_default=True, help="SGLD steps per chain.")
+@click.option("--target-ess", type=float, default=None,
+              help="Rerun the recommended cell (and its half step) with twice the steps until split-R̂ ≤ 1.01 "
+                   "and its ESS reaches this.")
+@click.option("--max-chain-steps", type=int, default=None,
+              help="Budget for --target-ess: chain-steps in all [default: 8× the grid's].")
 @click.option("--burn-in", type=int, default=None, help="Steps dropped from each chain [default: steps/4].")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Minibatch size m.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the SGLD noise and minibatches.")
@@ -54,7 +59,7 @@ def parse_grid(option: str, text: str | None, allow_zero: bool = False) -> tuple
               help="Save a figure: λ̂ against ε per nβ, and the recommended cell's loss traces.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @one_line_errors
-def calibrate_command(run_dir, checkpoint, step_scales, epsilons, nbetas, gammas, chains, steps, burn_in, batch_size, seed, mala,
+def calibrate_command(run_dir, checkpoint, step_scales, epsilons, nbetas, gammas, chains, steps, target_ess, max_chain_steps, burn_in, batch_size, seed, mala,
                       backend, device, plot, as_json):
     """Run a grid of SGLD settings on a checkpoint in one batch and recommend one (exit 1 when none is)."""
     epsilons = parse_grid("--epsilons", epsilons)
@@ -80,7 +85,8 @@ def calibrate_command(run_dir, checkpoint, step_scales, epsilons, nbetas, gammas
         result = calibrate(model, run.task().train_data(), F.cross_entropy, epsilons=epsilons,
                            step_scales=step_scales, nbetas=nbetas,
                            gammas=gammas, chains=chains, steps=steps, burn_in=burn_in, batch_size=batch_size,
-                           seed=seed, mala=mala, backend=backend, device=device, progress=progress())
+                           seed=seed, mala=mala, target_ess=target_ess, max_chain_steps=max_chain_steps,
+                           backend=backend, device=device, progress=progress())
     if as_json:
         click.echo(json.dumps(dict(result.to_dict(), run=str(run.path), checkpoint=index, step=run.steps[index])))
     else:
@@ -89,6 +95,8 @@ def calibrate_command(run_dir, checkpoint, step_scales, epsilons, nbetas, gammas
         click.echo(f"sampling  {len(result.cells)} cells × {result.chains} chains × {result.steps} steps "
                    f"(burn-in {result.burn_in}), {result.backend} on {result.device}: {result.sampling_seconds:.1f} s")
         click.echo(result.table())
+        if result.extension is not None:
+            click.echo(f"extended  {result.extension['status']} ({result.extension['chain_steps']:,} chain-steps)")
     if plot is not None:
         plot_calibration(result, plot, title=f"calibration of {run.path.name}, checkpoint {index}")
         if not as_json:
