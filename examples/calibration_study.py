@@ -23,6 +23,7 @@ import time
 import torch
 
 from fastllc import calibrate
+from fastllc.calibration import run_cells
 from fastllc.theory.problems import draw_problems
 
 
@@ -50,6 +51,12 @@ def study(args) -> list[dict]:
                    cells=[dict(s=c.step_scale, epsilon=c.epsilon, gamma=c.gamma, llc=c.llc_mean, se=c.llc_se, flags=c.flags, drift=c.drift, drift_relative=c.drift_relative, r_hat=c.r_hat)
                           for c in result.cells])
         row["covered"] = band is not None and band.low <= problem.llc <= band.high
+        for label, epsilon, gamma in args.hand:  # fixed settings, read the same way (one cell, same chains)
+            n = len(problem.data[1])
+            hand = run_cells(problem.model, problem.data, problem.loss_fn, [(epsilon, n / math.log(n), gamma)],
+                             chains=args.chains, steps=args.steps, burn_in=args.steps // 4, batch_size=args.batch_size,
+                             backend="generic", seed=args.seed, default_nbeta=n / math.log(n), sampler=args.sampler)
+            row[label] = hand.cells[0].llc_mean if not hand.cells[0].flags else None
         rows.append(row)
         cells = " ".join(f"{c['llc']:.3g}{'*' if c['flags'] else ''}" for c in row["cells"])
         print(f"{problem.name:<40} λ={problem.llc:7.3g} λ̂: {_text(row['recommended'])} "
@@ -64,7 +71,8 @@ def _text(value):
 
 def summary(rows: list[dict]) -> list[str]:
     lines = []
-    for key, label in (("recommended", "recommended cell"), ("largest", "largest-ε cell alone")):
+    hands = [(label, label) for label in rows[0] if label.startswith("hand")] if rows else []
+    for key, label in (("recommended", "recommended cell"), ("largest", "largest-ε cell alone"), *hands):
         errors = [abs(r[key] - r["llc"]) / r["llc"] for r in rows if r[key] is not None]
         signed = [r[key] - r["llc"] for r in rows if r[key] is not None]
         if errors:
@@ -88,8 +96,11 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--sampler", default="sgld")
     parser.add_argument("--scales", default=None, help="step scales s = ε·nβ·κ (default: calibrate's)")
+    parser.add_argument("--hand", action="append", default=[], metavar="EPSILON,GAMMA",
+                        help="also estimate at these fixed settings (repeatable), reported as 'hand ε γ'")
     parser.add_argument("--save", default=None, help="write the rows and the settings as JSON")
     args = parser.parse_args(argv)
+    args.hand = [(f"hand ε={e} γ={g}", float(e), float(g)) for e, g in (h.split(",") for h in args.hand)]
     torch.set_num_threads(1)
     print(f"seed {args.seed}: {args.count} problems ({args.families}), n = {args.n}, {args.chains} chains × "
           f"{args.steps} steps per cell, γ ∈ {{{args.gammas}}}, batch {args.batch_size}, {args.sampler}", flush=True)

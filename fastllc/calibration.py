@@ -109,6 +109,7 @@ class Interval:
     high: float
     standard_error: float  # Monte Carlo: the chains' spread
     step_term: float  # |λ̂ − λ̂ at half the step|: discretisation bias or unfinished mixing
+    drift_term: float  # |λ̂'s change from the first to the last fifth of the chains|
     gamma_term: float  # spread over the γ values on which λ̂ is flat
 
     def to_dict(self) -> dict:
@@ -174,7 +175,7 @@ class CalibrationResult:
         return "\n".join(lines + [f"recommended: {self.reason}",
                                   f"λ̂ = {c.llc_mean:.4g}, 90% interval [{band.low:.4g}, {band.high:.4g}] "
                                   f"(standard error {c.llc_se:.2g}, step-size term {band.step_term:.2g}, "
-                                  f"γ term {band.gamma_term:.2g})"])
+                                  f"drift term {band.drift_term:.2g}, γ term {band.gamma_term:.2g})"])
 
 
 def format_cells(cells: Sequence[Mapping], recommended: int | None) -> list[str]:
@@ -563,11 +564,13 @@ def preferred_row(cells: Sequence[Mapping], candidates: Sequence[int], default_n
 
 
 def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval | None:
-    """The recommended λ̂'s 90% interval: λ̂ ± Z90·√(se² + step² + γ²), where ``step`` is |λ̂ − λ̂ at the next
-    smaller usable ε of its row| (else the next larger; 0 with neither): how much halving the step moves λ̂,
-    through discretisation bias or unfinished mixing, neither of which the standard error sees; and ``γ`` the
-    standard deviation of λ̂ over the γ rows (same nβ and step scale) that agree with it within two combined
-    standard errors (λ̂ flat in γ: their differences are the localisation's uncertainty)."""
+    """The recommended λ̂'s 90% interval: λ̂ ± Z90·√(se² + step² + drift² + γ²), where ``step`` is |λ̂ − λ̂ at
+    the next smaller usable ε of its row| (else the next larger; 0 with neither): how much halving the step
+    moves λ̂, through discretisation bias or unfinished mixing, neither of which the standard error sees;
+    ``drift`` = |drift_relative|·λ̂, how much λ̂ moved between the first and last fifth of the chains (a trend
+    below the flag's threshold is still an error of about that size); and ``γ`` the standard deviation of λ̂
+    over the γ rows (same nβ and step scale) that agree with it within two combined standard errors (λ̂ flat
+    in γ: their differences are the localisation's uncertainty)."""
     if recommended is None:
         return None
     chosen = cells[recommended]
@@ -581,9 +584,10 @@ def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval |
             and _same_step(c, chosen) and abs(c["llc_mean"] - chosen["llc_mean"])
             <= 2 * math.hypot(se, _finite(c["llc_se"]))]
     gamma = float(np.std(same, ddof=1)) if len(same) > 1 else 0.0
-    half = Z90 * math.sqrt(se**2 + step**2 + gamma**2)
+    drift = abs(_finite(chosen.get("drift_relative")) * chosen["llc_mean"])
+    half = Z90 * math.sqrt(se**2 + step**2 + drift**2 + gamma**2)
     return Interval(low=chosen["llc_mean"] - half, high=chosen["llc_mean"] + half, standard_error=se,
-                    step_term=step, gamma_term=gamma)
+                    step_term=step, drift_term=drift, gamma_term=gamma)
 
 
 def _finite(value) -> float:

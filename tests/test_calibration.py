@@ -146,8 +146,9 @@ def test_rule_prefers_the_default_nbeta_then_the_smallest_gamma():
 
 
 def test_interval_adds_the_step_term_and_the_flat_gammas():
-    """λ̂ ± Z90·√(se² + step² + γ²): step = |λ̂ − λ̂ at the next smaller ε|; γ = the spread over γ rows at the same
-    step scale that agree within two combined se (the γ = 10 row here does not: it is left out)."""
+    """λ̂ ± Z90·√(se² + step² + drift² + γ²): step = |λ̂ − λ̂ at the next smaller ε|; drift = |drift_relative|·λ̂;
+    γ = the spread over γ rows at the same step scale that agree within two combined se (the γ = 10 row here
+    does not: it is left out)."""
     cells = [cell(0.5, 9.0, se=0.3), cell(1.0, 10.0, se=0.3),
              cell(0.5, 9.5, se=0.3, gamma=2.0), cell(1.0, 10.6, se=0.3, gamma=2.0),
              cell(1.0, 14.0, se=0.3, gamma=10.0)]
@@ -155,9 +156,12 @@ def test_interval_adds_the_step_term_and_the_flat_gammas():
     band = interval_of(cells, best)
     assert best == 1 and band.step_term == pytest.approx(1.0) and band.standard_error == 0.3
     assert band.gamma_term == pytest.approx(statistics.stdev([10.0, 10.6]))
-    half = Z90 * math.sqrt(0.3**2 + 1.0**2 + band.gamma_term**2)
+    half = Z90 * math.sqrt(0.3**2 + 1.0**2 + band.gamma_term**2)  # no drift: drift_relative 0
     assert (band.low, band.high) == pytest.approx((10.0 - half, 10.0 + half))
     assert interval_of([cell(1.0, 10.0, se=0.3)], 0).step_term == 0.0  # a lone cell: the standard error alone
+    drifting = interval_of([cell(1.0, 10.0, se=0.3, relative=0.08)], 0)  # λ̂ moved 8% along the chains
+    assert drifting.drift_term == pytest.approx(0.8)
+    assert drifting.high - 10.0 == pytest.approx(Z90 * math.hypot(0.3, 0.8))
 
 
 def test_rule_without_usable_cells_gives_a_hint():
