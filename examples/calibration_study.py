@@ -1,14 +1,16 @@
-"""fastllc.calibrate on fresh random problems with a known λ: errors, interval coverage, cost.
+"""fastllc.calibrate on fresh random problems with a known λ: errors, interval coverage, ways of reading a grid.
 
-    python examples/calibration_study.py --seed 1 --count 20                     # 20 deep linear networks
+    python examples/calibration_study.py --seed 1 --count 20 --save dln-seed1.json     # 20 deep linear networks
+    python examples/calibration_study.py --seed 1 --scales 0.2,0.1,0.05,0.025 --hand 5e-6,10 --save s1.json
+    python examples/calibration_study.py --summarise s1.json                          # the comparison table again
     python examples/calibration_study.py --seed 2 --families dln,rrr,regular,monomial --sampler rmsprop_sgld
-    python examples/calibration_study.py --seed 1 --count 20 --save docs/calibration/seed1.json
 
 Each problem is drawn by ``fastllc.theory.problems.draw_problems`` from the seed (printed); nothing is tuned per
-problem. For each: ``calibrate`` with its defaults (κ measured at w*, step scales s = ε·nβ·κ ∈ {0.1, 0.05,
-0.025}, nβ = n/log n) and the given chains, steps, γ and batch size, all cells in one batched run. Three ways
-of reading the grid are scored against the exact λ: the ε → 0 extrapolation (what calibrate reports), the
-recommended cell alone (smallest stationary ε) and the largest-ε cell alone.
+problem. For each: ``calibrate`` (κ measured at w*, the given step scales s = ε·nβ·κ, default calibrate's
+0.1 and 0.05, nβ = n/log n) with the given chains, steps, γ and batch size, all cells in one batched run, and
+optionally estimates at fixed settings (``--hand ε,γ``) read the same way. The summary scores several ways of
+reading the same cells against the exact λ: calibrate's rule and interval, each step scale alone, and a linear
+extrapolation of λ̂(ε) to ε → 0; every cell is saved, so ``--summarise`` recomputes it from the JSON.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 from fastllc import calibrate
-from fastllc.calibration import run_cells
+from fastllc.calibration import interval_of, recommend, run_cells
 from fastllc.theory.problems import draw_problems
 
 
@@ -34,53 +37,105 @@ def quantile(values, q):
 
 def study(args) -> list[dict]:
     rows = []
+    scales = {} if args.scales is None else {"step_scales": [float(v) for v in args.scales.split(",")]}
     for problem in draw_problems(args.seed, args.count, args.families.split(","), n=args.n):
+        n = len(problem.data[1])
         start = time.perf_counter()
         result = calibrate(problem.model, problem.data, problem.loss_fn, chains=args.chains, steps=args.steps,
                            gammas=[float(g) for g in args.gammas.split(",")], batch_size=args.batch_size,
-                           backend="generic", seed=args.seed, sampler=args.sampler,
-                           **({"step_scales": [float(v) for v in args.scales.split(",")]} if args.scales else {}))
-        seconds = time.perf_counter() - start
-        band, cell = result.interval, result.recommended_cell
-        largest = max((c for c in result.cells if c.gamma == (cell or result.cells[0]).gamma), key=lambda c: c.epsilon)
+                           backend="generic", seed=args.seed, sampler=args.sampler, **scales)
         row = dict(problem=problem.name, family=problem.family, params=problem.parameters, llc=problem.llc,
-                   kappa=result.kappa, seconds=seconds,
-                   recommended=None if cell is None else cell.llc_mean, se=None if cell is None else cell.llc_se,
-                   low=None if band is None else band.low, high=None if band is None else band.high,
-                   largest=largest.llc_mean if not largest.flags else None,
-                   cells=[dict(s=c.step_scale, epsilon=c.epsilon, gamma=c.gamma, llc=c.llc_mean, se=c.llc_se, flags=c.flags, drift=c.drift, drift_relative=c.drift_relative, r_hat=c.r_hat)
-                          for c in result.cells])
-        row["covered"] = band is not None and band.low <= problem.llc <= band.high
+                   kappa=result.kappa, seconds=time.perf_counter() - start, cells=[cell_record(c) for c in
+                                                                                     result.cells])
         for label, epsilon, gamma in args.hand:  # fixed settings, read the same way (one cell, same chains)
-            n = len(problem.data[1])
             hand = run_cells(problem.model, problem.data, problem.loss_fn, [(epsilon, n / math.log(n), gamma)],
                              chains=args.chains, steps=args.steps, burn_in=args.steps // 4, batch_size=args.batch_size,
                              backend="generic", seed=args.seed, default_nbeta=n / math.log(n), sampler=args.sampler)
-            row[label] = hand.cells[0].llc_mean if not hand.cells[0].flags else None
+            row[label] = cell_record(hand.cells[0])
         rows.append(row)
+        chosen = rule(row)
         cells = " ".join(f"{c['llc']:.3g}{'*' if c['flags'] else ''}" for c in row["cells"])
-        print(f"{problem.name:<40} λ={problem.llc:7.3g} λ̂: {_text(row['recommended'])} "
-              f"[{_text(row['low'])}, {_text(row['high'])}] {'✓' if row['covered'] else '✗'}  cells: {cells}  "
-              f"({seconds:.0f} s)", flush=True)
+        print(f"{problem.name:<40} λ={problem.llc:7.3g} λ̂: {_text(chosen and chosen[0])} "
+              f"[{_text(chosen and chosen[1])}, {_text(chosen and chosen[2])}]  cells: {cells}  "
+              f"({row['seconds']:.0f} s)", flush=True)
     return rows
+
+
+def cell_record(c) -> dict:
+    return dict(s=c.step_scale, epsilon=c.epsilon, nbeta=c.nbeta, gamma=c.gamma, llc=_finite(c.llc_mean),
+                se=_finite(c.llc_se), flags=c.flags, drift=_finite(c.drift), drift_relative=_finite(c.drift_relative),
+                r_hat=_finite(c.r_hat), healthy_fraction=c.healthy_fraction)
+
+
+def _finite(value):
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _text(value):
     return "–" if value is None else f"{value:.3g}"
 
 
+def as_cells(records) -> list[dict]:
+    """Saved cells as the dicts ``calibration.recommend`` reads."""
+    return [dict(epsilon=c["epsilon"], nbeta=c.get("nbeta", 1.0), gamma=c["gamma"], step_scale=c["s"],
+                 llc_mean=math.nan if c["llc"] is None else c["llc"], llc_se=c["se"], drift=c["drift"],
+                 drift_relative=c["drift_relative"], r_hat=c["r_hat"],
+                 healthy_fraction=c.get("healthy_fraction", 0.0 if "diverged" in c["flags"] else 1.0))
+            for c in records]
+
+
+def rule(row, scales=None):
+    """(λ̂, low, high) by calibrate's rule and interval on the row's cells (those at ``scales`` only), or None."""
+    cells = [c for c in as_cells(row["cells"]) if scales is None or any(math.isclose(c["step_scale"], s)
+                                                                         for s in scales)]
+    best, _, _ = recommend(cells, cells[0]["nbeta"])
+    if best is None:
+        return None
+    band = interval_of(cells, best)
+    return cells[best]["llc_mean"], band.low, band.high
+
+
+def extrapolated(row):
+    """λ̂ at ε → 0 by a weighted linear fit over the unflagged cells at s ≤ 0.1 (slope ≥ 0), or None."""
+    cells = [c for c in row["cells"] if not c["flags"] and c["llc"] is not None and c["s"] <= 0.1 + 1e-9]
+    if len(cells) < 2:
+        return None
+    x, y = np.array([c["s"] for c in cells]), np.array([c["llc"] for c in cells])
+    w = 1 / np.maximum(np.array([c["se"] or 0 for c in cells]), 1e-12) ** 2
+    slope = np.cov(x, y, aweights=w)[0, 1] / np.cov(x, aweights=w)
+    mean_x, mean_y = np.average(x, weights=w), np.average(y, weights=w)
+    return mean_y - max(slope, 0.0) * mean_x
+
+
+def readings(rows) -> dict:
+    """Each way of reading the cells: {label: [(estimate or None, low, high) per row]}."""
+    scales = sorted({round(c["s"], 6) for row in rows for c in row["cells"]})
+    ways = {"calibrate's rule (s nearest 0.1) and interval": [rule(r) for r in rows]}
+    if len(scales) > 2:
+        ways["calibrate's rule on s = 0.1, 0.05 only (the default grid)"] = [rule(r, (0.1, 0.05)) for r in rows]
+    for s in scales:
+        ways[f"the cell at s = {s:g} alone"] = [next(((c["llc"], None, None) for c in r["cells"]
+                                                     if math.isclose(c["s"], s) and c["llc"] is not None), None)
+                                                for r in rows]
+    ways["linear extrapolation to ε → 0 (s ≤ 0.1)"] = [(e, None, None) if e is not None else None
+                                                       for e in map(extrapolated, rows)]
+    for label in [k for k in rows[0] if k.startswith("hand")]:
+        ways[label] = [(r[label]["llc"], None, None) if r[label]["llc"] is not None else None for r in rows]
+    return ways
+
+
 def summary(rows: list[dict]) -> list[str]:
-    lines = []
-    hands = [(label, label) for label in rows[0] if label.startswith("hand")] if rows else []
-    for key, label in (("recommended", "recommended cell"), ("largest", "largest-ε cell alone"), *hands):
-        errors = [abs(r[key] - r["llc"]) / r["llc"] for r in rows if r[key] is not None]
-        signed = [r[key] - r["llc"] for r in rows if r[key] is not None]
-        if errors:
-            lines.append(f"{label:<24} median |err| {statistics.median(errors):6.1%}  90th pct "
-                         f"{quantile(errors, 0.9):6.1%}  max {max(errors):6.1%}  over {sum(s > 0 for s in signed)} "
-                         f"of {len(errors)}")
-    covered = sum(r["covered"] for r in rows)
-    lines.append(f"90% interval covers λ for {covered} of {len(rows)} ({covered / len(rows):.0%})")
+    lines = [f"{'way of reading':<58} {'median':>7} {'90th':>7} {'max':>7} {'over':>6} {'none':>5} {'90% covers':>11}"]
+    for label, values in readings(rows).items():
+        pairs = [(v, r["llc"]) for v, r in zip(values, rows) if v is not None and v[0] is not None]
+        errors = [abs(v[0] - llc) / llc for v, llc in pairs]
+        if not errors:
+            continue
+        over = sum(v[0] > llc for v, llc in pairs)
+        covered = [v[1] <= llc <= v[2] for v, llc in pairs if v[1] is not None]
+        cover = f"{sum(covered)}/{len(covered)}" if covered else "–"
+        lines.append(f"{label:<58} {statistics.median(errors):7.1%} {quantile(errors, 0.9):7.1%} {max(errors):7.1%} "
+                     f"{over:>3}/{len(pairs):<2} {len(rows) - len(pairs):>5} {cover:>11}")
     return lines
 
 
@@ -95,21 +150,27 @@ def main(argv=None):
     parser.add_argument("--gammas", default="1")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--sampler", default="sgld")
-    parser.add_argument("--scales", default=None, help="step scales s = ε·nβ·κ (default: calibrate's)")
+    parser.add_argument("--scales", default=None, help="step scales s = ε·nβ·κ [default: calibrate's]")
     parser.add_argument("--hand", action="append", default=[], metavar="EPSILON,GAMMA",
-                        help="also estimate at these fixed settings (repeatable), reported as 'hand ε γ'")
-    parser.add_argument("--save", default=None, help="write the rows and the settings as JSON")
+                        help="also estimate at these fixed settings (repeatable)")
+    parser.add_argument("--save", default=None, help="write the settings and every cell as JSON")
+    parser.add_argument("--summarise", default=None, metavar="JSON", help="only print the summary of a saved study")
     args = parser.parse_args(argv)
-    args.hand = [(f"hand ε={e} γ={g}", float(e), float(g)) for e, g in (h.split(",") for h in args.hand)]
+    if args.summarise:
+        saved = json.load(open(args.summarise))
+        print(f"{args.summarise}: {saved['settings']}")
+        print("\n".join(summary(saved["rows"])))
+        return 0
+    args.hand = [(f"hand ε = {e}, γ = {g}", float(e), float(g)) for e, g in (h.split(",") for h in args.hand)]
     torch.set_num_threads(1)
     print(f"seed {args.seed}: {args.count} problems ({args.families}), n = {args.n}, {args.chains} chains × "
           f"{args.steps} steps per cell, γ ∈ {{{args.gammas}}}, batch {args.batch_size}, {args.sampler}", flush=True)
     rows = study(args)
-    lines = summary(rows)
-    print("\n".join(lines))
+    print("\n".join(summary(rows)))
     if args.save:
         with open(args.save, "w") as file:
-            json.dump(dict(settings=vars(args), rows=rows, summary=lines), file, indent=1)
+            json.dump(dict(settings={k: v for k, v in vars(args).items() if k != "summarise"}, rows=rows), file,
+                      indent=1)
     return 0
 
 
