@@ -166,7 +166,8 @@ def require_chain_memory(config: SGLDConfig, parameters: int, minibatch_bytes: i
 
     On CUDA the weights live on the device and the traces end up on the host: each side is checked."""
     subject = f"a run of {config.chains:,} chains × {config.steps:,} steps of {parameters:,} parameters"
-    advice = resources.sampling_advice(config.chains, config.steps, parameters, minibatch_bytes, options=False)
+    advice = resources.sampling_advice(config.chains, config.steps, parameters, minibatch_bytes, "batch_size",
+                                       "chains or steps")
     if device.type == "cuda":
         resources.require_memory(resources.chains_bytes(config.chains, 0, parameters, minibatch_bytes)
                                  + 4 * config.chains * config.steps, subject, "the chains", advice, device)

@@ -91,13 +91,12 @@ def require_jobs_memory(counts: dict[str, int], advice: str) -> None:
     require_memory(needed, f"a sweep of {total:,} jobs", "their job list and records", advice)
 
 
-def sampling_advice(chains: int, steps: int, parameters: int, minibatch_bytes: int, options: bool = True) -> str:
+def sampling_advice(chains: int, steps: int, parameters: int, minibatch_bytes: int, batch_size: str = "--batch-size",
+                    chains_or_steps: str = "--chains or --steps") -> str:
     """What to reduce when sampling does not fit: the term of ``chains_bytes`` that dominates (a huge
-    --batch-size is not cured by fewer steps). ``options``: name the CLI's options, else the API's fields."""
+    --batch-size is not cured by fewer steps). The names are the caller's: CLI options or API fields."""
     minibatch, rest = chains * minibatch_bytes, chains * (48 * parameters + 128 * steps)
-    if minibatch > rest:
-        return "use a smaller --batch-size" if options else "use a smaller batch_size"
-    return "use fewer --chains or --steps" if options else "use fewer chains or steps"
+    return f"use a smaller {batch_size}" if minibatch > rest else f"use fewer {chains_or_steps}"
 
 
 def _read_int(path: Path) -> int | None:

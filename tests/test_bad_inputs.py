@@ -220,3 +220,12 @@ def test_validators_name_the_argument():
                           (lambda: check_bool("orthogonal", 1), "orthogonal must be True or False, got 1")]:
         with pytest.raises(FastLLCError, match="^" + message + "$"):
             call()
+
+
+def test_memory_checks_take_per_chain_settings_and_name_the_api_fields(tmp_path, tiny_run, monkeypatch):
+    per_chain = SGLDConfig(chains=2, steps=20, batch_size=8, epsilon=[1e-3, 2e-3])  # a list: not hashable
+    (record,) = run_sweep([Job("psweep", TINY, per_chain, tags=dict(published=None))], tmp_path, progress=False)
+    assert record["result"]["healthy_chains"] == 2
+    monkeypatch.setattr("fastllc.resources.available_memory_bytes", lambda device=None: 2**20)  # 1 MiB free
+    with pytest.raises(FastLLCError, match=r"use a smaller batch_size$"):
+        fastllc.estimate(tiny_run.load_model(), tiny_run.task().train_data(), chains=2, steps=10, batch_size=10**6)

@@ -113,7 +113,7 @@ def test_calibration_grid_runs_as_one_batch(tmp_path):
     assert [c["epsilon"] for c in cells] == [1e-4, 1e-3, 50.0]
     assert cells[0]["healthy_fraction"] == 1.0 and cells[2]["healthy_fraction"] == 0.0
     text = write_report(tmp_path).read_text()
-    assert "calibration grid" in text and text.count("| 5 |") == 3
+    assert "calibration grid" in text and text.count("\n| 5 | 1 | ") == 3  # one row per cell (γ = 5, nβ × 1)
 
 
 def test_memorisation_report_fits_all_runs_and_beside_them_the_runs_that_memorised(tmp_path):

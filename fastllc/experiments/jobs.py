@@ -270,18 +270,20 @@ def require_jobs_memory(jobs: list) -> None:
     resources.require_jobs_memory(Counter(getattr(job, "kind", "estimate") for job in jobs), "run fewer jobs")
     seen = set()
     for job in jobs:
-        if not isinstance(job, Job) or (job.training, job.sgld, job.kind) in seen:
+        if not isinstance(job, Job):  # an EstimateJob's model is known only on its worker
             continue
-        seen.add((job.training, job.sgld, job.kind))
         t, sgld = job.training, job.sgld
-        resources.require_training_memory(t.p, t.embed, t.hidden)
         batch = sgld.chains * {"dynamics": t.checkpoints + 1, "calibrate": len(job.tags.get("grid", [1]))}.get(job.kind, 1)
+        if (t, batch, sgld.steps, sgld.batch_size) in seen:
+            continue
+        seen.add((t, batch, sgld.steps, sgld.batch_size))
+        resources.require_training_memory(t.p, t.embed, t.hidden)
         start, chains = resources.mlp_sampling_bytes(t.p, t.embed, t.hidden, train_size(t.p, t.train_frac), batch,
                                                      sgld.steps, sgld.batch_size)
         advice = resources.sampling_advice(batch, sgld.steps, resources.mlp_parameters(t.p, t.embed, t.hidden),
                                            resources.mlp_minibatch_bytes(t.p, t.embed, t.hidden, sgld.batch_size),
-                                           options=False)
-        advice += " (--chains, or the spec's [sgld] " + ("batch_size)" if "batch" in advice else "chains, steps)")
+                                           "batch_size (the spec's [sgld] batch_size)",
+                                           "chains or steps (--chains, or the spec's [sgld] chains, steps)")
         resources.require_memory(start + chains, f"job {job.name} ({batch:,} chains × {sgld.steps:,} steps)",
                                  "sampling", advice)
 
