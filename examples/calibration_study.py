@@ -139,6 +139,24 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def markdown(rows: list[dict]) -> list[str]:
+    """Every network as a markdown table row: λ, the cells (⚑ flagged), calibrate's λ̂ and interval."""
+    scales = sorted({round(c["s"], 6) for row in rows for c in row["cells"]})
+    lines = [f"| network | d | λ | λ̂ at s = {' / '.join(f'{s:g}' for s in scales)} | calibrate's λ̂ | 90% interval | covers |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = " / ".join(f"{_text(c['llc'])}{'⚑' if c['flags'] else ''}" for c in sorted(row["cells"], key=lambda c: c["s"]))
+        chosen = rule(row)
+        if chosen is None:
+            lines.append(f"| {row['problem']} | {row['params']} | {row['llc']:g} | {cells} | – | – | – |")
+            continue
+        llc, low, high = chosen
+        lines.append(f"| {row['problem']} | {row['params']} | {row['llc']:g} | {cells} | {llc:.3g} "
+                     f"({(llc - row['llc']) / row['llc']:+.0%}) | [{low:.3g}, {high:.3g}] | "
+                     f"{'✓' if low <= row['llc'] <= high else '✗'} |")
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=1)
@@ -155,11 +173,14 @@ def main(argv=None):
                         help="also estimate at these fixed settings (repeatable)")
     parser.add_argument("--save", default=None, help="write the settings and every cell as JSON")
     parser.add_argument("--summarise", default=None, metavar="JSON", help="only print the summary of a saved study")
+    parser.add_argument("--markdown", action="store_true", help="with --summarise: every network as a table row")
     args = parser.parse_args(argv)
     if args.summarise:
         saved = json.load(open(args.summarise))
         print(f"{args.summarise}: {saved['settings']}")
         print("\n".join(summary(saved["rows"])))
+        if args.markdown:
+            print("\n".join(markdown(saved["rows"])))
         return 0
     args.hand = [(f"hand ε = {e}, γ = {g}", float(e), float(g)) for e, g in (h.split(",") for h in args.hand)]
     torch.set_num_threads(1)
