@@ -565,7 +565,8 @@ def preferred_row(cells: Sequence[Mapping], candidates: Sequence[int], default_n
 
 def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval | None:
     """The recommended λ̂'s 90% interval: λ̂ ± Z90·√(se² + step² + drift² + γ²), where ``step`` is |λ̂ − λ̂ at
-    the next smaller usable ε of its row| (else the next larger; 0 with neither): how much halving the step
+    the next smaller ε of its row| (else the next larger; 0 with neither; a drifting or unmixed neighbour
+    counts, a diverged or nonlocal one does not: ``measured``): how much halving the step
     moves λ̂, through discretisation bias or unfinished mixing, neither of which the standard error sees;
     ``drift`` = |drift_relative|·λ̂, how much λ̂ moved between the first and last fifth of the chains (a trend
     below the flag's threshold is still an error of about that size); and ``γ`` the standard deviation of λ̂
@@ -574,7 +575,7 @@ def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval |
     if recommended is None:
         return None
     chosen = cells[recommended]
-    row = sorted((i for i, c in enumerate(cells) if row_of(c) == row_of(chosen) and usable(c)),
+    row = sorted((i for i, c in enumerate(cells) if row_of(c) == row_of(chosen) and measured(c)),
                  key=lambda i: cells[i]["epsilon"])
     place = row.index(recommended)
     neighbour = row[place - 1] if place > 0 else (row[place + 1] if place + 1 < len(row) else None)
@@ -588,6 +589,12 @@ def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval |
     half = Z90 * math.sqrt(se**2 + step**2 + drift**2 + gamma**2)
     return Interval(low=chosen["llc_mean"] - half, high=chosen["llc_mean"] + half, standard_error=se,
                     step_term=step, drift_term=drift, gamma_term=gamma)
+
+
+def measured(cell: Mapping) -> bool:
+    """Every chain healthy and local, and a λ̂: its λ̂ says how λ̂ moves with ε even if it drifts or is unmixed."""
+    return (not {"diverged", "nonlocal"} & set(cell_flags(cell)) and cell.get("llc_mean") is not None
+            and math.isfinite(cell["llc_mean"]))
 
 
 def _finite(value) -> float:
