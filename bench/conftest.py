@@ -10,6 +10,7 @@ ratios, closes the run, headed by the CPU's name, its vector extensions and the 
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,16 +23,18 @@ from fastllc import ModularMLP, make_task
 RESULTS: dict[str, dict] = {}
 
 
-def _sgemm_flops(a: torch.Tensor, b: torch.Tensor, seconds: float = 0.5) -> float:
-    """FLOP/s of ``a @ b`` (batched or not), the best of repeats over about ``seconds``."""
+def _sgemm_flops(a: torch.Tensor, b: torch.Tensor, seconds: float = 0.5) -> tuple[float, float]:
+    """FLOP/s of ``a @ b`` (batched or not), the best of repeats over about ``seconds``: per second of wall time,
+    and per second of this process's CPU time (what other processes on the machine take is not counted)."""
     flops = 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
     torch.matmul(a, b)
-    best, deadline = float("inf"), time.perf_counter() + seconds
+    wall = cpu = float("inf")
+    deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
-    return flops / best
+        wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - start_cpu)
+    return flops / wall, flops / max(cpu, 1e-9)
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,13 +51,14 @@ def cpu_flop_ceiling() -> dict:
     small = torch.randn(256, p, h, generator=gen), torch.randn(256, h, m, generator=gen)
     try:
         torch.set_num_threads(1)
-        one_thread = _sgemm_flops(*large)
+        one_thread, one_thread_cpu = _sgemm_flops(*large)
         torch.set_num_threads(threads)
-        kernel_sizes, large_size = _sgemm_flops(*small), _sgemm_flops(*large)
+        (kernel_sizes, _), (large_size, _) = _sgemm_flops(*small), _sgemm_flops(*large)
     finally:
         torch.set_num_threads(previous)
     return dict(threads=threads, kernel_sizes=kernel_sizes, large=large_size, one_thread_large=one_thread,
-                ceiling=max(kernel_sizes, large_size))
+                one_thread_large_cpu=one_thread_cpu, ceiling=max(kernel_sizes, large_size),
+                load=os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
 
 
 def cpu_description() -> str:
@@ -160,7 +164,9 @@ def pytest_terminal_summary(terminalreporter):
     write(f"CPU: {cpu_description()}")
     write(f"float32 sgemm (torch, measured in this run): {ceiling['threads']} threads {ceiling['large'] / 1e9:,.0f} "
           f"GFLOP/s at 2048², {ceiling['kernel_sizes'] / 1e9:,.0f} at the kernel's sizes (256 × [53, 32]·[32, 64]); "
-          f"one thread {ceiling['one_thread_large'] / 1e9:,.0f} at 2048². Ceiling: {ceiling['ceiling'] / 1e9:,.0f} GFLOP/s")
+          f"one thread {ceiling['one_thread_large'] / 1e9:,.0f} at 2048² ({ceiling['one_thread_large_cpu'] / 1e9:,.0f} per "
+          f"CPU-second). Ceiling: {ceiling['ceiling'] / 1e9:,.0f} GFLOP/s. Load average then: {ceiling['load']:.1f} "
+          f"(other processes lower the ceiling and the rates alike)")
     write("chain-steps per second (median of rounds; sampler loop only; % of the ceiling: the products' FLOPs)")
     hidden = ("backend", "family", "chains", "rate", "fraction")
     for name, r in sorted(RESULTS.items(), key=lambda item: (item[1]["family"], -item[1]["rate"])):
