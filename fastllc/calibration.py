@@ -29,13 +29,16 @@ Flags: ``diverged`` (some chain's loss went non-finite or above the loss bound),
 ``R_HAT_LIMIT``), ``nonlocal`` (locality > ``LOCALITY_LIMIT`` = ½: the chains went halfway to the trivial
 predictor's loss, so λ̂ = nβ·ΔL measures the temperature, not the geometry at w*).
 
-The rule (``recommend``), stated once here and in ``CalibrationResult.reason``: a cell is *usable* when it has
-no flag and a λ̂. In the row of nβ nearest n/log n, then of the smallest γ with a usable cell, the recommended
-cell is the usable one whose step scale is nearest ``TARGET_STEP_SCALE`` = 0.1 (in log; without κ: the
-smallest ε). Nothing in the rule rewards agreement between neighbouring ε (the earlier "top of the plateau"
-rule let large-ε bias through: 15–21% median error on random deep linear networks, mostly over). Its λ̂ comes
-with a 90% interval (``interval_of``) that adds to the standard error how much halving the step moves λ̂ and
-the spread over γ values on which λ̂ is flat. No usable cell: no recommendation, and a one-line ``hint``.
+The rule (``recommend``), stated once here and in ``CalibrationResult.reason``: a cell is *usable* when every
+chain stayed healthy and local and it has a λ̂. In the row of nβ nearest n/log n, then of the smallest γ with a
+usable cell, the recommended cell is the usable one whose step scale is nearest ``TARGET_STEP_SCALE`` = 0.1 (in
+log; without κ: the smallest ε). A drifting or unmixed cell stays usable (its λ̂ is still the best estimate at
+that step; the reason says it is unsettled and the interval carries the drift): excluding it fell back to
+smaller steps, which mix worse. Nothing in the rule rewards agreement between neighbouring ε (the earlier "top
+of the plateau" rule let large-ε bias through: 21% median error on random deep linear networks with the
+issue's absolute grid, mostly over). Its λ̂ comes with a 90% interval (``interval_of``) that adds to the
+standard error how much halving the step moves λ̂, how much λ̂ drifted along the chains, and the spread over γ
+values on which λ̂ is flat. No usable cell: no recommendation, and a one-line ``hint``.
 """
 
 from __future__ import annotations
@@ -68,8 +71,6 @@ DEFAULT_NBETA_MULTIPLES = (1.0,)  # the default nβ grid, as multiples of n/log 
 TARGET_STEP_SCALE = 0.1  # the step scale s = ε·nβ·κ recommended (docs/calibration.md: how it was chosen)
 DEFAULT_STEP_SCALES = (0.1, 0.05)  # the target and half of it: their difference is the interval's step term
 Z90 = 1.6448536269514722  # two-sided 90% normal quantile
-STATIONARY = (f"every chain healthy, stationary (no |drift| > {DRIFT_LIMIT:g} se with λ̂ moving more than "
-              f"{DRIFT_RELATIVE:.0%}), split-R̂ ≤ {R_HAT_LIMIT}, local")
 FIFTH = 5  # drift compares the first and last 1/FIFTH of the post-burn-in trace
 
 
@@ -488,13 +489,17 @@ def cell_flags(cell: Mapping) -> list[str]:
 
 
 def usable(cell: Mapping) -> bool:
-    """No flag, and a λ̂ to use."""
-    return not cell_flags(cell) and cell.get("llc_mean") is not None and math.isfinite(cell["llc_mean"])
+    """Every chain healthy and local, and a λ̂. A drifting or unmixed cell is usable: its λ̂ is the best there is
+    at that step, and its interval carries the drift (``interval_of``); excluding it fell back to smaller steps,
+    which mix worse (docs/calibration.md)."""
+    return (not {"diverged", "nonlocal"} & set(cell_flags(cell)) and cell.get("llc_mean") is not None
+            and math.isfinite(cell["llc_mean"]))
 
 
 def agree(cell: Mapping, smaller: Mapping | None) -> bool:
-    """Both usable and λ̂ within AGREEMENT_SE combined standard errors or AGREEMENT_RELATIVE of λ̂."""
-    if smaller is None or not (usable(cell) and usable(smaller)):
+    """Both unflagged with a λ̂, and λ̂ within AGREEMENT_SE combined standard errors or AGREEMENT_RELATIVE of λ̂
+    (the earlier rule's plateau test; ``experiments.report`` marks old records' plateaus with it)."""
+    if smaller is None or cell_flags(cell) or cell_flags(smaller) or not (usable(cell) and usable(smaller)):
         return False
     difference = abs(cell["llc_mean"] - smaller["llc_mean"])
     ses = [s for s in (cell.get("llc_se"), smaller.get("llc_se")) if s is not None and math.isfinite(s)]
@@ -535,9 +540,13 @@ def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | Non
         c = cells[best]
         how = (f"the step scale ε·nβ·κ = {c['step_scale']:.3g} nearest {TARGET_STEP_SCALE:g}" if scaled else
                "the smallest ε (least discretisation bias; κ unknown, so no step scale)")
+        unsettled = [f for f in cell_flags(c) if f in ("drifting", "unmixed")]
+        caveat = (f"; its chains are {' and '.join(unsettled)} (λ̂ moved {_finite(c.get('drift_relative')):+.0%} "
+                  "along them; the interval includes it): run more steps, or target_ess, to settle them"
+                  if unsettled else "")
         return best, (f"ε = {c['epsilon']:g}, nβ = {c['nbeta']:g}, γ = {c['gamma']:g}: {how}, among cells whose "
-                      f"chains are {STATIONARY}, in the row of nβ nearest n/log n = {default_nbeta:.4g}, then of "
-                      "the smallest γ"), None
+                      f"chains all stayed healthy and local, in the row of nβ nearest n/log n = "
+                      f"{default_nbeta:.4g}, then of the smallest γ{caveat}"), None
     if all(c["healthy_fraction"] == 0 for c in cells):
         hint = (f"every cell diverged (no chain stayed finite and below the loss bound): try smaller epsilons, "
                 f"below {min(c['epsilon'] for c in cells):g}")
@@ -547,8 +556,8 @@ def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | Non
         hint = ("every cell's chains left the basin of w* (their loss rose halfway to the trivial predictor's): "
                 "try a larger gamma or smaller epsilons")
     else:
-        hint = ("no cell is both healthy and stationary (drifting or unmixed chains): run more steps or a larger "
-                "burn-in, or try larger epsilons if the smallest ones drift")
+        hint = ("no cell kept every chain healthy and local (diverging chains or chains that left the basin): "
+                f"try smaller epsilons, below {min(c['epsilon'] for c in cells):g}, or a larger gamma")
     return None, "no cell is usable", hint
 
 
@@ -565,8 +574,7 @@ def preferred_row(cells: Sequence[Mapping], candidates: Sequence[int], default_n
 
 def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval | None:
     """The recommended λ̂'s 90% interval: λ̂ ± Z90·√(se² + step² + drift² + γ²), where ``step`` is |λ̂ − λ̂ at
-    the next smaller ε of its row| (else the next larger; 0 with neither; a drifting or unmixed neighbour
-    counts, a diverged or nonlocal one does not: ``measured``): how much halving the step
+    the next smaller usable ε of its row| (else the next larger; 0 with neither): how much halving the step
     moves λ̂, through discretisation bias or unfinished mixing, neither of which the standard error sees;
     ``drift`` = |drift_relative|·λ̂, how much λ̂ moved between the first and last fifth of the chains (a trend
     below the flag's threshold is still an error of about that size); and ``γ`` the standard deviation of λ̂
@@ -575,7 +583,7 @@ def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval |
     if recommended is None:
         return None
     chosen = cells[recommended]
-    row = sorted((i for i, c in enumerate(cells) if row_of(c) == row_of(chosen) and measured(c)),
+    row = sorted((i for i, c in enumerate(cells) if row_of(c) == row_of(chosen) and usable(c)),
                  key=lambda i: cells[i]["epsilon"])
     place = row.index(recommended)
     neighbour = row[place - 1] if place > 0 else (row[place + 1] if place + 1 < len(row) else None)
@@ -589,12 +597,6 @@ def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval |
     half = Z90 * math.sqrt(se**2 + step**2 + drift**2 + gamma**2)
     return Interval(low=chosen["llc_mean"] - half, high=chosen["llc_mean"] + half, standard_error=se,
                     step_term=step, drift_term=drift, gamma_term=gamma)
-
-
-def measured(cell: Mapping) -> bool:
-    """Every chain healthy and local, and a λ̂: its λ̂ says how λ̂ moves with ε even if it drifts or is unmixed."""
-    return (not {"diverged", "nonlocal"} & set(cell_flags(cell)) and cell.get("llc_mean") is not None
-            and math.isfinite(cell["llc_mean"]))
 
 
 def _finite(value) -> float:
