@@ -1,0 +1,19 @@
+"""Language models: λ̂ of Hugging Face causal LMs on token data, per head or layer by name.
+
+    import fastllc.lm
+    result = fastllc.lm.estimate(model, tokens, chains=16, steps=200, batch_size=16,
+                                 epsilon=5e-5, gamma=1000.0, nbeta=1000.0)
+    heads = fastllc.lm.estimate_groups(model, tokens, groups="per-head", chains=4, ...)
+
+Modules: ``data`` (token data, the next-token loss, L_n(w*) in chunks), ``models`` (the adapter and the
+sampling mode), ``names`` (part names → masks per architecture), ``api`` (the two entry points).
+``transformers`` is needed only to load a model from a directory (``pip install 'fastllc[lm]'``).
+"""
+
+from .api import estimate, estimate_groups
+from .data import IGNORE, TokenData, loss_at, next_token_loss, token_data
+from .models import CausalLM, FusedTanhGELU, load_causal_lm, sampling_mode
+from .names import LAYOUTS, groups_by_name, name_mask
+
+__all__ = ["estimate", "estimate_groups", "IGNORE", "TokenData", "loss_at", "next_token_loss", "token_data",
+           "CausalLM", "FusedTanhGELU", "load_causal_lm", "sampling_mode", "LAYOUTS", "groups_by_name", "name_mask"]
