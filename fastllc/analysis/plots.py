@@ -100,9 +100,16 @@ def plot_calibration(result, path: str | Path, title: str = "") -> Path:
                     ax.plot(c.epsilon, y, "o", mfc="white", mec=colour, ms=7, mew=1.5)
                 else:
                     ax.plot(c.epsilon, y, "o", color=colour, ms=5)
-        chosen = result.recommended_cell
+        chosen, band = result.recommended_cell, getattr(result, "interval", None)
         if chosen is not None and chosen.gamma == gamma:
+            if band is not None:  # the 90% interval: standard error, step-size, drift and γ terms together
+                ax.errorbar(chosen.epsilon, chosen.llc_mean, yerr=[[chosen.llc_mean - band.low],
+                                                                   [band.high - chosen.llc_mean]],
+                            color="goldenrod", lw=3, capsize=6, zorder=4, label="90% interval")
             ax.plot(chosen.epsilon, chosen.llc_mean, "*", color="gold", mec="k", ms=16, zorder=5, label="recommended")
+        if not finite:  # nothing to place on a λ̂ axis: the ✕ marks sit on a line with no value
+            ax.set_yticks([])
+            ax.text(0.5, 0.6, "no λ̂: every chain diverged", transform=ax.transAxes, ha="center", color="C3")
         ax.set_xscale("log")
         ax.set_xlabel("ε")
         ax.set_ylabel("λ̂")
@@ -112,7 +119,9 @@ def plot_calibration(result, path: str | Path, title: str = "") -> Path:
         ax.legend(fontsize=7)
     traces = fig.add_subplot(grid[1, :])
     _plot_neighbour_traces(traces, result)
-    fig.suptitle(title or f"calibration: {len(cells)} cells × {result.chains} chains, {result.steps} steps",
+    kappa = getattr(result, "kappa", None)
+    curvature = f", κ = {kappa:.3g} (step scale s = ε·nβ·κ)" if kappa else ""
+    fig.suptitle(title or f"calibration: {len(cells)} cells × {result.chains} chains, {result.steps} steps{curvature}",
                  fontsize=11)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
