@@ -137,8 +137,9 @@ def loss_at(model: torch.nn.Module, data: TokenData, sequences: int | None = Non
     n = len(data) if sequences is None else min(int(sequences), len(data))
     total, count = torch.zeros((), dtype=torch.float64), 0
     for lo in range(0, n, chunk):
-        targets = data.targets[lo:lo + chunk]
-        logits = model(data.tokens[lo:lo + chunk])
+        hi = min(lo + chunk, n)
+        targets = data.targets[lo:hi]
+        logits = model(data.tokens[lo:hi])
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                                  reduction="sum").double()
         count += int((targets != IGNORE).sum())

@@ -88,11 +88,11 @@ def sampling_mode(model: nn.Module, attention: str | None = "eager", fused_gelu:
     previous = getattr(config, "_attn_implementation", None)
     swapped = _tanh_gelu_sites(model) if fused_gelu else []
     try:
+        for parent, attribute, _ in swapped:
+            setattr(parent, attribute, FusedTanhGELU())
         model.eval()
         if attention is not None and previous is not None and previous != attention:
             _set_attention(model, attention)
-        for parent, attribute, _ in swapped:
-            setattr(parent, attribute, FusedTanhGELU())
         yield model
     finally:
         for parent, attribute, original in swapped:
