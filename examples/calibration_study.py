@@ -54,7 +54,7 @@ def study(args) -> list[dict]:
             row[label] = cell_record(hand.cells[0])
         rows.append(row)
         chosen = rule(row)
-        cells = " ".join(f"{c['llc']:.3g}{'*' if c['flags'] else ''}" for c in row["cells"])
+        cells = " ".join(f"{_text(c['llc'])}{'*' if c['flags'] else ''}" for c in row["cells"])
         print(f"{problem.name:<40} λ={problem.llc:7.3g} λ̂: {_text(chosen and chosen[0])} "
               f"[{_text(chosen and chosen[1])}, {_text(chosen and chosen[2])}]  cells: {cells}  "
               f"({row['seconds']:.0f} s)", flush=True)

@@ -70,6 +70,7 @@ AGREEMENT_RELATIVE = 0.05  # ... or within this fraction of λ̂
 DEFAULT_NBETA_MULTIPLES = (1.0,)  # the default nβ grid, as multiples of n/log n (nβ defines λ̂; it is not tuned)
 TARGET_STEP_SCALE = 0.1  # the step scale s = ε·nβ·κ recommended (docs/calibration.md: how it was chosen)
 DEFAULT_STEP_SCALES = (0.1, 0.05)  # the target and half of it: their difference is the interval's step term
+BACKOFFS, BACKOFF_FACTOR = 2, 4.0  # a scaled grid that diverged everywhere is rerun with s / 4, at most twice
 Z90 = 1.6448536269514722  # two-sided 90% normal quantile
 FIFTH = 5  # drift compares the first and last 1/FIFTH of the post-burn-in trace
 
@@ -277,6 +278,14 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
                          mala=mala, restrict=restrict, default_nbeta=default, kappa=kappa, **settings)
 
     result = run(cells, steps, burn_in)
+    for attempt in range(1, 1 + (BACKOFFS if scaled else 0)):  # κ at w* can understate the curvature met later
+        if result.recommended is not None or not all("diverged" in c.flags for c in result.cells):
+            break
+        cells = [(e / BACKOFF_FACTOR, b, g) for e, b, g in cells]
+        result = run(cells, steps, burn_in)
+        result.reason = (f"{result.reason} (every cell diverged at {attempt} larger grid(s), so the step scales "
+                         f"were divided by {BACKOFF_FACTOR ** attempt:g}: κ at w* understates the curvature the "
+                         "chains meet, e.g. along flat valleys)")
     if target_ess is None:
         return result
     return extend(result, run, target_ess, 8 * len(cells) * chains * steps if max_chain_steps is None

@@ -322,3 +322,21 @@ def test_chains_are_extended_until_converged_or_out_of_budget():
     assert len(hard.cells) == 2 and hard.control_variate and hard.interval is not None
     with pytest.raises(FastLLCError, match="^target_ess must be greater than 0, got -1$"):
         calibrate(model, data, half_squared_error, target_ess=-1, **common)
+
+
+def test_a_scaled_grid_that_diverges_everywhere_backs_off(monkeypatch):
+    """κ understated 100× (as at a w* whose directions are all flat): s = 0.1 and 0.05 are really 10 and 5, past
+    SGLD's stability limit of 4, and every chain diverges; the grid is rerun with s / 4 (really 2.5 and 1.25,
+    stable), and the reason says so."""
+    import fastllc.calibration as calibration
+
+    model, data = linear_regression()
+    x = data[0].double()
+    exact = float(torch.linalg.eigvalsh(x.T @ x / len(x)).max())
+    monkeypatch.setattr(calibration, "top_curvature", lambda *args, **kwargs: exact / 100)
+    with pytest.warns(RuntimeWarning, match="every cell diverged"):
+        result = calibrate(model, data, half_squared_error, gammas=[1.0], chains=2, steps=300, batch_size=500,
+                           backend="generic")
+    assert result.recommended is not None and not any("diverged" in c.flags for c in result.cells)
+    assert [c.epsilon * c.nbeta * exact for c in result.cells] == pytest.approx([1.25, 2.5], rel=1e-6)
+    assert "every cell diverged at 1 larger grid(s), so the step scales were divided by 4" in result.reason
