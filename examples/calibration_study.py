@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from fastllc import calibrate
+from fastllc import FastLLCError, calibrate
 from fastllc.calibration import interval_of, recommend, run_cells
 from fastllc.theory.problems import draw_problems
 
@@ -41,9 +41,15 @@ def study(args) -> list[dict]:
     for problem in draw_problems(args.seed, args.count, args.families.split(","), n=args.n):
         n = len(problem.data[1])
         start = time.perf_counter()
-        result = calibrate(problem.model, problem.data, problem.loss_fn, chains=args.chains, steps=args.steps,
-                           gammas=[float(g) for g in args.gammas.split(",")], batch_size=args.batch_size,
-                           backend="generic", seed=args.seed, sampler=args.sampler, **scales)
+        try:
+            result = calibrate(problem.model, problem.data, problem.loss_fn, chains=args.chains, steps=args.steps,
+                               gammas=[float(g) for g in args.gammas.split(",")], batch_size=args.batch_size,
+                               backend="generic", seed=args.seed, sampler=args.sampler, **scales)
+        except FastLLCError as err:  # counted as "no estimate"
+            print(f"{problem.name:<40} λ={problem.llc:7.3g} no estimate: {err}", flush=True)
+            rows.append(dict(problem=problem.name, family=problem.family, params=problem.parameters, llc=problem.llc,
+                             kappa=None, seconds=time.perf_counter() - start, cells=[], error=str(err)))
+            continue
         row = dict(problem=problem.name, family=problem.family, params=problem.parameters, llc=problem.llc,
                    kappa=result.kappa, seconds=time.perf_counter() - start, cells=[cell_record(c) for c in
                                                                                      result.cells])
@@ -86,6 +92,8 @@ def as_cells(records) -> list[dict]:
 
 def rule(row, scales=None):
     """(λ̂, low, high) by calibrate's rule and interval on the row's cells (those at ``scales`` only), or None."""
+    if not row["cells"]:
+        return None
     cells = [c for c in as_cells(row["cells"]) if scales is None or any(math.isclose(c["step_scale"], s)
                                                                          for s in scales)]
     best, _, _ = recommend(cells, cells[0]["nbeta"])

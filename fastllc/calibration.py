@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .curvature import rmsprop_preconditioner, top_curvature, trivial_loss
+from .curvature import nearby_curvature, rmsprop_preconditioner, top_curvature, trivial_loss
 from .errors import FastLLCError
 from .llc import effective_sample_size, split_r_hat
 from .sampling import SGLDConfig, wbic_nbeta
@@ -266,7 +266,7 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
     n = len(as_pair(data)[1])
     default = wbic_nbeta(n)
     nbetas = nbetas or tuple(m * default for m in DEFAULT_NBETA_MULTIPLES)
-    kappa = measured_curvature(model, as_pair(data), loss_fn, seed, required=scaled,
+    kappa = measured_curvature(model, as_pair(data), loss_fn, seed, required=scaled, nbeta=min(nbetas),
                                preconditioner=start_preconditioner(model, as_pair(data), loss_fn, batch_size,
                                                                    settings))
     cells = [(s / (b * kappa) if scaled else s, b, g) for g in gammas for b in nbetas for s in epsilons]
@@ -339,13 +339,16 @@ def start_preconditioner(model, data, loss_fn, batch_size: int | None, settings:
                                   delta=settings.get("rmsprop_eps", SGLDConfig.rmsprop_eps))
 
 
-def measured_curvature(model, data, loss_fn, seed: int, required: bool,
+def measured_curvature(model, data, loss_fn, seed: int, required: bool, nbeta: float,
                        preconditioner: dict | None = None) -> float | None:
-    """κ at w* (``curvature.top_curvature``; of P^½ H P^½ with RMSProp-SGLD's ``preconditioner``). Needed to
-    scale the grid; otherwise only reported, so a model that torch.func cannot differentiate twice just goes
-    without (None)."""
+    """κ at w* (``curvature.top_curvature``; of P^½ H P^½ with RMSProp-SGLD's ``preconditioner``); where
+    nβ·κ < 1 (no direction confines the chains within a unit of the potential), the largest curvature near w*
+    instead (``curvature.nearby_curvature``). Needed to scale the grid; otherwise only reported, so a model that
+    torch.func cannot differentiate twice just goes without (None)."""
     try:
         kappa = top_curvature(model, data, loss_fn, seed=seed, preconditioner=preconditioner)
+        if math.isfinite(kappa) and nbeta * kappa < 1:
+            kappa = max(kappa, nearby_curvature(model, data, loss_fn, nbeta, seed=seed, preconditioner=preconditioner))
     except Exception as err:  # any failure of torch.func on a user's model: explicit epsilons still work
         if required:
             raise FastLLCError(f"cannot measure the loss's curvature at w* to scale the step size ({err}); give "

@@ -4,6 +4,8 @@
   products, ``torch.func``). SGLD's step on the stiffest direction is stable only for ε·nβ·κ < 4, and its
   Euler discretisation inflates that direction's variance by 1/(1 − ε·nβ·κ/4); the *step scale*
   s = ε·nβ·κ is therefore the natural unit for ε, comparable across models (calibration's grid is in s).
+- ``nearby_curvature``: the same at points around w* at the tempered posterior's quartic scale, for a w*
+  whose own curvature is (nearly) zero.
 - ``rmsprop_preconditioner``: RMSProp-SGLD's P = 1/(√V + δ) at w*; with it ``top_curvature`` gives the
   largest eigenvalue of P^½ H P^½, so that the same step scale means the same thing for both samplers.
 - ``trivial_loss``: the loss of the same model with every weight at zero (for a classifier: the uniform
@@ -19,7 +21,8 @@ import math
 import torch
 from torch.func import functional_call, grad, jvp
 
-EXAMPLES = 4096  # curvature and trivial loss on the first examples: ample for a top eigenvalue's scale
+EXAMPLES = 32_768  # curvature and trivial loss on the first examples (all of a data set this size: a subset would
+# break the exact orthogonality of a constructed problem, and its noise is the Hessian of a flat w*)
 
 
 def _subset(data, examples: int):
@@ -28,15 +31,17 @@ def _subset(data, examples: int):
 
 
 def top_curvature(model: torch.nn.Module, data, loss_fn, *, examples: int = EXAMPLES, iterations: int = 30,
-                  seed: int = 0, preconditioner: dict | None = None) -> float:
+                  seed: int = 0, preconditioner: dict | None = None, offset: dict | None = None) -> float:
     """κ: the largest Hessian eigenvalue of the mean loss at the model's weights, by power iteration
     (``iterations`` Hessian-vector products on the first ``examples`` examples). Returns |κ| ≥ 0; a saddle's
     negative eigenvalue of largest magnitude counts by its size (it limits the step the same way).
 
     ``preconditioner`` {name: P ≥ 0 of the parameter's shape}: the largest eigenvalue of P^½ H P^½ instead,
-    the curvature a step preconditioned by P sees (RMSProp-SGLD's ε·P in place of ε)."""
+    the curvature a step preconditioned by P sees (RMSProp-SGLD's ε·P in place of ε). ``offset`` {name: δ}:
+    at w* + δ instead of w*."""
     inputs, targets = _subset(data, examples)
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    params = {name: p.detach() + (0 if offset is None else offset[name])
+              for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
     def loss(weights):
@@ -57,6 +62,23 @@ def top_curvature(model: torch.nn.Module, data, loss_fn, *, examples: int = EXAM
         eigenvalue = sum(float((product[n].double() * vector[n].double()).sum()) for n in params)
         vector = product
     return abs(eigenvalue)
+
+
+def nearby_curvature(model: torch.nn.Module, data, loss_fn, nbeta: float, *, points: int = 4, seed: int = 0,
+                     preconditioner: dict | None = None) -> float:
+    """The largest ``top_curvature`` at ``points`` random points w* + δ, δ ~ N(0, nβ^(−½)·I): where a w* with no
+    curvature of its own (all directions flat, as at the most singular point of a product of monomials) puts
+    its chains. nβ^(−¼) per coordinate is the scale at which a quartic term nβ·w⁴ reaches one unit of the
+    tempered potential."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    scale = nbeta ** -0.25
+    largest = 0.0
+    for point in range(points):
+        offset = {name: scale * torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+                  for name, p in model.named_parameters() if p.requires_grad}
+        largest = max(largest, top_curvature(model, data, loss_fn, seed=seed + point, preconditioner=preconditioner,
+                                             offset=offset))
+    return largest
 
 
 def rmsprop_preconditioner(model: torch.nn.Module, data, loss_fn, *, batch_size: int, delta: float,

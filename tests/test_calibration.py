@@ -340,3 +340,23 @@ def test_a_scaled_grid_that_diverges_everywhere_backs_off(monkeypatch):
     assert result.recommended is not None and not any("diverged" in c.flags for c in result.cells)
     assert [c.epsilon * c.nbeta * exact for c in result.cells] == pytest.approx([1.25, 2.5], rel=1e-6)
     assert "every cell diverged at 1 larger grid(s), so the step scales were divided by 4" in result.reason
+
+
+def test_a_w_star_without_curvature_takes_the_curvature_nearby():
+    """K(w) = ½(w₁⁴ + w₂⁴) at w* = 0 (``theory.problems.Monomials``): the Hessian there is zero, so κ comes from
+    points at the tempered posterior's quartic scale nβ^(−¼) around w* (``curvature.nearby_curvature``), where
+    it is 6·w² ≈ 6/√nβ per direction (≈ 0.1 at nβ ≈ 2,000; within a factor of a few: four random points)."""
+    from fastllc.theory.problems import Monomials
+
+    gen = torch.Generator().manual_seed(0)
+    n = 20_000
+    x = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    x = x @ torch.linalg.inv(torch.linalg.cholesky(x.T @ x / n)).T
+    noise = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    noise -= x @ torch.linalg.solve(x.T @ x, x.T @ noise)
+    model, data = Monomials([[2], [2]]), (x.float(), noise.float())
+    result = calibrate(model, data, half_squared_error, gammas=[1.0], chains=2, steps=400, batch_size=500,
+                       backend="generic")
+    nbeta = n / math.log(n)
+    assert 6 / math.sqrt(nbeta) / 5 < result.kappa < 6 / math.sqrt(nbeta) * 10
+    assert result.recommended is not None and result.cells[0].healthy_fraction == 1
