@@ -8,8 +8,8 @@
 
 The exact λ is Aoyagi's (Neural Networks 2024, Theorem 1; ``fastllc.theory.dln.dln_learning_coefficient``);
 the teacher has every layer of the given rank and the data make it the exact minimum of the training loss.
-With ``--calibrated`` each network first gets ``fastllc.calibrate`` on the grid ε·nβ ∈ {0.003, 0.01, 0.03,
-0.1} (``CalibratedSettings``), then a fresh estimate at the recommended cell (~3× the hand run's time).
+With ``--calibrated`` each network first gets ``fastllc.calibrate`` with its default step scales ε·nβ·κ = 0.1
+and 0.05 (``CalibratedSettings``), then a fresh estimate at the recommended cell (~2× the hand run's time).
 """
 
 import json

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastllc import FastLLCError, estimate
-from fastllc.theory.dln import (CALIBRATION_SCALED_EPSILONS, CalibratedSettings, DLNConfig, benchmark_table,
+from fastllc.theory.dln import (CalibratedSettings, DLNConfig, benchmark_table,
                                 dln_data, dln_learning_coefficient, dln_teacher, format_comparison, format_table,
                                 half_squared_error, reduced_rank_regression_llc)
 
@@ -205,7 +205,7 @@ def test_calibrated_settings_feed_the_table():
                                   batch_size=50)
     rows = benchmark_table(configs, settings, n=200)
     calibration = settings.calibrations["2-3-2 r1"]
-    assert len(calibration.cells) == len(CALIBRATION_SCALED_EPSILONS) and calibration.chains == 2
+    assert [c.step_scale for c in calibration.cells] == pytest.approx([0.05, 0.1]) and calibration.chains == 2
     chosen = calibration.recommended_cell
     assert rows[0]["epsilon"] == pytest.approx(chosen.epsilon) and rows[0]["nbeta"] == pytest.approx(200 / math.log(200))
     assert rows[0]["healthy"] == "2/2" and rows[0]["gamma"] == 1.0
