@@ -96,6 +96,8 @@ def rule(row, scales=None):
         return None
     cells = [c for c in as_cells(row["cells"]) if scales is None or any(math.isclose(c["step_scale"], s)
                                                                          for s in scales)]
+    if not cells:
+        return None
     best, _, _ = recommend(cells, cells[0]["nbeta"])
     if best is None:
         return None
@@ -115,11 +117,16 @@ def extrapolated(row):
     return mean_y - max(slope, 0.0) * mean_x
 
 
+def args_scales(rows) -> bool:
+    """Whether every row ran the same explicit grid (else the default, possibly backed off)."""
+    return len({tuple(sorted(round(c["s"], 6) for c in r["cells"])) for r in rows if r["cells"]}) == 1
+
+
 def readings(rows) -> dict:
     """Each way of reading the cells: {label: [(estimate or None, low, high) per row]}."""
     scales = sorted({round(c["s"], 6) for row in rows for c in row["cells"]})
     ways = {"calibrate's rule (s nearest 0.1) and interval": [rule(r) for r in rows]}
-    if len(scales) > 2:
+    if args_scales(rows) and len(scales) > 2:
         ways["calibrate's rule on s = 0.1, 0.05 only (the default grid)"] = [rule(r, (0.1, 0.05)) for r in rows]
     for s in scales:
         ways[f"the cell at s = {s:g} alone"] = [next(((c["llc"], None, None) for c in r["cells"]
@@ -195,11 +202,11 @@ def main(argv=None):
     print(f"seed {args.seed}: {args.count} problems ({args.families}), n = {args.n}, {args.chains} chains × "
           f"{args.steps} steps per cell, γ ∈ {{{args.gammas}}}, batch {args.batch_size}, {args.sampler}", flush=True)
     rows = study(args)
-    print("\n".join(summary(rows)))
-    if args.save:
+    if args.save:  # before the summary: nothing measured is lost to a summary's failure
         with open(args.save, "w") as file:
             json.dump(dict(settings={k: v for k, v in vars(args).items() if k != "summarise"}, rows=rows), file,
                       indent=1)
+    print("\n".join(summary(rows)))
     return 0
 
 
