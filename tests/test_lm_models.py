@@ -90,3 +90,19 @@ def test_chains_evaluate_under_vmap_as_one_at_a_time(arch):
                                   for c in range(C)])
     torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-5)
     assert batched.shape == (C, 4, toks.shape[1] - 1, model.config.vocab_size)
+
+
+def test_large_batches_run_in_checkpointed_chunks_with_the_same_loss_and_gradient():
+    model = gpt2().eval()
+    toks = tokens(11)
+    whole, chunked = CausalLM(model, chunk=100), CausalLM(model, chunk=4)  # 11 = 4 + 4 + 3
+    grads = []
+    for lm in (whole, chunked):
+        model.zero_grad()
+        logits = lm(toks)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), toks[:, 1:].reshape(-1)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    with torch.no_grad():  # per-sequence computation: the same batch-of-4 kernels may block differently: rounding
+        torch.testing.assert_close(chunked(toks), whole(toks), rtol=1e-6, atol=1e-6)
+    for a, b in zip(*grads):  # the sums over sequences are added in another order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

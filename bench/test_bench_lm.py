@@ -1,0 +1,201 @@
+"""Language models: the tiny GPT-2 of issue 24 (2 layers, 4 heads, width 64, vocabulary 64, context 32;
+106k parameters; briefly trained on synthetic Markov-chain sequences), SGLD with 200 steps, minibatches of
+16 sequences, ε 5e-5, γ 1000, nβ 1000, over 8,192 sequences, at 4 and 16 chains.
+
+Two ways in the same run, both on fastllc's ``generic`` backend:
+    ``lm-naive-wrapper`` the peer: the hand-written wrapper a user writes today (a module returning
+                         ``.logits[:, :-1]``, a loss flattening tokens), the model as built (SDPA attention:
+                         ``torch.func.vmap`` has no batching rule for the CPU SDPA kernel and loops over chains;
+                         GPT-2's spelt-out tanh-GELU), ``fastllc.estimate``;
+    ``fastllc.lm``       ``fastllc.lm.estimate``: eager attention (batched by vmap), fused tanh-GELU,
+                         L_n(w*) in chunks without autograd.
+Both are checked to record the same loss at w* and λ̂ of the same size before timing. Also: the 8 heads'
+λ̂ in one batch (``estimate_groups(groups="per-head")``, 2 chains each) beside one unrestricted run of the
+same 16 chains. Rates are chain-steps per second of the sampler's own loop (``sampling_seconds``); the wall
+time of the whole call (L_n(w*) and ∇L_n(w*) at the start included) is recorded beside it. Peak RSS is the
+process's (``ru_maxrss``) after each benchmark: monotone over the run, so only its growth is informative.
+
+    python -m pytest bench/test_bench_lm.py --benchmark-only -s
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastllc
+import fastllc.lm as lm
+
+from conftest import record
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.benchmark(min_rounds=1)
+
+SGLD = dict(steps=200, batch_size=16, epsilon=5e-5, gamma=1000.0, nbeta=1000.0, seed=0)
+ROWS: dict[str, dict] = {}
+
+
+@dataclass(frozen=True)
+class TinyGPT2:
+    layers: int = 2
+    heads: int = 4
+    width: int = 64
+    vocab: int = 64
+    context: int = 32
+    sequences: int = 8192
+    batch_size: int = 16
+
+    def name(self, chains: int, steps: int) -> str:
+        return f"{self.family()}-C{chains}-T{steps}"
+
+    def family(self) -> str:
+        return f"gpt2-l{self.layers}h{self.heads}d{self.width}v{self.vocab}t{self.context}-m{self.batch_size}"
+
+    def flops_per_chain_step(self) -> float:
+        """Forward and backward (×3) of the matmuls: 2 FLOP per multiply-add per token, weights of every
+        layer (4d² attention + 8d² MLP) and the unembedding, plus attention's two T×T products per layer."""
+        d, t, tokens = self.width, self.context, self.batch_size * self.context
+        matmul_weights = self.layers * 12 * d * d + d * self.vocab
+        attention = self.layers * 2 * t * d  # per token: scores and weighted values
+        return 3 * 2 * tokens * (matmul_weights + attention)
+
+
+WORKLOAD = TinyGPT2()
+
+
+def markov_tokens(n, length, vocab, seed=0):
+    """Sequences of a random sparse Markov chain (each token has 4 likely successors)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.full((vocab, vocab), -4.0)
+    logits.scatter_(1, torch.randint(vocab, (vocab, 4), generator=g), 2.0)
+    transition = logits.softmax(dim=1)
+    seqs = torch.empty(n, length, dtype=torch.long)
+    seqs[:, 0] = torch.randint(vocab, (n,), generator=g)
+    for t in range(1, length):
+        seqs[:, t] = torch.multinomial(transition[seqs[:, t - 1]], 1, generator=g).squeeze(1)
+    return seqs
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    w = WORKLOAD
+    config = transformers.GPT2Config(n_layer=w.layers, n_head=w.heads, n_embd=w.width, vocab_size=w.vocab,
+                                     n_positions=w.context, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    tokens = markov_tokens(w.sequences, w.context, w.vocab)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(300):  # a few seconds: the loss falls from ~4.2 towards the chain's entropy
+        batch = tokens[torch.randint(len(tokens), (64,))]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+    return model, tokens
+
+
+class NaiveWrapper(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).logits[:, :-1]
+
+
+def flat_cross_entropy(logits, targets):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def run_naive(model, tokens, chains):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap's "no batching rule" warning: the point of the comparison
+        return fastllc.estimate(NaiveWrapper(model), (tokens, tokens[:, 1:]), flat_cross_entropy, chains=chains,
+                                backend="generic", **SGLD)
+
+
+def run_lm(model, tokens, chains):
+    return lm.estimate(model, tokens, chains=chains, **SGLD)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(benchmark, label, run, chains, steps=SGLD["steps"]):
+    seconds, walls, results = [], [], []
+
+    def once():
+        start = time.perf_counter()
+        result = run()
+        walls.append(time.perf_counter() - start)
+        seconds.append(result.sampling_seconds)
+        results.append(result)
+
+    benchmark.pedantic(once, rounds=1, iterations=1)
+    record(benchmark, label, WORKLOAD, chains, steps, seconds, wall_seconds=round(walls[0], 2),
+           peak_rss_mib=round(peak_rss_mib()))
+    ROWS[f"{label} C{chains}"] = dict(rate=chains * steps / seconds[0], wall=walls[0], rss=peak_rss_mib(),
+                                      llc=results[0].llc_mean)
+    return results[0]
+
+
+def test_both_ways_agree_before_timing(benchmark, trained):
+    model, tokens = trained
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # --benchmark-only runs only benchmarks
+    sub = tokens[:512]
+    naive, ours = run_naive(model, sub, 2), run_lm(model, sub, 2)
+    assert naive.init_loss == pytest.approx(ours.init_loss, rel=1e-5)  # fp32 rounding: SDPA/eager, GELU spellings
+    assert 0 < ours.llc_mean < 3 * naive.llc_mean + 10 and 0 < naive.llc_mean < 3 * ours.llc_mean + 10
+
+
+@pytest.mark.parametrize("chains", [4, 16])
+def test_naive_wrapper(benchmark, trained, chains):
+    model, tokens = trained
+    timed(benchmark, "lm-naive-wrapper", lambda: run_naive(model, tokens, chains), chains)
+
+
+@pytest.mark.parametrize("chains", [4, 16])
+def test_fastllc_lm(benchmark, trained, chains):
+    model, tokens = trained
+    timed(benchmark, "fastllc.lm", lambda: run_lm(model, tokens, chains), chains)
+
+
+def test_per_head_groups(benchmark, trained):
+    """The 8 heads × 2 chains in one batch; compare with 'fastllc.lm C16' (16 unrestricted chains)."""
+    model, tokens = trained
+    def groups():
+        results = lm.estimate_groups(model, tokens, groups="per-head", chains=2, **SGLD)
+        first = next(iter(results.values()))
+        return type("Run", (), dict(sampling_seconds=first.sampling_seconds, llc_mean=first.llc_mean))
+    timed(benchmark, "fastllc.lm per-head 8x2", groups, 16)
+
+
+def test_summary(benchmark, trained):
+    """The table of this run, with ratios computed here from the raw rates above."""
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    import platform
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    lines = [f"\ntiny GPT-2 ({WORKLOAD.family()}), {SGLD['steps']} steps, on {cpu}",
+             f"{'run':34} {'chain-steps/s':>14} {'wall s':>8} {'peak RSS MiB':>13} {'λ̂':>8}"]
+    for key, row in ROWS.items():
+        lines.append(f"{key:34} {row['rate']:14.1f} {row['wall']:8.1f} {row['rss']:13.0f} {row['llc']:8.2f}")
+    for chains in (4, 16):
+        ours, peer = ROWS.get(f"fastllc.lm C{chains}"), ROWS.get(f"lm-naive-wrapper C{chains}")
+        if ours and peer:
+            lines.append(f"C={chains}: fastllc.lm / naive wrapper = {ours['rate'] / peer['rate']:.2f}x")
+    heads, plain = ROWS.get("fastllc.lm per-head 8x2 C16"), ROWS.get("fastllc.lm C16")
+    if heads and plain:
+        lines.append(f"8 heads x 2 chains in one batch / one unrestricted 16-chain run: "
+                     f"{plain['rate'] / heads['rate']:.2f}x the sampling time")
+    print("\n".join(lines))
