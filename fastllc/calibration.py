@@ -1,17 +1,18 @@
 """Choosing ε for any model, and λ̂ with an interval that includes the step size's effect: ONE batched run.
 
 ``calibrate(model, data, loss_fn)`` measures κ, the largest Hessian eigenvalue of L_n at w*
-(``curvature.top_curvature``), and runs SGLD at the step scales s = ε·nβ·κ in ``step_scales`` (default 0.1
-and 0.05) × ``gammas`` (default γ = 5) at nβ = n/log n, ``chains`` chains per cell, as the chains of one
-batched ``fastllc.estimate`` (chain j of cell k is chain k·chains + j, with its own ε, nβ, γ). Explicit
-``epsilons`` (absolute) and ``nbetas`` replace the scaled grid (κ is still measured, to name each cell's s).
+(``curvature.top_curvature``), and V, the variance of a minibatch gradient there (``curvature.gradient_noise``),
+and runs SGLD at the step scales s = ε·nβ·(κ + nβ·V) in ``step_scales`` (default 0.1 and 0.05) × ``gammas``
+(default γ = 5) at nβ = n/log n, ``chains`` chains per cell, as the chains of one batched ``fastllc.estimate``
+(chain j of cell k is chain k·chains + j, with its own ε, nβ, γ). Explicit ``epsilons`` (absolute) and
+``nbetas`` replace the scaled grid (κ and V are still measured, to name each cell's s).
 
-Why s: SGLD on a direction of curvature h is stable only for ε·nβ·h < 4 and biased there by ~ε·nβ·h/4, so
-the same s means the same discretisation on any model; the chains' slowest (singular) directions need more
-steps the smaller s is. On random deep linear networks (``theory.problems``, docs/calibration.md) λ̂ is
-16% high (median) at s = 0.2, with 19 of 20 networks over, and at s ≤ 0.05 too low on the larger networks
-after a few thousand steps (not yet mixed); s = 0.1 is where the two meet: 9% median error, as often over
-as under. Per cell it measures:
+Why s: SGLD on a direction of curvature h is stable only for ε·nβ·h < 4 and biased there by ~ε·nβ·h/4, and the
+minibatch gradient adds (ε·nβ/2)²·V of variance to the ε injected, running every direction hotter by ε·nβ²·V/4;
+so the same s means the same step-size bias on any model; the chains' slowest (singular) directions need more
+steps the smaller s is. s = 0.1 is where the two errors met on random deep linear networks
+(``theory.problems``; docs/calibration.md has the measurements and how the number was chosen). Per cell it
+measures:
 
 - λ̂ mean and standard error over the cell's healthy chains, and the healthy fraction;
 - ``drift``: (mean loss over the last fifth − mean loss over the first fifth of the post-burn-in trace)
@@ -53,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .curvature import nearby_curvature, rmsprop_preconditioner, top_curvature, trivial_loss
+from .curvature import gradient_noise, nearby_curvature, rmsprop_preconditioner, top_curvature, trivial_loss
 from .errors import FastLLCError
 from .llc import effective_sample_size, split_r_hat
 from .sampling import SGLDConfig, wbic_nbeta
@@ -138,6 +139,7 @@ class CalibrationResult:
     init_loss: float
     sampling_seconds: float
     kappa: float | None = None  # largest Hessian eigenvalue of L_n at w* (None: not measured)
+    gradient_noise: float | None = None  # mean variance of a minibatch gradient's coordinates at w*
     trivial_loss: float | None = None  # the loss with every weight zero
     interval: Interval | None = None  # the recommended λ̂'s 90% interval (``interval_of``)
     control_variate: bool = False  # λ̂ read with the minibatch control variate (``sampling.control_variate``)
@@ -266,16 +268,21 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
     n = len(as_pair(data)[1])
     default = wbic_nbeta(n)
     nbetas = nbetas or tuple(m * default for m in DEFAULT_NBETA_MULTIPLES)
+    preconditioner = start_preconditioner(model, as_pair(data), loss_fn, batch_size, settings)
     kappa = measured_curvature(model, as_pair(data), loss_fn, seed, required=scaled, nbeta=min(nbetas),
-                               preconditioner=start_preconditioner(model, as_pair(data), loss_fn, batch_size,
-                                                                   settings))
-    cells = [(s / (b * kappa) if scaled else s, b, g) for g in gammas for b in nbetas for s in epsilons]
+                               preconditioner=preconditioner)
+    noise = None if kappa is None else gradient_noise(model, as_pair(data), loss_fn, seed=seed,
+                                                      batch_size=batch_size or SGLDConfig.batch_size,
+                                                      preconditioner=preconditioner)
+    cells = [(s / step_scale(1.0, b, kappa, noise) if scaled else s, b, g) for g in gammas for b in nbetas
+             for s in epsilons]
     burn_in = steps // 4 if burn_in is None else burn_in
 
     def run(cells, steps, burn_in):
         return run_cells(model, data, loss_fn, cells, chains=chains, steps=steps, burn_in=burn_in,
                          batch_size=batch_size, seed=seed, backend=backend, device=device, progress=progress,
-                         mala=mala, restrict=restrict, default_nbeta=default, kappa=kappa, **settings)
+                         mala=mala, restrict=restrict, default_nbeta=default, kappa=kappa, noise=noise,
+                         **settings)
 
     result = run(cells, steps, burn_in)
     for attempt in range(1, 1 + (BACKOFFS if scaled else 0)):  # κ at w* can understate the curvature met later
@@ -330,6 +337,12 @@ def half_step_neighbour(result: CalibrationResult, index: int) -> int | None:
     return max(smaller, key=lambda i: result.cells[i].epsilon) if smaller else None
 
 
+def step_scale(epsilon: float, nbeta: float, kappa: float, noise: float) -> float:
+    """s = ε·nβ·(κ + nβ·V): the Euler step's ε·nβ·κ and the minibatch noise's ε·nβ²·V (V the gradient noise,
+    ``curvature.gradient_noise``), each of which raises λ̂ by about s/4 of itself (module docstring)."""
+    return epsilon * nbeta * (kappa + nbeta * noise)
+
+
 def start_preconditioner(model, data, loss_fn, batch_size: int | None, settings: Mapping) -> dict | None:
     """RMSProp-SGLD's preconditioner at w* when that is the sampler (``curvature.rmsprop_preconditioner``), else
     None: the step scale of a preconditioned step is ε·nβ·κ(P^½ H P^½)."""
@@ -362,10 +375,11 @@ def measured_curvature(model, data, loss_fn, seed: int, required: bool, nbeta: f
 
 def run_cells(model, data, loss_fn, cells: Sequence[tuple[float, float, float]], *, chains: int,
               default_nbeta: float, config: SGLDConfig | None = None, backend="auto", device="cpu",
-              progress=False, restrict=None, kappa: float | None = None, **settings) -> CalibrationResult:
+              progress=False, restrict=None, kappa: float | None = None, noise: float | None = None,
+              **settings) -> CalibrationResult:
     """The given (ε, nβ, γ) cells (absolute values, any list) as one batched estimate; the calibration
-    result. ``config``: settings every cell shares (its chains, ε, nβ, γ are replaced). ``kappa``: the
-    curvature at w* if measured (it gives each cell's step scale)."""
+    result. ``config``: settings every cell shares (its chains, ε, nβ, γ are replaced). ``kappa`` and ``noise``:
+    the curvature and the minibatch gradient variance at w* if measured (they give each cell's step scale)."""
     from .api import estimate
     from .compat.loaders import as_pair, is_loader, materialise
 
@@ -405,7 +419,7 @@ def run_cells(model, data, loss_fn, cells: Sequence[tuple[float, float, float]],
         if gap > 0 and cell.healthy_chains:
             cell.locality = (cell.mean_loss - result.init_loss) / gap
         if kappa is not None:
-            cell.step_scale = epsilon * nbeta * kappa
+            cell.step_scale = step_scale(epsilon, nbeta, kappa, noise or 0.0)
         cell.flags = cell_flags(cell.to_dict())
         measured.append(cell)
         good = trace[rows][healthy[rows]]
@@ -418,7 +432,8 @@ def run_cells(model, data, loss_fn, cells: Sequence[tuple[float, float, float]],
         cells=measured, recommended=recommended, reason=reason, hint=hint, n=n,
         default_nbeta=default_nbeta, chains=chains, steps=config.steps, burn_in=config.burn_in,
         batch_size=config.batch_size, seed=config.seed, backend=result.backend, device=result.device,
-        init_loss=result.init_loss, sampling_seconds=result.sampling_seconds, kappa=kappa, trivial_loss=trivial,
+        init_loss=result.init_loss, sampling_seconds=result.sampling_seconds, kappa=kappa, gradient_noise=noise,
+        trivial_loss=trivial,
         control_variate=baseline is not None,
         interval=interval_of(dicts, recommended), mean_traces=np.array(means))
 
