@@ -6,14 +6,15 @@
     heads = fastllc.lm.estimate_groups(model, tokens, groups="per-head", chains=4, ...)
 
 Modules: ``data`` (token data, the next-token loss, L_n(w*) in chunks), ``models`` (the adapter and the
-sampling mode), ``names`` (part names → masks per architecture), ``api`` (the two entry points).
+sampling mode), ``names`` (part names → masks per architecture), ``memory`` (bytes per chain, chains per group), ``api`` (the two entry points).
 ``transformers`` is needed only to load a model from a directory (``pip install 'fastllc[lm]'``).
 """
 
-from .api import estimate, estimate_groups
+from .api import estimate, estimate_groups, memory_plan
 from .data import IGNORE, TokenData, loss_at, next_token_loss, token_data
+from .memory import MemoryPlan, chain_bytes, plan
 from .models import CausalLM, FusedTanhGELU, load_causal_lm, sampling_mode
 from .names import LAYOUTS, groups_by_name, name_mask
 
-__all__ = ["estimate", "estimate_groups", "IGNORE", "TokenData", "loss_at", "next_token_loss", "token_data",
+__all__ = ["estimate", "estimate_groups", "memory_plan", "MemoryPlan", "chain_bytes", "plan", "IGNORE", "TokenData", "loss_at", "next_token_loss", "token_data",
            "CausalLM", "FusedTanhGELU", "load_causal_lm", "sampling_mode", "LAYOUTS", "groups_by_name", "name_mask"]

@@ -7,20 +7,33 @@ next-token loss ``data.next_token_loss`` (backend ``generic``: all chains throug
 ``models.sampling_mode`` (dropout off, vmap-batchable attention, the model's state restored afterwards),
 and give L_n(w*) computed in chunks without autograd over ``init_sequences`` sequences (default: all).
 nβ defaults to n/log n with n the number of sequences (``SGLDConfig``); LM studies usually set it.
+
+Memory (``memory.py``): the chains' bytes are estimated first; when they do not fit ``max_memory`` (default:
+half the available memory) the chains run in groups one after another, chain c keyed by its global index,
+and the groups' traces are joined before λ̂ is read (``memory_plan`` says what was chosen; logged at INFO).
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 
-from ..api import estimate as _estimate, estimate_groups as _estimate_groups
-from ..errors import FastLLCError
-from ..llc import GroupResults, LLCResult
+import torch
+
+from ..api import estimate as _estimate, estimate_groups as _estimate_groups, sgld_config
+from ..backends import sample
+from ..llc import GroupResults, LLCResult, estimate_llc
+from ..sampling.contract import Samples, select_chains
+from ..sampling.randomness import CounterRandomness
+from ..sampling.restrict import selection_mask
 from ..validate import check_int
 from .data import loss_at, next_token_loss, token_data
+from .memory import ChainOffset, MemoryPlan, plan
 from .models import CausalLM, load_causal_lm, sampling_mode
 from .names import groups_by_name, name_mask
 
 PREFIX = "model."  # CausalLM holds the Hugging Face model as .model: its parameters' names start so
+LOG = logging.getLogger("fastllc.lm")
 
 
 def _prepared(model, tokens, loss_mask):
@@ -39,37 +52,96 @@ def _prefixed(masks: dict) -> dict:
     return {PREFIX + name: mask for name, mask in masks.items()}
 
 
+def memory_plan(model, tokens, chains: int, batch_size: int, sampler: str = "sgld",
+                max_memory: int | None = None) -> MemoryPlan:
+    """The plan ``estimate`` follows for ``chains`` chains (``estimate_groups``: groups × chains)."""
+    model = load_causal_lm(model)
+    data = token_data(tokens, vocab_size=getattr(model.config, "vocab_size", None))
+    return plan(model, chains, batch_size, len(data), data.tokens.shape[1], sampler, max_memory)
+
+
 def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_sequences: int | None = None,
              init_loss: float | None = None, attention: str | None = "eager", fused_gelu: bool = True,
-             backend: str = "generic", **settings) -> LLCResult:
+             max_memory: int | None = None, backend: str = "generic", randomness=None, progress: bool = False,
+             **settings) -> LLCResult:
     """λ̂ of ``model`` at its weights on ``tokens`` (LongTensor [N, T], dataset with ``input_ids``, or a
     DataLoader; ``loss_mask`` [N, T] optional). ``restrict``: a part name or list (``names.py``: ``"l0h1"``,
     ``"l0 mlp"``, ``"embed"``, parameter names or globs) — only those weights move. ``init_sequences``: L_n(w*)
-    over the first that many sequences (default: all); ``init_loss`` overrides it. Other keywords: the
-    ``SGLDConfig`` fields (``chains``, ``steps``, ``epsilon``, ``gamma``, ``nbeta``, ``batch_size`` in
-    sequences, ...) and ``fastllc.estimate``'s (``randomness``, ``progress``, ``device``)."""
+    over the first that many sequences (default: all); ``init_loss`` overrides it. ``max_memory``: bytes the
+    chains may take (module docstring). Other keywords: the ``SGLDConfig`` fields (``chains``, ``steps``,
+    ``epsilon``, ``gamma``, ``nbeta``, ``batch_size`` in sequences, ...)."""
     model, lm, data = _prepared(model, tokens, loss_mask)
+    config = sgld_config(config, settings)
     selection = None if restrict is None else _prefixed(name_mask(model, restrict))
+    chosen = plan(model, config.chains, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory)
+    LOG.info(chosen.describe())
     with sampling_mode(model, attention, fused_gelu):
         init = float(init_loss) if init_loss is not None else _init_loss(lm, data, init_sequences)
-        return _estimate(lm, data.pair, next_token_loss, config, backend=backend, init_loss=init,
-                         restrict=selection, **settings)
+        if len(chosen.groups) == 1:
+            return _estimate(lm, data.pair, next_token_loss, config, backend=backend, init_loss=init,
+                             restrict=selection, randomness=randomness, progress=progress)
+        mask = None if selection is None else selection_mask(lm, selection)
+        samples = _in_groups(lm, data, config, mask, chosen, init, backend, randomness, progress)
+    result = estimate_llc(samples, config)
+    return result if mask is None else replace(result, sampled_weights=int(mask.sum()))
 
 
 def estimate_groups(model, tokens, config=None, *, groups="per-head", loss_mask=None,
                     init_sequences: int | None = None, init_loss: float | None = None,
-                    attention: str | None = "eager", fused_gelu: bool = True, backend: str = "generic",
-                    **settings) -> GroupResults:
+                    attention: str | None = "eager", fused_gelu: bool = True, max_memory: int | None = None,
+                    backend: str = "generic", randomness=None, progress: bool = False, **settings) -> GroupResults:
     """The weight-restricted λ̂ of several named parts from ONE batched run (``fastllc.estimate_groups``:
-    ``chains`` chains per group, all groups' chains advancing together). ``groups``: ``"per-head"`` (every
-    ``l{l}h{h}``), ``"per-layer"`` (every ``l{l}``), a list of names (each its own group) or a dict
-    {group name: name or list of names}. Other arguments as ``estimate``."""
+    ``chains`` chains per group, all groups' chains advancing together, or in memory-planned groups of chains
+    one after another). ``groups``: ``"per-head"`` (every ``l{l}h{h}``), ``"per-layer"`` (every ``l{l}``), a list
+    of names (each its own group) or a dict {group name: name or list of names}. Other arguments as
+    ``estimate``."""
     model, lm, data = _prepared(model, tokens, loss_mask)
+    config = sgld_config(config, settings)
     selections = {group: _prefixed(masks) for group, masks in groups_by_name(model, groups).items()}
+    total = config.chains * len(selections)
+    chosen = plan(model, total, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory)
+    LOG.info(chosen.describe())
     with sampling_mode(model, attention, fused_gelu):
         init = float(init_loss) if init_loss is not None else _init_loss(lm, data, init_sequences)
-        return _estimate_groups(lm, data.pair, next_token_loss, config, groups=selections, backend=backend,
-                                init_loss=init, **settings)
+        if len(chosen.groups) == 1:
+            return _estimate_groups(lm, data.pair, next_token_loss, config, groups=selections, backend=backend,
+                                    init_loss=init, randomness=randomness, progress=progress)
+        masks = {name: selection_mask(lm, s, label=f"groups[{name!r}]") for name, s in selections.items()}
+        rows = torch.stack(list(masks.values())).repeat_interleave(config.chains, dim=0)
+        tiled = replace(config, chains=total, **_per_chain(config, lambda v: v * len(selections)))
+        samples = _in_groups(lm, data, tiled, rows, chosen, init, backend, randomness, progress)
+    results = {}
+    for g, (name, mask) in enumerate(masks.items()):
+        own = select_chains(samples, range(g * config.chains, (g + 1) * config.chains))
+        results[name] = replace(estimate_llc(own, config, label=f"group {name!r}"), sampled_weights=int(mask.sum()))
+    return GroupResults(results)
 
 
-__all__ = ["estimate", "estimate_groups", "FastLLCError"]
+def _per_chain(config, edit) -> dict:
+    """``edit`` applied to each of ε, γ, nβ given per chain (a list); single values left out."""
+    out = {}
+    for name in ("epsilon", "gamma", "nbeta"):
+        value = getattr(config, name)
+        if value is not None and torch.as_tensor(value).numel() > 1:
+            out[name] = edit(torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist())
+    return out
+
+
+def _in_groups(lm, data, config, mask, chosen: MemoryPlan, init, backend, randomness, progress) -> Samples:
+    """The run's chains in ``chosen.groups`` one after another (chain c keyed by c), joined."""
+    d = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    base = randomness if randomness is not None else CounterRandomness(config.seed, len(data), config.batch_size, d)
+    needs = config.needs() + (() if mask is None else ("restrict",))
+    parts = []
+    for lo, hi in chosen.groups:
+        sub = replace(config, chains=hi - lo, **_per_chain(config, lambda v: v[lo:hi]))
+        rows = mask if mask is None or mask.dim() == 1 else mask[lo:hi]
+        parts.append(sample(lm, *data.pair, next_token_loss, sub, backend=backend, randomness=ChainOffset(base, lo),
+                            progress=progress, needs=needs, restrict=rows))
+    cat = lambda field: None if getattr(parts[0], field) is None else torch.cat([getattr(p, field) for p in parts])
+    return Samples(cat("loss_trace"), init, cat("epsilon"), cat("gamma"), cat("nbeta"), parts[0].backend,
+                   parts[0].device, sum(p.seconds for p in parts), final_params=cat("final_params"),
+                   mala_acceptance=cat("mala_acceptance"))
+
+
+__all__ = ["estimate", "estimate_groups", "memory_plan"]

@@ -1,0 +1,108 @@
+"""The memory plan of an LM run: bytes per chain estimated before anything is allocated, chains per group
+chosen within ``max_memory``, groups run one after another.
+
+Per chain, float32 (d the trainable weights, m the minibatch in sequences, T their length):
+    state        4·d·(5 + [1 for RMSProp-SGLD's V]): its weights W, w*, the gradient G, the vmapped gradient
+                 before it is gathered into G, the unit noise ξ, (V);
+    activations  4·2·m·T·(L·(10·D + 3·F + 3·H·T) + 3·V): what autograd keeps per token for the backward
+                 pass, ×2 for the gradients flowing back — per layer the residual stream, layer norms,
+                 q, k, v and the attention output (≈10·D), the MLP's hidden units before and after the
+                 activation and their gradient (3·F), the attention scores, probabilities and their
+                 gradient (3·H·T per query); the logits, log-probabilities and their gradient (3·V).
+Shared by all chains: the token data (inputs and targets, int64) and one chunk of the full-data pass that
+computes L_n(w*) and ∇L_n(w*) (``models.CausalLM``: 512 sequences at a time, with checkpointing).
+An estimate from the shapes, not a measurement (not yet checked against measured peak memory).
+
+A group of chains c ∈ [lo, hi) runs with its randomness keyed by the global chain index (``ChainOffset``):
+chain c draws the same minibatches and noise as in a one-group run, so its trajectory is the same up to
+fp32 rounding of the vmapped step (a batch of other chains may block the sums differently; equal bit for
+bit in the tests on this CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import resources
+from ..errors import FastLLCError
+from ..validate import check_int
+
+DEFAULT_FRACTION = 0.5  # of the memory available when the run starts: room for everything else
+_CHUNK = 512  # CausalLM's default chunk of the full-data pass
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    chains: int
+    per_group: int
+    chain_bytes: int
+    shared_bytes: int
+    budget: int
+    budget_source: str  # "max_memory" or "50% of the available memory"
+
+    @property
+    def groups(self) -> list[tuple[int, int]]:
+        return [(lo, min(lo + self.per_group, self.chains)) for lo in range(0, self.chains, self.per_group)]
+
+    def describe(self) -> str:
+        f = resources.format_bytes
+        return (f"memory plan: {self.chains} chains in {len(self.groups)} group(s) of at most {self.per_group}, "
+                f"about {f(self.chain_bytes)} per chain + {f(self.shared_bytes)} shared, within "
+                f"{f(self.budget)} ({self.budget_source})")
+
+
+def _shape(config) -> tuple[int, int, int, int, int]:
+    c = config
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 1)
+    width = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 1)
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 1)
+    hidden = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * width
+    return layers, width, heads, hidden, getattr(c, "vocab_size", 1)
+
+
+def activation_bytes_per_token(model, length: int) -> int:
+    layers, width, heads, hidden, vocab = _shape(model.config)
+    return 4 * 2 * (layers * (10 * width + 3 * hidden + 3 * heads * length) + 3 * vocab)
+
+
+def chain_bytes(model, batch_size: int, length: int, sampler: str = "sgld") -> int:
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state = 4 * d * (5 + (sampler == "rmsprop_sgld"))
+    return state + batch_size * length * activation_bytes_per_token(model, length)
+
+
+def plan(model, chains: int, batch_size: int, sequences: int, length: int, sampler: str = "sgld",
+         max_memory: int | None = None) -> MemoryPlan:
+    """Chains per group within ``max_memory`` bytes (default: ``DEFAULT_FRACTION`` of the available memory;
+    no limit when that cannot be told). Refused when not even one chain fits."""
+    per_chain = chain_bytes(model, batch_size, length, sampler)
+    shared = 2 * 8 * sequences * length + min(sequences, _CHUNK) * length * activation_bytes_per_token(model, length)
+    if max_memory is not None:
+        budget, source = check_int("max_memory", max_memory, minimum=1), "max_memory"
+    else:
+        available = resources.available_memory_bytes()
+        budget = int(available * DEFAULT_FRACTION) if available else None
+        source = f"{DEFAULT_FRACTION:.0%} of the available memory"
+        if budget is None:
+            return MemoryPlan(chains, chains, per_chain, shared, 0, "the available memory is unknown: one group")
+    fits = (budget - shared) // per_chain
+    if fits < 1:
+        f = resources.format_bytes
+        raise FastLLCError(f"one chain needs about {f(per_chain)} and the data {f(shared)}, more than "
+                           f"{f(budget)} ({source}); lower batch_size or raise max_memory")
+    return MemoryPlan(chains, int(min(chains, fits)), per_chain, shared, budget, source)
+
+
+class ChainOffset:
+    """A counter-based randomness seen from a group of chains: local chain j is global chain ``offset`` + j."""
+
+    def __init__(self, base, offset: int):
+        self.base, self.offset = base, int(offset)
+
+    def fill(self, chains: np.ndarray, step: int, indices, noise, blocks=None) -> None:
+        self.base.fill(np.asarray(chains, dtype=np.int64) + self.offset, step, indices, noise, blocks)
+
+    def draw(self, chain: int, step: int):
+        return self.base.draw(chain + self.offset, step)
