@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from . import calibrate, circuits, estimate, reproduce, sweep, train
+from . import calibrate, circuits, estimate, lm, reproduce, sweep, train
 
 
 @click.group()
@@ -16,5 +16,5 @@ def main():
 
 
 for command in (train.train_command, estimate.estimate_command, calibrate.calibrate_command, circuits.circuits_command,
-                reproduce.reproduce_command, reproduce.report_command, sweep.sweep_command):
+                reproduce.reproduce_command, reproduce.report_command, sweep.sweep_command, lm.lm_command):
     main.add_command(command)

@@ -76,7 +76,14 @@ def load_causal_lm(model) -> nn.Module:
             raise FastLLCError(f"{os.fspath(model)!r} is not a directory; give a model or a local save_pretrained "
                                "directory (nothing is downloaded)")
         from transformers import AutoModelForCausalLM
-        return AutoModelForCausalLM.from_pretrained(model, local_files_only=True, attn_implementation="eager")
+        from transformers.utils import logging as hf_logging
+        bar = hf_logging.is_progress_bar_enabled()  # its loading bar would interleave with our output
+        hf_logging.disable_progress_bar()
+        try:
+            return AutoModelForCausalLM.from_pretrained(model, local_files_only=True, attn_implementation="eager")
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
     return model
 
 
