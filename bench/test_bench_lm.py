@@ -8,7 +8,8 @@ Two ways in the same run, both on fastllc's ``generic`` backend:
                          ``torch.func.vmap`` has no batching rule for the CPU SDPA kernel and loops over chains;
                          GPT-2's spelt-out tanh-GELU), ``fastllc.estimate``;
     ``fastllc.lm``       ``fastllc.lm.estimate``: eager attention (batched by vmap), fused tanh-GELU,
-                         L_n(w*) in chunks without autograd.
+                         L_n(w*) in chunks without autograd (and, at 16 chains, with the spelt-out GELU
+                         kept: eager attention's share).
 Both are checked to record the same loss at w* and λ̂ of the same size before timing. Also: the 8 heads'
 λ̂ in one batch (``estimate_groups(groups="per-head")``, 2 chains each) beside one unrestricted run of the
 same 16 chains. Rates are chain-steps per second of the sampler's own loop (``sampling_seconds``); the wall
@@ -168,6 +169,13 @@ def test_naive_wrapper(benchmark, trained, chains):
 def test_fastllc_lm(benchmark, trained, chains):
     model, tokens = trained
     timed(benchmark, "fastllc.lm", lambda: run_lm(model, tokens, chains), chains)
+
+
+def test_fastllc_lm_eager_attention_only(benchmark, trained):
+    """What eager attention alone gives (the spelt-out GELU kept): the attention's share of the speed-up."""
+    model, tokens = trained
+    timed(benchmark, "fastllc.lm unfused GELU", lambda: lm.estimate(model, tokens, chains=16, fused_gelu=False,
+                                                                    **SGLD), 16)
 
 
 def test_per_head_groups(benchmark, trained):
