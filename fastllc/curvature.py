@@ -83,14 +83,9 @@ def nearby_curvature(model: torch.nn.Module, data, loss_fn, nbeta: float, *, poi
     return largest
 
 
-def gradient_noise(model: torch.nn.Module, data, loss_fn, *, batch_size: int, batches: int = 32, seed: int = 0,
-                   preconditioner: dict | None = None) -> float:
-    """The mean over weights of Var_B(∂_j L_B) at w*, the variance of a minibatch gradient across minibatches of
-    ``batch_size`` (with replacement; ``batches`` of them), weighted by P_j with a ``preconditioner``.
-
-    Why: SGLD's step adds (ε·nβ/2)²·Var_B(∇L_B) of minibatch noise to the ε it injects, so each direction runs
-    hotter by the factor 1 + ε·nβ²·Var_B/4, which raises λ̂ in proportion to ε as the Euler step's ε·nβ·κ/4 does:
-    nβ·Var_B adds to κ in the step scale (measured: +10% on regular models at s = 0.1 without it)."""
+def minibatch_gradients(model: torch.nn.Module, data, loss_fn, *, batch_size: int, batches: int = 32,
+                        seed: int = 0) -> list[dict]:
+    """∇L_B at w* for ``batches`` minibatches of ``batch_size`` examples drawn with replacement ({name: tensor})."""
     inputs, targets = data
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
@@ -103,34 +98,31 @@ def gradient_noise(model: torch.nn.Module, data, loss_fn, *, batch_size: int, ba
     draws = []
     for _ in range(batches):
         rows = torch.randint(0, len(targets), (batch_size,), generator=generator)
-        g = gradient(params, inputs[rows], targets[rows])
-        scale = {n: 1.0 if preconditioner is None else preconditioner[n] for n in params}
-        draws.append(torch.cat([(g[n].detach() * scale[n].sqrt() if preconditioner is not None else g[n].detach())
-                                .reshape(-1).double() for n in params]))
-    return float(torch.stack(draws).var(dim=0).mean())
+        draws.append({n: g.detach() for n, g in gradient(params, inputs[rows], targets[rows]).items()})
+    return draws
+
+
+def gradient_noise(model: torch.nn.Module, data, loss_fn, *, batch_size: int, batches: int = 32, seed: int = 0,
+                   preconditioner: dict | None = None) -> float:
+    """The mean over weights of Var_B(∂_j L_B) at w*, the variance of a minibatch gradient across minibatches of
+    ``batch_size`` (``minibatch_gradients``), weighted by P_j with a ``preconditioner``.
+
+    Why: SGLD's step adds (ε·nβ/2)²·Var_B(∇L_B) of minibatch noise to the ε it injects, so each direction runs
+    hotter by the factor 1 + ε·nβ²·Var_B/4, which raises λ̂ in proportion to ε as the Euler step's ε·nβ·κ/4 does:
+    nβ·Var_B adds to κ in the step scale (measured: +10% on regular models at s = 0.1 without it)."""
+    draws = minibatch_gradients(model, data, loss_fn, batch_size=batch_size, batches=batches, seed=seed)
+    weight = preconditioner or {n: torch.ones_like(g) for n, g in draws[0].items()}
+    stacked = torch.stack([torch.cat([(g[n] * weight[n].sqrt()).reshape(-1).double() for n in g]) for g in draws])
+    return float(stacked.var(dim=0).mean())
 
 
 def rmsprop_preconditioner(model: torch.nn.Module, data, loss_fn, *, batch_size: int, delta: float,
                            batches: int = 32, seed: int = 0) -> dict:
     """RMSProp-SGLD's preconditioner P = 1/(√V + δ) at w*, V the mean square of minibatch gradients there (what
-    its running average V_t settles to near w*, where minibatch noise is most of the gradient), estimated from
-    ``batches`` minibatches of ``batch_size`` examples drawn with replacement."""
-    inputs, targets = data
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    buffers = {name: b.detach() for name, b in model.named_buffers()}
-
-    def loss(weights, x, y):
-        return loss_fn(functional_call(model, (weights, buffers), (x,)), y)
-
-    gradient = grad(loss)
-    generator = torch.Generator().manual_seed(seed)
-    squares = {n: torch.zeros_like(p) for n, p in params.items()}
-    for _ in range(batches):
-        rows = torch.randint(0, len(targets), (batch_size,), generator=generator)
-        g = gradient(params, inputs[rows], targets[rows])
-        for n in params:
-            squares[n] += g[n].detach() ** 2 / batches
-    return {n: 1 / (v.sqrt() + delta) for n, v in squares.items()}
+    its running average V_t settles to near w*, where minibatch noise is most of the gradient; from
+    ``minibatch_gradients``)."""
+    draws = minibatch_gradients(model, data, loss_fn, batch_size=batch_size, batches=batches, seed=seed)
+    return {n: 1 / ((sum(g[n] ** 2 for g in draws) / len(draws)).sqrt() + delta) for n in draws[0]}
 
 
 def trivial_loss(model: torch.nn.Module, data, loss_fn, *, examples: int = EXAMPLES) -> float:

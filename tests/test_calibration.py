@@ -367,3 +367,17 @@ def test_a_w_star_without_curvature_takes_the_curvature_nearby():
     nbeta = n / math.log(n)
     assert 6 / math.sqrt(nbeta) / 5 < result.kappa < 6 / math.sqrt(nbeta) * 10
     assert result.recommended is not None and result.cells[0].healthy_fraction == 1
+
+
+def test_rmsprop_sgld_is_scaled_by_its_preconditioned_curvature():
+    """RMSProp-SGLD steps by ε·P, P = 1/(√V + δ) ≈ 1/δ = 10 at a w* whose minibatch gradients are small: its κ is
+    that of P^½ H P^½, several times SGLD's, so the same step scale gives a several times smaller ε."""
+    model, data = linear_regression()
+    common = dict(gammas=[1.0], chains=2, steps=300, batch_size=500, backend="generic")
+    plain = calibrate(model, data, half_squared_error, **common)
+    rms = calibrate(model, data, half_squared_error, sampler="rmsprop_sgld", **common)
+    assert 3 < rms.kappa / plain.kappa < 11  # P between 1/(√V + δ) with √V ≲ 0.2 and 1/δ = 10
+    assert rms.cells[1].epsilon < plain.cells[1].epsilon / 3
+    # λ = d/2 = 3; 2 chains × 225 draws read with the control variate have se ≈ 10%: 35% is 3 se plus the
+    # step scale's few percent of bias
+    assert rms.recommended is not None and rms.recommended_cell.llc_mean == pytest.approx(3.0, rel=0.35)
