@@ -13,8 +13,9 @@ Two ways in the same run, both on fastllc's ``generic`` backend:
 Both are checked to record the same loss at w* and λ̂ of the same size before timing. Also: the 8 heads'
 λ̂ in one batch (``estimate_groups(groups="per-head")``, 2 chains each) beside one unrestricted run of the
 same 16 chains. Rates are chain-steps per second of the sampler's own loop (``sampling_seconds``); the wall
-time of the whole call (L_n(w*) and ∇L_n(w*) at the start included) is recorded beside it. Peak RSS is the
-process's (``ru_maxrss``) after each benchmark: monotone over the run, so only its growth is informative.
+time of the whole call (L_n(w*) and ∇L_n(w*) at the start included) is recorded beside it. Peak RSS: each way
+once more at 16 chains (20 steps) in a fresh Python process of its own (``test_peak_rss``), since a process's
+``ru_maxrss`` never falls; the in-process column is that monotone figure.
 
     python -m pytest bench/test_bench_lm.py --benchmark-only -s
 """
@@ -188,6 +189,48 @@ def test_per_head_groups(benchmark, trained):
     timed(benchmark, "fastllc.lm per-head 8x2", groups, 16)
 
 
+RSS_SCRIPT = """
+import resource, sys, warnings, torch, torch.nn.functional as F
+import fastllc, fastllc.lm as lm
+from transformers import AutoModelForCausalLM
+warnings.simplefilter("ignore")
+model = AutoModelForCausalLM.from_pretrained(sys.argv[2], local_files_only=True).eval()
+tokens = torch.load(sys.argv[3])
+settings = dict(chains=16, steps=20, batch_size=16, epsilon=5e-5, gamma=1000.0, nbeta=1000.0)
+if sys.argv[1] == "naive":
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__(); self.model = m
+        def forward(self, x):
+            return self.model(x).logits[:, :-1]
+    fastllc.estimate(Wrapper(model), (tokens, tokens[:, 1:]), lambda z, y: F.cross_entropy(z.reshape(-1, z.shape[-1]),
+                     y.reshape(-1)), backend="generic", **settings)
+else:
+    lm.estimate(model, tokens, **settings)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def test_peak_rss(benchmark, trained, tmp_path):
+    """Peak RSS of each way at 16 chains, each in a fresh process (the model and 8,192 sequences loaded)."""
+    import subprocess
+    import sys
+    model, tokens = trained
+    model.save_pretrained(tmp_path / "model")
+    torch.save(tokens, tmp_path / "tokens.pt")
+    peaks = {}
+
+    def measure():
+        for way in ("naive", "lm"):
+            out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, way, str(tmp_path / "model"),
+                                  str(tmp_path / "tokens.pt")], capture_output=True, text=True, check=True)
+            peaks[way] = float(out.stdout.strip().splitlines()[-1])
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    benchmark.extra_info.update(peak_rss_mib_naive=round(peaks["naive"]), peak_rss_mib_lm=round(peaks["lm"]))
+    ROWS["peak RSS MiB, fresh process, C16"] = dict(rate=float("nan"), wall=float("nan"), rss=peaks["lm"],
+                                                    llc=float("nan"), peer_rss=peaks["naive"])
+
+
 def test_summary(benchmark, trained):
     """The table of this run, with ratios computed here from the raw rates above."""
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
@@ -202,6 +245,10 @@ def test_summary(benchmark, trained):
         ours, peer = ROWS.get(f"fastllc.lm C{chains}"), ROWS.get(f"lm-naive-wrapper C{chains}")
         if ours and peer:
             lines.append(f"C={chains}: fastllc.lm / naive wrapper = {ours['rate'] / peer['rate']:.2f}x")
+    rss = ROWS.get("peak RSS MiB, fresh process, C16")
+    if rss:
+        lines.append(f"peak RSS at 16 chains, each in a fresh process: fastllc.lm {rss['rss']:.0f} MiB, naive wrapper "
+                     f"{rss['peer_rss']:.0f} MiB")
     heads, plain = ROWS.get("fastllc.lm per-head 8x2 C16"), ROWS.get("fastllc.lm C16")
     if heads and plain:
         lines.append(f"8 heads x 2 chains in one batch / one unrestricted 16-chain run: "
