@@ -106,3 +106,9 @@ def test_large_batches_run_in_checkpointed_chunks_with_the_same_loss_and_gradien
         torch.testing.assert_close(chunked(toks), whole(toks), rtol=1e-6, atol=1e-6)
     for a, b in zip(*grads):  # the sums over sequences are added in another order
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_refuses_a_model_without_a_language_model_head():
+    from transformers import GPT2Model
+    with pytest.raises(FastLLCError, match="language-model head"):
+        CausalLM(GPT2Model(gpt2().config))

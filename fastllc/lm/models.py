@@ -66,7 +66,9 @@ class CausalLM(nn.Module):
 
 
 def is_hf_causal_lm(model) -> bool:
-    return isinstance(model, nn.Module) and hasattr(model, "config") and hasattr(model, "get_output_embeddings")
+    """A transformers model with a language-model head (a bare ``GPT2Model`` has no logits to read)."""
+    return (isinstance(model, nn.Module) and hasattr(model, "config") and hasattr(model, "get_output_embeddings")
+            and model.get_output_embeddings() is not None)
 
 
 def load_causal_lm(model) -> nn.Module:

@@ -143,11 +143,15 @@ def head_mask(model, params, layout: Layout, layer: int, head: int) -> dict[str,
     masks = {}
 
     def rows(name, index, dim=0):
-        if name in params:
-            mask = torch.zeros(params[name].shape, dtype=torch.bool)
-            mask.narrow(dim, index.start, index.stop - index.start).fill_(True) if isinstance(index, slice) \
-                else mask.index_fill_(dim, index, True)
-            masks[name] = mask
+        """Select ``index`` (a slice or an index tensor) along ``dim`` of parameter ``name``, if the model has it."""
+        if name not in params:
+            return
+        mask = torch.zeros(params[name].shape, dtype=torch.bool)
+        if isinstance(index, slice):
+            mask.narrow(dim, index.start, index.stop - index.start).fill_(True)
+        else:
+            mask.index_fill_(dim, index, True)
+        masks[name] = mask
 
     if layout.kind == "gpt2":
         width = params[attn + "c_attn.weight"].shape[0]
