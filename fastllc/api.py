@@ -16,6 +16,7 @@ from .model import ModularMLP
 from .backends import resolve_backend, sample, sample_starts
 from .sampling import SGLDConfig, resolve_device
 from .sampling.contract import select_chains
+from .sampling.control_variate import unavailable_reason, with_control_variate
 from .sampling.restrict import group_masks, selection_mask
 from .sampling.starts import Start
 from .train import Run
@@ -24,7 +25,8 @@ from .validate import check_float
 
 def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLDConfig | None = None, *,
              backend: str = "auto", device="cpu", randomness=None, progress: bool = False,
-             init_loss: float | None = None, restrict=None, **settings) -> LLCResult:
+             init_loss: float | None = None, restrict=None, control_variate: bool | str = False,
+             **settings) -> LLCResult:
     """Estimate the LLC of ``model`` at its current weights w* on ``data``.
 
     ``data`` is ``(inputs, targets)`` or a DataLoader of such pairs (its dataset is materialised once and
@@ -44,7 +46,16 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
     (default n/log n) and the health bound are unchanged; the orthogonal restriction uses ∇L_n(w*) restricted to
     the selected weights. Backends with the ``restrict`` capability run it (``auto`` picks one). Several
     restrictions in one batched run: ``estimate_groups``.
+
+    ``control_variate=True`` reads the chains with the minibatch control variate
+    (``fastllc/sampling/control_variate.py``): λ̂ = nβ·mean_t [L_B(w_t) − L_B(w*)], the same expectation with the
+    data's batch-to-batch noise taken out (λ̂'s standard error 2–4× smaller on deep linear networks); refused in
+    one line where it cannot apply (given randomness, the triton backend, the published chain loss, a model
+    that cannot be run one example at a time). ``"auto"``: applied where it can be, else the plain estimator;
+    ``result.control_variate`` says which.
     """
+    if control_variate not in (True, False, "auto"):
+        raise FastLLCError(f"control_variate must be True, False or 'auto', got {control_variate!r}")
     config, inputs, targets, parameters = _checked_work(model, data, config, settings, init_loss)
     mask = None if restrict is None else selection_mask(model, restrict)  # bad selections refused before any work
     _warn_if_batch_exceeds_data(config.batch_size, len(targets))
@@ -54,12 +65,25 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
         backend = resolve_backend(backend, resolve_device(device), model, loss_fn, needs)
     samples = sample(model, inputs, targets, loss_fn, config, backend=backend, device=device,
                      randomness=randomness, progress=progress, needs=needs, restrict=mask)
+    corrected = control_variate and read_with_control_variate(samples, model, inputs, targets, loss_fn, config,
+                                                              randomness, required=control_variate is True)
+    samples = corrected or samples
     if init_loss is not None:
         samples = replace(samples, init_loss=float(init_loss))
-    result = estimate_llc(samples, config)
+    result = replace(estimate_llc(samples, config), control_variate=bool(corrected))
     if mask is not None:  # the record says which λ̂ this is: of how many of the model's weights
         result = replace(result, sampled_weights=int(mask.sum()))
     return result
+
+
+def read_with_control_variate(samples, model, inputs, targets, loss_fn, config, randomness, required: bool):
+    """``samples`` with the control variate applied, or None where it cannot be (an error if ``required``)."""
+    reason = unavailable_reason(samples, config, randomness)
+    corrected = None if reason else with_control_variate(samples, model, inputs, targets, loss_fn, config)
+    if corrected is None and required:
+        reason = reason or "the per-example losses at w* could not be computed or do not average to L_n(w*)"
+        raise FastLLCError(f"control_variate=True cannot be applied: {reason}; use control_variate='auto'")
+    return corrected
 
 
 def estimate_groups(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLDConfig | None = None, *,

@@ -58,7 +58,6 @@ from .curvature import gradient_noise, nearby_curvature, rmsprop_preconditioner,
 from .errors import FastLLCError
 from .llc import effective_sample_size, split_r_hat
 from .sampling import SGLDConfig, wbic_nbeta
-from .sampling.control_variate import corrected_trace, per_example_losses
 from .validate import check_float, check_int
 
 DRIFT_LIMIT = 3.0  # |drift| (a z-score) above which, with DRIFT_RELATIVE, a cell is "drifting"
@@ -395,18 +394,11 @@ def run_cells(model, data, loss_fn, cells: Sequence[tuple[float, float, float]],
                  for axis, name in enumerate(("epsilon", "nbeta", "gamma"))}
     config = replace(config or SGLDConfig(), **settings, chains=len(cells) * chains, **per_chain)
     result = estimate(model, data, loss_fn, config, backend=backend, device=device, progress=progress,
-                      restrict=restrict)
+                      restrict=restrict, control_variate="auto")
     config = replace(config, batch_size=result.batch_size)
     trace = result.loss_trace.double().numpy()
     per_chain_llc = np.array([math.nan if v is None else v for v in result.llc_per_chain])
     healthy = np.array(result.healthy, dtype=bool)
-    baseline = minibatch_free(model, as_pair(data), loss_fn, result, config)
-    if baseline is not None:  # λ̂ per chain from the corrected trace: the same mean, far less noise
-        trace = corrected_trace(trace, baseline, config.seed, config.batch_size)
-        start = config.burn_in + config.thin - 1
-        nbetas = np.array(per_chain["nbeta"])
-        per_chain_llc = np.where(healthy, nbetas * (trace[:, start::config.thin].mean(axis=1) - result.init_loss),
-                                 math.nan)
     recorded = trace[:, config.burn_in + config.thin - 1 :: config.thin]
     mala = None if result.mala_trace is None else result.mala_trace.double().numpy()[:, config.burn_in:]
     trivial = trivial_loss(model, as_pair(data), loss_fn)
@@ -434,23 +426,8 @@ def run_cells(model, data, loss_fn, cells: Sequence[tuple[float, float, float]],
         batch_size=config.batch_size, seed=config.seed, backend=result.backend, device=result.device,
         init_loss=result.init_loss, sampling_seconds=result.sampling_seconds, kappa=kappa, gradient_noise=noise,
         trivial_loss=trivial,
-        control_variate=baseline is not None,
+        control_variate=result.control_variate,
         interval=interval_of(dicts, recommended), mean_traces=np.array(means))
-
-
-def minibatch_free(model, data, loss_fn, result, config: SGLDConfig) -> np.ndarray | None:
-    """The per-example losses at w* for the control variate (``sampling.control_variate``), or None where it
-    does not apply: a backend whose minibatches are not ``CounterRandomness``'s (triton draws in its kernel),
-    the published chain loss (not ``loss_fn``), or a loss that is not the mean of its per-example values."""
-    if result.backend == "triton" or config.chain_loss != "exact":
-        return None
-    try:
-        per_example = per_example_losses(model, *data, loss_fn)
-    except Exception:  # a model torch.func cannot vmap over single examples: the plain estimator
-        return None
-    if not abs(per_example.mean() - result.init_loss) <= 1e-5 * max(1.0, abs(result.init_loss)):
-        return None
-    return per_example
 
 
 def measure_cell(epsilon, nbeta, gamma, llc: np.ndarray, healthy: np.ndarray, recorded: np.ndarray,

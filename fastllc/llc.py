@@ -107,6 +107,7 @@ class LLCResult:
     loss_trace: torch.Tensor | None = field(default=None, repr=False)  # [C, T]; not serialised
     thin: int = 1
     mala_acceptance: float | None = None  # mean MALA acceptance of healthy chains' steps after burn-in (config.mala)
+    control_variate: bool = False  # λ̂ read with the minibatch control variate (``estimate(control_variate=...)``)
     mala_trace: torch.Tensor | None = field(default=None, repr=False)  # [C, T−1]; not serialised
     sampler: str = "sgld"  # SGLDConfig.sampler: which update produced the chains
     sampled_weights: int | None = None  # weights the chains moved when restricted (restrict=); None: all of them

@@ -46,3 +46,35 @@ def test_corrected_trace_keeps_the_mean_and_removes_the_minibatch_noise():
     fixed = corrected_trace(raw, per_example, seed=3, batch_size=500)
     assert abs(fixed[:, 500:].mean() - raw[:, 500:].mean()) < 5e-3
     assert raw[:, 500:].std() > 8 * fixed[:, 500:].std()
+
+
+def test_estimate_reads_its_chains_with_the_control_variate_when_asked():
+    """Same chains (same seed), read both ways: the means agree within the plain estimator's noise, the
+    corrected standard error is several times smaller (measured 3–4× here)."""
+    from fastllc import FastLLCError
+    from fastllc.sampling import InjectedRandomness
+
+    problem = draw_dln(11, 20_000, layers=(2, 3), widths=(2, 8))
+    n = len(problem.data[1])
+    common = dict(chains=4, steps=1500, burn_in=400, epsilon=0.05 / (n / math.log(n) * 2.0), gamma=1.0,
+                  batch_size=500, backend="generic", seed=5)
+    plain = estimate(problem.model, problem.data, problem.loss_fn, **common)
+    fixed = estimate(problem.model, problem.data, problem.loss_fn, control_variate=True, **common)
+    assert fixed.control_variate and not plain.control_variate and fixed.to_dict()["control_variate"] is True
+    assert abs(fixed.llc_mean - plain.llc_mean) < 3 * plain.llc_se
+    assert fixed.llc_se < plain.llc_se / 2
+    noise = InjectedRandomness.seeded(2, 20, n, 500, sum(p.numel() for p in problem.model.parameters()))
+    with pytest.raises(FastLLCError, match="^control_variate=True cannot be applied: the randomness was given"):
+        estimate(problem.model, problem.data, problem.loss_fn, control_variate=True, randomness=noise,
+                 **dict(common, chains=2, steps=20, burn_in=5))
+    auto = estimate(problem.model, problem.data, problem.loss_fn, control_variate="auto", randomness=noise,
+                    **dict(common, chains=2, steps=20, burn_in=5))
+    assert not auto.control_variate  # "auto": the plain estimator where the correction cannot apply
+
+
+def test_control_variate_argument_is_checked_before_any_work():
+    from fastllc import FastLLCError
+
+    problem = draw_dln(3, 500, layers=(2, 2), widths=(2, 3))
+    with pytest.raises(FastLLCError, match="^control_variate must be True, False or 'auto', got 'yes'$"):
+        estimate(problem.model, problem.data, problem.loss_fn, control_variate="yes", backend="generic")

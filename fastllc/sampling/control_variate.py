@@ -55,3 +55,33 @@ def corrected_trace(trace: np.ndarray, per_example: np.ndarray, seed: int, batch
     """``trace`` [C, T] of L_{B_t}(w_t) with L_{B_t}(w*) − L_n(w*) subtracted (the module's control variate)."""
     chains, steps = trace.shape
     return trace - minibatch_baseline(per_example, seed, chains, steps, batch_size) + per_example.mean()
+
+
+def unavailable_reason(samples, config, randomness) -> str | None:
+    """Why the control variate cannot be applied to this run (None: it can): it needs the minibatch indices,
+    which only ``CounterRandomness`` keyed by ``config.seed`` regenerates, and the recorded loss to be
+    ``loss_fn`` itself."""
+    if randomness is not None:
+        return "the randomness was given (only the default counter-based minibatches can be regenerated)"
+    if samples.backend == "triton":
+        return "the triton backend draws its minibatches inside its kernel"
+    if config.chain_loss != "exact":
+        return f"the chains record the {config.chain_loss} chain loss, not loss_fn"
+    return None
+
+
+def with_control_variate(samples, model, inputs: torch.Tensor, targets: torch.Tensor, loss_fn, config):
+    """``samples`` with its loss trace corrected (``corrected_trace``), or None where the per-example losses
+    cannot be computed (a model ``vmap`` cannot run one example at a time) or do not average to L_n(w*) (a
+    ``loss_fn`` that is not a mean over examples)."""
+    from dataclasses import replace
+
+    home = next(model.parameters()).device
+    try:
+        per_example = per_example_losses(model, inputs.to(home), targets.to(home), loss_fn)
+    except Exception:  # torch.func cannot run this model one example at a time: no correction
+        return None
+    if not abs(per_example.mean() - samples.init_loss) <= 1e-5 * max(1.0, abs(samples.init_loss)):
+        return None
+    trace = corrected_trace(samples.loss_trace.double().cpu().numpy(), per_example, config.seed, config.batch_size)
+    return replace(samples, loss_trace=torch.from_numpy(trace))
