@@ -230,3 +230,13 @@ def test_rmsprop_sgld_from_the_command_line(cli, tiny_run):
                           "or 'reference', not 'native'")
     assert_one_line_error(cli("estimate", "--run", tiny_run.path, "--sampler", "rmsprop_sgld", "--rmsprop-alpha", 1),
                           "rmsprop_alpha must be in (0, 1), got 1.0")
+
+
+def test_estimate_with_the_control_variate(cli, tiny_run):
+    """--control-variate reads the same chains (same seed) with the minibatch control variate: the JSON says so;
+    with --per-parameter it is refused in one line."""
+    args = ("estimate", "--run", tiny_run.path, "--chains", 3, "--steps", 40, "--json", "--backend", "reference")
+    plain, fixed = json.loads(cli(*args).stdout), json.loads(cli(*args, "--control-variate").stdout)
+    assert fixed["control_variate"] is True and plain["control_variate"] is False
+    assert fixed["chains"] == plain["chains"] == 3 and fixed["llc_mean"] != plain["llc_mean"]
+    assert_one_line_error(cli(*args, "--control-variate", "--per-parameter"), "not available with --per-parameter")

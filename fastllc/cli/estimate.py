@@ -47,14 +47,19 @@ TENSORS = len(param_shapes(2, 1, 1))  # the study's MLP's parameter tensors, wha
 @click.option("--per-parameter", is_flag=True,
               help="λ̂ of each parameter tensor (embedding, both first-layer maps and biases, unembedding) with the "
                    "others fixed at w*: --chains chains per tensor, all in one batched run; prints a table.")
+@click.option("--control-variate", is_flag=True,
+              help="Read the chains with the minibatch control variate: λ̂ = nβ·mean[L_B(w_t) − L_B(w*)], the same "
+                   "mean with less noise (not with --per-parameter).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 @one_line_errors
 def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, orthogonal, sampler, rmsprop_alpha,
-                     rmsprop_eps, chain_loss, backend, device, run_dir, checkpoint, seed, per_parameter, as_json,
+                     rmsprop_eps, chain_loss, backend, device, run_dir, checkpoint, seed, per_parameter, control_variate, as_json,
                      **training):
     """Estimate λ̂ at a checkpoint with SGLD chains started at its weights."""
     if run_dir is not None:
         refuse_training_options_with_run()
+    if control_variate and per_parameter:
+        raise FastLLCError("--control-variate reads one estimate's chains; it is not available with --per-parameter")
     training_config = None if run_dir is not None else train_config(**training)  # checked before the backend loads
     config = SGLDConfig(chains=chains, steps=steps, burn_in=burn_in, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                         batch_size=batch_size, orthogonal=orthogonal, seed=seed, sampler=sampler,
@@ -76,7 +81,8 @@ def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, 
     if per_parameter:
         return _per_parameter(run, index, config, backend, name, device, as_json)
     with long_work(f"sampling {config.chains} chains × {config.steps} steps ({name} on {device})", "sampled"):
-        result = api.estimate_run(run, index, config, backend=backend, device=device, progress=progress())
+        result = api.estimate_run(run, index, config, backend=backend, device=device, progress=progress(),
+                                  control_variate=control_variate)
     metrics = run.metrics[index]
     if as_json:
         click.echo(json.dumps(dict(result.to_dict(), **_run_record(run, index))))
@@ -84,7 +90,8 @@ def estimate_command(chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, 
         click.echo(f"run       {run.path}  checkpoint {index} (step {run.steps[index]})")
         click.echo(f"model     train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.1%} | "
                    f"test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:.1%}")
-        click.echo(f"λ̂         {result.llc_mean:.1f} ± {result.llc_se:.1f} (standard error)   "
+        click.echo(f"λ̂         {result.llc_mean:.1f} ± {result.llc_se:.1f} (standard error"
+                   f"{', minibatch control variate' if result.control_variate else ''})   "
                    f"std across chains {result.llc_std:.1f}   healthy {result.healthy_chains}/{result.chains} chains")
         click.echo(f"sampling  {result.chains} chains × {result.steps} steps, {result.backend} on {result.device}: "
                    f"{result.sampling_seconds:.1f} s, {result.chain_steps_per_second:,.0f} chain-steps/s, "
