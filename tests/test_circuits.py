@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from fastllc import TrainConfig, train
 from fastllc.analysis import analyse_run, fourier_modes, keep_frequencies, learned_frequencies
+from fastllc.analysis.circuits import candidate_frequencies
 from fastllc.cli import main
 
 
@@ -169,3 +170,48 @@ def test_plot_with_along_training_is_refused(tmp_path, tiny_run):
                                        "--plot", str(tmp_path / "c.png")])
     assert "--plot draws one checkpoint and is not used with --along-training: drop one of them" in one_error_line(result)
     assert sorted(tmp_path.iterdir()) == []
+
+
+# ---- a circuit needs a plane of its own: never more than e/2 (issue #27) ----
+
+
+def circles_in_random_planes(p, frequencies, embed, seed=0, noise=0.01):
+    """Each frequency a unit circle in a random 2-D plane of R^embed: more circles than e/2 must share planes."""
+    rng = np.random.default_rng(seed)
+    j = np.arange(p)
+    W = noise * rng.normal(size=(p, embed))
+    for k in frequencies:
+        plane, _ = np.linalg.qr(rng.normal(size=(embed, 2)))
+        W += np.stack([np.cos(2 * np.pi * j * k / p), np.sin(2 * np.pi * j * k / p)], axis=1) @ plane.T
+    return W
+
+
+@pytest.mark.parametrize("embed", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("seed", range(4))
+def test_adversarial_embeddings_never_count_more_than_half_the_embedding(embed, seed):
+    # two more round, equally strong circles than R^e has planes for (few enough of the 18 modes to stay
+    # outliers): rules 1-2 alone count them all
+    p = 37
+    chosen = list(range(1, 3 * (embed // 2 + 2), 3))
+    modes = fourier_modes(circles_in_random_planes(p, chosen, embed, seed))
+    assert len(candidate_frequencies(modes)) > embed // 2  # the earlier rule overcounts here
+    learned = learned_frequencies(modes)
+    assert len(learned) <= embed // 2 and set(learned) <= set(chosen)
+
+
+@pytest.mark.parametrize("embed", [4, 8, 9])
+@pytest.mark.parametrize("seed", range(5))
+def test_random_embeddings_never_count_more_than_half_the_embedding(embed, seed):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(53, embed)) * rng.uniform(0.1, 3, size=(53, 1))  # heavy-tailed rows: ragged spectra
+    assert len(learned_frequencies(fourier_modes(W))) <= embed // 2
+
+
+def test_a_leaked_mode_in_a_counted_plane_is_not_a_second_circuit():
+    # frequency 9 drawn in the plane of frequency 3 (a weak copy): round and an outlier, but no plane of its own
+    p, j = 37, np.arange(37)
+    W = embedding_with(p, [3, 11], noise=0.01)
+    W[:, 0] += 0.3 * np.cos(2 * np.pi * j * 9 / p)
+    W[:, 1] += 0.3 * np.sin(2 * np.pi * j * 9 / p)
+    modes = fourier_modes(W)
+    assert 9 in candidate_frequencies(modes) and sorted(learned_frequencies(modes)) == [3, 11]

@@ -1,6 +1,7 @@
 """Sweeps: one JSON per job, written atomically, resumable; reports from the JSONs; quick reproductions."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -126,9 +127,10 @@ def test_memorisation_report_fits_all_runs_and_beside_them_the_runs_that_memoris
     for r in records:
         jobs_module.write_json_atomically(tmp_path / "jobs" / f"{r['job']}.json", r)
     text = write_report(tmp_path).read_text()
-    assert "All runs: fit over p ∈ [10, 25]" in text and "± " in text  # several seeds: sd shown
+    assert "Means over seeds (one point per p): fit over p ∈ [10, 25]" in text and "± " in text  # several seeds: sd shown
+    assert "Every run (one point per seed): fit over p ∈ [10, 25]" in text and "9 runs)" in text
     assert "Runs that memorised (final train accuracy 100%), 8 of 9" in text
-    assert "Runs that memorised: fit over p ∈ [10, 25]: λ̂ ≈ 0.800·p² +0.0 (R² = 1.0000)" in text
+    assert "Runs that memorised, means over seeds: fit over p ∈ [10, 25]: λ̂ ≈ 0.800·p² +0.0 (R² = 1.0000)" in text
 
 
 def test_architectures_report_gives_seeds_ratios_fits_and_a_plot(tmp_path):
@@ -459,3 +461,56 @@ def test_reproduce_refuses_a_backend_without_what_the_jobs_need_before_training(
     assert "not 'generic'" in result.output
     assert result.output.strip().endswith("; --chain-loss exact runs it with the exact chain loss")  # the way out
     assert not (tmp_path / "sweep").exists()
+
+
+# ---- locality of the chains (issue #27) ----
+
+from fastllc.experiments.jobs import chain_locality
+from fastllc.experiments.report import NOT_RECORDED, record_locality
+
+
+def local_record(p, seed, mean_loss, init_loss=0.01, **extra):
+    """A memorisation job record with the fields an older record has: its chains' mean sampled loss, L_n(w*)."""
+    nbeta = 0.8 * p * p / math.log(0.8 * p * p)
+    result = dict(llc_mean=nbeta * (mean_loss - init_loss), llc_se=0.5, init_loss=init_loss, nbeta=nbeta,
+                  loss_trace_summary=dict(mean_loss=mean_loss, first_tenth_mean_loss=mean_loss * 0.8,
+                                          last_tenth_mean_loss=mean_loss * 1.1))
+    return dict(job=f"loc{p}-{seed}", sweep="memorization", kind="final", training=dict(p=p, task="random", seed=seed),
+                result=result, final_metrics=dict(train_acc=1.0), published=None, **extra)
+
+
+def test_locality_is_computed_from_an_older_record_and_flagged(tmp_path):
+    # p = 10: a mean sampled loss of 3.0 nats is above chance (log 10 = 2.30): locality (3.0 − 0.01)/(2.30 − 0.01)
+    far, near = local_record(10, 0, 3.0), local_record(10, 1, 0.3)
+    value, source = record_locality(far)
+    assert value == pytest.approx((3.0 - 0.01) / (math.log(10) - 0.01)) and source == "computed by the report"
+    assert record_locality(near)[0] == pytest.approx(0.29 / (math.log(10) - 0.01))
+    write_records(tmp_path, [far, near])
+    text = write_report(tmp_path).read_text()
+    assert "1 of 2 jobs nonlocal" in text
+    assert "| random operation, 10 | 2 | 1.65 | 0.010 | 2.30 | 0.72 (0.13–1.30) | 1 of 2 |" in text
+    # λ̂/n and λ̂/p² (n = 80): the chains' own λ̂ = nβ·ΔL
+    nbeta = 80 / math.log(80)
+    assert f"| {nbeta * (3.0 + 0.3 - 0.02) / 2 / 80:.2f} | {nbeta * (3.0 + 0.3 - 0.02) / 2 / 100:.2f} |" in text
+
+
+def test_a_record_with_the_field_reads_it_and_one_without_the_loss_reads_not_recorded(tmp_path):
+    recorded = local_record(10, 0, 3.0, locality=0.2)  # the record's own field wins over a recomputation
+    assert record_locality(recorded) == (0.2, "recorded")
+    bare = local_record(15, 0, 1.0)
+    del bare["result"]["loss_trace_summary"]
+    assert record_locality(bare) == (None, NOT_RECORDED)
+    write_records(tmp_path, [bare])
+    text = write_report(tmp_path).read_text()
+    assert "| random operation, 15 | 1 | – | 0.010 | 2.71 | not recorded | not recorded |" in text
+    assert "0 of 0 jobs nonlocal" in text and "1 not recorded" in text
+
+
+def test_a_job_records_the_locality_of_its_own_chains():
+    result = dict(init_loss=0.01, loss_trace_summary=dict(mean_loss=2.0))
+    got = chain_locality(result, 10)
+    assert got["locality"] == pytest.approx(1.99 / (math.log(10) - 0.01)) and got["nonlocal"] is True
+    assert got["trivial_loss"] == pytest.approx(math.log(10))
+    assert chain_locality(dict(init_loss=0.01, loss_trace_summary=dict(mean_loss=0.5)), 10)["nonlocal"] is False
+    assert chain_locality(dict(init_loss=0.01, loss_trace_summary={}), 10) == {
+        "locality": None, "trivial_loss": math.log(10), "nonlocal": None}

@@ -8,6 +8,17 @@ Detection rule (documented in ``CIRCUIT_RULE``): frequency k is a learned circui
   2. its tokens' frequency-k components form a circle, not a line: roundness ≥ 0.5 (σ_min/σ_max of
      [Wᵀc_k, Wᵀs_k]). In trained networks the learned circles score 0.85–1, while large modes that
      carry only one phase (a line, not a circuit) score below 0.1; 0.5 sits in the gap.
+  3. its plane is a plane of its own: taking candidates largest magnitude first, the part of
+     span{Wᵀc_k, Wᵀs_k} outside the planes of the circuits already counted must still be a circle of at
+     least ``MIN_INDEPENDENT`` of the candidate's own size (σ_min of the residual [Wᵀc_k, Wᵀs_k] ≥
+     MIN_INDEPENDENT·σ_max of the unprojected pair).
+Why 3: a circuit of frequency k needs a 2-D plane of the embedding R^e to hold its circle (cos and sin of
+the same angle in two independent directions), and two circuits that share their directions are one circle
+seen at two frequencies (a mode leaking into another's plane), not two circuits. Distinct circuits thus
+need independent planes, and R^e holds at most e/2 of them: with the study's e = 8, at most 4. Rules 1–2
+alone counted 5 at p = 37 (seed 4) because leakage modes pass the magnitude and roundness tests in planes
+already taken. Each counted circuit adds 2 orthonormal directions to the span, so the count cannot exceed
+⌊e/2⌋ by construction (and ``learned_frequencies`` also stops there).
 Circularity (how clean the circle looks in its plane, with leakage from modes sharing it) is reported
 and drawn, not used for the decision: with e = 8 several modes share embedding directions.
 """
@@ -27,12 +38,15 @@ from .fourier import FourierModes, fourier_modes, keep_frequencies
 OUTLIER_SIGMAS = 6.0
 RELATIVE_FLOOR = 0.10
 MIN_ROUNDNESS = 0.5
+MIN_INDEPENDENT = 0.4  # on the 35 p-sweep networks: own planes 0.64–1.0, leakage modes 0–0.2
 CIRCUIT_RULE = (f"magnitude > median + {OUTLIER_SIGMAS:g}·1.4826·MAD and ≥ {RELATIVE_FLOOR:.0%} of the largest, "
-                f"and roundness ≥ {MIN_ROUNDNESS:g}")
+                f"roundness ≥ {MIN_ROUNDNESS:g}, and a plane of its own (the part outside the planes of larger "
+                f"circuits ≥ {MIN_INDEPENDENT:g} of its size; at most e/2 circuits)")
 
 
-def learned_frequencies(modes: FourierModes) -> list[int]:
-    """The frequencies that pass ``CIRCUIT_RULE``, largest magnitude first."""
+def candidate_frequencies(modes: FourierModes) -> list[int]:
+    """The frequencies that pass rules 1–2 (outlier magnitude, round), largest magnitude first: the count
+    before issue #27, which could exceed what the embedding holds."""
     m = modes.magnitudes
     median = np.median(m)
     spread = 1.4826 * np.median(np.abs(m - median))
@@ -40,6 +54,28 @@ def learned_frequencies(modes: FourierModes) -> list[int]:
     chosen = [int(k) for k, mag, round_ in zip(modes.frequencies, m, modes.roundness)
               if mag > threshold and round_ >= MIN_ROUNDNESS]
     return sorted(chosen, key=lambda k: -modes.magnitude(k))
+
+
+def learned_frequencies(modes: FourierModes) -> list[int]:
+    """The frequencies that pass ``CIRCUIT_RULE`` (rules 1–3), largest magnitude first; never more than
+    ⌊e/2⌋ of them (a circuit needs a plane of its own, and R^e holds e/2 independent planes)."""
+    if modes.pairs is None:  # built without its projections: rules 1-2 only cannot bound the count
+        raise ValueError("learned_frequencies needs FourierModes.pairs (use fourier_modes)")
+    embed = modes.pairs.shape[1]
+    span = np.zeros((embed, 0))  # orthonormal basis of the planes counted so far
+    learned = []
+    for k in candidate_frequencies(modes):
+        if len(learned) == embed // 2:  # R^e is full: the residual below would be 0 anyway
+            break
+        pair = modes.pairs[k - 1]  # [e, 2]: Wᵀc_k, Wᵀs_k
+        residual = pair - span @ (span.T @ pair)
+        size = np.linalg.svd(pair, compute_uv=False)[0]
+        if size == 0 or np.linalg.svd(residual, compute_uv=False)[1] < MIN_INDEPENDENT * size:
+            continue
+        basis, _ = np.linalg.qr(residual)
+        span = np.concatenate([span, basis], axis=1)
+        learned.append(k)
+    return learned
 
 
 @torch.no_grad()
@@ -101,6 +137,7 @@ class CircuitReport:
     ablation_test_loss: list[float]  # keep only mode k: test loss, per k
     full_test_loss: float
     learned_only_test_loss: float | None  # keep all learned modes (and the constant) together
+    candidates: list[int] = field(default_factory=list)  # rules 1-2 only (the count before issue #27)
     clock_or_pizza: dict = field(default_factory=dict)  # k → [label, 2k/k power ratio] (experimental)
     rule: str = CIRCUIT_RULE
     note: str = ""
@@ -114,6 +151,7 @@ def analyse(model, pairs_test, labels_test, *, task: str = "add", checkpoint: in
     W = model.embed.weight.detach().double().numpy()
     modes = fourier_modes(W)
     learned = learned_frequencies(modes)
+    candidates = candidate_frequencies(modes)
     ablation = ablation_losses(model, pairs_test, labels_test)
     full = test_loss_with_embedding(model, W, pairs_test, labels_test)
     together = None
@@ -129,7 +167,7 @@ def analyse(model, pairs_test, labels_test, *, task: str = "add", checkpoint: in
         magnitudes=modes.magnitudes.tolist(), roundness=modes.roundness.tolist(),
         circularity=modes.circularity.tolist(), learned=learned,
         count=len(learned), ablation_test_loss=ablation.tolist(), full_test_loss=full,
-        learned_only_test_loss=together, clock_or_pizza={k: list(clock_or_pizza(model, k)) for k in learned},
+        learned_only_test_loss=together, candidates=candidates, clock_or_pizza={k: list(clock_or_pizza(model, k)) for k in learned},
         note=note)
 
 

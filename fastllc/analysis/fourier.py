@@ -75,6 +75,7 @@ class FourierModes:
     roundness: np.ndarray  # [K]
     circularity: np.ndarray  # [K]
     coordinates: np.ndarray  # [K, p, 2] every token in each frequency's plane
+    pairs: np.ndarray | None = None  # [K, e, 2] (Wᵀc_k, Wᵀs_k): the plane's spanning pair, in embedding space
 
     def magnitude(self, k: int) -> float:
         return float(self.magnitudes[k - 1])
@@ -111,7 +112,7 @@ def fourier_modes(W, use_numba: bool = True) -> FourierModes:
         circ = np.array([_circularity(coords[i, :, 0].copy(), coords[i, :, 1].copy(), k) for i, k in enumerate(ks)])
     else:
         circ = np.array([_circularity_numpy(coords[i], k) for i, k in enumerate(ks)])
-    return FourierModes(p, ks, magnitudes, roundness, circ, coords)
+    return FourierModes(p, ks, magnitudes, roundness, circ, coords, np.stack([cos_part, sin_part], axis=2))
 
 
 def _circularity_numpy(coords: np.ndarray, k: int) -> float:

@@ -10,6 +10,7 @@ JSON (a crash or a full disk under an older version) is moved aside with a warni
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -145,6 +146,7 @@ def run_job(job: Job, out: Path, progress: bool = False) -> dict:
     if job.kind == "final":
         result = estimate_run(run, config=job.sgld, progress=progress, backend=job.backend, device=job.device)
         record.update(result=result.to_dict(), final_metrics=run.metrics[-1])
+        record.update(chain_locality(record["result"], job.training.p))
         if job.tags.get("prefixes"):
             record.update(prefix_results=prefix_results(result, job.sgld, job.tags["prefixes"]))
         if job.training.task == "add" and job.training.p >= 3:
@@ -153,12 +155,33 @@ def run_job(job: Job, out: Path, progress: bool = False) -> dict:
     elif job.kind == "dynamics":
         results = estimate_checkpoints(run, config=job.sgld, progress=progress, backend=job.backend, device=job.device)
         record.update(steps=run.steps, metrics=run.metrics, results=[r.to_dict() for r in results])
+        for result in record["results"]:  # each checkpoint's chains: local or not, beside its λ̂
+            result.update(chain_locality(result, job.training.p))
     elif job.kind == "calibrate":
         record.update(cells=calibration_cells(run, job), final_metrics=run.metrics[-1])
     else:
         raise ValueError(f"unknown job kind {job.kind!r}")
     require_some_healthy(record, job.sgld, run.config.make_task().n_train)
     return record
+
+
+def chain_locality(result: dict, p: int) -> dict:
+    """{"locality", "trivial_loss", "nonlocal"} of one estimate, from its own chains: (mean sampled loss − L_n(w*))
+    / (log p − L_n(w*)), ``fastllc.calibration``'s locality with the trivial loss of the study's cross-entropy
+    MLPs: every weight zero gives zero logits, the uniform predictor, loss log p (``curvature.trivial_loss``;
+    the +1e-6 chain loss moves it by p·1e-6). "nonlocal" above ``calibration.LOCALITY_LIMIT`` (½): the chains
+    went more than halfway from w* to knowing nothing, and λ̂ = nβ·ΔL then measures the temperature (a ΔL
+    near log p gives λ̂ ≈ nβ·log p = n at nβ = n/log n), not the geometry at w*. None for both when the
+    estimate has no mean sampled loss (no healthy chain)."""
+    from ..calibration import LOCALITY_LIMIT
+
+    mean_loss = (result.get("loss_trace_summary") or {}).get("mean_loss")
+    init_loss = result.get("init_loss")
+    trivial = math.log(p)
+    if mean_loss is None or init_loss is None or not trivial > init_loss:
+        return {"locality": None, "trivial_loss": trivial, "nonlocal": None}
+    locality = (mean_loss - init_loss) / (trivial - init_loss)
+    return {"locality": locality, "trivial_loss": trivial, "nonlocal": bool(locality > LOCALITY_LIMIT)}
 
 
 class AllChainsDiverged(FastLLCError):

@@ -135,6 +135,87 @@ def _converged(record) -> bool:
 
 GENERALISED_TEST_ACCURACY = 0.99
 
+NOT_RECORDED = "not recorded"
+
+
+def record_locality(record) -> tuple[float | None, str]:
+    """(locality, where it came from) of a final job's chains: the record's own ``locality`` field (jobs
+    since issue #27), else computed here from the fields an older record has (its mean sampled loss and
+    L_n(w*): ``jobs.chain_locality``), else (None, "not recorded")."""
+    from .jobs import chain_locality
+
+    if record.get("locality") is not None:
+        return float(record["locality"]), "recorded"
+    value = chain_locality(record.get("result") or {}, record["training"]["p"])["locality"]
+    return (None, NOT_RECORDED) if value is None else (value, "computed by the report")
+
+
+def is_nonlocal(record) -> bool | None:
+    """``calibration``'s "nonlocal" flag for a job's chains (locality > ½); None when not recorded."""
+    from ..calibration import LOCALITY_LIMIT
+
+    value, _ = record_locality(record)
+    return None if value is None else value > LOCALITY_LIMIT
+
+
+def relative_drift(record) -> float | None:
+    """(mean loss of the last tenth − of the first tenth) / (mean loss − L_n(w*)): how far the chains' loss
+    still moved, as a share of the loss excess λ̂ = nβ·ΔL measures (the records keep tenths, not fifths)."""
+    result = record.get("result") or {}
+    summary = result.get("loss_trace_summary") or {}
+    first, last, mean = (summary.get(k) for k in ("first_tenth_mean_loss", "last_tenth_mean_loss", "mean_loss"))
+    init = result.get("init_loss")
+    if None in (first, last, mean, init) or mean - init <= 0:
+        return None
+    return (last - first) / (mean - init)
+
+
+def _drifting(record) -> bool | None:
+    from ..calibration import DRIFT_RELATIVE
+
+    drift = relative_drift(record)
+    return None if drift is None else abs(drift) > DRIFT_RELATIVE
+
+
+def locality_table(records, key, key_names: str, key_text) -> list[str]:
+    """Per ``key`` (e.g. p): the chains' mean sampled loss, L_n(w*), the trivial loss log p, locality
+    (flagged "nonlocal" above ½, as ``fastllc.calibration`` does), λ̂/n and λ̂/p², and the drift of the mean
+    loss between the first and last tenth (flagged above 10%, ``calibration.DRIFT_RELATIVE``)."""
+    from ..calibration import DRIFT_RELATIVE, LOCALITY_LIMIT
+    from ..tasks import train_size
+
+    lines = [f"| {key_names} | seeds | mean sampled loss | L_n(w*) | log p | locality (min–max) | nonlocal (> {LOCALITY_LIMIT:g}) "
+             f"| λ̂/n | λ̂/p² | drift / (λ̂/nβ) (max) | drifting (> {DRIFT_RELATIVE:.0%}) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    sources = set()
+    for k, group in _by(records, key).items():
+        p = group[0]["training"]["p"]
+        localities = [record_locality(r) for r in group]
+        sources |= {source for _, source in localities}
+        values = [v for v, _ in localities if v is not None]
+        means = [(r.get("result") or {}).get("loss_trace_summary", {}).get("mean_loss") for r in group]
+        inits = [(r.get("result") or {}).get("init_loss") for r in group]
+        flags = [is_nonlocal(r) for r in group]
+        drifts = [d for d in map(relative_drift, group) if d is not None]
+        drifting = [d for d in map(_drifting, group) if d is not None]
+        llc = [_llc(r) for r in group]
+        n = [train_size(p, r["training"].get("train_frac", 0.8)) for r in group]
+        per_n = _mean([v / m for v, m in zip(llc, n)])
+        locality = (f"{_fmt(_mean(values), 2)} ({_fmt(min(values), 2)}–{_fmt(max(values), 2)})" if values else NOT_RECORDED)
+        nonlocal_ = f"{sum(f for f in flags if f)} of {sum(f is not None for f in flags)}" if values else NOT_RECORDED
+        lines.append(f"| {key_text(k)} | {len(group)} | {_fmt(_mean([m for m in means if m is not None]), 2)} | "
+                     f"{_fmt(_mean([i for i in inits if i is not None]), 3)} | {math.log(p):.2f} | {locality} | {nonlocal_} | "
+                     f"{_fmt(per_n, 2)} | {_fmt(_mean(llc) / p**2, 2)} | "
+                     f"{_fmt(_mean(drifts), 3)} ({_fmt(max(drifts, key=abs) if drifts else None, 3)}) | "
+                     f"{sum(drifting)} of {len(drifting)} |")
+    flagged = sum(bool(is_nonlocal(r)) for r in records)
+    known = sum(is_nonlocal(r) is not None for r in records)
+    where = ", ".join(sorted(sources))
+    return ["", f"Locality of the chains (each job's own chains; locality = (mean sampled loss − L_n(w*)) / (log p − "
+            f"L_n(w*)), the trivial predictor the uniform one; {where}): {flagged} of {known} jobs nonlocal "
+            f"(> {LOCALITY_LIMIT:g}: λ̂ = nβ·ΔL then measures the temperature, not the geometry at w*)"
+            + (f"; {len(records) - known} not recorded" if known < len(records) else "") + ".", ""] + lines
+
 
 def _generalised_only(records) -> list[str]:
     """The same fit over runs whose final test accuracy is ≥ 99%: λ̂ at a point that is not yet the
@@ -194,6 +275,7 @@ def _psweep_group(records, out: Path, png: str) -> list[str]:
         lines += _psweep_targets(rows, all_slope, linear_fit(ps, values)[2])
         lines += _generalised_only(records)
     lines += _unconverged_lines(by_p)
+    lines += locality_table(records, lambda r: r["training"]["p"], "p", str)
     fig = _figure(figsize=(6, 4.2))
     ax = fig.subplots()
     ps = np.array([r["p"] for r in rows])
@@ -260,7 +342,9 @@ def report_circuits(records, out: Path) -> list[str]:
     counts = [(r["training"]["p"], r.get("circuit_count"), _llc(r)) for r in records if r.get("circuit_count") is not None]
     if not counts:
         return []
-    lines = ["### circuits against λ̂", "", "| p | circuits | λ̂ |", "|---|---|---|"]
+    lines = ["### circuits against λ̂", "", f"Settings: {settings_label(records[0])}.", ""]
+    lines += _circuit_rule_lines(records)
+    lines += ["| p | circuits | λ̂ |", "|---|---|---|"]
     lines += [f"| {p} | {c} | {_fmt(v)} |" for p, c, v in sorted(counts)]
     at_53 = sorted((r["training"].get("seed", 0), r.get("circuit_count")) for r in records
                    if r["training"]["p"] == 53 and r.get("circuit_count") is not None)
@@ -283,10 +367,31 @@ def report_circuits(records, out: Path) -> list[str]:
     ax.set_xticks(sorted({c for _, c, _ in counts}))
     ax.set_xlabel("learned circuits")
     ax.set_ylabel("λ̂ / p")
-    ax.set_title("λ̂ (per unit p) against the number of circuits")
+    ax.set_title(f"λ̂ (per unit p) against the number of circuits\n{settings_label(records[0])}", fontsize=9)
     ax.legend(fontsize=8)
     _save(fig, out / "circuits.png")
     return lines + ["", "![λ̂ against circuits](circuits.png)", ""]
+
+
+def _circuit_rule_lines(records) -> list[str]:
+    """Which rule counted each record's circuits, and every count that the plane-of-its-own rule (issue #27,
+    ``analysis.circuits``) changed: a record re-counted keeps the earlier count in ``circuits_rules_1_2``."""
+    counted = [r for r in records if r.get("circuit_count") is not None]
+    recounted = [r for r in counted if "circuit_rule" in r]
+    lines = []
+    if recounted:
+        lines.append(f"Counted by `analysis.circuits`' rule: {recounted[0]['circuit_rule']} ({len(recounted)} of "
+                     f"{len(counted)} runs re-counted from their retrained networks).")
+    if len(recounted) < len(counted):
+        lines.append(f"{len(counted) - len(recounted)} of {len(counted)} counts are by the earlier rule (outlier "
+                     "magnitude and roundness only), which can exceed what the embedding holds (e/2 planes).")
+    changed = [r for r in recounted if r["circuits_rules_1_2"] != r["circuits"]]
+    for r in sorted(changed, key=lambda r: (r["training"]["p"], r["training"].get("seed", 0))):
+        lines.append(f"Re-counted: p = {r['training']['p']} seed {r['training'].get('seed')}: "
+                     f"{len(r['circuits_rules_1_2'])} {r['circuits_rules_1_2']} → {r['circuit_count']} {r['circuits']}.")
+    if recounted and not changed:
+        lines.append("No count changed.")
+    return lines + [""] if lines else []
 
 
 ARCHITECTURES_TARGET = dict(network=(8, 32), primes=(23, 37), within=0.10)  # issue #15
@@ -336,6 +441,8 @@ def _architectures_group(records, out: Path, png: str) -> list[str]:
         met = "met" if all(abs(d) <= within for _, d in targets) else "not met"
         lines += ["", f"Target: {ARCHITECTURES_TARGET['network']} at p = 23 and 37 within {within:.0%} of the published "
                   f"single runs: {met} ({each})."]
+    lines += locality_table(records, lambda r: (r["training"]["embed"], r["training"]["hidden"], r["training"]["p"]),
+                            "(e, h), p", lambda k: f"({k[0]}, {k[1]}), {k[2]}")
     return lines + ["", f"![λ̂ by architecture]({png})", ""]
 
 
@@ -355,6 +462,17 @@ def _quadratic_fit_line(rows: dict, label: str) -> list[str]:
     ps, values = zip(*trusted)
     a, c, r2 = _fit(np.array(ps) ** 2, values)
     return ["", f"{label}: fit over p ∈ [10, 25]: λ̂ ≈ {a:.3f}·p² {c:+.1f} ({r2}); the study's claim is a ≈ 0.8."]
+
+
+def _quadratic_fit_runs(records, label: str) -> list[str]:
+    """λ̂ ≈ a·p² + c over every run at p ∈ [10, 25] (each seed its own point), with its R²: beside the fit of
+    the means, whose R² hides the seed spread."""
+    points = [(r["training"]["p"], _llc(r)) for r in records if 10 <= r["training"]["p"] <= 25]
+    if len({p for p, _ in points}) < 2:
+        return []
+    ps, values = zip(*points)
+    a, c, r2 = _fit(np.array(ps) ** 2, values)
+    return ["", f"{label}: fit over p ∈ [10, 25]: λ̂ ≈ {a:.3f}·p² {c:+.1f} ({r2}, {len(points)} runs)."]
 
 
 MEMORIZATION_TARGETS = dict(primes=(10, 15, 20, 25), within=0.10, a=(0.85, 1.05))  # issue #15
@@ -392,7 +510,8 @@ def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
         memorised = (f"{sum(_memorised(r) for r in memo_by_p[p])} of {len(memo_by_p[p])}" if p in memo_by_p else "–")
         lines.append(f"| {p} | {_mean_sd(m)} | {_fmt(m['published'], 0) if m and m['published'] else '–'} | "
                      f"{_mean_sd(g)} | {0.8 * p * p:.0f} | {_fmt(ratio, 3)} | {memorised} |")
-    lines += _quadratic_fit_line(memo, "All runs")
+    lines += _quadratic_fit_line(memo, "Means over seeds (one point per p)")
+    lines += _quadratic_fit_runs(tasks.get("random", []), "Every run (one point per seed)")
     fit = dict(memo=memo, a=_quadratic_fit(memo))
     # λ̂ of a network that has not memorised its train set is not the claim's quantity: shown beside, never instead
     kept = [r for r in tasks.get("random", []) if _memorised(r)]
@@ -400,8 +519,11 @@ def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
         memorised = {row["p"]: row for row in _summary_rows(kept)}
         per_p = ", ".join(f"p = {p}: {_fmt(row['mean'])} ({row['seeds']})" for p, row in memorised.items())
         lines += ["", f"Runs that memorised (final train accuracy 100%), {len(kept)} of {len(tasks['random'])}: {per_p}."]
-        lines += _quadratic_fit_line(memorised, "Runs that memorised")
+        lines += _quadratic_fit_line(memorised, "Runs that memorised, means over seeds")
+        lines += _quadratic_fit_runs(kept, "Runs that memorised, one point per run")
     lines += _memorization_targets(memo, fit["a"])
+    lines += locality_table(records, lambda r: (r["training"]["task"], r["training"]["p"]), "task, p",
+                            lambda k: f"{'random operation' if k[0] == 'random' else 'modular addition'}, {k[1]}")
     fig = _figure(figsize=(6, 4.2))
     ax = fig.subplots()
     for rows, style, colour, label in ((memo, "o-", "C0", "random operation (memorising)"),
