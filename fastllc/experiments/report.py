@@ -387,10 +387,13 @@ def _circuit_rule_lines(records) -> list[str]:
                      "magnitude and roundness only), which can exceed what the embedding holds (e/2 planes).")
     changed = [r for r in recounted if r["circuits_rules_1_2"] != r["circuits"]]
     for r in sorted(changed, key=lambda r: (r["training"]["p"], r["training"].get("seed", 0))):
-        lines.append(f"Re-counted: p = {r['training']['p']} seed {r['training'].get('seed')}: "
+        lines.append(f"- re-counted: p = {r['training']['p']} seed {r['training'].get('seed')}: "
                      f"{len(r['circuits_rules_1_2'])} {r['circuits_rules_1_2']} → {r['circuit_count']} {r['circuits']}.")
     if recounted and not changed:
         lines.append("No count changed.")
+    if changed:  # a list of its own: a blank line before it
+        first = lines.index(next(line for line in lines if line.startswith("- re-counted")))
+        lines.insert(first, "")
     return lines + [""] if lines else []
 
 
@@ -499,17 +502,19 @@ def report_memorization(records, out: Path) -> list[str]:
 def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
     tasks = _by(records, lambda r: r["training"]["task"])
     lines = ["| p | λ̂ random operation (± sd, seeds) | published (e50 h200) | "
-             "λ̂ modular addition | 0.8 p² | ours / published | memorised (train acc 100%) |",
-             "|---|---|---|---|---|---|---|"]
+             "λ̂ modular addition | 0.8 p² | ours / published | memorised (train acc 100%) | "
+             "addition generalised (test acc ≥ 99%; test accuracies) |",
+             "|---|---|---|---|---|---|---|---|"]
     memo = {row["p"]: row for row in _summary_rows(tasks.get("random", []))}
     gen = {row["p"]: row for row in _summary_rows(tasks.get("add", []))}
     memo_by_p = _by(tasks.get("random", []), lambda r: r["training"]["p"])
+    gen_by_p = _by(tasks.get("add", []), lambda r: r["training"]["p"])
     for p in sorted(set(memo) | set(gen)):
         m, g = memo.get(p), gen.get(p)
         ratio = m["mean"] / m["published"] if m and m["published"] else None
         memorised = (f"{sum(_memorised(r) for r in memo_by_p[p])} of {len(memo_by_p[p])}" if p in memo_by_p else "–")
         lines.append(f"| {p} | {_mean_sd(m)} | {_fmt(m['published'], 0) if m and m['published'] else '–'} | "
-                     f"{_mean_sd(g)} | {0.8 * p * p:.0f} | {_fmt(ratio, 3)} | {memorised} |")
+                     f"{_mean_sd(g)} | {0.8 * p * p:.0f} | {_fmt(ratio, 3)} | {memorised} | {_generalised_cell(gen_by_p.get(p))} |")
     lines += _quadratic_fit_line(memo, "Means over seeds (one point per p)")
     lines += _quadratic_fit_runs(tasks.get("random", []), "Every run (one point per seed)")
     fit = dict(memo=memo, a=_quadratic_fit(memo))
@@ -527,7 +532,7 @@ def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
     fig = _figure(figsize=(6, 4.2))
     ax = fig.subplots()
     for rows, style, colour, label in ((memo, "o-", "C0", "random operation (memorising)"),
-                                       (gen, "s-", "C1", "modular addition (generalising, e=8, h=32)")):
+                                       (gen, "s-", "C1", "modular addition (e=8, h=32; see the table for which generalised)")):
         if not rows:
             continue
         for p, row in rows.items():  # every seed, faint
@@ -546,6 +551,16 @@ def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
     ax.legend(fontsize=8)
     _save(fig, out / png)
     return lines + ["", f"![memorisation]({png})", ""], fit
+
+
+def _generalised_cell(group) -> str:
+    """How many of the modular-addition runs at one p generalised, and each one's final test accuracy: the
+    column is not "generalising networks" unless they did (at p = 5 none do)."""
+    if not group:
+        return "–"
+    accuracies = ", ".join(_fmt(r.get("final_metrics", {}).get("test_acc"), 2)
+                           for r in sorted(group, key=lambda r: r["training"].get("seed", 0)))
+    return f"{sum(map(_converged, group))} of {len(group)} ({accuracies})"
 
 
 def _memorised(record) -> bool:
@@ -640,9 +655,28 @@ def report_dynamics(records, out: Path) -> list[str]:
         lines.append(f"seed {record['training']['seed']} ({settings_label(record)}): λ̂ from {_fmt(llc[0])} at checkpoint 0 to a peak of "
                      f"{_fmt(llc[peak])} at checkpoint {peak}, {_fmt(llc[-1])} at the last; test loss "
                      f"{record['metrics'][0]['test_loss']:.2f} → {record['metrics'][-1]['test_loss']:.3f}")
+        lines.append(_dynamics_locality(record, peak))
     fig.tight_layout()
     _save(fig, out / "dynamics.png")
     return lines + ["", "![dynamics](dynamics.png)", ""]
+
+
+def _dynamics_locality(record, peak: int) -> str:
+    """The locality of each checkpoint's chains (recorded, or computed from its mean sampled loss), at the
+    first, the peak and the last checkpoint, and how many checkpoints are nonlocal."""
+    from ..calibration import LOCALITY_LIMIT
+    from .jobs import chain_locality
+
+    p = record["training"]["p"]
+    values = [r.get("locality") if r.get("locality") is not None else chain_locality(r, p)["locality"]
+              for r in record["results"]]
+    known = [v for v in values if v is not None]
+    if not known:
+        return f"  locality of the chains: {NOT_RECORDED}"
+    at = ", ".join(f"{name} {'n/a (L_n(w*) ≥ log p)' if values[i] is None else _fmt(values[i], 2)}" for name, i in (("checkpoint 0", 0), (f"peak (checkpoint {peak})", peak),
+                                                                 ("last", len(values) - 1)))
+    return (f"  locality of the chains: {at}; {sum(v > LOCALITY_LIMIT for v in known)} of {len(known)} checkpoints "
+            f"nonlocal (> {LOCALITY_LIMIT:g})")
 
 
 def recommended(cell: dict, smaller: dict | None) -> bool:
