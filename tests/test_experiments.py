@@ -514,3 +514,29 @@ def test_a_job_records_the_locality_of_its_own_chains():
     assert chain_locality(dict(init_loss=0.01, loss_trace_summary=dict(mean_loss=0.5)), 10)["nonlocal"] is False
     assert chain_locality(dict(init_loss=0.01, loss_trace_summary={}), 10) == {
         "locality": None, "trivial_loss": math.log(10), "nonlocal": None}
+
+
+def test_a_job_records_its_chain_locality_and_the_circuits_rule_can_recount_it(tmp_path):
+    # the job's own chains: locality and the nonlocal flag in the record; recounting from a retrained run
+    run_sweep(tiny_jobs(), tmp_path / "sweep", progress=False)
+    records = load_records(tmp_path / "sweep")
+    assert all("locality" in r and "nonlocal" in r and r["trivial_loss"] == pytest.approx(math.log(r["training"]["p"]))
+               for r in records)
+    tampered = sorted((tmp_path / "sweep" / "jobs").glob("*.json"))[1]
+    record = json.loads(tampered.read_text())
+    record["final_metrics"]["train_loss"] += 1e-3  # a record its retrained run does not reproduce
+    tampered.write_text(json.dumps(record))
+    rows = {row["file"]: row for row in jobs_module.recount_circuits(tmp_path / "sweep", tmp_path / "scratch")}
+    assert not rows[tampered.name]["reproduced"] and "circuit_rule" not in json.loads(tampered.read_text())
+    (kept,) = [row for name, row in rows.items() if name != tampered.name]
+    assert kept["reproduced"] and len(kept["after"]) <= 4 // 2  # e = 4: at most two circuits
+    rewritten = json.loads((tmp_path / "sweep" / "jobs" / kept["file"]).read_text())
+    assert rewritten["circuit_count"] == len(kept["after"]) and rewritten["circuits_rules_1_2"] == kept["before"]
+
+
+def test_dynamics_records_each_checkpoints_locality(tmp_path):
+    job = Job("dynamics", TrainConfig(p=5, embed=4, hidden=8, batches=30, checkpoints=2), SGLDConfig(chains=2, steps=20),
+              kind="dynamics")
+    (record,) = run_sweep([job], tmp_path, progress=False)
+    assert all("locality" in r and "nonlocal" in r for r in record["results"])
+    assert "locality of the chains" in write_report(tmp_path).read_text()

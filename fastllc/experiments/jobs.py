@@ -384,3 +384,41 @@ def load_records(out: str | os.PathLike, check=None) -> list[dict]:
         elif record is not None:
             records.append(record)
     return records
+
+
+def recount_circuits(out: str | os.PathLike, scratch: str | os.PathLike, write: bool = True) -> list[dict]:
+    """Re-count the circuits of every modular-addition "final" job under ``<out>/jobs`` by the current rule
+    (``analysis.circuits.CIRCUIT_RULE``), from its network retrained into ``<scratch>/runs`` (a sweep's
+    directory keeps no runs once published). A record is rewritten only when its retrained run reproduces it
+    bit-for-bit as far as the record shows: the same final train loss, test loss and test accuracy, and the
+    rule it was counted with (magnitude and roundness only, ``candidate_frequencies``) giving its recorded
+    circuits again; the earlier count is kept in ``circuits_rules_1_2``. Returns one row per job:
+    {file, reproduced, before, after}; rows of records that were not reproduced keep ``after`` None."""
+    from ..analysis.circuits import CIRCUIT_RULE, candidate_frequencies, learned_frequencies
+    from ..analysis.fourier import fourier_modes
+
+    out, scratch = Path(out), Path(scratch)
+    paths = [path for path in sorted((out / "jobs").glob("*.json"))]
+    records = {path: read_record(path)[0] for path in paths}
+    records = {path: r for path, r in records.items()
+               if r is not None and r["kind"] == "final" and r.get("circuits") is not None}
+    configs = {path: TrainConfig(**r["training"]) for path, r in records.items()}
+    groups: dict[TrainConfig, dict[str, TrainConfig]] = {}
+    for config in configs.values():
+        groups.setdefault(replace(config, seed=0), {})[config.run_name()] = config
+    for group in groups.values():  # the seeds of one configuration train together, as the sweep trained them
+        train_together(list(group.values()), [scratch / "runs" / name for name in group], adopt=True)
+    rows = []
+    for path, record in records.items():
+        run = Run.load(scratch / "runs" / configs[path].run_name())
+        final, recorded = run.metrics[-1], record.get("final_metrics", {})
+        modes = fourier_modes(run.load_model(run.checkpoint_index(None)).embed.weight.detach().double().numpy())
+        before = record.get("circuits_rules_1_2", record["circuits"])
+        reproduced = (all(final.get(k) == recorded.get(k) for k in ("train_loss", "test_loss", "test_acc"))
+                      and candidate_frequencies(modes) == before)
+        after = learned_frequencies(modes) if reproduced else None
+        rows.append(dict(file=path.name, reproduced=reproduced, before=before, after=after))
+        if reproduced and write:
+            record.update(circuits_rules_1_2=before, circuits=after, circuit_count=len(after), circuit_rule=CIRCUIT_RULE)
+            write_json_atomically(path, record)
+    return rows
