@@ -609,13 +609,15 @@ def report_chain_length(records) -> list[str]:
     """Memorisation λ̂ against chain length: each long chain's prefixes and its whole, per settings group, with
     the stationarity diagnostics of each cell (drift of the mean loss from the first to the last tenth of the
     records, and split-R̂ across chains)."""
+    from .jobs import chain_locality
+
     if not records:
         return []
     lines = ["### robustness: memorisation λ̂ against chain length", "",
              "Drift: mean loss of the last tenth of the records minus that of the first tenth (nats; mean over seeds, "
              "and as a fraction of λ̂/nβ, the loss excess λ̂ measures); split-R̂: the largest over seeds.", "",
-             "| settings | p | steps | λ̂ mean ± sd (seeds) | drift (nats) | drift / (λ̂/nβ) | split-R̂ |",
-             "|---|---|---|---|---|---|---|"]
+             "| settings | p | steps | λ̂ mean ± sd (seeds) | drift (nats) | drift / (λ̂/nβ) | split-R̂ | locality (min–max) |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, group in _variant_groups(records):
         for p, at_p in _by(group, lambda r: r["training"]["p"]).items():
             cells = defaultdict(list)
@@ -630,8 +632,11 @@ def report_chain_length(records) -> list[str]:
                 relative = np.mean(drifts) / np.mean(excess) if drifts and excess else None
                 r_hats = [r["r_hat"] for r in results if r.get("r_hat") is not None]
                 row = dict(mean=_mean(values), sd=_sd(values, 1), seeds=len(values))
+                localities = [v for v in (chain_locality(r, p)["locality"] for r in results) if v is not None]
+                locality = (f"{_fmt(_mean(localities), 2)} ({_fmt(min(localities), 2)}–{_fmt(max(localities), 2)})"
+                            if localities else NOT_RECORDED)
                 lines.append(f"| {label} | {p} | {steps} | {_mean_sd(row)} | {_fmt(np.mean(drifts) if drifts else None, 3)} | "
-                             f"{_fmt(relative, 3)} | {_fmt(max(r_hats) if r_hats else None, 3)} |")
+                             f"{_fmt(relative, 3)} | {_fmt(max(r_hats) if r_hats else None, 3)} | {locality} |")
     return lines + [""]
 
 
