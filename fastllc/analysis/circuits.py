@@ -13,8 +13,9 @@ Detection rule (documented in ``CIRCUIT_RULE``): frequency k is a learned circui
      least ``MIN_INDEPENDENT`` of the candidate's own size (σ_min of the residual [Wᵀc_k, Wᵀs_k] ≥
      MIN_INDEPENDENT·σ_max of the unprojected pair).
 Why 3: a circuit of frequency k needs a 2-D plane of the embedding R^e to hold its circle (cos and sin of
-the same angle in two independent directions), and two circuits that share their directions are one circle
-seen at two frequencies (a mode leaking into another's plane), not two circuits. Distinct circuits thus
+the same angle in two independent directions), and a second frequency drawn in a plane already taken is
+leakage into that circle (or a superposition the next layer cannot read as a circle of its own), not a
+second circuit. Distinct circuits thus
 need independent planes, and R^e holds at most e/2 of them: with the study's e = 8, at most 4. Rules 1–2
 alone counted 5 at p = 37 (seed 4) because leakage modes pass the magnitude and roundness tests in planes
 already taken. Each counted circuit adds 2 orthonormal directions to the span, so the count cannot exceed
