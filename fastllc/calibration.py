@@ -317,7 +317,8 @@ def extend(result: CalibrationResult, run, target_ess: float, budget: int) -> Ca
         if cell.r_hat <= R_HAT_TARGET and cell.ess >= target_ess:
             status = f"converged: split-R̂ {cell.r_hat:.3f} ≤ {R_HAT_TARGET}, ESS {cell.ess:.0f} ≥ {target_ess:g}"
             break
-        pair = [result.recommended] + [i for i in [half_step_neighbour(result, result.recommended)] if i is not None]
+        neighbour = half_step([c.to_dict() for c in result.cells], result.recommended)
+        pair = [result.recommended] + ([] if neighbour is None else [neighbour])
         cost = len(pair) * result.chains * 2 * result.steps
         if spent + cost > budget:
             status = (f"budget: split-R̂ {cell.r_hat:.3f}, ESS {cell.ess:.0f} after {result.steps} steps; another "
@@ -329,13 +330,6 @@ def extend(result: CalibrationResult, run, target_ess: float, budget: int) -> Ca
     result.extension = dict(rounds=rounds, chain_steps=spent, status=status)
     return result
 
-
-def half_step_neighbour(result: CalibrationResult, index: int) -> int | None:
-    """The usable cell at the next smaller ε in ``index``'s row (the interval's step term), if any."""
-    cell = result.cells[index]
-    smaller = [i for i, c in enumerate(result.cells) if (c.nbeta, c.gamma) == (cell.nbeta, cell.gamma)
-               and c.epsilon < cell.epsilon and usable(c.to_dict())]
-    return max(smaller, key=lambda i: result.cells[i].epsilon) if smaller else None
 
 
 def step_scale(epsilon: float, nbeta: float, kappa: float, noise: float) -> float:
@@ -514,19 +508,6 @@ def agree(cell: Mapping, smaller: Mapping | None) -> bool:
     return difference <= max(AGREEMENT_SE * combined, AGREEMENT_RELATIVE * abs(cell["llc_mean"]))
 
 
-def smaller_neighbours(cells: Sequence[Mapping]) -> list[int | None]:
-    """For each cell, the index of the cell with the next smaller ε at the same nβ and γ (None: smallest)."""
-    rows: dict = {}
-    for index, c in enumerate(cells):
-        rows.setdefault((c["nbeta"], c["gamma"]), []).append(index)
-    neighbour: list[int | None] = [None] * len(cells)
-    for members in rows.values():
-        ordered = sorted(members, key=lambda i: cells[i]["epsilon"])
-        for lower, upper in zip(ordered, ordered[1:]):
-            neighbour[upper] = lower
-    return neighbour
-
-
 def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | None, str, str | None]:
     """(index of the recommended cell or None, the reason in words, a one-line hint when None).
 
@@ -582,6 +563,15 @@ def preferred_row(cells: Sequence[Mapping], candidates: Sequence[int], default_n
     return row_of(cells[min(candidates, key=preference)])
 
 
+def half_step(cells: Sequence[Mapping], index: int) -> int | None:
+    """The usable cell at the next smaller ε in ``index``'s row, else at the next larger, else None: the cell
+    whose λ̂ gives the interval's step term (and which ``extend`` reruns beside the recommended one)."""
+    row = sorted((i for i, c in enumerate(cells) if row_of(c) == row_of(cells[index]) and usable(c)),
+                 key=lambda i: cells[i]["epsilon"])
+    place = row.index(index)
+    return row[place - 1] if place > 0 else (row[place + 1] if place + 1 < len(row) else None)
+
+
 def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval | None:
     """The recommended λ̂'s 90% interval: λ̂ ± Z90·√(se² + step² + drift² + γ²), where ``step`` is |λ̂ − λ̂ at
     the next smaller usable ε of its row| (else the next larger; 0 with neither): how much halving the step
@@ -593,10 +583,7 @@ def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval |
     if recommended is None:
         return None
     chosen = cells[recommended]
-    row = sorted((i for i, c in enumerate(cells) if row_of(c) == row_of(chosen) and usable(c)),
-                 key=lambda i: cells[i]["epsilon"])
-    place = row.index(recommended)
-    neighbour = row[place - 1] if place > 0 else (row[place + 1] if place + 1 < len(row) else None)
+    neighbour = half_step(cells, recommended)
     step = 0.0 if neighbour is None else abs(chosen["llc_mean"] - cells[neighbour]["llc_mean"])
     se = _finite(chosen["llc_se"])
     same = [c["llc_mean"] for c in cells if usable(c) and c["nbeta"] == chosen["nbeta"]

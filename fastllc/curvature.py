@@ -52,13 +52,13 @@ def top_curvature(model: torch.nn.Module, data, loss_fn, *, examples: int = EXAM
     gradient = grad(loss)
     generator = torch.Generator().manual_seed(seed)
     vector = {n: torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for n, p in params.items()}
+    scale = {n: (preconditioner[n].sqrt() if preconditioner is not None else 1.0) for n in params}
     eigenvalue = 0.0
     for _ in range(iterations):
         norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in vector.values()))
         if norm == 0 or not math.isfinite(norm):
             return 0.0 if norm == 0 else math.nan
         vector = {n: v / norm for n, v in vector.items()}
-        scale = {n: (preconditioner[n].sqrt() if preconditioner is not None else 1.0) for n in params}
         _, product = jvp(gradient, (params,), ({n: v * scale[n] for n, v in vector.items()},))
         product = {n: product[n] * scale[n] for n in params}
         eigenvalue = sum(float((product[n].double() * vector[n].double()).sum()) for n in params)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastllc import TrainConfig, train
+from fastllc import TrainConfig, native_build, train
 
 
 def pytest_configure(config):
@@ -38,3 +38,14 @@ def trained_p23(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def real_cxx(monkeypatch):
+    """The system's C++ compiler, as fastllc finds it with FASTLLC_CXX unset (``native_build.compiler``), for
+    tests that wrap it in a fake one; they skip where there is none (CI machines have g++: the README says so)."""
+    monkeypatch.delenv("FASTLLC_CXX", raising=False)
+    try:
+        return native_build.compiler()
+    except native_build.NativeUnavailable:
+        pytest.skip("no C++ compiler here")

@@ -283,10 +283,8 @@ def test_a_failing_compiler_is_a_one_line_error_and_leaves_only_its_reason(monke
         native.require("cpu")  # a later process: the same line, without compiling again
 
 
-def test_a_compiler_without_avx512_falls_back_to_the_next_build(monkeypatch, tmp_path):
-    real = subprocess.run(["sh", "-c", "command -v g++ || command -v c++"], capture_output=True, text=True).stdout.strip()
-    if not real:
-        pytest.skip("no C++ compiler here (the fallback to torch is tested above)")
+def test_a_compiler_without_avx512_falls_back_to_the_next_build(monkeypatch, tmp_path, real_cxx):
+    real = real_cxx
     picky = tmp_path / "no-avx512-g++"  # as an old compiler: refuses the AVX-512 flags, builds the rest
     calls = tmp_path / "calls"  # one line per compile (not per --version) with the AVX-512 flags
     picky.write_text(f"#!/bin/sh\ncase \"$*\" in *-mavx512f*) echo x >> {calls}; "

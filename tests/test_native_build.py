@@ -21,18 +21,11 @@ LOAD_AND_RUN = ("from fastllc import native_build as nb; lib = nb.load('scalar')
                 "print(lib.fastllc_mlp_sgld_variant().decode())")
 
 
-def _real_compiler() -> str:
-    found = subprocess.run(["sh", "-c", "command -v g++ || command -v c++"], capture_output=True, text=True).stdout.strip()
-    if not found:
-        pytest.skip("no C++ compiler here")
-    return found
-
-
-def _fake_compiler(tmp_path: Path, body: str) -> Path:
+def _fake_compiler(tmp_path: Path, real: str, body: str) -> Path:
     """A compiler script that answers --version as the real one (so the cache key is the real one's) and
     otherwise runs ``body`` (sh; "$@" are the compile's arguments, $REAL the real compiler)."""
     script = tmp_path / "fake-g++"
-    script.write_text(f"#!/bin/sh\nREAL={_real_compiler()}\n"
+    script.write_text(f"#!/bin/sh\nREAL={real}\n"
                       "if [ \"$1\" = --version ]; then exec $REAL --version; fi\n" + body)
     script.chmod(0o755)
     return script
@@ -58,8 +51,7 @@ def home(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "code bytes changed", "checksum missing"])
-def test_a_damaged_cached_library_is_rebuilt_not_run(home, damage):
-    _real_compiler()
+def test_a_damaged_cached_library_is_rebuilt_not_run(home, damage, real_cxx):
     first = _fresh_process(home)
     assert first.returncode == 0 and first.stdout == "scalar\n", first.stderr
     library = next(home.rglob("libmlp_sgld_scalar.so"))
@@ -82,10 +74,10 @@ def test_a_damaged_cached_library_is_rebuilt_not_run(home, damage):
     assert again.returncode == 0 and again.stderr == ""  # verified: loaded without a word
 
 
-def test_a_full_disk_during_the_first_compile_is_not_remembered(home, tmp_path, monkeypatch):
+def test_a_full_disk_during_the_first_compile_is_not_remembered(home, tmp_path, monkeypatch, real_cxx):
     full = tmp_path / "disk-full"
     full.touch()
-    cxx = _fake_compiler(tmp_path, f"if [ -e {full} ]; then\n"
+    cxx = _fake_compiler(tmp_path, real_cxx, f"if [ -e {full} ]; then\n"
                          "  echo '/usr/bin/ld: final link failed: No space left on device' >&2\n"
                          "  echo 'collect2: error: ld returned 1 exit status' >&2; exit 1\nfi\nexec $REAL \"$@\"\n")
     monkeypatch.setenv("FASTLLC_CXX", str(cxx))
@@ -107,15 +99,16 @@ def test_a_full_disk_during_the_first_compile_is_not_remembered(home, tmp_path, 
                          "echo 'compilation terminated.' >&2; exit 1\n"),
     ("the compiler killed", "kill -9 $$\n"),
 ])
-def test_environment_failures_of_the_compiler_are_not_remembered(home, tmp_path, monkeypatch, failure, body):
-    monkeypatch.setenv("FASTLLC_CXX", str(_fake_compiler(tmp_path, body)))
+def test_environment_failures_of_the_compiler_are_not_remembered(home, tmp_path, monkeypatch, failure, body,
+                                                                 real_cxx):
+    monkeypatch.setenv("FASTLLC_CXX", str(_fake_compiler(tmp_path, real_cxx, body)))
     with pytest.raises(native_build.NativeUnavailable, match=r"^building the native kernel \(scalar\) with .* failed: "):
         native_build.load("scalar")
     assert _files(home) == []  # nothing remembered, no temporary
 
 
-def test_an_older_remembered_environment_failure_is_retried(home, tmp_path, monkeypatch):
-    cxx = _fake_compiler(tmp_path, "exec $REAL \"$@\"\n")
+def test_an_older_remembered_environment_failure_is_retried(home, tmp_path, monkeypatch, real_cxx):
+    cxx = _fake_compiler(tmp_path, real_cxx, "exec $REAL \"$@\"\n")
     monkeypatch.setenv("FASTLLC_CXX", str(cxx))
     failed = native_build.library_path("scalar", str(cxx)).with_suffix(".failed")
     failed.parent.mkdir(parents=True)
@@ -125,9 +118,9 @@ def test_an_older_remembered_environment_failure_is_retried(home, tmp_path, monk
     assert _files(home) == ["libmlp_sgld_scalar.sha256", "libmlp_sgld_scalar.so"]
 
 
-def test_a_build_killed_midway_leaves_nothing_once_the_next_build_runs(home, tmp_path):
+def test_a_build_killed_midway_leaves_nothing_once_the_next_build_runs(home, tmp_path, real_cxx):
     started = tmp_path / "started"
-    cxx = _fake_compiler(tmp_path, "for a in \"$@\"; do out=$a; done\n"  # the last argument: -o's temporary
+    cxx = _fake_compiler(tmp_path, real_cxx, "for a in \"$@\"; do out=$a; done\n"  # the last argument: -o's temporary
                          f"head -c 50000 /dev/zero > \"$out\"; touch {started}; sleep 300\n")
     env = {**os.environ, "FASTLLC_HOME": str(home), "PYTHONPATH": str(ROOT), "FASTLLC_CXX": str(cxx)}
     builder = subprocess.Popen([sys.executable, "-c", LOAD_AND_RUN], env=env, start_new_session=True)
