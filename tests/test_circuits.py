@@ -172,7 +172,7 @@ def test_plot_with_along_training_is_refused(tmp_path, tiny_run):
     assert sorted(tmp_path.iterdir()) == []
 
 
-# ---- a circuit needs a plane of its own: never more than e/2 (issue #27) ----
+# ---- a circuit needs a plane of its own: never more than e/2 ----
 
 
 def circles_in_random_planes(p, frequencies, embed, seed=0, noise=0.01):

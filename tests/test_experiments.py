@@ -308,7 +308,7 @@ def test_a_hand_edited_record_the_report_cannot_read_is_skipped_naming_its_file(
             write_report(tmp_path)
 
 
-# ---- per-figure settings, chain loss, variants side by side (issue #15) ----
+# ---- per-figure settings, chain loss, variants side by side ----
 
 import re
 
@@ -463,7 +463,7 @@ def test_reproduce_refuses_a_backend_without_what_the_jobs_need_before_training(
     assert not (tmp_path / "sweep").exists()
 
 
-# ---- locality of the chains (issue #27) ----
+# ---- locality of the chains ----
 
 from fastllc.experiments.jobs import chain_locality
 from fastllc.experiments.report import NOT_RECORDED, record_locality

@@ -6,7 +6,7 @@ import pytest
 
 from fastllc import SGLDConfig, estimate_run
 
-PUBLISHED = {23: 112.8}  # ../shared/reference/seed_results.json, psweep e8_h32, mean over 5 runs (sd 1.9)
+PUBLISHED = {23: 112.8}  # docs/reference/seed_results.json, psweep e8_h32, mean over 5 runs (sd 1.9)
 # Our own five p = 23 networks (docs/results.md, psweep; 64 chains × 5000 steps each): λ̂ 119.1 ± 3.6 over
 # seeds, 5.6% above the published mean; the largest per-chain sd among them is 1.9.
 OURS, SEED_SD, CHAIN_SD = 119.1, 3.6, 1.9

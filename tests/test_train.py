@@ -296,7 +296,7 @@ def test_training_that_cannot_fit_is_refused_by_the_library_too(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
-# ---- init scale and split (issue #15): recorded in the config, old runs keep their names and load ----
+# ---- init scale and split: recorded in the config, old runs keep their names and load ----
 
 def test_init_scale_multiplies_the_embedding_and_first_layer_weights_only():
     plain, half = TrainConfig(p=5, embed=4, hidden=8).new_model(), TrainConfig(p=5, embed=4, hidden=8, init_scale=0.5).new_model()

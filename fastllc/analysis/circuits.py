@@ -47,7 +47,7 @@ CIRCUIT_RULE = (f"magnitude > median + {OUTLIER_SIGMAS:g}·1.4826·MAD and ≥ {
 
 def candidate_frequencies(modes: FourierModes) -> list[int]:
     """The frequencies that pass rules 1–2 (outlier magnitude, round), largest magnitude first: the count
-    before issue #27, which could exceed what the embedding holds."""
+    before the plane-of-its-own rule, which could exceed what the embedding holds."""
     m = modes.magnitudes
     median = np.median(m)
     spread = 1.4826 * np.median(np.abs(m - median))
@@ -138,7 +138,7 @@ class CircuitReport:
     ablation_test_loss: list[float]  # keep only mode k: test loss, per k
     full_test_loss: float
     learned_only_test_loss: float | None  # keep all learned modes (and the constant) together
-    candidates: list[int] = field(default_factory=list)  # rules 1-2 only (the count before issue #27)
+    candidates: list[int] = field(default_factory=list)  # rules 1-2 only (the count before the plane-of-its-own rule)
     clock_or_pizza: dict = field(default_factory=dict)  # k → [label, 2k/k power ratio] (experimental)
     rule: str = CIRCUIT_RULE
     note: str = ""

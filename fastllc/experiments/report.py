@@ -140,7 +140,7 @@ NOT_RECORDED = "not recorded"
 
 def record_locality(record) -> tuple[float | None, str]:
     """(locality, where it came from) of a final job's chains: the record's own ``locality`` field (jobs
-    since issue #27), else computed here from the fields an older record has (its mean sampled loss and
+    since job records carry it), else computed here from the fields an older record has (its mean sampled loss and
     L_n(w*): ``jobs.chain_locality``), else (None, "not recorded")."""
     from .jobs import chain_locality
 
@@ -231,7 +231,7 @@ def _generalised_only(records) -> list[str]:
 
 
 AUTHORS_CIRCUITS_P53 = [3, 3, 2, 3, 3]  # the authors' recorded counts for their five p = 53 runs (seed_results.json)
-PSWEEP_TARGETS = dict(mean_within=0.05, slope=(8.6, 0.4), r2=0.98)  # issue #15
+PSWEEP_TARGETS = dict(mean_within=0.05, slope=(8.6, 0.4), r2=0.98)  # the reproduction's targets
 
 
 def report_psweep(records, out: Path) -> list[str]:
@@ -374,8 +374,8 @@ def report_circuits(records, out: Path) -> list[str]:
 
 
 def _circuit_rule_lines(records) -> list[str]:
-    """Which rule counted each record's circuits, and every count that the plane-of-its-own rule (issue #27,
-    ``analysis.circuits``) changed: a record re-counted keeps the earlier count in ``circuits_rules_1_2``."""
+    """Which rule counted each record's circuits, and every count that the plane-of-its-own rule
+    (``analysis.circuits``) changed: a record re-counted keeps the earlier count in ``circuits_rules_1_2``."""
     counted = [r for r in records if r.get("circuit_count") is not None]
     recounted = [r for r in counted if "circuit_rule" in r]
     lines = []
@@ -397,7 +397,7 @@ def _circuit_rule_lines(records) -> list[str]:
     return lines + [""] if lines else []
 
 
-ARCHITECTURES_TARGET = dict(network=(8, 32), primes=(23, 37), within=0.10)  # issue #15
+ARCHITECTURES_TARGET = dict(network=(8, 32), primes=(23, 37), within=0.10)  # the reproduction's targets
 
 
 def report_architectures(records, out: Path) -> list[str]:
@@ -478,7 +478,7 @@ def _quadratic_fit_runs(records, label: str) -> list[str]:
     return ["", f"{label}: fit over p ∈ [10, 25]: λ̂ ≈ {a:.3f}·p² {c:+.1f} ({r2}, {len(points)} runs)."]
 
 
-MEMORIZATION_TARGETS = dict(primes=(10, 15, 20, 25), within=0.10, a=(0.85, 1.05))  # issue #15
+MEMORIZATION_TARGETS = dict(primes=(10, 15, 20, 25), within=0.10, a=(0.85, 1.05))  # the reproduction's targets
 
 
 def _chain_length_job(record) -> bool:

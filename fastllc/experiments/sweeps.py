@@ -1,6 +1,6 @@
-"""The published study's sweeps as lists of jobs (../shared/reference/seed_results.json).
+"""The published study's sweeps as lists of jobs (docs/reference/seed_results.json).
 
-Each figure was made with settings of its own (read from the study's repository history, issue #15).
+Each figure was made with settings of its own (read from the study's repository history).
 A sweep runs, by default, the settings its figure was made with ("published"), and where the study's
 choice was incidental or inferred also a principled variant beside it; the report shows every variant
 side by side, never one in place of another. A variant is a name, the training settings it changes and
