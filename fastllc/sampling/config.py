@@ -122,6 +122,11 @@ class SGLDConfig:
             raise FastLLCError(f"mala=True records plain SGLD's acceptance rate; it is not defined for "
                                f"sampler={self.sampler!r}: use sampler='sgld' or drop mala")
 
+    @property
+    def sampler_name(self) -> str:
+        """The sampler's name ("sgld", "rmsprop_sgld", ...): what job names and records carry."""
+        return getattr(self.sampler, "name", self.sampler)
+
     def needs(self) -> tuple[str, ...]:
         """The backend capabilities (``fastllc.backends``) these settings need: ``mala``, the sampler, the
         published chain loss."""
