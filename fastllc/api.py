@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import resources
-from .compat.loaders import as_pair, is_loader, materialise
+from .loaders import as_pair, is_loader, materialise
 from .errors import FastLLCError
 from .llc import GroupResults, LLCResult, estimate_llc
 from .model import ModularMLP
@@ -59,7 +59,7 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
     config, inputs, targets, parameters = _checked_work(model, data, config, settings, init_loss)
     mask = None if restrict is None else selection_mask(model, restrict)  # bad selections refused before any work
     _warn_if_batch_exceeds_data(config.batch_size, len(targets))
-    require_chain_memory(config, parameters, _minibatch_bytes(model, config), resolve_device(device))
+    _require_memory(config, parameters, _mlp_shape(model), len(targets), resolve_device(device))
     needs = config.needs() + (("restrict",) if mask is not None else ())  # what the backend must be able to do
     if needs:  # refused before the loss at w* is computed
         backend = resolve_backend(backend, resolve_device(device), model, loss_fn, needs)
@@ -115,7 +115,7 @@ def estimate_groups(model: torch.nn.Module, data, loss_fn=F.cross_entropy, confi
     chains, count = config.chains, len(masks)
     batch = replace(config, chains=chains * count, **_tiled_per_chain_settings(config, count)).validate()
     _warn_if_batch_exceeds_data(config.batch_size, len(targets))
-    require_chain_memory(batch, parameters, _minibatch_bytes(model, batch), resolve_device(device))
+    _require_memory(batch, parameters, _mlp_shape(model), len(targets), resolve_device(device))
     needs = config.needs() + ("restrict",)
     backend = resolve_backend(backend, resolve_device(device), model, loss_fn, needs)  # before the loss at w*
     rows = torch.stack(list(masks.values())).repeat_interleave(chains, dim=0)  # group g's mask on its chains
@@ -161,11 +161,9 @@ def sgld_config(config: SGLDConfig | None, settings: dict) -> SGLDConfig:
     return replace(config or SGLDConfig(), **settings).validate()
 
 
-def _minibatch_bytes(model, config: SGLDConfig) -> int:
-    """The study's MLP's per-chain minibatch buffers (what its specialised backends allocate), else 0."""
-    if not isinstance(model, ModularMLP):
-        return 0
-    return resources.mlp_minibatch_bytes(model.p, model.embed_dim, model.hidden_dim, config.batch_size)
+def _mlp_shape(model) -> tuple[int, int, int] | None:
+    """(p, e, h) of the study's MLP, whose memory ``resources`` knows in detail; None for other models."""
+    return (model.p, model.embed_dim, model.hidden_dim) if isinstance(model, ModularMLP) else None
 
 
 def _tiled_per_chain_settings(config: SGLDConfig, groups: int) -> dict:
@@ -185,21 +183,19 @@ def _warn_if_batch_exceeds_data(batch_size: int, n: int) -> None:
                       "examples", RuntimeWarning, stacklevel=3)
 
 
-def require_chain_memory(config: SGLDConfig, parameters: int, minibatch_bytes: int, device: torch.device) -> None:
-    """Refuse, before any work, chains whose buffers and loss traces cannot fit (``resources.chains_bytes``).
-
-    On CUDA the weights live on the device and the traces end up on the host: each side is checked."""
-    subject = f"a run of {config.chains:,} chains × {config.steps:,} steps of {parameters:,} parameters"
-    advice = resources.sampling_advice(config.chains, config.steps, parameters, minibatch_bytes, "batch_size",
-                                       "chains or steps")
-    if device.type == "cuda":
-        resources.require_memory(resources.chains_bytes(config.chains, 0, parameters, minibatch_bytes)
-                                 + 4 * config.chains * config.steps, subject, "the chains", advice, device)
-        resources.require_memory(resources.chains_bytes(config.chains, config.steps, 0), subject,
-                                 "the loss traces", advice)
-    else:
-        resources.require_memory(resources.chains_bytes(config.chains, config.steps, parameters, minibatch_bytes),
-                                 subject, "sampling (every chain's weights, gradients and loss trace)", advice)
+def _require_memory(config: SGLDConfig, parameters: int, mlp: tuple[int, int, int] | None, examples: int,
+                         device: torch.device) -> None:
+    """Refuse, before any work, chains that cannot fit (``resources.require_sampling_memory``, the formula the
+    commands use too). For the study's MLP (``mlp`` = (p, e, h)) its minibatch buffers and the full-batch
+    loss and gradient at w* over the ``examples`` are counted; other models' are not known."""
+    minibatch, start, words = 0, 0, None
+    if mlp is not None:
+        minibatch = resources.mlp_minibatch_bytes(*mlp, config.batch_size)
+        start = resources.full_batch_bytes(*mlp, examples, backward=True)
+        words = (f"{examples:,} examples", "sampling (the loss and gradient at w* over all of them)",
+                 "use fewer examples")
+    resources.require_sampling_memory(config.chains, config.steps, parameters, minibatch, device, start_bytes=start,
+                                      start=words)
 
 
 def estimate_run(run: Run | str, checkpoint: int | None = None, config: SGLDConfig | None = None,
@@ -238,8 +234,8 @@ def estimate_checkpoints(run: Run | str, checkpoints: list[int] | None = None, c
     device = resolve_device(device)
     _warn_if_batch_exceeds_data(config.batch_size, len(labels))
     arch = (run.config.p, run.config.embed, run.config.hidden)
-    require_chain_memory(replace(config, chains=config.chains * len(indices)), resources.mlp_parameters(*arch),
-                         resources.mlp_minibatch_bytes(*arch, config.batch_size), device)
+    _require_memory(replace(config, chains=config.chains * len(indices)), resources.mlp_parameters(*arch), arch,
+                         len(labels), device)
     starts = [Start(run.load_model(k), pairs, labels) for k in indices]
     name = resolve_backend(backend, device, starts[0].model, F.cross_entropy, needs=("stacked_starts",))
     samples = sample_starts(starts, config, backend=name, randomness=randomness, device=device, progress=progress)

@@ -68,13 +68,57 @@ def require_training_memory(p: int, embed: int, hidden: int) -> None:
         require_memory(needed, f"p = {p}", f"training (the p² = {p * p:,} pairs)", "use a smaller --p")
 
 
+def mlp_start_bytes(p: int, embed: int, hidden: int, examples: int) -> int:
+    """What sampling the study's MLP holds before its chains: the task, and the loss and gradient at w* over
+    all ``examples`` training pairs at once."""
+    return task_bytes(p) + full_batch_bytes(p, embed, hidden, examples, backward=True)
+
+
 def mlp_sampling_bytes(p: int, embed: int, hidden: int, examples: int, chains: int, steps: int,
                        batch_size: int) -> tuple[int, int]:
     """(bytes for the task and the full-batch loss and gradient at w*, bytes for the chains) of sampling
     the study's MLP: the first grows with p, the second with chains × steps."""
-    start = task_bytes(p) + full_batch_bytes(p, embed, hidden, examples, backward=True)
-    return start, chains_bytes(chains, steps, mlp_parameters(p, embed, hidden),
+    return mlp_start_bytes(p, embed, hidden, examples), chains_bytes(chains, steps, mlp_parameters(p, embed, hidden),
                                mlp_minibatch_bytes(p, embed, hidden, batch_size))
+
+
+def sampling_bytes(chains: int, steps: int, parameters: int, minibatch_bytes: int = 0, start_bytes: int = 0,
+                   cuda: bool = False) -> tuple[int, int]:
+    """(bytes on the sampling device, bytes on the host) of sampling: the start (``start_bytes``: the data and
+    the loss and gradient at w* over all of it, where the caller knows them) and every chain's buffers where
+    the chains run, their loss traces on the host (``chains_bytes``). On the CPU both are one memory:
+    (all of it, 0). On CUDA the device also holds a float32 copy of the traces while it samples."""
+    buffers = chains_bytes(chains, 0, parameters, minibatch_bytes)
+    traces = chains_bytes(chains, steps, 0)
+    if not cuda:
+        return start_bytes + buffers + traces, 0
+    return start_bytes + buffers + 4 * chains * steps, traces
+
+
+SAMPLING_PURPOSE = "sampling (every chain's weights, gradients and loss trace)"
+
+
+def require_sampling_memory(chains: int, steps: int, parameters: int, minibatch_bytes: int = 0, device=None, *,
+                            start_bytes: int = 0, subject: str | None = None, start: tuple[str, str, str] | None = None,
+                            names: tuple[str, str] = ("batch_size", "chains or steps")) -> None:
+    """Refuse, before any work, sampling that cannot fit (``sampling_bytes``: the one formula for the API and
+    the commands); on CUDA the device's share and the host's are each checked.
+
+    The message names the work as ``subject`` (default "a run of C chains × T steps of d parameters") and the
+    remedy in the caller's words: ``names`` = (the batch size, the chains and steps) as API fields or command
+    options (``sampling_advice``). Where the start is most of the need, ``start`` = (subject, purpose, advice)
+    says so instead (e.g. "p = 53", "sampling (the loss and gradient at w* over all 2,247 training pairs)",
+    "use a smaller --p")."""
+    cuda = device is not None and getattr(device, "type", str(device).split(":")[0]) == "cuda"
+    on_device, on_host = sampling_bytes(chains, steps, parameters, minibatch_bytes, start_bytes, cuda)
+    subject = subject or f"a run of {chains:,} chains × {steps:,} steps of {parameters:,} parameters"
+    advice = sampling_advice(chains, steps, parameters, minibatch_bytes, *names)
+    purpose = "the chains" if cuda else SAMPLING_PURPOSE
+    if start is not None and start_bytes > on_device - start_bytes:
+        subject, purpose, advice = start
+    require_memory(on_device, subject, purpose, advice, device if cuda else None)
+    if cuda:
+        require_memory(on_host, subject, "the loss traces", advice)
 
 
 # What a sweep's driver holds per job until the sweep ends: the Job (~0.7 KB measured), its JSON path and

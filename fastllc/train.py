@@ -40,8 +40,9 @@ from .tasks import SPLITS, TASK_KINDS, Task, make_task, split_seed
 
 
 def default_batches(p: int) -> int:
-    """fastllc's default training length: 10,000 batches, 15,000 for p >= 41. (The study's p-sweep used
-    15,000 only at p = 41 and 53, 10,000 at p = 47: ``experiments.sweeps.psweep_batches``.)"""
+    """fastllc's default training length (``TrainConfig(batches=None)`` and ``fastllc train`` without
+    --batches): 10,000 batches, 15,000 for p >= 41. (The study's p-sweep used 15,000 only at p = 41 and 53,
+    10,000 at p = 47: ``experiments.sweeps.psweep_batches``.)"""
     return 15_000 if p >= 41 else 10_000
 
 
@@ -51,7 +52,7 @@ class TrainConfig:
     task: str = "add"
     embed: int = 8
     hidden: int = 32
-    batches: int = 10_000
+    batches: int | None = None  # None: default_batches(p), resolved when the config is made (a number from then on)
     checkpoints: int = 25
     seed: int = 0
     lr: float = 0.01
@@ -61,6 +62,13 @@ class TrainConfig:
     init_scale: float = 1.0  # the embedding and both first-layer weights ×init_scale at initialisation
     split: str = "per-seed"  # "per-seed": task and split keyed by ``seed``; "fixed": those of seed 0 for all seeds
     portable: bool = False  # train with PyTorch's non-vector kernels: the same bits on any x86-64 CPU (machine.py)
+
+    def __post_init__(self):
+        """``batches=None`` becomes ``default_batches(p)`` here, once: the config, its run name and the saved
+        config.json hold the number, so a run trained with that number given explicitly is the same run.
+        (``replace(config, p=...)`` keeps the number; pass ``batches=None`` to take the new p's default.)"""
+        if self.batches is None and _is_integer(self.p):  # a bad p is left for validate() to name
+            object.__setattr__(self, "batches", default_batches(self.p))
 
     def validate(self) -> "TrainConfig":
         for name in _INTEGER_FIELDS:
@@ -481,7 +489,8 @@ def _read_config(file: Path) -> tuple[TrainConfig, list[int]]:
     if not isinstance(record, dict):
         raise FastLLCError(f"{file} is not a JSON object; {DAMAGED}")
     record = {**LATER_FIELDS, **record}  # a run written before these settings existed used their defaults
-    missing = [name for name in [f.name for f in fields(TrainConfig)] + ["checkpoint_steps"] if name not in record]
+    missing = [name for name in [f.name for f in fields(TrainConfig)] + ["checkpoint_steps"] if name not in record
+               or (name == "batches" and record[name] is None)]  # a saved config holds the number it trained
     if missing:
         raise FastLLCError(f"{file} lacks {', '.join(missing)}; {DAMAGED}")
     try:

@@ -124,6 +124,37 @@ def test_chains_that_cannot_fit_in_memory_are_refused(monkeypatch, tiny_run):
         estimate_checkpoints(tiny_run, chains=10**6, steps=100, batch_size=8)  # 4 checkpoints' chains in one batch
 
 
+def test_the_library_and_the_commands_check_memory_with_one_formula(monkeypatch, tiny_run):
+    from fastllc.cli.common import require_run_sampling_memory
+
+    asked = []
+
+    def record_and_stop(needed, *words, **where):
+        asked.append(needed)
+        raise FastLLCError("stop")
+
+    monkeypatch.setattr(resources, "require_memory", record_and_stop)
+    config = SGLDConfig(chains=3, steps=7, batch_size=4)
+    (pairs, labels), (p, e, h) = tiny_run.task().train_data(), (5, 4, 16)
+    for check in (lambda: require_run_sampling_memory(tiny_run.config, config, torch.device("cpu")),
+                  lambda: estimate(tiny_run.load_model(), (pairs, labels), config=config)):
+        with pytest.raises(FastLLCError, match="^stop$"):
+            check()
+    d, minibatch = resources.mlp_parameters(p, e, h), resources.mlp_minibatch_bytes(p, e, h, 4)
+    at_w_star = resources.full_batch_bytes(p, e, h, len(labels), backward=True)
+    assert asked[1] == resources.sampling_bytes(3, 7, d, minibatch, at_w_star)[0]  # the data given: no task
+    assert asked[0] == asked[1] + resources.task_bytes(p)  # the command makes the task too
+
+
+def test_cuda_sampling_is_checked_on_the_device_and_on_the_host(monkeypatch):
+    asked = []
+    monkeypatch.setattr(resources, "require_memory", lambda needed, subject, purpose, advice, device=None:
+                        asked.append((needed, purpose, device)))
+    resources.require_sampling_memory(10, 100, 1000, 64, torch.device("cuda", 0), start_bytes=5)
+    assert asked == [(5 + 10 * (48 * 1000 + 64) + 4 * 10 * 100, "the chains", torch.device("cuda", 0)),
+                     (10 * 128 * 100, "the loss traces", None)]
+
+
 def test_unknown_available_memory_refuses_nothing(monkeypatch):
     monkeypatch.setattr(resources, "available_memory_bytes", lambda device=None: None)
     resources.require_memory(10**18, "anything", "sampling", "n/a")

@@ -149,6 +149,8 @@ def memory(monkeypatch):
      "(the weights and Adam's state); 7.1 GiB is available: use a smaller --embed or --hidden"),
     ("estimate", ["--p", 5, "--chains", 10**7], "a run of 10,000,000 chains × 5,000 steps needs about 6.6 TiB for "
      "sampling (every chain's weights, gradients and loss trace); 7.1 GiB is available: use fewer --chains or --steps"),
+    ("estimate", ["--p", 900, "--chains", 1, "--steps", 1], "p = 900 needs about 9.5 GiB for sampling (the loss and "
+     "gradient at w* over all 648,000 training pairs); 7.1 GiB is available: use a smaller --p"),  # training fits
 ])
 def test_work_that_cannot_fit_in_memory_is_refused_before_it_starts(cli, tmp_path, memory, command, args, message):
     out = ["--out", tmp_path / "out"] if command == "train" else []

@@ -1,10 +1,11 @@
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from fastllc import FastLLCError, Run, TrainConfig, train
-from fastllc.train import checkpoint_steps, train_together
+from fastllc.train import checkpoint_steps, default_batches, train_together
 
 
 def test_checkpoint_steps_include_init_and_final():
@@ -148,6 +149,7 @@ def set_key(key, value):
     (set_key("train_frac", 1.5), "config.json: train_frac must be in (0, 1], got 1.5"),
     (set_key("task", 3), "config.json: task must be a string, got 3"),
     (lambda r: r.pop("seed"), "config.json lacks seed"),
+    (set_key("batches", None), "config.json lacks batches"),  # a saved config holds the number it trained
     (lambda r: r.pop("checkpoint_steps"), "config.json lacks checkpoint_steps"),
     (set_key("checkpoint_steps", [0, 40, 20, 60]), "checkpoint_steps must be increasing integers in 0..60"),
     (set_key("checkpoint_steps", [0, "20", 40, 60]), "checkpoint_steps must be increasing integers in 0..60"),
@@ -319,6 +321,37 @@ def test_run_names_change_only_for_settings_away_from_their_defaults():
     assert TrainConfig(p=5, batches=60, checkpoints=3, seed=1).run_name() == "add-p5-e8-h32-b60-k3-seed1"  # as before
     assert TrainConfig(p=5, batches=60, checkpoints=3, seed=1, init_scale=0.5, split="fixed").run_name() == \
         "add-p5-e8-h32-b60-k3-init0.5-fixedsplit-seed1"
+
+
+def test_the_default_batches_are_the_command_lines():
+    """``TrainConfig(p=53)`` is the run ``fastllc train --p 53`` trains: one default, ``default_batches(p)``."""
+    from fastllc.cli.common import train_config
+    from fastllc.cli.train import train_command
+
+    for p, batches in ((23, 10_000), (40, 10_000), (41, 15_000), (53, 15_000)):
+        options = train_command.make_context("train", ["--p", str(p)]).params
+        del options["out"]
+        assert train_config(**options) == TrainConfig(p=p) == TrainConfig(p=p, batches=batches)
+        assert TrainConfig(p=p).batches == default_batches(p) == batches
+        assert TrainConfig(p=p).run_name() == f"add-p{p}-e8-h32-b{batches}-k25-seed0"
+    assert TrainConfig(p=53, batches=10_000).batches == 10_000  # a number given is kept
+    with pytest.raises(FastLLCError, match="^p must be an integer, got '53'$"):
+        TrainConfig(p="53").validate()  # a bad p is named, not a TypeError from the default
+
+
+@pytest.mark.slow
+def test_a_run_trained_with_batches_10000_given_is_the_default_configs_run(tmp_path):
+    """Runs (and sweep records) saved before ``batches`` defaulted to ``default_batches(p)`` hold 10,000 at
+    p < 41, given explicitly: a config that leaves ``batches`` out finds them, in the cache and in records."""
+    before = TrainConfig(p=5, embed=4, hidden=8, batches=10_000, checkpoints=1)
+    run = cached_run(before, tmp_path)
+    now, notices = TrainConfig(p=5, embed=4, hidden=8, checkpoints=1), []
+    assert cached_run(now, tmp_path, notice=notices.append).path == run.path and notices == []  # not retrained
+    assert Run.load(run.path).config == now
+    saved = json.loads((run.path / "config.json").read_text())
+    assert saved["batches"] == 10_000  # recorded as a number
+    record = json.loads(json.dumps(asdict(before)))  # a job record's "training", written before
+    assert record == asdict(now) and TrainConfig(**record) == now
 
 
 def test_a_run_written_before_init_scale_and_split_existed_loads_with_their_defaults(tiny_run, tmp_path):

@@ -16,7 +16,7 @@ from ..calibration import DEFAULT_NBETA_MULTIPLES, DEFAULT_STEP_SCALES, calibrat
 from ..errors import FastLLCError
 from ..sampling import SGLDConfig, resolve_device
 from ..train import Run
-from .common import check_plot_path, long_work, one_line_errors, progress, require_sampling_memory
+from .common import check_plot_path, long_work, one_line_errors, progress, require_run_sampling_memory
 
 DEFAULT_STEP_SCALES_TEXT = ",".join(f"{s:g}" for s in DEFAULT_STEP_SCALES)
 
@@ -78,7 +78,7 @@ def calibrate_command(run_dir, checkpoint, step_scales, epsilons, nbetas, gammas
     name = resolve_backend(backend, device, needs=config.needs())
     run = Run.load(run_dir)
     index = run.checkpoint_index(checkpoint)
-    require_sampling_memory(run.config, config, device)
+    require_run_sampling_memory(run.config, config, device)
     model = run.load_model(index)
     with long_work(f"calibrating: {cells} cells × {chains} chains × {steps} steps ({name} on {device})",
                    "calibrated"):

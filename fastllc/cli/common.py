@@ -18,8 +18,7 @@ from ..errors import FastLLCError
 from ..sampling import SGLDConfig
 from ..seeding import check_seed
 from ..tasks import train_size
-from ..train import Run, TrainConfig, default_batches
-from ..train import cached_run as load_or_train
+from ..train import Run, TrainConfig, cached_run
 
 
 fastllc_home = storage.fastllc_home  # where cached runs live (the library's rule)
@@ -122,7 +121,6 @@ def train_config(p, task, embed, hidden, batches, checkpoints, train_seed, init_
     if p is None:
         raise FastLLCError("give the modulus --p (or, for `estimate`, an existing --run)")
     check_seed(train_seed, seed_option)
-    batches = default_batches(p) if batches is None else batches
     return TrainConfig(p=p, task=task, embed=embed, hidden=hidden, batches=batches, checkpoints=checkpoints,
                        seed=train_seed, init_scale=init_scale, split=split, portable=portable).validate()
 
@@ -138,38 +136,34 @@ def refuse_training_options_with_run() -> None:
                                "drop it")
 
 
-def require_sampling_memory(training: TrainConfig, sgld: SGLDConfig, device) -> None:
-    """The host's share of sampling (api.estimate checks the device's share itself)."""
-    n, C, T = train_size(training.p, training.train_frac), sgld.chains, sgld.steps
-    start, chains = resources.mlp_sampling_bytes(training.p, training.embed, training.hidden, n, C, T, sgld.batch_size)
-    if device.type != "cpu":
-        chains = resources.chains_bytes(C, T, 0)  # only the loss traces come back to the host
-    if start > chains:
-        resources.require_memory(start + chains, f"p = {training.p}",
-                                 f"sampling (the loss and gradient at w* over all {n:,} training pairs)",
-                                 "use a smaller --p")
-    else:
-        p, e, h = training.p, training.embed, training.hidden
-        advice = resources.sampling_advice(C, T, resources.mlp_parameters(p, e, h),
-                                           resources.mlp_minibatch_bytes(p, e, h, sgld.batch_size))
-        resources.require_memory(start + chains, f"a run of {C:,} chains × {T:,} steps",
-                                 "sampling (every chain's weights, gradients and loss trace)", advice)
+def require_run_sampling_memory(training: TrainConfig, sgld: SGLDConfig, device) -> None:
+    """Refuse, before any work, sampling ``training``'s network with ``sgld`` that cannot fit: the library's
+    check (``resources.require_sampling_memory``, the formula ``api.estimate`` uses) in the commands' words."""
+    p, e, h, C, T = training.p, training.embed, training.hidden, sgld.chains, sgld.steps
+    n = train_size(p, training.train_frac)
+    resources.require_sampling_memory(
+        C, T, resources.mlp_parameters(p, e, h), resources.mlp_minibatch_bytes(p, e, h, sgld.batch_size), device,
+        start_bytes=resources.mlp_start_bytes(p, e, h, n), subject=f"a run of {C:,} chains × {T:,} steps",
+        start=(f"p = {p}", f"sampling (the loss and gradient at w* over all {n:,} training pairs)",
+               "use a smaller --p"),
+        names=("--batch-size", "--chains or --steps"))
 
 
 def cache_path(config: TrainConfig) -> Path:
     return fastllc_home() / "runs" / config.run_name()
 
 
-def cached_run(config: TrainConfig) -> Run:
-    """The run for ``config`` from the cache, training it once if it is not there (safe when several
-    processes ask at once: ``train.cached_run``); without a terminal, a line when training ends."""
+def cached_run_with_notices(config: TrainConfig) -> Run:
+    """``train.cached_run`` under ``$FASTLLC_HOME`` (the run for ``config`` from the cache, trained there once
+    if it is not there; safe when several processes ask at once), telling the user on stderr: a line when
+    training starts and, without a terminal (whose progress bar shows it), one when it ends."""
     started = []
 
     def notice(line: str) -> None:
         started.append(time.perf_counter())
         click.echo(line, err=True)
 
-    run = load_or_train(config, fastllc_home(), progress=progress(), notice=notice)
+    run = cached_run(config, fastllc_home(), progress=progress(), notice=notice)
     if started and not progress():
         click.echo(f"trained in {time.perf_counter() - started[0]:.1f} s", err=True)
     return run

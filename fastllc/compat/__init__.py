@@ -1,4 +1,4 @@
-"""Interoperability: PyTorch DataLoaders as data (``loaders``) and a devinterp-compatible API (``devinterp``).
+"""Interoperability: a devinterp-compatible API (``devinterp``). (DataLoaders as data: ``fastllc.loaders``.)
 
 Switching a devinterp study over is one import line::
 

@@ -54,7 +54,7 @@ from ..api import estimate
 from ..errors import FastLLCError
 from ..sampling import SGLDConfig
 from ..sampling.restrict import selection_mask
-from .loaders import materialise
+from ..loaders import materialise
 
 _IGNORED_KWARGS = {"metrics", "save_noise", "save_mala_vars", "noise_norm", "grad_norm", "weight_norm", "distance"}
 # devinterp SGLD options fastllc does not implement, and the values that mean "off" (anything else is refused)
