@@ -8,6 +8,7 @@ import pytest
 
 from fastllc import SGLDConfig, TrainConfig
 from fastllc.experiments import Job, load_records, run_sweep, write_report
+from fastllc.experiments import executors as executors_module
 from fastllc.experiments import jobs as jobs_module
 from fastllc.experiments.report import linear_fit
 from fastllc.experiments.sweeps import memorization, psweep
@@ -74,13 +75,13 @@ def test_seeds_of_one_configuration_train_together(tmp_path, monkeypatch):
     jobs = [Job("psweep", TrainConfig(p=5, embed=4, hidden=8, batches=10, checkpoints=1, seed=s), sgld) for s in (0, 1, 2)]
     jobs.append(Job("psweep", TrainConfig(p=7, embed=4, hidden=8, batches=10, checkpoints=1), sgld))
     groups = []
-    real = jobs_module.train_together
+    real = executors_module.train_together
 
     def spy(configs, outs, progress=False, **options):
         groups.append(sorted((c.p, c.seed) for c in configs))
         return real(configs, outs, progress, **options)
 
-    monkeypatch.setattr(jobs_module, "train_together", spy)
+    monkeypatch.setattr(executors_module, "train_together", spy)
     assert len(run_sweep(jobs, tmp_path, progress=False)) == 4
     assert sorted(groups) == [[(5, 0), (5, 1), (5, 2)], [(7, 0)]]
 
@@ -278,7 +279,7 @@ def test_full_disk_while_a_sweep_trains(tmp_path, monkeypatch):
 
 
 def test_unwritable_sweep_directory_is_refused_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(jobs_module, "train_together", lambda *a, **k: pytest.fail("trained before checking --out"))
+    monkeypatch.setattr(executors_module, "train_together", lambda *a, **k: pytest.fail("trained before checking --out"))
     (tmp_path / "file").write_text("")
     with pytest.raises(FastLLCError, match=f"^cannot write {tmp_path}/file/sweep: {tmp_path}/file is not a directory$"):
         run_sweep(tiny_jobs(), tmp_path / "file" / "sweep", progress=False)

@@ -40,7 +40,7 @@ from .sweep import executor_options
 def reproduce_command(sweep, out, chains, seeds, quick, moduli, variants, split, chain_loss, backend, executor, workers,
                       address):
     """Run one of the published study's sweeps (resumable), then write its report."""
-    from ..experiments import SWEEPS, run_sweep, write_report
+    from ..experiments import SWEEPS, run_jobs, write_report
     from ..experiments.sweeps import VARIANTS
 
     options = {k: v for k, v in dict(chains=chains, seeds=seeds).items() if v is not None}
@@ -57,17 +57,22 @@ def reproduce_command(sweep, out, chains, seeds, quick, moduli, variants, split,
             raise FastLLCError(f"the {sweep} sweep has no p = {unknown[0]}; "
                                f"its moduli are {sorted({job.training.p for job in jobs})}")
         jobs = [job for job in jobs if job.training.p in moduli]
-    # refused before any training: no backend (or not the one asked for) has what a job needs
+    require_backend(jobs, backend)
+    # the one sweep driver, as `fastllc sweep` runs: a failed job is reported and the others go on (JobsFailed)
+    records = run_jobs(jobs, out, executor=executor, workers=workers, address=address, progress="auto")
+    report = write_report(out)
+    click.echo(f"{len(records)} jobs in {out}; report: {report}")
+    click.echo(report.read_text())
+
+
+def require_backend(jobs: list, backend: str) -> None:
+    """Refuse before any training a backend (or auto, when none can) without what a job needs."""
     for needs in {job.sgld.needs() + (("stacked_starts",) if job.kind == "dynamics" else ()) for job in jobs}:
         try:
             resolve_backend(backend, resolve_device("cpu"), needs=needs)
         except FastLLCError as err:
             hint = "; --chain-loss exact runs it with the exact chain loss" if "published_chain_loss" in needs else ""
             raise FastLLCError(f"{err}{hint}") from None
-    records = run_sweep(jobs, out, progress="auto", executor=executor, workers=workers, address=address)
-    report = write_report(out)
-    click.echo(f"{len(records)} jobs in {out}; report: {report}")
-    click.echo(report.read_text())
 
 
 @click.command("report")

@@ -1,8 +1,8 @@
 """Sweeps: lists of jobs, one JSON per job, run here, in local processes or on a Ray cluster (``executors``),
 from the published study (``sweeps``) or a spec file of your own (``spec``), and reports built from them."""
 
-from .executors import JobsFailed, run_jobs
-from .jobs import Job, load_records, run_job, run_sweep
+from .executors import JobsFailed, run_jobs, run_sweep
+from .jobs import Job, load_records, run_job
 from .report import write_report
 from .spec import EstimateJob, load_spec
 from .sweeps import SWEEPS

@@ -1,41 +1,41 @@
-"""A sweep is a list of jobs; a job is one trained run and its estimate, saved as one JSON file.
+"""The study's sweep job: one trained run and its estimate, saved as one JSON file.
 
-Results are written atomically (temporary file + rename) to ``<out>/jobs/<job name>.json``, and a job
-whose JSON exists is skipped, so an interrupted sweep loses at most the job in flight. Trained runs live
-in ``<out>/runs/`` and are reused by every job that needs them. Any number of processes may run sweeps
-into one directory at once: a run or a job finished first by one is adopted by the others. A damaged job
-JSON (a crash or a full disk under an older version) is moved aside with a warning and its job run again.
+A sweep is a list of jobs, run by ``executors.run_jobs`` (``fastllc reproduce`` and ``fastllc sweep`` alike);
+``Job`` follows ``protocol.SweepJob``. Results are written atomically (temporary file + rename) to
+``<out>/jobs/<job name>.json``, and a job whose JSON exists is skipped, so an interrupted sweep loses at most
+the jobs in flight. Trained runs live in ``<out>/runs/`` and are reused by every job that needs them. Any
+number of processes may run sweeps into one directory at once: a run or a job finished first by one is
+adopted by the others. A damaged job JSON (a crash or a full disk under an older version) is moved aside with
+a warning and its job run again.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from .. import resources, storage
+from .. import resources
 from ..analysis import analyse_run
 from ..api import estimate_checkpoints, estimate_run
 from ..errors import FastLLCError
-from ..llc import divergence_advice, estimate_llc
+from ..llc import estimate_llc
 from ..sampling import SGLDConfig, wbic_nbeta
 from ..sampling.contract import Samples
 from ..tasks import train_size
 from ..train import Run, TrainConfig, cached_run, train_together
+from .protocol import (finished_record, publish_record, read_record, require_some_healthy, settings_mismatch,
+                       write_json_atomically)
 
 
 @dataclass(frozen=True)
 class Job:
-    """Train ``training`` (or reuse the run) and estimate λ̂ with ``sgld``.
+    """Train ``training`` (or reuse the run) and estimate λ̂ with ``sgld``: a ``protocol.SweepJob``.
 
     kind "final": λ̂ at the final weights (and, for modular addition, its circuits);
     kind "dynamics": λ̂ at every checkpoint, all checkpoints' chains in one batched run;
@@ -55,41 +55,67 @@ class Job:
     def name(self) -> str:
         return f"{self.sweep}-{self.training.run_name()}-{self.kind}{sgld_suffix(self.sgld)}"
 
+    def run(self, out: Path) -> dict:
+        """Its record: the run in ``<out>/runs`` (trained there if missing), estimated here."""
+        return run_job(self, Path(out))
+
+    def problem(self, record) -> str | None:
+        """What makes ``record`` unusable as this job's finished record (None: nothing)."""
+        problem = record_problem(record)
+        if problem is None and record["job"] != self.name:
+            problem = f"it is the record of another job, {record['job']!r}"
+        return problem
+
+    def finished(self, path: Path) -> dict | None:
+        return finished_record(path, self.problem)
+
+    def publish(self, path: Path, record: dict) -> dict:
+        """The record names the run where the sweep keeps it (a worker may have estimated a copy of it)."""
+        record = dict(record, run=str(Path(path).parents[1] / "runs" / self.training.run_name()))
+        return publish_record(path, record, self.problem)
+
+    def mismatch(self, record: dict) -> str | None:
+        expected = dict(kind=self.kind, training=asdict(self.training), sgld=self.sgld.to_dict())
+        return settings_mismatch(record, expected, dict(training=asdict(TrainConfig(p=2)), sgld=SGLDConfig().to_dict()))
+
+    def check_memory(self, checked: set) -> None:
+        """Its training, and its chains (``chains`` per checkpoint of a dynamics job, per cell of a calibration
+        grid), against memory; ``checked``: the shapes this sweep checked already."""
+        t, sgld = self.training, self.sgld
+        batch = sgld.chains * {"dynamics": t.checkpoints + 1, "calibrate": len(self.tags.get("grid", [1]))}.get(self.kind, 1)
+        if (t, batch, sgld.steps, sgld.batch_size) in checked:
+            return
+        checked.add((t, batch, sgld.steps, sgld.batch_size))
+        resources.require_training_memory(t.p, t.embed, t.hidden)
+        start, chains = resources.mlp_sampling_bytes(t.p, t.embed, t.hidden, train_size(t.p, t.train_frac), batch,
+                                                     sgld.steps, sgld.batch_size)
+        advice = resources.sampling_advice(batch, sgld.steps, resources.mlp_parameters(t.p, t.embed, t.hidden),
+                                           resources.mlp_minibatch_bytes(t.p, t.embed, t.hidden, sgld.batch_size),
+                                           "batch_size (the spec's [sgld] batch_size)",
+                                           "chains or steps (--chains, or the spec's [sgld] chains, steps)")
+        resources.require_memory(start + chains, f"job {self.name} ({batch:,} chains × {sgld.steps:,} steps)",
+                                 "sampling", advice)
+
 
 BASELINE_STEPS = 5000  # the study's chain length: a job of another length says so in its name
 
 
 def sgld_suffix(sgld: SGLDConfig) -> str:
     """The part of a job's name that tells its SGLD settings apart from those its sweep used before they
-    could vary (exact chain loss, orthogonal restriction on, 5000 steps): empty for those, so that job
-    JSONs written then keep their names and are not run again."""
-    parts = (["published-loss"] if sgld.chain_loss == "published" else []) + \
+    could vary (plain SGLD, exact chain loss, orthogonal restriction on, 5000 steps): empty for those, so
+    that job JSONs written then keep their names and are not run again."""
+    parts = ([sgld.sampler_name] if sgld.sampler_name != "sgld" else []) + \
+            (["published-loss"] if sgld.chain_loss == "published" else []) + \
             (["orth-off"] if not sgld.orthogonal else []) + \
             ([f"T{sgld.steps}"] if sgld.steps != BASELINE_STEPS else [])
     return "".join("-" + part for part in parts)
-
-
-def write_json_atomically(path: Path, record: dict) -> None:
-    storage.write_atomically(path, json.dumps(record, indent=1) + "\n")
-
-
-def publish_record(path: Path, record: dict, check=None) -> dict:
-    """Write a job's JSON unless another process finished the job first; the record on disk wins.
-    ``check``: as in ``finished_record`` (default ``record_problem``)."""
-    if storage.publish_file_once(path, json.dumps(record, indent=1) + "\n"):
-        return record
-    existing = finished_record(path, check=check or record_problem)
-    if existing is None:  # it was damaged and is now moved aside: ours replaces it
-        write_json_atomically(path, record)
-        return record
-    return existing
 
 
 RESULT_KEYS = {"final": ("result",), "dynamics": ("steps", "metrics", "results"), "calibrate": ("cells",)}
 
 
 def record_problem(record) -> str | None:
-    """What makes ``record`` unusable as a finished job's record (None: nothing)."""
+    """What makes ``record`` unusable as the record of a study job (None: nothing)."""
     if not isinstance(record, dict):
         return "not a JSON object"
     for key in ("job", "sweep", "kind", "training"):
@@ -104,34 +130,6 @@ def record_problem(record) -> str | None:
             return f"no {key!r} field"
     if record["kind"] == "final" and not (isinstance(record["result"], dict) and "llc_mean" in record["result"]):
         return "no result.llc_mean"
-    return None
-
-
-def read_record(path: Path, check=record_problem) -> tuple[dict | None, str | None]:
-    """A job JSON's record, or None and what is wrong with it (missing file: None, None); ``check(record)``
-    says what makes a record unusable (``record_problem`` for the sweeps' jobs)."""
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError) as err:  # ValueError: truncated or empty JSON, bad UTF-8
-        return None, f"unreadable: {err}" if str(err) else "unreadable"
-    problem = check(record)
-    return (None, problem) if problem else (record, None)
-
-
-def finished_record(path: Path, job: Job | None = None, check=record_problem) -> dict | None:
-    """The record of a finished job; None if there is none. A damaged JSON is moved aside with a warning,
-    so that the job runs again."""
-    record, problem = read_record(path, check)
-    if record is not None and job is not None and record["job"] != job.name:
-        record, problem = None, f"it is the record of another job, {record['job']!r}"
-    if problem is None:
-        return record
-    aside = storage.move_aside(path)
-    if aside is not None:
-        warnings.warn(f"{path} is damaged ({problem}); moved it to {aside.name} and running its job again",
-                      RuntimeWarning, stacklevel=2)
     return None
 
 
@@ -184,21 +182,6 @@ def chain_locality(result: dict, p: int) -> dict:
     return {"locality": locality, "trivial_loss": trivial, "nonlocal": bool(locality > LOCALITY_LIMIT)}
 
 
-class AllChainsDiverged(FastLLCError):
-    """A job ended with no λ̂: every chain diverged. Its record is not written (a rerun with other settings
-    then runs it again); the sweep goes on and ends with ``executors.JobsFailed``, exit status 1."""
-
-
-def require_some_healthy(record: dict, sgld: SGLDConfig, n_train: int) -> None:
-    """Raise ``AllChainsDiverged`` when the record holds no λ̂ at all: every chain of the estimate (of every
-    checkpoint, of every calibration cell) diverged. A sweep must not record that as a finished job."""
-    results = record.get("results") or record.get("cells") or [record.get("result", {})]
-    if any(r.get("healthy_chains", r.get("healthy_fraction", 0)) for r in results):
-        return
-    advice = divergence_advice(sgld.epsilon, sgld.nbeta, wbic_nbeta(n_train), prefix="sgld.")
-    raise AllChainsDiverged(f"every chain diverged (non-finite or exploding loss), no λ̂; {advice}")
-
-
 def prefix_results(result, sgld: SGLDConfig, lengths) -> list[dict]:
     """λ̂ and its diagnostics over the first T steps of the chains, for each T in ``lengths`` (< sgld.steps).
 
@@ -236,147 +219,13 @@ def calibration_cells(run: Run, job: Job) -> list[dict]:
             for cell, measured in zip(grid, result.cells)]
 
 
-PROGRESS_MODES = {True: "bar", "bar": "bar", "log": "log", False: "off", "off": "off"}
-
-
-def progress_mode(progress: bool | str) -> str:
-    """"bar" (tqdm), "log" (a line per finished job on stderr) or "off", from a sweep's ``progress``:
-    True, "log", False, or "auto" (bars on a terminal, log lines otherwise, e.g. into a log file)."""
-    if progress == "auto":
-        return "bar" if sys.stderr.isatty() else "log"
-    if progress not in PROGRESS_MODES:
-        raise FastLLCError(f"progress must be True, False, 'log' or 'auto', got {progress!r}")
-    return PROGRESS_MODES[progress]
-
-
-def _log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def _summary(record: dict) -> str:
-    """λ̂ of a finished job, in a few words, for its log line."""
-    def llc(result):
-        return "–" if result.get("llc_mean") is None else f"{result['llc_mean']:.1f}"
-    if record["kind"] == "final":
-        return f"λ̂ {llc(record['result'])}"
-    if record["kind"] == "dynamics":
-        return f"λ̂ {llc(record['results'][0])} → {llc(record['results'][-1])} over {len(record['results'])} checkpoints"
-    return f"{len(record['cells'])} calibration cells"
-
-
-def train_missing_runs(jobs: list[Job], out: Path, progress: bool | str = True) -> None:
-    """Train every run the unfinished jobs need and that does not exist yet; runs that differ only in
-    their seed train together as one batch (``train_together``). ``progress`` as in ``run_sweep``."""
-    mode = progress_mode(progress)
-    missing = {}
-    for job in jobs:
-        if not (out / "jobs" / f"{job.name}.json").exists() and not (out / "runs" / job.training.run_name()).exists():
-            missing[job.training.run_name()] = job.training
-    groups: dict[TrainConfig, list[TrainConfig]] = {}
-    for config in missing.values():
-        groups.setdefault(replace(config, seed=0), []).append(config)
-    for number, configs in enumerate(tqdm(list(groups.values()), desc="training", disable=mode != "bar"), start=1):
-        start = time.perf_counter()
-        train_together(configs, [out / "runs" / c.run_name() for c in configs], adopt=True)
-        if mode == "log":
-            seeds = ", ".join(str(c.seed) for c in configs)
-            _log(f"[training {number}/{len(groups)}] {configs[0].run_name().rsplit('-seed', 1)[0]}, "
-                 f"seed{'s' * (len(configs) > 1)} {seeds} ({time.perf_counter() - start:.0f} s)")
-
-
-def require_jobs_memory(jobs: list) -> None:
-    """Refuse, before any training, a sweep one of whose jobs cannot fit: its training, or its chains
-    (``chains`` per checkpoint of a dynamics job, per cell of a calibration grid). Without this a sweep
-    trains every run first and then fails each job at its estimate."""
-    from collections import Counter
-
-    resources.require_jobs_memory(Counter(getattr(job, "kind", "estimate") for job in jobs), "run fewer jobs")
-    seen = set()
-    for job in jobs:
-        if not isinstance(job, Job):  # an EstimateJob's model is known only on its worker
-            continue
-        t, sgld = job.training, job.sgld
-        batch = sgld.chains * {"dynamics": t.checkpoints + 1, "calibrate": len(job.tags.get("grid", [1]))}.get(job.kind, 1)
-        if (t, batch, sgld.steps, sgld.batch_size) in seen:
-            continue
-        seen.add((t, batch, sgld.steps, sgld.batch_size))
-        resources.require_training_memory(t.p, t.embed, t.hidden)
-        start, chains = resources.mlp_sampling_bytes(t.p, t.embed, t.hidden, train_size(t.p, t.train_frac), batch,
-                                                     sgld.steps, sgld.batch_size)
-        advice = resources.sampling_advice(batch, sgld.steps, resources.mlp_parameters(t.p, t.embed, t.hidden),
-                                           resources.mlp_minibatch_bytes(t.p, t.embed, t.hidden, sgld.batch_size),
-                                           "batch_size (the spec's [sgld] batch_size)",
-                                           "chains or steps (--chains, or the spec's [sgld] chains, steps)")
-        resources.require_memory(start + chains, f"job {job.name} ({batch:,} chains × {sgld.steps:,} steps)",
-                                 "sampling", advice)
-
-
-def open_sweep(jobs: list, out: str | os.PathLike, finished=finished_record) -> tuple[Path, dict, dict]:
-    """Before any work: every job fits in memory (``require_jobs_memory``), ``out`` writable (a sweep that
-    cannot save its results must not start), crashed processes' temporaries removed; (out, {job name: its
-    JSON path}, {job name: ``finished(path, job)``, the record of a job done earlier or None})."""
-    require_jobs_memory(jobs)
-    out = Path(out)
-    storage.check_writable_dir(out)
-    for folder in (out, out / "jobs", out / "runs"):
-        storage.remove_stale_temporaries(folder)
-    paths = {job.name: out / "jobs" / f"{job.name}.json" for job in jobs}
-    return out, paths, {job.name: finished(paths[job.name], job) for job in jobs}
-
-
-def run_sweep(jobs: list[Job], out: str | os.PathLike, progress: bool | str = "auto", *, executor: str = "local",
-              workers: int | None = None, address: str | None = None) -> list[dict]:
-    """Run every job whose JSON is missing; return all jobs' records (finished earlier or now).
-
-    ``executor="ray"`` or ``workers``: the jobs go to ``executors.run_jobs`` (Ray tasks, or local processes);
-    the default runs them here, one after another.
-
-    Missing runs are trained first, seeds of one configuration together (an interruption loses at most
-    the group in flight); then each job's estimate runs and its JSON is written. ``progress``: True
-    (progress bars), "log" (one line per finished job on stderr), False, or "auto" (bars on a terminal,
-    log lines otherwise).
-    """
-    if executor != "local" or workers or address:
-        from .executors import run_jobs
-        return run_jobs(jobs, out, executor=executor, workers=workers, address=address, progress=progress)
-    mode = progress_mode(progress)
-    out, paths, finished = open_sweep(jobs, out)
-    todo = [job for job in jobs if finished[job.name] is None]
-    if mode == "log" and len(todo) < len(jobs):
-        _log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs finished earlier in {out / 'jobs'}; running {len(todo)}")
-    train_missing_runs(todo, out, progress=mode)
-    failures = {}
-    for number, job in enumerate(tqdm(todo, desc="jobs", disable=mode != "bar"), start=1):
-        start, by = time.perf_counter(), ""
-        record = finished_record(paths[job.name], job)  # another process may have finished it meanwhile
-        if record is None:
-            try:
-                record = publish_record(paths[job.name], run_job(job, out, progress=False))
-            except AllChainsDiverged as err:  # this job's own failure: the others still run
-                failures[job.name] = str(err)
-                if mode != "off":
-                    tqdm.write(f"job {job.name} failed: {err}", file=sys.stderr)
-                continue
-        else:
-            by = ", by another process"
-        finished[job.name] = record
-        if mode == "log":
-            _log(f"[{number}/{len(todo)}] {job.name}: {_summary(record)} ({time.perf_counter() - start:.0f} s{by})")
-    done = [finished[job.name] for job in jobs if finished[job.name] is not None]
-    if failures:
-        from .executors import JobsFailed
-
-        raise JobsFailed(failures, done, len(jobs))
-    return done
-
-
 def load_records(out: str | os.PathLike, check=None) -> list[dict]:
     """Every valid job record under ``<out>/jobs``; a damaged or foreign JSON (or one for which ``check``,
     a function of a record, returns a problem) is skipped with a warning naming the file."""
     folder = Path(out) / "jobs"
     records = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        record, problem = read_record(path)
+        record, problem = read_record(path, record_problem)
         if record is not None and check is not None:
             problem = check(record)
         if problem is not None:
@@ -399,7 +248,7 @@ def recount_circuits(out: str | os.PathLike, scratch: str | os.PathLike, write: 
 
     out, scratch = Path(out), Path(scratch)
     paths = [path for path in sorted((out / "jobs").glob("*.json"))]
-    records = {path: read_record(path)[0] for path in paths}
+    records = {path: read_record(path, record_problem)[0] for path in paths}
     records = {path: r for path, r in records.items()
                if r is not None and r["kind"] == "final" and r.get("circuits") is not None}
     configs = {path: TrainConfig(**r["training"]) for path, r in records.items()}

@@ -1,9 +1,9 @@
 """Where a sweep's tasks run: this process, local worker processes, or a Ray cluster.
 
 A pool takes tasks (``submit(key, function, args, gpus)``) and hands back the next one that ended
-(``next() -> (key, (outcome, value))``); a task that raised or whose worker died more often than
-``retries`` allows comes back as ("failed", a one-line reason). ``shared``: whether the tasks see the
-driver's files (local processes do; Ray tasks may run on other machines).
+(``next() -> (key, (outcome, value, seconds))``, what the task returned); a task that raised or whose
+worker died more often than ``retries`` allows comes back as ("failed", a one-line reason, None). ``shared``:
+whether the tasks see the driver's files (local processes do; Ray tasks may run on other machines).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ RAY_MISSING = "--executor ray needs Ray, an optional extra: pip install -e '.[ra
 
 
 class InProcessPool:
-    """Runs each task in this process when its result is asked for (run_sweep's order)."""
+    """Runs each task in this process when its result is asked for, in the order they were submitted."""
 
     shared = True
 
@@ -70,7 +70,7 @@ class ProcessPool:
                 if not isinstance(future.exception(), BrokenProcessPool):
                     key, *_ = self.futures.pop(future)
                     if future.exception() is not None:
-                        return key, ("failed", f"{type(future.exception()).__name__}: {future.exception()}")
+                        return key, ("failed", f"{type(future.exception()).__name__}: {future.exception()}", None)
                     return key, future.result()
             # a worker died: every task still in the broken pool runs again in a fresh one
             lost = [self.futures.pop(f) for f in list(self.futures)
@@ -82,7 +82,7 @@ class ProcessPool:
                     self.submit(key, fn, args, attempt=attempt + 1)
                 else:
                     self.given_up.append((key, ("failed", f"its worker process died {attempt + 1} times (a script "
-                                                          "that runs jobs in workers needs if __name__ == '__main__':)")))
+                                                          "that runs jobs in workers needs if __name__ == '__main__':)", None)))
         return self.given_up.pop(0)
 
     def close(self) -> None:
@@ -164,7 +164,7 @@ class RayPool:
             return key, self.ray.get(ref)
         except self.ray.exceptions.RayError as err:  # a worker or node died more often than retries allow
             return key, ("failed", f"{type(err).__name__} after {self.retries} retries: "
-                                   f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+                                   f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}", None)
 
     def close(self) -> None:
         for ref in list(self.refs):  # an interrupted driver: queued jobs never start, running ones are interrupted

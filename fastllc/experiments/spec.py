@@ -19,7 +19,7 @@ Every key is checked before any work: a bad one is a one-line error naming the f
 ``EstimateJob``: λ̂ of any model: a model factory, a data factory and SGLD settings. The factories must be
 module-level functions (pickled by reference) so that a job can run in another process or on another
 machine, where the module must be importable too (an installed package, or Ray's ``runtime_env``).
-``executors.run_jobs`` runs these like sweep jobs; their JSONs (kind "estimate") are not part of
+``executors.run_jobs`` runs these like sweep jobs (both follow ``protocol.SweepJob``); their JSONs (kind "estimate") are not part of
 ``fastllc report``, which reads the study's kinds.
 """
 
@@ -39,7 +39,8 @@ from .. import resources
 from ..errors import FastLLCError
 from ..sampling import SGLDConfig
 from ..train import TrainConfig
-from .jobs import Job, finished_record, publish_record, require_some_healthy
+from .jobs import Job
+from .protocol import finished_record, publish_record, require_some_healthy, settings_mismatch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -223,6 +224,7 @@ class EstimateJob:
     sweep: str = "estimates"
     tags: dict = field(default_factory=dict)
     kind = "estimate"
+    training = None  # it needs no trained run (``protocol.SweepJob``)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _SAFE_NAME.fullmatch(self.name):
@@ -235,7 +237,8 @@ class EstimateJob:
     def settings_record(self) -> dict:
         return dict(kind=self.kind, sgld=self.sgld.to_dict(), backend=self.backend, device=self.device)
 
-    def run(self) -> dict:
+    def run(self, out=None) -> dict:
+        """Its record, estimated in this process (``out``: unused, it needs no trained run)."""
         from ..api import estimate
 
         data = self.data()
@@ -250,11 +253,18 @@ class EstimateJob:
 
     def finished(self, path: Path) -> dict | None:
         """Its finished record, or None; a damaged JSON is moved aside with a warning."""
-        return finished_record(path, check=self.problem)
+        return finished_record(path, self.problem)
 
     def publish(self, path: Path, record: dict) -> dict:
         """Write the record unless another process finished the job first (the record on disk wins)."""
-        return publish_record(path, record, check=self.problem)
+        return publish_record(path, record, self.problem)
+
+    def mismatch(self, record: dict) -> str | None:
+        """Which of its settings ``record`` was made with differently (None: the same)."""
+        return settings_mismatch(record, self.settings_record())
+
+    def check_memory(self, checked: set) -> None:
+        """Nothing to check before the sweep: its model is known only on its worker."""
 
 
 def _estimate_problem(record, name: str) -> str | None:
