@@ -204,6 +204,22 @@ def test_a_finished_json_made_with_other_settings_is_refused(tmp_path):
         run_jobs([other], tmp_path, progress=False)
 
 
+def test_a_job_another_process_finished_meanwhile_is_adopted_not_run_again(tmp_path, capsys):
+    from fastllc.experiments.protocol import write_json_atomically
+
+    jobs = tiny_jobs()
+    _, theirs = run_jobs(jobs, tmp_path / "theirs", progress=False)
+
+    def finish_the_second(name, outcome, detail):  # as another process would while this one runs the first
+        if name == jobs[0].name:
+            write_json_atomically(tmp_path / "ours" / "jobs" / f"{jobs[1].name}.json", theirs)
+
+    records = run_jobs(jobs, tmp_path / "ours", progress="log", on_record=finish_the_second)
+    assert records[1] == theirs  # the record on disk wins
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith(f"[2/2] {jobs[1].name}: λ̂ ") and lines[-1].endswith(" s, by another process)")
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(executor="dask"), "unknown executor 'dask'; choose one of local, ray"),
     (dict(workers=0), "--workers must be a whole number of at least 1, got 0"),

@@ -464,6 +464,59 @@ def test_reproduce_refuses_a_backend_without_what_the_jobs_need_before_training(
     assert not (tmp_path / "sweep").exists()
 
 
+# ---- reproduce runs through the one sweep driver: the safeguards of `fastllc sweep` ----
+
+from dataclasses import replace
+
+from fastllc.experiments import SWEEPS
+
+
+def reproduce(monkeypatch, jobs, out):
+    """`fastllc reproduce psweep --out OUT` with the psweep's jobs replaced by ``jobs``."""
+    monkeypatch.setitem(SWEEPS, "psweep", lambda **options: jobs)
+    return cli(["psweep", "--out", str(out)])
+
+
+def test_reproduce_refuses_a_finished_record_made_with_other_settings(finished_sweep, tmp_path, monkeypatch):
+    out = copy_of(finished_sweep, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "jobs").iterdir()}
+    other = [replace(job, sgld=replace(job.sgld, epsilon=2e-3)) for job in tiny_jobs()]  # ε is not in the name
+    assert [job.name for job in other] == [job.name for job in tiny_jobs()]
+    result = reproduce(monkeypatch, other, out)
+    path = out / "jobs" / f"{other[0].name}.json"
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: {path} holds job {other[0].name} with other settings (sgld.epsilon 0.001 there, 0.002 now); "
+        "give another --out, or remove that file to run the job again")
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "jobs").iterdir()} == before  # nothing rerun or rewritten
+
+
+def test_reproduce_refuses_two_jobs_of_one_name_before_any_work(tmp_path, monkeypatch):
+    jobs = tiny_jobs()
+    result = reproduce(monkeypatch, jobs + jobs[:1], tmp_path / "sweep")
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: two jobs are named '{jobs[0].name}': each job needs its own name (its JSON file)")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_reproduce_goes_on_after_a_failed_job_and_exits_1_naming_it(tmp_path, monkeypatch):
+    bad = Job("psweep", TrainConfig(p=5, embed=4, hidden=8, batches=30, checkpoints=2, seed=7),
+              SGLDConfig(chains=2, steps=20, burn_in=20, orthogonal=True), tags=dict(published=None))
+    result = reproduce(monkeypatch, [bad] + tiny_jobs(), tmp_path / "sweep")  # the failing job first
+    lines = result.output.splitlines()
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"job {bad.name} failed: burn-in must be in [0, steps) = [0, 20), got 20" in lines
+    assert lines[-1] == (f"Error: 1 of 3 jobs failed ({bad.name}); the others are saved: fix the failed jobs' settings "
+                         "and rerun (finished jobs are skipped)")
+    assert sorted(p.name for p in (tmp_path / "sweep" / "jobs").iterdir()) == sorted(f"{j.name}.json" for j in tiny_jobs())
+
+
+def test_a_job_of_another_sampler_says_so_in_its_name():
+    plain = tiny_jobs()[0]
+    rmsprop = replace(plain, sgld=replace(plain.sgld, sampler="rmsprop_sgld"))
+    assert plain.name == "psweep-add-p5-e4-h8-b30-k2-seed0-final-T20"  # plain SGLD: the name it always had
+    assert rmsprop.name == "psweep-add-p5-e4-h8-b30-k2-seed0-final-rmsprop_sgld-T20"
+
+
 # ---- locality of the chains ----
 
 from fastllc.experiments.jobs import chain_locality
