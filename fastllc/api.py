@@ -184,7 +184,7 @@ def _warn_if_batch_exceeds_data(batch_size: int, n: int) -> None:
 
 
 def _require_memory(config: SGLDConfig, parameters: int, mlp: tuple[int, int, int] | None, examples: int,
-                         device: torch.device) -> None:
+                    device: torch.device) -> None:
     """Refuse, before any work, chains that cannot fit (``resources.require_sampling_memory``, the formula the
     commands use too). For the study's MLP (``mlp`` = (p, e, h)) its minibatch buffers and the full-batch
     loss and gradient at w* over the ``examples`` are counted; other models' are not known."""
@@ -235,7 +235,7 @@ def estimate_checkpoints(run: Run | str, checkpoints: list[int] | None = None, c
     _warn_if_batch_exceeds_data(config.batch_size, len(labels))
     arch = (run.config.p, run.config.embed, run.config.hidden)
     _require_memory(replace(config, chains=config.chains * len(indices)), resources.mlp_parameters(*arch), arch,
-                         len(labels), device)
+                    len(labels), device)
     starts = [Start(run.load_model(k), pairs, labels) for k in indices]
     name = resolve_backend(backend, device, starts[0].model, F.cross_entropy, needs=("stacked_starts",))
     samples = sample_starts(starts, config, backend=name, randomness=randomness, device=device, progress=progress)
