@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .model import ModularMLP, param_shapes
 from .sampling.contract import is_cross_entropy
-from .sampling.sgld import ParameterMajor
+from .sampling.layout import ParameterMajor
 
 _gelu_backward = torch.ops.aten.gelu_backward
 

@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .errors import FastLLCError
 from .storage import fastllc_home, remove, remove_stale_temporaries, temporary_sibling, write_atomically
 
@@ -228,10 +230,22 @@ def _remember(failed: Path, message: str) -> None:
 
 _I64, _F32, _F64, _I32, _U8 = (ctypes.POINTER(t) for t in (ctypes.c_int64, ctypes.c_float, ctypes.c_double,
                                                             ctypes.c_int32, ctypes.c_uint8))
+_i64, _d = ctypes.c_int64, ctypes.c_double
+
+# fastllc_mlp_sgld_run's parameters in order, named as in mlp_sgld_cpu.cpp (a test holds the two together):
+# ``_declare`` and ``call`` both read this table, so the declaration and every call agree by construction.
+RUN_PARAMETERS = (
+    ("C", _i64), ("p", _i64), ("e", _i64), ("h", _i64), ("m", _i64),
+    ("w", _F32), ("w_star", _F32), ("direction", _F32), ("moves", _U8), ("moves_stride", _i64), ("loss_offset", _d),
+    ("coefficients", _F64), ("ops", _I64), ("targets", _I64), ("example_offset", _I64), ("n", _i64),
+    ("chain_ids", _I64), ("seed", _i64), ("injected_indices", _I64), ("injected_noise", _F32), ("total_steps", _i64),
+    ("edges", _F64), ("edges32", _F32), ("ratios", _F32), ("density", _F64), ("tail", _d),
+    ("t0", _i64), ("n_steps", _i64), ("trace", _F64), ("alive", _I32), ("threads", ctypes.c_int),
+)
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    i64, d = ctypes.c_int64, ctypes.c_double
+    i64, d = _i64, _d
     lib.fastllc_mlp_sgld_variant.restype = ctypes.c_char_p
     lib.fastllc_mlp_sgld_variant.argtypes = []
     lib.fastllc_fp_mode.restype = ctypes.c_uint
@@ -239,15 +253,32 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.fastllc_fp_modes.restype = None
     lib.fastllc_fp_modes.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_uint)]
     lib.fastllc_mlp_sgld_run.restype = ctypes.c_int
-    lib.fastllc_mlp_sgld_run.argtypes = [i64, i64, i64, i64, i64, _F32, _F32, _F32, _U8, i64, d, _F64, _I64, _I64,
-                                         _I64, i64, _I64, i64, _I64, _F32, i64, _F64, _F32, _F32, _F64, d, i64, i64,
-                                         _F64, _I32, ctypes.c_int]
+    lib.fastllc_mlp_sgld_run.argtypes = [ctype for _, ctype in RUN_PARAMETERS]
     lib.fastllc_exp.restype = lib.fastllc_gelu.restype = None
     lib.fastllc_exp.argtypes = [i64, _F32, _F32]
     lib.fastllc_gelu.argtypes = [i64, _F32, _F32, _F32]
     lib.fastllc_draw.restype = None
     lib.fastllc_draw.argtypes = [i64, i64, i64, i64, _I64, i64, i64, _F64, _F32, _F32, _F64, d, _I64, _F32]
     return lib
+
+
+def call(lib: ctypes.CDLL, **arguments) -> int:
+    """``fastllc_mlp_sgld_run`` with its parameters by name (``RUN_PARAMETERS``): NumPy arrays are passed by
+    pointer (contiguous, of the declared type), None as a null pointer; returns the kernel's status."""
+    if set(arguments) != {name for name, _ in RUN_PARAMETERS}:
+        missing = {name for name, _ in RUN_PARAMETERS} ^ set(arguments)
+        raise TypeError(f"fastllc_mlp_sgld_run: wrong parameters {sorted(missing)}")
+    values = []
+    for name, ctype in RUN_PARAMETERS:
+        value = arguments[name]
+        if value is None:
+            value = ctype()  # a null pointer
+        elif isinstance(value, np.ndarray):
+            if not value.flags.c_contiguous or np.ctypeslib.as_ctypes_type(value.dtype) is not ctype._type_:
+                raise TypeError(f"fastllc_mlp_sgld_run: {name} must be a contiguous {ctype._type_.__name__} array")
+            value = value.ctypes.data_as(ctype)
+        values.append(value)
+    return lib.fastllc_mlp_sgld_run(*values)
 
 
 _loaded: dict[tuple[str, str], ctypes.CDLL] = {}
@@ -356,13 +387,12 @@ def time_variants(candidates: list[str], rounds: int = 7) -> dict[str, float]:
     processes on the machine take is not counted). About 50 ms in all."""
     import numpy as np
 
-    from .backends.native import run_kernel
-    from .sampling.randomness import CounterRandomness
+    from .sampling import randomness
     p, e, h, m, n, chains, steps = 53, 8, 32, 64, 2247, 8, 25
     d = p * e + 2 * (h * e + h) + p * h
     rng = np.random.default_rng(0)
     w_star = (rng.standard_normal((chains, d)) * 0.3).astype(np.float32)
-    hyper = np.tile(np.array([1e-3, 5.0, 300.0]), (chains, 1))
+    coefficients = np.tile(np.array([1e-3 * 5.0 / 2, 1e-3 * 300.0 / 2, 1e-3 ** 0.5]), (chains, 1))  # SGLD's
     operands = rng.integers(0, p, (n, 2)).astype(np.int64)
     targets = operands.sum(1) % p
     best = {v: float("inf") for v in candidates}
@@ -370,7 +400,10 @@ def time_variants(candidates: list[str], rounds: int = 7) -> dict[str, float]:
         for candidate in candidates:
             w = w_star.copy()
             start = time.thread_time()
-            run_kernel(w, w_star, None, hyper, operands, targets, np.zeros(chains, np.int64), n, (p, e, h), m, steps,
-                       CounterRandomness(0, n, m, d), np.arange(chains, dtype=np.int64), variant=candidate, threads=1)
+            call(load(candidate), C=chains, p=p, e=e, h=h, m=m, w=w, w_star=w_star, direction=None, moves=None,
+                 moves_stride=0, loss_offset=0.0, coefficients=coefficients, ops=operands, targets=targets,
+                 example_offset=np.zeros(chains, np.int64), n=n, chain_ids=np.arange(chains, dtype=np.int64),
+                 seed=0, injected_indices=None, injected_noise=None, total_steps=steps, **randomness.ziggurat_tables(),
+                 t0=0, n_steps=steps, trace=np.empty((chains, steps)), alive=np.ones(chains, np.int32), threads=1)
             best[candidate] = min(best[candidate], time.thread_time() - start)
     return {v: seconds / (chains * steps) * 1e6 for v, seconds in best.items()}

@@ -17,7 +17,7 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(sampler="sghmc"), "unknown sampler 'sghmc'; choose one of sgld, rmsprop_sgld"),
+    (dict(sampler="sghmc"), "unknown sampler 'sghmc'; choose one of preconditioned_sgld, rmsprop_sgld, sgld"),
     (dict(sampler="rmsprop_sgld", rmsprop_alpha=1.0), "rmsprop_alpha must be in (0, 1), got 1.0"),
     (dict(sampler="rmsprop_sgld", rmsprop_alpha=0.0), "rmsprop_alpha must be in (0, 1), got 0.0"),
     (dict(rmsprop_alpha=float("nan")), "rmsprop_alpha must be in (0, 1), got nan"),

@@ -4,15 +4,17 @@ A backend is one module here, named as users name it (``--backend NAME``), that 
     NAME            its name (the module's)
     CAPABILITIES    what it can do beyond ``sample``, as data: ``stacked_starts`` (several starting points
                     in one batch: it has ``sample_starts``), ``mala`` (records the MALA acceptance),
-                    ``rmsprop_sgld`` (runs ``SGLDConfig.sampler="rmsprop_sgld"``; without it a backend runs
-                    plain SGLD only, and ``config.hyperparameters`` refuses it any other sampler),
+                    ``samplers`` (runs every sampler of ``sampling/samplers/`` through the sampler's own
+                    update; without it a backend runs plain SGLD only, or the samplers it names in
+                    CAPABILITIES, and ``config.hyperparameters`` refuses it any other),
                     ``restrict`` (its ``sample`` takes ``restrict=``, a bool mask over the flat weights, [d] for
                     every chain or [C, d] one row per chain, checked by ``sampling.restrict.check_mask``: only
                     those move, the others stay at w* bit for bit),
                     ``published_chain_loss`` (follows ``SGLDConfig.chain_loss="published"``)
-    DEVICES         device types it runs on
+    DEVICES         device types it runs on (the conformance checks, ``fastllc.conformance``, run it there)
     AUTO_PRIORITY   ``auto`` tries backends in increasing priority: the fastest first
-    supports(model, loss_fn, device) -> bool    may ``auto`` give it this work? cheap, imports nothing heavy
+    supports(model, loss_fn, device) -> bool    may ``auto`` give it this work? cheap, imports nothing heavy;
+                    ``model=None`` asks about the study's MLP with cross-entropy (the CLI, before training)
     require(device, model=None, loss_fn=None)   raises the one-line FastLLCError saying why it cannot
     sample(model, inputs, targets, loss_fn, config, *, randomness=None, device="cpu", progress=False) -> Samples
     sample_starts(starts, config, *, randomness=None, device="cpu", progress=False) -> list[Samples]
@@ -31,6 +33,7 @@ import importlib
 import pkgutil
 
 from ..errors import FastLLCError
+from ..sampling import samplers
 from ..sampling.config import SGLDConfig
 from ..sampling.contract import Samples
 
@@ -45,10 +48,17 @@ CHOICES = ("auto", *NAMES)  # what ``--backend`` accepts
 NEEDED_FOR = {  # what a caller that needs a capability is doing, for the one-line error
     "stacked_starts": "several starting points in one batch (estimate_checkpoints)",
     "mala": "mala=True (the MALA acceptance rate)",
-    "rmsprop_sgld": "sampler='rmsprop_sgld' (RMSProp-preconditioned SGLD)",
+    "samplers": "every sampler (each through its own update)",
     "restrict": "restrict= (weight-restricted sampling)",
     "published_chain_loss": "chain_loss='published' (the study's −log(p_y + 1e-6) chain loss)",
+    **{name: f"sampler={name!r} ({samplers.sampler_class(name).title})" for name in samplers.names() if name != "sgld"},  # a sampler's name: runs it
 }
+
+
+def has(name: str, need: str) -> bool:
+    """Whether backend ``name`` has capability ``need`` (a sampler's name: it runs that sampler)."""
+    capabilities = backend_module(name).CAPABILITIES
+    return need in capabilities or (need in samplers.names() and "samplers" in capabilities)
 
 
 def _require_known(name: str) -> None:
@@ -72,14 +82,7 @@ def with_capabilities(needs) -> list[str]:
     unknown = set(needs) - set(NEEDED_FOR)
     if unknown:  # a caller's typo, not a user's input
         raise ValueError(f"unknown capabilities {sorted(unknown)}; known: {sorted(NEEDED_FOR)}")
-    return [name for name in auto_order() if set(needs) <= backend_module(name).CAPABILITIES]
-
-
-def _default_work():
-    """The study's MLP with cross-entropy: what ``auto`` means before any model exists (the CLI)."""
-    import torch.nn.functional as F
-    from ..model import ModularMLP
-    return ModularMLP(3, 1, 1), F.cross_entropy
+    return [name for name in auto_order() if all(has(name, need) for need in needs)]
 
 
 def resolve_backend(name: str, device, model=None, loss_fn=None, needs=()) -> str:
@@ -98,8 +101,6 @@ def resolve_backend(name: str, device, model=None, loss_fn=None, needs=()) -> st
             raise FastLLCError(f"{what} needs backend {who}, not {name!r}")
         backend_module(name).require(device)
         return name
-    if model is None:
-        model, loss_fn = _default_work()
     for candidate in able:
         if backend_module(candidate).supports(model, loss_fn, device):
             return candidate

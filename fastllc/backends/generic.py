@@ -1,10 +1,10 @@
 """Backend ``generic``: any ``nn.Module`` and loss, all chains at once through ``torch.func``.
 
-Every chain's weights live in one flat parameter-major buffer W (``sampling/sgld.py``, ``named_parameters``
+Every chain's weights live in one flat parameter-major buffer W (``sampling/layout.py``, ``named_parameters``
 order: parameter j is a contiguous [C, *shape] view). One step evaluates ``vmap(grad_and_value(L))`` over
 those views and each chain's own minibatch (``functional_call`` puts chain c's weights into the model),
-then applies ``sgld.sgld_update``, the same in-place update as the ``torch`` backend; the counter-based
-noise is written straight into the same layout. Buffers (e.g. BatchNorm statistics in eval mode) are shared by all chains.
+then applies the sampler's batched update (``sampling/samplers/``), as the ``torch`` backend does; the
+counter-based noise is written straight into the same layout. Buffers (e.g. BatchNorm statistics in eval mode) are shared by all chains.
 
 Why the step is traced. ``vmap(grad(...))`` re-enters functorch's Python layers for every operation;
 for small models that overhead, not arithmetic, bounds the rate. The first step is therefore run
@@ -28,14 +28,13 @@ known cases up front, so ``auto`` sends them to the reference.
 devinterp's ``MalaAcceptanceRate`` defines it: potential U = nβ·L_m + γ/2·‖w − w*‖² with its gradient at
 both ends of the step, each end on its own minibatch (the orthogonal restriction is not accounted for).
 
-``sampler="rmsprop_sgld"`` (formula in ``SGLDConfig``) keeps every chain's V in the same parameter-major
-layout and applies ``sgld.rmsprop_sgld_update``; the traced replay covers the gradient step, which is the
-same for both samplers.
+Every sampler runs here through its own batched update; the traced replay covers the gradient step, which
+is the same for all of them.
 
 ``restrict`` (a bool mask [d] over the flat weights, ``sampling/restrict.py``, or [C, d] with one row per
 chain) samples only the selected weights: every step zeroes ∇L_m on the others (so drift, RMSProp's V and
 MALA's ∇U live in the restricted space) and then copies w* back into them, so that they stay at w* bit for bit
-whatever rounding the in-place update does (keep·w* + decay·w* need not be w*); the orthogonal direction is
+whatever rounding the in-place update does ((1 − decay)·w* + decay·w* need not be w*); the orthogonal direction is
 ∇L_n(w*) masked by the chain's row.
 """
 
@@ -53,17 +52,17 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..errors import FastLLCError
-from ..sampling.config import SAMPLERS, SGLDConfig
+from ..sampling.config import SGLDConfig
 from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters,
                                  loss_and_gradient_at_start, nan_from_first_non_finite,
                                  on_device)
 from ..sampling.randomness import for_run
 from ..sampling.restrict import check_mask, restricted_directions
-from ..sampling.sgld import ParameterMajor, RMSpropState, StepDraws, axpy, rmsprop_sgld_update, sgld_update
+from ..sampling.layout import ParameterMajor, StepDraws, axpy
 from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
 
 NAME = "generic"
-CAPABILITIES = frozenset({"mala", "rmsprop_sgld", "restrict", "published_chain_loss"})
+CAPABILITIES = frozenset({"mala", "samplers", "restrict", "published_chain_loss"})
 DEVICES = ("cpu", "cuda")
 AUTO_PRIORITY = 30  # ``auto`` tries lower first: any vmappable module
 
@@ -84,6 +83,8 @@ def _blocking_module(model: nn.Module) -> tuple[str, str] | None:
 
 def supports(model, loss_fn, device=None) -> bool:
     """Any module with trainable parameters, unless a submodule is known not to vmap (see the docstring)."""
+    if model is None:  # the study's MLP
+        return True
     return (isinstance(model, nn.Module) and any(p.requires_grad for p in model.parameters())
             and _blocking_module(model) is None)
 
@@ -127,43 +128,30 @@ def _failing_module(model: nn.Module, call) -> str | None:
     return None
 
 
-class _Chains(ParameterMajor):
-    """C chains' weights in one parameter-major buffer, and the per-chain coefficients of the update."""
+class _ChainWeights(ParameterMajor):
+    """C chains' weights in one parameter-major buffer, and the sampler's update of them."""
 
-    def __init__(self, w_star: torch.Tensor, shapes, epsilon, gamma, nbeta, device):
+    def __init__(self, w_star: torch.Tensor, shapes, epsilon, gamma, nbeta, sampler, device):
         super().__init__(shapes, len(w_star))
         self.W = self.to_parameter_major(w_star.to(device))
         self.W_star = self.W.clone()
         self.G = torch.empty_like(self.W)
         self.weights = self.views(self.W)  # [C, *shape] per parameter: what the vmapped step reads
         self.epsilon, self.gamma, self.nbeta = epsilon, gamma, nbeta
-        # W ← W − decay·(W − W*) − drift·∇L_m + noise_scale·ξ  (``sampling/sgld.py``)
-        decay = self.coefficient(epsilon * gamma / 2, device)
-        self.keep, self.decay_w_star = 1 - decay, self.W_star * decay
-        # G = −drift·∇L_m: the sign folded into the coefficient once, not negated every step
-        self.minus_drift = self.coefficient(-(epsilon * nbeta / 2), device)
-        self.noise_scale = self.coefficient(epsilon.sqrt(), device)
-        self.rmsprop = None  # RMSProp-SGLD's state and coefficients (``use_rmsprop``)
-        self.frozen = None  # _Frozen: the weights a restriction keeps at w* (``restrict``)
+        factor = self.coefficient(sampler.gradient_factor(epsilon, nbeta), device)
+        self.gradient_factor = None if isinstance(factor, float) and factor == 1.0 else factor  # what ∇L_m is scaled by in G (SGLD: −drift)
+        self.update = sampler.batched(self, self.W, epsilon, gamma, nbeta)
+        self.frozen = None  # _Frozen: the weights a restriction holds at w* (``restrict``)
 
-    def restrict(self, keep: torch.Tensor) -> None:
-        """Move only the weights where ``keep`` ([d], or [C, d]: one row per chain) is True (module docstring)."""
-        self.frozen = _Frozen(~self.to_parameter_major(keep.to(self.W.device).expand(self.C, self.d)), self.W_star)
-
-    def use_rmsprop(self, alpha: float, delta: float, device) -> None:
-        """Run RMSProp-SGLD (``sgld.rmsprop_sgld_update``): V from 0, per-chain nβ, γ, −ε/2."""
-        self.rmsprop = RMSpropState(self.W, alpha, delta)
-        self.nb, self.gm = self.coefficient(self.nbeta, device), self.coefficient(self.gamma, device)
-        self.minus_half_eps = self.coefficient(-self.epsilon / 2, device)
+    def restrict(self, moves: torch.Tensor) -> None:
+        """Move only the weights where ``moves`` ([d], or [C, d]: one row per chain) is True (module docstring)."""
+        self.frozen = _Frozen(~self.to_parameter_major(moves.to(self.W.device).expand(self.C, self.d)), self.W_star)
 
     def step(self, noise: torch.Tensor, projection) -> None:
         """One step of every chain from the gradient ∇L_m in G (overwritten) and unit noise ξ."""
-        if self.rmsprop is not None:
-            rmsprop_sgld_update(self.W, self.G, noise, self.rmsprop, self.W_star, self.nb, self.gm,
-                                self.minus_half_eps, self.noise_scale, projection)
-        else:
-            self.G.mul_(self.minus_drift)  # −drift·∇L_m
-            sgld_update(self.W, self.G, noise, self.noise_scale, self.keep, self.decay_w_star, projection)
+        if self.gradient_factor is not None:
+            self.G.mul_(self.gradient_factor)
+        self.update(self.G, noise, projection)
         if self.frozen is not None:
             self.frozen.restore(self.W)  # the fixed weights back at w*, exactly
 
@@ -210,19 +198,19 @@ class _Frozen:
 class _Mala:
     """MALA acceptance probability of each step t → t+1 (see the module docstring), float64 [C, T−1]."""
 
-    def __init__(self, chains: _Chains, steps: int):
+    def __init__(self, chains: _ChainWeights, steps: int):
         self.chains, self.previous = chains, None
         self.acceptance = torch.full((chains.C, max(steps - 1, 0)), math.nan, dtype=torch.float64)
         device = chains.W.device
         self.eps, self.nbeta, self.gamma = (v.to(device) for v in (chains.epsilon, chains.nbeta, chains.gamma))
-        self.nb, self.gm, self.half_eps = (chains.coefficient(v, device) for v in (chains.nbeta, chains.gamma,
-                                                                                    chains.epsilon / 2))
+        self.nbeta_c, self.gamma_c, self.half_eps = (chains.coefficient(v, device) for v in (chains.nbeta, chains.gamma,
+                                                                                              chains.epsilon / 2))
 
     def observe(self, t: int, loss: torch.Tensor, displacement: torch.Tensor) -> None:
         """At w_t, given L_m(w_t) [C], ∇L_m(w_t) in ``chains.G`` and w_t − w* (parameter-major)."""
         ch = self.chains
         potential = self.nbeta * loss.double() + self.gamma / 2 * ch.chain_sum(displacement * displacement)
-        grad_u = axpy(ch.G * self.nb, displacement, self.gm)  # ∇U = nβ∇L_m + γ(w − w*)
+        grad_u = axpy(ch.G * self.nbeta_c, displacement, self.gamma_c)  # ∇U = nβ∇L_m + γ(w − w*)
         state = (ch.W.clone(), grad_u, potential)
         if self.previous is not None:
             w0, g0, u0 = self.previous
@@ -269,18 +257,17 @@ def _trace(step, args, eager_result):
 
 
 def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, direction, inputs, targets,
-               config: SGLDConfig, randomness, device, trace: bool, tick, keep=None):
+               config: SGLDConfig, randomness, device, trace: bool, tick, moves=None):
     """SGLD for the chains ``ids``: (loss trace [T, C], final weights [C, d] chain-major, MALA or None)."""
     C, d, m, T = len(ids), w_star.numel(), config.batch_size, config.steps
-    chains = _Chains(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper), device)
-    if keep is not None:
-        chains.restrict(_rows(keep, ids))
+    chains = _ChainWeights(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper), config.sampler_object(),
+                           device)
+    if moves is not None:
+        chains.restrict(_rows(moves, ids))
     projection = None
     if direction is not None:
         direction = _rows(direction, ids).to(device).expand(C, d)
         projection = (chains.rows(chains.G), chains.rows(chains.to_parameter_major(direction)))
-    if config.sampler == "rmsprop_sgld":
-        chains.use_rmsprop(config.rmsprop_alpha, config.rmsprop_eps, device)
     mala = _Mala(chains, T) if config.mala else None
     draws = StepDraws(C, m, d, device)
     losses = torch.empty(T, C, device=device)
@@ -339,19 +326,19 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     model = on_device(model, device)  # the caller's model is never moved
     inputs, targets = inputs.to(device), targets.to(device)
     n, C, T = len(targets), config.chains, config.steps
-    hyper = config.hyperparameters(n, samplers=SAMPLERS)
+    hyper = config.hyperparameters(n, samplers=None)
     names, shapes, w_star = flat_parameters(model)
     d = w_star.numel()
     init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
-    keep = None if restrict is None else check_mask(restrict, d, C)
-    direction = restricted_directions(gradient, keep) if config.orthogonal else None  # from ∇L_n(w*) masked
+    moves = None if restrict is None else check_mask(restrict, d, C)
+    direction = restricted_directions(gradient, moves) if config.orthogonal else None  # from ∇L_n(w*) masked
     randomness = for_run(randomness, config, n, d)
 
     trace = T >= _TRACE_FROM_STEPS if trace is None else trace
     groups = chain_groups(C, device, min_per_group=min_chains_per_group(d), groups=workers or None)  # workers: tests
     run = functools.partial(_run_group, loss_fn=chain_loss_fn(loss_fn, config), names=names, shapes=shapes,
                             w_star=w_star, hyper=hyper, direction=direction, inputs=inputs, targets=targets, config=config,
-                            randomness=randomness, device=device, trace=trace, keep=keep)
+                            randomness=randomness, device=device, trace=trace, moves=moves)
     models = [model] + [_private_copy(model) for _ in groups[1:]]
     if any(copy_ is None for copy_ in models):
         groups, models = [(0, C)], [model]

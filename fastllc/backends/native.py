@@ -4,7 +4,7 @@ The kernel (``fastllc/kernels/mlp_sgld_cpu.cpp``, compiled on first use by ``fas
 runs all of a chain's steps in a row, one chain per OpenMP thread at a time, with its weights and scratch
 in cache: minibatch gather, forward, hand-written backward, SGLD update with localisation, the orthogonal
 restriction, the loss record; the published chain loss (``SGLDConfig.chain_loss``) and weight-restricted
-sampling (``restrict=``, one mask for all chains or one per chain). It draws CounterRandomness's own streams inside (same seed, same
+sampling (``restrict=``, one mask for all chains or one per chain, in ``sample`` and ``sample_starts``). It draws CounterRandomness's own streams inside (same seed, same
 trajectory as the torch and reference backends up to fp32 rounding), or reads an ``InjectedRandomness``.
 Any other randomness object (one that only has ``fill``/``draw``) is refused with a one-line error.
 The kernel flushes subnormal floats to zero in its own threads (a trained network's confident predictions
@@ -19,18 +19,18 @@ process) and ``--backend native`` is a one-line error.
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import torch
 
 from ..engine import is_study_mlp
 from ..errors import FastLLCError
+from ..sampling.batch import Batch, finish, prepare
 from ..sampling.config import PUBLISHED_LOSS_OFFSET, SGLDConfig
-from ..sampling.contract import Samples, nan_from_first_non_finite
-from ..sampling.randomness import (_DENSITY, _EDGES, _EDGES32, _RATIOS, _TAIL, CounterRandomness,
-                                   InjectedRandomness, for_run)
-from ..sampling.restrict import check_mask
-from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
+from ..sampling.contract import Samples
+from ..sampling.randomness import CounterRandomness, InjectedRandomness, ziggurat_tables
+from ..sampling.starts import Start
 from ..sampling.threads import available_cores
 
 NAME = "native"
@@ -58,7 +58,7 @@ def _on_cpu(device) -> bool:
 def supports(model, loss_fn, device=None) -> bool:
     """The study's MLP with cross-entropy on the CPU, where the kernel builds (else one notice, once)."""
     global _notice_given
-    if not (_on_cpu(device) and is_study_mlp(model, loss_fn)):
+    if not (_on_cpu(device) and (model is None or is_study_mlp(model, loss_fn))):
         return False
     reason = unavailable_reason()
     if reason is not None and not _notice_given:
@@ -79,66 +79,69 @@ def require(device, model=None, loss_fn=None) -> None:
         raise FastLLCError(f"the native backend is unavailable: {reason}; or use --backend torch")
 
 
-def _pointer(array: np.ndarray, ctype):
-    import ctypes
-    return array.ctypes.data_as(ctypes.POINTER(ctype))
+def _contiguous(values, dtype) -> np.ndarray | None:
+    return None if values is None else np.ascontiguousarray(np.asarray(values), dtype)
 
 
-def run_kernel(w: np.ndarray, w_star: np.ndarray, direction: np.ndarray | None, hyper: np.ndarray,
-               operands: np.ndarray, targets: np.ndarray, example_offset: np.ndarray, n: int, arch, m: int,
-               steps: int, randomness, chain_ids: np.ndarray, *, keep: np.ndarray | None = None,
-               loss_offset: float = 0.0, variant: str | None = None, threads: int | None = None,
+def _randomness_arguments(randomness, chain_ids: np.ndarray) -> dict:
+    """The kernel's randomness: CounterRandomness's streams (drawn in the kernel) or an InjectedRandomness's rows."""
+    if isinstance(randomness, InjectedRandomness):
+        rows = torch.as_tensor(chain_ids)
+        return dict(seed=0, injected_indices=_contiguous(randomness.indices[rows].numpy(), np.int64),
+                    injected_noise=_contiguous(randomness.noise[rows].numpy(), np.float32))
+    if isinstance(randomness, CounterRandomness):
+        return dict(seed=randomness.seed, injected_indices=None, injected_noise=None)
+    raise FastLLCError(f"the native backend draws CounterRandomness's streams or reads InjectedRandomness, "
+                       f"not {type(randomness).__name__}; use --backend torch for other generators")
+
+
+def run_kernel(batch: Batch, w: np.ndarray, *, variant: str | None = None, threads: int | None = None,
                tick=None) -> np.ndarray:
-    """All chains' ``steps`` steps in place on ``w`` [C, d] float32; returns the loss trace [C, T] float64.
-
-    ``randomness``: CounterRandomness (its streams drawn in the kernel) or InjectedRandomness (read as given).
-    ``keep``: the restriction, uint8 [d] (every chain) or [C, d] (one row per chain), or None.
-    ``loss_offset``: 0 (cross-entropy) or δ > 0 (the published chain loss −mean log(p_y + δ)).
-    ``tick(chain_steps)``, when given, is called as the steps progress (the kernel then runs in chunks).
-    """
-    import ctypes
+    """All of the batch's steps in place on ``w`` [S·C, d] float32; returns the loss trace [S·C, T] float64.
+    ``tick(chain_steps)``, when given, is called as the steps progress (the kernel then runs in chunks)."""
     from .. import native_build
     lib = native_build.load(variant)
-    p, e, h = arch
-    C, d = w.shape
-    trace = np.full((C, steps), np.nan, np.float64)
-    alive = np.ones(C, np.int32)
-    null_i64, null_f32 = ctypes.POINTER(ctypes.c_int64)(), ctypes.POINTER(ctypes.c_float)()
-    if isinstance(randomness, InjectedRandomness):
-        indices = np.ascontiguousarray(randomness.indices[torch.as_tensor(chain_ids)].numpy(), np.int64)
-        noise = np.ascontiguousarray(randomness.noise[torch.as_tensor(chain_ids)].numpy(), np.float32)
-        seed, injected = 0, (_pointer(indices, ctypes.c_int64), _pointer(noise, ctypes.c_float))
-    elif isinstance(randomness, CounterRandomness):
-        seed, injected = randomness.seed, (null_i64, null_f32)
-    else:
-        raise FastLLCError(f"the native backend draws CounterRandomness's streams or reads InjectedRandomness, "
-                           f"not {type(randomness).__name__}; use --backend torch for other generators")
-    threads = threads or available_cores()
-    chunk = steps if tick is None else max(1, steps // 100)
-    tables = (_pointer(_EDGES, ctypes.c_double), _pointer(_EDGES32, ctypes.c_float),
-              _pointer(_RATIOS, ctypes.c_float), _pointer(_DENSITY, ctypes.c_double), _TAIL)
-    direction_ptr = null_f32 if direction is None else _pointer(direction, ctypes.c_float)
-    keep_ptr = ctypes.POINTER(ctypes.c_uint8)() if keep is None else _pointer(keep, ctypes.c_uint8)
-    keep_stride = 0 if keep is None or keep.ndim == 1 else d
-    for t0 in range(0, steps, chunk):
-        n_steps = min(chunk, steps - t0)
-        failed = lib.fastllc_mlp_sgld_run(
-            C, p, e, h, m, _pointer(w, ctypes.c_float), _pointer(w_star, ctypes.c_float), direction_ptr, keep_ptr,
-            keep_stride, loss_offset, _pointer(hyper, ctypes.c_double), _pointer(operands, ctypes.c_int64), _pointer(targets, ctypes.c_int64),
-            _pointer(example_offset, ctypes.c_int64), n, _pointer(chain_ids, ctypes.c_int64), seed, *injected, steps,
-            *tables, t0, n_steps, _pointer(trace, ctypes.c_double), _pointer(alive, ctypes.c_int32), threads)
-        if failed:
+    config, (p, e, h), C, T = batch.config, batch.arch, batch.chains, batch.config.steps
+    moves = _contiguous(batch.moves, np.uint8)
+    arguments = dict(
+        C=C, p=p, e=e, h=h, m=config.batch_size, w=w, w_star=_contiguous(batch.rows(batch.w_star), np.float32),
+        direction=_contiguous(None if batch.direction is None else batch.rows(batch.direction), np.float32),
+        moves=moves, moves_stride=0 if moves is None or moves.ndim == 1 else batch.d,
+        loss_offset=PUBLISHED_LOSS_OFFSET if config.chain_loss == "published" else 0.0,
+        coefficients=_contiguous(batch.coefficients(), np.float64), ops=_contiguous(batch.operands.cpu(), np.int64),
+        targets=_contiguous(batch.targets.cpu(), np.int64), example_offset=_contiguous(batch.example_offset, np.int64),
+        n=batch.n, chain_ids=batch.ids, total_steps=T, **_randomness_arguments(batch.randomness, batch.ids),
+        **ziggurat_tables(), trace=np.full((C, T), np.nan, np.float64), alive=np.ones(C, np.int32),
+        threads=threads or available_cores())
+    chunk = T if tick is None else max(1, T // 100)
+    for t0 in range(0, T, chunk):
+        n_steps = min(chunk, T - t0)
+        if native_build.call(lib, **arguments, t0=t0, n_steps=n_steps):
             raise FastLLCError("the native kernel could not allocate its scratch memory; use fewer chains")
         if tick is not None:
             tick(C * n_steps)
-    return trace
+    return arguments["trace"]
 
 
-def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, device="cpu",
-                  progress: bool = False, variant: str | None = None, threads: int | None = None) -> list[Samples]:
-    """Run ``config.chains`` chains from every start as one batch; one ``Samples`` per start.
+def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, device="cpu", progress: bool = False,
+                  restrict: torch.Tensor | None = None, variant: str | None = None,
+                  threads: int | None = None) -> list[Samples]:
+    """Run ``config.chains`` chains from every start as one batch (``sampling/batch.py``); one ``Samples`` per start.
+    ``restrict``: a bool mask [d] or [config.chains, d], the same for every start (``sampling/restrict.py``).
     ``variant`` and ``threads`` are for tests and benchmarks (default: this CPU's variant, every core)."""
-    return _sample_batch(starts, config, randomness, device, progress, variant, threads)
+    from tqdm.auto import tqdm
+    if config.mala:
+        raise FastLLCError("the native backend does not record the MALA acceptance; use --backend generic for mala")
+    require(device)
+    batch = prepare(starts, config, restrict=restrict, randomness=randomness, device="cpu")
+    w = np.array(batch.rows(batch.w_star).numpy(), np.float32)  # a copy: the kernel moves it, w* stays
+    bar = tqdm(total=batch.chains * config.steps, desc=f"SGLD (native, {batch.chains} chains)", disable=not progress,
+               leave=False, unit_scale=True)
+    start = time.perf_counter()
+    trace = run_kernel(batch, w, variant=variant, threads=threads, tick=bar.update if progress else None)
+    seconds = time.perf_counter() - start
+    bar.close()
+    return finish(batch, torch.from_numpy(trace), torch.from_numpy(w), seconds, NAME)
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
@@ -148,51 +151,5 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     (``sampling/restrict.py``): only those move, the others stay at w* bit for bit (the whole increment is
     masked after the projection; the orthogonal direction is ∇L_n(w*) masked to the chain's selection)."""
     require(device, model, loss_fn)
-    start = Start(model, inputs, targets)
-    return _sample_batch([start], config, randomness, device, progress, variant, threads, restrict)[0]
-
-
-def _sample_batch(starts: list[Start], config: SGLDConfig, randomness, device, progress: bool, variant, threads,
-                  restrict: torch.Tensor | None = None) -> list[Samples]:
-    import time
-    from tqdm.auto import tqdm
-    config.validate()
-    if config.mala:
-        raise FastLLCError("the native backend does not record the MALA acceptance; use --backend generic for mala")
-    require(device)
-    arch, n = check_starts(starts)
-    S, C_per, T = len(starts), config.chains, config.steps
-    C = S * C_per
-    epsilon, gamma, nbeta = config.hyperparameters(n)
-    loss_offset = PUBLISHED_LOSS_OFFSET if config.chain_loss == "published" else 0.0
-
-    mask = keep = None
-    if restrict is not None:  # one start (``sample``); checked before any work
-        d = sum(p.numel() for p in starts[0].model.parameters() if p.requires_grad)
-        mask = check_mask(restrict, d, C).cpu()  # [d] (keep_stride 0) or [C, d]
-        keep = np.ascontiguousarray(mask.numpy(), np.uint8)
-
-    rows = None if mask is None else mask.expand(C, d)  # restricted (one start): a direction per chain
-    init_losses, w_star, direction = start_points(starts, config.orthogonal, rows)
-    d = w_star.shape[1]
-    w_star = np.ascontiguousarray(w_star.repeat_interleave(C_per, 0).numpy(), np.float32)
-    if direction is not None:
-        if mask is None:
-            direction = direction.repeat_interleave(C_per, 0)
-        direction = np.ascontiguousarray(direction.numpy(), np.float32)
-    hyper = np.ascontiguousarray(torch.stack([epsilon.repeat(S), gamma.repeat(S), nbeta.repeat(S)], 1).numpy())
-    operands, targets = (np.ascontiguousarray(t.numpy(), np.int64) for t in stacked_examples(starts, "cpu"))
-    example_offset = (np.arange(C, dtype=np.int64) // C_per) * n
-    randomness = for_run(randomness, config, n, d, chains=C)
-
-    w = w_star.copy()
-    bar = tqdm(total=C * T, desc=f"SGLD (native, {C} chains)", disable=not progress, leave=False, unit_scale=True)
-    start = time.perf_counter()
-    trace = run_kernel(w, w_star, direction, hyper, operands, targets, example_offset, n, arch, config.batch_size,
-                       T, randomness, np.arange(C, dtype=np.int64), keep=keep, loss_offset=loss_offset,
-                       variant=variant, threads=threads, tick=bar.update if progress else None)
-    seconds = time.perf_counter() - start
-    bar.close()
-    trace = nan_from_first_non_finite(torch.from_numpy(trace))
-    return per_start(trace, torch.from_numpy(w), init_losses, (epsilon, gamma, nbeta), NAME, torch.device(device),
-                     seconds)
+    return sample_starts([Start(model, inputs, targets)], config, randomness=randomness, device=device,
+                         progress=progress, restrict=restrict, variant=variant, threads=threads)[0]

@@ -1,8 +1,9 @@
 """The reference sampler: plain PyTorch, one chain at a time, one autograd call per step.
 
 It is the ground truth every fast backend is tested against, so it is written for obviousness, not
-speed: the SGLD step of ``SGLDConfig`` line by line on a flat weight vector, for any ``nn.Module``, and
-its RMSProp-preconditioned variant (``sampler="rmsprop_sgld"``, formula in ``SGLDConfig``).
+speed: one chain at a time on a flat weight vector, for any ``nn.Module``, each step the sampler's own
+one-chain ``increment`` (``sampling/samplers/``: each module states its update), then the orthogonal
+projection and the restriction, line by line.
 It runs with single-threaded torch ops, restoring the caller's thread count on return
 (``sampling/threads.py``):
 one chain's tensors are small, intra-op threads gain little on them and stall when another process uses
@@ -18,7 +19,7 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..sampling.config import SAMPLERS, SGLDConfig
+from ..sampling.config import SGLDConfig
 from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters,
                                  loss_and_gradient_at_start, on_device,
                                  private_buffers, unflatten)
@@ -27,7 +28,7 @@ from ..sampling.restrict import check_mask, restricted_directions
 from ..sampling.threads import single_threaded_torch
 
 NAME = "reference"
-CAPABILITIES = frozenset({"rmsprop_sgld", "restrict", "published_chain_loss"})
+CAPABILITIES = frozenset({"samplers", "restrict", "published_chain_loss"})
 DEVICES = ("cpu", "cuda")
 AUTO_PRIORITY = 100  # ``auto`` tries lower first: the last resort: runs anything
 
@@ -51,14 +52,13 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     model = on_device(model, device)  # the caller's model is never moved
     inputs, targets = inputs.to(device), targets.to(device)
     n = len(targets)
-    epsilon, gamma, nbeta = config.hyperparameters(n, samplers=SAMPLERS)
-    rmsprop = config.sampler == "rmsprop_sgld"
-    alpha, delta = config.rmsprop_alpha, config.rmsprop_eps
+    epsilon, gamma, nbeta = config.hyperparameters(n, samplers=None)
+    sampler = config.sampler_object()
     names, shapes, w_star = flat_parameters(model)
     init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
     step_loss = chain_loss_fn(loss_fn, config)  # what the chains follow; L_n(w*) is always loss_fn's
-    keep = None if restrict is None else check_mask(restrict, w_star.numel(), config.chains).to(device)
-    direction = restricted_directions(gradient, keep) if config.orthogonal else None  # from ∇L_n(w*) masked
+    moves = None if restrict is None else check_mask(restrict, w_star.numel(), config.chains).to(device)
+    direction = restricted_directions(gradient, moves) if config.orthogonal else None  # from ∇L_n(w*) masked
     randomness = for_run(randomness, config, n, w_star.numel())
 
     trace = torch.full((config.chains, config.steps), math.nan, dtype=torch.float64)
@@ -68,11 +68,11 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     start = time.perf_counter()
     for c in range(config.chains):
         eps, gam, nb = float(epsilon[c]), float(gamma[c]), float(nbeta[c])
-        keep_c, direction_c = _chain_row(keep, c), _chain_row(direction, c)
+        moves_c, direction_c = _chain_row(moves, c), _chain_row(direction, c)
         if direction_c is not None and not bool(direction_c.any()):
             direction_c = None  # this chain's masked ∇L_n(w*) is zero: nothing to project out
         w = w_star.clone()
-        square_avg = torch.zeros_like(w)  # RMSProp-SGLD's V: the chain's running mean of ∇L_m², from 0
+        state = sampler.start(w_star)
         for t in range(config.steps):
             indices, noise = randomness.draw(c, t)
             indices, noise = indices.to(device), noise.to(device)
@@ -84,17 +84,11 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
             trace[c, t] = loss.item()
             if not math.isfinite(trace[c, t]):
                 break  # the chain has diverged: the rest of its trace stays NaN, the estimator flags it
-            if rmsprop:  # SGLDConfig's formula, in devinterp 1.3.2's order of operations
-                square_avg = alpha * square_avg + (1 - alpha) * grad * grad  # V ← αV + (1 − α)g²
-                precondition = 1 / (square_avg.sqrt() + delta)  # P = 1/(√V + δ)
-                increment = (-(eps / 2) * (precondition * (nb * grad) + precondition * (gam * (w - w_star)))
-                             + math.sqrt(eps) * (precondition.sqrt() * noise))
-            else:  # −decay·(w − w*) − drift·∇L_m + noise_scale·ξ, in SGLDConfig's grouping (the floats it always gave)
-                increment = -(eps / 2) * (gam * (w - w_star) + nb * grad) + math.sqrt(eps) * noise
+            increment, state = sampler.increment(state, w, w_star, grad, noise, eps, gam, nb)
             if direction_c is not None:
                 increment -= (increment @ direction_c) * direction_c
-            if keep_c is not None:
-                increment = torch.where(keep_c, increment, 0.0)  # w + 0 = w: unselected weights never change
+            if moves_c is not None:
+                increment = torch.where(moves_c, increment, 0.0)  # w + 0 = w: unselected weights never change
             w = w + increment
         finals[c] = w.cpu()
         bar.update(config.steps)

@@ -29,16 +29,16 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..engine import is_study_mlp
 from ..errors import FastLLCError
-from ..model import ModularMLP
+from ..sampling.batch import Batch, finish, prepare
 from ..sampling.config import SGLDConfig
-from ..sampling.restrict import start_masks
-from ..sampling.contract import Samples, flat_parameters, nan_from_first_non_finite
+from ..sampling.contract import Samples
 from ..sampling.randomness import InjectedRandomness
-from ..sampling.starts import Start, check_starts, per_start, stacked_examples, start_points
+from ..sampling.starts import Start
 
 NAME = "triton"
 CAPABILITIES = frozenset({"stacked_starts", "published_chain_loss", "restrict"})
@@ -66,8 +66,8 @@ def supports(model, loss_fn, device=None) -> bool:
     driver: the registry asks every backend this on every ``auto`` run."""
     if device is None or torch.device(device).type != "cuda":
         return False
-    return (is_study_mlp(model, loss_fn)
-            and register_tile_floats(model.p, model.embed_dim, model.hidden_dim) <= AUTO_MAX_TILE_FLOATS
+    return ((model is None or (is_study_mlp(model, loss_fn)
+                               and register_tile_floats(model.p, model.embed_dim, model.hidden_dim) <= AUTO_MAX_TILE_FLOATS))
             and importlib.util.find_spec("triton") is not None)
 
 
@@ -108,80 +108,75 @@ def require(device, model=None, loss_fn=None) -> None:
     _kernels(torch.device(device))
 
 
-def _check_starts(starts: list[Start]) -> tuple[tuple[int, int, int], int]:
-    for start in starts:
-        if not isinstance(start.model, ModularMLP):
-            raise FastLLCError("the triton backend runs the study's ModularMLP; use --backend generic for other models")
-    arch, n = check_starts(starts)
-    if not 1 <= n < 2**31:
-        raise FastLLCError(f"the number of examples must be in [1, 2^31), got {n}")
-    return arch, n
-
-
-def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, device="cpu",
-                  progress: bool = False, restrict: torch.Tensor | None = None) -> list[Samples]:
-    """Run ``config.chains`` chains from every start as one launch per chunk of steps; one ``Samples`` per start.
-
-    ``restrict``: a bool mask [d] or [config.chains, d], the same for every start (``sampling/restrict.py``)."""
-    config.validate()
-    device = torch.device(device)
-    kernels = _kernels(device)
-    arch, n = _check_starts(starts)
-    if config.seed >= 2**63:
-        raise FastLLCError(f"the triton backend takes seeds below 2^63, got {config.seed}")
-    S, C_per, m, T = len(starts), config.chains, config.batch_size, config.steps
-    C = S * C_per
-    epsilon, gamma, nbeta = config.hyperparameters(n)
-    d = flat_parameters(starts[0].model)[2].numel()
-    keep = None if restrict is None else start_masks(restrict, C_per, d)  # refused before any work
-
-    # w_star, direction: [S, d]; restricted, direction is each chain's own: [C, d]
-    init_losses, w_star, direction = start_points(starts, config.orthogonal, keep)
-    if direction is not None:
-        direction = direction.to(device).contiguous()
-    if keep is not None:
-        keep = keep.repeat(S, 1).to(device=device, dtype=torch.int8).contiguous()
-
-    injected = None
-    if isinstance(randomness, InjectedRandomness):
-        randomness.check(C, T, n, m, d)
-        injected = (randomness.indices.to(device).contiguous(), randomness.noise.to(device).contiguous())
-    elif randomness is not None:
+def _injected(randomness, batch: Batch):
+    """(indices, noise) on the device when the run reads an InjectedRandomness, None when the kernel draws its own."""
+    if randomness is None:
+        return None
+    if not isinstance(randomness, InjectedRandomness):
         raise FastLLCError("the triton backend draws its own randomness (Philox, keyed by the seed) "
                            "or reads InjectedRandomness; it cannot use other generators")
+    return randomness.indices.to(batch.device).contiguous(), randomness.noise.to(batch.device).contiguous()
 
-    eps, gam, nb = epsilon.repeat(S), gamma.repeat(S), nbeta.repeat(S)
-    # per chain: decay = εγ/2, drift = ε·nβ/2, noise_scale = √ε (``sampling/sgld.py``'s vocabulary)
-    hyper = torch.stack([eps * gam / 2, eps * nb / 2, eps.sqrt()], dim=1).float().to(device).contiguous()
-    w_star = w_star.to(device).contiguous()
-    w = w_star.repeat_interleave(C_per, 0).contiguous()  # [C, d], updated in place by the kernel
-    operands, targets = stacked_examples(starts, device)  # start s's split at rows s·n ..
-    trace = torch.empty(C, T, dtype=torch.float32, device=device)
 
-    def launch(t0: int, n_steps: int) -> None:
-        kernels.run_chains(w, w_star, direction, hyper, operands, targets, trace, arch=arch, batch_size=m, n=n,
-                           chains_per_start=C_per, seed=config.seed, t0=t0, n_steps=n_steps, injected=injected,
-                           published=config.chain_loss == "published", keep=keep)
+def _prepare(starts: list[Start], config: SGLDConfig, randomness, device, restrict) -> Batch:
+    for start in starts:
+        if not is_study_mlp(start.model, F.cross_entropy):
+            raise FastLLCError("the triton backend runs the study's ModularMLP; use --backend generic for other models")
+    if config.seed >= 2**63:
+        raise FastLLCError(f"the triton backend takes seeds below 2^63, got {config.seed}")
+    batch = prepare(starts, config, restrict=restrict, randomness=randomness, device=device)
+    if not 1 <= batch.n < 2**31:
+        raise FastLLCError(f"the number of examples must be in [1, 2^31), got {batch.n}")
+    return batch
 
-    if device.type == "cuda":
+
+def _launches(batch: Batch, launch, progress: bool) -> float:
+    """Run every step, in one launch or (with a progress bar) ``LAUNCHES_WITH_PROGRESS``; the seconds they took."""
+    T, cuda = batch.config.steps, batch.device.type == "cuda"
+    if cuda:
         launch(0, 0)  # compiles (or loads from Triton's cache) outside the timed loop; moves no weights
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(batch.device)
     chunk = math.ceil(T / LAUNCHES_WITH_PROGRESS) if progress else T
-    bar = tqdm(total=C * T, desc=f"SGLD (triton, {C} chains)", disable=not progress, leave=False, unit_scale=True)
+    bar = tqdm(total=batch.chains * T, desc=f"SGLD (triton, {batch.chains} chains)", disable=not progress,
+               leave=False, unit_scale=True)
     start_time = time.perf_counter()
     for t0 in range(0, T, chunk):
         launch(t0, min(chunk, T - t0))
         if progress:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            bar.update(C * min(chunk, T - t0))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start_time
+            if cuda:
+                torch.cuda.synchronize(batch.device)
+            bar.update(batch.chains * min(chunk, T - t0))
+    if cuda:
+        torch.cuda.synchronize(batch.device)
     bar.close()
+    return time.perf_counter() - start_time
 
-    trace = nan_from_first_non_finite(trace.cpu().double())
-    return per_start(trace, w.cpu(), init_losses, (epsilon, gamma, nbeta), NAME, device, seconds)
+
+def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, device="cpu",
+                  progress: bool = False, restrict: torch.Tensor | None = None) -> list[Samples]:
+    """Run ``config.chains`` chains from every start as one launch per chunk of steps (``sampling/batch.py``);
+    one ``Samples`` per start. ``restrict``: a bool mask [d] or [config.chains, d], the same for every start."""
+    device = torch.device(device)
+    kernels = _kernels(device)
+    batch = _prepare(starts, config, randomness, device, restrict)
+    injected = _injected(randomness, batch)
+
+    def on_device(values, dtype=torch.float32):
+        return None if values is None else values.to(device=device, dtype=dtype).contiguous()
+    w_star = on_device(batch.w_star)  # [S, d]: the kernel reads start s's row
+    direction = on_device(batch.direction)  # [S, d], or [S·C, d] when restricted
+    moves = on_device(None if batch.moves is None else batch.moves.expand(batch.chains, batch.d), torch.int8)
+    coefficients = on_device(batch.coefficients())  # SGLD's (decay, drift, noise_scale), rounded to fp32
+    w = batch.rows(w_star).clone()  # [S·C, d], updated in place by the kernel (a copy: w* stays)
+    trace = torch.empty(batch.chains, config.steps, dtype=torch.float32, device=device)
+
+    def launch(t0: int, n_steps: int) -> None:
+        kernels.run_chains(w, w_star, direction, coefficients, batch.operands, batch.targets, trace, arch=batch.arch,
+                           batch_size=config.batch_size, n=batch.n, chains_per_start=batch.C, seed=config.seed, t0=t0,
+                           n_steps=n_steps, injected=injected, published=config.chain_loss == "published", moves=moves)
+
+    seconds = _launches(batch, launch, progress)
+    return finish(batch, trace.cpu(), w.cpu(), seconds, NAME)
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",

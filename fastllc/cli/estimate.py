@@ -13,7 +13,7 @@ from ..backends import CHOICES as BACKEND_CHOICES, resolve_backend
 from ..errors import FastLLCError
 from ..model import param_shapes
 from ..llc import divergence_advice
-from ..sampling import SGLDConfig, resolve_device, wbic_nbeta
+from ..sampling import SGLDConfig, resolve_device, samplers, wbic_nbeta
 from ..train import Run
 from .common import (cache_path, cached_run_with_notices, long_work, one_line_errors, progress,
                      refuse_training_options_with_run, require_run_sampling_memory, train_config, training_options)
@@ -32,7 +32,7 @@ TENSORS = len(param_shapes(2, 1, 1))  # the study's MLP's parameter tensors, wha
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Minibatch size m.")
 @click.option("--orthogonal/--no-orthogonal", default=False, show_default=True,
               help="Restrict SGLD orthogonally to the full-batch gradient at w*.")
-@click.option("--sampler", type=click.Choice(["sgld", "rmsprop_sgld"]), default="sgld", show_default=True,
+@click.option("--sampler", type=click.Choice(samplers.by_name()), default="sgld", show_default=True,
               help="Plain SGLD, or RMSProp-preconditioned SGLD (devinterp's rmsprop_sgld; backends torch, generic and reference).")
 @click.option("--rmsprop-alpha", type=float, default=0.99, show_default=True, help="RMSProp's decay α.")
 @click.option("--rmsprop-eps", type=float, default=0.1, show_default=True, help="RMSProp's stabiliser δ in 1/(√V + δ).")

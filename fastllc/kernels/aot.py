@@ -23,8 +23,8 @@ from triton.compiler import ASTSource
 
 from . import mlp_sgld
 
-_POINTERS = {"w_ptr": "*fp32", "star_ptr": "*fp32", "dir_ptr": "*fp32", "hyper_ptr": "*fp32", "ops_ptr": "*i64",
-             "tgt_ptr": "*i64", "idx_ptr": "*i64", "noise_ptr": "*fp32", "trace_ptr": "*fp32", "keep_ptr": "*i8"}
+_POINTERS = {"w_ptr": "*fp32", "star_ptr": "*fp32", "dir_ptr": "*fp32", "coefficients_ptr": "*fp32", "ops_ptr": "*i64",
+             "tgt_ptr": "*i64", "idx_ptr": "*i64", "noise_ptr": "*fp32", "trace_ptr": "*fp32", "moves_ptr": "*i8"}
 _SCALARS = {"seed": "i64", "n": "i32", "chains_per_start": "i32", "total_steps": "i32", "t0": "i32", "n_steps": "i32"}
 
 

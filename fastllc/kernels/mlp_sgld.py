@@ -18,11 +18,11 @@ One step (a_i, b_i operands, y_i label of minibatch example i; A, B, Y the one-h
     δs = (softmax(s) − Y)/m,  ∇U = δsᵀ·u,  δz = (δs·U) ⊙ (Φ(z) + z·φ(z))
     ∇b_L = ∇b_R = Σ_i δz_i,  ∇L = δzᵀ·x_a,  ∇R = δzᵀ·x_b,  ∇E = Aᵀ·(δz·L) + Bᵀ·(δz·R)
     Δ = −decay·(w − w*) − drift·∇L_m + noise_scale·ξ,   Δ −= (Δ·g)·g if orthogonal,   w += Δ
-    (decay = εγ/2, drift = ε·nβ/2, noise_scale = √ε per chain: ``sampling/sgld.py``'s vocabulary)
+    (decay = εγ/2, drift = ε·nβ/2, noise_scale = √ε per chain: ``sampling/samplers/sgld.py``'s vocabulary)
 
 Variants (compile-time flags). PUBLISHED: the chains follow the study's −log(p_y + δ) (``SGLDConfig.chain_loss``):
 with p_y = exp(s_y − lse(s)) the row loss is −log(p_y + δ) and δs_i is scaled by p_y/(p_y + δ). RESTRICTED:
-a per-chain mask keep [C, d] (int8) zeroes Δ where it is 0 (after the projection), so those weights stay at
+a per-chain mask moves [C, d] (int8) zeroes Δ where it is 0 (after the projection), so those weights stay at
 w* bit for bit; g is then each chain's own masked direction (dir_ptr [C, d] instead of [S, d]).
 
 Registers. Each step's one-hot matrices are rebuilt where needed (Aᵀ, Bᵀ for ∇E) instead of kept live,
@@ -99,7 +99,7 @@ def _noise(seed, chain, step, offsets, mask, row_ptr, INJECTED: tl.constexpr):
 def _delta(x, grad, offsets, mask, star_row, noise_row, seed, chain, step, decay, drift, noise_scale,
            INJECTED: tl.constexpr):
     """Δ = −decay·(x − x*) − drift·∇ + noise_scale·ξ of one tile, with decay = εγ/2, drift = ε·nβ/2,
-    noise_scale = √ε (``sampling/sgld.py``'s vocabulary; x* re-read: it stays in cache)."""
+    noise_scale = √ε (``sampling/samplers/sgld.py``'s vocabulary; x* re-read: it stays in cache)."""
     x_star = tl.load(star_row + offsets, mask=mask, other=0.0)
     return (-(decay * (x - x_star) + drift * grad)
             + noise_scale * _noise(seed, chain, step, offsets, mask, noise_row, INJECTED))
@@ -115,14 +115,14 @@ def _along(x, grad, offsets, mask, star_row, dir_row, noise_row, seed, chain, st
 
 
 @triton.jit
-def _apply(x, grad, offsets, mask, star_row, dir_row, keep_row, noise_row, seed, chain, step, decay, drift, noise_scale,
+def _apply(x, grad, offsets, mask, star_row, dir_row, moves_row, noise_row, seed, chain, step, decay, drift, noise_scale,
            along, INJECTED: tl.constexpr, ORTHOGONAL: tl.constexpr, RESTRICTED: tl.constexpr):
-    """x + Δ, or x + Δ − (Δ·g)·g with ``along`` = Δ·g; the increment zeroed where keep is 0 (RESTRICTED)."""
+    """x + Δ, or x + Δ − (Δ·g)·g with ``along`` = Δ·g; the increment zeroed where moves is 0 (RESTRICTED)."""
     delta = _delta(x, grad, offsets, mask, star_row, noise_row, seed, chain, step, decay, drift, noise_scale, INJECTED)
     if ORTHOGONAL:
         delta -= along * tl.load(dir_row + offsets, mask=mask, other=0.0)
     if RESTRICTED:
-        delta = tl.where(tl.load(keep_row + offsets, mask=mask, other=0) != 0, delta, 0.0)
+        delta = tl.where(tl.load(moves_row + offsets, mask=mask, other=0) != 0, delta, 0.0)
     return x + delta
 
 
@@ -131,13 +131,13 @@ def _sgld_kernel(w_ptr,  # [C, d] fp32, chain-major weights, canonical order: up
                  star_ptr,  # [S, d] fp32, w* of each start (start s = chain // chains_per_start)
                  dir_ptr,  # [S, d] fp32, unit ∇L_n(w*) of each start, [C, d] of each chain if RESTRICTED
                  #           (read only if ORTHOGONAL)
-                 hyper_ptr,  # [C, 3] fp32, per chain (decay, drift, noise_scale) = (εγ/2, ε·nβ/2, √ε)
+                 coefficients_ptr,  # [C, 3] fp32, per chain (decay, drift, noise_scale) = (εγ/2, ε·nβ/2, √ε)
                  ops_ptr,  # [S·n, 2] int64, operands (a, b): start s's split at rows s·n ..
                  tgt_ptr,  # [S·n] int64, labels, same rows
                  idx_ptr,  # [C, total_steps, m] int64, injected minibatch indices (read only if INJECTED)
                  noise_ptr,  # [C, total_steps, d] fp32, injected unit noise (read only if INJECTED)
                  trace_ptr,  # [C, total_steps] fp32, out: L_m(w_t) of every step run
-                 keep_ptr,  # [C, d] int8, 1 where the chain moves the weight (read only if RESTRICTED)
+                 moves_ptr,  # [C, d] int8, 1 where the chain moves the weight (read only if RESTRICTED)
                  seed,  # int64, keys the in-kernel Philox streams
                  n,  # examples in one start's split
                  chains_per_start,  # C / S
@@ -165,7 +165,7 @@ def _sgld_kernel(w_ptr,  # [C, d] fp32, chain-major weights, canonical order: up
     oBL, oBR = OFF_BL + rH, OFF_BR + rH
     oU, mU = OFF_U + rP[:, None] * h + rH[None, :], p_ok[:, None] & h_ok[None, :]
 
-    w_row, star_row, keep_row = w_ptr + row * D, star_ptr + start * D, keep_ptr + row * D
+    w_row, star_row, moves_row = w_ptr + row * D, star_ptr + start * D, moves_ptr + row * D
     if RESTRICTED:  # each chain projects on its own masked direction
         dir_row = dir_ptr + row * D
     else:
@@ -176,9 +176,9 @@ def _sgld_kernel(w_ptr,  # [C, d] fp32, chain-major weights, canonical order: up
     R = tl.load(w_row + oR, mask=mL, other=0.0)
     bR = tl.load(w_row + oBR, mask=h_ok, other=0.0)
     U = tl.load(w_row + oU, mask=mU, other=0.0)
-    decay = tl.load(hyper_ptr + row * 3)
-    drift = tl.load(hyper_ptr + row * 3 + 1)
-    noise_scale = tl.load(hyper_ptr + row * 3 + 2)
+    decay = tl.load(coefficients_ptr + row * 3)
+    drift = tl.load(coefficients_ptr + row * 3 + 1)
+    noise_scale = tl.load(coefficients_ptr + row * 3 + 2)
 
     for t in range(n_steps):
         step = t0 + t
@@ -248,17 +248,17 @@ def _sgld_kernel(w_ptr,  # [C, d] fp32, chain-major weights, canonical order: up
                               decay, drift, noise_scale, INJECTED))
         else:
             along = 0.0
-        E = _apply(E, gE, oE, mE, star_row, dir_row, keep_row, noise_row, seed, chain, step,
+        E = _apply(E, gE, oE, mE, star_row, dir_row, moves_row, noise_row, seed, chain, step,
                    decay, drift, noise_scale, along, INJECTED, ORTHOGONAL, RESTRICTED)
-        L = _apply(L, gL, oL, mL, star_row, dir_row, keep_row, noise_row, seed, chain, step,
+        L = _apply(L, gL, oL, mL, star_row, dir_row, moves_row, noise_row, seed, chain, step,
                    decay, drift, noise_scale, along, INJECTED, ORTHOGONAL, RESTRICTED)
-        bL = _apply(bL, gB, oBL, h_ok, star_row, dir_row, keep_row, noise_row, seed, chain, step,
+        bL = _apply(bL, gB, oBL, h_ok, star_row, dir_row, moves_row, noise_row, seed, chain, step,
                     decay, drift, noise_scale, along, INJECTED, ORTHOGONAL, RESTRICTED)
-        R = _apply(R, gR, oR, mL, star_row, dir_row, keep_row, noise_row, seed, chain, step,
+        R = _apply(R, gR, oR, mL, star_row, dir_row, moves_row, noise_row, seed, chain, step,
                    decay, drift, noise_scale, along, INJECTED, ORTHOGONAL, RESTRICTED)
-        bR = _apply(bR, gB, oBR, h_ok, star_row, dir_row, keep_row, noise_row, seed, chain, step,
+        bR = _apply(bR, gB, oBR, h_ok, star_row, dir_row, moves_row, noise_row, seed, chain, step,
                     decay, drift, noise_scale, along, INJECTED, ORTHOGONAL, RESTRICTED)
-        U = _apply(U, gU, oU, mU, star_row, dir_row, keep_row, noise_row, seed, chain, step,
+        U = _apply(U, gU, oU, mU, star_row, dir_row, moves_row, noise_row, seed, chain, step,
                    decay, drift, noise_scale, along, INJECTED, ORTHOGONAL, RESTRICTED)
 
     tl.store(w_row + oE, E, mask=mE)
@@ -292,13 +292,13 @@ if INTERPRETED and isinstance(tl.philox, triton.runtime.JITFunction):  # Triton'
     raise ImportError("TRITON_INTERPRET=1 was set after Triton was imported; set it before importing Triton")
 
 
-def run_chains(w, w_star, direction, hyper, operands, targets, trace, *, arch, batch_size, n, chains_per_start,
-               seed, t0, n_steps, injected=None, num_warps=None, published=False, keep=None):
+def run_chains(w, w_star, direction, coefficients, operands, targets, trace, *, arch, batch_size, n, chains_per_start,
+               seed, t0, n_steps, injected=None, num_warps=None, published=False, moves=None):
     """Advance every chain of ``w`` [C, d] by steps t0 .. t0+n_steps−1 in one launch, in place.
 
     ``direction`` None: no orthogonal restriction; else [S, d] (one row per start), or [C, d] (one per chain)
-    when ``keep`` is given. ``injected``: (indices [C, T, m] int64, noise [C, T, d]). ``published``: follow
-    −log(p_y + δ). ``keep``: [C, d] int8, the weights each chain moves (the others stay at w*).
+    when ``moves`` is given. ``injected``: (indices [C, T, m] int64, noise [C, T, d]). ``published``: follow
+    −log(p_y + δ). ``moves``: [C, d] int8, the weights each chain moves (the others stay at w*).
     All tensors contiguous on one device (CPU only under the interpreter).
     """
     p, e, h = arch
@@ -306,12 +306,12 @@ def run_chains(w, w_star, direction, hyper, operands, targets, trace, *, arch, b
     num_warps = num_warps or default_num_warps(P, M)
     idx, noise = injected if injected is not None else (targets, w)  # never read unless INJECTED
     _sgld_kernel[(w.shape[0],)](
-        w, w_star, w_star if direction is None else direction, hyper, operands, targets, idx, noise, trace,
-        w if keep is None else keep,  # never read unless RESTRICTED
+        w, w_star, w_star if direction is None else direction, coefficients, operands, targets, idx, noise, trace,
+        w if moves is None else moves,  # never read unless RESTRICTED
         seed, n, chains_per_start, trace.shape[1], t0, n_steps,
         p=p, e=e, h=h, m=batch_size, P=P, EB=padded(e), H=padded(h), M=M,
         INJECTED=injected is not None, ORTHOGONAL=direction is not None, PUBLISHED=bool(published),
-        RESTRICTED=keep is not None, num_warps=num_warps)
+        RESTRICTED=moves is not None, num_warps=num_warps)
 
 
 def draws(seed: int, chains, steps: int, n: int, batch_size: int, dim: int, device="cpu", block: int = 256):

@@ -18,7 +18,7 @@
 //   z_i = L E[a_i] + R E[b_i] + b_L + b_R,  u = GELU(z) (exact erf),  s_i = U u_i
 //   L_m = mean_i (logsumexp(s_i) − s_i[y_i])          (never the log of an underflowed probability)
 //   δs = (softmax(s) − onehot(y)) / m, the hand-written backward to ∇L_m,
-//   Δ = −(εγ/2)(w − w*) − (ε·nβ/2)∇L_m + √ε ξ,  Δ −= (Δ·g)g (orthogonal),  Δ ⊙= keep (restricted),  w += Δ
+//   Δ = −(εγ/2)(w − w*) − (ε·nβ/2)∇L_m + √ε ξ,  Δ −= (Δ·g)g (orthogonal),  Δ ⊙= moves (restricted),  w += Δ
 // or, with the published chain loss, L_m = −mean_i log(p_i + δ), p_i = exp(s_i[y_i] − logsumexp(s_i)), whose
 // δs_i is cross-entropy's times p_i/(p_i + δ); L_m is recorded at w_t before each update; at the first non-finite loss the chain stops (its trace
 // stays NaN from there, its weights are those at which the loss blew up: as the reference).
@@ -884,15 +884,17 @@ void fastllc_fp_modes(int threads, unsigned* out) {
 }
 
 // Steps t0 .. t0+n_steps−1 of C chains, in place on w [C, d]; returns 0, or 1 when scratch memory could not
-// be allocated. keep: null, or the restriction's mask (chain c's row at keep + c·keep_stride: stride 0 when all
+// be allocated. moves: null, or the restriction's mask (chain c's row at moves + c·moves_stride: stride 0 when all
 // chains share one [d] mask), applied to the whole increment after the projection; loss_offset: 0 for
-// cross-entropy, δ > 0 for the published chain loss −mean log(p_y + δ). hyper [C, 3] = (ε, γ, nβ); ops [·, 2], targets [·]: the stacked train splits, chain c's
+// cross-entropy, δ > 0 for the published chain loss −mean log(p_y + δ). coefficients [C, 3] = SGLD's (decay, drift,
+// noise_scale) = (εγ/2, ε·nβ/2, √ε) per chain (fastllc/sampling/samplers/sgld.py); ops [·, 2], targets [·]: the
+// stacked train splits, chain c's
 // examples at example_offset[c] + 0 .. n−1; direction [C, d] or null; injected_indices [C, T, m] and
 // injected_noise [C, T, d] (T = total_steps) or null (then CounterRandomness's streams of chain_ids[c]);
 // trace [C, T] float64; alive [C]: 1 until the chain's loss is first non-finite.
 int fastllc_mlp_sgld_run(int64_t C, int64_t p, int64_t e, int64_t h, int64_t m, float* w, const float* w_star,
-                         const float* direction, const uint8_t* keep, int64_t keep_stride, double loss_offset,
-                         const double* hyper, const int64_t* ops, const int64_t* targets,
+                         const float* direction, const uint8_t* moves, int64_t moves_stride, double loss_offset,
+                         const double* coefficients, const int64_t* ops, const int64_t* targets,
                          const int64_t* example_offset, int64_t n, const int64_t* chain_ids, int64_t seed,
                          const int64_t* injected_indices, const float* injected_noise, int64_t total_steps,
                          const double* edges, const float* edges32, const float* ratios, const double* density,
@@ -925,9 +927,9 @@ int fastllc_mlp_sgld_run(int64_t C, int64_t p, int64_t e, int64_t h, int64_t m, 
                 float* wc = w + c * S.d;
                 const float* star = w_star + c * S.d;
                 const float* dir = direction ? direction + c * S.d : nullptr;
-                const double eps = hyper[3 * c], gam = hyper[3 * c + 1], nb = hyper[3 * c + 2];
-                const float decay = static_cast<float>(eps * gam / 2), drift = static_cast<float>(eps * nb / 2);
-                const float noise_scale = static_cast<float>(std::sqrt(eps));
+                const double* coefficient = coefficients + 3 * c;  // rounded to float as the Triton kernel takes them
+                const float decay = static_cast<float>(coefficient[0]), drift = static_cast<float>(coefficient[1]);
+                const float noise_scale = static_cast<float>(coefficient[2]);
                 const int64_t offset = example_offset[c];
                 for (int64_t t = t0; t < t0 + n_steps; ++t) {
                     const float* xi;
@@ -956,8 +958,8 @@ int fastllc_mlp_sgld_run(int64_t C, int64_t p, int64_t e, int64_t h, int64_t m, 
                         break;
                     }
                     const float* g = k.grad.data();
-                    const uint8_t* kc = keep ? keep + c * keep_stride : nullptr;
-                    // Δ_j = −decay·(w − w*)_j − drift·∇_j + √ε·ξ_j, rounded the same way in each branch
+                    const uint8_t* kc = moves ? moves + c * moves_stride : nullptr;
+                    // Δ_j = −decay·(w − w*)_j − drift·∇_j + noise_scale·ξ_j, rounded the same way in each branch
 #define INCREMENT(j) MADD(noise_scale, xi[j], MADD(-drift, g[j], -decay * (wc[j] - star[j])))
                     if (dir) {  // Δ −= (Δ·g)g needs the whole Δ first
                         float* inc = k.inc.data();

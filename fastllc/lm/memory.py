@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import resources
 from ..errors import FastLLCError
+from ..sampling.samplers import Sampler, sampler_class
 from ..validate import check_int
 
 DEFAULT_FRACTION = 0.5  # of the memory available when the run starts: room for everything else
@@ -67,13 +68,16 @@ def activation_bytes_per_token(model, length: int) -> int:
     return 4 * 2 * (layers * (10 * width + 3 * hidden + 3 * heads * length) + 3 * vocab)
 
 
-def chain_bytes(model, batch_size: int, length: int, sampler: str = "sgld") -> int:
+def chain_bytes(model, batch_size: int, length: int, sampler="sgld") -> int:
+    """Bytes one chain needs: W, W*, G, the noise and a direction (5 buffers of d floats), the sampler's own
+    buffers (``Sampler.state_buffers``; ``sampler`` is a name or a sampler object), and its activations."""
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    state = 4 * d * (5 + (sampler == "rmsprop_sgld"))
+    buffers = sampler.state_buffers if isinstance(sampler, Sampler) else sampler_class(sampler).state_buffers
+    state = 4 * d * (5 + buffers)
     return state + batch_size * length * activation_bytes_per_token(model, length)
 
 
-def plan(model, chains: int, batch_size: int, sequences: int, length: int, sampler: str = "sgld",
+def plan(model, chains: int, batch_size: int, sequences: int, length: int, sampler="sgld",
          max_memory: int | None = None) -> MemoryPlan:
     """Chains per group within ``max_memory`` bytes (default: ``DEFAULT_FRACTION`` of the available memory;
     no limit when that cannot be told). Refused when not even one chain fits."""

@@ -14,9 +14,10 @@ import torch
 from ..errors import FastLLCError
 from ..seeding import check_seed
 from ..validate import check_bool, check_float, check_int, check_numbers
+from . import samplers
+from .samplers import Sampler
 
 PerChain = Union[float, Sequence[float], torch.Tensor]
-SAMPLERS = ("sgld", "rmsprop_sgld")  # what ``SGLDConfig.sampler`` accepts
 CHAIN_LOSSES = ("exact", "published")  # what ``SGLDConfig.chain_loss`` accepts
 PUBLISHED_LOSS_OFFSET = 1e-6  # δ of the study's chain loss −mean log(softmax(z)_y + δ) (seed_results.json)
 
@@ -42,18 +43,11 @@ class SGLDConfig:
     draws with ``num_steps_bw_draws = thin``). ``mala`` asks a backend that can (``generic``) to record the
     MALA acceptance probability of every step, as devinterp's ``MalaAcceptanceRate`` defines it.
 
-    ``sampler="rmsprop_sgld"``: RMSProp-preconditioned SGLD (Li et al. 2016; the sampler recommended by
-    Hitchcock & Hoogland 2025), exactly as devinterp 1.3.2 runs it (``devinterp/optim/sgmcmc.py``,
-    ``SGMCMC.rmsprop_sgld`` and ``SGMCMC.step``; ``devinterp/optim/preconditioner.py``,
-    ``RMSpropPreconditioner.get_coefficients``), with α = ``rmsprop_alpha`` (devinterp's ``alpha``, 0.99) and
-    the stabiliser δ = ``rmsprop_eps`` (devinterp's ``eps``, 0.1). Per chain, elementwise, with V_0 = 0:
-        g_t = ∇L_m(w_t)                                  (the minibatch loss only: not nβ, not the γ term)
-        V_t = α·V_{t−1} + (1 − α)·g_t²                    (updated before use: V_1 = (1 − α)·g_1²)
-        P_t = 1 / (√V_t + δ)                              (δ outside the square root; no bias correction)
-        w ← w − (ε/2)·P_t·[γ(w − w*) + nβ·g_t] + √ε·√P_t·ξ,   ξ ~ N(0, I)
-    so the preconditioner scales the gradient and the localisation term alike, and the noise by √P_t (its
-    covariance is ε·P_t). ``orthogonal`` projects this whole increment. Not with ``mala`` (the acceptance
-    is that of plain SGLD's proposal).
+    ``sampler``: the update rule, a sampler object (``fastllc.sampling.samplers``: each module's docstring
+    states its update) or the name of one: ``"sgld"`` (the update above), ``"rmsprop_sgld"`` (RMSProp-SGLD,
+    exactly as devinterp 1.3.2 runs it, with α = ``rmsprop_alpha`` and δ = ``rmsprop_eps``: devinterp's
+    ``alpha`` 0.99 and ``eps`` 0.1). ``orthogonal`` projects the sampler's whole increment. ``mala`` is
+    plain SGLD's acceptance, so it needs ``"sgld"``.
 
     ``chain_loss``: the loss L_m the chains record and follow. ``"exact"`` (default): the caller's
     ``loss_fn``. ``"published"``: the published study's −mean log(softmax(z)_y + δ), δ = 1e-6
@@ -75,7 +69,7 @@ class SGLDConfig:
     loss_bound: float | None = None  # a recorded loss above this marks a chain unhealthy; None: see llc.py
     thin: int = 1  # the estimator averages every thin-th record after burn-in
     mala: bool = False  # record the MALA acceptance probability of every step (backend generic)
-    sampler: str = "sgld"  # or "rmsprop_sgld" (see above)
+    sampler: Union[str, Sampler] = "sgld"  # a sampler object or name (see above)
     rmsprop_alpha: float = 0.99  # RMSProp-SGLD: decay of the mean squared gradient V (devinterp's alpha)
     rmsprop_eps: float = 0.1  # RMSProp-SGLD: δ in P = 1/(√V + δ) (devinterp's eps)
     chain_loss: str = "exact"  # or "published" (see above)
@@ -109,28 +103,31 @@ class SGLDConfig:
             check_float("loss_bound", self.loss_bound, above=0)
 
     def _check_sampler(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise FastLLCError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        alpha, eps = self.rmsprop_alpha, self.rmsprop_eps
+        alpha, eps = self.rmsprop_alpha, self.rmsprop_eps  # checked whichever sampler runs: they are fields
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0 < alpha < 1):
             raise FastLLCError(f"rmsprop_alpha must be in (0, 1), got {alpha}")
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise FastLLCError(f"rmsprop_eps must be finite and > 0, got {eps}")
+        self.sampler_object().check()
         if self.chain_loss not in CHAIN_LOSSES:
             raise FastLLCError(f"unknown chain_loss {self.chain_loss!r}; choose one of {', '.join(CHAIN_LOSSES)}")
-        if self.mala and self.sampler != "sgld":
+        if self.mala and self.sampler_name != "sgld":
             raise FastLLCError(f"mala=True records plain SGLD's acceptance rate; it is not defined for "
-                               f"sampler={self.sampler!r}: use sampler='sgld' or drop mala")
+                               f"sampler={self.sampler_name!r}: use sampler='sgld' or drop mala")
+
+    def sampler_object(self) -> Sampler:
+        """The sampler these settings run (``samplers.resolve``): what backends ask for the update."""
+        return samplers.resolve(self)
 
     @property
     def sampler_name(self) -> str:
         """The sampler's name ("sgld", "rmsprop_sgld", ...): what job names and records carry."""
-        return getattr(self.sampler, "name", self.sampler)
+        return self.sampler.name if isinstance(self.sampler, Sampler) else self.sampler
 
     def needs(self) -> tuple[str, ...]:
         """The backend capabilities (``fastllc.backends``) these settings need: ``mala``, the sampler, the
         published chain loss."""
-        return ((("mala",) if self.mala else ()) + ((self.sampler,) if self.sampler != "sgld" else ())
+        return ((("mala",) if self.mala else ()) + ((self.sampler_name,) if self.sampler_name != "sgld" else ())
                 + (("published_chain_loss",) if self.chain_loss == "published" else ()))
 
     def per_chain(self, name: str, ok=lambda v: True, rule: str = "", n: int | None = None) -> torch.Tensor:
@@ -152,14 +149,15 @@ class SGLDConfig:
             raise FastLLCError(f"{name} must be finite and {rule}, got {bad[0]}")
         return vector
 
-    def hyperparameters(self, n: int, samplers: Sequence[str] = ("sgld",)
+    def hyperparameters(self, n: int, samplers: Sequence[str] | None = ("sgld",)
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ε, γ, nβ) as float64 vectors of length ``chains``; nβ defaults to n/log n.
 
-        ``samplers``: the update rules the calling backend implements. Every backend asks for its
-        coefficients here, so one that knows only plain SGLD refuses another sampler instead of silently
-        running SGLD in its place (``require_sampler``)."""
-        require_sampler(self, samplers)
+        ``samplers``: the names of the samplers the calling backend runs, None when it runs every sampler
+        through the sampler's own update. Every backend asks for its coefficients here, so a fused kernel
+        written for one sampler refuses another instead of silently running its own (``require_sampler``)."""
+        if samplers is not None:
+            require_sampler(self, samplers)
         return self.per_chain("epsilon"), self.per_chain("gamma"), self.per_chain("nbeta", n=n)
 
     def to_dict(self) -> dict:
@@ -170,11 +168,14 @@ class SGLDConfig:
                 record[key] = value.tolist()
             elif isinstance(value, (list, tuple)):
                 record[key] = [float(v) for v in value]
+        record["sampler"] = self.sampler_name
+        if isinstance(self.sampler, Sampler):  # an object's own values (a name's are the fields above)
+            record["sampler_settings"] = self.sampler.settings()
         return record
 
 
 def require_sampler(config: SGLDConfig, samplers: Sequence[str]) -> None:
     """Refuse ``config.sampler`` where the caller implements only ``samplers`` (one line)."""
-    if config.sampler not in samplers:
+    if config.sampler_name not in samplers:
         raise FastLLCError(f"this backend implements sampler {' and '.join(map(repr, samplers))} only, not "
-                           f"{config.sampler!r}; use backend='auto', which picks one that has it")
+                           f"{config.sampler_name!r}; use backend='auto', which picks one that has it")

@@ -48,6 +48,12 @@ _EDGES32 = _EDGES.astype(np.float32)
 _TAIL = float(_EDGES[1])
 
 
+def ziggurat_tables() -> dict:
+    """The normal sampler's tables, as the native kernel takes them (``native_build.RUN_PARAMETERS``): the kernel
+    draws the same noise as ``CounterRandomness`` from them."""
+    return dict(edges=_EDGES, edges32=_EDGES32, ratios=_RATIOS, density=_DENSITY, tail=_TAIL)
+
+
 @njit(inline="always")
 def _mix64(z):
     z = (z ^ (z >> np.uint64(30))) * _MIX1

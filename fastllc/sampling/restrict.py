@@ -171,23 +171,17 @@ def check_mask(mask: torch.Tensor, d: int, chains: int | None = None) -> torch.T
     return mask
 
 
-def restricted_directions(gradient: torch.Tensor, keep: torch.Tensor | None):
-    """The orthogonal restriction's direction(s) in the restricted space: ∇L_n(w*) [d] masked by ``keep`` and
-    normalised. ``keep`` None or [d]: one direction [d] (None where the masked gradient is zero); [C, d]: one
+def restricted_directions(gradient: torch.Tensor, moves: torch.Tensor | None):
+    """The orthogonal restriction's direction(s) in the restricted space: ∇L_n(w*) [d] masked by ``moves`` and
+    normalised. ``moves`` None or [d]: one direction [d] (None where the masked gradient is zero); [C, d]: one
     row per chain, a zero row where that chain's masked gradient is zero (projecting on it changes nothing)."""
-    if keep is None:
+    if moves is None:
         return orthogonal_direction(gradient)
-    keep = keep.to(gradient.device)
-    if keep.dim() == 1:
-        return orthogonal_direction(torch.where(keep, gradient, 0.0))
-    distinct, row_of = torch.unique(keep, dim=0, return_inverse=True)  # groups repeat one row per chain
+    moves = moves.to(gradient.device)
+    if moves.dim() == 1:
+        return orthogonal_direction(torch.where(moves, gradient, 0.0))
+    distinct, row_of = torch.unique(moves, dim=0, return_inverse=True)  # groups repeat one row per chain
     rows = [orthogonal_direction(torch.where(row, gradient, 0.0)) for row in distinct]
     if all(row is None for row in rows):
         return None
     return torch.stack([torch.zeros_like(gradient) if row is None else row for row in rows])[row_of]
-
-
-def start_masks(restrict: torch.Tensor, chains: int, d: int) -> torch.Tensor:
-    """For the backends that stack starts (``torch``, ``triton``): ``restrict`` checked (``check_mask``) and
-    as a bool [chains, d] on the CPU; row j applies to chain j of every start."""
-    return check_mask(restrict, d, chains).cpu().expand(chains, d)

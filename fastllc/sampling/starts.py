@@ -1,9 +1,9 @@
-"""Several starting points in one batch: what the backends that stack starts (capability
-``stacked_starts``) share.
+"""Starting points of a stacked batch (``batch.py``): the backends that stack starts (capability
+``stacked_starts``) run ``config.chains`` chains from each, all in one batch.
 
-A start is a trained ModularMLP and the train split it is measured on. ``config.chains`` chains run from
-every start, all in one batch: chain j of start s is global chain s·C + j, and its randomness is keyed
-by that global index. Starts share the architecture and the size of their split (they are stacked).
+A start is a trained study MLP (``fastllc.model.ModularMLP``, or any module with its ``p``, ``embed_dim`` and
+``hidden_dim``) and the train split it is measured on. Starts share the architecture and the size of their
+split (they are stacked).
 """
 
 from __future__ import annotations
@@ -13,17 +13,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from ..errors import FastLLCError
-from ..model import ModularMLP
-from .contract import Samples, flat_parameters, loss_and_gradient_at_start, orthogonal_direction
+from .contract import flat_parameters, loss_and_gradient_at_start, orthogonal_direction
 from .restrict import restricted_directions
 
 
 @dataclass
 class Start:
-    """A starting point w*: a trained ModularMLP and the train split it is measured on."""
+    """A starting point w*: a trained study MLP and the train split it is measured on."""
 
-    model: ModularMLP
+    model: nn.Module
     pairs: torch.Tensor  # [n, 2] int64
     labels: torch.Tensor  # [n] int64
 
@@ -42,14 +43,14 @@ def check_starts(starts: list[Start]) -> tuple[tuple[int, int, int], int]:
     return arch, n
 
 
-def start_points(starts: list[Start], orthogonal: bool, keep: torch.Tensor | None = None
+def start_points(starts: list[Start], orthogonal: bool, moves: torch.Tensor | None = None
                  ) -> tuple[list[float], torch.Tensor, torch.Tensor | None]:
     """Per start: L_n(w*), w* and (orthogonal) the unit ∇L_n(w*) — as (losses, [S, d], [S, d] or None) on the
     CPU; a start whose gradient vanishes gets a zero direction (nothing to restrict). Each model is
     evaluated on its own device and never moved.
 
-    ``keep`` (a restriction, bool [C, d]: row j for chain j of every start): the directions are each chain's
-    own, [S·C, d], row s·C + j the gradient of start s masked by ``keep[j]`` (``restrict.restricted_directions``)."""
+    ``moves`` (a restriction, bool [C, d]: row j for chain j of every start): the directions are each chain's
+    own, [S·C, d], row s·C + j the gradient of start s masked by ``moves[j]`` (``restrict.restricted_directions``)."""
     losses, gradients = [], []
     for s in starts:
         home = next(s.model.parameters()).device
@@ -59,24 +60,8 @@ def start_points(starts: list[Start], orthogonal: bool, keep: torch.Tensor | Non
     w_star = torch.stack([flat_parameters(s.model)[2].cpu() for s in starts])
     if not orthogonal:
         return losses, w_star, None
-    if keep is not None:
-        rows = [restricted_directions(g, keep) for g in gradients]
-        return losses, w_star, torch.cat([torch.zeros(keep.shape) if r is None else r for r in rows])
+    if moves is not None:
+        rows = [restricted_directions(g, moves) for g in gradients]
+        return losses, w_star, torch.cat([torch.zeros(moves.shape) if r is None else r for r in rows])
     units = [orthogonal_direction(g) for g in gradients]
     return losses, w_star, torch.stack([g if g is not None else torch.zeros(w_star.shape[1]) for g in units])
-
-
-def stacked_examples(starts: list[Start], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(operands [S·n, 2], targets [S·n]) int64 on ``device``: start s's split at rows s·n .. (s+1)·n."""
-    return (torch.cat([s.pairs.cpu() for s in starts]).long().to(device),
-            torch.cat([s.labels.cpu() for s in starts]).long().to(device))
-
-
-def per_start(trace: torch.Tensor, finals: torch.Tensor, init_losses: list[float], hyperparameters, backend: str,
-              device, seconds: float) -> list[Samples]:
-    """One ``Samples`` per start from the whole batch's loss trace [S·C, T] and final weights [S·C, d]
-    (start s owns rows s·C .. (s+1)·C); ``hyperparameters`` are (ε, γ, nβ) of one start's C chains."""
-    chains, total = len(hyperparameters[0]), len(trace)
-    return [Samples(trace[s * chains : (s + 1) * chains].clone(), loss, *hyperparameters, backend, str(device),
-                    seconds, finals[s * chains : (s + 1) * chains].clone(), chains_in_batch=total)
-            for s, loss in enumerate(init_losses)]

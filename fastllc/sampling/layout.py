@@ -1,24 +1,11 @@
-"""What the batched backends (``torch`` and ``generic``) share: the parameter-major layout of C chains'
-weights (also the engine's, ``fastllc/engine.py``), the SGLD update applied to it in place, and the host
-buffers each step's randomness is drawn into.
+"""The parameter-major layout of C chains' weights, what every batched backend (``torch``, ``generic``) and the
+engine (``fastllc/engine.py``) share, and the host buffers each step's randomness is drawn into.
 
-Layout. All chains' weights are one flat buffer in which parameter j (canonical order) occupies
+All chains' weights are one flat buffer in which parameter j (canonical order) occupies
 W[C·off_j : C·off_{j+1}] as a contiguous [C, *shape] tensor, so batched matmuls read contiguous operands
-(strided ones take a slow path on CPU) and the update runs over the whole buffer at once.
-
-Update. Every backend and kernel names the per-chain coefficients of SGLDConfig's update alike, all
-positive, with the signs in the formula:
-    decay = εγ/2,   drift = ε·nβ/2,   noise_scale = √ε
-    w ← w − decay·(w − w*) − drift·∇L_m + noise_scale·ξ    (then the orthogonal restriction, if asked)
-Here, in place over the whole buffer, with G = −drift·∇L_m given:
-    G += noise_scale·ξ,   G −= (G·g)g if orthogonal,   W ← keep·W + G + decay·W*   (keep = 1 − decay)
-Projecting G projects the whole increment Δ = −decay·(W − W*) + G, because W − W* stays orthogonal to g
-(w_0 = w* and every increment is projected): no increment buffer, no extra passes over the weights.
-
-RMSProp-SGLD (``SGLDConfig.sampler="rmsprop_sgld"``, formula there) keeps each chain's mean squared
-gradient V in a buffer of the same layout and builds the whole increment Δ in G (``rmsprop_sgld_update``):
-its localisation term is preconditioned too, so W − W* no longer stays orthogonal to g and the projection
-must see all of Δ.
+(strided ones take a slow path on CPU) and a sampler's update (``sampling/samplers/``) runs over the whole
+buffer at once. Per-chain coefficients are Python floats when every chain shares them (cheaper), else
+buffers of the same layout (``ParameterMajor.coefficient``).
 """
 
 from __future__ import annotations
@@ -77,50 +64,6 @@ def project_out(x_rows: list[torch.Tensor], g_rows: list[torch.Tensor]) -> None:
     coefficient = sum(torch.linalg.vecdot(x, g) for x, g in zip(x_rows, g_rows)).unsqueeze(1)
     for x, g in zip(x_rows, g_rows):
         x.addcmul_(g, coefficient, value=-1)
-
-
-def sgld_update(W: torch.Tensor, G: torch.Tensor, noise: torch.Tensor, noise_scale, keep,
-                decay_w_star: torch.Tensor, projection: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-                ) -> None:
-    """One SGLD step of every chain, in place (see the module docstring). G holds −drift·∇L_m and is
-    overwritten; ``keep`` is 1 − decay and ``decay_w_star`` decay·W* (floats or parameter-major, as
-    ``coefficient`` gives them); ``projection`` is (G's per-parameter rows, g's rows) under the orthogonal
-    restriction."""
-    axpy(G, noise, noise_scale)
-    if projection is not None:
-        project_out(*projection)
-    if isinstance(keep, float):
-        torch.add(G, W, alpha=keep, out=W)
-    else:
-        torch.addcmul(G, W, keep, out=W)
-    W.add_(decay_w_star)
-
-
-class RMSpropState:
-    """One RMSProp-SGLD step's state over a parameter-major buffer: V (from 0) and two scratch buffers."""
-
-    def __init__(self, like: torch.Tensor, alpha: float, delta: float):
-        self.V = torch.zeros_like(like)
-        self.P, self.scratch = torch.empty_like(like), torch.empty_like(like)
-        self.alpha, self.delta = float(alpha), float(delta)
-
-
-def rmsprop_sgld_update(W: torch.Tensor, G: torch.Tensor, noise: torch.Tensor, state: RMSpropState, W_star, nbeta,
-                        gamma, minus_half_epsilon, noise_scale,
-                        projection: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
-    """One RMSProp-SGLD step of every chain, in place. G holds ∇L_m and is overwritten with the increment
-    Δ = −(ε/2)·P·[nβ·g + γ(W − W*)] + √ε·√P·ξ,  P = 1/(√V + δ),  V ← αV + (1 − α)g²;
-    the per-chain coefficients (nβ, γ, −ε/2, √ε) are floats or parameter-major, as ``coefficient`` gives them."""
-    V, P, scratch = state.V, state.P, state.scratch
-    V.mul_(state.alpha).addcmul_(G, G, value=1 - state.alpha)  # V ← αV + (1 − α)g²
-    torch.sqrt(V, out=P).add_(state.delta).reciprocal_()  # P = 1/(√V + δ)
-    G.mul_(nbeta)
-    axpy(G, torch.sub(W, W_star, out=scratch), gamma)  # nβ·g + γ(W − W*)
-    G.mul_(P).mul_(minus_half_epsilon)  # −(ε/2)·P·[...]
-    axpy(G, torch.mul(P.sqrt_(), noise, out=scratch), noise_scale)  # + √ε·√P·ξ
-    if projection is not None:
-        project_out(*projection)
-    W.add_(G)
 
 
 class StepDraws:
