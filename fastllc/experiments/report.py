@@ -1,4 +1,6 @@
-"""Tables and plots of a sweep directory, regenerated from its job JSONs alone."""
+"""Tables and plots of a sweep directory, regenerated from its job JSONs alone. The study's targets and
+their verdicts (which runs count, the published figures, the tolerances) are ``targets``'; this module
+only renders them."""
 
 from __future__ import annotations
 
@@ -11,7 +13,14 @@ import numpy as np
 
 from .. import storage
 from ..errors import FastLLCError
+from . import targets
 from .jobs import load_records
+
+# the targets' figures as the report writes them
+_GENERALISED = f"{targets.GENERALISED_TEST_ACCURACY:.0%}"  # "99%"
+_MEMORISED = f"{targets.MEMORISED_TRAIN_ACCURACY:.0%}"  # "100%"
+_CLAIM = f"{targets.MEMORISATION_CLAIM['a']:g} p²"  # "0.8 p²": the memorisation claim as the report writes it
+_CLAIM_PS = "[{}, {}]".format(*targets.MEMORISATION_CLAIM["ps"])  # "[10, 25]": the p over which it is fitted
 
 
 def _figure(**options):
@@ -129,12 +138,6 @@ def _heading(label: str, group) -> list[str]:
     return [f"#### settings: {label}", ""]
 
 
-def _converged(record) -> bool:
-    return record.get("final_metrics", {}).get("test_acc", 0) >= GENERALISED_TEST_ACCURACY
-
-
-GENERALISED_TEST_ACCURACY = 0.99
-
 NOT_RECORDED = "not recorded"
 
 
@@ -220,18 +223,14 @@ def locality_table(records, key, key_names: str, key_text) -> list[str]:
 def _generalised_only(records) -> list[str]:
     """The same fit over runs whose final test accuracy is ≥ 99%: λ̂ at a point that is not yet the
     generalising minimum is not the quantity the study's claim is about. Shown beside, never instead."""
-    kept = [r for r in records if r.get("final_metrics", {}).get("test_acc", 0) >= GENERALISED_TEST_ACCURACY]
+    kept = [r for r in records if targets.generalised(r)]
     rows = _summary_rows(kept)
     if len(kept) == len(records) or len(rows) < 2:
         return []
     slope, intercept, r2 = _fit([r["p"] for r in rows], [r["mean"] for r in rows])
     per_p = ", ".join(f"p = {r['p']}: {_fmt(r['mean'])} ({r['seeds']})" for r in rows)
-    return ["", f"Runs that generalised (final test accuracy ≥ {GENERALISED_TEST_ACCURACY:.0%}), {len(kept)} of "
+    return ["", f"Runs that generalised (final test accuracy ≥ {_GENERALISED}), {len(kept)} of "
             f"{len(records)}: mean λ̂ (seeds) {per_p}; linear fit λ̂ ≈ {slope:.2f}·p {intercept:+.1f}, {r2}."]
-
-
-AUTHORS_CIRCUITS_P53 = [3, 3, 2, 3, 3]  # the authors' recorded counts for their five p = 53 runs (seed_results.json)
-PSWEEP_TARGETS = dict(mean_within=0.05, slope=(8.6, 0.4), r2=0.98)  # the reproduction's targets
 
 
 def report_psweep(records, out: Path) -> list[str]:
@@ -247,7 +246,7 @@ def _psweep_group(records, out: Path, png: str) -> list[str]:
     rows = _summary_rows(records)
     by_p = _by(records, lambda r: r["training"]["p"])
     lines = ["| p | λ̂ mean ± sd over seeds | within-run se | seeds | published (sd) | ours / published | circuits per seed "
-             "| sd ddof 1 / ddof 0 | converged (test acc ≥ 99%) | batches |",
+             f"| sd ddof 1 / ddof 0 | converged (test acc ≥ {_GENERALISED}) | batches |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["mean"] / r["published"] if r["published"] else None
@@ -256,11 +255,11 @@ def _psweep_group(records, out: Path, png: str) -> list[str]:
         batches = sorted({g["training"].get("batches") for g in group} - {None})
         lines.append(f"| {r['p']} | {_fmt(r['mean'])} ± {_fmt(r['sd'])} | {_fmt(r['se'], 2)} | {r['seeds']} | {pub} | "
                      f"{_fmt(ratio, 3)} | {r['circuits']} | {_fmt(_sd(r['values'], 1))} / {_fmt(_sd(r['values'], 0))} | "
-                     f"{sum(map(_converged, group))} of {len(group)} | {', '.join(map(str, batches)) or '–'} |")
-    converged = sum(map(_converged, records))
+                     f"{sum(map(targets.generalised, group))} of {len(group)} | {', '.join(map(str, batches)) or '–'} |")
+    converged = sum(map(targets.generalised, records))
     if converged == 0:  # the study's claim is about generalising networks: say plainly these are not
         lines += ["", f"None of the {len(records)} runs generalised (final test accuracy ≥ "
-                  f"{GENERALISED_TEST_ACCURACY:.0%}): this λ̂ is not that of generalising networks; train longer "
+                  f"{_GENERALISED}): this λ̂ is not that of generalising networks; train longer "
                   "(more batches) for the study's quantity."]
     finite = sum(1 for r in rows if math.isfinite(r["mean"]))
     if len(rows) >= 2 and finite < 2:
@@ -268,7 +267,7 @@ def _psweep_group(records, out: Path, png: str) -> list[str]:
     elif len(rows) >= 2:
         slope, intercept, r2 = _fit([r["p"] for r in rows], [r["mean"] for r in rows])
         lines += ["", f"Linear fit of the means: λ̂ ≈ {slope:.2f}·p {intercept:+.1f}, {r2} "
-                  f"(published: slope 8.60, intercept −90)."]
+                  f"(published: slope {_published_fit()})."]
         ps, values = [r["training"]["p"] for r in records], [_llc(r) for r in records]
         all_slope, all_intercept, all_r2 = _fit(ps, values)
         lines += [f"Fit over all {len(records)} runs: λ̂ ≈ {all_slope:.2f}·p {all_intercept:+.1f}, {all_r2}."]
@@ -299,19 +298,27 @@ def _psweep_group(records, out: Path, png: str) -> list[str]:
     return lines + ["", f"![λ̂ against p]({png})", ""]
 
 
+def _published_fit() -> str:
+    """The published fit of the p-sweep's means, as the report writes it: "8.60, intercept −90"."""
+    fit = targets.PUBLISHED_PSWEEP_FIT
+    return f"{fit['slope']:.2f}, intercept {fit['intercept']:g}".replace("-", "−")
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
 def _psweep_targets(rows, slope: float, r2_all: float) -> list[str]:
-    """Issue #15's targets for the p-sweep, each with its number: met or not."""
-    compared = [(r["p"], r["mean"] / r["published"] - 1) for r in rows if r["published"]]
-    if not compared:
+    """The p-sweep's targets (``targets.psweep_verdict``), each with its number: met or not."""
+    verdict = targets.psweep_verdict(rows, slope, r2_all)
+    if verdict is None:
         return []
-    worst_p, worst = max(compared, key=lambda t: abs(t[1]))
-    target, width = PSWEEP_TARGETS["slope"]
-    def verdict(ok):
-        return "met" if ok else "not met"
-    return [f"Targets: every mean within {PSWEEP_TARGETS['mean_within']:.0%} of the published one: "
-            f"{verdict(abs(worst) <= PSWEEP_TARGETS['mean_within'])} (largest difference {worst:+.1%} at p = {worst_p}); "
-            f"slope {target} ± {width}: {verdict(abs(slope - target) <= width)} ({slope:.2f}); "
-            f"R² ≥ {PSWEEP_TARGETS['r2']} over all runs: {verdict(r2_all >= PSWEEP_TARGETS['r2'])} ({_fmt(r2_all, 4)})."]
+    goals = targets.PSWEEP_TARGETS
+    target, width = goals["slope"]
+    return [f"Targets: every mean within {goals['mean_within']:.0%} of the published one: "
+            f"{_met(verdict['means_met'])} (largest difference {verdict['worst']:+.1%} at p = {verdict['worst_p']}); "
+            f"slope {target} ± {width}: {_met(verdict['slope_met'])} ({slope:.2f}); "
+            f"R² ≥ {goals['r2']} over all runs: {_met(verdict['r2_met'])} ({_fmt(r2_all, 4)})."]
 
 
 def _unconverged_lines(by_p) -> list[str]:
@@ -319,9 +326,9 @@ def _unconverged_lines(by_p) -> list[str]:
     are more seeds than the study's five, the first five's mean and population sd (the published basis)."""
     lines = []
     for p, group in by_p.items():
-        done = [_llc(r) for r in group if _converged(r)]
+        done = [_llc(r) for r in group if targets.generalised(r)]
         short = [(r["training"].get("seed"), _llc(r), r.get("final_metrics", {}).get("test_acc")) for r in group
-                 if not _converged(r)]
+                 if not targets.generalised(r)]
         if short:
             each = ", ".join(f"seed {seed}: {_fmt(v)} (test acc {_fmt(100 * acc if acc is not None else None)}%)"
                              for seed, v, acc in short)
@@ -351,7 +358,7 @@ def report_circuits(records, out: Path) -> list[str]:
     if at_53:
         lines.append(f"\np = 53: circuits of seeds {', '.join(str(s) for s, _ in at_53)}: "
                      f"{', '.join(str(c) for _, c in at_53)}; the authors' recorded counts for their five p = 53 runs: "
-                     f"{', '.join(map(str, AUTHORS_CIRCUITS_P53))} (the post's '4–7' does not describe these networks).")
+                     f"{', '.join(map(str, targets.AUTHORS_CIRCUITS_P53))} (the post's '4–7' does not describe these networks).")
     for p, group in _by(records, lambda r: r["training"]["p"]).items():
         values = [_llc(r) for r in group]
         kinds = sorted({r.get("circuit_count") for r in group} - {None})
@@ -397,9 +404,6 @@ def _circuit_rule_lines(records) -> list[str]:
     return lines + [""] if lines else []
 
 
-ARCHITECTURES_TARGET = dict(network=(8, 32), primes=(23, 37), within=0.10)  # the reproduction's targets
-
-
 def report_architectures(records, out: Path) -> list[str]:
     lines = ["### λ̂ by architecture", ""]
     for index, (label, group) in enumerate(_variant_groups(records)):
@@ -408,20 +412,19 @@ def report_architectures(records, out: Path) -> list[str]:
 
 
 def _architectures_group(records, out: Path, png: str) -> list[str]:
-    lines = ["| (e, h) | p | λ̂ mean ± sd (seeds) | published single run | ours / published | converged (test acc ≥ 99%) |",
+    lines = ["| (e, h) | p | λ̂ mean ± sd (seeds) | published single run | ours / published | "
+             f"converged (test acc ≥ {_GENERALISED}) |",
              "|---|---|---|---|---|---|"]
     fig = _figure(figsize=(6, 4.2))
     ax = fig.subplots()
-    fits, targets = [], []
+    fits, rows_by_network = [], {}
     for index, ((e, h), group) in enumerate(_by(records, lambda r: (r["training"]["embed"], r["training"]["hidden"])).items()):
-        rows = _summary_rows(group)
+        rows = rows_by_network[(e, h)] = _summary_rows(group)
         by_p = _by(group, lambda r: r["training"]["p"])
         for row in rows:
             ratio = row["mean"] / row["published"] if row["published"] else None
             lines.append(f"| ({e}, {h}) | {row['p']} | {_mean_sd(row)} | {_fmt(row['published'], 0)} | {_fmt(ratio, 3)} | "
-                         f"{sum(map(_converged, by_p[row['p']]))} of {row['seeds']} |")
-            if (e, h) == ARCHITECTURES_TARGET["network"] and row["p"] in ARCHITECTURES_TARGET["primes"] and ratio:
-                targets.append((row["p"], ratio - 1))
+                         f"{sum(map(targets.generalised, by_p[row['p']]))} of {row['seeds']} |")
         ps = [row["p"] for row in rows]
         ax.errorbar(ps, [row["mean"] for row in rows], yerr=[0 if math.isnan(row["sd"]) else row["sd"] for row in rows],
                     fmt="o-", color=f"C{index}", capsize=3, label=f"e = {e}, h = {h}")
@@ -438,18 +441,16 @@ def _architectures_group(records, out: Path, png: str) -> list[str]:
     _save(fig, out / png)
     if fits:
         lines += ["", "Linear fits of the means: " + "; ".join(fits) + "."]
-    if targets:
-        within = ARCHITECTURES_TARGET["within"]
-        each = ", ".join(f"p = {p}: {d:+.1%}" for p, d in targets)
-        met = "met" if all(abs(d) <= within for _, d in targets) else "not met"
-        lines += ["", f"Target: {ARCHITECTURES_TARGET['network']} at p = 23 and 37 within {within:.0%} of the published "
+    verdict = targets.architectures_verdict(rows_by_network)
+    if verdict is not None:
+        goal = targets.ARCHITECTURES_TARGET
+        each = ", ".join(f"p = {p}: {d:+.1%}" for p, d in verdict["differences"])
+        met, primes = _met(verdict["met"]), " and ".join(map(str, goal["primes"]))
+        lines += ["", f"Target: {goal['network']} at p = {primes} within {goal['within']:.0%} of the published "
                   f"single runs: {met} ({each})."]
     lines += locality_table(records, lambda r: (r["training"]["embed"], r["training"]["hidden"], r["training"]["p"]),
                             "(e, h), p", lambda k: f"({k[0]}, {k[1]}), {k[2]}")
     return lines + ["", f"![λ̂ by architecture]({png})", ""]
-
-
-MEMORISED_TRAIN_ACCURACY = 1.0
 
 
 def _mean_sd(row) -> str:
@@ -459,26 +460,24 @@ def _mean_sd(row) -> str:
 
 
 def _quadratic_fit_line(rows: dict, label: str) -> list[str]:
-    trusted = [(p, row["mean"]) for p, row in rows.items() if 10 <= p <= 25]
+    trusted = [(p, row["mean"]) for p, row in rows.items() if targets.in_claim_range(p)]
     if len(trusted) < 2:
         return []
     ps, values = zip(*trusted)
     a, c, r2 = _fit(np.array(ps) ** 2, values)
-    return ["", f"{label}: fit over p ∈ [10, 25]: λ̂ ≈ {a:.3f}·p² {c:+.1f} ({r2}); the study's claim is a ≈ 0.8."]
+    return ["", f"{label}: fit over p ∈ {_CLAIM_PS}: λ̂ ≈ {a:.3f}·p² {c:+.1f} ({r2}); the study's claim is a ≈ "
+            f"{targets.MEMORISATION_CLAIM['a']:g}."]
 
 
 def _quadratic_fit_runs(records, label: str) -> list[str]:
-    """λ̂ ≈ a·p² + c over every run at p ∈ [10, 25] (each seed its own point), with its R²: beside the fit of
-    the means, whose R² hides the seed spread."""
-    points = [(r["training"]["p"], _llc(r)) for r in records if 10 <= r["training"]["p"] <= 25]
+    """λ̂ ≈ a·p² + c over every run at p in the claim's range (each seed its own point), with its R²: beside the
+    fit of the means, whose R² hides the seed spread."""
+    points = [(r["training"]["p"], _llc(r)) for r in records if targets.in_claim_range(r["training"]["p"])]
     if len({p for p, _ in points}) < 2:
         return []
     ps, values = zip(*points)
     a, c, r2 = _fit(np.array(ps) ** 2, values)
-    return ["", f"{label}: fit over p ∈ [10, 25]: λ̂ ≈ {a:.3f}·p² {c:+.1f} ({r2}, {len(points)} runs)."]
-
-
-MEMORIZATION_TARGETS = dict(primes=(10, 15, 20, 25), within=0.10, a=(0.85, 1.05))  # the reproduction's targets
+    return ["", f"{label}: fit over p ∈ {_CLAIM_PS}: λ̂ ≈ {a:.3f}·p² {c:+.1f} ({r2}, {len(points)} runs)."]
 
 
 def _chain_length_job(record) -> bool:
@@ -502,8 +501,8 @@ def report_memorization(records, out: Path) -> list[str]:
 def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
     tasks = _by(records, lambda r: r["training"]["task"])
     lines = ["| p | λ̂ random operation (± sd, seeds) | published (e50 h200) | "
-             "λ̂ modular addition | 0.8 p² | ours / published | memorised (train acc 100%) | "
-             "addition generalised (test acc ≥ 99%; test accuracies) |",
+             f"λ̂ modular addition | {_CLAIM} | ours / published | memorised (train acc {_MEMORISED}) | "
+             f"addition generalised (test acc ≥ {_GENERALISED}; test accuracies) |",
              "|---|---|---|---|---|---|---|---|"]
     memo = {row["p"]: row for row in _summary_rows(tasks.get("random", []))}
     gen = {row["p"]: row for row in _summary_rows(tasks.get("add", []))}
@@ -512,18 +511,19 @@ def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
     for p in sorted(set(memo) | set(gen)):
         m, g = memo.get(p), gen.get(p)
         ratio = m["mean"] / m["published"] if m and m["published"] else None
-        memorised = (f"{sum(_memorised(r) for r in memo_by_p[p])} of {len(memo_by_p[p])}" if p in memo_by_p else "–")
+        memorised = (f"{sum(targets.memorised(r) for r in memo_by_p[p])} of {len(memo_by_p[p])}" if p in memo_by_p else "–")
         lines.append(f"| {p} | {_mean_sd(m)} | {_fmt(m['published'], 0) if m and m['published'] else '–'} | "
-                     f"{_mean_sd(g)} | {0.8 * p * p:.0f} | {_fmt(ratio, 3)} | {memorised} | {_generalised_cell(gen_by_p.get(p))} |")
+                     f"{_mean_sd(g)} | {targets.MEMORISATION_CLAIM['a'] * p * p:.0f} | {_fmt(ratio, 3)} | {memorised} | "
+                     f"{_generalised_cell(gen_by_p.get(p))} |")
     lines += _quadratic_fit_line(memo, "Means over seeds (one point per p)")
     lines += _quadratic_fit_runs(tasks.get("random", []), "Every run (one point per seed)")
     fit = dict(memo=memo, a=_quadratic_fit(memo))
     # λ̂ of a network that has not memorised its train set is not the claim's quantity: shown beside, never instead
-    kept = [r for r in tasks.get("random", []) if _memorised(r)]
+    kept = [r for r in tasks.get("random", []) if targets.memorised(r)]
     if 0 < len(kept) < len(tasks.get("random", [])):
         memorised = {row["p"]: row for row in _summary_rows(kept)}
         per_p = ", ".join(f"p = {p}: {_fmt(row['mean'])} ({row['seeds']})" for p, row in memorised.items())
-        lines += ["", f"Runs that memorised (final train accuracy 100%), {len(kept)} of {len(tasks['random'])}: {per_p}."]
+        lines += ["", f"Runs that memorised (final train accuracy {_MEMORISED}), {len(kept)} of {len(tasks['random'])}: {per_p}."]
         lines += _quadratic_fit_line(memorised, "Runs that memorised, means over seeds")
         lines += _quadratic_fit_runs(kept, "Runs that memorised, one point per run")
     lines += _memorization_targets(memo, fit["a"])
@@ -544,7 +544,7 @@ def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
     if published:
         ax.plot(*zip(*published), "x", color="C3", ms=9, label="published (e50 h200)")
     grid = np.linspace(0, max(list(memo) + list(gen) + [1]) * 1.05, 50)
-    ax.plot(grid, 0.8 * grid**2, "--", color="0.5", label="0.8 p² (train-set size)")
+    ax.plot(grid, targets.MEMORISATION_CLAIM["a"] * grid**2, "--", color="0.5", label=f"{_CLAIM} (train-set size)")
     ax.set_xlabel("p")
     ax.set_ylabel("λ̂")
     ax.set_title(settings_label(records[0]), fontsize=9)
@@ -560,16 +560,12 @@ def _generalised_cell(group) -> str:
         return "–"
     accuracies = ", ".join(_fmt(r.get("final_metrics", {}).get("test_acc"), 2)
                            for r in sorted(group, key=lambda r: r["training"].get("seed", 0)))
-    return f"{sum(map(_converged, group))} of {len(group)} ({accuracies})"
-
-
-def _memorised(record) -> bool:
-    return record.get("final_metrics", {}).get("train_acc", 0) >= MEMORISED_TRAIN_ACCURACY
+    return f"{sum(map(targets.generalised, group))} of {len(group)} ({accuracies})"
 
 
 def _quadratic_fit(rows: dict) -> tuple[float, float, float]:
-    """a, c and R² of λ̂ ≈ a·p² + c over the means at p ∈ [10, 25] (NaN with fewer than two p)."""
-    trusted = [(p, row["mean"]) for p, row in rows.items() if 10 <= p <= 25]
+    """a, c and R² of λ̂ ≈ a·p² + c over the means at p in the claim's range (NaN with fewer than two p)."""
+    trusted = [(p, row["mean"]) for p, row in rows.items() if targets.in_claim_range(p)]
     if len(trusted) < 2:
         return math.nan, math.nan, math.nan
     ps, values = zip(*trusted)
@@ -577,25 +573,27 @@ def _quadratic_fit(rows: dict) -> tuple[float, float, float]:
 
 
 def _memorization_targets(memo: dict, fit) -> list[str]:
-    compared = [(p, memo[p]["mean"] / memo[p]["published"] - 1) for p in MEMORIZATION_TARGETS["primes"]
-                if p in memo and memo[p]["published"]]
-    if not compared or math.isnan(fit[0]):
+    """The memorisation targets (``targets.memorization_verdict``), each with its numbers: met or not."""
+    verdict = targets.memorization_verdict(memo, fit[0])
+    if verdict is None:
         return []
-    within, (low, high) = MEMORIZATION_TARGETS["within"], MEMORIZATION_TARGETS["a"]
-    each = ", ".join(f"p = {p}: {d:+.1%}" for p, d in compared)
-    return ["", f"Targets: each of p = 10, 15, 20, 25 within {within:.0%} of the published value: "
-            f"{'met' if all(abs(d) <= within for _, d in compared) else 'not met'} ({each}); "
-            f"fit a ∈ [{low}, {high}]: {'met' if low <= fit[0] <= high else 'not met'} (a = {fit[0]:.3f})."]
+    goals = targets.MEMORIZATION_TARGETS
+    (low, high), primes = goals["a"], ", ".join(map(str, goals["primes"]))
+    each = ", ".join(f"p = {p}: {d:+.1%}" for p, d in verdict["differences"])
+    return ["", f"Targets: each of p = {primes} within {goals['within']:.0%} of the published value: "
+            f"{_met(verdict['means_met'])} ({each}); "
+            f"fit a ∈ [{low}, {high}]: {_met(verdict['a_met'])} (a = {fit[0]:.3f})."]
 
 
 def _claim_under_each_loss(fits) -> list[str]:
-    """The 0.8 p² claim under every settings group: one row each, side by side."""
+    """The memorisation claim (a·p², ``targets.MEMORISATION_CLAIM``) under every settings group: one row each,
+    side by side."""
     rows = [(label, fit) for label, fit in fits if not math.isnan(fit["a"][0])]
     if not rows:
         return []
-    primes = MEMORIZATION_TARGETS["primes"]
-    lines = ["### robustness: the 0.8 p² claim under each chain loss", "",
-             "| settings | a (λ̂ ≈ a·p² + c, p ∈ [10, 25]) | c | R² | " + " | ".join(f"ours / published, p = {p}" for p in primes)
+    primes = targets.MEMORIZATION_TARGETS["primes"]
+    lines = [f"### robustness: the {_CLAIM} claim under each chain loss", "",
+             f"| settings | a (λ̂ ≈ a·p² + c, p ∈ {_CLAIM_PS}) | c | R² | " + " | ".join(f"ours / published, p = {p}" for p in primes)
              + " |", "|---|---|---|---|" + "---|" * len(primes)]
     for label, fit in rows:
         a, c, r2 = fit["a"]
