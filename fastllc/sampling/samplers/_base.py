@@ -24,6 +24,12 @@ class Sampler:
         """The sampler with ``config``'s settings (SGLDConfig's fields)."""
         return cls()
 
+    @classmethod
+    def example(cls, d: int) -> "Sampler":
+        """An instance for a model with d weights, settings off their defaults where it has any: what the
+        tests and the conformance checks run every sampler with."""
+        return cls()
+
     def check(self) -> None:
         """Raise a one-line FastLLCError on a bad setting."""
 

@@ -37,6 +37,10 @@ class PreconditionedSGLD(Sampler):
         raise FastLLCError("sampler 'preconditioned_sgld' needs its preconditioner: pass "
                            "SGLDConfig(sampler=PreconditionedSGLD(P)) with P > 0, one value per weight")
 
+    @classmethod
+    def example(cls, d: int) -> "PreconditionedSGLD":
+        return cls(torch.linspace(0.5, 2.0, d))  # every weight its own step scale
+
     def check(self) -> None:
         P = self.preconditioner
         if P.numel() == 0 or not bool(torch.isfinite(P).all()) or not bool((P > 0).all()):

@@ -38,6 +38,10 @@ class RMSPropSGLD(Sampler):
     def from_config(cls, config) -> "RMSPropSGLD":
         return cls(config.rmsprop_alpha, config.rmsprop_eps)
 
+    @classmethod
+    def example(cls, d: int) -> "RMSPropSGLD":
+        return cls(alpha=0.9, delta=0.05)
+
     def check(self) -> None:
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and 0 < self.alpha < 1):
             raise FastLLCError(f"rmsprop_alpha must be in (0, 1), got {self.alpha}")
