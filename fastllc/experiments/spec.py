@@ -80,7 +80,8 @@ def _type_ok(value, kind: str) -> bool:
 
 _NAMES = {"int": "a whole number", "number": "a number", "number?": "a number", "bool": "true or false",
           "str": "a string"}
-_TRAIN_KINDS = {f.name: _kind_of(f.default) for f in fields(TrainConfig)} | {"p": "int", "seeds": "int"}
+# p has no default; batches' None stands for the p's default length: each is a whole number when given
+_TRAIN_KINDS = {f.name: _kind_of(f.default) for f in fields(TrainConfig)} | {"p": "int", "seeds": "int", "batches": "int"}
 _SGLD_KINDS = {f.name: _kind_of(f.default) for f in fields(SGLDConfig)}
 
 
