@@ -1,0 +1,363 @@
+"""Every backend follows the reference: one check per backend, capability and device.
+
+A check runs a backend and the ``reference`` backend (on the CPU) on one small problem with the *same*
+``InjectedRandomness`` (every chain's minibatches and noise, step by step) and compares their final weights
+parameter by parameter, their loss traces and L_n(w*), with one tolerance per dtype (``TOLERANCE``, derived
+below). The variants (``VARIANTS``) follow the capabilities a backend declares (``fastllc/backends/__init__.py``):
+plain SGLD and the orthogonal restriction for every backend; a weight mask, one for all chains or one per chain
+(``restrict``); the study's chain loss (``published_chain_loss``); RMSProp-SGLD (``rmsprop_sgld``, also
+restricted); several starting points in one batch, each against that start alone on the reference
+(``stacked_starts``); the MALA acceptance against its formula along the reference's own path (``mala``). A
+backend that takes any ``nn.Module`` (its ``supports`` accepts one) is checked on such a module (``AnyModule``),
+the others on the study's MLP; both at initialisation, where gradients are large.
+
+Used by ``tests/test_conformance.py`` (every backend on the CPU, Triton in its interpreter), by backend tests for
+their own dimensions (native's builds, generic's traced replay, shapes), and by ``python -m fastllc.selfcheck
+--gpu`` (every backend that runs on CUDA). Only the public calls are used: ``backend_module(name).sample(...)``,
+``.sample_starts(...)``, ``.CAPABILITIES``, ``.DEVICES``, ``.supports``, ``SGLDConfig``, ``InjectedRandomness``.
+
+Tolerance. Both sides compute the same update from the same draws in float32 and differ only in rounding: the
+order of their sums (batched matmuls, fused kernels, cuBLAS, FMA contraction, exp/erf within a few ulps) and how
+often a step rounds each weight (once for w + Δ; twice if drift and noise are added separately). A rounding
+moves a weight by at most half an ulp, so the two sides part by at most 2 ulps of a weight per step. The order
+of the sums changes ∇L_m by a few units of roundoff, which the step scales by ε·nβ/2 ≤ 0.015 (ε·P·nβ/2 ≤ 0.02
+for RMSProp, P ≤ 1/δ = 10): far below an ulp of w. Over a short run the update neither amplifies nor damps a
+difference much (γ and nβ·∇²L_m times ε/2 are ≪ 1), so the differences add: ≤ 2T ulps after T steps. An ulp of
+x is at most eps·max(1, |x|) (eps = 2⁻²³ in float32; below 1 counted at the ulp of 1, as each step adds noise
+of size √ε there). Hence the one tolerance per dtype, τ = 2·T·eps on the *relative* difference
+|fast − reference| / max(1, |reference|) (``relative_error``); the check runs T = ``STEPS`` = 8 steps:
+τ(float32) = 16·2⁻²³ = 1.9e-6. A loss is a sum of products of weights that agree to that relative precision
+and is held to the same τ relative to max(1, |L|), and so is L_n(w*); the MALA acceptance α = min(1, e^a) is
+held to τ relative to the size of the terms its exponent a is a difference of (an error δ in a moves α by at
+most δ).
+Measured on the development CPU (Zen 4): ≤ 8 ulps of a weight (1.0 a step, at most 1.12 a step in runs up to
+100 steps) and ≤ 2 of a loss, so 16 has a margin of 2, while a wrong term cannot hide under it: in these
+8 steps, dropping γ moves the reference's weights by 3.4e-3 (relative), doubling nβ by 1.4e-2, the
+orthogonal projection by 1.6e-2, the other chain loss by 0.15 (1,800 τ or more). The per-backend tests this
+replaces stated the same count in absolute terms for values near 1: 2e-6 over 20 steps (triton), 1e-5 over 100 steps
+(generic), 5e-5 over 100 steps with a 5× margin (torch, native), and selfcheck's 5e-5; τ is below all of them
+for values up to 1 in magnitude (and up to 5 for generic's, 26 for torch's and native's).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backends import backend_module, names
+from .model import ModularMLP
+from .sampling import InjectedRandomness, SGLDConfig
+from .sampling.config import PUBLISHED_LOSS_OFFSET
+from .sampling.contract import flat_parameters, unflatten
+from .sampling.starts import Start
+from .tasks import make_task
+
+REFERENCE = "reference"  # the ground truth every other backend is checked against
+STEPS, CHAINS = 8, 3
+
+
+def tolerance(dtype: torch.dtype = torch.float32, steps: int = STEPS) -> float:
+    """τ = 2·steps·eps of ``dtype``: the largest relative difference from the reference after ``steps`` steps
+    (module docstring)."""
+    return 2 * steps * torch.finfo(dtype).eps
+
+
+TOLERANCE = {torch.float32: tolerance(torch.float32)}  # 1.9e-6: every backend computes in float32
+SHAPE = (11, 5, 13, 11)  # p, e, h, m: no power of two, so every Triton tile is padded and every native block has a tail
+PUBLISHED_SHAPE = (53, 8, 32, 64)  # the study's network
+PER_CHAIN = dict(epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0])  # ε·nβ/2 ≤ 0.015
+CONFIDENT = 20.0  # published chain loss: output weights × 20, so that some p_y < 1e-6, where the two losses part
+MOVED = 1e-2  # the reference chains must travel this far from w*, or the comparison says nothing
+
+
+class Nonconformance(AssertionError):
+    """A backend broke a rule without tolerance (weights outside a mask moved, a shape), or the comparison
+    would say nothing (the chains did not move)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    needs: frozenset  # capabilities a backend must declare to be checked on it
+    settings: dict = field(default_factory=dict)  # SGLDConfig fields over PER_CHAIN's
+    mask: str | None = None  # "shared" [d] or "per_chain" [C, d]: restrict=
+
+
+_ORTHOGONAL = {"orthogonal": True}
+# ε ten times smaller with RMSProp: P ≤ 1/δ = 10 keeps ε·P·nβ/2 ≤ 0.015, the plain runs' step
+_RMSPROP = {"sampler": "rmsprop_sgld", "rmsprop_alpha": 0.9, "epsilon": [1e-4, 2e-4, 5e-5], **_ORTHOGONAL}
+VARIANTS = {
+    "sgld": Variant(frozenset()),
+    "orthogonal": Variant(frozenset(), _ORTHOGONAL),
+    "restrict": Variant(frozenset({"restrict"}), _ORTHOGONAL, "shared"),
+    "restrict_per_chain": Variant(frozenset({"restrict"}), _ORTHOGONAL, "per_chain"),
+    "published_chain_loss": Variant(frozenset({"published_chain_loss"}), {"chain_loss": "published", **_ORTHOGONAL}),
+    "rmsprop_sgld": Variant(frozenset({"rmsprop_sgld"}), _RMSPROP),
+    "rmsprop_sgld_restrict": Variant(frozenset({"rmsprop_sgld", "restrict"}), _RMSPROP, "per_chain"),
+    "stacked_starts": Variant(frozenset({"stacked_starts"}), _ORTHOGONAL),
+    "mala": Variant(frozenset({"mala"}), {"mala": True}),
+}
+
+
+def subjects() -> tuple[str, ...]:
+    """Every backend but the reference."""
+    return tuple(name for name in names() if name != REFERENCE)
+
+
+def variants(backend: str) -> tuple[str, ...]:
+    """The variants ``backend`` is checked on: the plain ones and those its capabilities allow."""
+    capabilities = backend_module(backend).CAPABILITIES
+    return tuple(name for name, variant in VARIANTS.items() if variant.needs <= capabilities)
+
+
+def runs_on(backend: str, device: str) -> bool:
+    """Whether ``backend`` is checked on ``device``: a device it declares; on the CPU every backend (one that
+    runs only on CUDA runs there in an interpreter, for tests: triton with TRITON_INTERPRET=1)."""
+    return device == "cpu" or device in backend_module(backend).DEVICES
+
+
+@dataclass(frozen=True)
+class Case:
+    backend: str
+    variant: str
+    device: str = "cpu"
+    shape: tuple[int, int, int, int] = SHAPE
+
+    @property
+    def name(self) -> str:
+        p, e, h, m = self.shape
+        return (f"{self.backend} vs reference, {self.variant} (p={p} e={e} h={h} m={m}, {CHAINS} chains x "
+                f"{STEPS} steps, {self.device})")
+
+
+def cases(device: str = "cpu", backends=None) -> list[Case]:
+    """Every (backend, variant) checked on ``device``, of ``backends`` (default: every backend but the reference)."""
+    return [Case(b, v, device) for b in (backends or subjects()) if runs_on(b, device) for v in variants(b)]
+
+
+def relative_error(fast: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None) -> float:
+    """max |fast − ref| / max(1, |scale|) (scale: ``ref``), in float64; inf where either is NaN or inf."""
+    fast, ref = torch.as_tensor(fast).cpu().double(), torch.as_tensor(ref).cpu().double()
+    if fast.shape != ref.shape:
+        raise Nonconformance(f"shape {tuple(fast.shape)}, the reference's {tuple(ref.shape)}")
+    if not fast.numel():
+        return 0.0
+    scale = ref.abs() if scale is None else torch.as_tensor(scale).double().abs()
+    worst = float(((fast - ref).abs() / scale.clamp(min=1.0)).max())
+    return worst if math.isfinite(worst) else math.inf
+
+
+@dataclass
+class Outcome:
+    """Relative differences from the reference (``relative_error``), to be at most ``TOLERANCE``."""
+
+    weights: float
+    losses: float
+    acceptance: float = 0.0  # mala only
+
+    @property
+    def error(self) -> float:
+        return max(self.weights, self.losses, self.acceptance)
+
+    def passed(self, dtype: torch.dtype = torch.float32) -> bool:
+        return self.error <= TOLERANCE[dtype]
+
+
+def differences(fast, ref, steps: int = STEPS) -> Outcome:
+    """Final weights and loss traces of two ``Samples`` of a ``steps``-step run, relative (``relative_error``)."""
+    if ref.loss_trace.shape[-1] != steps:
+        raise Nonconformance(f"a run of {ref.loss_trace.shape[-1]} steps compared as one of {steps}")
+    return Outcome(relative_error(fast.final_params, ref.final_params),
+                   relative_error(fast.loss_trace, ref.loss_trace))
+
+
+def assert_follows(fast, ref, steps: int, dtype: torch.dtype = torch.float32) -> Outcome:
+    """``differences`` within ``tolerance(dtype, steps)``, else an AssertionError saying by how much."""
+    outcome, bound = differences(fast, ref, steps), tolerance(dtype, steps)
+    if not outcome.error <= bound:
+        raise AssertionError(f"{outcome} exceeds τ = {bound:.3g} (2·{steps} steps·eps)")
+    return outcome
+
+
+class AnyModule(nn.Module):
+    """A classifier of pairs that is not the study's MLP, for the backends that take any module: an embedding of
+    both operands, one linear map of the two, LayerNorm, tanh and an output layer (``unembed``, as the study's
+    MLP names its own)."""
+
+    def __init__(self, p: int, embed: int, hidden: int):
+        super().__init__()
+        self.embed = nn.Embedding(p, embed)
+        self.hidden = nn.Linear(2 * embed, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.unembed = nn.Linear(hidden, p)
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        return self.unembed(torch.tanh(self.norm(self.hidden(self.embed(pairs).flatten(1)))))
+
+
+def takes_any_module(backend: str, device: str) -> bool:
+    return backend_module(backend).supports(AnyModule(3, 1, 1), F.cross_entropy, torch.device(device))
+
+
+@dataclass
+class Problem:
+    model: nn.Module
+    pairs: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def w_star(self) -> torch.Tensor:
+        return flat_parameters(self.model)[2]
+
+
+def problem(case: Case, seed: int = 0) -> Problem:
+    """The model ``case`` is checked on, at initialisation, and the train split of addition mod p; confident
+    logits for the published chain loss."""
+    p, e, h, _ = case.shape
+    pairs, labels = make_task(p, "add", seed=0).train_data()
+    kind = AnyModule if takes_any_module(case.backend, case.device) else ModularMLP
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = kind(p, e, h)
+    if VARIANTS[case.variant].settings.get("chain_loss") == "published":
+        with torch.no_grad():
+            model.unembed.weight.mul_(CONFIDENT)
+            p_y = F.softmax(model(pairs), -1).gather(-1, labels.view(-1, 1))
+        if not bool((p_y < PUBLISHED_LOSS_OFFSET).any()):
+            raise Nonconformance("no example has p_y < 1e-6: the published chain loss would be cross-entropy")
+    return Problem(model, pairs, labels)
+
+
+def config(case: Case, chains: int = CHAINS) -> SGLDConfig:
+    return SGLDConfig(chains=chains, steps=STEPS, batch_size=case.shape[3],
+                      **{**PER_CHAIN, **VARIANTS[case.variant].settings})
+
+
+def mask(variant: str, d: int, chains: int = CHAINS) -> torch.Tensor | None:
+    """The weights a restricted variant samples: about 30% of every parameter, one row or one per chain."""
+    kind, gen = VARIANTS[variant].mask, torch.Generator().manual_seed(1)
+    if kind is None:
+        return None
+    return torch.rand(d if kind == "shared" else (chains, d), generator=gen) < 0.3
+
+
+def _injected(chains: int, prob: Problem, case: Case) -> InjectedRandomness:
+    return InjectedRandomness.seeded(chains, STEPS, len(prob.labels), case.shape[3], prob.w_star.numel(), seed=2)
+
+
+def _rows(noise: InjectedRandomness, rows: slice) -> InjectedRandomness:
+    return InjectedRandomness(noise.indices[rows], noise.noise[rows])
+
+
+def _against(fast, ref, prob: Problem) -> Outcome:
+    """``differences``, with L_n(w*) against one forward pass computed here (the backends share a function for
+    it: this one is independent); the reference chains must have moved."""
+    if (ref.final_params - prob.w_star).abs().max() < MOVED:
+        raise Nonconformance("the reference chains did not move: the comparison would say nothing")
+    with torch.no_grad():
+        init_loss = F.cross_entropy(prob.model(prob.pairs), prob.labels)
+    outcome = differences(fast, ref)
+    outcome.losses = max(outcome.losses, relative_error(torch.tensor(fast.init_loss), init_loss))
+    return outcome
+
+
+def _require_fixed(samples, w_star: torch.Tensor, keep: torch.Tensor) -> None:
+    """Weights outside the mask stay at w* bit for bit, in every chain."""
+    finals = samples.final_params.cpu()
+    rows = keep.expand(finals.shape)
+    if not torch.equal(finals[~rows], w_star.expand_as(finals)[~rows]):
+        raise Nonconformance("a weight outside the restriction moved from w*")
+
+
+def check(case: Case, **options) -> Outcome:
+    """Run ``case``: its differences from the reference (``Outcome``), or ``Nonconformance``. ``options`` go to
+    the backend's ``sample`` or ``sample_starts`` only (a backend's own dimensions: native's ``variant=``)."""
+    if "stacked_starts" in VARIANTS[case.variant].needs:
+        return _check_stacked_starts(case, options)
+    prob, settings = problem(case), config(case)
+    noise = _injected(CHAINS, prob, case)
+    keep = mask(case.variant, prob.w_star.numel())
+    restrict = {} if keep is None else {"restrict": keep}
+    ref = backend_module(REFERENCE).sample(prob.model, prob.pairs, prob.labels, F.cross_entropy, settings,
+                                           randomness=noise, **restrict)
+    fast = backend_module(case.backend).sample(prob.model, prob.pairs, prob.labels, F.cross_entropy, settings,
+                                               randomness=noise, device=case.device, **restrict, **options)
+    outcome = _against(fast, ref, prob)
+    if keep is not None:
+        _require_fixed(fast, prob.w_star, keep)
+    if settings.mala:
+        outcome.acceptance = _acceptance_error(fast, prob, settings, noise)
+    return outcome
+
+
+def _check_stacked_starts(case: Case, options: dict) -> Outcome:
+    """Two starts (two networks of one architecture) in one batch: start s's chains are global chains
+    s·C .. s·C + C − 1 and read those rows of the draws, as that start alone on the reference does."""
+    problems, settings = [problem(case, seed) for seed in (0, 1)], config(case)
+    noise = _injected(2 * CHAINS, problems[0], case)
+    together = backend_module(case.backend).sample_starts([Start(p.model, p.pairs, p.labels) for p in problems],
+                                                          settings, randomness=noise, device=case.device, **options)
+    outcomes = []
+    for s, (prob, fast) in enumerate(zip(problems, together, strict=True)):
+        alone = backend_module(REFERENCE).sample(prob.model, prob.pairs, prob.labels, F.cross_entropy, settings,
+                                                 randomness=_rows(noise, slice(s * CHAINS, (s + 1) * CHAINS)))
+        outcomes.append(_against(fast, alone, prob))
+        if fast.chains_in_batch != 2 * CHAINS:
+            raise Nonconformance(f"start {s}: {fast.chains_in_batch} chains in its batch, not {2 * CHAINS}")
+    return Outcome(max(o.weights for o in outcomes), max(o.losses for o in outcomes))
+
+
+def _reference_path(prob: Problem, settings: SGLDConfig, noise: InjectedRandomness) -> torch.Tensor:
+    """w_t of every chain for t = 0 .. T − 1 [C, T, d], each from a reference run of t steps."""
+    reference, path = backend_module(REFERENCE), [prob.w_star.expand(settings.chains, -1)]
+    for t in range(1, settings.steps):
+        prefix = SGLDConfig(**{**settings.to_dict(), "steps": t})
+        run = reference.sample(prob.model, prob.pairs, prob.labels, F.cross_entropy, prefix,
+                               randomness=InjectedRandomness(noise.indices[:, :t], noise.noise[:, :t]))
+        path.append(run.final_params)
+    return torch.stack(path, 1)
+
+
+def mala_acceptance(prob: Problem, settings: SGLDConfig, noise: InjectedRandomness, path: torch.Tensor):
+    """The MALA acceptance of every step t − 1 → t along ``path`` [C, T, d], in float64, and the size of the
+    terms its exponent is a difference of (both [C, T − 1]): α = min(1, exp(U(w) − U(w') + log q(w | w') −
+    log q(w' | w))), U = nβ·L_m + γ/2·‖w − w*‖² with each end on its own step's minibatch, q the SGLD proposal
+    N(w − (ε/2)∇U(w), ε·I)."""
+    names_, shapes, _ = flat_parameters(prob.model)
+    model, w_star = copy.deepcopy(prob.model).double(), prob.w_star.double()
+    chains, steps = path.shape[:2]
+    eps, gamma, nbeta = (torch.as_tensor(getattr(settings, k), dtype=torch.float64).expand(chains)
+                         for k in ("epsilon", "gamma", "nbeta"))
+
+    def potential(c, t):
+        w = path[c, t].double().requires_grad_(True)
+        idx = noise.indices[c, t]
+        outputs = torch.func.functional_call(model, unflatten(w, names_, shapes), (prob.pairs[idx],))
+        u = nbeta[c] * F.cross_entropy(outputs, prob.labels[idx]) + gamma[c] / 2 * (w - w_star).pow(2).sum()
+        return u.item(), torch.autograd.grad(u, w)[0], w.detach()
+
+    acceptance, size = torch.empty(chains, steps - 1, dtype=torch.float64), torch.empty(chains, steps - 1)
+    for c in range(chains):
+        u0, g0, w0 = potential(c, 0)
+        for t in range(1, steps):
+            u1, g1, w1 = potential(c, t)
+            half = eps[c] / 2
+            forward = (w1 - w0 + half * g0).pow(2).sum() / (2 * eps[c])
+            backward = (w0 - w1 + half * g1).pow(2).sum() / (2 * eps[c])
+            acceptance[c, t - 1] = math.exp(min(0.0, u0 - u1 + float(forward - backward)))
+            size[c, t - 1] = abs(u0) + abs(u1) + float(forward + backward)
+            u0, g0, w0 = u1, g1, w1
+    return acceptance, size
+
+
+def _acceptance_error(fast, prob: Problem, settings: SGLDConfig, noise: InjectedRandomness) -> float:
+    if fast.mala_acceptance is None:
+        raise Nonconformance("mala=True recorded no acceptance")
+    expected, size = mala_acceptance(prob, settings, noise, _reference_path(prob, settings, noise))
+    if not bool((expected < 0.999).any()):
+        raise Nonconformance("every step was accepted: the acceptance comparison would say nothing")
+    return relative_error(fast.mala_acceptance, expected, scale=size)
