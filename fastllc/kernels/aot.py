@@ -37,6 +37,7 @@ def ptxas_report(p: int, e: int, h: int, m: int, *, injected: bool = False, orth
     P, M = mlp_sgld.padded(p), mlp_sgld.padded(m)
     num_warps = num_warps or mlp_sgld.default_num_warps(P, M)
     constants = dict(p=p, e=e, h=h, m=m, P=P, EB=mlp_sgld.padded(e), H=mlp_sgld.padded(h), M=M,
+                     **mlp_sgld.layout_constants(p, e, h),
                      INJECTED=injected, ORTHOGONAL=orthogonal, PUBLISHED=published, RESTRICTED=restricted)
     signature = {**_POINTERS, **_SCALARS, **{name: "constexpr" for name in constants}}
     log = io.StringIO()

@@ -6,7 +6,8 @@ cross-entropy, hand-written backward, update, noise) with the weights held in re
 them back once; between steps only the loss L_m(w_t) leaves the chip. The chain index is the grid axis.
 
 Layout. Weights are chain-major [C, d] fp32 in the canonical flat order of ``model.param_shapes``
-(E (p,e), L (h,e), b_L (h), R (h,e), b_R (h), U (p,h)); each parameter is a register tile padded to
+(E (p,e), L (h,e), b_L (h), R (h,e), b_R (h), U (p,h)), whose offsets the launcher derives from it and passes
+in (``layout_constants``); each parameter is a register tile padded to
 powers of two ≥ 16 (P ≥ p, EB ≥ e, H ≥ h, M ≥ m) so that every ``tl.dot`` dimension is ≥ 16, and every
 load and store is masked. Padding stays exactly zero: its gradient, noise and localisation are zero.
 All products are fp32 with ``input_precision="ieee"`` (no TF32): the one-hot gathers below must copy
@@ -41,6 +42,8 @@ Tests may instead inject indices [C, T, m] and unit noise [C, T, d] (``INJECTED`
 """
 
 from __future__ import annotations
+
+import math
 
 import triton
 import triton.language as tl
@@ -145,18 +148,14 @@ def _sgld_kernel(w_ptr,  # [C, d] fp32, chain-major weights, canonical order: up
                  t0, n_steps,  # this launch runs steps t0 .. t0+n_steps−1
                  p: tl.constexpr, e: tl.constexpr, h: tl.constexpr, m: tl.constexpr,  # the MLP and minibatch
                  P: tl.constexpr, EB: tl.constexpr, H: tl.constexpr, M: tl.constexpr,  # their tiles (``padded``)
+                 OFF_L: tl.constexpr, OFF_BL: tl.constexpr, OFF_R: tl.constexpr, OFF_BR: tl.constexpr,  # the layout
+                 OFF_U: tl.constexpr, D: tl.constexpr,  # (``layout_constants``: from ``model.param_shapes``)
                  INJECTED: tl.constexpr, ORTHOGONAL: tl.constexpr, PUBLISHED: tl.constexpr,
                  RESTRICTED: tl.constexpr):
     """Steps t0 .. t0+n_steps−1 of chain ``program_id(0)``; see the module docstring."""
     chain = tl.program_id(0)
     row = chain.to(tl.int64)
     start = (chain // chains_per_start).to(tl.int64)
-    OFF_L: tl.constexpr = p * e
-    OFF_BL: tl.constexpr = OFF_L + h * e
-    OFF_R: tl.constexpr = OFF_BL + h
-    OFF_BR: tl.constexpr = OFF_R + h * e
-    OFF_U: tl.constexpr = OFF_BR + h
-    D: tl.constexpr = OFF_U + p * h
     rP, rE, rH, rM = tl.arange(0, P), tl.arange(0, EB), tl.arange(0, H), tl.arange(0, M)
     p_ok, e_ok, h_ok, m_ok = rP < p, rE < e, rH < h, rM < m
     oE, mE = rP[:, None] * e + rE[None, :], p_ok[:, None] & e_ok[None, :]
@@ -292,6 +291,23 @@ if INTERPRETED and isinstance(tl.philox, triton.runtime.JITFunction):  # Triton'
     raise ImportError("TRITON_INTERPRET=1 was set after Triton was imported; set it before importing Triton")
 
 
+def layout_constants(p: int, e: int, h: int) -> dict[str, int]:
+    """Where each parameter starts in a chain's flat weights, and d: derived from ``model.param_shapes``, the one
+    definition of the layout, for the kernel's OFF_* arguments (E starts at 0)."""
+    from ..model import param_shapes
+    shapes = param_shapes(p, e, h)
+    names = {"embed.weight": None, "left.weight": "OFF_L", "left.bias": "OFF_BL", "right.weight": "OFF_R",
+             "right.bias": "OFF_BR", "unembed.weight": "OFF_U"}
+    if list(shapes) != list(names):  # the kernel's tiles follow this order
+        raise RuntimeError(f"the Triton kernel expects parameters {list(names)}, model.param_shapes has {list(shapes)}")
+    constants, offset = {}, 0
+    for name, shape in shapes.items():
+        if names[name]:
+            constants[names[name]] = offset
+        offset += math.prod(shape)
+    return {**constants, "D": offset}
+
+
 def run_chains(w, w_star, direction, coefficients, operands, targets, trace, *, arch, batch_size, n, chains_per_start,
                seed, t0, n_steps, injected=None, num_warps=None, published=False, moves=None):
     """Advance every chain of ``w`` [C, d] by steps t0 .. t0+n_steps−1 in one launch, in place.
@@ -309,7 +325,7 @@ def run_chains(w, w_star, direction, coefficients, operands, targets, trace, *, 
         w, w_star, w_star if direction is None else direction, coefficients, operands, targets, idx, noise, trace,
         w if moves is None else moves,  # never read unless RESTRICTED
         seed, n, chains_per_start, trace.shape[1], t0, n_steps,
-        p=p, e=e, h=h, m=batch_size, P=P, EB=padded(e), H=padded(h), M=M,
+        p=p, e=e, h=h, m=batch_size, P=P, EB=padded(e), H=padded(h), M=M, **layout_constants(p, e, h),
         INJECTED=injected is not None, ORTHOGONAL=direction is not None, PUBLISHED=bool(published),
         RESTRICTED=moves is not None, num_warps=num_warps)
 
