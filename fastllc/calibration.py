@@ -247,16 +247,9 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
     restarts from w* with the same seed, so a chain's first steps repeat the previous round's exactly: the cost
     of a round is its own steps, the evidence that of one chain twice as long.
     """
-    from .compat.loaders import as_pair, is_loader, materialise
+    from .loaders import as_pair, is_loader, materialise
 
-    check_int("chains", chains)  # the count itself: run_cells
-    check_int("steps", steps, minimum=1)
-    if burn_in is not None:
-        check_int("burn_in", burn_in, minimum=0)
-    if target_ess is not None:
-        check_float("target_ess", target_ess, above=0)
-    if max_chain_steps is not None:
-        check_int("max_chain_steps", max_chain_steps, minimum=1)
+    _check_lengths(chains, steps, burn_in, target_ess, max_chain_steps)
     scaled = epsilons is None
     epsilons = check_grid("step_scales" if scaled else "epsilons", step_scales if scaled else epsilons)
     gammas = check_grid("gammas", gammas, allow_zero=True)
@@ -284,8 +277,27 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
                          mala=mala, restrict=restrict, default_nbeta=default, kappa=kappa, noise=noise,
                          **settings)
 
+    result = _backing_off(run, cells, steps, burn_in, BACKOFFS if scaled else 0)
+    budget = 8 * len(cells) * chains * steps if max_chain_steps is None else max_chain_steps
+    return result if target_ess is None else extend(result, run, target_ess, budget)
+
+
+def _check_lengths(chains, steps, burn_in, target_ess, max_chain_steps) -> None:
+    check_int("chains", chains)  # the count itself: run_cells
+    check_int("steps", steps, minimum=1)
+    if burn_in is not None:
+        check_int("burn_in", burn_in, minimum=0)
+    if target_ess is not None:
+        check_float("target_ess", target_ess, above=0)
+    if max_chain_steps is not None:
+        check_int("max_chain_steps", max_chain_steps, minimum=1)
+
+
+def _backing_off(run, cells, steps: int, burn_in: int, backoffs: int) -> CalibrationResult:
+    """``run(cells)``, and again with every ε divided by ``BACKOFF_FACTOR`` (at most ``backoffs`` times) while
+    every cell diverged or left the basin: κ at w* can understate the curvature the chains meet later."""
     result = run(cells, steps, burn_in)
-    for attempt in range(1, 1 + (BACKOFFS if scaled else 0)):  # κ at w* can understate the curvature met later
+    for attempt in range(1, 1 + backoffs):
         if not all({"diverged", "nonlocal"} & set(c.flags) for c in result.cells):
             break
         cells = [(e / BACKOFF_FACTOR, b, g) for e, b, g in cells]
@@ -294,10 +306,7 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
                          f"the step scales were divided by {BACKOFF_FACTOR ** attempt:g}: κ at w* understates the "
                          "curvature the chains meet, e.g. along flat valleys or off a confident classifier's "
                          "saturated softmax)")
-    if target_ess is None:
-        return result
-    return extend(result, run, target_ess, 8 * len(cells) * chains * steps if max_chain_steps is None
-                  else max_chain_steps)
+    return result
 
 
 def extend(result: CalibrationResult, run, target_ess: float, budget: int) -> CalibrationResult:
@@ -376,7 +385,7 @@ def run_cells(model, data, loss_fn, cells: Sequence[tuple[float, float, float]],
     result. ``config``: settings every cell shares (its chains, ε, nβ, γ are replaced). ``kappa`` and ``noise``:
     the curvature and the minibatch gradient variance at w* if measured (they give each cell's step scale)."""
     from .api import estimate
-    from .compat.loaders import as_pair, is_loader, materialise
+    from .loaders import as_pair, is_loader, materialise
 
     if not isinstance(chains, int) or isinstance(chains, bool) or chains < 1:
         raise FastLLCError(f"calibration needs at least one chain per cell, got chains = {chains!r}")
