@@ -5,11 +5,11 @@ from .calibration import CalibrationCell, CalibrationResult, calibrate
 from .errors import FastLLCError
 from .llc import GroupResults, LLCResult, estimate_llc
 from .model import ModularMLP
-from .sampling import SGLDConfig
+from .sampling import PreconditionedSGLD, RMSPropSGLD, SGLDConfig
 from .tasks import Task, make_task
 from .train import Run, TrainConfig, train
 
 __all__ = ["calibrate", "CalibrationCell", "CalibrationResult", "estimate", "estimate_checkpoints", "estimate_groups", "estimate_run", "estimate_run_groups", "estimate_llc",
-           "FastLLCError", "GroupResults", "LLCResult", "ModularMLP", "Run", "SGLDConfig", "Task", "TrainConfig",
+           "FastLLCError", "GroupResults", "LLCResult", "ModularMLP", "PreconditionedSGLD", "RMSPropSGLD", "Run", "SGLDConfig", "Task", "TrainConfig",
            "make_task", "train"]
 __version__ = "0.1.0"

@@ -74,3 +74,18 @@ def test_a_wrong_preconditioner_is_a_one_line_error(values, message):
     with pytest.raises(FastLLCError) as error:
         sample(model, x, y, F.cross_entropy, SGLDConfig(chains=1, steps=2, sampler=PreconditionedSGLD(values)))
     assert str(error.value) == message
+
+
+def test_rmsprops_preconditioner_at_w_star_is_accepted_by_parameter_name_and_estimates():
+    """P from ``curvature.rmsprop_preconditioner`` (a dict by parameter name) is flattened in order: the same
+    run as the flat vector, bit for bit; λ̂ comes out finite and every chain healthy."""
+    from fastllc import PreconditionedSGLD as Exported, estimate
+    from fastllc.curvature import rmsprop_preconditioner
+    model, x, y = _workload()
+    by_name = rmsprop_preconditioner(model, (x, y), F.cross_entropy, batch_size=8, delta=0.1)
+    flat = torch.cat([v.reshape(-1) for v in by_name.values()])
+    assert Exported is PreconditionedSGLD and torch.equal(PreconditionedSGLD(by_name).preconditioner, flat)
+    config = SGLDConfig(chains=2, steps=200, batch_size=8, epsilon=1e-4, sampler=PreconditionedSGLD(by_name))
+    result = estimate(model, (x, y), F.cross_entropy, config)
+    again = estimate(model, (x, y), F.cross_entropy, SGLDConfig(**{**config.__dict__, "sampler": PreconditionedSGLD(flat)}))
+    assert result.llc_mean == again.llc_mean and result.healthy_chains == 2

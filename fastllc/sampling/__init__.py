@@ -1,7 +1,7 @@
 """What every sampling backend shares: settings (``config.py``), randomness (``randomness.py``), what a
 backend returns and the start of every run (``contract.py``), several starting points in one batch
-(``starts.py``), the parameter-major layout and the SGLD update (``sgld.py``), and how chains use the
-CPU (``threads.py``). The backends themselves, and the registry that chooses one: ``fastllc.backends``.
+(``starts.py``, ``batch.py``), the samplers (``samplers/``: each update rule a small object), the
+parameter-major layout (``layout.py``), and how chains use the CPU (``threads.py``). The backends themselves, and the registry that chooses one: ``fastllc.backends``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from ..errors import FastLLCError
 from .config import SGLDConfig, wbic_nbeta
 from .contract import Samples
 from .randomness import CounterRandomness, InjectedRandomness
+from .samplers.preconditioned_sgld import PreconditionedSGLD
+from .samplers.rmsprop_sgld import RMSPropSGLD
+from .samplers.sgld import SGLD
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -27,4 +30,5 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-__all__ = ["SGLDConfig", "Samples", "CounterRandomness", "InjectedRandomness", "wbic_nbeta", "resolve_device"]
+__all__ = ["SGLDConfig", "Samples", "CounterRandomness", "InjectedRandomness", "PreconditionedSGLD", "RMSPropSGLD",
+           "SGLD", "wbic_nbeta", "resolve_device"]

@@ -8,7 +8,8 @@ diffusion whose invariant measure is the localised posterior exp(−nβ·L_n −
 does not. A P from a pilot run, or RMSProp's V at w* (``fastllc.curvature.rmsprop_preconditioner``), gives
 the per-weight step sizes of RMSProp-SGLD without its adaptation. The orthogonal restriction projects the
 whole increment. It needs its values, so it is given as an object:
-``SGLDConfig(sampler=PreconditionedSGLD(P))``; ``P`` follows ``named_parameters`` order (the flat weights).
+``SGLDConfig(sampler=PreconditionedSGLD(P))``; ``P`` follows ``named_parameters`` order (the flat weights, or a
+dict by parameter name).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class PreconditionedSGLD(Sampler):
     state_buffers = 3  # P and √P in the layout, one scratch buffer
 
     def __init__(self, preconditioner):
+        """``preconditioner``: P over the flat weights [d], or a dict of it per parameter name in
+        ``named_parameters`` order (as ``fastllc.curvature.rmsprop_preconditioner`` returns it)."""
+        if isinstance(preconditioner, dict):
+            preconditioner = torch.cat([torch.as_tensor(v).detach().reshape(-1) for v in preconditioner.values()])
         self.preconditioner = torch.as_tensor(preconditioner, dtype=torch.float32).detach().reshape(-1).cpu()
 
     @classmethod
