@@ -159,7 +159,7 @@ def estimate_llc(samples: Samples, config: SGLDConfig, label: str | None = None)
         healthy=healthy.tolist(), healthy_chains=count, chains=chains, init_loss=samples.init_loss,
         nbeta=_scalar_or_list(samples.nbeta), epsilon=_scalar_or_list(samples.epsilon),
         gamma=_scalar_or_list(samples.gamma), steps=steps, burn_in=config.burn_in,
-        batch_size=config.batch_size, orthogonal=config.orthogonal, seed=config.seed, sampler=config.sampler,
+        batch_size=config.batch_size, orthogonal=config.orthogonal, seed=config.seed, sampler=config.sampler_name,
         backend=samples.backend, device=samples.device, sampling_seconds=samples.seconds,
         chain_steps_per_second=(samples.chains_in_batch or chains) * steps / samples.seconds
         if samples.seconds > 0 else math.nan,

@@ -89,3 +89,4 @@ def test_rmsprops_preconditioner_at_w_star_is_accepted_by_parameter_name_and_est
     result = estimate(model, (x, y), F.cross_entropy, config)
     again = estimate(model, (x, y), F.cross_entropy, SGLDConfig(**{**config.__dict__, "sampler": PreconditionedSGLD(flat)}))
     assert result.llc_mean == again.llc_mean and result.healthy_chains == 2
+    assert result.to_dict()["sampler"] == "preconditioned_sgld" and result.to_json()  # the record is JSON
