@@ -5,8 +5,8 @@ A check runs a backend and the ``reference`` backend (on the CPU) on one small p
 parameter by parameter, their loss traces and L_n(w*), with one tolerance per dtype (``TOLERANCE``, derived
 below). The variants (``VARIANTS``) follow the capabilities a backend declares (``fastllc/backends/__init__.py``):
 plain SGLD and the orthogonal restriction for every backend; a weight mask, one for all chains or one per chain
-(``restrict``); the study's chain loss (``published_chain_loss``); RMSProp-SGLD (``rmsprop_sgld``, also
-restricted); several starting points in one batch, each against that start alone on the reference
+(``restrict``); the study's chain loss (``published_chain_loss``); every sampler of ``sampling/samplers/``
+other than SGLD, as its ``example``, alone and with a mask per chain (its name, or ``samplers``); several starting points in one batch, each against that start alone on the reference
 (``stacked_starts``); the MALA acceptance against its formula along the reference's own path (``mala``). A
 backend that takes any ``nn.Module`` (its ``supports`` accepts one) is checked on such a module (``AnyModule``),
 the others on the study's MLP; both at initialisation, where gradients are large.
@@ -20,8 +20,8 @@ Tolerance. Both sides compute the same update from the same draws in float32 and
 order of their sums (batched matmuls, fused kernels, cuBLAS, FMA contraction, exp/erf within a few ulps) and how
 often a step rounds each weight (once for w + Δ; twice if drift and noise are added separately). A rounding
 moves a weight by at most half an ulp, so the two sides part by at most 2 ulps of a weight per step. The order
-of the sums changes ∇L_m by a few units of roundoff, which the step scales by ε·nβ/2 ≤ 0.015 (ε·P·nβ/2 ≤ 0.02
-for RMSProp, P ≤ 1/δ = 10): far below an ulp of w. Over a short run the update neither amplifies nor damps a
+of the sums changes ∇L_m by a few units of roundoff, which the step scales by ε·nβ/2 ≤ 0.02 (ε·P·nβ/2 ≤ 0.04
+for the preconditioned samplers, run at a tenth of ε): far below an ulp of w. Over a short run the update neither amplifies nor damps a
 difference much (γ and nβ·∇²L_m times ε/2 are ≪ 1), so the differences add: ≤ 2T ulps after T steps. An ulp of
 x is at most eps·max(1, |x|) (eps = 2⁻²³ in float32; below 1 counted at the ulp of 1, as each step adds noise
 of size √ε there). Hence the one tolerance per dtype, τ = 2·T·eps on the *relative* difference
@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import backend_module, names
+from .backends import backend_module, names, with_capabilities
 from .model import ModularMLP
-from .sampling import InjectedRandomness, SGLDConfig
+from .sampling import InjectedRandomness, SGLDConfig, samplers
 from .sampling.config import PUBLISHED_LOSS_OFFSET
 from .sampling.contract import flat_parameters, unflatten
 from .sampling.starts import Start
@@ -70,7 +70,7 @@ def tolerance(dtype: torch.dtype = torch.float32, steps: int = STEPS) -> float:
 TOLERANCE = {torch.float32: tolerance(torch.float32)}  # 1.9e-6: every backend computes in float32
 SHAPE = (11, 5, 13, 11)  # p, e, h, m: no power of two, so every Triton tile is padded and every native block has a tail
 PUBLISHED_SHAPE = (53, 8, 32, 64)  # the study's network
-PER_CHAIN = dict(epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0])  # ε·nβ/2 ≤ 0.015
+PER_CHAIN = dict(epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0])  # ε·nβ/2 ≤ 0.02
 CONFIDENT = 20.0  # published chain loss: output weights × 20, so that some p_y < 1e-6, where the two losses part
 MOVED = 1e-2  # the reference chains must travel this far from w*, or the comparison says nothing
 
@@ -82,25 +82,38 @@ class Nonconformance(AssertionError):
 
 @dataclass(frozen=True)
 class Variant:
-    needs: frozenset  # capabilities a backend must declare to be checked on it
+    needs: frozenset  # capabilities a backend must have to be checked on it (a sampler's name: runs that sampler)
     settings: dict = field(default_factory=dict)  # SGLDConfig fields over PER_CHAIN's
-    mask: str | None = None  # "shared" [d] or "per_chain" [C, d]: restrict=
+    mask: str | None = None  # restrict=: "shared", one mask [d], or "per_chain", one row per chain [C, d]
+    sampler: str | None = None  # a sampler of sampling/samplers/ other than sgld, run as its ``example``
 
 
 _ORTHOGONAL = {"orthogonal": True}
-# ε ten times smaller with RMSProp: P ≤ 1/δ = 10 keeps ε·P·nβ/2 ≤ 0.015, the plain runs' step
-_RMSPROP = {"sampler": "rmsprop_sgld", "rmsprop_alpha": 0.9, "epsilon": [1e-4, 2e-4, 5e-5], **_ORTHOGONAL}
-VARIANTS = {
-    "sgld": Variant(frozenset()),
-    "orthogonal": Variant(frozenset(), _ORTHOGONAL),
-    "restrict": Variant(frozenset({"restrict"}), _ORTHOGONAL, "shared"),
-    "restrict_per_chain": Variant(frozenset({"restrict"}), _ORTHOGONAL, "per_chain"),
-    "published_chain_loss": Variant(frozenset({"published_chain_loss"}), {"chain_loss": "published", **_ORTHOGONAL}),
-    "rmsprop_sgld": Variant(frozenset({"rmsprop_sgld"}), _RMSPROP),
-    "rmsprop_sgld_restrict": Variant(frozenset({"rmsprop_sgld", "restrict"}), _RMSPROP, "per_chain"),
-    "stacked_starts": Variant(frozenset({"stacked_starts"}), _ORTHOGONAL),
-    "mala": Variant(frozenset({"mala"}), {"mala": True}),
-}
+# ε ten times smaller with a preconditioner (RMSProp's example: P ≤ 1/δ = 20): ε·P·nβ/2 ≤ 0.04 stays ≪ 1
+_PRECONDITIONED = {"epsilon": [e / 10 for e in PER_CHAIN["epsilon"]], **_ORTHOGONAL}
+
+
+def _variants() -> dict[str, Variant]:
+    """Plain SGLD and the orthogonal restriction; a mask for all chains or one per chain; the published chain loss;
+    several starts in one batch; every other sampler, alone and with a mask per chain; MALA."""
+    found = {
+        "sgld": Variant(frozenset()),
+        "orthogonal": Variant(frozenset(), _ORTHOGONAL),
+        "restrict": Variant(frozenset({"restrict"}), _ORTHOGONAL, "shared"),
+        "restrict_per_chain": Variant(frozenset({"restrict"}), _ORTHOGONAL, "per_chain"),
+        "published_chain_loss": Variant(frozenset({"published_chain_loss"}),
+                                        {"chain_loss": "published", **_ORTHOGONAL}),
+        "stacked_starts": Variant(frozenset({"stacked_starts"}), _ORTHOGONAL),
+    }
+    for name in samplers.names():
+        if name != "sgld":
+            found[name] = Variant(frozenset({name}), _PRECONDITIONED, sampler=name)
+            found[f"{name}_restrict"] = Variant(frozenset({name, "restrict"}), _PRECONDITIONED, "per_chain", name)
+    found["mala"] = Variant(frozenset({"mala"}), {"mala": True})
+    return found
+
+
+VARIANTS = _variants()
 
 
 def subjects() -> tuple[str, ...]:
@@ -109,9 +122,9 @@ def subjects() -> tuple[str, ...]:
 
 
 def variants(backend: str) -> tuple[str, ...]:
-    """The variants ``backend`` is checked on: the plain ones and those its capabilities allow."""
-    capabilities = backend_module(backend).CAPABILITIES
-    return tuple(name for name, variant in VARIANTS.items() if variant.needs <= capabilities)
+    """The variants ``backend`` is checked on: the plain ones and those its capabilities allow (the registry's
+    ``with_capabilities``: a backend with ``samplers`` runs every sampler)."""
+    return tuple(name for name, variant in VARIANTS.items() if backend in with_capabilities(variant.needs))
 
 
 def runs_on(backend: str, device: str) -> bool:
@@ -232,9 +245,12 @@ def problem(case: Case, seed: int = 0) -> Problem:
     return Problem(model, pairs, labels)
 
 
-def config(case: Case, chains: int = CHAINS) -> SGLDConfig:
+def config(case: Case, d: int, chains: int = CHAINS) -> SGLDConfig:
+    """The settings of ``case`` for a model of d weights: PER_CHAIN's, the variant's, its sampler's ``example``."""
+    variant = VARIANTS[case.variant]
+    sampler = {} if variant.sampler is None else {"sampler": samplers.sampler_class(variant.sampler).example(d)}
     return SGLDConfig(chains=chains, steps=STEPS, batch_size=case.shape[3],
-                      **{**PER_CHAIN, **VARIANTS[case.variant].settings})
+                      **{**PER_CHAIN, **variant.settings, **sampler})
 
 
 def mask(variant: str, d: int, chains: int = CHAINS) -> torch.Tensor | None:
@@ -278,8 +294,8 @@ def check(case: Case, **options) -> Outcome:
     the backend's ``sample`` or ``sample_starts`` only (a backend's own dimensions: native's ``variant=``)."""
     if "stacked_starts" in VARIANTS[case.variant].needs:
         return _check_stacked_starts(case, options)
-    prob, settings = problem(case), config(case)
-    noise = _injected(CHAINS, prob, case)
+    prob = problem(case)
+    settings, noise = config(case, prob.w_star.numel()), _injected(CHAINS, prob, case)
     keep = mask(case.variant, prob.w_star.numel())
     restrict = {} if keep is None else {"restrict": keep}
     ref = backend_module(REFERENCE).sample(prob.model, prob.pairs, prob.labels, F.cross_entropy, settings,
@@ -297,7 +313,8 @@ def check(case: Case, **options) -> Outcome:
 def _check_stacked_starts(case: Case, options: dict) -> Outcome:
     """Two starts (two networks of one architecture) in one batch: start s's chains are global chains
     s·C .. s·C + C − 1 and read those rows of the draws, as that start alone on the reference does."""
-    problems, settings = [problem(case, seed) for seed in (0, 1)], config(case)
+    problems = [problem(case, seed) for seed in (0, 1)]
+    settings = config(case, problems[0].w_star.numel())
     noise = _injected(2 * CHAINS, problems[0], case)
     together = backend_module(case.backend).sample_starts([Start(p.model, p.pairs, p.labels) for p in problems],
                                                           settings, randomness=noise, device=case.device, **options)

@@ -2,31 +2,30 @@
 
     python -m fastllc.selfcheck --gpu --out gpu.json
 
-Checks (small shapes, the patterns of tests/test_backend_torch.py, test_backend_generic.py and
-test_backend_triton.py): the ``torch``, ``generic`` and ``triton`` backends on CUDA against the reference
-sampler on CPU, fed the same ``InjectedRandomness`` and compared parameter by parameter (``torch`` and
-``triton`` also with the published chain loss and with restricted weights); the triton
-kernel's in-kernel Philox draws against the reference fed ``kernels.draws``; chain trajectories
-independent of the chain count;
-the moments of the kernel's noise. Then chain-steps per second of ``triton`` and ``torch`` at C = 64,
+Checks: the conformance checks (``fastllc.conformance``) of every backend that runs on CUDA (``torch``,
+``generic``, ``triton``): each on the GPU against the reference sampler on CPU, fed the same
+``InjectedRandomness`` and compared parameter by parameter, on every variant its capabilities allow, with the
+one derived tolerance (the same checks tests/test_conformance.py runs on CPU), and each at the published shape;
+then the ``torch`` backend on the GPU against itself on CPU with the same seeded streams; the triton kernel's
+in-kernel Philox draws against the reference fed ``kernels.draws``; chain trajectories independent of the chain
+count; the moments of the kernel's noise. Then chain-steps per second of ``triton`` and ``torch`` at C = 64,
 1024 and 4096 on the published shape (p=53, e=8, h=32, m=64; the study's ε, γ and orthogonal steps),
 kept short so that everything finishes in a few minutes (``--budget`` stops the benchmarks early).
 
 Output: a line per check and benchmark, and with ``--out`` one JSON summary (rewritten after every
-benchmark, so nothing is lost if the run is cut short). Exit status 1 if a check failed or a
+benchmark, so nothing is lost if the run is cut short; a check's ``max_error`` is conformance's relative
+difference |a − b| / max(1, |b|), or a |z| or 0 where its name says so). Exit status 1 if a check failed or a
 benchmark raised, 0 otherwise; without CUDA it prints "no CUDA: nothing to check" and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -36,26 +35,21 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import conformance
 from .errors import FastLLCError
 from .model import ModularMLP
 from .sampling import InjectedRandomness, SGLDConfig
-from .sampling.config import PUBLISHED_LOSS_OFFSET
 from .sampling.contract import flat_parameters
+from .storage import write_atomically
 from .tasks import make_task
 
 NO_CUDA = "no CUDA: nothing to check"
-PER_CHAIN = dict(epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0])
-# Tolerances. Every fast backend is fp32 like the reference and differs from it in summation order (cuBLAS,
-# GPU reductions, FMA contraction, libdevice's erf/exp: a few ulps per operation), ~1e-6 relative per step's
-# gradient, scaled by ε·nβ/2 and adding up about linearly: steps × ε·nβ/2 ≤ 2 here (100 × 0.02; 10 × 0.1 at
-# the published shape), so ≤ ~1e-5 on O(1) weights (measured on CPU: 6.8e-6 torch and generic, 7e-7 triton
-# interpreted). 5e-5 is tests/test_backend_torch.py's bound for the same argument (and bench/test_bench_triton.py's
-# on the GPU); a wrong term (a missing γ, a factor 2, a misplaced padding mask) shows as ≥ 1e-3.
-ACROSS_BACKENDS = 5e-5
-SAME_PROGRAM = 1e-5  # one backend on CUDA and on CPU, the same seeded streams: tests/test_backend_torch.py's cuda test
-BIT_FOR_BIT = 0.0  # the triton kernel's chain c is the same program whatever the number of chains
-STANDARD_ERRORS = 5.0  # noise moments: a false alarm < 1e-6 per moment
-PUBLISHED_SHAPE = (53, 8, 32, 64)  # p, e, h, m
+# Tolerances: every comparison of two runs is conformance's, |a − b| / max(1, |b|) ≤ 2·T·eps(float32) after T steps
+# (fastllc/conformance.py derives it); the triton kernel's chain c is the same program whatever the number of
+# chains (bit for bit); noise moments within 5 standard errors (a false alarm < 1e-6 per moment).
+BIT_FOR_BIT = 0.0
+STANDARD_ERRORS = 5.0
+PUBLISHED_SHAPE = conformance.PUBLISHED_SHAPE  # p, e, h, m
 # (C, T): as bench/test_bench_triton.py, but triton's C and T all multiples of 16, which Triton specialises
 # integer arguments on: one compiled kernel serves all three (each compile takes tens of seconds)
 BENCHMARK_PLAN = {"triton": [(64, 2048), (1024, 512), (4096, 256)],
@@ -88,47 +82,6 @@ def _setting(p, e, h, seed):
     return ModularMLP(p, e, h), x, y
 
 
-def _difference(fast, ref) -> float:
-    """Largest absolute difference of final weights and loss traces (inf if either has NaN/inf)."""
-    errors = [(fast.final_params.cpu().double() - ref.final_params.cpu().double()).abs().max(),
-              (fast.loss_trace.cpu().double() - ref.loss_trace.cpu().double()).abs().max()]
-    worst = max(float(e) for e in errors)
-    return worst if math.isfinite(worst) else math.inf
-
-
-def _against_reference(backend: str, device, shape, chains, steps, settings, *, chain_loss="exact",
-                       output_scale=1.0, restrict=None, **options) -> float:
-    """``backend`` on ``device`` and the reference on CPU, the same injected noise: the largest difference.
-
-    ``output_scale`` multiplies the output weights (confident logits: some p_y < 1e-6, where the published
-    chain loss departs from cross-entropy); ``restrict``: a selection (``sampling/restrict.py``) both sample."""
-    from .backends import backend_module
-    from .sampling.restrict import selection_mask
-
-    reference = backend_module("reference")
-    p, e, h, m = shape
-    model, x, y = _setting(p, e, h, seed=p)
-    with torch.no_grad():
-        model.unembed.weight.mul_(output_scale)
-    if restrict is not None:
-        options["restrict"] = selection_mask(model, restrict)
-    if chain_loss == "published" and not bool((F.log_softmax(model(x), -1).gather(-1, y.view(-1, 1)).exp()
-                                                < PUBLISHED_LOSS_OFFSET).any()):
-        raise RuntimeError("no example has p_y < 1e-6: the published-loss comparison would be vacuous")
-    noise = InjectedRandomness.seeded(chains, steps, len(y), m, flat_parameters(model)[2].numel(), seed=2)
-    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=True, chain_loss=chain_loss, **settings)
-    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise,
-                           **{k: v for k, v in options.items() if k == "restrict"})
-    if (ref.final_params - flat_parameters(model)[2]).abs().max() < 1e-2:
-        raise RuntimeError("the reference chains did not move: the comparison would be vacuous")
-    fast = backend_module(backend).sample(copy.deepcopy(model), x, y, F.cross_entropy, config, randomness=noise,
-                                          device=device, **options)
-    if restrict is not None and not torch.equal(fast.final_params.cpu()[:, ~options["restrict"]],
-                                                ref.final_params[:, ~options["restrict"]]):
-        return math.inf  # the fixed weights must stay at w* bit for bit
-    return _difference(fast, ref)
-
-
 def _torch_seeded_on_device_and_cpu(device) -> float:
     from .backends import backend_module
 
@@ -137,7 +90,7 @@ def _torch_seeded_on_device_and_cpu(device) -> float:
     config = SGLDConfig(chains=3, steps=20, batch_size=8, seed=7)
     here = batched.sample(model, x, y, F.cross_entropy, config, device=device)
     cpu = batched.sample(model, x, y, F.cross_entropy, config)
-    return _difference(here, cpu)
+    return conformance.differences(here, cpu, config.steps).error
 
 
 def _kernels(device):
@@ -161,7 +114,7 @@ def _triton_in_kernel_randomness(device) -> float:
     fast = fused.sample(model, x, y, F.cross_entropy, config, device=device)
     idx, noise = kernels.draws(config.seed, chains, steps, len(y), m, d, device=device)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=InjectedRandomness(idx.cpu(), noise.cpu()))
-    return _difference(fast, ref)
+    return conformance.differences(fast, ref, steps).error
 
 
 def _triton_chain_count(device) -> float:
@@ -178,7 +131,7 @@ def _triton_chain_count(device) -> float:
     three = fused.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=3, steps=6, batch_size=m, seed=11,
                                                                   orthogonal=True), device=device)
     three.final_params, three.loss_trace = three.final_params[:2], three.loss_trace[:2]
-    return _difference(two, three)
+    return conformance.differences(two, three, 6).error
 
 
 def _triton_noise_moments(device) -> float:
@@ -190,36 +143,29 @@ def _triton_noise_moments(device) -> float:
                abs((xi**4).mean().item() - 3) / math.sqrt(96 / n))
 
 
+def cuda_backends() -> list[str]:
+    """The backends that declare CUDA: what this command checks (on the CPU too, when its tests run it there)."""
+    from .backends import backend_module
+    return [name for name in conformance.subjects() if "cuda" in backend_module(name).DEVICES]
+
+
+def conformance_checks(device) -> list[tuple[str, Callable[[], float], float]]:
+    """fastllc.conformance's checks of every CUDA backend on ``device``: every variant at its small shape, and
+    plain orthogonal SGLD at the published shape (the register tiles and padding of the study's network)."""
+    device = torch.device(device).type
+    published = [conformance.Case(name, "orthogonal", device, PUBLISHED_SHAPE) for name in cuda_backends()]
+    return [(case.name, lambda case=case: conformance.check(case).error, conformance.TOLERANCE[torch.float32])
+            for case in conformance.cases(device, cuda_backends()) + published]
+
+
 def check_list(device) -> list[tuple[str, Callable[[], float], float]]:
     """(name, function returning the largest error, tolerance) of every check on ``device``."""
-    small = (7, 5, 13, 16)  # awkward, non-power-of-two shapes, as tests/test_backend_torch.py
-    padded = (11, 5, 13, 11)  # every triton tile padded and masked, as tests/test_backend_triton.py
-    # the study's chain loss −log(p_y + 1e-6) on confident logits (output weights ×20: some p_y < 1e-6), and
-    # a restricted run (the left layer and the output weights), as tests/test_backend_torch.py and _triton.py
-    published = dict(chain_loss="published", output_scale=20.0)
-    restricted = dict(restrict=["left.*", "unembed.weight"])
-    return [
-        ("torch vs reference, injected noise (p=7 e=5 h=13 m=16, 3 chains x 100 steps)",
-         lambda: _against_reference("torch", device, small, 3, 100, PER_CHAIN), ACROSS_BACKENDS),
+    tolerance = conformance.tolerance
+    return conformance_checks(device) + [
         ("torch on the device vs on CPU, seeded streams (3 chains x 20 steps)",
-         lambda: _torch_seeded_on_device_and_cpu(device), SAME_PROGRAM),
-        ("generic vs reference, injected noise, traced step (p=7 e=5 h=13 m=16, 3 chains x 100 steps)",
-         lambda: _against_reference("generic", device, small, 3, 100, PER_CHAIN, trace=True), ACROSS_BACKENDS),
-        ("torch vs reference, published chain loss (p=7 e=5 h=13 m=16, 3 chains x 30 steps)",
-         lambda: _against_reference("torch", device, small, 3, 30, PER_CHAIN, **published), ACROSS_BACKENDS),
-        ("torch vs reference, restricted weights (p=7 e=5 h=13 m=16, 3 chains x 60 steps)",
-         lambda: _against_reference("torch", device, small, 3, 60, PER_CHAIN, **restricted), ACROSS_BACKENDS),
-        ("triton vs reference, injected noise, padded tiles (p=11 e=5 h=13 m=11, 3 chains x 20 steps)",
-         lambda: _against_reference("triton", device, padded, 3, 20, PER_CHAIN), ACROSS_BACKENDS),
-        ("triton vs reference, published chain loss, padded tiles (p=11 e=5 h=13 m=11, 3 chains x 20 steps)",
-         lambda: _against_reference("triton", device, padded, 3, 20, PER_CHAIN, **published), ACROSS_BACKENDS),
-        ("triton vs reference, restricted weights, padded tiles (p=11 e=5 h=13 m=11, 3 chains x 20 steps)",
-         lambda: _against_reference("triton", device, padded, 3, 20, PER_CHAIN, **restricted), ACROSS_BACKENDS),
-        ("triton vs reference, injected noise, published shape (p=53 e=8 h=32 m=64, 2 chains x 10 steps)",
-         lambda: _against_reference("triton", device, PUBLISHED_SHAPE, 2, 10,
-                                    dict(epsilon=[1e-3, 2e-3], nbeta=[50.0, 100.0])), ACROSS_BACKENDS),
+         lambda: _torch_seeded_on_device_and_cpu(device), tolerance(torch.float32, 20)),
         ("triton in-kernel randomness vs reference fed kernels.draws (published shape, 2 chains x 6 steps)",
-         lambda: _triton_in_kernel_randomness(device), ACROSS_BACKENDS),
+         lambda: _triton_in_kernel_randomness(device), tolerance(torch.float32, 6)),
         ("triton chains 0-1 of 2 and of 3 chains, bit for bit", lambda: _triton_chain_count(device), BIT_FOR_BIT),
         ("triton noise moments (mean, variance, 4th), worst |z|", lambda: _triton_noise_moments(device),
          STANDARD_ERRORS),
@@ -307,17 +253,10 @@ def exit_status(checks: list[CheckResult], benchmarks: list[BenchmarkResult]) ->
 
 
 def write_summary(path: Path, content: dict) -> None:
-    """Write the JSON atomically: a reader (or a run cut short) sees the previous or the new file, never half."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(content, out, indent=2)
-            out.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Write the JSON atomically (``storage.write_atomically``: a hidden temporary beside it, renamed into place):
+    a reader, or a run cut short, sees the previous or the new file, never half; a killed run's temporary is
+    one that ``storage.remove_stale_temporaries`` removes."""
+    write_atomically(path, json.dumps(content, indent=2) + "\n")
 
 
 def _arguments(argv):
@@ -345,11 +284,14 @@ def main(argv=None) -> int:
             return 0
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise FastLLCError("TRITON_INTERPRET=1 is set: unset it, the GPU check runs the compiled kernel")
-    except FastLLCError as err:
+        return _run(args, torch.device("cuda"))
+    except FastLLCError as err:  # bad arguments, or the summary could not be written (storage's one line)
         print(f"Error: {err}", file=sys.stderr)
         return 1
-    started, device = time.monotonic(), torch.device("cuda")
-    env = environment()
+
+
+def _run(args, device) -> int:
+    started, env = time.monotonic(), environment()
     print(f"fastllc selfcheck on {env['gpu']} (torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']})")
 
     def save(checks, benchmarks):

@@ -16,6 +16,7 @@ import torch
 
 from fastllc import conformance
 from fastllc.backends import NEEDED_FOR, backend_module, names
+from fastllc.sampling import samplers
 
 TRITON = importlib.util.find_spec("triton") is not None  # looked up, not imported: TRITON_INTERPRET must come first
 if TRITON:
@@ -47,10 +48,13 @@ def test_backend_follows_the_reference(case, monkeypatch):
 
 
 def test_every_capability_has_a_variant_and_every_backend_is_checked():
-    assert set().union(*(v.needs for v in conformance.VARIANTS.values())) == set(NEEDED_FOR)
+    needs = set().union(*(v.needs for v in conformance.VARIANTS.values()))
+    assert needs == set(NEEDED_FOR) - {"samplers"}  # 'samplers' is every sampler: each has its variants
+    assert {v.sampler for v in conformance.VARIANTS.values()} == {None} | (set(samplers.names()) - {"sgld"})
     assert conformance.subjects() + (conformance.REFERENCE,) == tuple(sorted(names(), key=lambda n: n == "reference"))
     cpu = {(c.backend, c.variant) for c in conformance.cases("cpu")}
     assert ("generic", "mala") in cpu and ("native", "stacked_starts") in cpu and ("triton", "restrict") in cpu
+    assert ("torch", "rmsprop_sgld_restrict") in cpu and ("generic", "preconditioned_sgld") in cpu  # 'samplers'
     assert ("native", "rmsprop_sgld") not in cpu and ("torch", "mala") not in cpu  # not declared: not generated
     assert {c.backend for c in conformance.cases("cuda")} == {"generic", "torch", "triton"}  # those declaring CUDA
 

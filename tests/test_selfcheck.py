@@ -1,5 +1,6 @@
 """``python -m fastllc.selfcheck --gpu``: its answer without CUDA, its bookkeeping, and its checks run on CPU."""
 
+import errno
 import importlib.util
 import json
 import math
@@ -8,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from fastllc import FastLLCError, selfcheck
+from fastllc import FastLLCError, conformance, selfcheck, storage
 
 
 def run_module(*args, env_update=None):
@@ -68,6 +70,37 @@ def test_failed_and_broken_checks_fail_the_run_and_are_written_down(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # written atomically: no temporary file left
 
 
+def test_a_summary_cut_short_leaves_only_a_temporary_the_cleaner_removes(tmp_path, monkeypatch):
+    """write_summary is storage's atomic write: a full disk is storage's one-line error naming the file, and what
+    a killed run leaves (here: its cleanup skipped) is a temporary that ``remove_stale_temporaries`` finds."""
+    def full_disk(path, data):
+        path.write_bytes(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "_write_file", full_disk)
+    monkeypatch.setattr(storage, "remove", lambda path: None)  # as a process killed before it could clean up
+    path = tmp_path / "gpu.json"
+    with pytest.raises(FastLLCError, match=f"^no space left on device while writing {path}: free space and rerun"):
+        selfcheck.write_summary(path, {"passed": True})
+    [left] = tmp_path.iterdir()
+    assert left.name.startswith(".gpu.json.tmp-")
+    monkeypatch.undo()
+    monkeypatch.setattr(storage, "pid_alive", lambda pid: False)  # its writer is gone
+    assert storage.remove_stale_temporaries(tmp_path) == [left] and list(tmp_path.iterdir()) == []
+
+
+def test_the_checks_are_conformance_checks_of_every_cuda_backend():
+    """selfcheck runs fastllc.conformance's checks (the ones tests/test_conformance.py runs on CPU) of every backend
+    that declares CUDA, on every variant, plus each at the published shape; then its own four."""
+    cases = conformance.cases("cuda", selfcheck.cuda_backends())
+    assert {c.backend for c in cases} == set(selfcheck.cuda_backends()) == {"generic", "torch", "triton"}
+    names = [name for name, _, _ in selfcheck.check_list("cuda")]
+    assert names[:len(cases)] == [c.name for c in cases]
+    assert len(names) == len(cases) + len(selfcheck.cuda_backends()) + 4
+    tolerances = {name: tolerance for name, _, tolerance in selfcheck.check_list("cuda")}
+    assert all(tolerances[c.name] == conformance.TOLERANCE[torch.float32] for c in cases)
+
+
 def test_a_benchmark_reports_chain_steps_per_second_and_respects_the_budget():
     done = selfcheck.run_benchmarks({"torch": [(4, 3), (8, 3)]}, "cpu", deadline=math.inf, report=lambda line: None)
     assert [(b.backend, b.chains, b.steps, b.error) for b in done] == [("torch", 4, 3, None), ("torch", 8, 3, None)]
@@ -94,7 +127,7 @@ def test_every_check_passes_on_cpu_with_the_triton_interpreter():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     passed, total = done.stdout.splitlines()[0].split()
-    assert passed == total == "12", done.stdout  # every check of check_list: torch, generic, triton
+    assert passed == total == str(len(selfcheck.check_list("cpu"))), done.stdout  # every check of check_list
     names = [name for name, _, _ in selfcheck.check_list("cpu")]
     assert {name.split()[0] for name in names} == {"torch", "generic", "triton"}  # every backend that runs on CUDA
 
