@@ -18,7 +18,7 @@ the wrong shape or not 0/1, or masks selecting nothing, are refused. Extra keys:
 
 Differences from devinterp 1.3.2, all deliberate:
 - Minibatches: each chain draws its own, with replacement, from the loader's dataset (materialised once,
-  see ``loaders.py``), by counter-based randomness; devinterp cycles through the loader in its order.
+  see ``fastllc/loaders.py``), by counter-based randomness; devinterp cycles through the loader in its order.
   Sampler, shuffling and ``drop_last`` of the loader are ignored. Same distribution of L_m per step.
 - Randomness: ``seed`` keys fastllc's counter-based streams (chain c's noise does not depend on how
   many chains run); draws differ from devinterp's ``torch.manual_seed`` streams, so results agree in

@@ -87,14 +87,13 @@ class Job:
             return
         checked.add((t, batch, sgld.steps, sgld.batch_size))
         resources.require_training_memory(t.p, t.embed, t.hidden)
-        start, chains = resources.mlp_sampling_bytes(t.p, t.embed, t.hidden, train_size(t.p, t.train_frac), batch,
-                                                     sgld.steps, sgld.batch_size)
-        advice = resources.sampling_advice(batch, sgld.steps, resources.mlp_parameters(t.p, t.embed, t.hidden),
-                                           resources.mlp_minibatch_bytes(t.p, t.embed, t.hidden, sgld.batch_size),
-                                           "batch_size (the spec's [sgld] batch_size)",
-                                           "chains or steps (--chains, or the spec's [sgld] chains, steps)")
-        resources.require_memory(start + chains, f"job {self.name} ({batch:,} chains × {sgld.steps:,} steps)",
-                                 "sampling", advice)
+        resources.require_sampling_memory(  # the one check the API and the commands make
+            batch, sgld.steps, resources.mlp_parameters(t.p, t.embed, t.hidden),
+            resources.mlp_minibatch_bytes(t.p, t.embed, t.hidden, sgld.batch_size), self.device,
+            start_bytes=resources.mlp_start_bytes(t.p, t.embed, t.hidden, train_size(t.p, t.train_frac)),
+            subject=f"job {self.name} ({batch:,} chains × {sgld.steps:,} steps)",
+            names=("batch_size (the spec's [sgld] batch_size)",
+                   "chains or steps (--chains, or the spec's [sgld] chains, steps)"))
 
 
 BASELINE_STEPS = 5000  # the study's chain length: a job of another length says so in its name
