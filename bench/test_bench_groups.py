@@ -4,7 +4,7 @@ Workload: a 4-layer MLP (nn.Sequential of 4 Linear with Tanh between, 64 → 64 
 data, minibatches of 64, backend ``generic``. The grouped run has one group per layer (``groups="per-module"``),
 ``chains`` chains each, so 4·chains chains in one batch; the unrestricted run has 4·chains chains. Both record
 the sampler loop's own time (``LLCResult.sampling_seconds``: the trace and the start are setup); rounds
-alternate the two so that a busy machine slows both alike. Target (issue 14): grouped / unrestricted ≤ 1.5.
+alternate the two so that a busy machine slows both alike. Target: grouped / unrestricted ≤ 1.5.
 """
 
 from __future__ import annotations

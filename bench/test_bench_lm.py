@@ -1,4 +1,4 @@
-"""Language models: the tiny GPT-2 of issue 24 (2 layers, 4 heads, width 64, vocabulary 64, context 32;
+"""Language models: a tiny GPT-2 (2 layers, 4 heads, width 64, vocabulary 64, context 32;
 106k parameters; briefly trained on synthetic Markov-chain sequences), SGLD with 200 steps, minibatches of
 16 sequences, ε 5e-5, γ 1000, nβ 1000, over 8,192 sequences, at 4 and 16 chains.
 

@@ -14,7 +14,7 @@ G = −drift·∇L_m directly; training passes 1)
     δs = k/m·(softmax(s) − onehot(y)),  ∇U = δsᵀ·u,  δz = (δs·U) ⊙ GELU′(z)
     ∇b_L = ∇b_R = Σ_i δz_i,  [∇L ∇R] = δzᵀ·x,  ∇E = scatter-add of δz·[L R] at rows a_i and b_i
 
-The gather of embedding rows is DESIGN.md's "key algebraic saving" taken per example instead of per
+The gather of embedding rows is the "key algebraic saving" of one-hot inputs (docs/design.md) taken per example instead of per
 table: with m ≈ p both cost the same FLOPs, but this way scatters rows of width e, not h, and needs
 fewer operations per step.
 """

@@ -168,3 +168,26 @@ def test_a_variant_named_in_the_environment_is_checked(home, monkeypatch):
                                                               r"kernel \(it runs scalar\)$"):
         native_build.load()
     assert not home.exists()  # refused before building anything
+
+
+def test_the_kernels_ctypes_table_names_the_cpp_signatures_parameters_in_order():
+    """``native_build.RUN_PARAMETERS`` declares and calls ``fastllc_mlp_sgld_run``: its names are the C++
+    parameters' names, in order, with matching pointer/scalar kinds (so a call by name cannot shift an argument)."""
+    import ctypes
+    import re
+    source = (Path(native_build.__file__).parent / "kernels" / "mlp_sgld_cpu.cpp").read_text()
+    signature = re.search(r"int fastllc_mlp_sgld_run\(([^)]*)\)", source).group(1)
+    parameters = [" ".join(p.split()) for p in signature.split(",")]
+    names = [re.search(r"(\w+)$", p).group(1) for p in parameters]
+    assert names == [name for name, _ in native_build.RUN_PARAMETERS]
+    for text, (name, ctype) in zip(parameters, native_build.RUN_PARAMETERS):
+        assert ("*" in text) == issubclass(ctype, ctypes._Pointer), name
+
+
+def test_a_call_with_a_missing_or_mistyped_argument_is_refused_before_the_kernel_runs():
+    import numpy as np
+    arguments = {name: None for name, _ in native_build.RUN_PARAMETERS}
+    with pytest.raises(TypeError, match="wrong parameters"):
+        native_build.call(None, **{k: v for k, v in arguments.items() if k != "seed"})
+    with pytest.raises(TypeError, match="w must be a contiguous c_float array"):
+        native_build.call(None, **{**arguments, "w": np.zeros(3, np.float64)})
