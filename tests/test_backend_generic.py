@@ -1,4 +1,6 @@
-"""Backend ``generic`` (torch.func over any nn.Module) against the reference, parameter by parameter."""
+"""Backend ``generic`` (torch.func over any nn.Module): its traced replay in chain groups against the reference on
+every variant (``fastllc.conformance``'s checks; tests/test_conformance.py runs them on the default path),
+convolutional and transformer models, modules it cannot vmap, the MALA acceptance's formula, data loaders."""
 
 import math
 
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fastllc import FastLLCError, ModularMLP, SGLDConfig, estimate, make_task
+from fastllc import FastLLCError, ModularMLP, SGLDConfig, conformance, estimate, make_task
 from fastllc.backends import generic, reference, resolve_backend
 from fastllc.sampling import InjectedRandomness
 from fastllc.sampling.contract import flat_parameters
@@ -20,49 +22,12 @@ def injected(model, chains, steps, n, m, seed=2):
     return InjectedRandomness.seeded(chains, steps, n, m, flat_parameters(model)[2].numel(), seed)
 
 
-@pytest.mark.parametrize("orthogonal", [False, True])
-@pytest.mark.parametrize("per_chain", [False, True])
-def test_trajectories_match_the_reference_with_injected_noise(orthogonal, per_chain):
-    x, y = make_task(P, "add", seed=0).train_data()
-    model = ModularMLP(P, EMBED, HIDDEN)  # at initialisation: large gradients, a demanding comparison
-    chains, steps, m = 3, 100, 16
-    noise = injected(model, chains, steps, len(y), m)
-    settings = dict(epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0]) if per_chain else {}
-    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=orthogonal, **settings)
-    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    fast = generic.sample(model, x, y, F.cross_entropy, config, randomness=noise, trace=True)
-    # Same autograd formulas on the same fp32 values, batched (bmm) instead of one chain at a time: only the
-    # summation order differs, ~1e-7 relative per step; measured 2.4e-7 on weights and 4.8e-7 on losses after
-    # 100 steps. 1e-5 leaves a 20× margin; a wrong term (a missing γ, a factor 2) shows as ≥ 1e-3.
-    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=1e-5)
-    # L_n(w*) over the whole train split, computed here independently of the samplers (which share one
-    # function for it): the same fp32 forward pass, so equal to a few ulps
-    assert fast.init_loss == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)
-    assert (ref.final_params - flat_parameters(model)[2]).abs().max() > 1e-2  # the chains travelled
-
-
-@pytest.mark.parametrize("orthogonal", [False, True])
-def test_rmsprop_sgld_trajectories_match_the_reference_with_injected_noise(orthogonal):
-    """sampler="rmsprop_sgld": every chain's V in the parameter-major layout, per-chain ε, γ, nβ, traced replay."""
-    x, y = make_task(P, "add", seed=0).train_data()
-    model = ModularMLP(P, EMBED, HIDDEN)
-    chains, steps, m = 3, 60, 16
-    noise = injected(model, chains, steps, len(y), m)
-    config = SGLDConfig(chains=chains, steps=steps, batch_size=m, orthogonal=orthogonal, epsilon=[1e-3, 2e-3, 5e-4],
-                        gamma=[5.0, 1.0, 0.0], nbeta=[10.0, 20.0, 30.0], sampler="rmsprop_sgld", rmsprop_alpha=0.9,
-                        rmsprop_eps=0.05)
-    ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    fast = generic.sample(model, x, y, F.cross_entropy, config, randomness=noise, trace=True, workers=2)
-    # as in the SGLD comparison above, fp32 summation order only: measured 7e-7 on weights and 1e-6 on losses
-    # after 60 steps; 1e-5 as there, while plain SGLD's update in place of RMSProp's moves them by > 1e-2 (below)
-    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=1e-5)
-    assert (ref.final_params - flat_parameters(model)[2]).abs().max() > 1e-2  # the chains travelled
-    plain = reference.sample(model, x, y, F.cross_entropy, SGLDConfig(chains=chains, steps=steps, batch_size=m,
-                             orthogonal=orthogonal, epsilon=[1e-3, 2e-3, 5e-4], gamma=[5.0, 1.0, 0.0],
-                             nbeta=[10.0, 20.0, 30.0]), randomness=noise)
-    assert (plain.final_params - ref.final_params).abs().max() > 1e-2  # and not as plain SGLD would
+@pytest.mark.parametrize("variant", conformance.variants("generic"))
+def test_the_traced_replay_in_chain_groups_follows_the_reference(variant):
+    """conformance's checks with the step traced and replayed (short runs are otherwise eager) and the chains
+    in two groups of threads."""
+    outcome = conformance.check(conformance.Case("generic", variant), trace=True, workers=2)
+    assert outcome.passed(), outcome
 
 
 def test_the_studys_mlp_keeps_its_torchscript_replay(monkeypatch):
@@ -89,7 +54,7 @@ def test_traced_steps_threads_and_groups_change_nothing():
                                                                        orthogonal=True))
     torch.testing.assert_close(fewer.final_params, traced.final_params[:2], rtol=0, atol=1e-6)  # counter-based
     ref = reference.sample(model, x, y, F.cross_entropy, config)
-    torch.testing.assert_close(ref.final_params, traced.final_params, rtol=0, atol=1e-5)  # same seeded streams
+    conformance.assert_follows(traced, ref, config.steps)  # the same seeded streams: conformance's tolerance
 
 
 class ConvNet(nn.Module):
@@ -126,9 +91,8 @@ def test_convolutional_and_transformer_models_run_with_eight_chains(kind):
     config = SGLDConfig(chains=chains, steps=steps, batch_size=m, epsilon=1e-3, nbeta=20.0)
     fast = generic.sample(model, x, y, F.cross_entropy, config, randomness=noise)
     ref = reference.sample(model, x, y, F.cross_entropy, config, randomness=noise)
-    # as above: batched and single-chain fp32 kernels (convolutions, attention) differ in summation order only
-    torch.testing.assert_close(fast.final_params, ref.final_params, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fast.loss_trace, ref.loss_trace, rtol=0, atol=1e-5)
+    # batched and single-chain fp32 kernels (convolutions, attention) differ in summation order only
+    conformance.assert_follows(fast, ref, steps)
     assert resolve_backend("auto", torch.device("cpu"), model, F.cross_entropy) == "generic"
     result = estimate(model, (x, y), chains=8, steps=20, batch_size=16, epsilon=1e-4, backend="generic")
     assert result.healthy_chains == 8 and math.isfinite(result.llc_mean)
