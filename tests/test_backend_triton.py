@@ -189,13 +189,15 @@ def test_auto_hands_the_kernel_only_weights_that_fit_in_registers():
     assert not triton_backend.supports(ModularMLP(20, 50, 200), F.cross_entropy, cuda)  # memorisation: torch instead
 
 
-def run_without_interpreter(script: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    """Run ``script`` in a fresh Python as a user's process would: without TRITON_INTERPRET."""
+def run_without_interpreter(script: str, timeout: int = 120, hide_cuda: bool = False) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh Python as a user's process would: without TRITON_INTERPRET (and, with
+    ``hide_cuda``, as on a machine without CUDA: CUDA_VISIBLE_DEVICES empty)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if hide_cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
 def test_clear_error_without_cuda_and_without_the_interpreter():
     script = (
         "import sys, torch, torch.nn.functional as F\n"
@@ -214,7 +216,7 @@ def test_clear_error_without_cuda_and_without_the_interpreter():
         "except FastLLCError as err:\n"
         "    print(err)\n"
     )
-    done = run_without_interpreter(script)
+    done = run_without_interpreter(script, hide_cuda=True)  # a machine without CUDA, also on one with it
     assert done.returncode == 0, done.stderr
     early, message = done.stdout.strip().split("\n")  # one line each: from require() and from sample()
     assert early == message
