@@ -63,8 +63,9 @@ def estimate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, config: SGLD
     needs = config.needs() + (("restrict",) if mask is not None else ())  # what the backend must be able to do
     if needs:  # refused before the loss at w* is computed
         backend = resolve_backend(backend, resolve_device(device), model, loss_fn, needs)
+    given = None if control_variate else init_loss  # the control variate checks its losses against L_n(w*)
     samples = sample(model, inputs, targets, loss_fn, config, backend=backend, device=device,
-                     randomness=randomness, progress=progress, needs=needs, restrict=mask)
+                     randomness=randomness, progress=progress, needs=needs, restrict=mask, init_loss=given)
     corrected = control_variate and read_with_control_variate(samples, model, inputs, targets, loss_fn, config,
                                                               randomness, required=control_variate is True)
     samples = corrected or samples
@@ -120,9 +121,7 @@ def estimate_groups(model: torch.nn.Module, data, loss_fn=F.cross_entropy, confi
     backend = resolve_backend(backend, resolve_device(device), model, loss_fn, needs)  # before the loss at w*
     rows = torch.stack(list(masks.values())).repeat_interleave(chains, dim=0)  # group g's mask on its chains
     samples = sample(model, inputs, targets, loss_fn, batch, backend=backend, device=device,
-                     randomness=randomness, progress=progress, needs=needs, restrict=rows)
-    if init_loss is not None:
-        samples = replace(samples, init_loss=float(init_loss))
+                     randomness=randomness, progress=progress, needs=needs, restrict=rows, init_loss=init_loss)
     results = {}
     for g, (name, mask) in enumerate(masks.items()):
         own = select_chains(samples, range(g * chains, (g + 1) * chains))

@@ -180,3 +180,22 @@ def test_estimate_takes_a_dataloader_and_keeps_the_specialised_path():
         estimate(model, loader, mala=True, backend="torch", **settings)
     with pytest.raises(FastLLCError, match="pair"):
         estimate(model, DataLoader(TensorDataset(x), batch_size=4), **settings)
+
+
+def test_a_known_loss_at_w_star_makes_no_pass_over_the_data_and_the_gradient_only_when_orthogonal():
+    """``init_loss`` given: no forward over all n examples (the language-model path states L_n(w*) over its own
+    sequences); without the orthogonal restriction no backward pass at w* either, and L_n(w*) is the same
+    number with or without autograd."""
+    from fastllc.backends import generic
+    torch.manual_seed(0)
+    n = 64
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(n, 3), torch.randint(2, (n,))
+    sizes = []
+    model.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    config = SGLDConfig(chains=2, steps=3, batch_size=8)
+    given = generic.sample(model, x, y, F.cross_entropy, config, init_loss=0.123, trace=False)
+    assert given.init_loss == 0.123 and n not in sizes
+    sizes.clear()
+    computed = generic.sample(model, x, y, F.cross_entropy, config, trace=False)
+    assert sizes.count(n) == 1 and computed.init_loss == F.cross_entropy(model(x), y).item()

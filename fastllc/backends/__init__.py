@@ -16,7 +16,8 @@ A backend is one module here, named as users name it (``--backend NAME``), that 
     supports(model, loss_fn, device) -> bool    may ``auto`` give it this work? cheap, imports nothing heavy;
                     ``model=None`` asks about the study's MLP with cross-entropy (the CLI, before training)
     require(device, model=None, loss_fn=None)   raises the one-line FastLLCError saying why it cannot
-    sample(model, inputs, targets, loss_fn, config, *, randomness=None, device="cpu", progress=False) -> Samples
+    sample(model, inputs, targets, loss_fn, config, *, randomness=None, device="cpu", progress=False,
+           init_loss=None) -> Samples     (``init_loss``: L_n(w*) when the caller knows it, recorded as given)
     sample_starts(starts, config, *, randomness=None, device="cpu", progress=False) -> list[Samples]
                     (with ``stacked_starts``; ``sampling/starts.py``)
 and is tested in ``tests/test_backend_NAME.py`` and benchmarked in ``bench/test_bench_NAME.py``. Kernels
@@ -109,17 +110,20 @@ def resolve_backend(name: str, device, model=None, loss_fn=None, needs=()) -> st
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, backend: str = "auto", device="cpu",
-           randomness=None, progress: bool = False, needs=(), restrict=None) -> Samples:
+           randomness=None, progress: bool = False, needs=(), restrict=None, init_loss: float | None = None) -> Samples:
     """``config.chains`` SGLD chains from ``model``'s weights on the chosen backend (see ``resolve_backend``).
 
     ``restrict``: a bool mask [d] or [C, d] over the flat weights (``sampling.restrict.selection_mask``): only
-    those are sampled, on a backend with the ``restrict`` capability."""
+    those are sampled, on a backend with the ``restrict`` capability. ``init_loss``: L_n(w*) when the caller
+    knows it (every backend takes it; the any-model backends then make no pass over the data for it)."""
     from ..sampling import resolve_device
     device = resolve_device(device)
     config = config.validate()
     extra = ("restrict",) if restrict is not None else ()
     name = resolve_backend(backend, device, model, loss_fn, tuple(dict.fromkeys((*needs, *config.needs(), *extra))))
     keywords = {"restrict": restrict} if restrict is not None else {}  # backends without it never see the keyword
+    if init_loss is not None:
+        keywords["init_loss"] = init_loss
     return backend_module(name).sample(model, inputs, targets, loss_fn, config, randomness=randomness,
                                        device=device, progress=progress, **keywords)
 

@@ -53,9 +53,8 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from ..errors import FastLLCError
 from ..sampling.config import SGLDConfig
-from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters,
-                                 loss_and_gradient_at_start, nan_from_first_non_finite,
-                                 on_device)
+from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters, nan_from_first_non_finite, on_device,
+                                 start_of_run)
 from ..sampling.randomness import for_run
 from ..sampling.restrict import check_mask, restricted_directions
 from ..sampling.layout import ParameterMajor, StepDraws, axpy
@@ -319,7 +318,9 @@ def _private_copy(model: nn.Module) -> nn.Module | None:
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
            progress: bool = False, trace: bool | None = None, workers: int | None = None,
-           restrict: torch.Tensor | None = None) -> Samples:
+           restrict: torch.Tensor | None = None, init_loss: float | None = None) -> Samples:
+    """``init_loss``: L_n(w*) when the caller knows it (no pass over the data is made for it; ∇L_n(w*) only
+    under the orthogonal restriction)."""
     config.validate()
     device = torch.device(device)
     require(device, model, loss_fn)
@@ -329,7 +330,7 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     hyper = config.hyperparameters(n, samplers=None)
     names, shapes, w_star = flat_parameters(model)
     d = w_star.numel()
-    init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
+    init_loss, gradient = start_of_run(model, inputs, targets, loss_fn, gradient=config.orthogonal, init_loss=init_loss)
     moves = None if restrict is None else check_mask(restrict, d, C)
     direction = restricted_directions(gradient, moves) if config.orthogonal else None  # from ∇L_n(w*) masked
     randomness = for_run(randomness, config, n, d)

@@ -18,6 +18,8 @@ process) and ``--backend native`` is a one-line error.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sys
 import time
 
@@ -145,11 +147,12 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
-           progress: bool = False, restrict: torch.Tensor | None = None, variant: str | None = None,
+           progress: bool = False, restrict: torch.Tensor | None = None, init_loss: float | None = None, variant: str | None = None,
            threads: int | None = None) -> Samples:
     """``restrict``: a bool mask [d] (every chain) or [C, d] (one row per chain) over the flat weights
     (``sampling/restrict.py``): only those move, the others stay at w* bit for bit (the whole increment is
     masked after the projection; the orthogonal direction is ∇L_n(w*) masked to the chain's selection)."""
     require(device, model, loss_fn)
-    return sample_starts([Start(model, inputs, targets)], config, randomness=randomness, device=device,
-                         progress=progress, restrict=restrict, variant=variant, threads=threads)[0]
+    samples = sample_starts([Start(model, inputs, targets)], config, randomness=randomness, device=device,
+                            progress=progress, restrict=restrict, variant=variant, threads=threads)[0]
+    return samples if init_loss is None else replace(samples, init_loss=float(init_loss))  # the caller's L_n(w*)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..sampling.config import SGLDConfig
 from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters,
-                                 loss_and_gradient_at_start, on_device,
+                                 on_device, start_of_run,
                                  private_buffers, unflatten)
 from ..sampling.randomness import for_run
 from ..sampling.restrict import check_mask, restricted_directions
@@ -44,7 +44,7 @@ def require(device, model=None, loss_fn=None) -> None:
 
 @single_threaded_torch()
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
-           progress: bool = False, restrict: torch.Tensor | None = None) -> Samples:
+           progress: bool = False, restrict: torch.Tensor | None = None, init_loss: float | None = None) -> Samples:
     """``restrict``: a bool mask [d] over the flat weights (``sampling/restrict.py``), or [C, d] with one row per
     chain: only those move, the others stay at w* bit for bit (the whole increment is masked; the orthogonal
     direction is ∇L_n(w*) masked by the chain's row)."""
@@ -55,7 +55,7 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     epsilon, gamma, nbeta = config.hyperparameters(n, samplers=None)
     sampler = config.sampler_object()
     names, shapes, w_star = flat_parameters(model)
-    init_loss, gradient = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
+    init_loss, gradient = start_of_run(model, inputs, targets, loss_fn, gradient=config.orthogonal, init_loss=init_loss)
     step_loss = chain_loss_fn(loss_fn, config)  # what the chains follow; L_n(w*) is always loss_fn's
     moves = None if restrict is None else check_mask(restrict, w_star.numel(), config.chains).to(device)
     direction = restricted_directions(gradient, moves) if config.orthogonal else None  # from ∇L_n(w*) masked

@@ -17,6 +17,8 @@ bit; the orthogonal direction is each chain's ∇L_n(w*) masked by its row).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..engine import ChainBatch, is_study_mlp
@@ -96,9 +98,10 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
-           progress: bool = False, restrict: torch.Tensor | None = None) -> Samples:
+           progress: bool = False, restrict: torch.Tensor | None = None, init_loss: float | None = None) -> Samples:
     """``restrict``: a bool mask [d] (every chain) or [C, d] (one row per chain) over the flat weights
     (``sampling/restrict.py``): only the selected weights move, the others stay at w* bit for bit."""
     require(device, model, loss_fn)
-    return sample_starts([Start(model, inputs, targets)], config, randomness=randomness,
-                         device=device, progress=progress, restrict=restrict)[0]
+    samples = sample_starts([Start(model, inputs, targets)], config, randomness=randomness,
+                            device=device, progress=progress, restrict=restrict)[0]
+    return samples if init_loss is None else replace(samples, init_loss=float(init_loss))  # the caller's L_n(w*)

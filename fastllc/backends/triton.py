@@ -23,6 +23,8 @@ fixed weights, and projects on each chain's masked ∇L_n(w*)). Plain SGLD only 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import importlib.util
 import math
 import os
@@ -180,11 +182,12 @@ def sample_starts(starts: list[Start], config: SGLDConfig, *, randomness=None, d
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
-           progress: bool = False, restrict: torch.Tensor | None = None) -> Samples:
+           progress: bool = False, restrict: torch.Tensor | None = None, init_loss: float | None = None) -> Samples:
     """``restrict``: a bool mask [d] (every chain) or [C, d] (one row per chain) over the flat weights
     (``sampling/restrict.py``): only the selected weights move, the others stay at w* bit for bit."""
     if not is_study_mlp(model, loss_fn):
         raise FastLLCError("the triton backend runs the study's ModularMLP with cross-entropy; "
                            "use --backend reference or generic for other models or losses")
-    return sample_starts([Start(model, inputs, targets)], config, randomness=randomness, device=device,
-                         progress=progress, restrict=restrict)[0]
+    samples = sample_starts([Start(model, inputs, targets)], config, randomness=randomness, device=device,
+                            progress=progress, restrict=restrict)[0]
+    return samples if init_loss is None else replace(samples, init_loss=float(init_loss))  # the caller's L_n(w*)

@@ -10,6 +10,7 @@ F.cross_entropy), as the estimator assumes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -100,6 +101,24 @@ def loss_and_gradient_at_start(model, inputs, targets, loss_fn) -> tuple[float, 
         with single_threaded_torch():
             return _loss_and_gradient(model, inputs, targets, loss_fn)
     return _loss_and_gradient(model, inputs, targets, loss_fn)
+
+
+def start_of_run(model, inputs, targets, loss_fn, *, gradient: bool, init_loss: float | None = None
+                 ) -> tuple[float, torch.Tensor | None]:
+    """(L_n(w*), ∇L_n(w*) or None) as a run needs them: the gradient only when asked (the orthogonal
+    restriction), the loss pass only when the caller does not know L_n(w*) already (``init_loss``: e.g. a
+    language model's over a stated number of sequences). A pass over all the data can cost as much as
+    the chains: none is made that nothing reads."""
+    if gradient:
+        loss, grad = loss_and_gradient_at_start(model, inputs, targets, loss_fn)
+        return (loss if init_loss is None else float(init_loss)), grad
+    if init_loss is not None:
+        return float(init_loss), None
+    one_thread = single_threaded_torch() if inputs.device.type == "cpu" else contextlib.nullcontext()
+    with torch.no_grad(), one_thread:
+        names, shapes, w_star = flat_parameters(model)
+        weights = {**unflatten(w_star, names, shapes), **private_buffers(model)}
+        return _checked_loss_at_start(loss_fn(functional_call(model, weights, (inputs,)), targets)), None
 
 
 def _loss_and_gradient(model, inputs, targets, loss_fn) -> tuple[float, torch.Tensor]:
