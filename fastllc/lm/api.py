@@ -26,7 +26,7 @@ from ..llc import GroupResults, LLCResult, estimate_llc
 from ..sampling.contract import Samples, select_chains
 from ..sampling.randomness import CounterRandomness
 from ..sampling.restrict import selection_mask
-from ..validate import check_int
+from ..validate import check_bool, check_int
 from .data import loss_at, next_token_loss, token_data
 from .memory import ChainOffset, MemoryPlan, plan
 from .models import CausalLM, load_causal_lm, sampling_mode
@@ -52,6 +52,14 @@ def _prefixed(masks: dict) -> dict:
     return {PREFIX + name: mask for name, mask in masks.items()}
 
 
+def _selection(model, restrict) -> dict:
+    """``restrict`` as {parameter name: bool mask}: part names (``names.name_mask``) or such a dict as given
+    (checked against the model by ``selection_mask``)."""
+    if isinstance(restrict, dict):
+        return dict(restrict)
+    return name_mask(model, restrict)
+
+
 def memory_plan(model, tokens, chains: int, batch_size: int, sampler: str = "sgld",
                 max_memory: int | None = None) -> MemoryPlan:
     """The plan ``estimate`` follows for ``chains`` chains (``estimate_groups``: groups × chains)."""
@@ -63,25 +71,29 @@ def memory_plan(model, tokens, chains: int, batch_size: int, sampler: str = "sgl
 def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_sequences: int | None = None,
              init_loss: float | None = None, attention: str | None = "eager", fused_gelu: bool = True,
              max_memory: int | None = None, backend: str = "generic", randomness=None, progress: bool = False,
-             **settings) -> LLCResult:
+             device="cpu", dropout: bool = False, **settings) -> LLCResult:
     """λ̂ of ``model`` at its weights on ``tokens`` (LongTensor [N, T], dataset with ``input_ids``, or a
     DataLoader; ``loss_mask`` [N, T] optional). ``restrict``: a part name or list (``names.py``: ``"l0h1"``,
     ``"l0 mlp"``, ``"embed"``, parameter names or globs) — only those weights move. ``init_sequences``: L_n(w*)
     over the first that many sequences (default: all); ``init_loss`` overrides it. ``max_memory``: bytes the
-    chains may take (module docstring). Other keywords: the ``SGLDConfig`` fields (``chains``, ``steps``,
+    chains may take (module docstring). ``restrict`` may also be a dict {parameter name: bool mask of its shape}
+    (element-wise, as ``fastllc.estimate`` takes it). ``device``: where the chains run (the model is not moved).
+    ``dropout=True`` evaluates the model in training mode (dropout on, masks from torch's global generator),
+    L_n(w*) included, as devinterp does. Other keywords: the ``SGLDConfig`` fields (``chains``, ``steps``,
     ``epsilon``, ``gamma``, ``nbeta``, ``batch_size`` in sequences, ...)."""
     model, lm, data = _prepared(model, tokens, loss_mask)
     config = sgld_config(config, settings)
-    selection = None if restrict is None else _prefixed(name_mask(model, restrict))
+    selection = None if restrict is None else _prefixed(_selection(model, restrict))
     chosen = plan(model, config.chains, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory)
     LOG.info(chosen.describe())
     with sampling_mode(model, attention, fused_gelu):
+        model.train(check_bool("dropout", dropout))  # sampling_mode restores every module's mode afterwards
         init = float(init_loss) if init_loss is not None else _init_loss(lm, data, init_sequences)
         if len(chosen.groups) == 1:
             return _estimate(lm, data.pair, next_token_loss, config, backend=backend, init_loss=init,
-                             restrict=selection, randomness=randomness, progress=progress)
+                             restrict=selection, randomness=randomness, progress=progress, device=device)
         mask = None if selection is None else selection_mask(lm, selection)
-        samples = _in_groups(lm, data, config, mask, chosen, init, backend, randomness, progress)
+        samples = _in_groups(lm, data, config, mask, chosen, init, backend, randomness, progress, device)
     result = estimate_llc(samples, config)
     return result if mask is None else replace(result, sampled_weights=int(mask.sum()))
 
@@ -89,6 +101,7 @@ def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_
 def estimate_groups(model, tokens, config=None, *, groups="per-head", loss_mask=None,
                     init_sequences: int | None = None, init_loss: float | None = None,
                     attention: str | None = "eager", fused_gelu: bool = True, max_memory: int | None = None,
+                    device="cpu", dropout: bool = False,
                     backend: str = "generic", randomness=None, progress: bool = False, **settings) -> GroupResults:
     """The weight-restricted λ̂ of several named parts from ONE batched run (``fastllc.estimate_groups``:
     ``chains`` chains per group, all groups' chains advancing together, or in memory-planned groups of chains
@@ -102,14 +115,15 @@ def estimate_groups(model, tokens, config=None, *, groups="per-head", loss_mask=
     chosen = plan(model, total, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory)
     LOG.info(chosen.describe())
     with sampling_mode(model, attention, fused_gelu):
+        model.train(check_bool("dropout", dropout))  # sampling_mode restores every module's mode afterwards
         init = float(init_loss) if init_loss is not None else _init_loss(lm, data, init_sequences)
         if len(chosen.groups) == 1:
             return _estimate_groups(lm, data.pair, next_token_loss, config, groups=selections, backend=backend,
-                                    init_loss=init, randomness=randomness, progress=progress)
+                                    init_loss=init, randomness=randomness, progress=progress, device=device)
         masks = {name: selection_mask(lm, s, label=f"groups[{name!r}]") for name, s in selections.items()}
         rows = torch.stack(list(masks.values())).repeat_interleave(config.chains, dim=0)
         tiled = replace(config, chains=total, **_per_chain(config, lambda v: v * len(selections)))
-        samples = _in_groups(lm, data, tiled, rows, chosen, init, backend, randomness, progress)
+        samples = _in_groups(lm, data, tiled, rows, chosen, init, backend, randomness, progress, device)
     results = {}
     for g, (name, mask) in enumerate(masks.items()):
         own = select_chains(samples, range(g * config.chains, (g + 1) * config.chains))
@@ -127,8 +141,9 @@ def _per_chain(config, edit) -> dict:
     return out
 
 
-def _in_groups(lm, data, config, mask, chosen: MemoryPlan, init, backend, randomness, progress) -> Samples:
-    """The run's chains in ``chosen.groups`` one after another (chain c keyed by c), joined."""
+def _in_groups(lm, data, config, mask, chosen: MemoryPlan, init, backend, randomness, progress, device="cpu") -> Samples:
+    """The run's chains in ``chosen.groups`` one after another (chain c keyed by c), joined; L_n(w*) is ``init``
+    (no backend makes its own pass over the data for it)."""
     d = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     base = randomness if randomness is not None else CounterRandomness(config.seed, len(data), config.batch_size, d)
     needs = config.needs() + (() if mask is None else ("restrict",))
@@ -137,7 +152,7 @@ def _in_groups(lm, data, config, mask, chosen: MemoryPlan, init, backend, random
         sub = replace(config, chains=hi - lo, **_per_chain(config, lambda v: v[lo:hi]))
         rows = mask if mask is None or mask.dim() == 1 else mask[lo:hi]
         parts.append(sample(lm, *data.pair, next_token_loss, sub, backend=backend, randomness=ChainOffset(base, lo),
-                            progress=progress, needs=needs, restrict=rows))
+                            progress=progress, needs=needs, restrict=rows, init_loss=init, device=device))
     cat = lambda field: None if getattr(parts[0], field) is None else torch.cat([getattr(p, field) for p in parts])
     return Samples(cat("loss_trace"), init, cat("epsilon"), cat("gamma"), cat("nbeta"), parts[0].backend,
                    parts[0].device, sum(p.seconds for p in parts), final_params=cat("final_params"),
