@@ -1,0 +1,136 @@
+"""Backend ``transformer``: transformer causal LMs of known families (``fastllc/lm/engine.py``: GPT-2), every
+chain folded into the batch dimension.
+
+What ``generic`` does with ``torch.func.vmap``, written out: chain c's weights are the [C, *shape] views of
+the parameter-major buffer W (``sampling/layout.py``), each a leaf of autograd; the engine evaluates all
+chains' minibatches [C, m, T] as one batched forward (a ``baddbmm`` per linear layer, attention over the
+folded batch [C·m, heads, T, d_head]) to the per-chain losses L_m [C]; one backward of their sum gives every
+chain's ∇L_m (chains share nothing, so each chain's gradient is its own loss's); then, as in ``generic``, G =
+gradient_factor·∇L_m and the sampler's batched update ``update(G, ξ, projection)``, with the counter-based
+noise written straight into the same layout. ``restrict`` and the MALA acceptance are ``generic``'s own
+code (its ``_ChainWeights`` and ``_Mala``): ∇L_m zeroed outside the mask before MALA or the update reads
+it, w* copied back into the fixed weights after every step.
+
+Which models: a ``fastllc.lm.CausalLM`` (what ``fastllc.lm.estimate`` builds) around a family the engine
+writes, with ``fastllc.lm.next_token_loss``, float32 weights, all trainable, dropout off (eval mode, as
+``lm.sampling_mode`` sets it). ``supports`` says False for anything else, so ``auto`` gives it to
+``generic``; ``require`` says why in one line.
+
+On the CPU the chains run in groups, one per core, each in its own thread with single-threaded torch ops
+(``sampling/threads.py``), as every torch-based backend does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from ..errors import FastLLCError
+from ..sampling.config import SGLDConfig
+from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters, nan_from_first_non_finite, on_device,
+                                 start_of_run)
+from ..sampling.layout import StepDraws
+from ..sampling.randomness import for_run
+from ..sampling.restrict import check_mask, restricted_directions
+from ..sampling.threads import chain_groups, run_groups_timed
+
+NAME = "transformer"
+CAPABILITIES = frozenset({"mala", "samplers", "restrict"})
+DEVICES = ("cpu",)
+AUTO_PRIORITY = 25  # before generic (30): the same chains of the models it knows, without vmap
+
+MIN_CHAINS_PER_GROUP = 2  # a group of one chain's folded batch is too small to pay for its own thread
+
+
+def _unsupported(model, loss_fn, device) -> str | None:
+    if device is not None and torch.device(device).type not in DEVICES:
+        return f"the transformer backend runs on the CPU, not {torch.device(device).type}; use backend='generic'"
+    if model is None:
+        return "the transformer backend runs transformer language models, not the study's MLP"
+    from ..lm import engine
+    return engine.unsupported(model, loss_fn)
+
+
+def supports(model, loss_fn, device=None) -> bool:
+    """A ``fastllc.lm.CausalLM`` of a family ``lm/engine.py`` writes, with ``next_token_loss`` (module docstring)."""
+    return _unsupported(model, loss_fn, device) is None
+
+
+def require(device, model=None, loss_fn=None) -> None:
+    """The one-line reason this backend cannot run ``model`` (when given) on ``device``, else nothing."""
+    if device is not None and torch.device(device).type not in DEVICES:
+        raise FastLLCError(_unsupported(None, None, device))
+    if model is not None:
+        reason = _unsupported(model, loss_fn, device)
+        if reason:
+            raise FastLLCError(reason)
+
+
+def _run_group(ids: np.ndarray, engine, shapes, w_star, hyper, direction, inputs, targets, config: SGLDConfig,
+               randomness, device, tick, moves=None):
+    """SGLD for the chains ``ids``: (loss trace [T, C], final weights [C, d] chain-major, MALA or None)."""
+    from .generic import _ChainWeights, _Mala, _rows
+    C, d, m, T = len(ids), w_star.numel(), config.batch_size, config.steps
+    chains = _ChainWeights(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper), config.sampler_object(),
+                           device)
+    if moves is not None:
+        chains.restrict(_rows(moves, ids))
+    projection = None
+    if direction is not None:
+        direction = _rows(direction, ids).to(device).expand(C, d)
+        projection = (chains.rows(chains.G), chains.rows(chains.to_parameter_major(direction)))
+    mala = _Mala(chains, T) if config.mala else None
+    leaves = [view.detach().requires_grad_() for view in chains.weights]  # share W's storage: see every update
+    draws, losses = StepDraws(C, m, d, device), torch.empty(T, C, device=device)
+    report_every = max(1, T // 100)
+    for t in range(T):
+        indices, noise = draws.draw(randomness, ids, t, chains.blocks)
+        flat = indices.view(-1)
+        loss = engine.losses(leaves, inputs.index_select(0, flat).view(C, m, -1),
+                             targets.index_select(0, flat).view(C, m, -1))
+        grads = torch.autograd.grad(loss.sum(), leaves)
+        losses[t] = loss.detach()
+        torch.cat([g.reshape(-1) for g in grads], out=chains.G)
+        if chains.frozen is not None:  # ∇L_m in the restricted space, before MALA or the update reads it
+            chains.frozen.zero(chains.G)
+        if mala is not None:
+            mala.observe(t, losses[t], chains.W - chains.W_star)
+        chains.step(noise, projection)
+        if (t + 1) % report_every == 0:
+            tick(C * report_every)
+    return losses.cpu(), chains.to_chain_major(chains.W).cpu(), None if mala is None else mala.acceptance
+
+
+def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
+           progress: bool = False, restrict: torch.Tensor | None = None, init_loss: float | None = None,
+           workers: int | None = None) -> Samples:
+    """``init_loss``: L_n(w*) when the caller knows it (no pass over the data is made for it; ∇L_n(w*) only
+    under the orthogonal restriction). ``workers``: the number of chain groups (tests; default one per core)."""
+    from ..lm import engine as lm_engine
+    config.validate()
+    device = torch.device(device)
+    require(device, model, loss_fn)
+    chain_loss_fn(loss_fn, config)  # the study's chain loss needs F.cross_entropy: refused in one line
+    model = on_device(model, device)  # the caller's model is never moved
+    inputs, targets = inputs.to(device), targets.to(device)
+    n, C, T = len(targets), config.chains, config.steps
+    hyper = config.hyperparameters(n, samplers=None)
+    names, shapes, w_star = flat_parameters(model)
+    d = w_star.numel()
+    init_loss, gradient = start_of_run(model, inputs, targets, loss_fn, gradient=config.orthogonal, init_loss=init_loss)
+    moves = None if restrict is None else check_mask(restrict, d, C)
+    direction = restricted_directions(gradient, moves) if config.orthogonal else None
+    randomness = for_run(randomness, config, n, d)
+
+    groups = chain_groups(C, device, min_per_group=MIN_CHAINS_PER_GROUP, groups=workers or None)
+    run = functools.partial(_run_group, engine=lm_engine.build(model, names), shapes=shapes, w_star=w_star,
+                            hyper=hyper, direction=direction, inputs=inputs, targets=targets, config=config,
+                            randomness=randomness, device=device, moves=moves)
+    results, seconds = run_groups_timed(lambda lo, hi, tick: run(np.arange(lo, hi, dtype=np.int64), tick=tick),
+                                        groups, total=C * T, desc=f"SGLD (transformer, {C} chains)", progress=progress)
+    losses = nan_from_first_non_finite(torch.cat([r[0] for r in results], dim=1).T.double())
+    mala = torch.cat([r[2] for r in results]) if config.mala else None
+    return Samples(losses, init_loss, *hyper, NAME, str(device), seconds, torch.cat([r[1] for r in results]),
+                   mala_acceptance=mala)
