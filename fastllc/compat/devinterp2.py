@@ -1,0 +1,497 @@
+"""devinterp 2.0.1's LLC API on fastllc: switching a study over is a one-line import change::
+
+    # from devinterp.slt.llc import llc
+    # from devinterp.slt.weight_restrictions import create_param_masks
+    from fastllc.compat.devinterp2 import llc, create_param_masks
+
+``llc(model, dataset, observables, *, lr, n_beta, param_masks=None, loss_fn=None, **kwargs)`` takes the
+arguments of devinterp 2.0.1's ``llc`` and ``sample`` (``num_chains``, ``num_draws``, ``batch_size``,
+``num_burnin_steps``, ``num_steps_bw_draws``, ``num_init_loss_batches``, ``init_seed``,
+``gradient_accumulation_steps``, ``localization``, ``sampling_method`` ``"sgmcmc_sgld"`` | ``"rmsprop_sgld"``
+with ``rmsprop_alpha``/``rmsprop_eps`` or ``sampling_method_kwargs``, ``shuffle``,
+``match_sampling_input_ids_across_chains``, ``device``, ``output_path``, ...) with its defaults, and returns
+its ``xarray.Dataset`` (``llc_mean``, ``llc_std``, ``llc_per_chain`` [chain], ``llc_scalar``, ``loss_trace``
+[chain, step], ``init_loss``; float32/float64 as devinterp's) plus fastllc's ``llc_se``, ``llc_r_hat``,
+``llc_ess``, ``healthy`` [chain] and the ``LLCResult`` as JSON in ``attrs["fastllc"]``. All chains run
+together through ``fastllc.lm.estimate`` (backend ``generic``, memory-planned groups).
+
+What devinterp 2.0.1 computes, and so this layer (its source, ``devinterp/slt/...``):
+- λ̂ per chain is nβ·(mean over EVERY step, burn-in included, of the step's minibatch loss − L̂_n(w*))
+  (``llc.py`` ``compute_llc``: ``loss_trace.mean(dim="step")``); ``num_steps_bw_draws`` only lengthens the
+  chain (num_draws·num_steps_bw_draws + num_burnin_steps steps); ``llc_std`` is xarray's ``std`` (ddof 0).
+- The loss at step t is the minibatch's mean next-token cross-entropy at w_t, before the update
+  (``sampler.py`` ``sample_single_chain``), over all tokens (no attention or loss mask), with the model in
+  training mode (dropout on, ``sampler.py``: ``model.train()``); this layer passes ``dropout=True``.
+- Minibatches: a ``DataLoader(shuffle=shuffle, drop_last=True)`` seeded with ``init_seed`` (or
+  ``init_seed + chain`` without ``match_sampling_input_ids_across_chains``), its first epoch replayed by
+  ``itertools.cycle``; by default every chain sees the same minibatches. This layer draws the same index
+  order from the same DataLoader (``devinterp_order``): the chains see devinterp's minibatches exactly.
+- L̂_n(w*) is the mean loss over the first ``num_init_loss_batches`` × ``gradient_accumulation_steps`` of
+  those minibatches (``sampling.py`` ``_write_init_loss``), averaged over chains, in training mode.
+- The update is Δw = −(lr/2)·m·(nβ∇L_m + localization·(w − w*)) + √lr·m·N(0, 1) (``SGMCMC.sgld``), m the
+  mask; RMSprop-SGLD as fastllc's ``rmsprop_sgld`` (α 0.99, eps 0.1).
+
+Differences (listed in the README, "devinterp 2"): the SGLD noise comes from fastllc's counter streams keyed
+by (``init_seed``, chain), not ``torch.manual_seed(init_seed + chain)``: results agree in distribution, not
+draw for draw; dropout masks come from torch's generator forked and seeded with ``init_seed``; chains whose
+loss diverges are flagged (``healthy``) and left out of the means (NaN in ``llc_per_chain``); L̂_n(w*) is
+computed once per distinct minibatch order (devinterp: once per chain); ``observables`` (and
+``batches_per_draw``, ``obs_seed``) and ``save_metrics`` are accepted and ignored (``llc`` returns no
+observable); ``output_path`` caches this layer's result as JSON, not devinterp's zarr of per-token losses.
+Refused in one line: ``loss_fn``, ``noise_level`` ≠ 1, ``llc_weight_decay``, ``bounding_box_size``,
+``init_noise``, other ``sampling_method_kwargs``, masks with values other than 0/1, selections of nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .. import storage
+from ..errors import FastLLCError
+from ..sampling.randomness import CounterRandomness
+from ..sampling.restrict import closest_names
+from ..validate import check_bool, check_float, check_int
+
+# devinterp 2.0.1's sample() keywords and defaults (devinterp/slt/sampling.py, sample())
+DEFAULTS = dict(num_chains=4, num_draws=200, batch_size=32, num_burnin_steps=0, num_steps_bw_draws=1,
+                num_init_loss_batches=32, init_seed=100, batches_per_draw=3, obs_seed=1337,
+                gradient_accumulation_steps=1, localization=0.0, noise_level=1.0, llc_weight_decay=0.0,
+                bounding_box_size=None, sampling_method="sgmcmc_sgld", sampling_method_kwargs=None,
+                rmsprop_eps=None, rmsprop_alpha=None, shuffle=True, match_sampling_input_ids_across_chains=True,
+                init_noise=None, device=None, save_metrics=False, output_path=None)
+FASTLLC_OPTIONS = dict(backend="generic", max_memory=None, progress=False)  # this layer's own keywords
+_POSITIVE = ("num_chains", "num_draws", "batch_size", "num_steps_bw_draws", "num_init_loss_batches",
+             "gradient_accumulation_steps", "batches_per_draw")
+_RESULT_FILE = "fastllc-llc.json"
+
+
+def llc(model, dataset, observables=None, *, lr, n_beta, param_masks=None, loss_fn=None, **kwargs):
+    """devinterp 2.0.1's ``llc`` on fastllc (module docstring): an ``xarray.Dataset``."""
+    import xarray  # noqa: F401  (the result type; fastllc[lm] installs it)
+    from .. import lm
+
+    settings = _settings(lr, n_beta, observables, loss_fn, kwargs)
+    model = lm.load_causal_lm(model)
+    tokens = dataset_tokens(dataset)
+    restrict = param_mask_selection(model, param_masks)
+    cached = _cached(settings, restrict)
+    if cached is not None:
+        return cached
+    orders = _orders(len(tokens), settings)
+    device = settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings["init_seed"])  # dropout masks, if any: seeded, the caller's generator untouched
+        init = _init_loss(model, tokens, orders, settings)
+        result = lm.estimate(model, tokens, **_fastllc_settings(settings), init_loss=init, restrict=restrict,
+                             randomness=_randomness(orders, tokens, model, settings), dropout=True, device=device,
+                             backend=settings["backend"], max_memory=settings["max_memory"],
+                             progress=settings["progress"])
+    out = as_dataset(result, settings["n_beta"])
+    _store(settings, restrict, out)
+    return out
+
+
+def _settings(lr, n_beta, observables, loss_fn, kwargs) -> dict:
+    """The keywords with devinterp's defaults, checked (devinterp's names in the messages)."""
+    unknown = sorted(set(kwargs) - set(DEFAULTS) - set(FASTLLC_OPTIONS))
+    if unknown:
+        raise FastLLCError(f"llc() got unexpected keyword argument(s) {', '.join(unknown)} (devinterp 2.0.1's sample() "
+                           f"takes {', '.join(DEFAULTS)}; fastllc adds {', '.join(FASTLLC_OPTIONS)})")
+    s = {**DEFAULTS, **FASTLLC_OPTIONS, **kwargs}
+    s["lr"], s["n_beta"] = check_float("lr", lr, above=0), check_float("n_beta", n_beta, above=0)
+    for name in _POSITIVE:
+        s[name] = check_int(name, s[name], minimum=1)
+    s["num_burnin_steps"] = check_int("num_burnin_steps", s["num_burnin_steps"], minimum=0)
+    s["init_seed"] = check_int("init_seed", s["init_seed"])
+    s["localization"] = check_float("localization", s["localization"], minimum=0)
+    for name in ("shuffle", "match_sampling_input_ids_across_chains", "save_metrics"):
+        check_bool(name, s[name])
+    if observables is not None and not isinstance(observables, dict):
+        raise FastLLCError(f"observables must be a dict {{name: dataset or (dataset, batches_per_draw)}}, got "
+                           f"{type(observables).__name__}")
+    if loss_fn is not None:
+        raise FastLLCError("loss_fn is not supported by fastllc.compat.devinterp2 (it runs the next-token "
+                           "cross-entropy); drop loss_fn or use devinterp itself")
+    _refuse_off_defaults(s)
+    s.update(_sampler(s))
+    return s
+
+
+def _refuse_off_defaults(s: dict) -> None:
+    """devinterp options fastllc does not implement: refused unless they have their 'off' value."""
+    off = {"noise_level": lambda v: v == 1.0, "llc_weight_decay": lambda v: v == 0.0,
+           "bounding_box_size": lambda v: v is None, "init_noise": lambda v: not v}
+    for name, is_off in off.items():
+        if not is_off(s[name]):
+            raise FastLLCError(f"{name}={s[name]!r} is not supported by fastllc.compat.devinterp2 (only the default "
+                               f"{DEFAULTS[name]!r})")
+
+
+def _sampler(s: dict) -> dict:
+    """fastllc's sampler settings from ``sampling_method``, ``sampling_method_kwargs`` and ``rmsprop_*``
+    (their rules as devinterp's sample(): ``rmsprop_*`` only with rmsprop_sgld, not also in the kwargs)."""
+    method = s["sampling_method"]
+    if method not in ("sgmcmc_sgld", "rmsprop_sgld"):
+        raise FastLLCError(f"sampling_method must be 'sgmcmc_sgld' or 'rmsprop_sgld', got {method!r}")
+    extra = dict(s["sampling_method_kwargs"] or {})
+    for name in ("eps", "alpha"):
+        value = s[f"rmsprop_{name}"]
+        if value is None:
+            continue
+        if method != "rmsprop_sgld":
+            raise FastLLCError(f"rmsprop_{name} can only be set when sampling_method='rmsprop_sgld', got "
+                               f"sampling_method={method!r}")
+        if name in extra:
+            raise FastLLCError(f"rmsprop_{name} is set both as a top-level argument and in "
+                               f"sampling_method_kwargs[{name!r}]; specify only one")
+        extra[name] = value
+    allowed = {"alpha", "eps", "add_grad_correction"} if method == "rmsprop_sgld" else set()
+    if set(extra) - allowed or extra.get("add_grad_correction"):
+        bad = sorted(set(extra) - allowed) or ["add_grad_correction=True"]
+        raise FastLLCError(f"sampling_method_kwargs {', '.join(bad)} not supported by fastllc for {method}")
+    if method == "sgmcmc_sgld":
+        return {"sampler": "sgld"}
+    return {"sampler": "rmsprop_sgld", "rmsprop_alpha": float(extra.get("alpha", 0.99)),
+            "rmsprop_eps": float(extra.get("eps", 0.1))}
+
+
+def _fastllc_settings(s: dict) -> dict:
+    """SGLDConfig fields: every step recorded and averaged (burn-in included, as devinterp's compute_llc)."""
+    steps = s["num_draws"] * s["num_steps_bw_draws"] + s["num_burnin_steps"]
+    rmsprop = {k: s[k] for k in ("rmsprop_alpha", "rmsprop_eps")} if s["sampler"] == "rmsprop_sgld" else {}
+    return dict(chains=s["num_chains"], steps=steps, burn_in=0, thin=1, epsilon=s["lr"], gamma=s["localization"],
+                nbeta=s["n_beta"], batch_size=s["batch_size"] * s["gradient_accumulation_steps"],
+                seed=s["init_seed"], sampler=s["sampler"], **rmsprop)
+
+
+def dataset_tokens(dataset) -> torch.Tensor:
+    """Token ids [N, T] of a Hugging Face ``datasets.Dataset`` with ``input_ids`` (what devinterp 2 takes), a
+    LongTensor, or anything ``fastllc.lm.token_data`` reads (its ``input_ids`` only: devinterp reads no mask)."""
+    from ..lm import token_data
+
+    if hasattr(dataset, "with_format") and hasattr(dataset, "column_names"):
+        if "input_ids" not in dataset.column_names:
+            raise FastLLCError(f"the dataset has no 'input_ids' column (columns: {', '.join(dataset.column_names)})")
+        column = dataset.with_format("torch")[:]["input_ids"]
+        if not isinstance(column, torch.Tensor):
+            raise FastLLCError("the dataset's 'input_ids' must be sequences of one length (devinterp 2 requires it)")
+        dataset = column
+    return token_data(dataset).tokens
+
+
+def param_mask_selection(model, param_masks) -> dict | None:
+    """devinterp's ``param_masks`` ({parameter name: bool mask or None (all of it)}; parameters left out stay
+    fixed) as ``fastllc.lm.estimate``'s ``restrict`` dict; None (or every trainable parameter unmasked): all."""
+    if param_masks is None:
+        return None
+    if not isinstance(param_masks, dict):
+        raise FastLLCError(f"param_masks must be a dict {{parameter name: bool mask or None}} (create_param_masks), "
+                           f"got {type(param_masks).__name__}")
+    params = dict(model.named_parameters())
+    selection = {}
+    for name, mask in param_masks.items():
+        if name not in params:
+            raise FastLLCError(f"param_masks names {name!r}, not a parameter of the model{closest_names(str(name), params)}")
+        if params[name].requires_grad:  # devinterp leaves a frozen parameter's grad None: it never moves
+            selection[name] = torch.ones(params[name].shape, dtype=torch.bool) if mask is None else mask
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    if not selection or not any(bool(torch.as_tensor(m).any()) for m in selection.values()):
+        raise FastLLCError("param_masks selects no weight to sample (devinterp's optimizer refuses an empty "
+                           "parameter list); select at least one, e.g. create_param_masks(model, 'l0h0')")
+    if all(param_masks.get(n, 0) is None for n in trainable):
+        return None
+    return selection
+
+
+def devinterp_order(n: int, batch_size: int, seed: int, shuffle: bool) -> torch.Tensor:
+    """The first epoch [E, batch_size] of the sequence indices that devinterp 2.0.1's loaders give
+    (``DataLoader(dataset, batch_size, shuffle, generator=Generator().manual_seed(seed), drop_last=True)``),
+    taken from the same DataLoader over ``range(n)``; devinterp's ``itertools.cycle`` replays it."""
+    if n < batch_size:
+        raise FastLLCError(f"the dataset has {n} sequences, fewer than batch_size={batch_size}: devinterp's loader "
+                           "(drop_last=True) would give no minibatch")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    loader = DataLoader(range(n), batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=True)
+    return torch.stack([batch.long() for batch in loader])
+
+
+def _orders(n: int, s: dict) -> torch.Tensor:
+    """Per minibatch order (one, or one per chain): the indices of every step [R, steps, b·accumulation]."""
+    steps = s["num_draws"] * s["num_steps_bw_draws"] + s["num_burnin_steps"]
+    accumulate, b = s["gradient_accumulation_steps"], s["batch_size"]
+    seeds = ([s["init_seed"]] if s["match_sampling_input_ids_across_chains"]
+             else [s["init_seed"] + c for c in range(s["num_chains"])])
+    orders = []
+    for seed in seeds:
+        epoch = devinterp_order(n, b, seed, s["shuffle"])
+        needed = max(steps, s["num_init_loss_batches"]) * accumulate
+        batches = epoch[torch.arange(needed) % len(epoch)]
+        orders.append(batches.reshape(-1, accumulate * b))
+    return torch.stack(orders)
+
+
+def _init_loss(model, tokens: torch.Tensor, orders: torch.Tensor, s: dict) -> float:
+    """devinterp's L̂_n(w*): the loss over the first num_init_loss_batches (× accumulation) minibatches of each
+    order, in training mode, averaged over the orders (per chain in devinterp: the same where they match)."""
+    from .. import lm
+
+    batches = s["num_init_loss_batches"]
+    wrapped, losses = lm.CausalLM(model), []
+    with lm.sampling_mode(model):
+        model.train()
+        for order in orders:
+            rows = order[:batches].reshape(-1)
+            losses.append(lm.loss_at(wrapped, lm.token_data(tokens[rows])))
+    return float(np.mean(losses))
+
+
+class DevinterpBatches:
+    """devinterp's minibatch indices (``orders`` [R, steps, m]: one order shared by all chains, or one per
+    chain) with fastllc's counter-based unit noise keyed by (seed, chain): a ``randomness`` for the backends."""
+
+    def __init__(self, orders: torch.Tensor, seed: int, n: int, dim: int):
+        self.orders = orders.numpy()
+        self.noise = CounterRandomness(seed, n, orders.shape[-1], dim)
+
+    def _rows(self, chains):
+        return chains if self.orders.shape[0] > 1 else np.zeros_like(chains)
+
+    def fill(self, chains: np.ndarray, step: int, indices: np.ndarray, noise: np.ndarray, blocks=None) -> None:
+        self.noise.fill(chains, step, indices, noise, blocks)
+        indices[:] = self.orders[self._rows(np.asarray(chains)), step]
+
+    def draw(self, chain: int, step: int):
+        _, noise = self.noise.draw(chain, step)
+        return torch.from_numpy(self.orders[chain if self.orders.shape[0] > 1 else 0, step].copy()), noise
+
+
+def _randomness(orders, tokens, model, s) -> DevinterpBatches:
+    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return DevinterpBatches(orders, s["init_seed"], len(tokens), dim)
+
+
+def as_dataset(result, n_beta: float):
+    """devinterp 2.0.1's ``compute_llc`` Dataset (its expressions and dtypes) from fastllc's ``LLCResult``;
+    unhealthy chains are NaN in ``llc_per_chain`` and left out of the means (xarray skips NaN)."""
+    import xarray as xr
+
+    healthy = np.asarray(result.healthy, dtype=bool)
+    trace = xr.DataArray(result.loss_trace.float().numpy(), dims=("chain", "step"))
+    per_chain = (n_beta * (trace.mean(dim="step") - result.init_loss)).where(xr.DataArray(healthy, dims="chain"))
+    kept = result.loss_trace.double()[torch.as_tensor(healthy)]
+    scalar = n_beta * (float(kept.mean()) - result.init_loss) if healthy.any() else math.nan
+    out = xr.Dataset({"llc_mean": per_chain.mean(), "llc_std": per_chain.std(), "llc_per_chain": per_chain,
+                      "llc_scalar": scalar, "loss_trace": trace, "init_loss": result.init_loss,
+                      "llc_se": result.llc_se, "llc_r_hat": result.r_hat, "llc_ess": result.ess,
+                      "healthy": xr.DataArray(healthy, dims="chain")})
+    out.attrs["fastllc"] = result.to_json()
+    return out
+
+
+# ---- output_path: this layer's cache, checked like devinterp's (sampling.py _check_cache) ------------------
+
+def _record(settings: dict, restrict) -> dict:
+    """What a cached result must have been made with: the sampler settings (as devinterp compares them) and,
+    unlike devinterp, the weight restriction (a digest of its masks)."""
+    record = {k: settings[k] for k in DEFAULTS if k not in ("output_path", "device", "save_metrics",
+                                                              "batches_per_draw", "obs_seed")}
+    record.update(lr=settings["lr"], n_beta=settings["n_beta"],
+                  sampling_method_kwargs=dict(settings["sampling_method_kwargs"] or {}) or None)
+    if restrict is not None:
+        digest = hashlib.sha256()
+        for name in sorted(restrict):
+            digest.update(name.encode() + torch.as_tensor(restrict[name]).bool().contiguous().numpy().tobytes())
+        record["param_masks"] = digest.hexdigest()
+    return json.loads(json.dumps(record, default=str))
+
+
+def _cached(settings: dict, restrict):
+    """The result cached at ``output_path`` (None if there is none); refused if made with other settings."""
+    if settings["output_path"] is None or not Path(settings["output_path"]).exists():
+        return None
+    path = Path(settings["output_path"])
+    try:
+        saved = json.loads((path / _RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        raise FastLLCError(f"output_path {path} exists but holds no readable fastllc result (a devinterp zarr "
+                           f"store?); delete it (rm -rf '{path}') or choose another path") from None
+    wanted = _record(settings, restrict)
+    if saved.get("config") != wanted:
+        differ = sorted(k for k in set(wanted) | set(saved.get("config", {}))
+                        if wanted.get(k) != saved.get("config", {}).get(k))
+        raise FastLLCError(f"output_path {path} has a result made with other settings ({', '.join(differ)}); "
+                           f"delete and retry: rm -rf '{path}'")
+    import xarray as xr
+
+    out = xr.Dataset.from_dict(saved["dataset"])
+    for name, dtype in saved["dtypes"].items():
+        out[name] = out[name].astype(dtype)
+    return out
+
+
+def _store(settings: dict, restrict, out) -> None:
+    if settings["output_path"] is None:
+        return
+    path = Path(settings["output_path"])
+    storage.check_writable_dir(path, "output_path")
+    path.mkdir(parents=True, exist_ok=True)
+    record = {"config": _record(settings, restrict), "dataset": out.to_dict(data="list"),
+              "dtypes": {name: str(v.dtype) for name, v in out.data_vars.items()}}
+    storage.write_atomically(path / _RESULT_FILE, json.dumps(record))
+
+
+# ---- create_param_masks: devinterp 2.0.1's weight_restrictions.py for the architectures fastllc.lm names ----
+
+_GPT2 = dict(prefix="transformer.h", embed=("transformer.wte.weight",), unembed=("lm_head.weight",),
+             attn=("attn.c_attn.bias", "attn.c_attn.weight", "attn.c_proj.bias", "attn.c_proj.weight"),
+             mlp=("mlp.c_fc.bias", "mlp.c_fc.weight", "mlp.c_proj.bias", "mlp.c_proj.weight"),
+             heads={"attn.c_attn.bias": (0, "concat"), "attn.c_attn.weight": (1, "concat"),
+                    "attn.c_proj.weight": (0, None)})
+_NEOX = dict(prefix="gpt_neox.layers", embed=("gpt_neox.embed_in.weight",), unembed=("embed_out.weight",),
+             attn=("attention.dense.bias", "attention.dense.weight", "attention.query_key_value.bias",
+                   "attention.query_key_value.weight"),
+             mlp=("mlp.dense_4h_to_h.bias", "mlp.dense_4h_to_h.weight", "mlp.dense_h_to_4h.bias",
+                  "mlp.dense_h_to_4h.weight"),
+             heads={"attention.dense.weight": (1, None), "attention.query_key_value.bias": (0, "interleaved"),
+                    "attention.query_key_value.weight": (0, "interleaved")})
+_LLAMA = dict(prefix="model.layers", embed=("model.embed_tokens.weight",), unembed=("lm_head.weight",),
+              attn=("self_attn.k_proj.weight", "self_attn.o_proj.weight", "self_attn.q_proj.weight",
+                    "self_attn.v_proj.weight"),
+              mlp=("mlp.down_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"),
+              heads={"self_attn.k_proj.weight": (0, None), "self_attn.o_proj.weight": (1, None),
+                     "self_attn.q_proj.weight": (0, None), "self_attn.v_proj.weight": (0, None)})
+_QWEN2 = dict(_LLAMA, attn=_LLAMA["attn"] + ("self_attn.k_proj.bias", "self_attn.q_proj.bias", "self_attn.v_proj.bias"),
+              heads={**_LLAMA["heads"], **{f"self_attn.{p}_proj.bias": (0, None) for p in "qkv"}})
+# devinterp 2.0.1's HEAD_STRUCTURES entries (devinterp/slt/_model_structures.py) for these model types
+SPECS = {"gpt2": _GPT2, "gpt_neox": _NEOX, "llama": _LLAMA, "mistral": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
+         "olmo": _LLAMA, "qwen2": _QWEN2}
+
+
+def create_param_masks(model, restriction) -> dict:
+    """devinterp 2.0.1's ``create_param_masks``: ``"full"``, ``"l0"``, ``"l0h1"``, ``"l0g0"`` (a GQA group),
+    ``"l0 attn"``, ``"l0 mlp"``, ``"embed"``, ``"unembed"``, a parameter name, or a list (masks ORed) →
+    {parameter name: bool mask of its shape, or None for all of it}, in the model's parameter order; parameters
+    left out stay fixed. Element for element devinterp's (e.g. ``"embed"`` is the token embedding only, and
+    ``"unembed"`` of a tied GPT-2 selects nothing). Model types: those of ``SPECS``."""
+    if isinstance(restriction, list):
+        if "full" in restriction:
+            raise FastLLCError("create_param_masks: cannot combine 'full' with other restrictions")
+        return _merged([create_param_masks(model, r) for r in restriction])
+    if not isinstance(restriction, str):
+        raise FastLLCError(f"restriction must be a str or list[str], got {type(restriction).__name__}")
+    restriction = restriction.strip()
+    params = dict(model.named_parameters())
+    if restriction == "full":
+        return {name: None for name in params}
+    spec, r = _spec(model), restriction.lower()
+    if r in ("embed", "unembed"):
+        return {name: None for name in params if any(name.endswith(k) for k in spec[r])}
+    head = re.match(r"l(\d+)\s*([hg])(\d+)$", r)
+    layer = re.match(r"l(\d+)(?:\s+(attn|mlp))?$", r)
+    if head or layer:
+        index = int((head or layer)[1])
+        layers = _count_layers(params, spec)
+        if index >= layers:
+            raise FastLLCError(f"create_param_masks: layer {index} out of range (model has {layers} layers)")
+    if head:
+        return _head_masks(model, spec, params, index, head[2], int(head[3]))
+    if layer:
+        prefix = f"{spec['prefix']}.{index}."
+        ends = spec[layer[2]] if layer[2] else ("",)
+        return {name: None for name in params if name.startswith(prefix) and any(name.endswith(e) for e in ends)}
+    if restriction in params:
+        return {restriction: None}
+    raise FastLLCError(f"create_param_masks: unknown restriction {restriction!r}; valid: 'full', 'l0', 'l0h1', 'l0g0', "
+                       f"'l0 attn', 'l0 mlp', 'embed', 'unembed' or a parameter name{closest_names(restriction, params)}")
+
+
+def _spec(model) -> dict:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SPECS:
+        raise FastLLCError(f"create_param_masks: model type {model_type!r} is not one fastllc.compat.devinterp2 knows "
+                           f"({', '.join(sorted(SPECS))}); pass devinterp's own create_param_masks(...) as param_masks")
+    return SPECS[model_type]
+
+
+def _count_layers(params, spec) -> int:
+    layer = 0
+    while any(name.startswith(f"{spec['prefix']}.{layer}.") for name in params):
+        layer += 1
+    return layer
+
+
+def _head_masks(model, spec, params, layer: int, kind: str, index: int) -> dict:
+    """Head (``kind`` "h") or GQA group ("g") ``index`` of ``layer``: devinterp's _head_masks/_group_masks."""
+    c = model.config
+    heads, width = c.num_attention_heads, c.hidden_size
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    if index >= (heads if kind == "h" else kv):
+        what = "heads" if kind == "h" else "KV heads/groups"
+        raise FastLLCError(f"create_param_masks: {'head' if kind == 'h' else 'group'} {index} out of range (model has "
+                           f"{heads if kind == 'h' else kv} {what})")
+    hd, prefix, masks = width // heads, f"{spec['prefix']}.{layer}.", {}
+    for name, param in params.items():
+        short = name[len(prefix):] if name.startswith(prefix) else None
+        if short not in spec["heads"]:
+            continue
+        dim, fused = spec["heads"][short]
+        mask = torch.zeros(param.shape[0] if param.dim() == 1 else param.shape[dim], dtype=torch.bool)
+        _mark(mask, kind, index, fused, heads, kv, hd)
+        if param.dim() > 1:
+            shape = [1] * param.dim()
+            shape[dim] = -1
+            mask = mask.view(*shape).expand_as(param)
+        masks[name] = mask
+    return masks
+
+
+def _mark(mask, kind, index, fused, heads, kv, hd) -> None:
+    """Set head/group ``index``'s entries of one axis (devinterp's layouts: interleaved q|k|v per head for
+    GPT-NeoX, q then k then v for GPT-2, separate projections otherwise)."""
+    size = mask.shape[0]
+    if kind == "h":
+        kv_head = index * kv // heads
+        if fused == "interleaved":
+            mask.view(heads, 3, hd)[index] = True
+        elif fused == "concat":
+            q, rest = mask.split([heads * hd, size - heads * hd])
+            q.view(heads, hd)[index] = True
+            rest.view(2, kv, hd)[:, kv_head] = True
+        elif size in (kv * hd, kv):
+            mask.view(kv, -1)[kv_head] = True
+        else:
+            mask.view(heads, -1)[index] = True
+    elif fused == "concat":
+        q, rest = mask.split([heads * hd, size - heads * hd])
+        q.view(kv, heads // kv, hd)[index] = True
+        rest.view(2, kv, hd)[:, index] = True
+    else:
+        mask.view(kv, -1)[index] = True
+
+
+def _merged(masks_list: list[dict]) -> dict:
+    """devinterp's _merge_param_masks: a parameter unmasked in any is unmasked; masks ORed; first-seen order."""
+    if len(masks_list) == 1:
+        return masks_list[0]
+    merged = {}
+    for name in dict.fromkeys(n for m in masks_list for n in m):
+        entries = [m[name] for m in masks_list if name in m]
+        if any(e is None for e in entries):
+            merged[name] = None
+        else:
+            merged[name] = entries[0]
+            for e in entries[1:]:
+                merged[name] = torch.logical_or(merged[name], e)
+    return merged
+
+
+__all__ = ["llc", "create_param_masks", "as_dataset", "dataset_tokens", "devinterp_order", "param_mask_selection",
+           "DevinterpBatches", "DEFAULTS", "SPECS"]

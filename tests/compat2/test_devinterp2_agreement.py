@@ -1,0 +1,119 @@
+"""fastllc.compat.devinterp2 against real devinterp 2.0.1, which cannot share an environment with devinterp
+1.3.2 (the main suite's): .ci/run builds build/venv-devinterp2 (torch 2.13.0, devinterp==2.0.1, fastllc -e)
+and runs this folder there; the README's test command does not collect it (pyproject's norecursedirs).
+
+On a tiny GPT-2 trained for a few seconds: the same settings give the same L̂_n(w*) and the same loss at the
+first step (the same minibatches, before any noise) to fp32 rounding, and λ̂ within 3 combined standard errors
+(the SGLD noise streams differ); create_param_masks selects devinterp's elements on GPT-2, GPT-NeoX and a
+grouped-query Llama for every head, group and part name."""
+
+import math
+import warnings
+from importlib.metadata import version
+
+import numpy as np
+import pytest
+import torch
+
+if version("devinterp") != "2.0.1":
+    raise RuntimeError(f"tests/compat2 compares with devinterp 2.0.1, found devinterp {version('devinterp')}: run it "
+                       "in build/venv-devinterp2 (.ci/run builds it)")
+from datasets import Dataset  # noqa: E402
+from devinterp.slt.llc import llc as devinterp_llc  # noqa: E402
+from devinterp.slt.weight_restrictions import create_param_masks as devinterp_masks  # noqa: E402
+
+from fastllc.compat.devinterp2 import create_param_masks, llc  # noqa: E402
+from lm_models import VOCAB, gpt2, llama, neox  # noqa: E402
+
+SETTINGS = dict(lr=3e-4, n_beta=30.0, num_chains=8, num_draws=60, num_burnin_steps=20, batch_size=16,
+                localization=100.0, num_init_loss_batches=4)
+
+
+def sequences(n=128, length=16, seed=0):
+    """Arithmetic progressions mod VOCAB (a start and a step per sequence): learnable in 150 Adam steps."""
+    g = torch.Generator().manual_seed(seed)
+    start, step = torch.randint(0, VOCAB, (n, 1), generator=g), torch.randint(1, 4, (n, 1), generator=g)
+    return (start + step * torch.arange(length)) % VOCAB
+
+
+def trained(dropout: float):
+    torch.manual_seed(0)
+    model, tokens = gpt2(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout), sequences()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model, Dataset.from_dict({"input_ids": tokens.tolist()}).with_format("torch")
+
+
+@pytest.fixture(scope="module")
+def gpt2_trained():
+    return trained(0.0)
+
+
+def both(model, dataset, **settings):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # devinterp's "sampling without output_path" and nβ warnings
+        theirs = devinterp_llc(model, dataset, {}, **settings)
+    ours = llc(model, dataset, {}, **settings)
+    return theirs, ours
+
+
+def assert_llc_agrees(theirs, ours):
+    se = [float(np.std(r.llc_per_chain.values, ddof=1)) / math.sqrt(r.sizes["chain"]) for r in (theirs, ours)]
+    gap = abs(float(theirs.llc_mean) - float(ours.llc_mean))
+    print(f"λ̂ devinterp {float(theirs.llc_mean):.3f} ± {se[0]:.3f}, fastllc {float(ours.llc_mean):.3f} ± {se[1]:.3f}: "
+          f"{gap / math.hypot(*se):.2f} combined se apart")
+    assert gap <= 3 * math.hypot(*se)
+
+
+def test_same_result_structure_loss_at_w_star_first_minibatch_and_llc(gpt2_trained):
+    theirs, ours = both(*gpt2_trained, **SETTINGS)
+    for name, variable in theirs.data_vars.items():
+        assert ours[name].dims == variable.dims and ours[name].dtype == variable.dtype, name
+    assert ours.sizes == theirs.sizes and not ours.coords and not theirs.coords
+    assert float(ours.init_loss) == pytest.approx(float(theirs.init_loss), rel=1e-5)
+    # step 0 is the loss at w* on the first minibatch, before any noise: devinterp's minibatch, every chain
+    np.testing.assert_allclose(ours.loss_trace.values[:, 0], theirs.loss_trace.values[:, 0], rtol=1e-5)
+    assert_llc_agrees(theirs, ours)
+
+
+def test_restricted_rmsprop_with_per_chain_minibatches_and_accumulation(gpt2_trained):
+    model, dataset = gpt2_trained
+    settings = dict(SETTINGS, lr=3e-5, sampling_method="rmsprop_sgld", match_sampling_input_ids_across_chains=False,
+                    gradient_accumulation_steps=2, batch_size=8, num_chains=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = devinterp_llc(model, dataset, {}, param_masks=devinterp_masks(model, "l1h2"), **settings)
+    ours = llc(model, dataset, {}, param_masks=create_param_masks(model, "l1h2"), **settings)
+    assert float(ours.init_loss) == pytest.approx(float(theirs.init_loss), rel=1e-5)
+    first = theirs.loss_trace.values[:, 0]
+    assert len(set(first.round(6))) > 1  # each chain its own order (seed init_seed + chain)
+    np.testing.assert_allclose(ours.loss_trace.values[:, 0], first, rtol=1e-5)
+    assert_llc_agrees(theirs, ours)
+
+
+def test_llc_with_dropout_in_training_mode():
+    theirs, ours = both(*trained(0.1), **dict(SETTINGS, num_chains=6))
+    assert float(ours.init_loss) == pytest.approx(float(theirs.init_loss), rel=0.05)  # one dropout draw each
+    assert_llc_agrees(theirs, ours)
+
+
+RESTRICTIONS = ["full", "l0", "l1 attn", "l0 mlp", "embed", "unembed", "l0 h1", "L1H0", "l1g1",
+                ["l0h1", "l1h3"], ["l0h0", "l0 attn"], ["l1h2", "embed"]]
+
+
+@pytest.mark.parametrize("build", [gpt2, neox, lambda: llama(heads=4, kv_heads=2)], ids=["gpt2", "neox", "llama-gqa"])
+def test_create_param_masks_selects_devinterps_elements(build):
+    model = build()
+    heads = model.config.num_attention_heads
+    names = RESTRICTIONS + [f"l{l}h{h}" for l in range(2) for h in range(heads)] + [next(iter(dict(model.named_parameters())))]
+    for restriction in names:
+        theirs, ours = devinterp_masks(model, restriction), create_param_masks(model, restriction)
+        assert list(ours) == list(theirs), restriction
+        for name, mask in theirs.items():
+            assert (ours[name] is None) == (mask is None), (restriction, name)
+            if mask is not None:
+                assert ours[name].shape == mask.shape and torch.equal(ours[name], mask), (restriction, name)
