@@ -6,7 +6,8 @@
     heads = fastllc.lm.estimate_groups(model, tokens, groups="per-head", chains=4, ...)
 
 Modules: ``data`` (token data, the next-token loss, L_n(w*) in chunks), ``models`` (the adapter and the
-sampling mode), ``names`` (part names → masks per architecture), ``memory`` (bytes per chain, chains per group), ``api`` (the two entry points).
+sampling mode), ``names`` (part names → masks per architecture), ``memory`` (bytes per chain, chains per group), ``api`` (the two entry points),
+``series`` (every checkpoint of a training run in one batch: ``estimate_series``, its table and plot).
 ``transformers`` is needed only to load a model from a directory (``pip install 'fastllc[lm]'``).
 """
 
@@ -15,6 +16,7 @@ from .data import IGNORE, TokenData, loss_at, next_token_loss, token_data
 from .memory import MemoryPlan, chain_bytes, plan
 from .models import CausalLM, FusedTanhGELU, load_causal_lm, sampling_mode
 from .names import LAYOUTS, groups_by_name, name_mask
+from .series import SeriesPoint, SeriesResult, estimate_series
 
-__all__ = ["estimate", "estimate_groups", "memory_plan", "MemoryPlan", "chain_bytes", "plan", "IGNORE", "TokenData", "loss_at", "next_token_loss", "token_data",
+__all__ = ["estimate", "estimate_groups", "estimate_series", "SeriesResult", "SeriesPoint", "memory_plan", "MemoryPlan", "chain_bytes", "plan", "IGNORE", "TokenData", "loss_at", "next_token_loss", "token_data",
            "CausalLM", "FusedTanhGELU", "load_causal_lm", "sampling_mode", "LAYOUTS", "groups_by_name", "name_mask"]
