@@ -7,9 +7,10 @@ chains' minibatches [C, m, T] as one batched forward (a ``baddbmm`` per linear l
 folded batch [C·m, heads, T, d_head]) to the per-chain losses L_m [C]; one backward of their sum gives every
 chain's ∇L_m (chains share nothing, so each chain's gradient is its own loss's); then, as in ``generic``, G =
 gradient_factor·∇L_m and the sampler's batched update ``update(G, ξ, projection)``, with the counter-based
-noise written straight into the same layout. ``restrict`` and the MALA acceptance are ``generic``'s own
-code (its ``_ChainWeights`` and ``_Mala``): ∇L_m zeroed outside the mask before MALA or the update reads
-it, w* copied back into the fixed weights after every step.
+noise written straight into the same layout. ``restrict`` is ``generic``'s own code (its ``_ChainWeights``):
+∇L_m zeroed outside the mask before the update reads it, w* copied back into the fixed weights after every
+step. Not here: the MALA acceptance (``mala=True`` goes to ``generic``), the study's chain loss (it needs
+``F.cross_entropy``), several starting points in one batch.
 
 Which models: a ``fastllc.lm.CausalLM`` (what ``fastllc.lm.estimate`` builds) around a family the engine
 writes, with ``fastllc.lm.next_token_loss``, float32 weights, all trainable, dropout off (eval mode, as
@@ -37,7 +38,7 @@ from ..sampling.restrict import check_mask, restricted_directions
 from ..sampling.threads import chain_groups, run_groups_timed
 
 NAME = "transformer"
-CAPABILITIES = frozenset({"mala", "samplers", "restrict"})
+CAPABILITIES = frozenset({"samplers", "restrict"})
 DEVICES = ("cpu",)
 AUTO_PRIORITY = 25  # before generic (30): the same chains of the models it knows, without vmap
 
@@ -70,8 +71,8 @@ def require(device, model=None, loss_fn=None) -> None:
 
 def _run_group(ids: np.ndarray, engine, shapes, w_star, hyper, direction, inputs, targets, config: SGLDConfig,
                randomness, device, tick, moves=None):
-    """SGLD for the chains ``ids``: (loss trace [T, C], final weights [C, d] chain-major, MALA or None)."""
-    from .generic import _ChainWeights, _Mala, _rows
+    """SGLD for the chains ``ids``: (loss trace [T, C], final weights [C, d] chain-major)."""
+    from .generic import _ChainWeights, _rows
     C, d, m, T = len(ids), w_star.numel(), config.batch_size, config.steps
     chains = _ChainWeights(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper), config.sampler_object(),
                            device)
@@ -81,7 +82,6 @@ def _run_group(ids: np.ndarray, engine, shapes, w_star, hyper, direction, inputs
     if direction is not None:
         direction = _rows(direction, ids).to(device).expand(C, d)
         projection = (chains.rows(chains.G), chains.rows(chains.to_parameter_major(direction)))
-    mala = _Mala(chains, T) if config.mala else None
     leaves = [view.detach().requires_grad_() for view in chains.weights]  # share W's storage: see every update
     draws, losses = StepDraws(C, m, d, device), torch.empty(T, C, device=device)
     report_every = max(1, T // 100)
@@ -93,14 +93,12 @@ def _run_group(ids: np.ndarray, engine, shapes, w_star, hyper, direction, inputs
         grads = torch.autograd.grad(loss.sum(), leaves)
         losses[t] = loss.detach()
         torch.cat([g.reshape(-1) for g in grads], out=chains.G)
-        if chains.frozen is not None:  # ∇L_m in the restricted space, before MALA or the update reads it
+        if chains.frozen is not None:  # ∇L_m in the restricted space, before the update reads it
             chains.frozen.zero(chains.G)
-        if mala is not None:
-            mala.observe(t, losses[t], chains.W - chains.W_star)
         chains.step(noise, projection)
         if (t + 1) % report_every == 0:
             tick(C * report_every)
-    return losses.cpu(), chains.to_chain_major(chains.W).cpu(), None if mala is None else mala.acceptance
+    return losses.cpu(), chains.to_chain_major(chains.W).cpu()
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
@@ -113,6 +111,8 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     device = torch.device(device)
     require(device, model, loss_fn)
     chain_loss_fn(loss_fn, config)  # the study's chain loss needs F.cross_entropy: refused in one line
+    if config.mala:
+        raise FastLLCError("the transformer backend does not record the MALA acceptance; use backend='generic'")
     model = on_device(model, device)  # the caller's model is never moved
     inputs, targets = inputs.to(device), targets.to(device)
     n, C, T = len(targets), config.chains, config.steps
@@ -131,6 +131,4 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     results, seconds = run_groups_timed(lambda lo, hi, tick: run(np.arange(lo, hi, dtype=np.int64), tick=tick),
                                         groups, total=C * T, desc=f"SGLD (transformer, {C} chains)", progress=progress)
     losses = nan_from_first_non_finite(torch.cat([r[0] for r in results], dim=1).T.double())
-    mala = torch.cat([r[2] for r in results]) if config.mala else None
-    return Samples(losses, init_loss, *hyper, NAME, str(device), seconds, torch.cat([r[1] for r in results]),
-                   mala_acceptance=mala)
+    return Samples(losses, init_loss, *hyper, NAME, str(device), seconds, torch.cat([r[1] for r in results]))

@@ -70,7 +70,7 @@ def memory_plan(model, tokens, chains: int, batch_size: int, sampler: str = "sgl
 
 def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_sequences: int | None = None,
              init_loss: float | None = None, attention: str | None = "eager", fused_gelu: bool = True,
-             max_memory: int | None = None, backend: str = "generic", randomness=None, progress: bool = False,
+             max_memory: int | None = None, backend: str = "auto", randomness=None, progress: bool = False,
              device="cpu", dropout: bool = False, **settings) -> LLCResult:
     """λ̂ of ``model`` at its weights on ``tokens`` (LongTensor [N, T], dataset with ``input_ids``, or a
     DataLoader; ``loss_mask`` [N, T] optional). ``restrict``: a part name or list (``names.py``: ``"l0h1"``,
@@ -102,7 +102,7 @@ def estimate_groups(model, tokens, config=None, *, groups="per-head", loss_mask=
                     init_sequences: int | None = None, init_loss: float | None = None,
                     attention: str | None = "eager", fused_gelu: bool = True, max_memory: int | None = None,
                     device="cpu", dropout: bool = False,
-                    backend: str = "generic", randomness=None, progress: bool = False, **settings) -> GroupResults:
+                    backend: str = "auto", randomness=None, progress: bool = False, **settings) -> GroupResults:
     """The weight-restricted λ̂ of several named parts from ONE batched run (``fastllc.estimate_groups``:
     ``chains`` chains per group, all groups' chains advancing together, or in memory-planned groups of chains
     one after another). ``groups``: ``"per-head"`` (every ``l{l}h{h}``), ``"per-layer"`` (every ``l{l}``), a list

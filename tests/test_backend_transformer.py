@@ -1,0 +1,180 @@
+"""Backend ``transformer`` (``fastllc/lm/engine.py``: GPT-2 with the chains folded into the batch): the engine is
+the Hugging Face model's own function, the chains follow the reference's parameter by parameter under the same
+injected draws (every variant its capabilities allow), chain groups change nothing, what it refuses in one line,
+and ``fastllc.lm`` picks it by default.
+
+Tolerance. conformance's τ = 2·steps·eps(float32) on |ours − reference| / max(1, |reference|)
+(``fastllc/conformance.py`` derives it: both sides compute the same update from the same draws in float32, each
+step rounds a weight at most twice, and the order of the sums changes ∇L_m by a few units of roundoff that the
+step scales by ε·nβ/2 ≤ 0.02, far below an ulp of w). It holds here unchanged: the engine's operations are the
+module's, only blocked differently (a batched matmul per chain instead of one per call, SDPA instead of
+matmul + softmax, GELU as x·σ(2u) instead of ½x(1 + tanh u)), which moves each activation, and so ∇L_m, by a
+few ulps, scaled by the same ε·nβ/2. The engine's own loss against the module's: a few ulps of a loss ~3.5
+(``LOSS_ULPS``)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastllc.lm as lm
+from fastllc import FastLLCError, ModularMLP, SGLDConfig, conformance
+from fastllc.backends import reference, resolve_backend, transformer
+from fastllc.lm import engine
+from fastllc.sampling import InjectedRandomness
+from fastllc.sampling.contract import flat_parameters, unflatten
+
+from lm_models import gpt2, llama, neox, tokens
+
+CHAINS, STEPS, M = 3, conformance.STEPS, 4
+LOSS_ULPS = 16 * torch.finfo(torch.float32).eps  # relative: a few ulps of each activation, summed over 2 layers
+VARIANTS = {  # conformance's settings (PER_CHAIN: ε·nβ/2 ≤ 0.02), by the capability each needs
+    "sgld": dict(),
+    "orthogonal": dict(orthogonal=True),
+    "restrict": dict(orthogonal=True, mask="shared"),
+    "restrict_per_chain": dict(orthogonal=True, mask="per_chain"),
+    "rmsprop_sgld": dict(sampler="rmsprop_sgld", orthogonal=True),
+    "preconditioned_sgld_restrict": dict(sampler="preconditioned_sgld", orthogonal=True, mask="per_chain"),
+}
+
+
+def causal_lm(**config):
+    return lm.CausalLM(gpt2(**config)).eval()
+
+
+def run(backend, model, settings, restrict=None, **options):
+    data = lm.token_data(tokens(24))
+    d = flat_parameters(model)[2].numel()
+    noise = InjectedRandomness.seeded(CHAINS, STEPS, len(data), M, d, seed=2)
+    keywords = {"restrict": restrict} if restrict is not None else {}
+    with lm.sampling_mode(model.model):
+        return backend.sample(model, *data.pair, lm.next_token_loss, settings, randomness=noise, **keywords, **options)
+
+
+def config(variant: str, d: int) -> SGLDConfig:
+    settings = {k: v for k, v in VARIANTS[variant].items() if k != "mask"}
+    per_chain = dict(conformance.PER_CHAIN)
+    if "sampler" in settings:  # a preconditioner up to 1/δ: ε ten times smaller, as conformance runs them
+        from fastllc.sampling import samplers
+        settings["sampler"] = samplers.sampler_class(settings["sampler"]).example(d)
+        per_chain["epsilon"] = [e / 10 for e in per_chain["epsilon"]]
+    return SGLDConfig(chains=CHAINS, steps=STEPS, batch_size=M, **per_chain, **settings)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_chains_follow_the_reference(variant):
+    model = causal_lm()
+    w_star = flat_parameters(model)[2]
+    settings = config(variant, w_star.numel())
+    kind = VARIANTS[variant].get("mask")
+    keep = None if kind is None else conformance.mask(variant if kind == "shared" else "restrict_per_chain",
+                                                       w_star.numel(), CHAINS)
+    ref = run(reference, model, settings, keep)
+    ours = run(transformer, model, settings, keep, workers=2)  # chain groups of 2 and 1: threads too
+    assert ours.backend == "transformer" and (ref.final_params - w_star).abs().max() > conformance.MOVED
+    outcome = conformance.assert_follows(ours, ref, STEPS)
+    assert conformance.relative_error(torch.tensor(ours.init_loss), torch.tensor(ref.init_loss)) <= LOSS_ULPS, outcome
+    if keep is not None:  # the fixed weights at w* bit for bit
+        assert torch.equal(ours.final_params[~keep.expand(CHAINS, -1)], w_star.expand(CHAINS, -1)[~keep.expand(CHAINS, -1)])
+
+
+@pytest.mark.parametrize("options", [dict(), dict(activation_function="gelu"), dict(activation_function="relu"),
+                                     dict(tie_word_embeddings=False), dict(scale_attn_by_inverse_layer_idx=True),
+                                     dict(scale_attn_weights=False, n_inner=48)],
+                         ids=["default", "gelu", "relu", "untied", "scaled-by-layer", "unscaled-n_inner"])
+def test_the_engine_is_the_models_function(options):
+    """Each chain's loss from the folded forward equals the module's next-token loss at that chain's weights,
+    with some positions not predicted (IGNORE)."""
+    model = causal_lm(**options)
+    names, shapes, w_star = flat_parameters(model)
+    chains = 3
+    weights = w_star + 0.05 * torch.randn(chains, w_star.numel())
+    toks = tokens(chains * 5).view(chains, 5, -1)
+    targets = toks[:, :, 1:].clone()
+    targets[0, 1, :4] = lm.IGNORE
+    stacked = [torch.stack([unflatten(w, names, shapes)[name] for w in weights]) for name in names]
+    ours = engine.build(model, names).losses(stacked, toks, targets)
+    with lm.sampling_mode(model.model), torch.no_grad():
+        theirs = torch.stack([lm.next_token_loss(torch.func.functional_call(model, unflatten(w, names, shapes), (x,)), y)
+                              for w, x, y in zip(weights, toks, targets)])
+    assert conformance.relative_error(ours.detach(), theirs) <= LOSS_ULPS
+
+
+def test_chain_groups_change_no_chain():
+    """A chain's bits do not depend on the chains beside it in its folded batch (counter-based draws)."""
+    model, data = causal_lm(), lm.token_data(tokens(24))
+    settings = SGLDConfig(chains=4, steps=5, batch_size=M, seed=3, epsilon=1e-3, nbeta=20.0, orthogonal=True)
+    with lm.sampling_mode(model.model):
+        one = transformer.sample(model, *data.pair, lm.next_token_loss, settings, workers=1)
+        two = transformer.sample(model, *data.pair, lm.next_token_loss, settings, workers=2)
+        alone = transformer.sample(model, *data.pair, lm.next_token_loss, SGLDConfig(**{**settings.to_dict(), "chains": 1}))
+    # another batch shape may block a matmul differently: a few ulps of O(1) weights
+    torch.testing.assert_close(two.final_params, one.final_params, rtol=0, atol=1e-6)
+    torch.testing.assert_close(alone.final_params, one.final_params[:1], rtol=0, atol=1e-6)
+
+
+def test_fastllc_lm_picks_it_by_default_and_generic_where_it_cannot():
+    toks = tokens(16)
+    settings = dict(chains=2, steps=3, batch_size=M, epsilon=1e-4, gamma=100.0, nbeta=20.0)
+    assert lm.estimate(gpt2(), toks, **settings).backend == "transformer"
+    heads = lm.estimate_groups(gpt2(), toks, groups=["l0h1", "l1 mlp"], **settings)
+    assert {r.backend for r in heads.values()} == {"transformer"}
+    assert lm.estimate(gpt2(), toks, dropout=True, **settings).backend == "generic"  # dropout on
+    assert lm.estimate(neox(), toks, **settings).backend == "generic"
+    assert lm.estimate(gpt2(), toks, mala=True, **settings).backend == "generic"
+
+
+def _refusals():
+    lm_ = causal_lm()
+    return [
+        (None, lm.next_token_loss, "the transformer backend runs transformer language models, not the study's MLP"),
+        (ModularMLP(5, 4, 8), F.cross_entropy, "the transformer backend runs a fastllc.lm.CausalLM (what "
+                                               "fastllc.lm.estimate builds), got ModularMLP"),
+        (lm_, F.cross_entropy, "the transformer backend computes fastllc.lm.next_token_loss itself; other losses "
+                               "need backend='generic'"),
+        (lm.CausalLM(neox()).eval(), lm.next_token_loss, "the transformer backend runs GPT2LMHeadModel, not "
+                                                         "GPTNeoXForCausalLM (model type 'gpt_neox'); use backend='generic'"),
+        (lm.CausalLM(llama()).eval(), lm.next_token_loss, "the transformer backend runs GPT2LMHeadModel, not "
+                                                          "LlamaForCausalLM (model type 'llama'); use backend='generic'"),
+        (lm.CausalLM(gpt2()).train(), lm.next_token_loss, "dropout is on in 'model.transformer.drop' (training mode): "
+                                                          "the transformer backend evaluates the model in eval mode "
+                                                          "(fastllc.lm.sampling_mode); use backend='generic'"),
+        (lm.CausalLM(gpt2(activation_function="gelu_fast")).eval(), lm.next_token_loss,
+         "GPT-2 activation 'gelu_fast' is not one the transformer backend writes (gelu_new, gelu_pytorch_tanh, "
+         "gelu, relu, silu, swish); use backend='generic'"),
+        (lm.CausalLM(gpt2()).double().eval(), lm.next_token_loss,
+         "the transformer backend runs float32 weights; use backend='generic'"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_refusals())))
+def test_what_it_cannot_run_is_refused_in_one_line_and_auto_passes_on(case):
+    model, loss_fn, message = _refusals()[case]
+    assert not transformer.supports(model, loss_fn, torch.device("cpu"))
+    if model is None:  # the CLI before training asks about the study's MLP; an explicit name is checked later
+        transformer.require(torch.device("cpu"))
+        return
+    with pytest.raises(FastLLCError) as error:
+        transformer.require(torch.device("cpu"), model, loss_fn)
+    assert str(error.value) == message
+    if model is not None and not isinstance(model, ModularMLP):
+        assert resolve_backend("auto", torch.device("cpu"), model, loss_fn) != "transformer"
+
+
+def test_frozen_weights_other_devices_and_settings_it_lacks_are_refused():
+    model = causal_lm()
+    model.model.transformer.wpe.weight.requires_grad_(False)
+    assert not transformer.supports(model, lm.next_token_loss)
+    assert transformer.supports(causal_lm(), lm.next_token_loss, torch.device("cpu"))
+    with pytest.raises(FastLLCError, match=r"^the transformer backend runs on the CPU, not meta; use backend='generic'$"):
+        transformer.require(torch.device("meta"))
+    with pytest.raises(FastLLCError, match="^the transformer backend does not record the MALA acceptance"):
+        run(transformer, causal_lm(), SGLDConfig(chains=CHAINS, steps=STEPS, batch_size=M, mala=True))
+    with pytest.raises(FastLLCError, match="^chain_loss='published'"):
+        run(transformer, causal_lm(), SGLDConfig(chains=CHAINS, steps=STEPS, batch_size=M, chain_loss="published"))
+
+
+def test_the_callers_model_is_left_as_it_was():
+    model = causal_lm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run(transformer, model, config("orthogonal", flat_parameters(model)[2].numel()))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
