@@ -8,9 +8,10 @@ plain SGLD and the orthogonal restriction for every backend; a weight mask, one 
 (``restrict``); the study's chain loss (``published_chain_loss``); several starting points in one batch, each
 against that start alone on the reference (``stacked_starts``); every sampler of ``sampling/samplers/`` other
 than SGLD, as its ``example``, alone and with a mask per chain (its name, or ``samplers``); the MALA acceptance
-against its formula along the reference's own path (``mala``). A backend that takes any ``nn.Module`` (its
-``supports`` accepts one) is checked on such a module (``AnyModule``), the others on the study's MLP; both at
-initialisation, where gradients are large.
+against its formula along the reference's own path (``mala``). A backend is checked on the first workload its
+``supports`` accepts (``WORKLOADS``): a module that is not the study's MLP (``AnyModule``: the backends that take
+any module), the study's MLP, a one-block GPT-2 as ``fastllc.lm`` samples it; each at initialisation, where
+gradients are large.
 
 Used by tests/test_conformance.py (every backend on the CPU, Triton in its interpreter), by backend tests for
 their own dimensions (native's builds, generic's traced replay, shapes), and by ``python -m fastllc.selfcheck
@@ -46,8 +47,10 @@ allows more than triton's absolute 2e-6, whose own argument (an ulp per step) un
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -216,37 +219,80 @@ class AnyModule(nn.Module):
         return self.unembed(torch.tanh(self.norm(self.hidden(self.embed(pairs).flatten(1)))))
 
 
-def takes_any_module(backend: str, device: str) -> bool:
-    return backend_module(backend).supports(AnyModule(3, 1, 1), F.cross_entropy, torch.device(device))
+class Unavailable(Exception):
+    """A workload needs a package this machine lacks (an extra of fastllc)."""
 
 
 @dataclass
 class Problem:
+    """A model at initialisation (large gradients: a demanding comparison), its data and loss."""
+
     model: nn.Module
-    pairs: torch.Tensor
-    labels: torch.Tensor
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    loss_fn: Callable = F.cross_entropy
 
     @property
     def w_star(self) -> torch.Tensor:
         return flat_parameters(self.model)[2]
 
 
-def problem(case: Case, seed: int = 0) -> Problem:
-    """The model ``case`` is checked on, at initialisation, and the train split of addition mod p; confident
-    logits for the published chain loss."""
-    p, e, h, _ = case.shape
+def _addition(shape, kind) -> Problem:
+    p, e, h, _ = shape
     pairs, labels = make_task(p, "add", seed=0).train_data()
-    kind = AnyModule if takes_any_module(case.backend, case.device) else ModularMLP
+    return Problem(kind(p, e, h), pairs, labels)
+
+
+def _causal_lm(shape) -> Problem:
+    """A one-block GPT-2 (vocabulary p, width e, MLP width h, dropout off) on random sequences of 6 tokens, 4m of
+    them, as ``fastllc.lm`` samples it (``CausalLM``, ``next_token_loss``)."""
+    try:
+        import transformers
+        from .lm import CausalLM, next_token_loss, token_data
+    except ImportError:
+        raise Unavailable("transformers is an extra: pip install -e '.[lm]' (or '.[dev]')") from None
+    p, e, h, m = shape
+    config = transformers.GPT2Config(n_layer=1, n_head=1, n_embd=e, n_inner=h, vocab_size=p, n_positions=6,
+                                     bos_token_id=0, eos_token_id=0)
+    model = CausalLM(transformers.GPT2LMHeadModel(config).eval())
+    tokens = torch.randint(p, (4 * m, 6), generator=torch.Generator().manual_seed(0))
+    return Problem(model, *token_data(tokens, vocab_size=p).pair, next_token_loss)
+
+
+# What a backend is checked on: the first of these its ``supports`` accepts. The backends that take any module
+# get a module that is not the study's MLP; the others the study's MLP, or a causal LM.
+WORKLOADS = {
+    "any_module": lambda shape: _addition(shape, AnyModule),
+    "study_mlp": lambda shape: _addition(shape, ModularMLP),
+    "causal_lm": _causal_lm,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def workload(backend: str, device: str) -> str:
+    """The workload ``backend`` is checked on: the first it ``supports`` on ``device`` (or, for a device it does
+    not declare, on its first declared one: triton's interpreter on the CPU runs what it runs on CUDA)."""
+    module = backend_module(backend)
+    where = torch.device(device if device in module.DEVICES else module.DEVICES[0])
+    for kind, build in WORKLOADS.items():
+        probe = build((3, 2, 2, 1))
+        if module.supports(probe.model, probe.loss_fn, where):
+            return kind
+    raise Nonconformance(f"the {backend} backend supports none of the workloads {', '.join(WORKLOADS)} on {where}")
+
+
+def problem(case: Case, seed: int = 0) -> Problem:
+    """The problem ``case`` is checked on (``workload``); confident logits for the published chain loss."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = kind(p, e, h)
+        prob = WORKLOADS[workload(case.backend, case.device)](case.shape)
     if VARIANTS[case.variant].settings.get("chain_loss") == "published":
         with torch.no_grad():
-            model.unembed.weight.mul_(CONFIDENT)
-            p_y = F.softmax(model(pairs), -1).gather(-1, labels.view(-1, 1))
+            prob.model.unembed.weight.mul_(CONFIDENT)
+            p_y = F.softmax(prob.model(prob.inputs), -1).gather(-1, prob.targets.view(-1, 1))
         if not bool((p_y < PUBLISHED_LOSS_OFFSET).any()):
             raise Nonconformance("no example has p_y < 1e-6: the published chain loss would be cross-entropy")
-    return Problem(model, pairs, labels)
+    return prob
 
 
 def config(case: Case, d: int, chains: int = CHAINS) -> SGLDConfig:
@@ -266,7 +312,7 @@ def mask(variant: str, d: int, chains: int = CHAINS) -> torch.Tensor | None:
 
 
 def _injected(chains: int, prob: Problem, case: Case) -> InjectedRandomness:
-    return InjectedRandomness.seeded(chains, STEPS, len(prob.labels), case.shape[3], prob.w_star.numel(), seed=2)
+    return InjectedRandomness.seeded(chains, STEPS, len(prob.targets), case.shape[3], prob.w_star.numel(), seed=2)
 
 
 def _rows(noise: InjectedRandomness, rows: slice) -> InjectedRandomness:
@@ -279,7 +325,7 @@ def _against(fast, ref, prob: Problem) -> Outcome:
     if (ref.final_params - prob.w_star).abs().max() < MOVED:
         raise Nonconformance("the reference chains did not move: the comparison would say nothing")
     with torch.no_grad():
-        init_loss = F.cross_entropy(prob.model(prob.pairs), prob.labels)
+        init_loss = prob.loss_fn(prob.model(prob.inputs), prob.targets)
     outcome = differences(fast, ref)
     outcome.losses = max(outcome.losses, relative_error(torch.tensor(fast.init_loss), init_loss))
     return outcome
@@ -302,9 +348,9 @@ def check(case: Case, **options) -> Outcome:
     settings, noise = config(case, prob.w_star.numel()), _injected(CHAINS, prob, case)
     keep = mask(case.variant, prob.w_star.numel())
     restrict = {} if keep is None else {"restrict": keep}
-    ref = backend_module(REFERENCE).sample(prob.model, prob.pairs, prob.labels, F.cross_entropy, settings,
+    ref = backend_module(REFERENCE).sample(prob.model, prob.inputs, prob.targets, prob.loss_fn, settings,
                                            randomness=noise, **restrict)
-    fast = backend_module(case.backend).sample(prob.model, prob.pairs, prob.labels, F.cross_entropy, settings,
+    fast = backend_module(case.backend).sample(prob.model, prob.inputs, prob.targets, prob.loss_fn, settings,
                                                randomness=noise, device=case.device, **restrict, **options)
     outcome = _against(fast, ref, prob)
     if keep is not None:
@@ -320,11 +366,11 @@ def _check_stacked_starts(case: Case, options: dict) -> Outcome:
     problems = [problem(case, seed) for seed in (0, 1)]
     settings = config(case, problems[0].w_star.numel())
     noise = _injected(2 * CHAINS, problems[0], case)
-    together = backend_module(case.backend).sample_starts([Start(p.model, p.pairs, p.labels) for p in problems],
+    together = backend_module(case.backend).sample_starts([Start(p.model, p.inputs, p.targets) for p in problems],
                                                           settings, randomness=noise, device=case.device, **options)
     outcomes = []
     for s, (prob, fast) in enumerate(zip(problems, together, strict=True)):
-        alone = backend_module(REFERENCE).sample(prob.model, prob.pairs, prob.labels, F.cross_entropy, settings,
+        alone = backend_module(REFERENCE).sample(prob.model, prob.inputs, prob.targets, prob.loss_fn, settings,
                                                  randomness=_rows(noise, slice(s * CHAINS, (s + 1) * CHAINS)))
         outcomes.append(_against(fast, alone, prob))
         if fast.chains_in_batch != 2 * CHAINS:
@@ -337,7 +383,7 @@ def _reference_path(prob: Problem, settings: SGLDConfig, noise: InjectedRandomne
     reference, path = backend_module(REFERENCE), [prob.w_star.expand(settings.chains, -1)]
     for t in range(1, settings.steps):
         prefix = SGLDConfig(**{**settings.to_dict(), "steps": t})
-        run = reference.sample(prob.model, prob.pairs, prob.labels, F.cross_entropy, prefix,
+        run = reference.sample(prob.model, prob.inputs, prob.targets, prob.loss_fn, prefix,
                                randomness=InjectedRandomness(noise.indices[:, :t], noise.noise[:, :t]))
         path.append(run.final_params)
     return torch.stack(path, 1)
@@ -357,8 +403,8 @@ def mala_acceptance(prob: Problem, settings: SGLDConfig, noise: InjectedRandomne
     def potential(c, t):
         w = path[c, t].double().requires_grad_(True)
         idx = noise.indices[c, t]
-        outputs = torch.func.functional_call(model, unflatten(w, names_, shapes), (prob.pairs[idx],))
-        u = nbeta[c] * F.cross_entropy(outputs, prob.labels[idx]) + gamma[c] / 2 * (w - w_star).pow(2).sum()
+        outputs = torch.func.functional_call(model, unflatten(w, names_, shapes), (prob.inputs[idx],))
+        u = nbeta[c] * prob.loss_fn(outputs, prob.targets[idx]) + gamma[c] / 2 * (w - w_star).pow(2).sum()
         return u.item(), torch.autograd.grad(u, w)[0], w.detach()
 
     acceptance, size = torch.empty(chains, steps - 1, dtype=torch.float64), torch.empty(chains, steps - 1)
