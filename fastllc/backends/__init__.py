@@ -52,6 +52,7 @@ NEEDED_FOR = {  # what a caller that needs a capability is doing, for the one-li
     "samplers": "every sampler (each through its own update)",
     "restrict": "restrict= (weight-restricted sampling)",
     "published_chain_loss": "chain_loss='published' (the study's −log(p_y + 1e-6) chain loss)",
+    "observe": "observe= (probe losses recorded at the draws: fastllc.observables)",
     **{name: f"sampler={name!r} ({samplers.sampler_class(name).title})" for name in samplers.names() if name != "sgld"},  # a sampler's name: runs it
 }
 

@@ -36,6 +36,12 @@ chain) samples only the selected weights: every step zeroes ∇L_m on the others
 MALA's ∇U live in the restricted space) and then copies w* back into them, so that they stay at w* bit for bit
 whatever rounding the in-place update does ((1 − decay)·w* + decay·w* need not be w*); the orthogonal direction is
 ∇L_n(w*) masked by the chain's row.
+
+``observe`` (an object, ``fastllc/observables/recording.py``) is called at the draws it asks for
+(``observe.due(t)``) with each group's chain indices, its own module copy, the parameter names and the chains'
+weight views at w_t (before step t's update): ``observe(t, ids, model, names, weights)``; it evaluates its probes
+for all those chains at once (vmap over ``functional_call``). ``observe.begin(chains, steps, device)`` comes
+first. Without it the loop is unchanged.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ from ..sampling.layout import ParameterMajor, StepDraws, axpy
 from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
 
 NAME = "generic"
-CAPABILITIES = frozenset({"mala", "samplers", "restrict", "published_chain_loss"})
+CAPABILITIES = frozenset({"mala", "samplers", "restrict", "published_chain_loss", "observe"})
 DEVICES = ("cpu", "cuda")
 AUTO_PRIORITY = 30  # ``auto`` tries lower first: any vmappable module
 
@@ -256,7 +262,7 @@ def _trace(step, args, eager_result):
 
 
 def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, direction, inputs, targets,
-               config: SGLDConfig, randomness, device, trace: bool, tick, moves=None):
+               config: SGLDConfig, randomness, device, trace: bool, tick, moves=None, observe=None):
     """SGLD for the chains ``ids``: (loss trace [T, C], final weights [C, d] chain-major, MALA or None)."""
     C, d, m, T = len(ids), w_star.numel(), config.batch_size, config.steps
     chains = _ChainWeights(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper), config.sampler_object(),
@@ -290,6 +296,8 @@ def _run_group(ids: np.ndarray, model, loss_fn, names, shapes, w_star, hyper, di
         else:
             grads, loss = step(*args)
         losses[t] = loss.detach()
+        if observe is not None and observe.due(t):  # the chains' weights are w_t until chains.step below
+            observe(t, ids, model, names, chains.weights)
         torch.cat([g.reshape(-1) for g in grads], out=chains.G)
         if chains.frozen is not None:  # ∇L_m in the restricted space, before MALA or the update reads it
             chains.frozen.zero(chains.G)
@@ -318,9 +326,9 @@ def _private_copy(model: nn.Module) -> nn.Module | None:
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
            progress: bool = False, trace: bool | None = None, workers: int | None = None,
-           restrict: torch.Tensor | None = None, init_loss: float | None = None) -> Samples:
+           restrict: torch.Tensor | None = None, init_loss: float | None = None, observe=None) -> Samples:
     """``init_loss``: L_n(w*) when the caller knows it (no pass over the data is made for it; ∇L_n(w*) only
-    under the orthogonal restriction)."""
+    under the orthogonal restriction). ``observe``: called at its draws (module docstring)."""
     config.validate()
     device = torch.device(device)
     require(device, model, loss_fn)
@@ -334,12 +342,14 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     moves = None if restrict is None else check_mask(restrict, d, C)
     direction = restricted_directions(gradient, moves) if config.orthogonal else None  # from ∇L_n(w*) masked
     randomness = for_run(randomness, config, n, d)
+    if observe is not None:
+        observe.begin(C, T, device)
 
     trace = T >= _TRACE_FROM_STEPS if trace is None else trace
     groups = chain_groups(C, device, min_per_group=min_chains_per_group(d), groups=workers or None)  # workers: tests
     run = functools.partial(_run_group, loss_fn=chain_loss_fn(loss_fn, config), names=names, shapes=shapes,
                             w_star=w_star, hyper=hyper, direction=direction, inputs=inputs, targets=targets, config=config,
-                            randomness=randomness, device=device, trace=trace, moves=moves)
+                            randomness=randomness, device=device, trace=trace, moves=moves, observe=observe)
     models = [model] + [_private_copy(model) for _ in groups[1:]]
     if any(copy_ is None for copy_ in models):
         groups, models = [(0, C)], [model]

@@ -1,0 +1,216 @@
+"""Bayesian influence functions: posterior correlations (or covariances) between probe examples' losses.
+
+Definition (Kreer et al. 2025, "Bayesian influence functions for Hessian-free data attribution", arXiv:2509.26544).
+Up-weighting example i by ε in the tempered posterior moves the expectation of any observable φ by
+∂E[φ]/∂ε = −β·Cov(ℓ_i, φ); with φ = ℓ_j the influence of i on j is read from Cov(ℓ_i, ℓ_j). devinterp 2.0.1's
+``compute_bif`` reports +Corr(ℓ_i, ℓ_j) (or +Cov with ``compute_covariance``), no β and no minus sign, and so does
+fastllc: a positive influence means that up-weighting i lowers j's expected loss (and vice versa).
+
+Methods (devinterp's ``correlation_method``): ``"sequence"``, ℓ_i an example's loss (the weighted mean of its
+tokens): an [N1, N2] matrix; ``"token"``, every token pair of every example pair: [N1, N2, K, K]
+(``average_tokens``: the mean over the token pairs, [N1, N2]). Chains (devinterp's
+``reduce_chain_dimension_method``): ``"stack"``, every (chain, draw) of the restriction's healthy chains is one
+observation, centred on their common mean; ``"mean"``, the losses are first averaged over the chains at each
+draw, then correlated over the draws. Covariances use the unbiased 1/(observations − 1), as ``torch.cov``.
+
+Sources. From the running sums (``moments.py``), with no pass over the draws: "sequence" × "stack" always, "token"
+× "stack" when the run kept ``token_moments``, "mean" when it kept ``chain_mean`` (and every chain of the restriction
+stayed healthy). Otherwise from the raw draws (``raw=``, ``draws.open_draws``), blocked: ``block`` examples of the
+query rows and of the columns at a time, so memory is 2·observations·block·K·8 bytes plus the result (N1·N2, or
+N1·N2·K² for tokens, float64), whatever N is. Standard errors (``se``): from the sums with "stack", the spread of
+each chain's own matrix over the chains / √chains; None otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import FastLLCError
+from ..validate import check_choice, check_int
+from .moments import pooled
+from .run import ObservedRun
+
+METHODS, REDUCTIONS, KINDS = ("sequence", "token"), ("stack", "mean"), ("correlation", "covariance")
+
+
+@dataclass
+class Influence:
+    """An influence matrix between query examples (``rows``) and examples (``cols``), with labels."""
+
+    matrix: torch.Tensor  # [N1, N2] or [N1, N2, K, K]
+    se: torch.Tensor | None
+    rows: torch.Tensor  # example indices of the queries
+    cols: torch.Tensor
+    labels: list  # every probe example's label, "set[i]"
+    method: str
+    chains: str
+    kind: str
+    restriction: str
+
+    def per_sequence(self) -> torch.Tensor:
+        """[N1, N2]: the matrix, token pairs averaged (NaN pairs, e.g. masked tokens, left out)."""
+        return self.matrix if self.matrix.dim() == 2 else self.matrix.nanmean(dim=(-1, -2))
+
+    def top(self, k: int = 5, queries=None) -> dict:
+        """{query label: [(label, value, se or None), ...]}: the ``k`` largest influences on each query (itself
+        excluded), ranked by value (token method: by the per-sequence average)."""
+        check_int("k", k, minimum=1)
+        values = self.per_sequence()
+        se = self.se if self.se is not None and self.se.dim() == 2 else None
+        out = {}
+        for a, i in enumerate(self.rows.tolist()):
+            if queries is not None and i not in queries:
+                continue
+            order = torch.argsort(torch.nan_to_num(values[a], nan=-math.inf), descending=True).tolist()
+            picked = [b for b in order if int(self.cols[b]) != i][:k]
+            out[self.labels[i]] = [(self.labels[int(self.cols[b])], float(values[a, b]),
+                                    None if se is None else float(se[a, b])) for b in picked]
+        return out
+
+    def format_top(self, k: int = 5, queries=None) -> str:
+        lines = []
+        for query, hits in self.top(k, queries).items():
+            cells = ", ".join(f"{label} {v:+.3f}" + ("" if s is None else f" ± {s:.3f}") for label, v, s in hits)
+            lines.append(f"{query}: {cells}")
+        return "\n".join(lines)
+
+
+def _labels(probes) -> list:
+    return [f"{name}[{i - probes.offsets[o]}]" for o, name in enumerate(probes.names)
+            for i in range(probes.offsets[o], probes.offsets[o + 1])]
+
+
+def _as_index(value, n: int, name: str) -> torch.Tensor:
+    if value is None:
+        return torch.arange(n)
+    index = torch.as_tensor(list(value) if not isinstance(value, torch.Tensor) else value, dtype=torch.long)
+    if index.dim() != 1 or len(index) == 0 or bool((index < 0).any()) or bool((index >= n).any()):
+        raise FastLLCError(f"{name} must list example indices in [0, {n}), got {value!r}")
+    return index
+
+
+def compute_bif(run: ObservedRun, *, restriction: str = "full", method: str = "sequence", chains: str = "stack",
+                kind: str = "correlation", rows=None, cols=None, average_tokens: bool = False,
+                block: int = 256) -> Influence:
+    """The influence matrix of ``restriction``'s chains in ``run`` (module docstring). ``rows``/``cols``: example
+    indices (default all; devinterp's ``batch_index_range_1/2``)."""
+    for name, value, choices in (("method", method, METHODS), ("chains", chains, REDUCTIONS), ("kind", kind, KINDS)):
+        check_choice(name, value, choices)
+    check_int("block", block, minimum=1)
+    index = run.chains(restriction)
+    if len(index) < (2 if chains == "stack" else 1):
+        raise FastLLCError(f"restriction {restriction!r} has {len(index)} healthy chains; too few for influences")
+    n = run.probes.examples
+    r, c = _as_index(rows, n, "rows"), _as_index(cols, n, "cols")
+    matrix, se = _from_sums(run, index, method, chains, kind, restriction)
+    if matrix is not None:
+        matrix = matrix[r][:, c]
+        se = None if se is None else se[r][:, c]
+    else:
+        matrix = _from_draws(run, index, method, chains, kind, restriction, r, c, block)
+    if method == "token" and average_tokens:
+        matrix, se, method = matrix.nanmean(dim=(-1, -2)), None, "token"
+    return Influence(matrix, se, r, c, _labels(run.probes), method, chains, kind, restriction)
+
+
+def _from_sums(run, index, method, chains, kind, restriction):
+    """(matrix over all examples, se or None) from the running sums, or (None, None) when they cannot give it."""
+    m, w = run.moments, run.probes.example_weights()
+    if chains == "mean":
+        lo, hi = run.groups[restriction]
+        if m.draw_sum is None or len(index) < hi - lo:
+            return None, None
+        g = list(run.groups).index(restriction)
+        observations = m.draw_sum[g] / len(index)  # [D, N, K]
+        return _dense(observations, w, method, kind), None
+    if method == "token" and m.xx is None:
+        return None, None
+    sums = m.chains(index)
+    if method == "sequence":
+        first, second = (sums["x"] * w).sum(-1), sums["ss"]  # Σ s [c, N], Σ s sᵀ [c, N, N]
+    else:
+        first, second = sums["x"].flatten(1), sums["xx"]
+    total = _finish(_covariance(first.sum(0), second.sum(0), sums["count"].sum()), kind, method, run.probes.elements)
+    per_chain = _finish(_covariance(first, second, sums["count"]), kind, method, run.probes.elements)
+    se = per_chain.std(dim=0, unbiased=True) / math.sqrt(len(per_chain))
+    return total, se
+
+
+def _covariance(first: torch.Tensor, second: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Unbiased covariance from Σv [..., P], Σ v vᵀ [..., P, P] and the count [...]."""
+    n = count.reshape(*count.shape, 1, 1)
+    mean = first / count.reshape(*count.shape, 1)
+    return (second - n * mean.unsqueeze(-1) * mean.unsqueeze(-2)) / (n - 1)
+
+
+def _finish(cov: torch.Tensor, kind: str, method: str, elements: int) -> torch.Tensor:
+    """Covariance [..., P, P] → the matrix asked for: correlation or covariance, token layout [.., N, N, K, K]."""
+    if kind == "correlation":
+        std = torch.diagonal(cov, dim1=-2, dim2=-1).clamp(min=0).sqrt()
+        cov = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
+    if method == "sequence":
+        return cov
+    lead, p = cov.shape[:-2], cov.shape[-1]
+    n = p // elements
+    return cov.reshape(*lead, n, elements, n, elements).transpose(-3, -2)
+
+
+def _dense(observations: torch.Tensor, weights, method: str, kind: str) -> torch.Tensor:
+    """The matrix from observations [obs, N, K] held in memory."""
+    values = (observations * weights).sum(-1) if method == "sequence" else observations.flatten(1)
+    centred = values - values.mean(dim=0)
+    cov = centred.T @ centred / (len(values) - 1)
+    return _finish(cov, kind, method, observations.shape[-1])
+
+
+def _from_draws(run, index, method, chains, kind, restriction, rows, cols, block) -> torch.Tensor:
+    """The matrix from the raw draws on disk, ``block`` examples at a time (module docstring)."""
+    if run.raw is None:
+        need = "token_moments=True" if method == "token" else "chain_mean=True"
+        raise FastLLCError(f"influences with method={method!r}, chains={chains!r} need the raw draws or "
+                           f"{need} in the run (and, for chains='mean' from sums, every chain healthy); run with "
+                           "raw='draws.npz' or that option")
+    from .draws import open_draws
+    losses, weights = open_draws(run.raw).losses, run.probes.example_weights()
+    chain_index = index.numpy()
+
+    def read(examples: torch.Tensor) -> torch.Tensor:
+        part = torch.from_numpy(np.asarray(losses[:, :, examples.numpy()], dtype=np.float64)[chain_index])
+        part = part.mean(dim=0) if chains == "mean" else part.flatten(0, 1)  # [obs, b, K]
+        return (part * weights[examples]).sum(-1, keepdim=True) if method == "sequence" else part
+
+    return _blocked(read, rows, cols, block, kind, method)
+
+
+def _blocked(read, rows: torch.Tensor, cols: torch.Tensor, block: int, kind: str, method: str) -> torch.Tensor:
+    """Covariance (or correlation) between ``rows`` and ``cols`` examples from ``read(examples) -> [obs, b, K']``."""
+    wanted = torch.unique(torch.cat([rows, cols]))
+    mean, var = {}, {}
+    for part in wanted.split(block):
+        values = read(part)
+        obs = len(values)
+        for j, e in enumerate(part.tolist()):
+            mean[e], var[e] = values[:, j].mean(0), values[:, j].var(0, unbiased=True)
+    k = next(iter(mean.values())).numel()
+    out = torch.empty(len(rows), len(cols), k, k, dtype=torch.float64)
+    for a in range(0, len(rows), block):
+        left = _centred(read(rows[a:a + block]), rows[a:a + block], mean)
+        for b in range(0, len(cols), block):
+            right = _centred(read(cols[b:b + block]), cols[b:b + block], mean)
+            out[a:a + block, b:b + block] = torch.einsum("oik,ojl->ijkl", left, right) / (obs - 1)
+    if kind == "correlation":
+        sr = torch.stack([var[e] for e in rows.tolist()]).clamp(min=0).sqrt()  # [N1, K]
+        sc = torch.stack([var[e] for e in cols.tolist()]).clamp(min=0).sqrt()
+        out = out / (sr[:, None, :, None] * sc[None, :, None, :])
+    return out[..., 0, 0] if method == "sequence" else out
+
+
+def _centred(values: torch.Tensor, examples: torch.Tensor, mean: dict) -> torch.Tensor:
+    return values - torch.stack([mean[e] for e in examples.tolist()]).unsqueeze(0)
+
+
+__all__ = ["Influence", "KINDS", "METHODS", "REDUCTIONS", "compute_bif"]

@@ -1,0 +1,245 @@
+"""devinterp 2.0.1's ``susceptibilities()`` and ``bif()`` on fastllc: same arguments, same xarray results.
+
+    # from devinterp.slt.susceptibilities import susceptibilities
+    # from devinterp.slt.bif import bif
+    from fastllc.observables.devinterp2 import susceptibilities, bif
+
+``susceptibilities(model, dataset, observables, weight_restrictions, *, sampling_task, lr, n_beta, loss_fn=None,
+include_sampling_task=False, **kwargs)`` returns devinterp's ``DataTree`` (``/susceptibilities``: ``sus``
+[sus_flat, wr] with coordinates ``dataset_id``, ``batch``, ``target_position`` on ``sus_flat`` and ``wr``,
+attribute ``dataset_id_to_name``; ``/context``: ``input_ids`` [ctx_flat] with ``dataset_id``, ``batch``,
+``position``), computed with devinterp's estimator (``fastllc/observables/susceptibilities.py``, "devinterp");
+``bif(model, dataset, observables, *, lr, n_beta, param_masks=None, correlation_method="token",
+reduce_chain_dimension_method="stack", average_tokenwise_bif=False, compute_covariance=False, bif_batch_size=32,
+bif_device=None, loss_fn=None, **kwargs)`` returns devinterp's ``Dataset`` (``influences`` [batch_1, batch_2]
+or [batch_1, batch_2, target_position, target_position_T], float32; ``input_ids`` [batch, position]). The
+``**kwargs`` are devinterp's ``sample()`` keywords with its defaults (``fastllc.compat.devinterp2``, whose
+settings, minibatch order, L̂_n(w*) and training mode this layer shares), plus ``backend``, ``max_memory`` and
+``progress``.
+
+What is devinterp's: the SGLD update and its defaults (localization 0), the minibatch order (its DataLoader's
+first epoch, cycled), L̂_n(w*) over ``num_init_loss_batches`` of those minibatches, the model in training mode
+(dropout on) for the chains and the observables, each observable's ``batch_size·batches_per_draw`` sequences
+(``random.Random(obs_seed).sample``, in that order), observables ordered by name, a draw after each of the steps
+burn-in + k·``num_steps_bw_draws`` (the weights after it), the estimators.
+
+What differs (README, "Observables"): every weight restriction's chains run in ONE batch (devinterp: one
+sampling run per restriction, chain after chain), so restriction g's chain j draws its noise from fastllc's
+counter streams keyed by (init_seed, g·num_chains + j): agreement in distribution, not draw for draw, and no
+common noise across restrictions; probe losses are kept as running sums, never written per step (devinterp: a
+zarr of every step's per-token losses in a temporary folder it does not delete); ``output_path`` (a folder)
+receives the raw draws of all restrictions as one ``draws.npz`` and is never reused (devinterp returns a stored
+run whose sampler settings match, even if the model or data changed); diverging chains are left out (devinterp
+warns and keeps the zeros of the unfinished draws); ``weight_restrictions`` values may also be devinterp names
+(``"l0h1"``, passed to ``create_param_masks``); ``susceptibilities`` adds ``sus_se`` (standard error over
+chains) to ``/susceptibilities``; ``bif_device`` is ignored (the CPU computes it). Refused in one line:
+``loss_fn``, and what ``fastllc.compat.devinterp2`` refuses.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import FastLLCError
+from ..validate import check_bool, check_choice, check_int
+from .bif import compute_bif
+from .recording import Draws
+from .susceptibilities import compute_susceptibilities
+
+
+def to_obs_id(task_name: str) -> str:
+    """devinterp's identifier for an observable name (``devinterp/slt/observables.py``)."""
+    result = "".join(c if c.isalnum() or c == "_" else "_" for c in task_name)
+    if result and result[0].isdigit():
+        result = "_" + result
+    return result or "_"
+
+
+def _compat():
+    from ..compat import devinterp2  # the LLC layer: settings, minibatch order, L̂_n(w*), masks (imported late:
+    return devinterp2                # it re-exports this module)
+
+
+def _observable_tokens(spec, name: str, settings: dict, length: int) -> torch.Tensor:
+    """The fixed sequences of one observable: ``random.Random(obs_seed).sample`` of batch_size·batches_per_draw."""
+    dataset, per_draw = spec if isinstance(spec, tuple) else (spec, settings["batches_per_draw"])
+    check_int(f"observables[{name!r}] batches_per_draw", per_draw, minimum=1)
+    tokens = _compat().dataset_tokens(dataset)
+    count = settings["batch_size"] * per_draw
+    if len(tokens) < count:
+        raise FastLLCError(f"observable {name!r} has {len(tokens)} sequences, fewer than batch_size·batches_per_draw"
+                           f" = {count}")
+    if tokens.shape[1] != length:
+        raise FastLLCError(f"observable {name!r} has sequences of length {tokens.shape[1]}, the dataset {length}")
+    return tokens[random.Random(settings["obs_seed"]).sample(range(len(tokens)), count)]
+
+
+def _probe_sets(observables, settings: dict, length: int) -> dict:
+    """{obs id: tokens} in devinterp's order (sorted ids), each observable's sequences as devinterp picks them."""
+    if not isinstance(observables, dict) or not observables:
+        raise FastLLCError("observables must be a non-empty dict {name: dataset or (dataset, batches_per_draw)}")
+    ids = {to_obs_id(name): name for name in observables}
+    if len(ids) < len(observables):
+        raise FastLLCError(f"observable names {list(observables)} collide as devinterp identifiers")
+    return {oid: _observable_tokens(observables[ids[oid]], ids[oid], settings, length) for oid in sorted(ids)}
+
+
+def _orders(n: int, settings: dict, steps: int, groups: int) -> torch.Tensor:
+    """devinterp's minibatch indices for ``steps`` steps [R, steps, m]; per-chain orders repeated per group."""
+    s, compat = settings, _compat()
+    seeds = ([s["init_seed"]] if s["match_sampling_input_ids_across_chains"]
+             else [s["init_seed"] + c for c in range(s["num_chains"])])
+    accumulate, b = s["gradient_accumulation_steps"], s["batch_size"]
+    orders = []
+    for seed in seeds:
+        epoch = compat.devinterp_order(n, b, seed, s["shuffle"])
+        needed = max(steps, s["num_init_loss_batches"]) * accumulate
+        orders.append(epoch[torch.arange(needed) % len(epoch)].reshape(-1, accumulate * b))
+    orders = torch.stack(orders)
+    return orders if len(orders) == 1 else orders.repeat(groups, 1, 1)
+
+
+def _restrictions(model, weight_restrictions: dict) -> dict:
+    """{wr name: {parameter: mask} or None}: devinterp ParamMasks, None (full) or devinterp names."""
+    compat, out = _compat(), {}
+    for name, masks in weight_restrictions.items():
+        if isinstance(masks, (str, list)):
+            masks = compat.create_param_masks(model, masks)
+        out[str(name)] = compat.param_mask_selection(model, masks)
+    return out
+
+
+def _run(model, dataset, observables, restrictions: dict, lr, n_beta, kwargs, **recorder):
+    """One batched run of every restriction with devinterp's settings; (run, probe tokens by obs id)."""
+    from .lm import observe_lm
+    compat = _compat()
+    s = compat._settings(lr, n_beta, observables, None, kwargs)
+    model = _load(model)
+    tokens = compat.dataset_tokens(dataset)
+    probes = _probe_sets(observables, s, tokens.shape[1])
+    masks = _restrictions(model, restrictions)
+    steps = s["num_burnin_steps"] + s["num_draws"] * s["num_steps_bw_draws"] + 1  # devinterp draws after a step
+    draws = Draws(steps, first=s["num_burnin_steps"] + 1, thin=s["num_steps_bw_draws"])
+    orders = _orders(len(tokens), s, steps, len(masks))
+    settings = dict(compat._fastllc_settings(s), steps=steps)
+    device = s["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    raw = _raw_path(s["output_path"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s["init_seed"])  # dropout masks: seeded, the caller's generator untouched
+        init = compat._init_loss(model, tokens, orders[:s["num_chains"]], s)  # per chain, then averaged
+        dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        run = observe_lm(model, tokens, probes, restrictions=masks, init_loss=init, dropout=True, draws=draws,
+                         randomness=compat.DevinterpBatches(orders, s["init_seed"], len(tokens), dim), raw=raw,
+                         device=device, backend=s["backend"], max_memory=s["max_memory"], progress=s["progress"],
+                         **settings, **recorder)
+    return run, probes
+
+
+def _load(model):
+    from ..lm import load_causal_lm
+    return load_causal_lm(model)
+
+
+def _raw_path(output_path):
+    if output_path is None:
+        return None
+    folder = Path(output_path)
+    if folder.exists():
+        raise FastLLCError(f"output_path {folder} exists; fastllc never reuses a stored run (devinterp would, if its "
+                           "sampler settings matched): remove it or choose another path")
+    folder.mkdir(parents=True)
+    return folder / "draws.npz"
+
+
+def susceptibilities(model, dataset, observables: dict, weight_restrictions: dict, *, sampling_task: str, lr: float,
+                     n_beta: float, loss_fn=None, include_sampling_task: bool = False, **kwargs):
+    """devinterp 2.0.1's ``susceptibilities`` (module docstring): a ``DataTree``; every restriction, "full"
+    included, in one batched run."""
+    import xarray  # noqa: F401  (the result type)
+    _no_loss_fn(loss_fn)
+    check_bool("include_sampling_task", include_sampling_task)
+    if not isinstance(weight_restrictions, dict) or "full" not in weight_restrictions:
+        raise FastLLCError("weight_restrictions must include a 'full' key (use None for the full model)")
+    if not isinstance(observables, dict) or sampling_task not in observables:
+        raise FastLLCError(f"sampling_task {sampling_task!r} not found in observables: "
+                           f"{list(observables) if isinstance(observables, dict) else observables!r}")
+    if not include_sampling_task and len(observables) < 2:
+        raise FastLLCError("need at least one observable besides sampling_task (or include_sampling_task=True)")
+    restrictions = {"full": weight_restrictions["full"], **weight_restrictions}
+    run, probes = _run(model, dataset, observables, restrictions, lr, n_beta, kwargs)
+    chi = compute_susceptibilities(run, to_obs_id(sampling_task), estimator="devinterp")
+    keep = [o for o in probes if include_sampling_task or o != to_obs_id(sampling_task)]
+    return _sus_tree(chi, probes, keep, [wr for wr in run.groups if wr != "full"])
+
+
+def _sus_tree(chi, probes: dict, keep: list, wr_order: list):
+    """devinterp's SusceptibilitiesV2 layout (``devinterp/slt/susceptibilities.py`` ``_build_output``)."""
+    import xarray as xr
+    rows = [list(chi.restrictions).index(wr) for wr in wr_order]
+    sus, se, sus_coords, ids, ids_coords = [], [], [], [], []
+    for i, oid in enumerate(keep):
+        part = slice(chi.offsets[chi.probe_sets.index(oid)], chi.offsets[chi.probe_sets.index(oid) + 1])
+        values, errors = chi.token[rows][:, part], chi.token_se[rows][:, part]  # [wr, batch, T−1]
+        batch, length = values.shape[1:]
+        sus.append(values.reshape(len(rows), -1).T.float().numpy())  # float32, as devinterp's (its zarr)
+        se.append(errors.reshape(len(rows), -1).T.float().numpy())
+        grid = np.meshgrid(np.arange(batch), np.arange(1, length + 1), indexing="ij")
+        sus_coords.append((np.full(batch * length, i), grid[0].ravel(), grid[1].ravel()))
+        tokens = probes[oid].numpy()
+        ids.append(tokens.ravel())
+        grid = np.meshgrid(np.arange(tokens.shape[0]), np.arange(tokens.shape[1]), indexing="ij")
+        ids_coords.append((np.full(tokens.size, i), grid[0].ravel(), grid[1].ravel()))
+    flat = lambda parts, k: np.concatenate([p[k] for p in parts])
+    sus_c = xr.Coordinates({"dataset_id": ("sus_flat", flat(sus_coords, 0)), "batch": ("sus_flat", flat(sus_coords, 1)),
+                            "target_position": ("sus_flat", flat(sus_coords, 2))}, indexes={})
+    ids_c = xr.Coordinates({"dataset_id": ("ctx_flat", flat(ids_coords, 0)), "batch": ("ctx_flat", flat(ids_coords, 1)),
+                            "position": ("ctx_flat", flat(ids_coords, 2))}, indexes={})
+    attrs = {"dataset_id_to_name": list(keep)}
+    return xr.DataTree.from_dict({
+        "/susceptibilities": xr.Dataset({"sus": (["sus_flat", "wr"], np.concatenate(sus)),
+                                         "sus_se": (["sus_flat", "wr"], np.concatenate(se))},
+                                        coords=sus_c.merge(xr.Coordinates({"wr": wr_order})), attrs=attrs),
+        "/context": xr.Dataset({"input_ids": (["ctx_flat"], np.concatenate(ids))}, coords=ids_c, attrs=attrs)})
+
+
+def _no_loss_fn(loss_fn) -> None:
+    if loss_fn is not None:
+        raise FastLLCError("loss_fn is not supported by fastllc's devinterp 2 layer (it runs the next-token "
+                           "cross-entropy); drop loss_fn or use devinterp itself")
+
+
+def bif(model, dataset, observables: dict, *, lr: float, n_beta: float, param_masks=None,
+        correlation_method: str = "token", reduce_chain_dimension_method: str = "stack",
+        average_tokenwise_bif: bool = False, compute_covariance: bool = False, bif_batch_size: int = 32,
+        bif_device=None, loss_fn=None, **kwargs):
+    """devinterp 2.0.1's ``bif`` (module docstring): an ``xarray.Dataset`` with ``influences`` and ``input_ids``."""
+    import xarray as xr
+    _no_loss_fn(loss_fn)
+    check_choice("correlation_method", correlation_method, ("token", "sequence"))
+    check_choice("reduce_chain_dimension_method", reduce_chain_dimension_method, ("stack", "mean"))
+    for name, value in (("average_tokenwise_bif", average_tokenwise_bif), ("compute_covariance", compute_covariance)):
+        check_bool(name, value)
+    check_int("bif_batch_size", bif_batch_size, minimum=1)
+    wanted = {"token_moments": correlation_method == "token" and reduce_chain_dimension_method == "stack",
+              "chain_mean": reduce_chain_dimension_method == "mean"}
+    run, probes = _run(model, dataset, observables, {"full": param_masks}, lr, n_beta, kwargs, **wanted)
+    result = compute_bif(run, restriction="full", method=correlation_method, chains=reduce_chain_dimension_method,
+                         kind="covariance" if compute_covariance else "correlation",
+                         average_tokens=average_tokenwise_bif, block=bif_batch_size)
+    n = len(result.rows)
+    dims, coords = ["batch_1", "batch_2"], {"batch_1": np.arange(n), "batch_2": np.arange(n)}
+    if result.matrix.dim() == 4:
+        length = result.matrix.shape[-1]
+        dims += ["target_position", "target_position_T"]
+        coords.update(target_position=np.arange(1, length + 1), target_position_T=np.arange(1, length + 1))
+    out = xr.DataArray(result.matrix.float().numpy(), name="influences", dims=dims, coords=coords).to_dataset()
+    out["input_ids"] = xr.DataArray(torch.cat(list(probes.values())).numpy(), dims=["batch", "position"])
+    out.attrs["fastllc"] = run.results["full"].to_json()
+    return out
+
+
+__all__ = ["bif", "susceptibilities", "to_obs_id"]

@@ -1,0 +1,104 @@
+"""Running sums of the probe losses over the draws, one set per chain (float64, on the sampling device).
+
+At each draw d, chain c's probes give x_cd [N, K] (the element losses: K tokens of each of the N probe examples;
+K = 1 for one loss per example), s_cd [N] (each example's loss: the weighted mean of its elements) and m_cd [O]
+(each of the O probe sets' mean loss, weighted by elements). Kept, per chain, summed over its draws:
+
+    count   [C]              draws
+    x       [C, N, K]        Σ x                   means
+    ss      [C, N, N]        Σ s sᵀ                sequence influences (compute_bif, method "sequence")
+    m, mm   [C, O], [C, O, O]  Σ m, Σ m mᵀ         susceptibilities: any probe set may be the sampling task
+    mx      [C, O, N, K]     Σ m ⊗ x               susceptibilities, per token
+    xx      [C, NK, NK]      Σ vec(x) vec(x)ᵀ      token influences (method "token"; only with ``token_moments``)
+    draw_sum [G, D, N, K]    Σ over group g's chains of x_cd, per draw (chains averaged; only with ``chain_mean``)
+
+Bytes (``bytes``): 8·C·(1 + NK·(1 + O) + N² + O + O²), plus 8·C·(NK)² with token moments, plus 8·G·D·NK with the
+chain mean. Per-chain sums give each statistic chain by chain, hence standard errors from the spread over chains.
+Chains of one call are a contiguous range (the ``generic`` backend's groups); distinct ranges are added from
+distinct threads without a lock (disjoint rows), ``draw_sum`` under one.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, fields
+
+import torch
+
+FIELDS = ("count", "x", "ss", "m", "mm", "mx", "xx", "draw_sum")
+
+
+def moments_bytes(chains: int, examples: int, elements: int, sets: int, *, token_moments: bool = False,
+                  groups: int = 0, draws: int = 0) -> int:
+    """Bytes of the running sums (module docstring)."""
+    nk = examples * elements
+    per_chain = 1 + nk * (1 + sets) + examples ** 2 + sets + sets ** 2 + (nk ** 2 if token_moments else 0)
+    return 8 * (chains * per_chain + groups * draws * nk)
+
+
+@dataclass
+class Moments:
+    """The sums (module docstring); ``group_bounds``: (lo, hi) chain range of each group, for ``draw_sum``."""
+
+    count: torch.Tensor
+    x: torch.Tensor
+    ss: torch.Tensor
+    m: torch.Tensor
+    mm: torch.Tensor
+    mx: torch.Tensor
+    xx: torch.Tensor | None
+    draw_sum: torch.Tensor | None
+    group_bounds: tuple
+
+    @classmethod
+    def zeros(cls, chains: int, examples: int, elements: int, sets: int, group_bounds, draws: int, *,
+              token_moments: bool, chain_mean: bool, device) -> "Moments":
+        z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)
+        nk = examples * elements
+        return cls(z(chains), z(chains, examples, elements), z(chains, examples, examples), z(chains, sets),
+                   z(chains, sets, sets), z(chains, sets, examples, elements),
+                   z(chains, nk, nk) if token_moments else None,
+                   z(len(group_bounds), draws, examples, elements) if chain_mean else None, tuple(group_bounds))
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self) -> dict:
+        return {name: getattr(self, name) for name in FIELDS if getattr(self, name) is not None}
+
+    def add(self, lo: int, hi: int, draw: int, x: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> None:
+        """Chains lo..hi−1 at draw ``draw``: x [c, N, K], s [c, N], m [c, O] (float64)."""
+        self.count[lo:hi] += 1
+        self.x[lo:hi] += x
+        self.ss[lo:hi].baddbmm_(s.unsqueeze(2), s.unsqueeze(1))
+        self.m[lo:hi] += m
+        self.mm[lo:hi].baddbmm_(m.unsqueeze(2), m.unsqueeze(1))
+        self.mx[lo:hi] += m[:, :, None, None] * x[:, None]
+        if self.xx is not None:
+            flat = x.reshape(len(x), -1)
+            self.xx[lo:hi].baddbmm_(flat.unsqueeze(2), flat.unsqueeze(1))
+        if self.draw_sum is not None:
+            with self._lock:
+                for g, (a, b) in enumerate(self.group_bounds):
+                    if max(a, lo) < min(b, hi):
+                        self.draw_sum[g, draw] += x[max(a, lo) - lo : min(b, hi) - lo].sum(dim=0)
+
+    def cpu(self) -> "Moments":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Moments(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
+    def chains(self, index) -> dict:
+        """Every per-chain sum restricted to the chains ``index`` (a bool mask or indices), each [c, ...]."""
+        return {name: t[index] for name, t in self.tensors().items() if name != "draw_sum"}
+
+
+def pooled(sums: dict) -> dict:
+    """Per-chain sums (``Moments.chains``) summed over their chains: the sums of all their draws together."""
+    return {name: t.sum(dim=0) for name, t in sums.items()}
+
+
+__all__ = ["Moments", "moments_bytes", "pooled"]

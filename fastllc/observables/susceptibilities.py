@@ -1,0 +1,160 @@
+"""Susceptibilities of every weight restriction to every probe set, per token, per sequence and per set.
+
+Definition (Baker, Wang, Hoogland, Murfet 2025, "Structural inference: interpreting small language models with
+susceptibilities", arXiv:2504.18274, §3 and App. C.4). Shift the data distribution q toward a probe distribution
+q', q_h = (1 − h)·q + h·q'. For an observable φ of the weights, under the localised tempered posterior
+(∝ exp(−nβ·L_q(w) − γ/2·‖w − w*‖²)), the fluctuation–dissipation identity gives
+    ∂/∂h E_h[φ] |_{h=0} = −nβ · Cov(φ, L_{q'} − L_q),      and   χ := −Cov(φ, L_{q'} − L_q)
+(the susceptibility up to the factor nβ), which splits over the probe's tokens xy: χ_xy = −Cov(φ, ℓ_xy − L_q).
+The component observable of a restriction C is φ_C = L_q(w) − L_q(w*) sampled with only C's weights moving (its
+chain group). Here L_q(w) is m_task, the mean loss of the probe set drawn from the sampling distribution (the
+``task``), and L_q(w*) the run's L_n(w*) (``init_loss``).
+
+Sign convention (the paper's and devinterp 2.0.1's, without nβ): χ < 0 means that up-weighting the probe lowers
+the component's expected loss E[φ_C]; χ > 0 that it raises it. χ of the task set itself is 0 (it is left out
+unless ``include_task``).
+
+Estimators over a restriction's draws (all its healthy chains stacked; x a probe element's loss, m = m_task):
+    "covariance" (default): χ̂ = mean(φ·(m − x)) − mean(φ)·mean(m − x) = −Cov_g(m, x − m)   (φ's constant drops)
+    "devinterp": devinterp 2.0.1's ``compute_susceptibilities`` (devinterp/slt/susceptibilities.py), which centres
+                 on the FULL restriction's mean difference instead of the group's own:
+                 χ̂ = mean_g(φ·m) − mean_g(φ·x) − mean_g(φ)·(mean_full(m) − mean_full(x)).
+The two agree for the full restriction; for another one the devinterp estimator adds
+E_g[φ]·(E_g[m − x] − E_full[m − x]), which depends on L_n(w*). χ is linear in the observable, so a sequence's χ is
+the weighted mean of its tokens' and a probe set's the mean of its elements'. Standard errors: the spread of the
+same estimator over the restriction's chains (each chain's own draws), std/√chains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FastLLCError
+from ..validate import check_choice
+from .moments import pooled
+from .run import ObservedRun
+
+ESTIMATORS = ("covariance", "devinterp")
+
+
+@dataclass
+class Susceptibilities:
+    """χ and its standard error per restriction × (token [N, K] | example [N] | probe set [O])."""
+
+    restrictions: list
+    probe_sets: list  # the probe sets' names (columns of ``sets``)
+    task: str
+    estimator: str
+    token: torch.Tensor  # [G, N, K]
+    token_se: torch.Tensor
+    example: torch.Tensor  # [G, N]
+    example_se: torch.Tensor
+    sets: torch.Tensor  # [G, O]
+    sets_se: torch.Tensor
+    chains: list  # healthy chains per restriction
+    offsets: tuple  # the probe sets' example ranges
+
+    def table(self, include_task: bool = False) -> str:
+        """χ ± se, one row per restriction, one column per probe set."""
+        columns = [o for o, name in enumerate(self.probe_sets) if include_task or name != self.task]
+        head = "restriction".ljust(14) + "".join(self.probe_sets[o].rjust(24) for o in columns)
+        rows = [head]
+        for g, name in enumerate(self.restrictions):
+            cells = "".join(f"{self.sets[g, o]:+.4g} ± {self.sets_se[g, o]:.2g}".rjust(24) for o in columns)
+            rows.append(str(name).ljust(14) + cells)
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "estimator": self.estimator, "chains": self.chains,
+                "susceptibility": {r: {p: float(self.sets[g, o]) for o, p in enumerate(self.probe_sets)}
+                                   for g, r in enumerate(self.restrictions)},
+                "se": {r: {p: float(self.sets_se[g, o]) for o, p in enumerate(self.probe_sets)}
+                       for g, r in enumerate(self.restrictions)}}
+
+
+def _means(sums: dict, task: int) -> tuple:
+    """(E[m_task], E[m_task²], E[x], E[m_task·x]) of per-chain or pooled sums (leading dims kept)."""
+    n = sums["count"]
+    n_x = n.reshape(*n.shape, 1, 1)
+    return (sums["m"][..., task] / n, sums["mm"][..., task, task] / n, sums["x"] / n_x,
+            sums["mx"][..., task, :, :] / n_x)
+
+
+def _chi(sums: dict, task: int, estimator: str, init_loss: float, full_difference) -> torch.Tensor:
+    """χ per token [..., N, K] from sums (module docstring); ``full_difference``: E_full[m − x] [N, K]."""
+    em, emm, ex, emx = _means(sums, task)
+    em_, emm_ = em[..., None, None], emm[..., None, None]
+    if estimator == "covariance":
+        return (emm_ - em_ * em_) - (emx - em_ * ex)
+    e_phi_m = emm_ - init_loss * em_
+    e_phi_x = emx - init_loss * ex
+    return e_phi_m - e_phi_x - (em_ - init_loss) * full_difference
+
+
+def compute_susceptibilities(run: ObservedRun, task: str, *, estimator: str = "covariance",
+                             full: str = "full") -> Susceptibilities:
+    """χ of every restriction of ``run`` to every probe set, with ``task`` the probe set drawn from the sampling
+    distribution (module docstring). ``estimator="devinterp"`` needs the unrestricted group, named ``full``."""
+    check_choice("estimator", estimator, ESTIMATORS)
+    run.probes.rows(task)  # a one-line error for an unknown name
+    t = run.probes.names.index(task)
+    centre = _full_difference(run, t, full) if estimator == "devinterp" else None
+    set_w, example_w = run.probes.set_weights(), run.probes.example_weights()
+    out = {key: [] for key in ("token", "token_se", "example", "example_se", "sets", "sets_se")}
+    chains = []
+    for name in run.groups:
+        index = run.chains(name)
+        if len(index) == 0:
+            raise FastLLCError(f"restriction {name!r} has no healthy chain: lower epsilon or nbeta")
+        value, pseudo, extra = _restriction(run, index, t, estimator, centre, name == full)
+        views = {"token": lambda a: a, "example": lambda a: (a * example_w).sum(-1),
+                 "sets": lambda a: torch.einsum("...nk,onk->...o", a, set_w)}
+        for key, view in views.items():
+            variance = _se(view(pseudo)) ** 2 + (0.0 if extra is None else _se(view(extra)) ** 2)
+            out[key].append(view(value))
+            out[key + "_se"].append(variance.sqrt())
+        chains.append(len(index))
+    stacked = {key: torch.stack(values) for key, values in out.items()}
+    return Susceptibilities(list(run.groups), list(run.probes.names), task, estimator, chains=chains,
+                            offsets=run.probes.offsets, **stacked)
+
+
+def _full_difference(run: ObservedRun, task: int, full: str) -> tuple:
+    """(E_full[m − x] [N, K] pooled, per full chain [c, N, K]): the devinterp estimator's centre."""
+    if full not in run.groups:
+        raise FastLLCError(f"the devinterp estimator centres on the unrestricted run: name it {full!r} in "
+                           "restrictions (None selects every weight)")
+    sums = run.moments.chains(run.chains(full))
+    em, _, ex, _ = _means(pooled(sums), task)
+    em_c, _, ex_c, _ = _means(sums, task)
+    return em - ex, em_c[:, None, None] - ex_c
+
+
+def _restriction(run, index, task, estimator, centre, is_full) -> tuple:
+    """(χ [N, K], per-chain pseudo-values [c, N, K], the centre's per-chain contribution [c', N, K] or None) of one
+    restriction: the standard error is √(var(pseudo)/c + var(centre part)/c'), a delta method over chains."""
+    sums = run.moments.chains(index)
+    difference = None if centre is None else centre[0]
+    value = _chi(pooled(sums), task, estimator, run.init_loss, difference)
+    pseudo = _chi(sums, task, estimator, run.init_loss, difference)  # [c, N, K] with the centre held fixed
+    extra = None
+    if centre is not None:
+        e_phi = float(_means(pooled(sums), task)[0]) - run.init_loss  # ∂χ/∂centre = −E_g[φ]
+        if is_full:  # the centre comes from these very chains: their pseudo-values carry its fluctuation
+            pseudo = pseudo - e_phi * (centre[1] - centre[0])
+        else:  # an independent estimate from the full chains: its own variance adds
+            extra = -e_phi * centre[1]
+    return value, pseudo, extra
+
+
+def _se(values: torch.Tensor) -> torch.Tensor:
+    """std over the leading (chain) axis / √chains; NaN with one chain."""
+    if len(values) < 2:
+        return torch.full(values.shape[1:], math.nan, dtype=torch.float64)
+    return values.std(dim=0, unbiased=True) / math.sqrt(len(values))
+
+
+__all__ = ["ESTIMATORS", "Susceptibilities", "compute_susceptibilities"]
