@@ -493,5 +493,15 @@ def _merged(masks_list: list[dict]) -> dict:
     return merged
 
 
+def __getattr__(name: str):
+    """``susceptibilities`` and ``bif``, devinterp 2.0.1's other sampling entry points, from
+    ``fastllc.observables.devinterp2`` (imported on first use: that module builds on this one)."""
+    if name in ("susceptibilities", "bif"):
+        from ..observables import devinterp2 as observables
+
+        return getattr(observables, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["llc", "create_param_masks", "as_dataset", "dataset_tokens", "devinterp_order", "param_mask_selection",
            "DevinterpBatches", "DEFAULTS", "SPECS"]

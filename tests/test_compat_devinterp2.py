@@ -1,0 +1,172 @@
+"""fastllc.compat.devinterp2 without devinterp 2.0.1 (tests/compat2 compares with it in its own environment):
+devinterp's minibatch order and L̂_n(w*), λ̂ over every step, the Dataset's fields and dtypes, masks, the cache at
+output_path, what fastllc.lm.estimate gained for it (dropout, mask dicts), and one-line refusals."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import fastllc.lm as lm
+from fastllc.compat import devinterp2
+from fastllc.compat.devinterp2 import create_param_masks, devinterp_order, llc
+from fastllc.errors import FastLLCError
+
+from lm_models import gpt2, neox, tokens
+
+pytest.importorskip("xarray")
+FAST = dict(lr=1e-4, n_beta=20.0, num_chains=3, num_draws=6, num_burnin_steps=2, batch_size=4,
+            num_init_loss_batches=3)
+
+
+def still():
+    """A GPT-2 without dropout: devinterp evaluates in training mode, so only then is the loss a function of w."""
+    return gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def loss_on(model, rows):
+    with lm.sampling_mode(model):
+        return lm.loss_at(lm.CausalLM(model), lm.token_data(rows))
+
+
+def test_the_order_is_that_of_devinterps_seeded_loader():
+    order = devinterp_order(10, 4, seed=100, shuffle=True)
+    loader = DataLoader(list(range(10)), batch_size=4, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(100))
+    assert torch.equal(order, torch.stack(list(loader))) and order.shape == (2, 4)
+    assert torch.equal(devinterp_order(9, 3, seed=5, shuffle=False), torch.arange(9).reshape(3, 3))
+
+
+def test_chains_see_devinterps_minibatches_and_its_loss_at_w_star():
+    model, toks = still(), tokens(12)  # 12 sequences, batches of 4: an epoch of 3 minibatches, cycled
+    out = llc(model, toks, None, **dict(FAST, lr=1e-12, num_init_loss_batches=4))
+    epoch = devinterp_order(12, 4, seed=100, shuffle=True)
+    first = epoch[[0, 1, 2, 0]].reshape(-1)  # 4 init batches from an epoch of 3: the cycle replays batch 0
+    assert float(out.init_loss) == pytest.approx(loss_on(model, toks[first]), rel=1e-6)
+    for step in range(4):  # lr ~ 0: each step's loss is the loss at w* on that step's minibatch, every chain
+        expected = loss_on(model, toks[epoch[step % 3]])
+        np.testing.assert_allclose(out.loss_trace.values[:, step], expected, rtol=1e-5)
+
+
+def test_without_matching_each_chain_has_its_own_order_and_loss_at_w_star():
+    model, toks = still(), tokens(16)
+    out = llc(model, toks, {}, **dict(FAST, lr=1e-12, match_sampling_input_ids_across_chains=False,
+                                      gradient_accumulation_steps=2, batch_size=2))
+    inits = []
+    for chain in range(3):
+        epoch = devinterp_order(16, 2, seed=100 + chain, shuffle=True)
+        inits.append(loss_on(model, toks[epoch[:6].reshape(-1)]))  # 3 batches × 2 accumulated
+        np.testing.assert_allclose(out.loss_trace.values[chain, 0], loss_on(model, toks[epoch[:2].reshape(-1)]),
+                                   rtol=1e-5)
+    assert float(out.init_loss) == pytest.approx(np.mean(inits), rel=1e-6)
+
+
+def test_the_dataset_is_devinterps_with_every_step_averaged():
+    model = gpt2()
+    out = llc(model, tokens(16), {"train": tokens(16)}, **FAST)
+    assert out.sizes == {"chain": 3, "step": 2 + 6} and not out.coords
+    for name in ("llc_mean", "llc_std", "llc_per_chain", "loss_trace"):
+        assert out[name].dtype == np.float32, name
+    for name in ("llc_scalar", "init_loss"):
+        assert out[name].dtype == np.float64, name
+    trace = out.loss_trace.values.astype(np.float64)
+    per_chain = 20.0 * (trace.mean(axis=1) - float(out.init_loss))  # burn-in steps included, as devinterp
+    np.testing.assert_allclose(out.llc_per_chain.values, per_chain, rtol=1e-4, atol=1e-5)
+    assert float(out.llc_std) == pytest.approx(np.std(per_chain), rel=1e-4, abs=1e-6)  # ddof 0 (xarray's std)
+    assert float(out.llc_scalar) == pytest.approx(20.0 * (trace.mean() - float(out.init_loss)), rel=1e-6, abs=1e-9)
+    assert out.healthy.values.all() and math.isfinite(float(out.llc_se)) and "llc_mean" in out.attrs["fastllc"]
+
+
+def test_rmsprop_settings_reach_fastllc():
+    out = llc(gpt2(), tokens(16), None, **dict(FAST, lr=1e-6, sampling_method="rmsprop_sgld", rmsprop_alpha=0.9,
+                                              sampling_method_kwargs={"eps": 0.2}))
+    assert '"sampler": "rmsprop_sgld"' in out.attrs["fastllc"]
+    settings = devinterp2._settings(1e-6, 20.0, None, None, dict(sampling_method="rmsprop_sgld", rmsprop_alpha=0.9,
+                                                                 sampling_method_kwargs={"eps": 0.2}))
+    assert (settings["rmsprop_alpha"], settings["rmsprop_eps"]) == (0.9, 0.2)
+
+
+def test_masks_are_devinterps_and_restrict_the_chains():
+    model = gpt2()
+    for head in ("l0h0", "l1h3"):
+        ours = {k: v for k, v in create_param_masks(model, head).items()}
+        assert {k: torch.equal(v, lm.name_mask(model, head)[k]) for k, v in ours.items()} == \
+            {k: True for k in lm.name_mask(model, head)}  # GPT-2 heads: the same elements as fastllc.lm's names
+    assert list(create_param_masks(model, "embed")) == ["transformer.wte.weight"]  # devinterp's: no wpe
+    assert create_param_masks(model, "unembed") == {}  # lm_head.weight is tied: named_parameters() omits it
+    assert all(v is None for v in create_param_masks(model, "full").values())
+    merged = create_param_masks(neox(), ["l0h1", "l0 attn"])
+    assert all(v is None for v in merged.values()) and len(merged) == 4
+    with pytest.raises(FastLLCError, match="selects no weight"):
+        llc(model, tokens(16), None, param_masks=create_param_masks(model, "unembed"), **FAST)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = llc(model, tokens(16), None, param_masks=create_param_masks(model, "l0h1"), **FAST)
+    assert '"sampled_weights": 1048' in out.attrs["fastllc"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model.training
+
+
+def test_output_path_caches_the_result_and_refuses_other_settings(tmp_path, monkeypatch):
+    path = tmp_path / "samples.zarr"
+    first = llc(gpt2(), tokens(16), None, output_path=str(path), **FAST)
+    monkeypatch.setattr(lm, "estimate", lambda *a, **k: pytest.fail("the cached result should be returned"))
+    again = llc(gpt2(), tokens(16), None, output_path=str(path), **FAST)
+    for name, variable in first.data_vars.items():
+        assert again[name].dtype == variable.dtype and np.array_equal(again[name].values, variable.values), name
+    with pytest.raises(FastLLCError, match=r"other settings \(lr\)"):
+        llc(gpt2(), tokens(16), None, output_path=str(path), **dict(FAST, lr=2e-4))
+    (tmp_path / "theirs.zarr").mkdir()
+    with pytest.raises(FastLLCError, match="holds no readable fastllc result"):
+        llc(gpt2(), tokens(16), None, output_path=str(tmp_path / "theirs.zarr"), **FAST)
+
+
+def test_fastllc_lm_estimate_in_training_mode_and_with_a_mask_dict():
+    model, toks = gpt2(), tokens(16)  # GPT-2's default dropout 0.1
+    settings = dict(chains=2, steps=6, batch_size=4, epsilon=1e-4, gamma=1000.0, nbeta=20.0)
+    torch.manual_seed(1)
+    on = lm.estimate(model, toks, dropout=True, **settings)
+    torch.manual_seed(1)
+    again = lm.estimate(model, toks, dropout=True, **settings)
+    off = lm.estimate(model, toks, **settings)
+    assert torch.equal(on.loss_trace, again.loss_trace) and on.init_loss > off.init_loss  # dropout raises the loss
+    assert model.training
+    masks = {k: v.clone() for k, v in lm.name_mask(model, "l0h1").items()}
+    assert lm.estimate(model, toks, restrict=masks, **settings).sampled_weights == 1048
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(loss_fn=lambda m, x: x), "loss_fn is not supported"),
+    (dict(noise_level=0.5), "noise_level=0.5 is not supported"),
+    (dict(llc_weight_decay=0.1), "llc_weight_decay"),
+    (dict(bounding_box_size=1.0), "bounding_box_size"),
+    (dict(init_noise=0.01), "init_noise"),
+    (dict(sampling_method="sgnht"), "sampling_method must be"),
+    (dict(rmsprop_eps=0.1), "only be set when sampling_method='rmsprop_sgld'"),
+    (dict(sampling_method="rmsprop_sgld", rmsprop_eps=0.1, sampling_method_kwargs={"eps": 0.1}), "both"),
+    (dict(sampling_method_kwargs={"sketch_dim": 8}), "sketch_dim not supported"),
+    (dict(num_chian=4), "unexpected keyword argument"),
+    (dict(num_chains=0), "num_chains must be at least 1"),
+    (dict(lr=0.0), "lr must be greater than 0"),
+    (dict(batch_size=32), "fewer than batch_size=32"),
+    (dict(param_masks={"transformer.wte.weigth": None}), "closest: 'transformer.wte.weight'"),
+    (dict(param_masks={"transformer.wte.weight": torch.ones(2, 2)}), "has shape"),
+    (dict(param_masks=["l0h1"]), "param_masks must be a dict"),
+])
+def test_unsupported_arguments_are_refused_in_one_line(settings, message):
+    kwargs = {**FAST, **settings}
+    with pytest.raises(FastLLCError, match=message) as error:
+        llc(gpt2(), tokens(16), None, **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_create_param_masks_refusals():
+    for restriction, message in [("l5h0", "layer 5 out of range"), ("l0h9", "head 9 out of range"),
+                                 ("l0g7", "group 7 out of range"), ("heads", "unknown restriction"),
+                                 (["full", "l0"], "cannot combine 'full'"), (3, "str or list")]:
+        with pytest.raises(FastLLCError, match=message):
+            create_param_masks(gpt2(), restriction)
+    bert = torch.nn.Linear(2, 2)
+    bert.config = type("Config", (), {"model_type": "bert"})()
+    with pytest.raises(FastLLCError, match="model type 'bert'"):
+        create_param_masks(bert, "l0h0")
