@@ -30,17 +30,23 @@ from ..storage import check_writable_file, remove, temporary_sibling, writing
 _CHUNK = 16 << 20  # bytes copied at a time when packing
 
 
+def check_raw_path(path) -> Path:
+    """``path`` as the draws file: a ``.npz`` that does not exist yet, in a writable place (one-line errors)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise FastLLCError(f"raw draws are written to a .npz file, got {os.fspath(path)!r}")
+    if path.exists():
+        raise FastLLCError(f"{os.fspath(path)!r} exists; fastllc never reuses or overwrites a run's draws: remove it "
+                           "or choose another path")
+    check_writable_file(path)
+    return path
+
+
 class RawWriter:
     """The draws streamed into a memory-mapped array, packed into ``path`` by ``finish`` (module docstring)."""
 
     def __init__(self, path, chains: int, draws: int, examples: int, elements: int):
-        self.path = Path(path)
-        if self.path.suffix != ".npz":
-            raise FastLLCError(f"raw draws are written to a .npz file, got {os.fspath(path)!r}")
-        if self.path.exists():
-            raise FastLLCError(f"{os.fspath(path)!r} exists; fastllc never reuses or overwrites a run's draws: "
-                               "remove it or choose another path")
-        check_writable_file(self.path)
+        self.path = check_raw_path(path)
         self.folder = temporary_sibling(self.path)
         with writing(self.path):
             self.folder.mkdir(parents=True)
@@ -126,4 +132,4 @@ def _map_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
-__all__ = ["RawDraws", "RawWriter", "open_draws"]
+__all__ = ["RawDraws", "RawWriter", "check_raw_path", "open_draws"]

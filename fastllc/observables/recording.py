@@ -139,6 +139,9 @@ class Recorder:
             raise FastLLCError(f"the running sums need {format_bytes(self.bytes)}, more than max_memory "
                                f"{format_bytes(max_memory)}; drop token_moments/chain_mean, use fewer probe "
                                "examples, or stream the raw draws to disk (raw='draws.npz')")
+        if raw is not None:
+            from .draws import check_raw_path
+            check_raw_path(raw)  # before any sampling
         self.moments, self.writer, self.seconds, self._lock = None, None, 0.0, threading.Lock()
         self._device = None
 

@@ -1,0 +1,275 @@
+"""fastllc.observables on small models: the generic backend's observe hook records what the chains are at (and
+changes nothing), the running sums equal the raw draws, blocked influences equal the sums', refusals are one
+line; and the closed-form check: on a linear-Gaussian model, where the localised posterior is Gaussian and the
+covariance of per-example losses is known exactly (fastllc/observables/exact.py), the BIF and susceptibility
+estimates agree with the exact values within their standard errors."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastllc.observables as obs
+from fastllc import SGLDConfig
+from fastllc.backends import backend_module
+from fastllc.errors import FastLLCError
+from fastllc.observables import exact
+from fastllc.observables.recording import Draws
+from fastllc.theory.dln import half_squared_error
+
+# the closed-form check's settings: ε·(nβ·h_max + γ)/4 ≈ 1% (SGLD's own bias, far below the standard errors)
+NBETA, GAMMA, EPSILON, BATCH = 200.0, 100.0, 1e-4, 100
+SUBSETS = {"full": [1, 1, 1, 1], "w01": [1, 1, 0, 0], "w23": [0, 0, 1, 1]}
+TASK = slice(0, 12)
+
+
+def _restrictions():
+    return {name: None if name == "full" else {"weight": torch.tensor([bits], dtype=torch.bool)}
+            for name, bits in SUBSETS.items()}
+
+
+@pytest.fixture(scope="module")
+def linear():
+    return exact.linear_gaussian(4, 2000, {"task": 12, "near": 6, "far": 6}, seed=1, probe_noise={"far": 3.0})
+
+
+@pytest.fixture(scope="module")
+def closed_form_run(linear):
+    return obs.observe(linear.model, linear.data, half_squared_error, linear.probes, obs.per_example_squared_error,
+                       restrictions=_restrictions(), chains=16, steps=3000, burn_in=500, thin=5, epsilon=EPSILON,
+                       gamma=GAMMA, nbeta=NBETA, batch_size=BATCH, seed=3)
+
+
+def _exact(linear, name, which="posterior"):
+    """(E[ℓ], Cov(ℓ)) of the probe losses under restriction ``name``: the posterior's, or the SGLD chain's own."""
+    subset = torch.tensor(SUBSETS[name], dtype=torch.bool)
+    if which == "posterior":
+        sigma = exact.posterior_covariance(linear.hessian(), NBETA, GAMMA, subset)
+    else:
+        sigma = exact.sgld_covariance(linear.data[0], linear.residuals(*linear.data), NBETA, GAMMA, EPSILON, BATCH,
+                                      subset)
+    x = torch.cat([v[0] for v in linear.probes.values()])
+    y = torch.cat([v[1] for v in linear.probes.values()])
+    return exact.loss_moments(x, linear.residuals(x, y), sigma)
+
+
+def _estimates(run, linear, name, which="posterior"):
+    """{quantity: (estimate, se, exact)}: BIF correlations (off-diagonal) and covariances, χ of both estimators."""
+    mean, cov = _exact(linear, name, which)
+    full_mean, _ = _exact(linear, "full", which)
+    g = list(run.groups).index(name)
+    corr, covariance = obs.compute_bif(run, restriction=name), obs.compute_bif(run, restriction=name, kind="covariance")
+    chi = obs.compute_susceptibilities(run, "task")
+    chi_d = obs.compute_susceptibilities(run, "task", estimator="devinterp")
+    off = ~torch.eye(len(cov), dtype=torch.bool)
+    exact_d = exact.susceptibility(mean, cov, TASK, estimator="devinterp", init_loss=run.init_loss, full_mean=full_mean)
+    return {"correlation": (corr.matrix[off], corr.se[off], exact.correlation(cov)[off]),
+            "covariance": (covariance.matrix.flatten(), covariance.se.flatten(), cov.flatten()),
+            "χ covariance": (chi.example[g, 12:], chi.example_se[g, 12:], exact.susceptibility(mean, cov, TASK)[12:]),
+            "χ devinterp": (chi_d.example[g, 12:], chi_d.example_se[g, 12:], exact_d[12:])}
+
+
+@pytest.mark.parametrize("which", ["posterior", "sgld"])
+@pytest.mark.parametrize("name", list(SUBSETS))
+def test_bif_and_susceptibilities_agree_with_the_closed_form_within_their_standard_errors(closed_form_run, linear,
+                                                                                         name, which):
+    """Every entry within 4 standard errors, the mean squared z-score near 1 (below 2.5: the standard errors are
+    honest, not inflated: above 0.1), and the check has power: the exact values are many standard errors from 0,
+    so a sign error would be seen. Not for devinterp's estimator on a restriction: centred on the full run's
+    means, it carries their noise times E[φ] = E[m_task] − L_n(w*), here 0.1–0.2 nats, and its standard errors are
+    10–100× the covariance estimator's (its formula is checked exactly against devinterp's code below).
+    ``which``: the exact values of the localised posterior, or of the law the SGLD chain itself samples (step ε,
+    minibatches: ``exact.sgld_covariance``), which differ by about 1% here (the next test)."""
+    for quantity, (estimate, se, truth) in _estimates(closed_form_run, linear, name, which).items():
+        z = (estimate - truth) / se
+        print(f"{which:9s} {name:5s} {quantity:13s} max|z| {z.abs().max():.2f}  mean z² {(z ** 2).mean():.2f}  "
+              f"median |exact|/se {(truth.abs() / se).median():.1f}")
+        assert z.abs().max() < 4.0 and 0.1 < (z ** 2).mean() < 2.5, quantity
+        if quantity != "χ devinterp" or name == "full":
+            assert ((estimate + truth) / se).abs().median() > 4.0, quantity  # a sign error would be seen
+    estimate, se, truth = _estimates(closed_form_run, linear, name)["correlation"]
+    assert (truth.abs() / se).median() > 5.0  # correlations are resolved, not drowned in noise
+
+
+@pytest.mark.parametrize("name", list(SUBSETS))
+def test_the_samplers_own_bias_is_below_the_standard_errors_at_these_settings(closed_form_run, linear, name):
+    """What the chain samples exactly (its stationary law with step ε and minibatches) differs from the posterior
+    by about 1% (ε·a/4 for a curvature a), under one standard error of every loss covariance."""
+    _, post = _exact(linear, name)
+    _, chain = _exact(linear, name, which="sgld")
+    se = obs.compute_bif(closed_form_run, restriction=name, kind="covariance").se
+    assert ((chain - post).abs() / se).max() < 1.0
+    subset = torch.tensor(SUBSETS[name], dtype=torch.bool)
+    sigma = exact.posterior_covariance(linear.hessian(), NBETA, GAMMA, subset)
+    sigma_chain = exact.sgld_covariance(linear.data[0], linear.residuals(*linear.data), NBETA, GAMMA, EPSILON, BATCH,
+                                        subset)
+    assert 0.003 < float((sigma_chain - sigma).norm() / sigma.norm()) < 0.03
+
+
+def test_the_devinterp_estimator_equals_the_covariance_one_for_the_full_restriction(closed_form_run):
+    chi = obs.compute_susceptibilities(closed_form_run, "task")
+    chi_d = obs.compute_susceptibilities(closed_form_run, "task", estimator="devinterp")
+    torch.testing.assert_close(chi_d.token[0], chi.token[0], rtol=1e-9, atol=1e-12)
+    assert float(chi.sets[0, 0].abs()) < 1e-12  # the task's own set: zero by construction
+    assert "task" in chi.table(include_task=True) and "task" not in chi.table().splitlines()[0]
+
+
+def test_the_devinterp_estimator_is_devinterps_formula(mlp_run):
+    """devinterp 2.0.1's compute_susceptibilities, its lines applied to the raw draws of each restriction (φ =
+    pt_mean − init_loss; sus = E[φ·pt] − E[φ·probe] − E[φ]·(E_full[pt] − E_full[probe])), is what fastllc gives."""
+    draws = np.asarray(obs.open_draws(mlp_run.raw).losses, dtype=np.float64)  # [C, D, N, K]
+    rows = mlp_run.probes.rows("a")
+    chi = obs.compute_susceptibilities(mlp_run, "a", estimator="devinterp")
+    lo, hi = mlp_run.groups["full"]
+    full = draws[lo:hi]
+    full_delta = full[:, :, rows].mean() - full.mean(axis=(0, 1))
+    for g, (lo, hi) in enumerate(mlp_run.groups.values()):
+        pt_mean = draws[lo:hi, :, rows].mean(axis=(-2, -1))  # (chain, draw)
+        phi = pt_mean - mlp_run.init_loss
+        sus = (phi * pt_mean).mean() - (phi[:, :, None, None] * draws[lo:hi]).mean(axis=(0, 1)) - phi.mean() * full_delta
+        np.testing.assert_allclose(chi.token[g].numpy(), sus, rtol=1e-6, atol=1e-12)
+
+
+# --- the hook and the recorder on a small MLP --------------------------------------------------------------
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def _data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g), torch.randn(n, 2, generator=g)
+
+
+def _probes():
+    return {"a": _data(5, seed=1), "b": _data(3, seed=2)}
+
+
+def _element_loss(outputs, targets):
+    return 0.5 * (outputs - targets) ** 2  # [B, 2]: two "elements" per example
+
+
+CONFIG = SGLDConfig(chains=4, steps=12, epsilon=1e-3, gamma=10.0, nbeta=20.0, batch_size=8, seed=5)
+
+
+def test_the_hook_changes_no_chain_and_records_the_weights_of_its_step(tmp_path):
+    """With a recorder the chains' traces and final weights are the same bits as without; the raw draw at step t
+    equals the probe losses at the final weights of a run of t steps (chains keyed by (seed, chain, step))."""
+    model, (x, y) = _mlp(), _data()
+    generic = backend_module("generic")
+    probes = obs.make_probes(_probes(), _element_loss, elements=2)
+    recorder = obs.Recorder(probes, Draws(CONFIG.steps, thin=3), {"all": (0, 4)}, raw=tmp_path / "d.npz")
+    with_hook = generic.sample(model, x, y, half_squared_error, CONFIG, observe=recorder, workers=2)
+    plain = generic.sample(model, x, y, half_squared_error, CONFIG, workers=2)
+    assert torch.equal(with_hook.loss_trace, plain.loss_trace) and torch.equal(with_hook.final_params, plain.final_params)
+    moments, path = recorder.finish()
+    draws = obs.open_draws(path).losses  # [C, D, N, K]: draws at t = 2, 5, 8, 11
+    assert draws.shape == (4, 4, 8, 2) and int(moments.count[0]) == 4
+    shorter = generic.sample(model, x, y, half_squared_error, dataclasses.replace(CONFIG, steps=5))
+    for c in range(4):
+        copy = _mlp()
+        nn.utils.vector_to_parameters(shorter.final_params[c], copy.parameters())
+        with torch.no_grad():
+            expected = _element_loss(copy(probes.inputs), probes.targets)
+        np.testing.assert_allclose(draws[c, 1], expected.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory):
+    model, data = _mlp(), _data()
+    path = tmp_path_factory.mktemp("draws") / "draws.npz"
+    return obs.observe(model, data, half_squared_error, _probes(), _element_loss, CONFIG, elements=2,
+                       restrictions={"full": None, "first": "0.*", "last": "2.*"}, token_moments=True,
+                       chain_mean=True, raw=path, steps=30, burn_in=6, thin=2)
+
+
+def test_the_running_sums_are_the_sums_of_the_raw_draws(mlp_run):
+    draws = torch.from_numpy(np.asarray(obs.open_draws(mlp_run.raw).losses, dtype=np.float64))  # [C, D, N, K]
+    m, probes = mlp_run.moments, mlp_run.probes
+    s = (draws * probes.example_weights()).sum(-1)
+    sets = torch.einsum("cdnk,onk->cdo", draws, probes.set_weights())
+    flat = draws.flatten(2)
+    expected = {"count": torch.full((12,), 12.0, dtype=torch.float64), "x": draws.sum(1), "ss": torch.einsum("cdi,cdj->cij", s, s),
+                "m": sets.sum(1), "mm": torch.einsum("cdo,cdp->cop", sets, sets),
+                "mx": torch.einsum("cdo,cdnk->conk", sets, draws), "xx": torch.einsum("cdi,cdj->cij", flat, flat),
+                "draw_sum": torch.stack([draws[lo:hi].sum(0) for lo, hi in mlp_run.groups.values()])}
+    for name, value in expected.items():
+        torch.testing.assert_close(getattr(m, name), value, rtol=1e-5, atol=1e-8, msg=name)
+    assert m.bytes == obs.moments.moments_bytes(12, 8, 2, 2, token_moments=True, groups=3, draws=12)
+
+
+@pytest.mark.parametrize("method,chains", [("token", "stack"), ("sequence", "mean"), ("token", "mean")])
+@pytest.mark.parametrize("kind", ["correlation", "covariance"])
+def test_influences_from_the_sums_equal_the_blocked_ones_from_disk(mlp_run, method, chains, kind):
+    """(sequence × stack always comes from the sums.)"""
+    from_sums = obs.compute_bif(mlp_run, restriction="first", method=method, chains=chains, kind=kind)
+    mlp_run.moments.xx, mlp_run.moments.draw_sum, saved = None, None, (mlp_run.moments.xx, mlp_run.moments.draw_sum)
+    try:
+        blocked = obs.compute_bif(mlp_run, restriction="first", method=method, chains=chains, kind=kind, block=3,
+                                  rows=[0, 2, 5, 7], cols=range(8))
+    finally:
+        mlp_run.moments.xx, mlp_run.moments.draw_sum = saved
+    torch.testing.assert_close(blocked.matrix, from_sums.matrix[[0, 2, 5, 7]], rtol=1e-5, atol=1e-9)
+
+
+def test_top_influences_are_the_largest_other_examples(mlp_run):
+    bif = obs.compute_bif(mlp_run)
+    top = bif.top(2)
+    assert list(top) == bif.labels and all(len(hits) == 2 for hits in top.values())
+    row = bif.matrix[0].clone()
+    row[0] = -math.inf
+    assert top["a[0]"][0][0] == bif.labels[int(row.argmax())] and top["a[0]"][0][2] is not None
+    assert bif.format_top(1, queries=[5]).startswith("b[0]: ")
+
+
+def test_heatmap_and_influence_plots_are_written(mlp_run, tmp_path):
+    chi = obs.compute_susceptibilities(mlp_run, "a")
+    assert chi.token.shape == (3, 8, 2) and chi.sets.shape == (3, 2) and chi.chains == [4, 4, 4]
+    assert obs.plot_susceptibilities(chi, tmp_path / "chi.png").stat().st_size > 1000
+    assert obs.plot_influence(obs.compute_bif(mlp_run, method="token"), tmp_path / "bif.png").stat().st_size > 1000
+
+
+def test_one_line_refusals(mlp_run, tmp_path):
+    model, data = _mlp(), _data()
+    run = lambda **kw: obs.observe(model, data, half_squared_error, {**_probes(), **kw.pop("probes", {})},
+                                   _element_loss, CONFIG, elements=2, **kw)
+    cases = [
+        (lambda: obs.compute_susceptibilities(mlp_run, "c"), "no probe set 'c'"),
+        (lambda: obs.compute_susceptibilities(mlp_run, "a", estimator="other"), "estimator must be one of"),
+        (lambda: obs.compute_bif(mlp_run, restriction="middle"), "no restriction 'middle'"),
+        (lambda: obs.compute_bif(mlp_run, rows=[99]), r"rows must list example indices in \[0, 8\)"),
+        (lambda: run(restrictions={"x": "9.*"}), "matches no trainable parameter"),
+        (lambda: run(probes={"c": (torch.randn(2, 3), torch.randn(3, 2))}), "2 inputs and 3 targets"),
+        (lambda: run(raw=tmp_path / "draws.txt"), "to a .npz file"),
+        (lambda: run(max_memory=100), "the running sums need"),
+        (lambda: run(backend="reference"), "observe= .* needs backend 'generic'"),
+        (lambda: obs.make_probes({"a": _data(2), "b": _data(2)}, _element_loss,
+                                 weights={"a": torch.ones(2, 2), "b": torch.ones(2, 3)}), "same number of losses"),
+    ]
+    existing = tmp_path / "there.npz"
+    existing.write_bytes(b"")
+    cases.append((lambda: run(raw=existing), "exists; fastllc never reuses"))
+    for call, message in cases:
+        with pytest.raises(FastLLCError, match=message) as caught:
+            call()
+        assert "\n" not in str(caught.value)
+
+
+def test_influences_that_need_what_the_run_did_not_keep_say_so(mlp_run):
+    saved = mlp_run.moments.xx, mlp_run.raw
+    mlp_run.moments.xx, mlp_run.raw = None, None
+    try:
+        with pytest.raises(FastLLCError, match="need the raw draws or token_moments=True"):
+            obs.compute_bif(mlp_run, method="token")
+    finally:
+        mlp_run.moments.xx, mlp_run.raw = saved
+
+
+def test_draws_are_lambdas_records_or_devinterps():
+    assert [t for t in range(20) if Draws(20, burn_in=4, thin=3).index(t) >= 0] == list(range(20))[4 + 3 - 1::3]
+    assert Draws(20, burn_in=4, thin=3).count == len(range(20)[6::3])
+    assert [t for t in range(11) if Draws(11, first=1, thin=2).index(t) >= 0] == [1, 3, 5, 7, 9]
