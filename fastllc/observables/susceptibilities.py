@@ -48,7 +48,7 @@ class Susceptibilities:
     probe_sets: list  # the probe sets' names (columns of ``sets``)
     task: str
     estimator: str
-    token: torch.Tensor  # [G, N, K]
+    token: torch.Tensor  # [G, N, K]; NaN at elements that do not count (weight 0)
     token_se: torch.Tensor
     example: torch.Tensor  # [G, N]
     example_se: torch.Tensor
@@ -118,6 +118,8 @@ def compute_susceptibilities(run: ObservedRun, task: str, *, estimator: str = "c
             out[key + "_se"].append(variance.sqrt())
         chains.append(len(index))
     stacked = {key: torch.stack(values) for key, values in out.items()}
+    for key in ("token", "token_se"):  # an element that does not count (a masked token) has no χ
+        stacked[key][:, run.probes.weights == 0] = math.nan
     return Susceptibilities(list(run.groups), list(run.probes.names), task, estimator, chains=chains,
                             offsets=run.probes.offsets, **stacked)
 

@@ -1,0 +1,139 @@
+"""fastllc.observables on a tiny GPT-2 (built from a config): one batched run of three restrictions (full, the
+attention of layer 0 and of layer 1) with three probe sets, per-token observables, memory-planned parts, and the
+devinterp 2.0.1 layer's results laid out as devinterp's (its source: devinterp/slt/susceptibilities.py
+``_build_output``, bif.py ``_compute_correlations``)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import fastllc.observables as obs
+from fastllc.errors import FastLLCError
+from fastllc.lm.memory import chain_bytes, plan
+from lm_models import CONTEXT, gpt2, tokens
+
+SETTINGS = dict(chains=2, steps=6, epsilon=1e-4, gamma=1000.0, nbeta=30.0, batch_size=4, seed=0)
+RESTRICTIONS = {"full": None, "l0 attn": "l0 attn", "l1 attn": "l1 attn"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def _probes():
+    return {"task": tokens(4, seed=1), "code": tokens(3, seed=2), "legal": tokens(3, seed=3)}
+
+
+@pytest.fixture(scope="module")
+def lm_run(model):
+    masks = {"legal": torch.ones(3, CONTEXT, dtype=torch.bool)}
+    masks["legal"][0, 5:] = False  # sequence 0 of 'legal': only its first four tokens count
+    return obs.observe_lm(model, tokens(24), _probes(), restrictions=RESTRICTIONS, probe_loss_masks=masks,
+                          token_moments=True, **SETTINGS)
+
+
+def test_one_batched_run_gives_every_restriction_and_per_token_observables(lm_run):
+    assert list(lm_run.groups) == list(RESTRICTIONS) and lm_run.groups["l1 attn"] == (4, 6)
+    assert lm_run.results["l0 attn"].sampled_weights < lm_run.results["full"].sampled_weights
+    chi = obs.compute_susceptibilities(lm_run, "task")
+    assert chi.token.shape == (3, 10, CONTEXT - 1) and chi.sets.shape == (3, 3)
+    assert chi.sets[:, 0].abs().max() < 1e-12  # the task against itself
+    legal0 = lm_run.probes.rows("legal").start
+    assert chi.token[:, legal0, 4:].isnan().all() and chi.token[:, legal0, :4].isfinite().all()  # masked: no χ
+    bif = obs.compute_bif(lm_run, method="token")
+    assert bif.matrix.shape == (10, 10, CONTEXT - 1, CONTEXT - 1)
+    assert torch.isnan(bif.matrix[legal0, legal0, 4:]).all()  # a masked token has no variance: no correlation
+    assert "task[0]: " in obs.compute_bif(lm_run).format_top(2)
+    assert "l1 attn" in chi.table() and "code" in chi.table()
+
+
+def test_memory_planned_parts_give_the_same_observables(model, lm_run):
+    """Chains that do not fit run in parts one after another, keyed by their global index: the same sums."""
+    per_chain = chain_bytes(model, SETTINGS["batch_size"], CONTEXT)
+    budget = plan(model, 1, SETTINGS["batch_size"], 24, CONTEXT, max_memory=10**10).shared_bytes + 3 * per_chain + 1
+    assert len(plan(model, 6, SETTINGS["batch_size"], 24, CONTEXT, max_memory=budget).groups) == 2
+    masks = {"legal": torch.ones(3, CONTEXT, dtype=torch.bool)}
+    masks["legal"][0, 5:] = False
+    parts = obs.observe_lm(model, tokens(24), _probes(), restrictions=RESTRICTIONS, probe_loss_masks=masks,
+                           token_moments=True, max_memory=budget, **SETTINGS)
+    for name, value in lm_run.moments.tensors().items():
+        torch.testing.assert_close(getattr(parts.moments, name), value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lm_refusals_are_one_line(model):
+    cases = [({"restrictions": {"x": "l9 attn"}}, "l9"),
+             ({"probes": {"a": tokens(2, length=8), "b": tokens(2)}}, "same number of losses"),
+             ({"probes": {}}, "non-empty dict"),
+             ({"dropout": "yes"}, "dropout must be True or False")]
+    for change, message in cases:
+        kwargs = {"restrictions": RESTRICTIONS, **change}
+        probes = kwargs.pop("probes", _probes())
+        with pytest.raises(FastLLCError, match=message) as caught:
+            obs.observe_lm(model, tokens(24), probes, **kwargs, **SETTINGS)
+        assert "\n" not in str(caught.value)
+
+
+# --- the devinterp 2.0.1 layer ----------------------------------------------------------------------------
+
+D2 = dict(lr=1e-4, n_beta=30.0, num_chains=2, num_draws=4, batch_size=4, batches_per_draw=1, localization=1000.0,
+          num_init_loss_batches=2)
+
+
+def _observables():
+    return {"pile": {"input_ids": tokens(6, seed=1)}, "code-x": {"input_ids": tokens(5, seed=2)}}
+
+
+def test_devinterp_susceptibilities_are_laid_out_as_devinterps(model):
+    from fastllc.observables.devinterp2 import susceptibilities
+    tree = susceptibilities(model, {"input_ids": tokens(24)}, _observables(), {"full": None, "l1 attn": "l1 attn",
+                            "l0h1": "l0h1"}, sampling_task="pile", **D2)
+    sus, context = tree["susceptibilities"].dataset, tree["context"].dataset
+    assert sus["sus"].dims == ("sus_flat", "wr") and list(sus["wr"].values) == ["l1 attn", "l0h1"]  # "full" not a row
+    assert sus["sus"].dtype == np.float32 and sus.attrs["dataset_id_to_name"] == ["code_x"]
+    assert set(sus.coords) == {"dataset_id", "batch", "target_position", "wr"} and sus.sizes["sus_flat"] == 4 * 15
+    assert list(sus["target_position"].values[:15]) == list(range(1, 16)) and sus["batch"].values[-1] == 3
+    assert context["input_ids"].dims == ("ctx_flat",) and set(context.coords) == {"dataset_id", "batch", "position"}
+    chosen = random.Random(1337).sample(range(5), 4)  # devinterp's DeterministicShuffledSampler(obs_seed)
+    np.testing.assert_array_equal(context["input_ids"].values, tokens(5, seed=2)[chosen].numpy().ravel())
+    assert np.isfinite(sus["sus"].values).all() and (sus["sus_se"].values > 0).all()
+
+
+@pytest.mark.parametrize("method,reduce,average", [("token", "stack", False), ("token", "mean", True),
+                                                   ("sequence", "stack", False), ("sequence", "mean", False)])
+def test_devinterp_bif_is_laid_out_as_devinterps(model, method, reduce, average):
+    from fastllc.observables.devinterp2 import bif
+    out = bif(model, {"input_ids": tokens(24)}, _observables(), correlation_method=method,
+              reduce_chain_dimension_method=reduce, average_tokenwise_bif=average, **D2)
+    dims = ("batch_1", "batch_2") + (("target_position", "target_position_T") if method == "token" and not average
+                                     else ())
+    assert out["influences"].dims == dims and out["influences"].dtype == np.float32
+    assert out.sizes["batch_1"] == 8 and out["input_ids"].dims == ("batch", "position")
+    ids = np.concatenate([tokens(5, seed=2)[random.Random(1337).sample(range(5), 4)],  # sorted ids: code_x, pile
+                          tokens(6, seed=1)[random.Random(1337).sample(range(6), 4)]])
+    np.testing.assert_array_equal(out["input_ids"].values, ids)
+    if method == "sequence":
+        np.testing.assert_allclose(np.diag(out["influences"].values), 1.0, rtol=1e-5)
+
+
+def test_devinterp_layer_refusals_and_output_path(model, tmp_path):
+    from fastllc.observables.devinterp2 import bif, susceptibilities
+    data, observables = {"input_ids": tokens(24)}, _observables()
+    cases = [(lambda: susceptibilities(model, data, observables, {"l1": "l1 attn"}, sampling_task="pile", **D2),
+              "must include a 'full' key"),
+             (lambda: susceptibilities(model, data, observables, {"full": None}, sampling_task="web", **D2),
+              "sampling_task 'web' not found"),
+             (lambda: bif(model, data, observables, loss_fn=lambda m, x: x, **D2), "loss_fn is not supported"),
+             (lambda: bif(model, data, observables, noise_level=2.0, **D2), "noise_level=2.0 is not supported"),
+             (lambda: bif(model, data, observables, correlation_method="pair", **D2), "correlation_method must be")]
+    for call, message in cases:
+        with pytest.raises(FastLLCError, match=message):
+            call()
+    out = bif(model, data, observables, correlation_method="sequence", output_path=tmp_path / "run", **D2)
+    draws = obs.open_draws(tmp_path / "run" / "draws.npz")
+    assert draws.losses.shape == (2, 4, 8, 15) and out.sizes["batch_1"] == 8
+    with pytest.raises(FastLLCError, match="never reuses a stored run"):
+        bif(model, data, observables, output_path=tmp_path / "run", **D2)
