@@ -9,10 +9,9 @@ plain SGLD and the orthogonal restriction for every backend; a weight mask, one 
 against that start alone on the reference (``stacked_starts``); every sampler of ``sampling/samplers/`` other
 than SGLD, as its ``example``, alone and with a mask per chain (its name, or ``samplers``); the MALA acceptance
 against its formula along the reference's own path (``mala``); a capability no variant compares is listed
-with the reason (``NOT_COMPARED``). A backend is checked on the first workload its
-``supports`` accepts (``WORKLOADS``): a module that is not the study's MLP (``AnyModule``: the backends that take
-any module), the study's MLP, a one-block GPT-2 as ``fastllc.lm`` samples it; each at initialisation, where
-gradients are large.
+with the reason (``NOT_COMPARED``). A backend is checked on the first workload its ``supports`` accepts
+(``WORKLOADS``): a module that is not the study's MLP (``AnyModule``: the backends that take any module), the
+study's MLP, a one-block GPT-2 as ``fastllc.lm`` samples it; each at initialisation, where gradients are large.
 
 Used by tests/test_conformance.py (every backend on the CPU, Triton in its interpreter), by backend tests for
 their own dimensions (native's builds, generic's traced replay, shapes), and by ``python -m fastllc.selfcheck
