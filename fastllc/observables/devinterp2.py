@@ -15,7 +15,9 @@ bif_device=None, loss_fn=None, **kwargs)`` returns devinterp's ``Dataset`` (``in
 or [batch_1, batch_2, target_position, target_position_T], float32; ``input_ids`` [batch, position]). The
 ``**kwargs`` are devinterp's ``sample()`` keywords with its defaults (``fastllc.compat.devinterp2``, whose
 settings, minibatch order, L̂_n(w*) and training mode this layer shares), plus ``backend``, ``max_memory`` and
-``progress``.
+``progress``. Both from ONE run: ``run = observe(model, dataset, observables, weight_restrictions, lr=..., n_beta=...,
+**kwargs)``, then ``susceptibilities_from_run(run, sampling_task)`` and ``bif_from_run(run, ...)`` (the full
+restriction's chains; ``token_moments=True`` in ``observe`` for the token-wise method).
 
 What is devinterp's: the SGLD update and its defaults (localization 0), the minibatch order (its DataLoader's
 first epoch, cycled), L̂_n(w*) over ``num_init_loss_batches`` of those minibatches, the model in training mode
@@ -113,15 +115,20 @@ def _restrictions(model, weight_restrictions: dict) -> dict:
     return out
 
 
-def _run(model, dataset, observables, restrictions: dict, lr, n_beta, kwargs, **recorder):
-    """One batched run of every restriction with devinterp's settings; (run, probe tokens by obs id)."""
+def observe(model, dataset, observables: dict, weight_restrictions: dict, *, lr: float, n_beta: float,
+            token_moments: bool = False, chain_mean: bool = False, **kwargs):
+    """Every weight restriction of ``weight_restrictions`` ({name: ParamMasks, None or a devinterp name}) in ONE
+    batched run with devinterp 2.0.1's ``sample()`` settings (``kwargs``): fastllc's ``ObservedRun``, whose probe
+    sets are the observables (by devinterp id, in devinterp's order). ``susceptibilities_from_run`` and
+    ``bif_from_run`` read devinterp's results from it: both from one run. ``token_moments``/``chain_mean``: what
+    token-wise influences and chain-averaged influences need kept (``Recorder``)."""
     from .lm import observe_lm
     compat = _compat()
     s = compat._settings(lr, n_beta, observables, None, kwargs)
     model = _load(model)
     tokens = compat.dataset_tokens(dataset)
     probes = _probe_sets(observables, s, tokens.shape[1])
-    masks = _restrictions(model, restrictions)
+    masks = _restrictions(model, weight_restrictions)
     steps = s["num_burnin_steps"] + s["num_draws"] * s["num_steps_bw_draws"] + 1  # devinterp draws after a step
     draws = Draws(steps, first=s["num_burnin_steps"] + 1, thin=s["num_steps_bw_draws"])
     orders = _orders(len(tokens), s, steps, len(masks))
@@ -132,11 +139,10 @@ def _run(model, dataset, observables, restrictions: dict, lr, n_beta, kwargs, **
         torch.manual_seed(s["init_seed"])  # dropout masks: seeded, the caller's generator untouched
         init = compat._init_loss(model, tokens, orders[:s["num_chains"]], s)  # per chain, then averaged
         dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        run = observe_lm(model, tokens, probes, restrictions=masks, init_loss=init, dropout=True, draws=draws,
-                         randomness=compat.DevinterpBatches(orders, s["init_seed"], len(tokens), dim), raw=raw,
-                         device=device, backend=s["backend"], max_memory=s["max_memory"], progress=s["progress"],
-                         **settings, **recorder)
-    return run, probes
+        return observe_lm(model, tokens, probes, restrictions=masks, init_loss=init, dropout=True, draws=draws,
+                          randomness=compat.DevinterpBatches(orders, s["init_seed"], len(tokens), dim), raw=raw,
+                          device=device, backend=s["backend"], max_memory=s["max_memory"], progress=s["progress"],
+                          token_moments=token_moments, chain_mean=chain_mean, **settings)
 
 
 def _load(model):
@@ -169,11 +175,22 @@ def susceptibilities(model, dataset, observables: dict, weight_restrictions: dic
                            f"{list(observables) if isinstance(observables, dict) else observables!r}")
     if not include_sampling_task and len(observables) < 2:
         raise FastLLCError("need at least one observable besides sampling_task (or include_sampling_task=True)")
-    restrictions = {"full": weight_restrictions["full"], **weight_restrictions}
-    run, probes = _run(model, dataset, observables, restrictions, lr, n_beta, kwargs)
-    chi = compute_susceptibilities(run, to_obs_id(sampling_task), estimator="devinterp")
-    keep = [o for o in probes if include_sampling_task or o != to_obs_id(sampling_task)]
-    return _sus_tree(chi, probes, keep, [wr for wr in run.groups if wr != "full"])
+    run = observe(model, dataset, observables, {"full": weight_restrictions["full"], **weight_restrictions}, lr=lr,
+                  n_beta=n_beta, **kwargs)
+    return susceptibilities_from_run(run, sampling_task, include_sampling_task=include_sampling_task)
+
+
+def susceptibilities_from_run(run, sampling_task: str, *, include_sampling_task: bool = False):
+    """devinterp's susceptibilities ``DataTree`` of a run of ``observe`` (every restriction but "full" a ``wr``)."""
+    import xarray  # noqa: F401  (the result type)
+    task = to_obs_id(sampling_task)
+    chi = compute_susceptibilities(run, task, estimator="devinterp")
+    keep = [o for o in run.probes.names if include_sampling_task or o != task]
+    return _sus_tree(chi, _probe_tokens(run), keep, [wr for wr in run.groups if wr != "full"])
+
+
+def _probe_tokens(run) -> dict:
+    return {name: run.probes.inputs[run.probes.rows(name)] for name in run.probes.names}
 
 
 def _sus_tree(chi, probes: dict, keep: list, wr_order: list):
@@ -217,7 +234,7 @@ def bif(model, dataset, observables: dict, *, lr: float, n_beta: float, param_ma
         average_tokenwise_bif: bool = False, compute_covariance: bool = False, bif_batch_size: int = 32,
         bif_device=None, loss_fn=None, **kwargs):
     """devinterp 2.0.1's ``bif`` (module docstring): an ``xarray.Dataset`` with ``influences`` and ``input_ids``."""
-    import xarray as xr
+    import xarray  # noqa: F401  (the result type)
     _no_loss_fn(loss_fn)
     check_choice("correlation_method", correlation_method, ("token", "sequence"))
     check_choice("reduce_chain_dimension_method", reduce_chain_dimension_method, ("stack", "mean"))
@@ -226,8 +243,19 @@ def bif(model, dataset, observables: dict, *, lr: float, n_beta: float, param_ma
     check_int("bif_batch_size", bif_batch_size, minimum=1)
     wanted = {"token_moments": correlation_method == "token" and reduce_chain_dimension_method == "stack",
               "chain_mean": reduce_chain_dimension_method == "mean"}
-    run, probes = _run(model, dataset, observables, {"full": param_masks}, lr, n_beta, kwargs, **wanted)
-    result = compute_bif(run, restriction="full", method=correlation_method, chains=reduce_chain_dimension_method,
+    run = observe(model, dataset, observables, {"full": param_masks}, lr=lr, n_beta=n_beta, **wanted, **kwargs)
+    return bif_from_run(run, correlation_method=correlation_method,
+                        reduce_chain_dimension_method=reduce_chain_dimension_method,
+                        average_tokenwise_bif=average_tokenwise_bif, compute_covariance=compute_covariance,
+                        bif_batch_size=bif_batch_size)
+
+
+def bif_from_run(run, *, correlation_method: str = "token", reduce_chain_dimension_method: str = "stack",
+                 average_tokenwise_bif: bool = False, compute_covariance: bool = False, bif_batch_size: int = 32,
+                 restriction: str = "full"):
+    """devinterp's BIF ``Dataset`` of restriction ``restriction`` of a run of ``observe``."""
+    import xarray as xr
+    result = compute_bif(run, restriction=restriction, method=correlation_method, chains=reduce_chain_dimension_method,
                          kind="covariance" if compute_covariance else "correlation",
                          average_tokens=average_tokenwise_bif, block=bif_batch_size)
     n = len(result.rows)
@@ -237,9 +265,9 @@ def bif(model, dataset, observables: dict, *, lr: float, n_beta: float, param_ma
         dims += ["target_position", "target_position_T"]
         coords.update(target_position=np.arange(1, length + 1), target_position_T=np.arange(1, length + 1))
     out = xr.DataArray(result.matrix.float().numpy(), name="influences", dims=dims, coords=coords).to_dataset()
-    out["input_ids"] = xr.DataArray(torch.cat(list(probes.values())).numpy(), dims=["batch", "position"])
-    out.attrs["fastllc"] = run.results["full"].to_json()
+    out["input_ids"] = xr.DataArray(run.probes.inputs.numpy(), dims=["batch", "position"])
+    out.attrs["fastllc"] = run.results[restriction].to_json()
     return out
 
 
-__all__ = ["bif", "susceptibilities", "to_obs_id"]
+__all__ = ["bif", "bif_from_run", "observe", "susceptibilities", "susceptibilities_from_run", "to_obs_id"]
