@@ -25,7 +25,7 @@ from devinterp.slt.weight_restrictions import create_param_masks as devinterp_ma
 from fastllc.compat.devinterp2 import create_param_masks, llc  # noqa: E402
 from lm_models import VOCAB, gpt2, llama, neox  # noqa: E402
 
-SETTINGS = dict(lr=3e-4, n_beta=30.0, num_chains=8, num_draws=60, num_burnin_steps=20, batch_size=16,
+SETTINGS = dict(lr=3e-4, n_beta=30.0, num_chains=8, num_draws=50, num_burnin_steps=10, batch_size=16,
                 localization=100.0, num_init_loss_batches=4)
 
 
