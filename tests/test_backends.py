@@ -30,8 +30,8 @@ def _training_batchnorm():
 
 
 def test_the_registry_finds_every_backend_module_and_orders_them_fastest_first():
-    assert names() == ("generic", "native", "reference", "torch", "triton")
-    assert auto_order() == ["triton", "native", "torch", "generic", "reference"]
+    assert names() == ("generic", "native", "reference", "torch", "transformer", "triton")
+    assert auto_order() == ["triton", "native", "torch", "transformer", "generic", "reference"]
 
 
 @pytest.mark.parametrize("name", names())
@@ -97,7 +97,7 @@ def test_a_capability_no_backend_offers_here_is_a_one_line_error(name, model, ne
 
 
 def test_unknown_names_are_refused():
-    with pytest.raises(FastLLCError, match="^unknown backend 'fast'; choose one of auto, generic, native, reference, torch, triton$"):
+    with pytest.raises(FastLLCError, match="^unknown backend 'fast'; choose one of auto, generic, native, reference, torch, transformer, triton$"):
         resolve_backend("fast", CPU)
     with pytest.raises(ValueError, match="unknown capabilities"):  # a caller's typo
         with_capabilities(["malaa"])
