@@ -13,7 +13,8 @@ with ``rmsprop_alpha``/``rmsprop_eps`` or ``sampling_method_kwargs``, ``shuffle`
 its ``xarray.Dataset`` (``llc_mean``, ``llc_std``, ``llc_per_chain`` [chain], ``llc_scalar``, ``loss_trace``
 [chain, step], ``init_loss``; float32/float64 as devinterp's) plus fastllc's ``llc_se``, ``llc_r_hat``,
 ``llc_ess``, ``healthy`` [chain] and the ``LLCResult`` as JSON in ``attrs["fastllc"]``. All chains run
-together through ``fastllc.lm.estimate`` (backend ``generic``, memory-planned groups).
+together through ``fastllc.lm.estimate`` (memory-planned groups; backend ``auto``: ``transformer`` for the
+families it writes when dropout is off, else ``generic``; both take this layer's minibatch order).
 
 What devinterp 2.0.1 computes, and so this layer (its source, ``devinterp/slt/...``):
 - λ̂ per chain is nβ·(mean over EVERY step, burn-in included, of the step's minibatch loss − L̂_n(w*))
@@ -67,7 +68,7 @@ DEFAULTS = dict(num_chains=4, num_draws=200, batch_size=32, num_burnin_steps=0, 
                 bounding_box_size=None, sampling_method="sgmcmc_sgld", sampling_method_kwargs=None,
                 rmsprop_eps=None, rmsprop_alpha=None, shuffle=True, match_sampling_input_ids_across_chains=True,
                 init_noise=None, device=None, save_metrics=False, output_path=None)
-FASTLLC_OPTIONS = dict(backend="generic", max_memory=None, progress=False)  # this layer's own keywords
+FASTLLC_OPTIONS = dict(backend="auto", max_memory=None, progress=False)  # this layer's own keywords
 _POSITIVE = ("num_chains", "num_draws", "batch_size", "num_steps_bw_draws", "num_init_loss_batches",
              "gradient_accumulation_steps", "batches_per_draw")
 _RESULT_FILE = "fastllc-llc.json"
