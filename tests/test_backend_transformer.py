@@ -7,9 +7,9 @@ Tolerance. conformance's τ = 2·steps·eps(float32) on |ours − reference| / m
 (``fastllc/conformance.py`` derives it: both sides compute the same update from the same draws in float32, each
 step rounds a weight at most twice, and the order of the sums changes ∇L_m by a few units of roundoff that the
 step scales by ε·nβ/2 ≤ 0.02, far below an ulp of w). It holds here unchanged: the engine's operations are the
-module's, only blocked differently (a batched matmul per chain instead of one per call, SDPA instead of
-matmul + softmax, GELU as x·σ(2u) instead of ½x(1 + tanh u)), which moves each activation, and so ∇L_m, by a
-few ulps, scaled by the same ε·nβ/2. The engine's own loss against the module's: a few ulps of a loss ~3.5
+module's, only blocked differently (a batched matmul per chain instead of one per call, the attention's scale
+inside the score product, GELU as x·σ(2u) instead of ½x(1 + tanh u)), which moves each activation, and so
+∇L_m, by a few ulps, scaled by the same ε·nβ/2. The engine's own loss against the module's: a few ulps of a loss ~3.5
 (``LOSS_ULPS``)."""
 
 import pytest

@@ -1,0 +1,95 @@
+"""Backend ``transformer`` (GPT-2 with the chains folded into the batch) beside ``generic`` (torch.func.vmap), in
+the same run, on the language-model workload of bench/test_bench_lm.py: a tiny GPT-2 (2 layers, 4 heads, width
+64, vocabulary 64, context 32), briefly trained, SGLD with 200 steps, minibatches of 16 sequences, ε 5e-5,
+γ 1000, nβ 1000, over 8,192 sequences, at 4 and 16 chains; both through ``fastllc.lm.estimate`` (``backend=``).
+
+Before timing, the two backends follow the reference parameter by parameter under the same injected draws
+(conformance's τ). The backends alternate, ``ROUNDS`` rounds each, and the median rate of each is reported
+(a shared machine's load changes over minutes); rates are chain-steps per second of the sampler's own loop,
+and the fraction of the sgemm ceiling that conftest measures in the same run (the workload's matmul FLOPs,
+``TinyGPT2.flops_per_chain_step``). The closing table gives the CPU, the load average at the start and the
+end, each rate, its ratio to generic's and its share of the ceiling.
+
+    python -m pytest bench/test_bench_transformer.py --benchmark-only -s
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+import pytest
+import torch
+
+import fastllc.lm as lm
+from fastllc import SGLDConfig, conformance
+from fastllc.backends import generic, reference, transformer
+from fastllc.sampling import InjectedRandomness
+from fastllc.sampling.contract import flat_parameters
+
+from conftest import cpu_description, cpu_flop_ceiling, record
+from test_bench_lm import SGLD, WORKLOAD, trained  # noqa: F401  (the trained tiny GPT-2 and its sequences)
+
+pytestmark = pytest.mark.benchmark(min_rounds=1)
+
+ROUNDS = 3
+BACKENDS = ("generic", "transformer")
+ROWS: dict[tuple[str, int], list[float]] = {}
+LOAD = {"start": os.getloadavg()[0]}
+
+
+def test_both_backends_follow_the_reference_before_timing(benchmark, trained):
+    """3 chains × 8 steps of the trained workload from its own sequences, the same injected draws on all three."""
+    model, tokens = trained
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # --benchmark-only runs only benchmarks
+    wrapped, data = lm.CausalLM(model), lm.token_data(tokens[:256])
+    chains, steps = 3, conformance.STEPS
+    noise = InjectedRandomness.seeded(chains, steps, len(data), SGLD["batch_size"], flat_parameters(wrapped)[2].numel())
+    config = SGLDConfig(chains=chains, steps=steps, batch_size=SGLD["batch_size"], epsilon=1e-3, gamma=5.0, nbeta=20.0,
+                        orthogonal=True)
+    with lm.sampling_mode(model):
+        runs = {b.NAME: b.sample(wrapped, *data.pair, lm.next_token_loss, config, randomness=noise)
+                for b in (reference, generic, transformer)}
+    for name in BACKENDS:
+        conformance.assert_follows(runs[name], runs["reference"], steps)
+
+
+@pytest.mark.parametrize("chains", [4, 16])
+def test_transformer_beside_generic(benchmark, trained, chains):
+    """generic, transformer, generic, transformer, ... (ROUNDS each) through fastllc.lm.estimate; median rates."""
+    model, tokens = trained
+    rates = {name: [] for name in BACKENDS}
+    llcs = {}
+
+    def rounds():
+        for _ in range(ROUNDS):
+            for name in BACKENDS:
+                result = lm.estimate(model, tokens, chains=chains, backend=name, **SGLD)
+                assert result.backend == name and all(result.healthy)
+                rates[name].append(result.chain_steps_per_second)
+                llcs[name] = result.llc_mean
+
+    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    for name in BACKENDS:
+        ROWS[name, chains] = rates[name]
+        benchmark.extra_info[f"{name} rates"] = [round(r, 1) for r in rates[name]]
+        benchmark.extra_info[f"{name} llc"] = round(llcs[name], 2)
+        record(benchmark, name, WORKLOAD, chains, SGLD["steps"], [chains * SGLD["steps"] / r for r in rates[name]])
+    # the same chains, rounded differently: λ̂ of the same size (the draws are the same counter-based streams)
+    assert abs(llcs["transformer"] - llcs["generic"]) < 0.2 * abs(llcs["generic"]) + 1.0
+
+
+def test_summary(benchmark):
+    """The table of this run: rates, ratio to generic at equal chains, share of the ceiling, CPU and load."""
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    ceiling = cpu_flop_ceiling()
+    lines = [f"\ntiny GPT-2 ({WORKLOAD.family()}), {SGLD['steps']} steps, on {cpu_description()}",
+             f"sgemm ceiling {ceiling['ceiling'] / 1e9:.0f} GFLOP/s ({ceiling['threads']} threads); load average "
+             f"{LOAD['start']:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
+             f"{'backend':12} {'chains':>6} {'chain-steps/s':>14} {'/ generic':>10} {'% ceiling':>10}  rounds"]
+    for (name, chains), rates in sorted(ROWS.items(), key=lambda item: (item[0][1], item[0][0])):
+        rate, base = statistics.median(rates), statistics.median(ROWS[("generic", chains)])
+        share = rate * WORKLOAD.flops_per_chain_step() / ceiling["ceiling"]
+        lines.append(f"{name:12} {chains:6d} {rate:14.1f} {rate / base:9.2f}x {share:10.1%}  "
+                     + ", ".join(f"{r:.0f}" for r in rates))
+    print("\n".join(lines))
