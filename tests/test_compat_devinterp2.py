@@ -121,6 +121,21 @@ def test_output_path_caches_the_result_and_refuses_other_settings(tmp_path, monk
         llc(gpt2(), tokens(16), None, output_path=str(tmp_path / "theirs.zarr"), **FAST)
 
 
+def test_a_custom_per_token_loss_is_the_chain_loss():
+    model, toks = still(), tokens(16)
+
+    def second_half(model, ids):  # devinterp's loss_fn: (model, input_ids) → per-token loss [B, T − 1]
+        ce = torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        return ce * (torch.arange(ce.shape[1]) >= ce.shape[1] // 2)
+
+    out = llc(model, toks, None, loss_fn=second_half, **dict(FAST, lr=1e-12))
+    epoch = devinterp_order(16, 4, seed=100, shuffle=True)
+    with torch.no_grad():
+        expected = [second_half(model, toks[epoch[b]]).mean().item() for b in range(4)]
+    assert float(out.init_loss) == pytest.approx(np.mean(expected[:3]), rel=1e-5)  # 3 init batches
+    np.testing.assert_allclose(out.loss_trace.values[0, :4], expected, rtol=1e-5)
+
+
 def test_fastllc_lm_estimate_in_training_mode_and_with_a_mask_dict():
     model, toks = gpt2(), tokens(16)  # GPT-2's default dropout 0.1
     settings = dict(chains=2, steps=6, batch_size=4, epsilon=1e-4, gamma=1000.0, nbeta=20.0)
@@ -136,7 +151,8 @@ def test_fastllc_lm_estimate_in_training_mode_and_with_a_mask_dict():
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(loss_fn=lambda m, x: x), "loss_fn is not supported"),
+    (dict(loss_fn=lambda m, x: x), r"must have shape \(12, 15\) for these 12 sequences, got \(12, 16\)"),
+    (dict(loss_fn="ce"), "loss_fn must be a function"),
     (dict(noise_level=0.5), "noise_level=0.5 is not supported"),
     (dict(llc_weight_decay=0.1), "llc_weight_decay"),
     (dict(bounding_box_size=1.0), "bounding_box_size"),

@@ -39,8 +39,10 @@ loss diverges are flagged (``healthy``) and left out of the means (NaN in ``llc_
 computed once per distinct minibatch order (devinterp: once per chain); ``observables`` (and
 ``batches_per_draw``, ``obs_seed``) and ``save_metrics`` are accepted and ignored (``llc`` returns no
 observable); ``output_path`` caches this layer's result as JSON, not devinterp's zarr of per-token losses.
-Refused in one line: ``loss_fn``, ``noise_level`` ≠ 1, ``llc_weight_decay``, ``bounding_box_size``,
-``init_noise``, other ``sampling_method_kwargs``, masks with values other than 0/1, selections of nothing.
+Refused in one line: ``noise_level`` ≠ 1, ``llc_weight_decay``, ``bounding_box_size``, ``init_noise``,
+other ``sampling_method_kwargs``, masks with values other than 0/1, selections of nothing. ``loss_fn``
+((model, input_ids) → per-token loss [B, T−1]) replaces the cross-entropy as in devinterp (the chain loss is the
+mean of its entries), on backend ``generic``.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def llc(model, dataset, observables=None, *, lr, n_beta, param_masks=None, loss_
         init = _init_loss(model, tokens, orders, settings)
         result = lm.estimate(model, tokens, **_fastllc_settings(settings), init_loss=init, restrict=restrict,
                              randomness=_randomness(orders, tokens, model, settings), dropout=True, device=device,
+                             token_loss=settings["loss_fn"],
                              backend=settings["backend"], max_memory=settings["max_memory"],
                              progress=settings["progress"])
     out = as_dataset(result, settings["n_beta"])
@@ -118,9 +121,10 @@ def _settings(lr, n_beta, observables, loss_fn, kwargs) -> dict:
     if observables is not None and not isinstance(observables, dict):
         raise FastLLCError(f"observables must be a dict {{name: dataset or (dataset, batches_per_draw)}}, got "
                            f"{type(observables).__name__}")
-    if loss_fn is not None:
-        raise FastLLCError("loss_fn is not supported by fastllc.compat.devinterp2 (it runs the next-token "
-                           "cross-entropy); drop loss_fn or use devinterp itself")
+    if loss_fn is not None and not callable(loss_fn):
+        raise FastLLCError(f"loss_fn must be a function (model, input_ids) → per-token loss [batch, length − 1], got "
+                           f"{type(loss_fn).__name__}")
+    s["loss_fn"] = loss_fn
     _refuse_off_defaults(s)
     s.update(_sampler(s))
     return s
@@ -244,13 +248,16 @@ def _init_loss(model, tokens: torch.Tensor, orders: torch.Tensor, s: dict) -> fl
     order, in training mode, averaged over the orders (per chain in devinterp: the same where they match)."""
     from .. import lm
 
-    batches = s["num_init_loss_batches"]
-    wrapped, losses = lm.CausalLM(model), []
+    from ..lm.api import TokenLossLM, token_loss_at
+
+    batches, custom = s["num_init_loss_batches"], s.get("loss_fn")
+    wrapped, losses = lm.CausalLM(model) if custom is None else TokenLossLM(model, custom), []
     with lm.sampling_mode(model):
         model.train()
         for order in orders:
             rows = order[:batches].reshape(-1)
-            losses.append(lm.loss_at(wrapped, lm.token_data(tokens[rows])))
+            losses.append(lm.loss_at(wrapped, lm.token_data(tokens[rows])) if custom is None
+                          else token_loss_at(wrapped, tokens[rows]))
     return float(np.mean(losses))
 
 
@@ -304,8 +311,11 @@ def _record(settings: dict, restrict) -> dict:
     unlike devinterp, the weight restriction (a digest of its masks)."""
     record = {k: settings[k] for k in DEFAULTS if k not in ("output_path", "device", "save_metrics",
                                                               "batches_per_draw", "obs_seed")}
+    loss_fn = settings.get("loss_fn")
     record.update(lr=settings["lr"], n_beta=settings["n_beta"],
-                  sampling_method_kwargs=dict(settings["sampling_method_kwargs"] or {}) or None)
+                  sampling_method_kwargs=dict(settings["sampling_method_kwargs"] or {}) or None,
+                  loss_fn=None if loss_fn is None else f"{getattr(loss_fn, '__module__', '')}."
+                                                      f"{getattr(loss_fn, '__qualname__', type(loss_fn).__name__)}")
     if restrict is not None:
         digest = hashlib.sha256()
         for name in sorted(restrict):

@@ -26,6 +26,8 @@ from ..llc import GroupResults, LLCResult, estimate_llc
 from ..sampling.contract import Samples, select_chains
 from ..sampling.randomness import CounterRandomness
 from ..sampling.restrict import selection_mask
+from ..errors import FastLLCError
+from ..sampling.threads import single_threaded_torch
 from ..validate import check_bool, check_int
 from .data import loss_at, next_token_loss, token_data
 from .memory import ChainOffset, MemoryPlan, plan
@@ -36,16 +38,62 @@ PREFIX = "model."  # CausalLM holds the Hugging Face model as .model: its parame
 LOG = logging.getLogger("fastllc.lm")
 
 
-def _prepared(model, tokens, loss_mask):
+def _prepared(model, tokens, loss_mask, token_loss=None):
     model = load_causal_lm(model)
-    lm = CausalLM(model)
+    lm = CausalLM(model) if token_loss is None else TokenLossLM(model, token_loss)
     return model, lm, token_data(tokens, loss_mask, vocab_size=lm.vocab_size)
 
 
 def _init_loss(lm, data, init_sequences):
     if init_sequences is not None:
         check_int("init_sequences", init_sequences, minimum=1)
+    if isinstance(lm, TokenLossLM):
+        return token_loss_at(lm, data.tokens[:init_sequences])
     return loss_at(lm, data, init_sequences)
+
+
+class TokenLossLM(torch.nn.Module):
+    """tokens [B, T] → ``token_loss(model, tokens)``, the caller's per-token loss [B, T−1] (devinterp 2's
+    ``loss_fn``); the chain loss is the mean of its entries (``mean_token_loss``). The model is ``.model``, as in
+    ``CausalLM``, so part names resolve alike."""
+
+    def __init__(self, model: torch.nn.Module, token_loss):
+        super().__init__()
+        if not callable(token_loss):
+            raise FastLLCError(f"token_loss must be a function (model, input_ids) → per-token loss [batch, length − 1], "
+                               f"got {type(token_loss).__name__}")
+        self.model, self.token_loss = CausalLM(model).model, token_loss
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.token_loss(self.model, tokens)
+
+    @property
+    def vocab_size(self):
+        return getattr(self.model.config, "vocab_size", None)
+
+
+def mean_token_loss(losses: torch.Tensor, _targets) -> torch.Tensor:
+    """The chain loss of a ``TokenLossLM``: the mean of the per-token losses (devinterp's ``loss.float().mean()``)."""
+    return losses.float().mean()
+
+
+@torch.no_grad()
+def token_loss_at(lm: TokenLossLM, tokens: torch.Tensor, chunk: int = 256) -> float:
+    """The mean per-token loss over ``tokens`` [N, T] at the model's weights, in chunks, without autograd; the
+    loss's shape checked (one line) on the first chunk."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    with single_threaded_torch():
+        for lo in range(0, len(tokens), chunk):
+            piece = tokens[lo:lo + chunk].to(next(lm.parameters()).device)
+            losses = lm(piece)
+            expected = (len(piece), tokens.shape[1] - 1)
+            if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != expected:
+                got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                raise FastLLCError(f"the per-token loss (token_loss; devinterp's loss_fn) must have shape {expected} "
+                                   f"for these {len(piece)} sequences, got {got}")
+            total += losses.double().sum().cpu()
+            count += losses.numel()
+    return float(total / count)
 
 
 def _prefixed(masks: dict) -> dict:
@@ -71,7 +119,7 @@ def memory_plan(model, tokens, chains: int, batch_size: int, sampler: str = "sgl
 def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_sequences: int | None = None,
              init_loss: float | None = None, attention: str | None = "eager", fused_gelu: bool = True,
              max_memory: int | None = None, backend: str = "auto", randomness=None, progress: bool = False,
-             device="cpu", dropout: bool = False, **settings) -> LLCResult:
+             device="cpu", dropout: bool = False, token_loss=None, **settings) -> LLCResult:
     """λ̂ of ``model`` at its weights on ``tokens`` (LongTensor [N, T], dataset with ``input_ids``, or a
     DataLoader; ``loss_mask`` [N, T] optional). ``restrict``: a part name or list (``names.py``: ``"l0h1"``,
     ``"l0 mlp"``, ``"embed"``, parameter names or globs) — only those weights move. ``init_sequences``: L_n(w*)
@@ -79,9 +127,13 @@ def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_
     chains may take (module docstring). ``restrict`` may also be a dict {parameter name: bool mask of its shape}
     (element-wise, as ``fastllc.estimate`` takes it). ``device``: where the chains run (the model is not moved).
     ``dropout=True`` evaluates the model in training mode (dropout on, masks from torch's global generator),
-    L_n(w*) included, as devinterp does. Other keywords: the ``SGLDConfig`` fields (``chains``, ``steps``,
-    ``epsilon``, ``gamma``, ``nbeta``, ``batch_size`` in sequences, ...)."""
-    model, lm, data = _prepared(model, tokens, loss_mask)
+    L_n(w*) included, as devinterp does. ``token_loss``: a function (model, input_ids [B, T]) → per-token loss
+    [B, T−1] replacing the next-token cross-entropy (devinterp 2's ``loss_fn``): the chain loss is the mean of
+    its entries, L_n(w*) their mean over the sequences (``loss_mask`` does not apply). Other keywords: the
+    ``SGLDConfig`` fields (``chains``, ``steps``, ``epsilon``, ``gamma``, ``nbeta``, ``batch_size`` in
+    sequences, ...)."""
+    model, lm, data = _prepared(model, tokens, loss_mask, token_loss)
+    loss = next_token_loss if token_loss is None else mean_token_loss
     config = sgld_config(config, settings)
     selection = None if restrict is None else _prefixed(_selection(model, restrict))
     chosen = plan(model, config.chains, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory)
@@ -90,10 +142,10 @@ def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_
         model.train(check_bool("dropout", dropout))  # sampling_mode restores every module's mode afterwards
         init = float(init_loss) if init_loss is not None else _init_loss(lm, data, init_sequences)
         if len(chosen.groups) == 1:
-            return _estimate(lm, data.pair, next_token_loss, config, backend=backend, init_loss=init,
+            return _estimate(lm, data.pair, loss, config, backend=backend, init_loss=init,
                              restrict=selection, randomness=randomness, progress=progress, device=device)
         mask = None if selection is None else selection_mask(lm, selection)
-        samples = _in_groups(lm, data, config, mask, chosen, init, backend, randomness, progress, device)
+        samples = _in_groups(lm, data, config, mask, chosen, init, backend, randomness, progress, device, loss)
     result = estimate_llc(samples, config)
     return result if mask is None else replace(result, sampled_weights=int(mask.sum()))
 
@@ -141,7 +193,8 @@ def _per_chain(config, edit) -> dict:
     return out
 
 
-def _in_groups(lm, data, config, mask, chosen: MemoryPlan, init, backend, randomness, progress, device="cpu") -> Samples:
+def _in_groups(lm, data, config, mask, chosen: MemoryPlan, init, backend, randomness, progress, device="cpu",
+               loss=next_token_loss) -> Samples:
     """The run's chains in ``chosen.groups`` one after another (chain c keyed by c), joined; L_n(w*) is ``init``
     (no backend makes its own pass over the data for it)."""
     d = sum(p.numel() for p in lm.parameters() if p.requires_grad)
@@ -151,7 +204,7 @@ def _in_groups(lm, data, config, mask, chosen: MemoryPlan, init, backend, random
     for lo, hi in chosen.groups:
         sub = replace(config, chains=hi - lo, **_per_chain(config, lambda v: v[lo:hi]))
         rows = mask if mask is None or mask.dim() == 1 else mask[lo:hi]
-        parts.append(sample(lm, *data.pair, next_token_loss, sub, backend=backend, randomness=ChainOffset(base, lo),
+        parts.append(sample(lm, *data.pair, loss, sub, backend=backend, randomness=ChainOffset(base, lo),
                             progress=progress, needs=needs, restrict=rows, init_loss=init, device=device))
     cat = lambda field: None if getattr(parts[0], field) is None else torch.cat([getattr(p, field) for p in parts])
     return Samples(cat("loss_trace"), init, cat("epsilon"), cat("gamma"), cat("nbeta"), parts[0].backend,

@@ -3,8 +3,8 @@
 and runs this folder there; the README's test command does not collect it (pyproject's norecursedirs).
 
 On a tiny GPT-2 trained for a few seconds: the same settings give the same L̂_n(w*) and the same loss at the
-first step (the same minibatches, before any noise) to fp32 rounding, and λ̂ within 3 combined standard errors
-(the SGLD noise streams differ); create_param_masks selects devinterp's elements on GPT-2, GPT-NeoX and a
+first step (the same minibatches, before any noise) to fp32 rounding, with a custom loss_fn too, and λ̂ within 3
+combined standard errors (the SGLD noise streams differ); create_param_masks selects devinterp's elements on GPT-2, GPT-NeoX and a
 grouped-query Llama for every head, group and part name."""
 
 import math
@@ -99,6 +99,20 @@ def test_llc_with_dropout_in_training_mode():
     theirs, ours = both(*trained(0.1), **dict(SETTINGS, num_chains=6))
     assert float(ours.init_loss) == pytest.approx(float(theirs.init_loss), rel=0.05)  # one dropout draw each
     assert_llc_agrees(theirs, ours)
+
+
+def second_half(model, input_ids):
+    """A custom loss_fn: the next-token cross-entropy of the second half of each sequence only."""
+    logits = model(input_ids).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return ce * (torch.arange(ce.shape[1]) >= ce.shape[1] // 2)
+
+
+def test_a_custom_loss_fn_gives_devinterps_loss_at_w_star_and_first_steps(gpt2_trained):
+    theirs, ours = both(*gpt2_trained, **dict(SETTINGS, num_chains=2, num_draws=3, num_burnin_steps=0,
+                                              loss_fn=second_half))
+    assert float(ours.init_loss) == pytest.approx(float(theirs.init_loss), rel=1e-5)
+    np.testing.assert_allclose(ours.loss_trace.values[:, 0], theirs.loss_trace.values[:, 0], rtol=1e-5)
 
 
 RESTRICTIONS = ["full", "l0", "l1 attn", "l0 mlp", "embed", "unembed", "l0 h1", "L1H0", "l1g1",
