@@ -148,6 +148,16 @@ def test_architectures_report_gives_seeds_ratios_fits_and_a_plot(tmp_path):
     assert "| (8, 32) | 23 | 184.0 ± 1.4 (2) | 230 | 0.800 |" in text
     assert "(16, 64): slope 12.00, intercept " in text and "(8, 32): slope 8.00" in text
     assert (tmp_path / "architectures.png").stat().st_size > 5000
+    # beside each fit, the published single runs' slope over the same p (10 p here): ours 8 against 10
+    assert "published single runs (p = 23, 29): slope 10.00, intercept +0.0; slope ours / published -20.0%" in text
+
+
+def test_architectures_run_the_inferred_orthogonal_choice_both_ways():
+    jobs = {j.tags["variant"]: j for j in architectures() if j.training.p == 37 and j.training.embed == 8}
+    off, on = jobs["published"], jobs["published-orth"]
+    assert off.training == on.training and (off.sgld.orthogonal, on.sgld.orthogonal) == (False, True)
+    assert on.training.batches == 10_000 and on.sgld.chain_loss == "published"
+    assert on.name == "architectures-add-p37-e8-h32-b10000-k25-init0.5-seed0-final-published-loss"
 
 
 # ---- damaged job JSONs, a full disk, progress in a log file ----
@@ -436,8 +446,8 @@ def cli(args):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["memorization", "--variant", "fancy"], "Error: --variant fancy: the memorization sweep has variants published, exact, "
-                                             "published-orth, exact-orth"),
+    (["memorization", "--variant", "fancy"], "Error: --variant fancy: the memorization sweep has variants published, local, "
+                                             "e16h64, e16h64-local, exact, published-orth, exact-orth"),
     (["dynamics", "--variant", "published"], "Error: --variant: the dynamics sweep has no settings variants; drop --variant"),
     (["psweep", "--chains", "0"], "Error: --chains must be at least 1, got 0"),
 ])
@@ -594,3 +604,65 @@ def test_dynamics_records_each_checkpoints_locality(tmp_path):
     (record,) = run_sweep([job], tmp_path, progress=False)
     assert all("locality" in r and "nonlocal" in r for r in record["results"])
     assert "locality of the chains" in write_report(tmp_path).read_text()
+
+
+def test_the_local_and_same_architecture_memorisation_variants():
+    """γ = 25 (local chains) beside the study's γ = 5, and the study's e16/h64 network on both tasks: each
+    job named apart (a γ = 25 job never takes a γ = 5 job's file), the earlier jobs' names unchanged."""
+    from fastllc.experiments.sweeps import LOCAL_GAMMA, PUBLISHED_MEMORIZATION_E16H64
+
+    jobs = memorization(variants=["published", "local", "e16h64", "e16h64-local"])
+    assert len({j.name for j in jobs}) == len(jobs)
+    by = {(j.tags.get("variant"), j.training.task, j.training.p, j.training.seed, j.kind, j.sgld.steps): j for j in jobs}
+    published, local = by["published", "random", 25, 0, "final", 5000], by["local", "random", 25, 0, "final", 5000]
+    assert published.name == "memorization-random-p25-e50-h200-b10000-k25-seed0-final-published-loss-orth-off"
+    assert local.name == published.name + "-g25" and local.sgld.gamma == LOCAL_GAMMA
+    assert (local.sgld.epsilon, local.sgld.orthogonal, local.sgld.chain_loss) == (1e-3, False, "published")
+    assert local.tags["published"] is None and published.tags["published"] == 550  # published values are γ = 5's
+    same = by["e16h64", "random", 35, 0, "final", 5000]
+    add = by["e16h64", "add", 35, 0, "final", 5000]
+    for job in (same, add):  # one network on both tasks, as the study trained it
+        assert (job.training.embed, job.training.hidden, job.training.init_scale, job.training.batches) == (16, 64, 0.5, 20_000)
+    assert same.tags["published"] == PUBLISHED_MEMORIZATION_E16H64[35] == 610.2
+    assert {p for (v, _, p, *_) in by if v == "e16h64"} == set(PUBLISHED_MEMORIZATION_E16H64)
+    # the chain-length chains only at the study's γ; a calibration grid (ε × γ, nβ = n/log n) per local variant
+    assert not any(j.sgld.steps == 10_000 for j in jobs if j.tags.get("variant") != "published")
+    grids = [j for j in jobs if j.kind == "calibrate"]
+    assert [(j.training.p, j.training.embed) for j in grids] == [(25, 50), (35, 16)]
+    assert {(c["gamma"], c["nbeta"]) for c in grids[0].tags["grid"]} == {(5.0, 1.0), (25.0, 1.0), (100.0, 1.0)}
+
+
+def memo_network_record(p, seed, llc, task="random", embed=50, hidden=200, gamma=5.0, mean_loss=1.0, published=False,
+                        **extra):
+    record = memo_record(p, seed, llc, **extra)
+    if published is not False:
+        record["published"] = published
+    record["training"].update(task=task, embed=embed, hidden=hidden)
+    record["sgld"].update(gamma=gamma, epsilon=1e-3)
+    record["result"].update(init_loss=0.0)
+    record["result"]["loss_trace_summary"]["mean_loss"] = mean_loss
+    record["job"] += f"-{task}-{embed}-{gamma}"
+    return record
+
+
+def test_memorisation_report_shows_each_setting_and_network_apart_with_the_claims_evidence(tmp_path):
+    # γ = 5: λ̂ = 0.8 p² and chains above chance (mean loss 2 log p); γ = 25: λ̂ = 0.2 p², chains local
+    records = [memo_network_record(p, s, 0.8 * p * p, mean_loss=2 * math.log(p), variant="published") for p in (10, 15, 20, 25)
+               for s in (0, 1)]
+    records += [memo_network_record(p, s, 0.2 * p * p, gamma=25.0, mean_loss=0.2 * math.log(p), published=None)
+                for p in (10, 15, 20, 25) for s in (0, 1)]
+    records += [memo_network_record(p, 0, 0.1 * p * p, task="add", embed=8, hidden=32, gamma=25.0, published=None)
+                for p in (10, 15, 20, 25)]
+    records += [memo_network_record(p, 0, 0.5 * p * p, embed=16, hidden=64, published={10: 40.0, 15: 112.5}.get(p))
+                for p in (10, 15)]
+    write_records(tmp_path, records)
+    text = write_report(tmp_path).read_text()
+    assert "#### settings: +1e-6 chain loss (as published), orthogonal off, a split per seed, γ = 25\n" in text
+    assert "#### settings: +1e-6 chain loss (as published), orthogonal off, a split per seed; e16/h64 on both tasks" in text
+    assert "published (e16 h64)" in text and "not judged here" in text  # the 0.8 p² band is the e50/h200 claim's
+    # the claim under each setting: λ̂/n = a/0.8, the locality (2 log p / log p = 2; 0.2), memorising over addition 2
+    assert re.search(r"\| \+1e-6 chain loss \(as published\), orthogonal off, a split per seed \| 0\.800 \|.*"
+                     r"\| 1\.00 \(1\.00–1\.00\) \| 2\.00 \(2\.00–2\.00\) \| 8 of 8 \| – \|", text)
+    assert re.search(r"\| \+1e-6 chain loss \(as published\), orthogonal off, a split per seed, γ = 25 \| 0\.200 \|.*"
+                     r"\| 0\.25 \(0\.25–0\.25\) \| 0\.20 \(0\.20–0\.20\) \| 0 of 8 \| 2\.00 \(2\.00–2\.00\) \|", text)
+    assert (tmp_path / "memorization-1e-6-chain-loss--as-published---orthogonal-off--a-split-per-seed--e16-h64-on-both-tasks.png").exists()

@@ -114,23 +114,48 @@ def settings_label(record) -> str:
     if training.get("init_scale", 1) != 1:
         parts.append(f"init ×{training['init_scale']:g}")
     parts.append("one split per p" if training.get("split") == "fixed" else "a split per seed")
+    if record.get("batch_order") == "shared":  # every seed trained on seed 0's minibatches (the study's data order)
+        parts.append("one batch order per p")
+    for name, symbol, study in (("gamma", "γ", targets.STUDY_GAMMA), ("epsilon", "ε", targets.STUDY_EPSILON)):
+        if isinstance(sgld.get(name), (int, float)) and sgld[name] != study:
+            parts.append(f"{symbol} = {sgld[name]:g}")
     return ", ".join(parts)
 
 
-def _variant_groups(records) -> list[tuple[str, list]]:
-    """Records grouped by ``settings_label``, the group holding the "published" variant's jobs first."""
-    groups = _by(records, settings_label)
+# the networks the memorisation claim compares (the random operation's, the modular addition's beside it)
+CLAIM_NETWORKS = {(50, 200), (8, 32)}
+
+
+def network_tag(record) -> str:
+    """"" for the memorisation claim's networks (e50/h200, and e8/h32 beside them), else "e16/h64 on both
+    tasks": a memorisation record's network, so that another network is never averaged with the claim's."""
+    training = record["training"]
+    if "embed" not in training:  # a record that does not say: the claim's
+        return ""
+    e, h = training["embed"], training.get("hidden", 32)
+    return "" if (e, h) in CLAIM_NETWORKS else f"e{e}/h{h} on both tasks"
+
+
+def memorization_label(record) -> str:
+    """``settings_label`` and, where it is not the claim's, the network (``network_tag``)."""
+    tag = network_tag(record)
+    return settings_label(record) + (f"; {tag}" if tag else "")
+
+
+def _variant_groups(records, label=settings_label) -> list[tuple[str, list]]:
+    """Records grouped by ``label`` (``settings_label``), the group holding the "published" variant's jobs first."""
+    groups = _by(records, label)
     def order(item):
         label, group = item
         return (0 if any(r.get("variant") == "published" for r in group) else 1, label)
     return sorted(groups.items(), key=order)
 
 
-def _png(base: str, index: int, group) -> str:
+def _png(base: str, index: int, group, label=settings_label) -> str:
     """The first (published) group's plot keeps the sweep's plain name; the others get their variant's."""
     if index == 0:
         return f"{base}.png"
-    tag = settings_label(group[0])
+    tag = label(group[0])
     return f"{base}-{''.join(c if c.isalnum() else '-' for c in tag).strip('-').lower()}.png"
 
 
@@ -432,8 +457,7 @@ def _architectures_group(records, out: Path, png: str) -> list[str]:
         if published:
             ax.plot(*zip(*published), "x", color=f"C{index}", ms=8)
         if len(rows) >= 2:
-            slope, intercept, r2 = _fit(ps, [row["mean"] for row in rows], 3, " ")
-            fits.append(f"({e}, {h}): slope {slope:.2f}, intercept {intercept:+.1f}, {r2}")
+            fits.append(_architecture_fit(e, h, rows))
     ax.set_xlabel("p")
     ax.set_ylabel("λ̂")
     ax.set_title(f"λ̂ by architecture (× published single runs)\n{settings_label(records[0])}", fontsize=9)
@@ -451,6 +475,20 @@ def _architectures_group(records, out: Path, png: str) -> list[str]:
     lines += locality_table(records, lambda r: (r["training"]["embed"], r["training"]["hidden"], r["training"]["p"]),
                             "(e, h), p", lambda k: f"({k[0]}, {k[1]}), {k[2]}")
     return lines + ["", f"![λ̂ by architecture]({png})", ""]
+
+
+def _architecture_fit(e: int, h: int, rows) -> str:
+    """One network's linear fit of the means, beside the fit of the published single runs at the same p
+    (slope ratio): the architectures figure's slopes, compared."""
+    ps, means = [row["p"] for row in rows], [row["mean"] for row in rows]
+    slope, intercept, r2 = _fit(ps, means, 3, " ")
+    text = f"({e}, {h}): slope {slope:.2f}, intercept {intercept:+.1f}, {r2}"
+    published = [(row["p"], row["published"]) for row in rows if row["published"]]
+    if len(published) >= 2:
+        pub_slope, pub_intercept, _ = linear_fit(*zip(*published))
+        text += (f"; published single runs (p = {', '.join(str(p) for p, _ in published)}): slope {pub_slope:.2f}, "
+                 f"intercept {pub_intercept:+.1f}; slope ours / published {slope / pub_slope - 1:+.1%}")
+    return text
 
 
 def _mean_sd(row) -> str:
@@ -489,18 +527,27 @@ def report_memorization(records, out: Path) -> list[str]:
     main = [r for r in records if not _chain_length_job(r)]
     lines = ["### memorisation against generalisation", ""]
     fits = []
-    for index, (label, group) in enumerate(_variant_groups(main)):
-        group_lines, fit = _memorization_group(group, out, _png("memorization", index, group))
+    for index, (label, group) in enumerate(_variant_groups(main, memorization_label)):
+        group_lines, fit = _memorization_group(group, out, _png("memorization", index, group, memorization_label))
         lines += _heading(label, group) + group_lines
         fits.append((label, fit))
-    lines += _claim_under_each_loss(fits)
+    lines += _claim_under_each_setting(fits)
     lines += report_chain_length([r for r in records if _chain_length_job(r)])
     return lines
 
 
+def _network_of(records, task: str, default: tuple[int, int]) -> tuple[int, int]:
+    """(e, h) of the ``task`` records of a group (their first), or ``default`` when the group has none."""
+    for r in records:
+        if r["training"].get("task") == task and "embed" in r["training"]:
+            return r["training"]["embed"], r["training"].get("hidden", 32)
+    return default
+
+
 def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
     tasks = _by(records, lambda r: r["training"]["task"])
-    lines = ["| p | λ̂ random operation (± sd, seeds) | published (e50 h200) | "
+    network = _network_of(records, "random", targets.MEMORISATION_CLAIM["network"])
+    lines = [f"| p | λ̂ random operation (± sd, seeds) | published (e{network[0]} h{network[1]}) | "
              f"λ̂ modular addition | {_CLAIM} | ours / published | memorised (train acc {_MEMORISED}) | "
              f"addition generalised (test acc ≥ {_GENERALISED}; test accuracies) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -517,7 +564,7 @@ def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
                      f"{_generalised_cell(gen_by_p.get(p))} |")
     lines += _quadratic_fit_line(memo, "Means over seeds (one point per p)")
     lines += _quadratic_fit_runs(tasks.get("random", []), "Every run (one point per seed)")
-    fit = dict(memo=memo, a=_quadratic_fit(memo))
+    fit = dict(memo=memo, gen=gen, a=_quadratic_fit(memo), random=tasks.get("random", []))
     # λ̂ of a network that has not memorised its train set is not the claim's quantity: shown beside, never instead
     kept = [r for r in tasks.get("random", []) if targets.memorised(r)]
     if 0 < len(kept) < len(tasks.get("random", [])):
@@ -526,13 +573,22 @@ def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
         lines += ["", f"Runs that memorised (final train accuracy {_MEMORISED}), {len(kept)} of {len(tasks['random'])}: {per_p}."]
         lines += _quadratic_fit_line(memorised, "Runs that memorised, means over seeds")
         lines += _quadratic_fit_runs(kept, "Runs that memorised, one point per run")
-    lines += _memorization_targets(memo, fit["a"])
+    lines += _memorization_targets(memo, fit["a"], network)
     lines += locality_table(records, lambda r: (r["training"]["task"], r["training"]["p"]), "task, p",
                             lambda k: f"{'random operation' if k[0] == 'random' else 'modular addition'}, {k[1]}")
+    _memorization_plot(memo, gen, records, out / png)
+    return lines + ["", f"![memorisation]({png})", ""], fit
+
+
+def _memorization_plot(memo: dict, gen: dict, records, path: Path) -> None:
+    """λ̂ of both tasks against p (every seed faint, mean ± sd), the published values and the a·p² curve."""
+    random_net = _network_of(records, "random", targets.MEMORISATION_CLAIM["network"])
+    add_net = _network_of(records, "add", (8, 32))
     fig = _figure(figsize=(6, 4.2))
     ax = fig.subplots()
-    for rows, style, colour, label in ((memo, "o-", "C0", "random operation (memorising)"),
-                                       (gen, "s-", "C1", "modular addition (e=8, h=32; see the table for which generalised)")):
+    for rows, style, colour, label in ((memo, "o-", "C0", f"random operation (e={random_net[0]}, h={random_net[1]})"),
+                                       (gen, "s-", "C1", f"modular addition (e={add_net[0]}, h={add_net[1]}; "
+                                                         "see the table for which generalised)")):
         if not rows:
             continue
         for p, row in rows.items():  # every seed, faint
@@ -542,15 +598,14 @@ def _memorization_group(records, out: Path, png: str) -> tuple[list[str], dict]:
                     capsize=3, label=label + (": mean ± sd over seeds" if any(r["seeds"] > 1 for r in rows.values()) else ""))
     published = [(p, r["published"]) for p, r in memo.items() if r["published"]]
     if published:
-        ax.plot(*zip(*published), "x", color="C3", ms=9, label="published (e50 h200)")
+        ax.plot(*zip(*published), "x", color="C3", ms=9, label=f"published (e{random_net[0]} h{random_net[1]})")
     grid = np.linspace(0, max(list(memo) + list(gen) + [1]) * 1.05, 50)
     ax.plot(grid, targets.MEMORISATION_CLAIM["a"] * grid**2, "--", color="0.5", label=f"{_CLAIM} (train-set size)")
     ax.set_xlabel("p")
     ax.set_ylabel("λ̂")
-    ax.set_title(settings_label(records[0]), fontsize=9)
+    ax.set_title(memorization_label(records[0]), fontsize=9)
     ax.legend(fontsize=8)
-    _save(fig, out / png)
-    return lines + ["", f"![memorisation]({png})", ""], fit
+    _save(fig, path)
 
 
 def _generalised_cell(group) -> str:
@@ -572,35 +627,63 @@ def _quadratic_fit(rows: dict) -> tuple[float, float, float]:
     return linear_fit(np.array(ps) ** 2, values)
 
 
-def _memorization_targets(memo: dict, fit) -> list[str]:
+def _memorization_targets(memo: dict, fit, network: tuple[int, int]) -> list[str]:
     """The memorisation targets (``targets.memorization_verdict``), each with its numbers: met or not."""
-    verdict = targets.memorization_verdict(memo, fit[0])
+    verdict = targets.memorization_verdict(memo, fit[0], network)
     if verdict is None:
         return []
     goals = targets.MEMORIZATION_TARGETS
     (low, high), primes = goals["a"], ", ".join(map(str, goals["primes"]))
     each = ", ".join(f"p = {p}: {d:+.1%}" for p, d in verdict["differences"])
+    a_text = (f"fit a ∈ [{low}, {high}]: {_met(verdict['a_met'])} (a = {fit[0]:.3f})" if verdict["a_met"] is not None
+              else f"fit a = {fit[0]:.3f} (the {_CLAIM} claim is about e{targets.MEMORISATION_CLAIM['network'][0]}/"
+                   f"h{targets.MEMORISATION_CLAIM['network'][1]} networks: not judged here)")
     return ["", f"Targets: each of p = {primes} within {goals['within']:.0%} of the published value: "
-            f"{_met(verdict['means_met'])} ({each}); "
-            f"fit a ∈ [{low}, {high}]: {_met(verdict['a_met'])} (a = {fit[0]:.3f})."]
+            f"{_met(verdict['means_met'])} ({each}); {a_text}."]
 
 
-def _claim_under_each_loss(fits) -> list[str]:
-    """The memorisation claim (a·p², ``targets.MEMORISATION_CLAIM``) under every settings group: one row each,
-    side by side."""
+def _claim_under_each_setting(fits) -> list[str]:
+    """The memorisation claim (a·p², ``targets.MEMORISATION_CLAIM``) under every settings group, one row each,
+    side by side: the fit, the ratios to the published values, and what says whether λ̂ measured the geometry
+    (``_claim_evidence``: λ̂/n, the memorising chains' locality, memorising over addition λ̂)."""
     rows = [(label, fit) for label, fit in fits if not math.isnan(fit["a"][0])]
     if not rows:
         return []
     primes = targets.MEMORIZATION_TARGETS["primes"]
-    lines = [f"### robustness: the {_CLAIM} claim under each chain loss", "",
+    lines = [f"### robustness: the {_CLAIM} claim under each setting", "",
+             f"Over the random operation's runs at p ∈ {_CLAIM_PS}: λ̂/n (n = 0.8 p², the train-set size), the locality "
+             "of their chains, and λ̂ of the memorising network over that of the modular-addition network beside it "
+             "(ratio of the means at each p; min–max over p).", "",
              f"| settings | a (λ̂ ≈ a·p² + c, p ∈ {_CLAIM_PS}) | c | R² | " + " | ".join(f"ours / published, p = {p}" for p in primes)
-             + " |", "|---|---|---|---|" + "---|" * len(primes)]
+             + " | λ̂/n (min–max) | locality (min–max) | nonlocal | memorising / addition (min–max) |",
+             "|---|---|---|---|" + "---|" * len(primes) + "---|---|---|---|"]
     for label, fit in rows:
         a, c, r2 = fit["a"]
         ratios = [fit["memo"][p]["mean"] / fit["memo"][p]["published"] if p in fit["memo"] and fit["memo"][p]["published"]
                   else None for p in primes]
-        lines.append(f"| {label} | {a:.3f} | {c:+.1f} | {_fmt(r2, 4)} | " + " | ".join(_fmt(x, 3) for x in ratios) + " |")
+        lines.append(f"| {label} | {a:.3f} | {c:+.1f} | {_fmt(r2, 4)} | " + " | ".join(_fmt(x, 3) for x in ratios)
+                     + " | " + " | ".join(_claim_evidence(fit)) + " |")
     return lines + [""]
+
+
+def _span(values, digits: int = 2) -> str:
+    """"mean (min–max)" of the finite values, or "–"."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return f"{_fmt(_mean(values), digits)} ({_fmt(min(values), digits)}–{_fmt(max(values), digits)})" if values else "–"
+
+
+def _claim_evidence(fit) -> list[str]:
+    """For the random operation's runs at p in the claim's range: λ̂/n, their chains' locality and how many are
+    nonlocal, and the ratio of the memorising to the addition network's mean λ̂ per p."""
+    from ..tasks import train_size
+
+    runs = [r for r in fit["random"] if targets.in_claim_range(r["training"]["p"])]
+    per_n = [_llc(r) / train_size(r["training"]["p"], r["training"].get("train_frac", 0.8)) for r in runs]
+    localities = [record_locality(r)[0] for r in runs]
+    flags = [f for f in map(is_nonlocal, runs) if f is not None]
+    over = [fit["memo"][p]["mean"] / fit["gen"][p]["mean"] for p in fit["memo"]
+            if targets.in_claim_range(p) and p in fit["gen"] and fit["gen"][p]["mean"]]
+    return [_span(per_n), _span(localities), f"{sum(flags)} of {len(flags)}" if flags else NOT_RECORDED, _span(over)]
 
 
 def report_chain_length(records) -> list[str]:

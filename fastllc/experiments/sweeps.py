@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .. import resources
 from ..errors import FastLLCError
@@ -19,6 +19,7 @@ from ..validate import check_int
 from ..sampling import SGLDConfig
 from ..train import TrainConfig, default_batches
 from .jobs import Job
+from .targets import STUDY_EPSILON, STUDY_GAMMA
 
 PUBLISHED_PSWEEP = {23: 112.8, 29: 157.7, 37: 222.3, 41: 259.4, 47: 312.1, 53: 371.1}  # mean over 5 runs
 PUBLISHED_PSWEEP_SD = {23: 1.9, 29: 3.0, 37: 5.5, 41: 12.4, 47: 15.2, 53: 6.7}  # population sd (ddof 0)
@@ -30,6 +31,26 @@ PUBLISHED_ARCHITECTURES = {
     (16, 64): {23: 148, 29: 191, 37: 275, 41: 309, 47: 382},
 }
 PUBLISHED_MEMORIZATION = {5: 8, 10: 53, 15: 157, 20: 318, 25: 550}  # e=50, h=200, read from the plot
+# e=16, h=64 on the random operation, single runs (init ×0.5, 20,000 batches; the study's files at a0bda3f)
+PUBLISHED_MEMORIZATION_E16H64 = {10: 32.4, 12: 52, 15: 94.6, 17: 124, 20: 187.5, 23: 261, 25: 294.4, 30: 412.7, 35: 610.2}
+# The localisation of the "local" memorisation variants: the smallest γ of {5, 25, 100} (the study's γ, ×5, ×20)
+# at which the memorising chains stay local (locality < ½) at the study's ε and nβ: at γ = 5 they climb above
+# chance (locality 1.2–2.2), and a smaller ε does not bring them back (it only slows them down); γ = 25 does.
+# The calibrate jobs of these variants record that grid (ε × γ on one memorising network per network).
+LOCAL_GAMMA = 25.0
+# the networks of the memorisation comparison: the random operation's, and the modular addition's beside it
+# (None: the p-sweep's e8/h32 network at the p-sweep's training length)
+MEMORISATION_NETWORKS = {
+    "e50h200": dict(random=dict(embed=50, hidden=200, batches=10_000), add=None, published=PUBLISHED_MEMORIZATION,
+                    primes=[5, 10, 15, 20, 25, 30, 35, 40]),
+    "e16h64": dict(random=dict(embed=16, hidden=64, init_scale=0.5, batches=20_000),
+                   add=dict(embed=16, hidden=64, init_scale=0.5, batches=20_000), published=PUBLISHED_MEMORIZATION_E16H64,
+                   primes=sorted(PUBLISHED_MEMORIZATION_E16H64)),
+}
+# the calibration grid run on one memorising network per network (seed 0, at ``CALIBRATION_P``) by the local
+# variants: why γ = LOCAL_GAMMA, read from the sweep's own records
+CALIBRATION_GRID = dict(epsilons=(1e-4, 3e-4, 1e-3), gammas=(5.0, 25.0, 100.0))
+CALIBRATION_P = {"e50h200": 25, "e16h64": 35}
 CHAIN_LENGTHS = (2000, 5000, 10_000)  # memorisation λ̂ against chain length, at the largest published p
 CHAIN_LENGTH_P = 25
 
@@ -44,19 +65,27 @@ VARIANTS = {
     "architectures": {
         "published": (dict(init_scale=0.5), dict(orthogonal=False, chain_loss="published"),
                       "as published (inferred): init ×0.5, 10,000 batches, orthogonal off, +1e-6 chain loss"),
+        "published-orth": (dict(init_scale=0.5), dict(orthogonal=True, chain_loss="published"),
+                           "as published but orthogonal on: the inferred choice the other way"),
         "today": (dict(), dict(orthogonal=True, chain_loss="exact"),
                   "principled: PyTorch's init, 15,000 batches at p ≥ 41, orthogonal on, exact loss"),
     },
     "memorization": {
         "published": (dict(), dict(orthogonal=False, chain_loss="published"),
                       "as published: +1e-6 chain loss, orthogonal off"),
+        "local": (dict(), dict(orthogonal=False, chain_loss="published", gamma=LOCAL_GAMMA),
+                  f"local chains: as published but γ = {LOCAL_GAMMA:g}"),
+        "e16h64": (dict(network="e16h64"), dict(orthogonal=False, chain_loss="published"),
+                   "the same network on both tasks (e16/h64, init ×0.5, 20,000 batches), as published (orthogonal off, inferred)"),
+        "e16h64-local": (dict(network="e16h64"), dict(orthogonal=False, chain_loss="published", gamma=LOCAL_GAMMA),
+                         f"the same network on both tasks, local chains (γ = {LOCAL_GAMMA:g})"),
         "exact": (dict(), dict(orthogonal=False, chain_loss="exact"), "exact cross-entropy chain loss, orthogonal off"),
         "published-orth": (dict(), dict(orthogonal=True, chain_loss="published"), "+1e-6 chain loss, orthogonal on"),
         "exact-orth": (dict(), dict(orthogonal=True, chain_loss="exact"), "exact chain loss, orthogonal on (fastllc's earlier settings)"),
     },
 }
-DEFAULT_VARIANTS = {"psweep": ("published",), "architectures": ("published", "today"),
-                    "memorization": ("published", "exact", "published-orth", "exact-orth")}
+DEFAULT_VARIANTS = {"psweep": ("published",), "architectures": ("published", "published-orth", "today"),
+                    "memorization": ("published", "exact", "published-orth", "exact-orth", "local", "e16h64", "e16h64-local")}
 CHAIN_LOSS_CHOICES = {"published": ("published",), "exact": ("exact",), "both": ("published", "exact")}
 
 
@@ -65,11 +94,32 @@ def psweep_batches(p: int, variant: str = "published") -> int:
     return PUBLISHED_PSWEEP_BATCHES.get(p, 10_000) if variant == "published" else default_batches(p)
 
 
-def study_sgld(chains: int, steps: int = 5000, orthogonal: bool = True, chain_loss: str = "exact") -> SGLDConfig:
+def study_sgld(chains: int, steps: int = 5000, orthogonal: bool = True, chain_loss: str = "exact",
+               epsilon: float = STUDY_EPSILON, gamma: float = STUDY_GAMMA) -> SGLDConfig:
     """The study's SGLD: ε = 1e-3, γ = 5, m = 64, nβ = n/log n, no burn-in; by default orthogonal restriction
-    on and the exact chain loss (fastllc's earlier settings; the variants above say what each figure used)."""
-    return SGLDConfig(chains=chains, steps=steps, epsilon=1e-3, gamma=5.0, batch_size=64, orthogonal=orthogonal,
+    on and the exact chain loss (fastllc's earlier settings; the variants above say what each figure used).
+    ``epsilon`` and ``gamma``: a variant's own (the local memorisation chains)."""
+    return SGLDConfig(chains=chains, steps=steps, epsilon=epsilon, gamma=gamma, batch_size=64, orthogonal=orthogonal,
                       chain_loss=chain_loss)
+
+
+@dataclass(frozen=True)
+class StudyJob(Job):
+    """A ``Job`` whose name also says the SGLD settings the study's figures never varied (ε, γ, nβ) where a
+    variant changes them: the jobs of every earlier JSON keep their names, and a γ = 25 job does not take a
+    γ = 5 job's file. (``jobs.sgld_suffix`` is the natural home of this suffix.)"""
+
+    @property
+    def name(self) -> str:
+        return super().name + localisation_suffix(self.sgld)
+
+
+def localisation_suffix(sgld: SGLDConfig) -> str:
+    """"-g25", "-eps0.0001", "-nb100" for each of γ, ε, nβ that differs from the study's; empty otherwise."""
+    parts = ([f"g{sgld.gamma:g}"] if sgld.gamma != STUDY_GAMMA else []) + \
+            ([f"eps{sgld.epsilon:g}"] if sgld.epsilon != STUDY_EPSILON else []) + \
+            ([f"nb{sgld.nbeta:g}"] if sgld.nbeta is not None else [])
+    return "".join("-" + part for part in parts)
 
 
 def chosen_variants(sweep: str, variants) -> tuple[str, ...]:
@@ -159,7 +209,7 @@ def architectures(chains: int = 64, seeds: int | None = None, quick: bool = Fals
             sgld = study_sgld(chains, 1000 if quick else 5000, **sgld_kw)
             for (embed, hidden), published in PUBLISHED_ARCHITECTURES.items():
                 for p in primes:
-                    batches = 3000 if quick else 10_000 if variant == "published" else default_batches(p)
+                    batches = 3000 if quick else 10_000 if variant.startswith("published") else default_batches(p)
                     for seed in range(seeds or 1):
                         config = TrainConfig(p=p, embed=embed, hidden=hidden, batches=batches,
                                              checkpoints=1 if quick else 25, seed=seed, **training)
@@ -174,31 +224,57 @@ def memorization(chains: int = 64, seeds: int | None = None, quick: bool = False
     """Random commutative operation with a network big enough to memorise (the study's e=50, h=200),
     beside the generalising network of the p-sweep (modular addition, e=8, h=32) at the same p; 3 seeds.
     At p = 25 also one longer chain per memorising run (10,000 steps), whose first 2,000 and 5,000 steps
-    give λ̂ against chain length (``CHAIN_LENGTHS``), for the variants with the orthogonal restriction off."""
+    give λ̂ against chain length (``CHAIN_LENGTHS``), for the study's γ with the orthogonal restriction off.
+    The e16h64 variants put one network (e16/h64, the study's same-architecture comparison) on both tasks; the
+    local variants (γ = ``LOCAL_GAMMA``) add one calibration grid on a memorising network (``CALIBRATION_GRID``)."""
     _check_chain_loss(chain_loss)
-    primes = [11, 17] if quick else [5, 10, 15, 20, 25, 30, 35, 40]
-    lengths = tuple(t // 10 for t in CHAIN_LENGTHS) if quick else CHAIN_LENGTHS
-    long_p = max(primes) if quick else CHAIN_LENGTH_P
     jobs = []
     for variant in chosen_variants("memorization", variants):
         training, sgld_settings = _settings("memorization", variant, split, chain_loss)
+        network = MEMORISATION_NETWORKS[training.pop("network", "e50h200")]
         for sgld_kw in sgld_settings:
-            sgld = study_sgld(chains, lengths[1], **sgld_kw)
-            for p in primes:
-                for seed in range(seeds or 3):
-                    memorising = TrainConfig(p=p, task="random", embed=50, hidden=200, batches=4000 if quick else 10_000,
-                                             checkpoints=1 if quick else 25, seed=seed, **training)
-                    generalising = TrainConfig(p=p, batches=psweep_batches(p), checkpoints=1 if quick else 25,
-                                               seed=seed, **training)
-                    tags = dict(variant=_variant_tag("memorization", variant, sgld))
-                    jobs.append(Job("memorization", memorising, sgld, backend=backend,
-                                    tags=dict(tags, published=PUBLISHED_MEMORIZATION.get(p))))
-                    jobs.append(Job("memorization", generalising, sgld, backend=backend, tags=dict(tags, published=None)))
-                    if p == long_p and not sgld.orthogonal:
-                        jobs.append(Job("memorization", memorising, replace(sgld, steps=lengths[-1]), backend=backend,
-                                        tags=dict(tags, published=PUBLISHED_MEMORIZATION.get(p), prefixes=list(lengths[:-1]),
-                                                  chain_length_study=True)))
+            jobs += _memorization_jobs(variant, network, training, sgld_kw, chains, seeds, quick, backend)
     return _unique(jobs)
+
+
+def _memorization_jobs(variant: str, network: dict, training: dict, sgld_kw: dict, chains: int, seeds: int | None,
+                       quick: bool, backend: str) -> list[Job]:
+    """One variant's jobs under one chain loss: per p and seed the memorising and the addition network, the
+    chain-length chains (study's γ, orthogonal off) and, for a variant of its own γ, the calibration grid."""
+    primes = [11, 17] if quick else network["primes"]
+    lengths = tuple(t // 10 for t in CHAIN_LENGTHS) if quick else CHAIN_LENGTHS
+    long_p = max(primes) if quick else CHAIN_LENGTH_P
+    sgld = study_sgld(chains, lengths[1], **sgld_kw)
+    own_gamma = sgld.gamma != STUDY_GAMMA
+    tags = dict(variant=_variant_tag("memorization", variant, sgld))
+    jobs = []
+    for p in primes:
+        for seed in range(seeds or 3):
+            memorising = TrainConfig(p=p, task="random", checkpoints=1 if quick else 25, seed=seed,
+                                     **dict(network["random"], **(dict(batches=4000) if quick else {})), **training)
+            add = network["add"] or dict(batches=psweep_batches(p))
+            generalising = TrainConfig(p=p, checkpoints=1 if quick else 25, seed=seed,
+                                       **dict(add, **(dict(batches=4000) if quick and network["add"] else {})), **training)
+            published = None if own_gamma else network["published"].get(p)  # made at γ = 5 only
+            jobs.append(StudyJob("memorization", memorising, sgld, backend=backend, tags=dict(tags, published=published)))
+            jobs.append(StudyJob("memorization", generalising, sgld, backend=backend, tags=dict(tags, published=None)))
+            if p == long_p and not sgld.orthogonal and not own_gamma and network["add"] is None:
+                jobs.append(StudyJob("memorization", memorising, replace(sgld, steps=lengths[-1]), backend=backend,
+                                     tags=dict(tags, published=published, prefixes=list(lengths[:-1]), chain_length_study=True)))
+            if own_gamma and seed == 0 and p == (max(primes) if quick else CALIBRATION_P[_network_name(network)]):
+                jobs.append(_calibration_job(memorising, sgld, backend, quick))
+    return jobs
+
+
+def _network_name(network: dict) -> str:
+    return next(name for name, known in MEMORISATION_NETWORKS.items() if known is network)
+
+
+def _calibration_job(training: TrainConfig, sgld: SGLDConfig, backend: str, quick: bool) -> Job:
+    """ε × γ at nβ = n/log n on one memorising network: where its chains stay local (the calibrate report)."""
+    grid = [dict(epsilon=e, nbeta=1.0, gamma=g) for g in CALIBRATION_GRID["gammas"] for e in CALIBRATION_GRID["epsilons"]]
+    return Job("calibrate", training, replace(sgld, chains=4 if not quick else 2, gamma=STUDY_GAMMA), kind="calibrate",
+               tags=dict(grid=grid), backend=backend)
 
 
 @_counts_checked
