@@ -42,8 +42,9 @@ class _EstimateByDefault(click.Group):
 
 @click.group("lm", cls=_EstimateByDefault)
 def lm_command():
-    """λ̂ of local Hugging Face causal LMs on saved token ids (``fastllc lm MODEL_DIR TOKENS`` is
-    ``fastllc lm estimate MODEL_DIR TOKENS``)."""
+    """λ̂ of local Hugging Face causal LMs on saved token ids: 'fastllc lm MODEL_DIR TOKENS_FILE' is
+    'fastllc lm estimate MODEL_DIR TOKENS_FILE'; 'fastllc lm estimate --series DIR TOKENS_FILE --plot llc.png'
+    estimates every checkpoint of a training run."""
 
 
 @lm_command.command("estimate")
