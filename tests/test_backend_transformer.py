@@ -1,5 +1,5 @@
-"""Backend ``transformer`` (``fastllc/lm/engine.py``: GPT-2 with the chains folded into the batch): the engine is
-the Hugging Face model's own function, the chains follow the reference's parameter by parameter under the same
+"""Backend ``transformer`` (``fastllc/lm/engine.py``: GPT-2, GPT-NeoX and Llama with the chains folded into the
+batch): the engine is the Hugging Face model's own function (loss and gradient, every family and option), the chains follow the reference's parameter by parameter under the same
 injected draws (every variant its capabilities allow), chain groups change nothing, what it refuses in one line,
 and ``fastllc.lm`` picks it by default.
 
@@ -37,8 +37,21 @@ VARIANTS = {  # conformance's settings (PER_CHAIN: ε·nβ/2 ≤ 0.02), by the c
 }
 
 
+FAMILIES = {"gpt2": gpt2, "neox": neox, "llama": llama, "llama-gqa": lambda: llama(kv_heads=2),
+            "neox-sequential": lambda: neox_sequential()}
+
+
 def causal_lm(**config):
     return lm.CausalLM(gpt2(**config)).eval()
+
+
+def neox_sequential():
+    """GPT-NeoX with a sequential residual and rotary embeddings over whole heads (the defaults are parallel, 25%)."""
+    import transformers
+    config = transformers.GPTNeoXConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                                        vocab_size=32, max_position_embeddings=16, use_parallel_residual=False,
+                                        rotary_pct=1.0, bos_token_id=0, eos_token_id=0)
+    return transformers.GPTNeoXForCausalLM(config)
 
 
 def run(backend, model, settings, restrict=None, **options):
@@ -77,26 +90,56 @@ def test_the_chains_follow_the_reference(variant):
         assert torch.equal(ours.final_params[~keep.expand(CHAINS, -1)], w_star.expand(CHAINS, -1)[~keep.expand(CHAINS, -1)])
 
 
+@pytest.mark.parametrize("family", ["neox", "llama-gqa"])
+def test_the_other_families_follow_the_reference(family):
+    """GPT-NeoX (parallel residual, partial rotary) and Llama (RMSNorm, grouped-query attention, padding row)
+    under a restriction per chain and the orthogonal one."""
+    model = lm.CausalLM(FAMILIES[family]()).eval()
+    w_star = flat_parameters(model)[2]
+    settings, keep = config("restrict_per_chain", w_star.numel()), conformance.mask("restrict_per_chain", w_star.numel())
+    ref, ours = run(reference, model, settings, keep), run(transformer, model, settings, keep, workers=2)
+    assert (ref.final_params - w_star).abs().max() > conformance.MOVED
+    conformance.assert_follows(ours, ref, STEPS)
+    assert torch.equal(ours.final_params[~keep], w_star.expand(CHAINS, -1)[~keep])
+
+
 @pytest.mark.parametrize("options", [dict(), dict(activation_function="gelu"), dict(activation_function="relu"),
                                      dict(tie_word_embeddings=False), dict(scale_attn_by_inverse_layer_idx=True),
                                      dict(scale_attn_weights=False, n_inner=48)],
                          ids=["default", "gelu", "relu", "untied", "scaled-by-layer", "unscaled-n_inner"])
 def test_the_engine_is_the_models_function(options):
-    """Each chain's loss from the folded forward equals the module's next-token loss at that chain's weights,
-    with some positions not predicted (IGNORE)."""
-    model = causal_lm(**options)
+    """Each chain's loss from the folded forward and its gradient equal the module's next-token loss and its
+    gradient at that chain's weights, with some positions not predicted (IGNORE)."""
+    assert_engine_is_the_models_function(causal_lm(**options))
+
+
+@pytest.mark.parametrize("family", ["neox", "neox-sequential", "llama", "llama-gqa"])
+def test_the_engine_is_the_models_function_and_gradient_in_every_family(family):
+    """Loss and ∇L of each chain, Llama's padding row included (nn.Embedding gives it no gradient from the
+    lookup; token 0 is Llama's padding token here and occurs in the data)."""
+    assert_engine_is_the_models_function(lm.CausalLM(FAMILIES[family]()).eval())
+
+
+def assert_engine_is_the_models_function(model):
     names, shapes, w_star = flat_parameters(model)
     chains = 3
     weights = w_star + 0.05 * torch.randn(chains, w_star.numel())
     toks = tokens(chains * 5).view(chains, 5, -1)
     targets = toks[:, :, 1:].clone()
     targets[0, 1, :4] = lm.IGNORE
-    stacked = [torch.stack([unflatten(w, names, shapes)[name] for w in weights]) for name in names]
+    stacked = [torch.stack([unflatten(w, names, shapes)[name] for w in weights]).requires_grad_() for name in names]
     ours = engine.build(model, names).losses(stacked, toks, targets)
-    with lm.sampling_mode(model.model), torch.no_grad():
-        theirs = torch.stack([lm.next_token_loss(torch.func.functional_call(model, unflatten(w, names, shapes), (x,)), y)
-                              for w, x, y in zip(weights, toks, targets)])
-    assert conformance.relative_error(ours.detach(), theirs) <= LOSS_ULPS
+    ours_grad = torch.cat([g.reshape(chains, -1) for g in torch.autograd.grad(ours.sum(), stacked)], dim=1)
+    theirs, theirs_grad = [], []
+    with lm.sampling_mode(model.model):
+        for w, x, y in zip(weights, toks, targets):
+            w = w.clone().requires_grad_()
+            loss = lm.next_token_loss(torch.func.functional_call(model, unflatten(w, names, shapes), (x,)), y)
+            theirs.append(loss.detach())
+            theirs_grad.append(torch.autograd.grad(loss, w)[0])
+    assert conformance.relative_error(ours.detach(), torch.stack(theirs)) <= LOSS_ULPS
+    theirs_grad = torch.stack(theirs_grad)  # flat order, a row per chain: a few ulps of the largest entry
+    assert float((ours_grad - theirs_grad).abs().max() / theirs_grad.abs().max()) <= LOSS_ULPS
 
 
 def test_chain_groups_change_no_chain():
@@ -119,8 +162,16 @@ def test_fastllc_lm_picks_it_by_default_and_generic_where_it_cannot():
     heads = lm.estimate_groups(gpt2(), toks, groups=["l0h1", "l1 mlp"], **settings)
     assert {r.backend for r in heads.values()} == {"transformer"}
     assert lm.estimate(gpt2(), toks, dropout=True, **settings).backend == "generic"  # dropout on
-    assert lm.estimate(neox(), toks, **settings).backend == "generic"
+    assert lm.estimate(neox(), toks, **settings).backend == "transformer"
+    assert lm.estimate(mistral(), toks, **settings).backend == "generic"
     assert lm.estimate(gpt2(), toks, mala=True, **settings).backend == "generic"
+
+
+def mistral():
+    import transformers
+    config = transformers.MistralConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, hidden_size=16,
+                                        intermediate_size=32, vocab_size=32, max_position_embeddings=16)
+    return transformers.MistralForCausalLM(config)
 
 
 def _refusals():
@@ -131,15 +182,14 @@ def _refusals():
                                                "fastllc.lm.estimate builds), got ModularMLP"),
         (lm_, F.cross_entropy, "the transformer backend computes fastllc.lm.next_token_loss itself; other losses "
                                "need backend='generic'"),
-        (lm.CausalLM(neox()).eval(), lm.next_token_loss, "the transformer backend runs GPT2LMHeadModel, not "
-                                                         "GPTNeoXForCausalLM (model type 'gpt_neox'); use backend='generic'"),
-        (lm.CausalLM(llama()).eval(), lm.next_token_loss, "the transformer backend runs GPT2LMHeadModel, not "
-                                                          "LlamaForCausalLM (model type 'llama'); use backend='generic'"),
+        (lm.CausalLM(mistral()).eval(), lm.next_token_loss, "the transformer backend runs GPT2LMHeadModel, "
+                                                            "GPTNeoXForCausalLM, LlamaForCausalLM, not MistralForCausalLM "
+                                                            "(model type 'mistral'); use backend='generic'"),
         (lm.CausalLM(gpt2()).train(), lm.next_token_loss, "dropout is on in 'model.transformer.drop' (training mode): "
                                                           "the transformer backend evaluates the model in eval mode "
                                                           "(fastllc.lm.sampling_mode); use backend='generic'"),
         (lm.CausalLM(gpt2(activation_function="gelu_fast")).eval(), lm.next_token_loss,
-         "GPT-2 activation 'gelu_fast' is not one the transformer backend writes (gelu_new, gelu_pytorch_tanh, "
+         "activation 'gelu_fast' is not one the transformer backend writes (gelu_new, gelu_pytorch_tanh, "
          "gelu, relu, silu, swish); use backend='generic'"),
         (lm.CausalLM(gpt2()).double().eval(), lm.next_token_loss,
          "the transformer backend runs float32 weights; use backend='generic'"),

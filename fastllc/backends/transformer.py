@@ -1,5 +1,5 @@
-"""Backend ``transformer``: transformer causal LMs of known families (``fastllc/lm/engine.py``: GPT-2), every
-chain folded into the batch dimension.
+"""Backend ``transformer``: transformer causal LMs of known families (``fastllc/lm/engine.py``: GPT-2, GPT-NeoX,
+Llama), every chain folded into the batch dimension.
 
 What ``generic`` does with ``torch.func.vmap``, written out: chain c's weights are the [C, *shape] views of
 the parameter-major buffer W (``sampling/layout.py``), each a leaf of autograd; the engine evaluates all

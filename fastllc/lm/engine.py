@@ -14,12 +14,17 @@ chains, and autograd differentiates them (the tanh-GELU has its own backward, ``
 
 Families (``FAMILIES``, by ``config.model_type`` and the wrapped class; everything else is refused in one
 line by ``unsupported``):
-    gpt2   ``GPT2LMHeadModel``: learned positions, pre-LN blocks, Conv1D weights [in, out] (x·W), fused
-           q|k|v, the activation of ``config.activation_function`` (``ACTIVATIONS``), tied or untied
-           unembedding, ``scale_attn_weights`` / ``scale_attn_by_inverse_layer_idx``.
-Which tensor plays which part is read from the Hugging Face module itself (``model.transformer.h[l].attn
-.c_attn.weight`` ...), matched by identity to the flat parameter list, so a tied unembedding is the token
-embedding's own chain copy and a renamed wrapper changes nothing.
+    gpt2      ``GPT2LMHeadModel``: learned positions, pre-LN blocks, Conv1D weights [in, out] (x·W), fused
+              q | k | v, ``scale_attn_weights`` / ``scale_attn_by_inverse_layer_idx``.
+    gpt_neox  ``GPTNeoXForCausalLM`` (Pythia): nn.Linear weights [out, in], q | k | v interleaved per head,
+              rotary embeddings on part of each head, parallel or sequential residual.
+    llama     ``LlamaForCausalLM``: RMSNorm, separate q, k, v with grouped-query attention, rotary embeddings,
+              gated MLP, optional biases, the embedding's padding row (no gradient from the lookup).
+Each with the activation its config names (``ACTIVATIONS``) and a tied or untied unembedding. Which tensor
+plays which part is read from the Hugging Face module itself (``model.transformer.h[l].attn.c_attn.weight``,
+``get_input_embeddings()``, ...), matched by identity to the flat parameter list, so a tied unembedding is
+the token embedding's own chain copy and a renamed wrapper changes nothing. The rotary tables come from the
+model's own rotary module (whatever RoPE scaling it implements), once per sequence length.
 
 Same function as the module, to fp32 rounding: the operations are the Hugging Face implementation's; only the
 blocking of sums differs (batched matmuls over chains; the attention's scale applied inside the score product)
@@ -82,7 +87,9 @@ ACTIVATIONS = {  # config.activation_function → the same function as transform
     "gelu_new": _tanh_gelu, "gelu_pytorch_tanh": _tanh_gelu, "gelu": F.gelu, "relu": F.relu, "silu": F.silu,
     "swish": F.silu,
 }
-FAMILIES = {"gpt2": "GPT2LMHeadModel"}  # config.model_type → the causal-LM class whose forward is written here
+FAMILIES = {  # config.model_type → the causal-LM class whose forward is written here
+    "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
+}
 
 
 def hf_model(model):
@@ -103,12 +110,11 @@ def unsupported(model, loss_fn) -> str | None:
     data = sys.modules.get("fastllc.lm.data")
     if data is None or loss_fn is not data.next_token_loss:
         return "the transformer backend computes fastllc.lm.next_token_loss itself; other losses need backend='generic'"
-    config = hf.config
-    family = getattr(config, "model_type", None)
+    family = getattr(hf.config, "model_type", None)
     if FAMILIES.get(family) != type(hf).__name__:
         return (f"the transformer backend runs {', '.join(FAMILIES.values())}, not {type(hf).__name__} "
                 f"(model type {family!r}); use backend='generic'")
-    return _unsupported_module(model) or _unsupported_gpt2(config)
+    return _unsupported_module(model) or _unsupported_config(hf)
 
 
 def _unsupported_module(model) -> str | None:
@@ -122,16 +128,75 @@ def _unsupported_module(model) -> str | None:
         if isinstance(module, torch.nn.Dropout) and module.training and module.p > 0:
             return (f"dropout is on in '{name}' (training mode): the transformer backend evaluates the model "
                     "in eval mode (fastllc.lm.sampling_mode); use backend='generic'")
+    if getattr(model.model.get_output_embeddings(), "bias", None) is not None:
+        return "the transformer backend writes an unembedding without bias; use backend='generic'"
     return None
 
 
-def _unsupported_gpt2(config) -> str | None:
-    if getattr(config, "add_cross_attention", False):
-        return "GPT-2 with cross-attention is not a causal LM the transformer backend runs; use backend='generic'"
-    if config.activation_function not in ACTIVATIONS:
-        return (f"GPT-2 activation {config.activation_function!r} is not one the transformer backend writes "
-                f"({', '.join(ACTIVATIONS)}); use backend='generic'")
+def _unsupported_config(hf) -> str | None:
+    """Options of the family's config that its written forward does not follow."""
+    config = hf.config
+    if config.model_type == "gpt2":
+        if getattr(config, "add_cross_attention", False):
+            return "GPT-2 with cross-attention is not a causal LM the transformer backend runs; use backend='generic'"
+        activation = config.activation_function
+    else:
+        activation = config.hidden_act
+    if activation not in ACTIVATIONS:
+        return (f"activation {activation!r} is not one the transformer backend writes ({', '.join(ACTIVATIONS)}); "
+                "use backend='generic'")
+    if config.model_type == "llama" and getattr(config, "pretraining_tp", 1) != 1:
+        return "Llama with pretraining_tp > 1 is not written in the transformer backend; use backend='generic'"
+    if config.model_type != "gpt2" and not hasattr(hf.base_model, "rotary_emb"):
+        return ("the transformer backend reads the rotary tables from the model's rotary_emb module, which this "
+                "transformers version does not have; use backend='generic'")
     return None
+
+
+def build(model, names: list[str]):
+    """The engine of ``model`` (a CausalLM that ``unsupported`` accepts), its weights indexed as ``names``
+    (the flat parameter order, ``contract.flat_parameters``)."""
+    tensors = dict(model.named_parameters())
+    index = {id(tensors[name]): i for i, name in enumerate(names)}
+    hf = hf_model(model)
+    return {"gpt2": Gpt2, "gpt_neox": NeoX, "llama": Llama}[hf.config.model_type](hf, index)
+
+
+class _Engine:
+    """The forward shared by the families: token embedding, blocks, final norm, unembedding, per-chain loss."""
+
+    def __init__(self, hf, index: dict[int, int]):
+        self.index = index
+        embedding = hf.get_input_embeddings()
+        self.wte, self.padding_idx = index[id(embedding.weight)], embedding.padding_idx
+        self.unembed = index[id(hf.get_output_embeddings().weight)]  # the token embedding's index when tied
+
+    def losses(self, weights, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each chain's mean next-token loss [C]: ``weights`` the [C, *shape] parameters in flat order,
+        ``tokens`` [C, m, T], ``targets`` [C, m, T−1] (IGNORE where not predicted)."""
+        C, m, T = tokens.shape
+        x = self._embed(weights, tokens)
+        for block in self.blocks:
+            x = self._block(weights, block, x, m, T)
+        D = x.shape[-1]
+        x = x.view(C, m, T, D)[:, :, :-1].reshape(C, m * (T - 1), D)  # the last position predicts nothing
+        logits = torch.bmm(self._final_norm(weights, x), weights[self.unembed].transpose(1, 2))  # x·Eᵀ, E [C, V, D]
+        return chain_cross_entropy(logits, targets)
+
+    def _embed(self, weights, tokens: torch.Tensor) -> torch.Tensor:
+        """[C, m·T, D]: chain c's token i is row c·V + i of the chains' stacked tables."""
+        C, m, T = tokens.shape
+        table = weights[self.wte]
+        V, D = table.shape[1:]
+        rows = tokens + torch.arange(0, C * V, V, device=tokens.device).view(C, 1, 1)
+        x = F.embedding(rows, table.reshape(C * V, D))
+        if self.padding_idx is not None:  # nn.Embedding gives its padding row no gradient from the lookup
+            x = torch.where((tokens == self.padding_idx).unsqueeze(-1), x.detach(), x)
+        return x.view(C, m * T, D)
+
+    def _pair(self, module) -> tuple[int, int | None]:
+        """Flat indices of a module's weight and bias (None without one)."""
+        return self.index[id(module.weight)], None if module.bias is None else self.index[id(module.bias)]
 
 
 @dataclass(frozen=True)
@@ -146,44 +211,36 @@ class _Gpt2Block:
     scaling: float
 
 
-class Gpt2:
-    """GPT-2's forward and next-token loss for C chains (module docstring)."""
+class Gpt2(_Engine):
+    """GPT-2 (``GPT2LMHeadModel``): learned positions, pre-LN blocks, Conv1D weights [in, out] (x·W), fused
+    q | k | v."""
 
-    def __init__(self, model, index: dict[int, int]):
-        hf = hf_model(model)
+    def __init__(self, hf, index: dict[int, int]):
+        super().__init__(hf, index)
         config, body = hf.config, hf.transformer
-        pair = lambda module: (index[id(module.weight)], index[id(module.bias)])
-        self.wte, self.wpe = index[id(body.wte.weight)], index[id(body.wpe.weight)]
-        self.unembed = index[id(hf.lm_head.weight)]  # the token embedding's index when tied
-        self.ln_f, self.eps = pair(body.ln_f), config.layer_norm_epsilon
+        self.wpe, self.ln_f, self.eps = index[id(body.wpe.weight)], self._pair(body.ln_f), config.layer_norm_epsilon
         self.heads = config.n_head
         self.activation = ACTIVATIONS[config.activation_function]
-        self.blocks = [_Gpt2Block(pair(b.ln_1), pair(b.attn.c_attn), pair(b.attn.c_proj), pair(b.ln_2),
-                                  pair(b.mlp.c_fc), pair(b.mlp.c_proj), _gpt2_scaling(config, layer))
-                       for layer, b in enumerate(body.h)]
+        self.blocks = [_Gpt2Block(self._pair(b.ln_1), self._pair(b.attn.c_attn), self._pair(b.attn.c_proj),
+                                  self._pair(b.ln_2), self._pair(b.mlp.c_fc), self._pair(b.mlp.c_proj),
+                                  _gpt2_scaling(config, layer)) for layer, b in enumerate(body.h)]
 
-    def losses(self, weights, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Each chain's mean next-token loss [C]: ``weights`` the [C, *shape] parameters in flat order,
-        ``tokens`` [C, m, T], ``targets`` [C, m, T−1] (IGNORE where not predicted)."""
+    def _embed(self, weights, tokens):
         C, m, T = tokens.shape
-        wte = weights[self.wte]
-        V, D = wte.shape[1:]
-        rows = tokens + torch.arange(0, C * V, V, device=tokens.device).view(C, 1, 1)
-        x = F.embedding(rows, wte.reshape(C * V, D)) + weights[self.wpe][:, None, :T]
-        x = x.view(C, m * T, D)
-        for block in self.blocks:
-            x = self._block(weights, block, x, m, T)
-        x = x.view(C, m, T, D)[:, :, :-1].reshape(C, m * (T - 1), D)  # the last position predicts nothing
-        x = layer_norm(x, weights[self.ln_f[0]], weights[self.ln_f[1]], self.eps)
-        logits = torch.bmm(x, weights[self.unembed].transpose(1, 2))  # the unembedding [C, V, D], x·Eᵀ
-        return chain_cross_entropy(logits, targets)
+        x = super()._embed(weights, tokens).view(C, m, T, -1) + weights[self.wpe][:, None, :T]
+        return x.view(C, m * T, -1)
 
     def _block(self, weights, block: _Gpt2Block, x: torch.Tensor, m: int, T: int) -> torch.Tensor:
         w = lambda pair: (weights[pair[0]], weights[pair[1]])
-        qkv = linear(layer_norm(x, *w(block.ln_1), self.eps), *w(block.c_attn))
-        x = x + linear(causal_attention(qkv, m, T, self.heads, block.scaling), *w(block.attn_proj))
+        C, _, D = x.shape
+        qkv = linear(layer_norm(x, *w(block.ln_1), self.eps), *w(block.c_attn))  # [C, m·T, 3·D]
+        q, k, v = qkv.view(C * m, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [C·m, heads, T, d]
+        x = x + linear(attend(q, k, v, block.scaling).view(C, m * T, D), *w(block.attn_proj))
         hidden = self.activation(linear(layer_norm(x, *w(block.ln_2), self.eps), *w(block.c_fc)))
         return x + linear(hidden, *w(block.mlp_proj))
+
+    def _final_norm(self, weights, x):
+        return layer_norm(x, weights[self.ln_f[0]], weights[self.ln_f[1]], self.eps)
 
 
 def _gpt2_scaling(config, layer: int) -> float:
@@ -192,9 +249,133 @@ def _gpt2_scaling(config, layer: int) -> float:
     return scaling / (layer + 1) if config.scale_attn_by_inverse_layer_idx else scaling
 
 
+def _scaling(attention, config) -> float:
+    """The attention module's own ``scaling`` (transformers ≥ 4.48), else 1/√d_head as the older ones computed it."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return getattr(attention, "scaling", head_dim ** -0.5)
+
+
+class _Rotary(_Engine):
+    """Families with rotary position embeddings: cos and sin from the model's own rotary module (any RoPE
+    scaling it implements), computed once per sequence length, without autograd."""
+
+    def __init__(self, hf, index: dict[int, int], rotary):
+        super().__init__(hf, index)
+        self.rotary, self.tables = rotary, {}
+
+    def _cos_sin(self, T: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if T not in self.tables:
+            with torch.no_grad():
+                positions = torch.arange(T, device=like.device).unsqueeze(0)
+                cos, sin = self.rotary(like.new_zeros(1, T, 1), positions)
+            self.tables[T] = cos[0].to(like.dtype), sin[0].to(like.dtype)  # [T, rotary dims]
+        return self.tables[T]
+
+
+@dataclass(frozen=True)
+class _NeoXBlock:
+    ln_1: tuple[int, int]
+    qkv: tuple[int, int | None]
+    dense: tuple[int, int | None]
+    ln_2: tuple[int, int]
+    up: tuple[int, int | None]
+    down: tuple[int, int | None]
+    scaling: float
+
+
+class NeoX(_Rotary):
+    """GPT-NeoX / Pythia (``GPTNeoXForCausalLM``): nn.Linear weights [out, in], fused q | k | v interleaved per
+    head, rotary on the first ``rotary_ndims`` of each head, parallel or sequential residual."""
+
+    def __init__(self, hf, index: dict[int, int]):
+        super().__init__(hf, index, hf.base_model.rotary_emb)
+        config, body = hf.config, hf.gpt_neox
+        self.heads, self.eps, self.parallel = config.num_attention_heads, config.layer_norm_eps, config.use_parallel_residual
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.final = self._pair(body.final_layer_norm)
+        self.blocks = [_NeoXBlock(self._pair(b.input_layernorm), self._pair(b.attention.query_key_value),
+                                  self._pair(b.attention.dense), self._pair(b.post_attention_layernorm),
+                                  self._pair(b.mlp.dense_h_to_4h), self._pair(b.mlp.dense_4h_to_h),
+                                  _scaling(b.attention, config)) for b in body.layers]
+
+    def _block(self, weights, block: _NeoXBlock, x: torch.Tensor, m: int, T: int) -> torch.Tensor:
+        w = lambda pair: (weights[pair[0]], None if pair[1] is None else weights[pair[1]])
+        C, _, D = x.shape
+        qkv = dense(layer_norm(x, *w(block.ln_1), self.eps), *w(block.qkv))  # [C, m·T, 3·D], per head q | k | v
+        q, k, v = qkv.view(C * m, T, self.heads, 3 * D // self.heads).transpose(1, 2).chunk(3, dim=-1)
+        cos, sin = self._cos_sin(T, x)
+        attention = dense(attend(rotate(q, cos, sin), rotate(k, cos, sin), v, block.scaling).view(C, m * T, D),
+                          *w(block.dense))
+        if self.parallel:
+            return x + attention + self._mlp(weights, block, layer_norm(x, *w(block.ln_2), self.eps))
+        x = x + attention
+        return x + self._mlp(weights, block, layer_norm(x, *w(block.ln_2), self.eps))
+
+    def _mlp(self, weights, block: _NeoXBlock, x: torch.Tensor) -> torch.Tensor:
+        w = lambda pair: (weights[pair[0]], None if pair[1] is None else weights[pair[1]])
+        return dense(self.activation(dense(x, *w(block.up))), *w(block.down))
+
+    def _final_norm(self, weights, x):
+        return layer_norm(x, weights[self.final[0]], weights[self.final[1]], self.eps)
+
+
+@dataclass(frozen=True)
+class _LlamaBlock:
+    norm_1: int
+    q: tuple[int, int | None]
+    k: tuple[int, int | None]
+    v: tuple[int, int | None]
+    o: tuple[int, int | None]
+    norm_2: int
+    gate: tuple[int, int | None]
+    up: tuple[int, int | None]
+    down: tuple[int, int | None]
+    scaling: float
+
+
+class Llama(_Rotary):
+    """Llama (``LlamaForCausalLM``): RMSNorm, separate q, k, v projections with grouped-query attention
+    (``num_key_value_heads``), rotary embeddings, gated MLP, optional biases."""
+
+    def __init__(self, hf, index: dict[int, int]):
+        super().__init__(hf, index, hf.base_model.rotary_emb)
+        config, body = hf.config, hf.model
+        self.heads, self.kv_heads, self.eps = config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.final = index[id(body.norm.weight)]
+        self.blocks = [_LlamaBlock(index[id(b.input_layernorm.weight)], *(self._pair(getattr(b.self_attn, f"{p}_proj"))
+                                   for p in "qkvo"), index[id(b.post_attention_layernorm.weight)],
+                                   *(self._pair(getattr(b.mlp, f"{p}_proj")) for p in ("gate", "up", "down")),
+                                   _scaling(b.self_attn, config)) for b in body.layers]
+
+    def _block(self, weights, block: _LlamaBlock, x: torch.Tensor, m: int, T: int) -> torch.Tensor:
+        w = lambda pair: (weights[pair[0]], None if pair[1] is None else weights[pair[1]])
+        C = x.shape[0]
+        h = rms_norm(x, weights[block.norm_1], self.eps)
+        q, k, v = (dense(h, *w(pair)).view(C * m, T, heads, -1).transpose(1, 2)
+                   for pair, heads in ((block.q, self.heads), (block.k, self.kv_heads), (block.v, self.kv_heads)))
+        cos, sin = self._cos_sin(T, x)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if self.kv_heads != self.heads:  # each key/value head serves heads/kv_heads query heads (repeat_kv)
+            k, v = (z.repeat_interleave(self.heads // self.kv_heads, dim=1) for z in (k, v))
+        x = x + dense(attend(q, k, v, block.scaling).view(C, m * T, -1), *w(block.o))
+        h = rms_norm(x, weights[block.norm_2], self.eps)
+        return x + dense(self.activation(dense(h, *w(block.gate))) * dense(h, *w(block.up)), *w(block.down))
+
+    def _final_norm(self, weights, x):
+        return rms_norm(x, weights[self.final], self.eps)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """x [C, N, in] · W [C, in, out] + b [C, out], every chain its own W and b (Conv1D's layout)."""
     return torch.baddbmm(b.unsqueeze(1), x, w)
+
+
+def dense(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x [C, N, in] · Wᵀ + b for nn.Linear's W [C, out, in] and b [C, out] (or None)."""
+    if b is None:
+        return torch.bmm(x, w.transpose(1, 2))
+    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
 
 def layer_norm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
@@ -203,18 +384,30 @@ def layer_norm(x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: float) ->
     return torch.addcmul(b.unsqueeze(1), F.layer_norm(x, x.shape[-1:], eps=eps), g.unsqueeze(1))
 
 
-def causal_attention(qkv: torch.Tensor, m: int, T: int, heads: int, scaling: float) -> torch.Tensor:
-    """Causal self-attention of every sequence of every chain: ``qkv`` [C, m·T, 3·D] (q | k | v, head h at
-    columns h·d_head of each) → [C, m·T, D], the heads side by side. Scores by one ``baddbmm`` onto the causal
-    mask (−inf above the diagonal), softmax, one ``bmm``: measured 1.3× faster forward and backward than
-    ``scaled_dot_product_attention``'s CPU kernel at T = 32, d_head = 16."""
-    C, _, three_d = qkv.shape
-    D = three_d // 3
-    q, k, v = (z.reshape(C * m * heads, T, D // heads)
-               for z in qkv.view(C * m, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4))
-    scores = torch.baddbmm(_causal_mask(T, qkv), q, k.transpose(1, 2), alpha=scaling)
+def rms_norm(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (Llama's: x / √(mean x² + ε), then the gain) of [C, N, D] with chain c's gain [C, D]."""
+    return g.unsqueeze(1) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of the first cos.shape[-1] dimensions of each head of x [B, heads, T, d] (transformers'
+    ``apply_rotary_pos_emb`` with ``rotate_half``); the rest pass unchanged."""
+    n = cos.shape[-1]
+    part, rest = (x, None) if n == x.shape[-1] else (x[..., :n], x[..., n:])
+    halves = torch.cat((-part[..., n // 2:], part[..., : n // 2]), dim=-1)
+    rotated = part * cos + halves * sin
+    return rotated if rest is None else torch.cat((rotated, rest), dim=-1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal self-attention of q, k, v [B, heads, T, d] (any strides) → [B, T, heads·d], the heads side by side.
+    Scores by one ``baddbmm`` onto the causal mask (−inf above the diagonal), softmax, one ``bmm``: measured 1.3×
+    faster forward and backward than ``scaled_dot_product_attention``'s CPU kernel at T = 32, d = 16."""
+    B, heads, T, d = q.shape
+    q, k, v = (z.reshape(B * heads, T, d) for z in (q, k, v))
+    scores = torch.baddbmm(_causal_mask(T, q), q, k.transpose(1, 2), alpha=scaling)
     out = torch.bmm(torch.softmax(scores, dim=-1), v)
-    return out.view(C * m, heads, T, D // heads).transpose(1, 2).reshape(C, m * T, D)
+    return out.view(B, heads, T, d).transpose(1, 2).reshape(B, T, heads * d)
 
 
 def _causal_mask(T: int, like: torch.Tensor) -> torch.Tensor:
@@ -230,12 +423,4 @@ def chain_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return each.view(C, -1).sum(dim=1) / (flat != IGNORE).sum(dim=1)
 
 
-def build(model, names: list[str]):
-    """The engine of ``model`` (a CausalLM that ``unsupported`` accepts), its weights indexed as ``names``
-    (the flat parameter order, ``contract.flat_parameters``)."""
-    tensors = dict(model.named_parameters())
-    index = {id(tensors[name]): i for i, name in enumerate(names)}
-    return Gpt2(model, index)
-
-
-__all__ = ["ACTIVATIONS", "FAMILIES", "Gpt2", "build", "unsupported"]
+__all__ = ["ACTIVATIONS", "FAMILIES", "Gpt2", "Llama", "NeoX", "TanhGELU", "build", "unsupported"]
