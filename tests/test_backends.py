@@ -82,8 +82,8 @@ def test_capabilities_choose_the_backend():
      "mala=True (the MALA acceptance rate) needs backend 'generic', which cannot run this model (Sequential) "
      "with this loss on cpu"),
     ("torch", ModularMLP(5, 4, 16), ("mala",), "mala=True (the MALA acceptance rate) needs backend 'generic', not 'torch'"),
-    ("generic", ModularMLP(5, 4, 16), ("stacked_starts",),
-     "several starting points in one batch (estimate_checkpoints) needs backend 'triton' or 'native' or 'torch', "
+    ("generic", ModularMLP(5, 4, 16), ("stacked_starts",),  # named: those that run this model here (no CUDA)
+     "several starting points in one batch (estimate_checkpoints) needs backend 'native' or 'torch', "
      "not 'generic'"),
     ("auto", nn.Linear(3, 2), ("stacked_starts",),
      "several starting points in one batch (estimate_checkpoints) needs backend 'triton' or 'native' or 'torch', "

@@ -87,7 +87,7 @@ def test_the_reference_step_is_devinterps_rmsprop_sgld_step_by_step(monkeypatch)
 
 
 def test_auto_picks_a_backend_that_runs_it_and_others_are_refused_in_one_line():
-    assert with_capabilities(["rmsprop_sgld"]) == ["torch", "generic", "reference"]
+    assert with_capabilities(["rmsprop_sgld"]) == ["torch", "transformer", "generic", "reference"]
     needs = SGLDConfig(sampler="rmsprop_sgld").needs()
     assert resolve_backend("auto", CPU, ModularMLP(5, 4, 16), F.cross_entropy, needs) == "torch"
     batchnorm = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()  # generic cannot vmap it

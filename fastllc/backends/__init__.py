@@ -99,8 +99,9 @@ def resolve_backend(name: str, device, model=None, loss_fn=None, needs=()) -> st
     what = " and ".join(NEEDED_FOR[need] for need in needs)
     who = " or ".join(repr(n) for n in able) or "(none has it)"
     if name != "auto":
-        if name not in able:
-            raise FastLLCError(f"{what} needs backend {who}, not {name!r}")
+        if name not in able:  # named: those of them that run this model (without one: the study's MLP) here
+            fitting = [n for n in able if backend_module(n).supports(model, loss_fn, device)]
+            raise FastLLCError(f"{what} needs backend {' or '.join(map(repr, fitting)) or who}, not {name!r}")
         backend_module(name).require(device)
         return name
     for candidate in able:
