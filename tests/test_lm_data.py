@@ -99,3 +99,19 @@ def test_loss_at_equals_transformers_own_labels_loss():
         theirs = model(input_ids=toks, labels=toks).loss.item()
     assert loss_at(CausalLM(model), token_data(toks)) == pytest.approx(theirs, rel=1e-6)
     assert math.isfinite(theirs)
+
+
+def test_a_lazy_column_of_a_newer_datasets_is_read_as_its_rows():
+    """datasets ≥ 4 returns ``dataset["input_ids"]`` as a lazy Column (iterable, not a list): read row by row."""
+    class Column:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __iter__(self):
+            return iter(self.rows)
+
+    class Dataset:
+        def __getitem__(self, name):
+            return Column([[1, 2, 3], [4, 5, 6]])
+
+    assert torch.equal(token_data(Dataset()).tokens, torch.tensor([[1, 2, 3], [4, 5, 6]]))

@@ -93,8 +93,11 @@ def _column(dataset, name: str) -> torch.Tensor:
     except (KeyError, TypeError, IndexError):
         raise FastLLCError(f"tokens must be a LongTensor [N, T], a dataset with an {name!r} column or a "
                            f"DataLoader, got {type(dataset).__name__}") from None
-    try:
-        return torch.as_tensor(column) if not isinstance(column, torch.Tensor) else column
+    if isinstance(column, torch.Tensor):
+        return column
+    try:  # a list of lists, an array; datasets ≥ 4 gives a lazy Column, which torch takes once listed
+        return torch.as_tensor(column if isinstance(column, (list, tuple)) or hasattr(column, "__array__")
+                               else list(column))
     except (ValueError, TypeError):
         raise FastLLCError(f"the {name!r} column must hold sequences of equal length (pad or chunk them "
                            "first)") from None

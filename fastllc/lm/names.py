@@ -62,7 +62,7 @@ LAYOUTS = {
     "llama": Layout("model.layers.{l}.", "model.layers.{l}.self_attn.", "model.layers.{l}.mlp.",
                     ("model.embed_tokens.weight",), "model.norm.", "llama"),
 }
-for _alias in ("mistral", "qwen2", "qwen3", "gemma", "olmo", "phi3"):
+for _alias in ("mistral", "qwen2", "qwen3", "gemma", "olmo"):  # not phi3: its fused qkv_proj has no per-head rows
     LAYOUTS[_alias] = LAYOUTS["llama"]
 
 
