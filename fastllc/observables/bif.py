@@ -17,8 +17,8 @@ Sources. From the running sums (``moments.py``), with no pass over the draws: "s
 × "stack" when the run kept ``token_moments``, "mean" when it kept ``chain_mean`` (and every chain of the restriction
 stayed healthy). Otherwise from the raw draws (``raw=``, ``draws.open_draws``), blocked: ``block`` examples of the
 query rows and of the columns at a time, so memory is 2·observations·block·K·8 bytes plus the result (N1·N2, or
-N1·N2·K² for tokens, float64), whatever N is. Standard errors (``se``): from the sums with "stack", the spread of
-each chain's own matrix over the chains / √chains; None otherwise.
+N1·N2·K² for tokens, float64), whatever N is. Standard errors (``se``): from the sums with "stack", the jackknife
+over chains (the matrix without each chain in turn, ``moments.jackknife_se``); None otherwise.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from ..errors import FastLLCError
 from ..validate import check_choice, check_int
-from .moments import pooled
+from .moments import jackknife_se, leave_one_out, pooled
 from .run import ObservedRun
 
 METHODS, REDUCTIONS, KINDS = ("sequence", "token"), ("stack", "mean"), ("correlation", "covariance")
@@ -131,13 +131,11 @@ def _from_sums(run, index, method, chains, kind, restriction):
         return None, None
     sums = m.chains(index)
     if method == "sequence":
-        first, second = (sums["x"] * w).sum(-1), sums["ss"]  # Σ s [c, N], Σ s sᵀ [c, N, N]
+        sums = {"first": (sums["x"] * w).sum(-1), "second": sums["ss"], "count": sums["count"]}  # Σ s, Σ s sᵀ
     else:
-        first, second = sums["x"].flatten(1), sums["xx"]
-    total = _finish(_covariance(first.sum(0), second.sum(0), sums["count"].sum()), kind, method, run.probes.elements)
-    per_chain = _finish(_covariance(first, second, sums["count"]), kind, method, run.probes.elements)
-    se = per_chain.std(dim=0, unbiased=True) / math.sqrt(len(per_chain))
-    return total, se
+        sums = {"first": sums["x"].flatten(1), "second": sums["xx"], "count": sums["count"]}
+    estimate = lambda s: _finish(_covariance(s["first"], s["second"], s["count"]), kind, method, run.probes.elements)
+    return estimate(pooled(sums)), jackknife_se(estimate(leave_one_out(sums)))
 
 
 def _covariance(first: torch.Tensor, second: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

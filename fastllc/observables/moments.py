@@ -13,13 +13,15 @@ K = 1 for one loss per example), s_cd [N] (each example's loss: the weighted mea
     draw_sum [G, D, N, K]    Σ over group g's chains of x_cd, per draw (chains averaged; only with ``chain_mean``)
 
 Bytes (``bytes``): 8·C·(1 + NK·(1 + O) + N² + O + O²), plus 8·C·(NK)² with token moments, plus 8·G·D·NK with the
-chain mean. Per-chain sums give each statistic chain by chain, hence standard errors from the spread over chains.
+chain mean. Per-chain sums give every statistic without chain c for each c, hence jackknife standard errors over
+chains (``jackknife_se``).
 Chains of one call are a contiguous range (the ``generic`` backend's groups); distinct ranges are added from
 distinct threads without a lock (disjoint rows), ``draw_sum`` under one.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, fields
 
@@ -101,4 +103,19 @@ def pooled(sums: dict) -> dict:
     return {name: t.sum(dim=0) for name, t in sums.items()}
 
 
-__all__ = ["Moments", "moments_bytes", "pooled"]
+def leave_one_out(sums: dict) -> dict:
+    """Per-chain sums → the pooled sums of every chain but c, for each c (leading axis kept): the jackknife's."""
+    return {name: t.sum(dim=0, keepdim=True) - t for name, t in sums.items()}
+
+
+def jackknife_se(values: torch.Tensor) -> torch.Tensor:
+    """The jackknife standard error over chains from an estimator's leave-one-chain-out values [c, ...]:
+    √((c − 1)/c · Σ_c (θ₋c − mean θ₋)²). Chains are independent, so this is the error of the pooled estimator,
+    its centring on the pooled mean and its non-linearity (correlations) included; NaN with one chain."""
+    c = len(values)
+    if c < 2:
+        return torch.full(values.shape[1:], math.nan, dtype=torch.float64)
+    return ((c - 1) / c * (values - values.mean(dim=0)).pow(2).sum(dim=0)).sqrt()
+
+
+__all__ = ["Moments", "jackknife_se", "leave_one_out", "moments_bytes", "pooled"]

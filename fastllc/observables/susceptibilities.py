@@ -21,8 +21,9 @@ Estimators over a restriction's draws (all its healthy chains stacked; x a probe
                  χ̂ = mean_g(φ·m) − mean_g(φ·x) − mean_g(φ)·(mean_full(m) − mean_full(x)).
 The two agree for the full restriction; for another one the devinterp estimator adds
 E_g[φ]·(E_g[m − x] − E_full[m − x]), which depends on L_n(w*). χ is linear in the observable, so a sequence's χ is
-the weighted mean of its tokens' and a probe set's the mean of its elements'. Standard errors: the spread of the
-same estimator over the restriction's chains (each chain's own draws), std/√chains.
+the weighted mean of its tokens' and a probe set's the mean of its elements'. Standard errors: the jackknife over
+chains (the estimator without each chain in turn, ``moments.jackknife_se``), for the devinterp estimator of a
+restriction plus the jackknife over the full run's chains (its centre).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 from ..errors import FastLLCError
 from ..validate import check_choice
-from .moments import pooled
+from .moments import jackknife_se, leave_one_out, pooled
 from .run import ObservedRun
 
 ESTIMATORS = ("covariance", "devinterp")
@@ -101,21 +102,22 @@ def compute_susceptibilities(run: ObservedRun, task: str, *, estimator: str = "c
     check_choice("estimator", estimator, ESTIMATORS)
     run.probes.rows(task)  # a one-line error for an unknown name
     t = run.probes.names.index(task)
-    centre = _full_difference(run, t, full) if estimator == "devinterp" else None
+    if estimator == "devinterp" and full not in run.groups:
+        raise FastLLCError(f"the devinterp estimator centres on the unrestricted run: name it {full!r} in "
+                           "restrictions (None selects every weight)")
     set_w, example_w = run.probes.set_weights(), run.probes.example_weights()
+    views = {"token": lambda a: a, "example": lambda a: (a * example_w).sum(-1),
+             "sets": lambda a: torch.einsum("...nk,onk->...o", a, set_w)}
     out = {key: [] for key in ("token", "token_se", "example", "example_se", "sets", "sets_se")}
     chains = []
     for name in run.groups:
         index = run.chains(name)
         if len(index) == 0:
             raise FastLLCError(f"restriction {name!r} has no healthy chain: lower epsilon or nbeta")
-        value, pseudo, extra = _restriction(run, index, t, estimator, centre, name == full)
-        views = {"token": lambda a: a, "example": lambda a: (a * example_w).sum(-1),
-                 "sets": lambda a: torch.einsum("...nk,onk->...o", a, set_w)}
+        value, jackknives = _restriction(run, name, t, estimator, full)
         for key, view in views.items():
-            variance = _se(view(pseudo)) ** 2 + (0.0 if extra is None else _se(view(extra)) ** 2)
             out[key].append(view(value))
-            out[key + "_se"].append(variance.sqrt())
+            out[key + "_se"].append(sum(jackknife_se(view(j)) ** 2 for j in jackknives).sqrt())
         chains.append(len(index))
     stacked = {key: torch.stack(values) for key, values in out.items()}
     for key in ("token", "token_se"):  # an element that does not count (a masked token) has no χ
@@ -124,39 +126,29 @@ def compute_susceptibilities(run: ObservedRun, task: str, *, estimator: str = "c
                             offsets=run.probes.offsets, **stacked)
 
 
-def _full_difference(run: ObservedRun, task: int, full: str) -> tuple:
-    """(E_full[m − x] [N, K] pooled, per full chain [c, N, K]): the devinterp estimator's centre."""
-    if full not in run.groups:
-        raise FastLLCError(f"the devinterp estimator centres on the unrestricted run: name it {full!r} in "
-                           "restrictions (None selects every weight)")
-    sums = run.moments.chains(run.chains(full))
-    em, _, ex, _ = _means(pooled(sums), task)
-    em_c, _, ex_c, _ = _means(sums, task)
-    return em - ex, em_c[:, None, None] - ex_c
+def _difference(sums: dict, task: int) -> torch.Tensor:
+    """E[m_task − x] [..., N, K] of pooled or leave-one-out sums: the devinterp estimator's centre."""
+    em, _, ex, _ = _means(sums, task)
+    return em[..., None, None] - ex
 
 
-def _restriction(run, index, task, estimator, centre, is_full) -> tuple:
-    """(χ [N, K], per-chain pseudo-values [c, N, K], the centre's per-chain contribution [c', N, K] or None) of one
-    restriction: the standard error is √(var(pseudo)/c + var(centre part)/c'), a delta method over chains."""
-    sums = run.moments.chains(index)
-    difference = None if centre is None else centre[0]
-    value = _chi(pooled(sums), task, estimator, run.init_loss, difference)
-    pseudo = _chi(sums, task, estimator, run.init_loss, difference)  # [c, N, K] with the centre held fixed
-    extra = None
-    if centre is not None:
-        e_phi = float(_means(pooled(sums), task)[0]) - run.init_loss  # ∂χ/∂centre = −E_g[φ]
-        if is_full:  # the centre comes from these very chains: their pseudo-values carry its fluctuation
-            pseudo = pseudo - e_phi * (centre[1] - centre[0])
-        else:  # an independent estimate from the full chains: its own variance adds
-            extra = -e_phi * centre[1]
-    return value, pseudo, extra
-
-
-def _se(values: torch.Tensor) -> torch.Tensor:
-    """std over the leading (chain) axis / √chains; NaN with one chain."""
-    if len(values) < 2:
-        return torch.full(values.shape[1:], math.nan, dtype=torch.float64)
-    return values.std(dim=0, unbiased=True) / math.sqrt(len(values))
+def _restriction(run, name: str, task: int, estimator: str, full: str) -> tuple:
+    """(χ [N, K], [leave-one-chain-out χ [c, N, K] per independent set of chains]) of one restriction. The
+    standard error adds the jackknife variances of the independent sets: the restriction's own chains and, for
+    the devinterp estimator of another restriction, the full run's chains its centre comes from."""
+    sums = run.moments.chains(run.chains(name))
+    if estimator == "covariance":
+        return (_chi(pooled(sums), task, estimator, run.init_loss, None),
+                [_chi(leave_one_out(sums), task, estimator, run.init_loss, None)])
+    full_sums = run.moments.chains(run.chains(full))
+    centre = _difference(pooled(full_sums), task)
+    value = _chi(pooled(sums), task, estimator, run.init_loss, centre)
+    if name == full:  # the centre comes from these very chains: recomputed without each
+        out = leave_one_out(sums)
+        return value, [_chi(out, task, estimator, run.init_loss, _difference(out, task))]
+    own = _chi(leave_one_out(sums), task, estimator, run.init_loss, centre)
+    moved = _chi(pooled(sums), task, estimator, run.init_loss, _difference(leave_one_out(full_sums), task))
+    return value, [own, moved]
 
 
 __all__ = ["ESTIMATORS", "Susceptibilities", "compute_susceptibilities"]
