@@ -666,3 +666,49 @@ def test_memorisation_report_shows_each_setting_and_network_apart_with_the_claim
     assert re.search(r"\| \+1e-6 chain loss \(as published\), orthogonal off, a split per seed, γ = 25 \| 0\.200 \|.*"
                      r"\| 0\.25 \(0\.25–0\.25\) \| 0\.20 \(0\.20–0\.20\) \| 0 of 8 \| 2\.00 \(2\.00–2\.00\) \|", text)
     assert (tmp_path / "memorization-1e-6-chain-loss--as-published---orthogonal-off--a-split-per-seed--e16-h64-on-both-tasks.png").exists()
+
+
+def test_settings_labels_say_what_the_study_never_varied_and_the_data_order():
+    base = dict(job="j", sweep="psweep", kind="final", training=dict(p=5, split="fixed"),
+                sgld=dict(orthogonal=True, chain_loss="published", gamma=5.0, epsilon=1e-3), result=dict(llc_mean=1.0))
+    assert settings_label(base) == "+1e-6 chain loss (as published), orthogonal on, one split per p"  # as before
+    assert settings_label(dict(base, sgld=dict(base["sgld"], gamma=25.0, epsilon=1e-4))).endswith(
+        "one split per p, γ = 25, ε = 0.0001")
+    assert settings_label(dict(base, batch_order="shared")).endswith("one split per p, one batch order per p")
+    assert settings_label(dict(base, batch_order="study")).endswith("orthogonal on, the study's own split and minibatch order")
+
+
+def _example(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_seed_spread_examples_change_the_data_order_only():
+    import random
+
+    import torch
+
+    shared = _example("seed_spread_shared_batches")
+    draws = [torch.randint(100, (5,), generator=shared.shared_batches(seed, "batches")) for seed in (0, 3)]
+    assert torch.equal(*draws)  # every seed draws seed 0's minibatches
+    assert not torch.equal(torch.rand(3, generator=shared.shared_batches(3, "init")),
+                           torch.rand(3, generator=shared.shared_batches(0, "init")))  # other streams untouched
+    (job,) = [j for j in shared.jobs(16, [23]) if j.training.seed == 1]
+    assert job.name.endswith("-final-published-loss-shared-batches") and job.tags["batch_order"] == "shared"
+    replica = _example("study_replica")
+    train_x, train_y, test_x, _ = replica.study_split(7)
+    assert (len(train_x), len(test_x)) == (39, 10) and all(y == (a + b) % 7 for (a, b), y in zip(train_x, train_y))
+    assert sorted(train_x + test_x) == [(a, b) for a in range(7) for b in range(7)]
+    after = random.random()
+    replica.study_split(7)
+    assert random.random() == after  # the split leaves the study's minibatch stream where it always is
+    configs = [TrainConfig(p=7, embed=4, hidden=8, batches=5, checkpoints=1, seed=seed) for seed in (0, 1)]
+    together, _, _ = replica.train_like_the_study(configs)
+    (alone,), _, _ = replica.train_like_the_study(configs[1:])
+    assert all(torch.equal(a, b) for a, b in zip(together[1].parameters(), alone.parameters()))  # a stack = one run each

@@ -113,7 +113,10 @@ def settings_label(record) -> str:
         parts.append(f"orthogonal {'on' if sgld['orthogonal'] else 'off'}")
     if training.get("init_scale", 1) != 1:
         parts.append(f"init ×{training['init_scale']:g}")
-    parts.append("one split per p" if training.get("split") == "fixed" else "a split per seed")
+    if record.get("batch_order") == "study":  # examples/study_replica.py: the study's split and minibatches replayed
+        parts.append("the study's own split and minibatch order")
+    else:
+        parts.append("one split per p" if training.get("split") == "fixed" else "a split per seed")
     if record.get("batch_order") == "shared":  # every seed trained on seed 0's minibatches (the study's data order)
         parts.append("one batch order per p")
     for name, symbol, study in (("gamma", "γ", targets.STUDY_GAMMA), ("epsilon", "ε", targets.STUDY_EPSILON)):
