@@ -4,6 +4,7 @@ devinterp 2.0.1 layer's results laid out as devinterp's (its source: devinterp/s
 ``_build_output``, bif.py ``_compute_correlations``)."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,19 @@ def test_devinterp_layer_refusals_and_output_path(model, tmp_path):
     assert draws.losses.shape == (2, 4, 8, 15) and out.sizes["batch_1"] == 8
     with pytest.raises(FastLLCError, match="never reuses a stored run"):
         bif(model, data, observables, output_path=tmp_path / "run", **D2)
+
+
+def test_devinterp_token_bif_streams_to_disk_when_its_sums_would_not_fit(model, monkeypatch):
+    """Token influences of many sequences: the per-chain Σ x xᵀ would exceed the memory, so the draws go to a
+    temporary .npz (removed afterwards) and the matrix is computed from it in blocks: the same matrix."""
+    from fastllc.observables import devinterp2
+    data, observables = {"input_ids": tokens(24)}, _observables()
+    in_memory = devinterp2.bif(model, data, observables, correlation_method="token", **D2)
+    monkeypatch.setattr(devinterp2, "_token_moments_fit", lambda probes, chains: False)
+    created = []
+    real = devinterp2.tempfile.TemporaryDirectory
+    monkeypatch.setattr(devinterp2.tempfile, "TemporaryDirectory",
+                        lambda **kw: created.append(real(**kw)) or created[-1])
+    blocked = devinterp2.bif(model, data, observables, correlation_method="token", bif_batch_size=3, **D2)
+    np.testing.assert_allclose(blocked["influences"].values, in_memory["influences"].values, rtol=1e-4, atol=1e-5)
+    assert not Path(created[0].name).exists()  # the scratch folder is gone
