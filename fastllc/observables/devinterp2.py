@@ -41,6 +41,7 @@ chains) to ``/susceptibilities``; ``bif_device`` is ignored (the CPU computes it
 from __future__ import annotations
 
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -116,12 +117,14 @@ def _restrictions(model, weight_restrictions: dict) -> dict:
 
 
 def observe(model, dataset, observables: dict, weight_restrictions: dict, *, lr: float, n_beta: float,
-            token_moments: bool = False, chain_mean: bool = False, **kwargs):
+            token_moments=False, chain_mean: bool = False, scratch=None, **kwargs):
     """Every weight restriction of ``weight_restrictions`` ({name: ParamMasks, None or a devinterp name}) in ONE
     batched run with devinterp 2.0.1's ``sample()`` settings (``kwargs``): fastllc's ``ObservedRun``, whose probe
     sets are the observables (by devinterp id, in devinterp's order). ``susceptibilities_from_run`` and
     ``bif_from_run`` read devinterp's results from it: both from one run. ``token_moments``/``chain_mean``: what
-    token-wise influences and chain-averaged influences need kept (``Recorder``)."""
+    token-wise influences and chain-averaged influences need kept (``Recorder``); ``token_moments="auto"``: kept
+    when they take at most a quarter of the available memory, else the raw draws go to ``scratch/draws.npz`` (a
+    folder the caller removes) and token influences are computed from them in blocks."""
     from .lm import observe_lm
     compat = _compat()
     s = compat._settings(lr, n_beta, observables, None, kwargs)
@@ -135,6 +138,10 @@ def observe(model, dataset, observables: dict, weight_restrictions: dict, *, lr:
     settings = dict(compat._fastllc_settings(s), steps=steps)
     device = s["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     raw = _raw_path(s["output_path"])
+    if token_moments == "auto":
+        token_moments = _token_moments_fit(probes, len(masks) * s["num_chains"])
+        if not token_moments and raw is None:
+            raw = Path(scratch) / "draws.npz"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s["init_seed"])  # dropout masks: seeded, the caller's generator untouched
         init = compat._init_loss(model, tokens, orders[:s["num_chains"]], s)  # per chain, then averaged
@@ -143,6 +150,17 @@ def observe(model, dataset, observables: dict, weight_restrictions: dict, *, lr:
                           randomness=compat.DevinterpBatches(orders, s["init_seed"], len(tokens), dim), raw=raw,
                           device=device, backend=s["backend"], max_memory=s["max_memory"], progress=s["progress"],
                           token_moments=token_moments, chain_mean=chain_mean, **settings)
+
+
+def _token_moments_fit(probes: dict, chains: int) -> bool:
+    """Whether Σ x xᵀ per chain fits a quarter of the available memory (``moments.moments_bytes``)."""
+    from ..resources import available_memory_bytes
+    from .moments import moments_bytes
+    examples = sum(len(t) for t in probes.values())
+    length = next(iter(probes.values())).shape[1] - 1
+    available = available_memory_bytes()
+    needed = moments_bytes(chains, examples, length, len(probes), token_moments=True)
+    return available is None or needed <= available // 4
 
 
 def _load(model):
@@ -241,13 +259,15 @@ def bif(model, dataset, observables: dict, *, lr: float, n_beta: float, param_ma
     for name, value in (("average_tokenwise_bif", average_tokenwise_bif), ("compute_covariance", compute_covariance)):
         check_bool(name, value)
     check_int("bif_batch_size", bif_batch_size, minimum=1)
-    wanted = {"token_moments": correlation_method == "token" and reduce_chain_dimension_method == "stack",
-              "chain_mean": reduce_chain_dimension_method == "mean"}
-    run = observe(model, dataset, observables, {"full": param_masks}, lr=lr, n_beta=n_beta, **wanted, **kwargs)
-    return bif_from_run(run, correlation_method=correlation_method,
-                        reduce_chain_dimension_method=reduce_chain_dimension_method,
-                        average_tokenwise_bif=average_tokenwise_bif, compute_covariance=compute_covariance,
-                        bif_batch_size=bif_batch_size)
+    tokens = correlation_method == "token" and reduce_chain_dimension_method == "stack"
+    with tempfile.TemporaryDirectory(prefix="fastllc-bif-") as scratch:  # raw draws, if the sums would not fit
+        run = observe(model, dataset, observables, {"full": param_masks}, lr=lr, n_beta=n_beta, scratch=scratch,
+                      token_moments="auto" if tokens else False, chain_mean=reduce_chain_dimension_method == "mean",
+                      **kwargs)
+        return bif_from_run(run, correlation_method=correlation_method,
+                            reduce_chain_dimension_method=reduce_chain_dimension_method,
+                            average_tokenwise_bif=average_tokenwise_bif, compute_covariance=compute_covariance,
+                            bif_batch_size=bif_batch_size)
 
 
 def bif_from_run(run, *, correlation_method: str = "token", reduce_chain_dimension_method: str = "stack",

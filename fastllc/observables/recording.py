@@ -28,7 +28,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from ..errors import FastLLCError
-from ..resources import format_bytes
+from ..resources import available_memory_bytes, format_bytes
 from ..validate import check_int
 from .moments import Moments, moments_bytes
 
@@ -124,7 +124,7 @@ class Recorder:
     ``groups``: {name: (lo, hi)} the chain range of each restriction group. ``token_moments``: keep Σ x xᵀ per
     chain (token influences); ``chain_mean``: keep each group's chain sum per draw (influences with chains
     averaged); ``raw``: a ``.npz`` path to stream the raw draws to (``draws.RawWriter``); ``max_memory``: bytes
-    the sums may take (refused above it, before sampling)."""
+    the sums may take (default: a quarter of the available memory; refused above it, before sampling)."""
 
     def __init__(self, probes: Probes, draws: Draws, groups: dict, *, token_moments: bool = False,
                  chain_mean: bool = False, raw=None, probe_batch: int = 32, max_memory: int | None = None):
@@ -135,15 +135,24 @@ class Recorder:
         self.bytes = moments_bytes(self.chains, probes.examples, probes.elements, len(probes.names),
                                    token_moments=token_moments, groups=len(groups) if chain_mean else 0,
                                    draws=draws.count)
-        if max_memory is not None and self.bytes > max_memory:
-            raise FastLLCError(f"the running sums need {format_bytes(self.bytes)}, more than max_memory "
-                               f"{format_bytes(max_memory)}; drop token_moments/chain_mean, use fewer probe "
-                               "examples, or stream the raw draws to disk (raw='draws.npz')")
+        self._check_memory(max_memory)
         if raw is not None:
             from .draws import check_raw_path
             check_raw_path(raw)  # before any sampling
         self.moments, self.writer, self.seconds, self._lock = None, None, 0.0, threading.Lock()
         self._device = None
+
+    def _check_memory(self, max_memory: int | None) -> None:
+        """Refuse sums above ``max_memory`` bytes (default: a quarter of the memory available now, if known)."""
+        if max_memory is None:
+            available = available_memory_bytes()
+            budget, source = (None, "") if available is None else (available // 4, "a quarter of the available memory")
+        else:
+            budget, source = check_int("max_memory", max_memory, minimum=1), "max_memory"
+        if budget is not None and self.bytes > budget:
+            raise FastLLCError(f"the running sums need {format_bytes(self.bytes)}, more than {format_bytes(budget)} "
+                               f"({source}); drop token_moments/chain_mean, use fewer probe examples, or stream "
+                               "the raw draws to disk (raw='draws.npz') and compute influences from them")
 
     def begin(self, chains: int, steps: int, device) -> None:
         """Called by the backend before its first step (once per call; several calls: see ``at``)."""
