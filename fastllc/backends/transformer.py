@@ -4,7 +4,7 @@ Llama), every chain folded into the batch dimension.
 What ``generic`` does with ``torch.func.vmap``, written out: chain c's weights are the [C, *shape] views of
 the parameter-major buffer W (``sampling/layout.py``), each a leaf of autograd; the engine evaluates all
 chains' minibatches [C, m, T] as one batched forward (a ``baddbmm`` per linear layer, attention over the
-folded batch [C·m, heads, T, d_head]) to the per-chain losses L_m [C]; one backward of their sum gives every
+folded batch [C·m·heads, T, d_head]) to the per-chain losses L_m [C]; one backward of their sum gives every
 chain's ∇L_m (chains share nothing, so each chain's gradient is its own loss's); then, as in ``generic``, G =
 gradient_factor·∇L_m and the sampler's batched update ``update(G, ξ, projection)``, with the counter-based
 noise written straight into the same layout. ``restrict`` is ``generic``'s own code (its ``_ChainWeights``):
@@ -19,6 +19,11 @@ writes, with ``fastllc.lm.next_token_loss``, float32 weights, all trainable, dro
 
 On the CPU the chains run in groups, one per core, each in its own thread with single-threaded torch ops
 (``sampling/threads.py``), as every torch-based backend does.
+
+Measured and not adopted: replaying the step as a recorded graph (``make_fx``, as ``generic`` does) was
+bit-identical and 3–15% faster per step on the bench's tiny GPT-2, for 0.4–0.8 s of tracing per group (it
+would pay from several hundred steps; TorchScript cannot hold the graph: ``native_layer_norm_backward``'s
+None arguments); ``torch.compile``: ``lm/engine.py``.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ CAPABILITIES = frozenset({"samplers", "restrict"})
 DEVICES = ("cpu",)
 AUTO_PRIORITY = 25  # before generic (30): the same chains of the models it knows, without vmap
 
-MIN_CHAINS_PER_GROUP = 2  # a group of one chain's folded batch is too small to pay for its own thread
+# A group of a single chain still pays for its own thread: 2 chains as two groups of one ran at 136–139 chain-steps/s
+# against 78–95 as one group of two (tiny GPT-2 of the bench, 2 cores, load 3); so one group per core at any count.
+MIN_CHAINS_PER_GROUP = 1
 
 
 def _unsupported(model, loss_fn, device) -> str | None:
