@@ -5,7 +5,7 @@
    evaluating 256 probe examples every 10th step, and every step. Chain-steps per second of the sampler's loop.
 2. A tiny GPT-2 (2 layers, 4 heads, width 32; tests/lm_models.py) on the workload of issue 25: three observables
    of 16 sequences, 4 chains × 50 draws, three restrictions (full, l0 attn, l1 attn), devinterp 2.0.1's settings
-   (``fastllc.observables.devinterp2.observe``): one batched run, then the susceptibilities and the BIF from it.
+   (``fastllc.compat.devinterp2.observe``): one batched run, then the susceptibilities and the BIF from it.
    devinterp 2.0.1 itself cannot share this environment; tests/compat2/test_observables_devinterp2.py times it
    beside fastllc in build/venv-devinterp2.
 """
@@ -88,7 +88,7 @@ def test_probes_cost_only_when_asked(benchmark):
 def test_issue_workload_on_a_tiny_gpt2(benchmark):
     pytest.importorskip("transformers")
     from lm_models import VOCAB, gpt2
-    from fastllc.observables import devinterp2
+    from fastllc.compat.devinterp2 import observables as devinterp2
     torch.manual_seed(0)
     model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     g = torch.Generator().manual_seed(0)

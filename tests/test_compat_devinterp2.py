@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import fastllc.lm as lm
-from fastllc.compat import devinterp2
+from fastllc.compat.devinterp2 import sampling as devinterp2
 from fastllc.compat.devinterp2 import create_param_masks, devinterp_order, llc
 from fastllc.errors import FastLLCError
 

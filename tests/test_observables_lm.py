@@ -89,7 +89,7 @@ def _observables():
 
 
 def test_devinterp_susceptibilities_are_laid_out_as_devinterps(model):
-    from fastllc.observables.devinterp2 import susceptibilities
+    from fastllc.compat.devinterp2 import susceptibilities
     tree = susceptibilities(model, {"input_ids": tokens(24)}, _observables(), {"full": None, "l1 attn": "l1 attn",
                             "l0h1": "l0h1"}, sampling_task="pile", **D2)
     sus, context = tree["susceptibilities"].dataset, tree["context"].dataset
@@ -106,7 +106,7 @@ def test_devinterp_susceptibilities_are_laid_out_as_devinterps(model):
 @pytest.mark.parametrize("method,reduce,average", [("token", "stack", False), ("token", "mean", True),
                                                    ("sequence", "stack", False), ("sequence", "mean", False)])
 def test_devinterp_bif_is_laid_out_as_devinterps(model, method, reduce, average):
-    from fastllc.observables.devinterp2 import bif
+    from fastllc.compat.devinterp2 import bif
     out = bif(model, {"input_ids": tokens(24)}, _observables(), correlation_method=method,
               reduce_chain_dimension_method=reduce, average_tokenwise_bif=average, **D2)
     dims = ("batch_1", "batch_2") + (("target_position", "target_position_T") if method == "token" and not average
@@ -121,7 +121,7 @@ def test_devinterp_bif_is_laid_out_as_devinterps(model, method, reduce, average)
 
 
 def test_devinterp_layer_refusals_and_output_path(model, tmp_path):
-    from fastllc.observables.devinterp2 import bif, susceptibilities
+    from fastllc.compat.devinterp2 import bif, susceptibilities
     data, observables = {"input_ids": tokens(24)}, _observables()
     cases = [(lambda: susceptibilities(model, data, observables, {"l1": "l1 attn"}, sampling_task="pile", **D2),
               "must include a 'full' key"),
@@ -143,7 +143,7 @@ def test_devinterp_layer_refusals_and_output_path(model, tmp_path):
 def test_devinterp_token_bif_streams_to_disk_when_its_sums_would_not_fit(model, monkeypatch):
     """Token influences of many sequences: the per-chain Σ x xᵀ would exceed the memory, so the draws go to a
     temporary .npz (removed afterwards) and the matrix is computed from it in blocks: the same matrix."""
-    from fastllc.observables import devinterp2
+    from fastllc.compat.devinterp2 import observables as devinterp2
     data, observables = {"input_ids": tokens(24)}, _observables()
     in_memory = devinterp2.bif(model, data, observables, correlation_method="token", **D2)
     monkeypatch.setattr(devinterp2, "_token_moments_fit", lambda probes, chains: False)

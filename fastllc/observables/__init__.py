@@ -14,8 +14,8 @@ are evaluated for all chains at every draw and kept as running sums (means and c
 ``moments.py``) or streamed to a ``.npz`` (``raw=``). Modules: ``recording`` (the ``observe=`` object, draws,
 probes), ``moments`` (running sums), ``draws`` (raw draws on disk), ``run``/``lm`` (the batched run for any module,
 for a causal LM), ``susceptibilities``, ``bif``, ``plots``, ``exact`` (closed-form answers of a linear-Gaussian
-model), ``devinterp2`` (devinterp 2.0.1's ``susceptibilities()`` and ``bif()``, same arguments and xarray
-results; needs ``xarray``).
+model). devinterp 2.0.1's ``susceptibilities()`` and ``bif()`` (same arguments and xarray results) are built on
+this package in ``fastllc.compat.devinterp2``.
 """
 
 from .bif import Influence, compute_bif

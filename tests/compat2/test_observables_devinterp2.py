@@ -29,7 +29,7 @@ from devinterp.slt.susceptibilities import compute_susceptibilities as devinterp
 from devinterp.slt.weight_restrictions import create_param_masks  # noqa: E402
 
 import fastllc.observables as obs  # noqa: E402
-from fastllc.observables import devinterp2  # noqa: E402
+from fastllc.compat.devinterp2 import observables as devinterp2  # noqa: E402
 from lm_models import VOCAB, gpt2  # noqa: E402
 
 SETTINGS = dict(lr=3e-4, n_beta=30.0, num_chains=4, num_draws=50, batch_size=16, batches_per_draw=1,

@@ -2,7 +2,7 @@
 
     # from devinterp.slt.susceptibilities import susceptibilities
     # from devinterp.slt.bif import bif
-    from fastllc.observables.devinterp2 import susceptibilities, bif
+    from fastllc.compat.devinterp2 import susceptibilities, bif
 
 ``susceptibilities(model, dataset, observables, weight_restrictions, *, sampling_task, lr, n_beta, loss_fn=None,
 include_sampling_task=False, **kwargs)`` returns devinterp's ``DataTree`` (``/susceptibilities``: ``sus``
@@ -47,11 +47,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import FastLLCError
-from ..validate import check_bool, check_choice, check_int
-from .bif import compute_bif
-from .recording import Draws
-from .susceptibilities import compute_susceptibilities
+from ...errors import FastLLCError
+from ...validate import check_bool, check_choice, check_int
+from ...observables.bif import compute_bif
+from ...observables.recording import Draws
+from ...observables.susceptibilities import compute_susceptibilities
+from . import sampling as llc_layer
 
 
 def to_obs_id(task_name: str) -> str:
@@ -63,8 +64,7 @@ def to_obs_id(task_name: str) -> str:
 
 
 def _compat():
-    from ..compat import devinterp2  # the LLC layer: settings, minibatch order, L̂_n(w*), masks (imported late:
-    return devinterp2                # it re-exports this module)
+    return llc_layer  # the LLC layer: settings, minibatch order, L̂_n(w*), masks
 
 
 def _observable_tokens(spec, name: str, settings: dict, length: int) -> torch.Tensor:
@@ -125,7 +125,7 @@ def observe(model, dataset, observables: dict, weight_restrictions: dict, *, lr:
     token-wise influences and chain-averaged influences need kept (``Recorder``); ``token_moments="auto"``: kept
     when they take at most a quarter of the available memory, else the raw draws go to ``scratch/draws.npz`` (a
     folder the caller removes) and token influences are computed from them in blocks."""
-    from .lm import observe_lm
+    from ...observables.lm import observe_lm
     compat = _compat()
     s = compat._settings(lr, n_beta, observables, None, kwargs)
     model = _load(model)
@@ -154,8 +154,8 @@ def observe(model, dataset, observables: dict, weight_restrictions: dict, *, lr:
 
 def _token_moments_fit(probes: dict, chains: int) -> bool:
     """Whether Σ x xᵀ per chain fits a quarter of the available memory (``moments.moments_bytes``)."""
-    from ..resources import available_memory_bytes
-    from .moments import moments_bytes
+    from ...resources import available_memory_bytes
+    from ...observables.moments import moments_bytes
     examples = sum(len(t) for t in probes.values())
     length = next(iter(probes.values())).shape[1] - 1
     available = available_memory_bytes()
@@ -164,7 +164,7 @@ def _token_moments_fit(probes: dict, chains: int) -> bool:
 
 
 def _load(model):
-    from ..lm import load_causal_lm
+    from ...lm import load_causal_lm
     return load_causal_lm(model)
 
 

@@ -57,11 +57,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .. import storage
-from ..errors import FastLLCError
-from ..sampling.randomness import CounterRandomness
-from ..sampling.restrict import closest_names
-from ..validate import check_bool, check_float, check_int
+from ... import storage
+from ...errors import FastLLCError
+from ...sampling.randomness import CounterRandomness
+from ...sampling.restrict import closest_names
+from ...validate import check_bool, check_float, check_int
 
 # devinterp 2.0.1's sample() keywords and defaults (devinterp/slt/sampling.py, sample())
 DEFAULTS = dict(num_chains=4, num_draws=200, batch_size=32, num_burnin_steps=0, num_steps_bw_draws=1,
@@ -79,7 +79,7 @@ _RESULT_FILE = "fastllc-llc.json"
 def llc(model, dataset, observables=None, *, lr, n_beta, param_masks=None, loss_fn=None, **kwargs):
     """devinterp 2.0.1's ``llc`` on fastllc (module docstring): an ``xarray.Dataset``."""
     import xarray  # noqa: F401  (the result type; fastllc[lm] installs it)
-    from .. import lm
+    from ... import lm
 
     settings = _settings(lr, n_beta, observables, loss_fn, kwargs)
     model = lm.load_causal_lm(model)
@@ -180,7 +180,7 @@ def _fastllc_settings(s: dict) -> dict:
 def dataset_tokens(dataset) -> torch.Tensor:
     """Token ids [N, T] of a Hugging Face ``datasets.Dataset`` with ``input_ids`` (what devinterp 2 takes), a
     LongTensor, or anything ``fastllc.lm.token_data`` reads (its ``input_ids`` only: devinterp reads no mask)."""
-    from ..lm import token_data
+    from ...lm import token_data
 
     if hasattr(dataset, "with_format") and hasattr(dataset, "column_names"):
         if "input_ids" not in dataset.column_names:
@@ -246,9 +246,9 @@ def _orders(n: int, s: dict) -> torch.Tensor:
 def _init_loss(model, tokens: torch.Tensor, orders: torch.Tensor, s: dict) -> float:
     """devinterp's L̂_n(w*): the loss over the first num_init_loss_batches (× accumulation) minibatches of each
     order, in training mode, averaged over the orders (per chain in devinterp: the same where they match)."""
-    from .. import lm
+    from ... import lm
 
-    from ..lm.api import TokenLossLM, token_loss_at
+    from ...lm.api import TokenLossLM, token_loss_at
 
     batches, custom = s["num_init_loss_batches"], s.get("loss_fn")
     wrapped, losses = lm.CausalLM(model) if custom is None else TokenLossLM(model, custom), []
@@ -502,16 +502,6 @@ def _merged(masks_list: list[dict]) -> dict:
             for e in entries[1:]:
                 merged[name] = torch.logical_or(merged[name], e)
     return merged
-
-
-def __getattr__(name: str):
-    """``susceptibilities`` and ``bif``, devinterp 2.0.1's other sampling entry points, from
-    ``fastllc.observables.devinterp2`` (imported on first use: that module builds on this one)."""
-    if name in ("susceptibilities", "bif"):
-        from ..observables import devinterp2 as observables
-
-        return getattr(observables, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["llc", "create_param_masks", "as_dataset", "dataset_tokens", "devinterp_order", "param_mask_selection",
