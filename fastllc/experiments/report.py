@@ -158,8 +158,8 @@ def _png(base: str, index: int, group, label=settings_label) -> str:
     """The first (published) group's plot keeps the sweep's plain name; the others get their variant's."""
     if index == 0:
         return f"{base}.png"
-    tag = label(group[0])
-    return f"{base}-{''.join(c if c.isalnum() else '-' for c in tag).strip('-').lower()}.png"
+    tag = label(group[0]).replace("γ", "gamma").replace("ε", "eps")
+    return f"{base}-{''.join(c if c.isascii() and c.isalnum() else '-' for c in tag).strip('-').lower()}.png"
 
 
 def _heading(label: str, group) -> list[str]:
@@ -302,6 +302,7 @@ def _psweep_group(records, out: Path, png: str) -> list[str]:
         lines += _psweep_targets(rows, all_slope, linear_fit(ps, values)[2])
         lines += _generalised_only(records)
     lines += _unconverged_lines(by_p)
+    lines += _spread_against_published(by_p)
     lines += locality_table(records, lambda r: r["training"]["p"], "p", str)
     fig = _figure(figsize=(6, 4.2))
     ax = fig.subplots()
@@ -370,6 +371,41 @@ def _unconverged_lines(by_p) -> list[str]:
                          f"{_fmt(_sd(first, 0))} (ddof 0, the published basis) / {_fmt(_sd(first, 1))} (ddof 1); "
                          f"published {_fmt(seeds[0]['published'])} ({_fmt(seeds[0].get('published_sd'))}).")
     return [""] + lines if lines else []
+
+
+STUDY_RUNS = 5  # runs per p behind each published mean and sd
+
+
+def _spread_against_published(by_p) -> list[str]:
+    """The seed spread against the published one: at each p with a published sd, the population sd of the first
+    five seeds (the published basis) over the published sd; pooled over those p, the variance ratio (ddof 1,
+    4 degrees of freedom per p on both sides) and its one-sided F-test p-value (equal spreads as the null)."""
+    ratios, ours, theirs = [], [], []
+    for p, group in by_p.items():
+        published_sd = group[0].get("published_sd")
+        first = [_llc(r) for r in sorted(group, key=lambda r: r["training"].get("seed", 0))[:STUDY_RUNS]]
+        if not published_sd or len(first) < STUDY_RUNS or not all(math.isfinite(v) for v in first):
+            continue
+        ratios.append(f"{_sd(first, 0) / published_sd:.1f} (p = {p})")
+        ours.append(_sd(first, 1) ** 2)
+        theirs.append(published_sd**2 * STUDY_RUNS / (STUDY_RUNS - 1))
+    if len(ours) < 2:
+        return []
+    ratio, df = float(np.mean(ours) / np.mean(theirs)), (STUDY_RUNS - 1) * len(ours)
+    return ["", f"Seed spread against the published (first {STUDY_RUNS} seeds of each p, population sd as published): "
+            f"{', '.join(ratios)} times the published sd; pooled over {len(ours)} p, variance ratio {ratio:.2f} "
+            f"(sd ratio {math.sqrt(ratio):.2f}), F-test on ({df}, {df}) df: one-sided p = {_fmt(f_upper_tail(ratio, df, df), 3)}."]
+
+
+def f_upper_tail(f: float, d1: int, d2: int) -> float:
+    """P(F ≥ f) for F(d1, d2) with even d1 and d2 (exact: a finite binomial sum of the incomplete beta
+    function); NaN for odd degrees of freedom."""
+    if d1 % 2 or d2 % 2 or f < 0:
+        return math.nan
+    a, b = d1 // 2, d2 // 2
+    x = d1 * f / (d1 * f + d2)  # P(F ≤ f) = I_x(a, b) = P(Binomial(a + b − 1, x) ≥ a)
+    below = sum(math.comb(a + b - 1, j) * x**j * (1 - x) ** (a + b - 1 - j) for j in range(a, a + b))
+    return 1.0 - below
 
 
 def report_circuits(records, out: Path) -> list[str]:
@@ -777,6 +813,15 @@ def recommended(cell: dict, smaller: dict | None) -> bool:
     return agree(cell, smaller)
 
 
+def _calibrated_network(record) -> str:
+    """", random operation, e50/h200" for a grid on another network than the study's e8/h32 addition one."""
+    training = record["training"]
+    task, e, h = training.get("task", "add"), training.get("embed", 8), training.get("hidden", 32)
+    if (task, e, h) == ("add", 8, 32):
+        return ""
+    return f", {'random operation' if task == 'random' else 'modular addition'}, e{e}/h{h}"
+
+
 def report_calibrate(records, out: Path) -> list[str]:
     from ..calibration import DRIFT_LIMIT, DRIFT_RELATIVE, R_HAT_LIMIT, cell_flags, recommend
 
@@ -788,7 +833,7 @@ def report_calibrate(records, out: Path) -> list[str]:
     for record in records:
         cells = sorted(record["cells"], key=lambda c: (c["gamma"], c["nbeta"], c["epsilon"]))
         best, reason, hint = recommend(cells, default_nbeta=1.0)
-        lines += [f"p = {record['training']['p']}, seed {record['training']['seed']}", "",
+        lines += [f"p = {record['training']['p']}, seed {record['training']['seed']}{_calibrated_network(record)}", "",
                   "| γ | nβ × n/log n | ε | λ̂ ± se | split-R̂ | ESS | healthy | drift | flags | |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         previous = {}
