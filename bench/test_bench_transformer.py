@@ -7,8 +7,10 @@ Before timing, the two backends follow the reference parameter by parameter unde
 (conformance's τ). The backends alternate, ``ROUNDS`` rounds each, and the median rate of each is reported
 (a shared machine's load changes over minutes); rates are chain-steps per second of the sampler's own loop,
 and the fraction of the sgemm ceiling that conftest measures in the same run (the workload's matmul FLOPs,
-``TinyGPT2.flops_per_chain_step``). The closing table gives the CPU, the load average at the start and the
-end, each rate, its ratio to generic's and its share of the ceiling.
+``TinyGPT2.flops_per_chain_step``). Beside them, chain-steps per second of CPU time against the one-thread
+sgemm per CPU-second (``test_cpu_time_per_chain_step``): what the code costs, which the load moves far less. The
+closing table gives the CPU, the load average at the start and the end, each rate, its ratio to generic's and
+its share of the ceiling.
 
     python -m pytest bench/test_bench_transformer.py --benchmark-only -s
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 
 import pytest
 import torch
@@ -35,6 +38,7 @@ pytestmark = pytest.mark.benchmark(min_rounds=1)
 ROUNDS = 2
 BACKENDS = ("generic", "transformer")
 ROWS: dict[tuple[str, int], list[float]] = {}
+CPU_ROWS: dict[tuple[str, int], float] = {}
 LOAD = {"start": os.getloadavg()[0]}
 
 
@@ -79,6 +83,31 @@ def test_transformer_beside_generic(benchmark, trained, chains):
     assert abs(llcs["transformer"] - llcs["generic"]) < 0.2 * abs(llcs["generic"]) + 1.0
 
 
+@pytest.mark.parametrize("chains", [4, 16])
+def test_cpu_time_per_chain_step(benchmark, trained, chains):
+    """Chain-steps per second of this process's CPU time (every group's thread counted; time other processes take
+    is not): a figure the load moves far less than the wall-clock rate. Each backend's ``sample`` directly, L_n(w*)
+    given (no pass over the data), 100 steps, alternating twice; the better of each."""
+    model, tokens = trained
+    wrapped, data = lm.CausalLM(model), lm.token_data(tokens)
+    config = SGLDConfig(chains=chains, **{**SGLD, "steps": 100})
+    best = {}
+
+    def rounds():
+        with lm.sampling_mode(model):
+            for _ in range(2):
+                for backend in (generic, transformer):
+                    start = time.process_time()
+                    backend.sample(wrapped, *data.pair, lm.next_token_loss, config, init_loss=3.0)
+                    rate = chains * config.steps / (time.process_time() - start)
+                    best[backend.NAME] = max(best.get(backend.NAME, 0.0), rate)
+
+    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    for name, rate in best.items():
+        CPU_ROWS[name, chains] = rate
+        benchmark.extra_info[f"{name} chain-steps per CPU-second"] = round(rate, 1)
+
+
 def test_summary(benchmark):
     """The table of this run: rates, ratio to generic at equal chains, share of the ceiling, CPU and load."""
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
@@ -92,4 +121,11 @@ def test_summary(benchmark):
         share = rate * WORKLOAD.flops_per_chain_step() / ceiling["ceiling"]
         lines.append(f"{name:12} {chains:6d} {rate:14.1f} {rate / base:9.2f}x {share:10.1%}  "
                      + ", ".join(f"{r:.0f}" for r in rates))
+    if CPU_ROWS:
+        per_core = ceiling["one_thread_large_cpu"]
+        lines.append(f"per second of CPU time (one-thread sgemm: {per_core / 1e9:.0f} GFLOP per CPU-second)")
+        for (name, chains), rate in sorted(CPU_ROWS.items(), key=lambda item: (item[0][1], item[0][0])):
+            share = rate * WORKLOAD.flops_per_chain_step() / per_core
+            lines.append(f"{name:12} {chains:6d} {rate:14.1f} {rate / CPU_ROWS[('generic', chains)]:9.2f}x "
+                         f"{share:10.1%}  (chain-steps per CPU-second)")
     print("\n".join(lines))
