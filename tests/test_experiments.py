@@ -352,7 +352,7 @@ def test_each_sweep_runs_its_figures_settings_by_default():
 
 def test_jobs_of_the_earlier_settings_keep_their_names():
     """Exact loss, orthogonal on, 5000 steps, init 1, a split per seed: the JSONs written before the settings
-    could vary are found again (docs/results/jobs), not rerun."""
+    could vary are found again (docs/results/published/psweep/jobs), not rerun."""
     today = [j for j in psweep(variants=["today"]) if j.training.p == 47 and j.training.seed == 0]
     assert [j.name for j in today] == ["psweep-add-p47-e8-h32-b15000-k25-seed0-final"]
     (published,) = [j for j in psweep() if j.training.p == 47 and j.training.seed == 0]
@@ -712,3 +712,20 @@ def test_the_seed_spread_examples_change_the_data_order_only():
     together, _, _ = replica.train_like_the_study(configs)
     (alone,), _, _ = replica.train_like_the_study(configs[1:])
     assert all(torch.equal(a, b) for a, b in zip(together[1].parameters(), alone.parameters()))  # a stack = one run each
+
+
+def test_the_psweep_report_compares_the_seed_spread_with_the_published_one(tmp_path):
+    from fastllc.experiments.report import f_upper_tail
+
+    assert f_upper_tail(3.0, 2, 2) == pytest.approx(0.25) and f_upper_tail(1.0, 24, 24) == pytest.approx(0.5)
+    assert f_upper_tail(2.0, 24, 24) == pytest.approx(0.04805, abs=1e-5)  # by quadrature of the F density and math.isnan(f_upper_tail(2.0, 3, 4))
+
+    def record(p, seed, llc):
+        return dict(job=f"s{p}-{seed}", sweep="psweep", kind="final", training=dict(p=p, seed=seed, split="fixed"),
+                    sgld=dict(chain_loss="published", orthogonal=True), result=dict(llc_mean=llc, llc_se=0.3),
+                    final_metrics=dict(test_acc=1.0), published=100.0, published_sd=1.0)
+    # population sd 2.0 over seeds 0–4 at both p (the sixth seed is not the study's count): twice the published
+    write_records(tmp_path, [record(p, s, 100.0 + d) for p in (23, 29) for s, d in enumerate((3, -3, 1, -1, 0, 50))])
+    text = write_report(tmp_path).read_text()
+    assert "2.0 (p = 23), 2.0 (p = 29) times the published sd; pooled over 2 p, variance ratio 4.00 (sd ratio 2.00), " \
+           f"F-test on (8, 8) df: one-sided p = {f_upper_tail(4.0, 8, 8):.3f}." in text
