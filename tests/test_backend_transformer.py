@@ -143,15 +143,18 @@ def assert_engine_is_the_models_function(model):
 
 
 def test_chain_groups_change_no_chain():
-    """A chain's bits do not depend on the chains beside it in its folded batch (counter-based draws)."""
+    """A chain follows the same path whatever chains share its group or its folded batch (counter-based draws)."""
     model, data = causal_lm(), lm.token_data(tokens(24))
     settings = SGLDConfig(chains=4, steps=5, batch_size=M, seed=3, epsilon=1e-3, nbeta=20.0, orthogonal=True)
     with lm.sampling_mode(model.model):
         one = transformer.sample(model, *data.pair, lm.next_token_loss, settings, workers=1)
         two = transformer.sample(model, *data.pair, lm.next_token_loss, settings, workers=2)
         alone = transformer.sample(model, *data.pair, lm.next_token_loss, SGLDConfig(**{**settings.to_dict(), "chains": 1}))
+        split = transformer.sample(model, *data.pair, lm.next_token_loss, settings, workers=1, per_batch=3)  # 2 + 2
     # another batch shape may block a matmul differently: a few ulps of O(1) weights
     torch.testing.assert_close(two.final_params, one.final_params, rtol=0, atol=1e-6)
+    torch.testing.assert_close(split.final_params, one.final_params, rtol=0, atol=1e-6)
+    torch.testing.assert_close(split.loss_trace, one.loss_trace, rtol=0, atol=1e-6)
     torch.testing.assert_close(alone.final_params, one.final_params[:1], rtol=0, atol=1e-6)
 
 

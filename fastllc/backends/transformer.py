@@ -50,6 +50,10 @@ AUTO_PRIORITY = 25  # before generic (30): the same chains of the models it know
 # A group of a single chain still pays for its own thread: 2 chains as two groups of one ran at 136–139 chain-steps/s
 # against 78–95 as one group of two (tiny GPT-2 of the bench, 2 cores, load 3); so one group per core at any count.
 MIN_CHAINS_PER_GROUP = 1
+# A group folds its chains into batches of at most this many bytes of its widest activation, run one after another
+# each step: per chain-step of one thread on the bench's tiny GPT-2 (512 KiB of MLP activations per chain), 4 chains
+# a batch took 7.6–8.1 ms, 2 took 7.7–8.7, 1 took 8.2–9.1 and 8 took 9.4–9.5 (element-wise passes out of cache).
+BATCH_BYTES = 2 << 20
 
 
 def _unsupported(model, loss_fn, device) -> str | None:
@@ -76,43 +80,68 @@ def require(device, model=None, loss_fn=None) -> None:
             raise FastLLCError(reason)
 
 
-def _run_group(ids: np.ndarray, engine, shapes, w_star, hyper, direction, inputs, targets, config: SGLDConfig,
-               randomness, device, tick, moves=None):
-    """SGLD for the chains ``ids``: (loss trace [T, C], final weights [C, d] chain-major)."""
-    from .generic import _ChainWeights, _rows
-    C, d, m, T = len(ids), w_star.numel(), config.batch_size, config.steps
-    chains = _ChainWeights(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper), config.sampler_object(),
-                           device)
-    if moves is not None:
-        chains.restrict(_rows(moves, ids))
-    projection = None
-    if direction is not None:
-        direction = _rows(direction, ids).to(device).expand(C, d)
-        projection = (chains.rows(chains.G), chains.rows(chains.to_parameter_major(direction)))
-    leaves = [view.detach().requires_grad_() for view in chains.weights]  # share W's storage: see every update
-    draws, losses = StepDraws(C, m, d, device), torch.empty(T, C, device=device)
-    report_every = max(1, T // 100)
-    for t in range(T):
-        indices, noise = draws.draw(randomness, ids, t, chains.blocks)
+class _Batch:
+    """Chains ``ids`` of a group folded into one batch: their weights (``generic``'s ``_ChainWeights``: the
+    parameter-major buffer, the sampler's update, ``restrict``), autograd leaves viewing them, and their draws."""
+
+    def __init__(self, ids: np.ndarray, shapes, w_star, hyper, direction, moves, config: SGLDConfig, device):
+        from .generic import _ChainWeights, _rows
+        C, d = len(ids), w_star.numel()
+        self.ids, self.m = ids, config.batch_size
+        self.chains = chains = _ChainWeights(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper),
+                                             config.sampler_object(), device)
+        if moves is not None:
+            chains.restrict(_rows(moves, ids))
+        self.projection = None
+        if direction is not None:
+            rows = chains.to_parameter_major(_rows(direction, ids).to(device).expand(C, d))
+            self.projection = (chains.rows(chains.G), chains.rows(rows))
+        self.leaves = [view.detach().requires_grad_() for view in chains.weights]  # W's storage: see every update
+        self.draws = StepDraws(C, config.batch_size, d, device)
+
+    def step(self, t: int, engine, inputs, targets, randomness) -> torch.Tensor:
+        """Step t of every chain of the batch; L_m(w_t) [C]."""
+        C, chains = len(self.ids), self.chains
+        indices, noise = self.draws.draw(randomness, self.ids, t, chains.blocks)
         flat = indices.view(-1)
-        loss = engine.losses(leaves, inputs.index_select(0, flat).view(C, m, -1),
-                             targets.index_select(0, flat).view(C, m, -1))
-        grads = torch.autograd.grad(loss.sum(), leaves)
-        losses[t] = loss.detach()
+        loss = engine.losses(self.leaves, inputs.index_select(0, flat).view(C, self.m, -1),
+                             targets.index_select(0, flat).view(C, self.m, -1))
+        grads = torch.autograd.grad(loss.sum(), self.leaves)
         torch.cat([g.reshape(-1) for g in grads], out=chains.G)
         if chains.frozen is not None:  # ∇L_m in the restricted space, before the update reads it
             chains.frozen.zero(chains.G)
-        chains.step(noise, projection)
+        chains.step(noise, self.projection)
+        return loss.detach()
+
+
+def _run_group(ids: np.ndarray, engine, per_batch: int, inputs, targets, config: SGLDConfig, randomness, tick,
+               **batch):
+    """SGLD for the chains ``ids`` in folded batches of at most ``per_batch`` chains, one after another each step:
+    (loss trace [T, C], final weights [C, d] chain-major)."""
+    batches = [_Batch(part, config=config, **batch) for part in np.array_split(ids, -(-len(ids) // per_batch))]
+    T = config.steps
+    losses = torch.empty(T, len(ids), device=batch["device"])
+    report_every = max(1, T // 100)
+    for t in range(T):
+        losses[t] = torch.cat([b.step(t, engine, inputs, targets, randomness) for b in batches])
         if (t + 1) % report_every == 0:
-            tick(C * report_every)
-    return losses.cpu(), chains.to_chain_major(chains.W).cpu()
+            tick(len(ids) * report_every)
+    finals = torch.cat([b.chains.to_chain_major(b.chains.W) for b in batches])
+    return losses.cpu(), finals.cpu()
+
+
+def chains_per_batch(engine, m: int, T: int) -> int:
+    """How many chains a folded batch holds: its widest activation (``engine.widest``: the MLP's hidden units,
+    q | k | v or the attention scores, per token) within ``BATCH_BYTES``."""
+    return max(1, BATCH_BYTES // (4 * m * T * engine.widest(T)))
 
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
            progress: bool = False, restrict: torch.Tensor | None = None, init_loss: float | None = None,
-           workers: int | None = None) -> Samples:
+           workers: int | None = None, per_batch: int | None = None) -> Samples:
     """``init_loss``: L_n(w*) when the caller knows it (no pass over the data is made for it; ∇L_n(w*) only
-    under the orthogonal restriction). ``workers``: the number of chain groups (tests; default one per core)."""
+    under the orthogonal restriction). ``workers``: the number of chain groups (default one per core);
+    ``per_batch``: chains per folded batch (default ``chains_per_batch``); both for tests and measurements."""
     from ..lm import engine as lm_engine
     config.validate()
     device = torch.device(device)
@@ -132,9 +161,11 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     randomness = for_run(randomness, config, n, d)
 
     groups = chain_groups(C, device, min_per_group=MIN_CHAINS_PER_GROUP, groups=workers or None)
-    run = functools.partial(_run_group, engine=lm_engine.build(model, names), shapes=shapes, w_star=w_star,
-                            hyper=hyper, direction=direction, inputs=inputs, targets=targets, config=config,
-                            randomness=randomness, device=device, moves=moves)
+    engine = lm_engine.build(model, names)
+    per_batch = per_batch or chains_per_batch(engine, config.batch_size, inputs.shape[1])
+    run = functools.partial(_run_group, engine=engine, per_batch=per_batch, inputs=inputs, targets=targets,
+                            config=config, randomness=randomness, shapes=shapes, w_star=w_star, hyper=hyper,
+                            direction=direction, moves=moves, device=device)
     results, seconds = run_groups_timed(lambda lo, hi, tick: run(np.arange(lo, hi, dtype=np.int64), tick=tick),
                                         groups, total=C * T, desc=f"SGLD (transformer, {C} chains)", progress=progress)
     losses = nan_from_first_non_finite(torch.cat([r[0] for r in results], dim=1).T.double())

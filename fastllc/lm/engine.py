@@ -194,6 +194,11 @@ class _Engine:
             x = torch.where((tokens == self.padding_idx).unsqueeze(-1), x.detach(), x)
         return x.view(C, m * T, D)
 
+    def widest(self, T: int) -> int:
+        """Floats per token of the widest activation a block keeps: q | k | v, the MLP's hidden units, or the
+        attention scores (heads × T)."""
+        return max(self.width, self.heads * T)
+
     def _pair(self, module) -> tuple[int, int | None]:
         """Flat indices of a module's weight and bias (None without one)."""
         return self.index[id(module.weight)], None if module.bias is None else self.index[id(module.bias)]
@@ -220,6 +225,7 @@ class Gpt2(_Engine):
         config, body = hf.config, hf.transformer
         self.wpe, self.ln_f, self.eps = index[id(body.wpe.weight)], self._pair(body.ln_f), config.layer_norm_epsilon
         self.heads = config.n_head
+        self.width = max(3 * config.n_embd, config.n_inner or 4 * config.n_embd)
         self.activation = ACTIVATIONS[config.activation_function]
         self.blocks = [_Gpt2Block(self._pair(b.ln_1), self._pair(b.attn.c_attn), self._pair(b.attn.c_proj),
                                   self._pair(b.ln_2), self._pair(b.mlp.c_fc), self._pair(b.mlp.c_proj),
@@ -291,6 +297,7 @@ class NeoX(_Rotary):
         super().__init__(hf, index, hf.base_model.rotary_emb)
         config, body = hf.config, hf.gpt_neox
         self.heads, self.eps, self.parallel = config.num_attention_heads, config.layer_norm_eps, config.use_parallel_residual
+        self.width = max(3 * config.hidden_size, config.intermediate_size)
         self.activation = ACTIVATIONS[config.hidden_act]
         self.final = self._pair(body.final_layer_norm)
         self.blocks = [_NeoXBlock(self._pair(b.input_layernorm), self._pair(b.attention.query_key_value),
@@ -341,6 +348,7 @@ class Llama(_Rotary):
         super().__init__(hf, index, hf.base_model.rotary_emb)
         config, body = hf.config, hf.model
         self.heads, self.kv_heads, self.eps = config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps
+        self.width = max(3 * config.hidden_size, config.intermediate_size)
         self.activation = ACTIVATIONS[config.hidden_act]
         self.final = index[id(body.norm.weight)]
         self.blocks = [_LlamaBlock(index[id(b.input_layernorm.weight)], *(self._pair(getattr(b.self_attn, f"{p}_proj"))
