@@ -56,11 +56,13 @@ _SQRT_2_OVER_PI, _GELU_CUBIC = math.sqrt(2 / math.pi), 0.044715
 
 class TanhGELU(torch.autograd.Function):
     """½x(1 + tanh(√(2/π)(x + 0.044715x³))) (transformers' ``gelu_new``, ``F.gelu(approximate="tanh")``),
-    written as x·σ(2u), u = √(2/π)(x + 0.044715x³) (the same function: ½(1 + tanh u) = σ(2u)), with its derivative
-    σ + x·σ(1 − σ)·2u' computed in the forward pass and kept instead of x: the backward is one multiplication.
-    σ is one of torch's fast vector kernels where tanh is not: measured on Zen 4 (one thread, 1M elements)
-    1.75 ms forward and 1.95 ms backward for ``F.gelu(approximate="tanh")``, about 1.5 ms and 0.2 ms here.
-    Within a few ulps of ``F.gelu`` (tested)."""
+    written as x·σ(2u), u = √(2/π)(x + 0.044715x³) (the same function: ½(1 + tanh u) = σ(2u)), with its
+    derivative σ + x·σ(1 − σ)·2u' computed in the forward pass and kept instead of x: the backward is one
+    multiplication. σ is one of torch's fast vector kernels where tanh is not: forward and backward together,
+    one thread of Zen 4, 0.55 ms against ``F.gelu(approximate="tanh")``'s 0.97 ms on 256k elements (2 chains of
+    the bench's tiny GPT-2), 3.5–4.2 against 4.1–4.7 ms on 1M (8 chains: memory-bound). Against float64: the
+    value within 1.3 ulps of max(1, |y|) (F.gelu's: 1.3), the derivative within 17 (F.gelu's: 9; the sum cancels
+    for negative x); tests/test_backend_transformer.py."""
 
     @staticmethod
     def forward(ctx, x):
@@ -256,7 +258,7 @@ def _gpt2_scaling(config, layer: int) -> float:
 
 
 def _scaling(attention, config) -> float:
-    """The attention module's own ``scaling`` (transformers ≥ 4.48), else 1/√d_head as the older ones computed it."""
+    """The attention module's own ``scaling`` where transformers keeps one, else 1/√d_head (older versions)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return getattr(attention, "scaling", head_dim ** -0.5)
 
@@ -296,7 +298,8 @@ class NeoX(_Rotary):
     def __init__(self, hf, index: dict[int, int]):
         super().__init__(hf, index, hf.base_model.rotary_emb)
         config, body = hf.config, hf.gpt_neox
-        self.heads, self.eps, self.parallel = config.num_attention_heads, config.layer_norm_eps, config.use_parallel_residual
+        self.heads, self.eps = config.num_attention_heads, config.layer_norm_eps
+        self.parallel = config.use_parallel_residual
         self.width = max(3 * config.hidden_size, config.intermediate_size)
         self.activation = ACTIVATIONS[config.hidden_act]
         self.final = self._pair(body.final_layer_norm)
@@ -347,7 +350,8 @@ class Llama(_Rotary):
     def __init__(self, hf, index: dict[int, int]):
         super().__init__(hf, index, hf.base_model.rotary_emb)
         config, body = hf.config, hf.model
-        self.heads, self.kv_heads, self.eps = config.num_attention_heads, config.num_key_value_heads, config.rms_norm_eps
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.eps = config.rms_norm_eps
         self.width = max(3 * config.hidden_size, config.intermediate_size)
         self.activation = ACTIVATIONS[config.hidden_act]
         self.final = index[id(body.norm.weight)]
