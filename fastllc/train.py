@@ -310,7 +310,7 @@ def _train_portably(configs, outs, progress, adopt) -> list[Path]:
 
 @single_threaded_torch()  # tensors of a few kB: a second thread only adds synchronisation (measured 2-10× slower)
 def _train_batch(configs: list[TrainConfig], outs: list[Path], progress: bool, adopt: bool) -> list["Run"]:
-    from .engine import ChainBatch
+    from .engines.mlp import ChainBatch
     from .sampling.contract import flat_parameters
 
     first, S = configs[0], len(configs)

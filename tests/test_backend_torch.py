@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fastllc import FastLLCError, ModularMLP, SGLDConfig, TrainConfig, conformance, estimate_llc, make_task, train
 from fastllc.backends import reference
 from fastllc.backends import torch as torch_backend
-from fastllc.engine import ChainBatch
+from fastllc.engines.mlp import ChainBatch
 from fastllc.sampling import InjectedRandomness
 from fastllc.sampling.config import PUBLISHED_LOSS_OFFSET
 from fastllc.sampling.starts import Start

@@ -1,4 +1,4 @@
-"""Backend ``transformer`` (``fastllc/lm/engine.py``: GPT-2, GPT-NeoX and Llama with the chains folded into the
+"""Backend ``transformer`` (``fastllc/engines/transformer.py``: GPT-2, GPT-NeoX and Llama with the chains folded into the
 batch): the engine is the Hugging Face model's own function (loss and gradient, every family and option); the
 chains follow the reference parameter by parameter under the same injected draws (plain, orthogonal, a mask for
 all chains or one per chain, the other samplers; tests/test_conformance.py adds every variant on its one-block
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import fastllc.lm as lm
 from fastllc import FastLLCError, ModularMLP, SGLDConfig, conformance
 from fastllc.backends import reference, resolve_backend, transformer
-from fastllc.lm import engine
+from fastllc.engines import transformer as engine
 from fastllc.sampling import InjectedRandomness
 from fastllc.sampling.contract import flat_parameters, unflatten
 

@@ -13,6 +13,7 @@ import fastllc.api
 from fastllc import FastLLCError, ModularMLP, SGLDConfig, estimate
 from fastllc.api import estimate_groups
 from fastllc.backends import generic, names, reference, with_capabilities
+from fastllc.sampling.chains import HeldWeights
 from fastllc.cli.estimate import estimate_command
 from fastllc.sampling.contract import flat_parameters
 from fastllc.sampling.restrict import check_mask, group_masks, selection_mask
@@ -235,12 +236,12 @@ def test_cli_per_parameter_refuses_a_backend_without_restrict_before_training(tm
 @pytest.mark.parametrize("orthogonal,mala", [(True, False), (False, True)])
 def test_generic_fixes_weights_alike_by_slices_and_by_mask(monkeypatch, orthogonal, mala):
     """generic fixes a layer-wise restriction's weights by slices of its buffer, a scattered one by index and
-    mask (``generic._Frozen``): forced to the other way, the same chains to the bit."""
+    mask (``sampling.chains.HeldWeights``): forced to the other way, the same chains to the bit."""
     model = tiny_model()
     config = SGLDConfig(chains=3, steps=25, batch_size=8, epsilon=3e-3, gamma=1.0, nbeta=5.0, orthogonal=orthogonal,
                         mala=mala)
     sliced = sample("generic", model, config, rows(model))
-    monkeypatch.setattr(generic._Frozen, "MAX_SLICES", 0)
+    monkeypatch.setattr(HeldWeights, "MAX_SLICES", 0)
     masked = sample("generic", model, config, rows(model))
     assert torch.equal(sliced.final_params, masked.final_params) and torch.equal(sliced.loss_trace, masked.loss_trace)
     if mala:

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from ..engine import is_study_mlp
+from ..engines.mlp import is_study_mlp
 from ..errors import FastLLCError
 from ..sampling.batch import Batch, finish, prepare
 from ..sampling.config import PUBLISHED_LOSS_OFFSET, SGLDConfig

@@ -1,6 +1,6 @@
 """Backend ``torch``: every chain of the study's MLP in one set of tensors, with a hand-written backward.
 
-The forward and backward of all chains are the engine's (``fastllc/engine.py``, ``ChainBatch``); the
+The forward and backward of all chains are the engine's (``fastllc/engines/mlp.py``, ``ChainBatch``); the
 layout is ``sampling/layout.py``'s, the update the sampler's (``sampling/samplers/``). Several starting points (checkpoints or seeds
 of one architecture, each with its own train split of equal size) run as one batch: ``sample_starts``
 (``sampling/starts.py``).
@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from ..engine import ChainBatch, is_study_mlp
+from ..engines.mlp import ChainBatch, is_study_mlp
 from ..errors import FastLLCError
 from ..sampling.batch import Batch, finish, prepare
 from ..sampling.config import PUBLISHED_LOSS_OFFSET, SGLDConfig

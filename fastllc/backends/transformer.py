@@ -1,4 +1,4 @@
-"""Backend ``transformer``: transformer causal LMs of known families (``fastllc/lm/engine.py``: GPT-2, GPT-NeoX,
+"""Backend ``transformer``: transformer causal LMs of known families (``fastllc/engines/transformer.py``: GPT-2, GPT-NeoX,
 Llama), every chain folded into the batch dimension.
 
 What ``generic`` does with ``torch.func.vmap``, written out: chain c's weights are the [C, *shape] views of
@@ -7,7 +7,7 @@ chains' minibatches [C, m, T] as one batched forward (a ``baddbmm`` per linear l
 folded batch [C·m·heads, T, d_head]) to the per-chain losses L_m [C]; one backward of their sum gives every
 chain's ∇L_m (chains share nothing, so each chain's gradient is its own loss's); then, as in ``generic``, G =
 gradient_factor·∇L_m and the sampler's batched update ``update(G, ξ, projection)``, with the counter-based
-noise written straight into the same layout. ``restrict`` is ``generic``'s own code (its ``_ChainWeights``):
+noise written straight into the same layout. ``restrict`` is ``generic``'s own code (its ``ChainWeights``):
 ∇L_m zeroed outside the mask before the update reads it, w* copied back into the fixed weights after every
 step. Not here: the MALA acceptance (``mala=True`` goes to ``generic``), the study's chain loss (it needs
 ``F.cross_entropy``), several starting points in one batch.
@@ -23,7 +23,7 @@ On the CPU the chains run in groups, one per core, each in its own thread with s
 Measured and not adopted: replaying the step as a recorded graph (``make_fx``, as ``generic`` does) was
 bit-identical and 3–15% faster per step on the bench's tiny GPT-2, for 0.4–0.8 s of tracing per group (it
 would pay from several hundred steps; TorchScript cannot hold the graph: ``native_layer_norm_backward``'s
-None arguments); ``torch.compile``: ``lm/engine.py``.
+None arguments); ``torch.compile``: ``engines/transformer.py``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from ..errors import FastLLCError
 from ..sampling.config import SGLDConfig
 from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters, nan_from_first_non_finite, on_device,
                                  start_of_run)
+from ..sampling.chains import ChainWeights, chain_rows
 from ..sampling.layout import StepDraws
 from ..sampling.randomness import for_run
 from ..sampling.restrict import check_mask, restricted_directions
@@ -61,12 +62,12 @@ def _unsupported(model, loss_fn, device) -> str | None:
         return f"the transformer backend runs on the CPU, not {torch.device(device).type}; use backend='generic'"
     if model is None:
         return "the transformer backend runs transformer language models, not the study's MLP"
-    from ..lm import engine
+    from ..engines import transformer as engine
     return engine.unsupported(model, loss_fn)
 
 
 def supports(model, loss_fn, device=None) -> bool:
-    """A ``fastllc.lm.CausalLM`` of a family ``lm/engine.py`` writes, with ``next_token_loss`` (module docstring)."""
+    """A ``fastllc.lm.CausalLM`` of a family ``engines/transformer.py`` writes, with ``next_token_loss`` (module docstring)."""
     return _unsupported(model, loss_fn, device) is None
 
 
@@ -81,20 +82,19 @@ def require(device, model=None, loss_fn=None) -> None:
 
 
 class _Batch:
-    """Chains ``ids`` of a group folded into one batch: their weights (``generic``'s ``_ChainWeights``: the
+    """Chains ``ids`` of a group folded into one batch: their weights (``sampling/chains.py``'s ``ChainWeights``: the
     parameter-major buffer, the sampler's update, ``restrict``), autograd leaves viewing them, and their draws."""
 
     def __init__(self, ids: np.ndarray, shapes, w_star, hyper, direction, moves, config: SGLDConfig, device):
-        from .generic import _ChainWeights, _rows
         C, d = len(ids), w_star.numel()
         self.ids, self.m = ids, config.batch_size
-        self.chains = chains = _ChainWeights(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper),
+        self.chains = chains = ChainWeights(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper),
                                              config.sampler_object(), device)
         if moves is not None:
-            chains.restrict(_rows(moves, ids))
+            chains.restrict(chain_rows(moves, ids))
         self.projection = None
         if direction is not None:
-            rows = chains.to_parameter_major(_rows(direction, ids).to(device).expand(C, d))
+            rows = chains.to_parameter_major(chain_rows(direction, ids).to(device).expand(C, d))
             self.projection = (chains.rows(chains.G), chains.rows(rows))
         self.leaves = [view.detach().requires_grad_() for view in chains.weights]  # W's storage: see every update
         self.draws = StepDraws(C, config.batch_size, d, device)
@@ -142,7 +142,7 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     """``init_loss``: L_n(w*) when the caller knows it (no pass over the data is made for it; ∇L_n(w*) only
     under the orthogonal restriction). ``workers``: the number of chain groups (default one per core);
     ``per_batch``: chains per folded batch (default ``chains_per_batch``); both for tests and measurements."""
-    from ..lm import engine as lm_engine
+    from ..engines import transformer as lm_engine
     config.validate()
     device = torch.device(device)
     require(device, model, loss_fn)

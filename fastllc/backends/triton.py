@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..engine import is_study_mlp
+from ..engines.mlp import is_study_mlp
 from ..errors import FastLLCError
 from ..sampling.batch import Batch, finish, prepare
 from ..sampling.config import SGLDConfig

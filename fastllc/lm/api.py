@@ -3,7 +3,7 @@
 
 Both take a Hugging Face causal LM (or a local ``save_pretrained`` directory) and token data
 (``data.token_data``), run ``fastllc.estimate``/``estimate_groups`` on ``models.CausalLM`` with the
-next-token loss ``data.next_token_loss`` (backend ``generic``: all chains through ``torch.func.vmap``) inside
+next-token loss ``data.next_token_loss`` (backend ``auto``: ``transformer``, chains folded into the batch, for the families it knows; else ``generic``, chains through ``torch.func.vmap``) inside
 ``models.sampling_mode`` (dropout off, vmap-batchable attention, the model's state restored afterwards),
 and give L_n(w*) computed in chunks without autograd over ``init_sequences`` sequences (default: all).
 nβ defaults to n/log n with n the number of sequences (``SGLDConfig``); LM studies usually set it.

@@ -1,5 +1,5 @@
 """The parameter-major layout of C chains' weights, what every batched backend (``torch``, ``generic``) and the
-engine (``fastllc/engine.py``) share, and the host buffers each step's randomness is drawn into.
+engine (``fastllc/engines/mlp.py``) share, and the host buffers each step's randomness is drawn into.
 
 All chains' weights are one flat buffer in which parameter j (canonical order) occupies
 W[C·off_j : C·off_{j+1}] as a contiguous [C, *shape] tensor, so batched matmuls read contiguous operands

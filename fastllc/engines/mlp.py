@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import ModularMLP, param_shapes
-from .sampling.contract import is_cross_entropy
-from .sampling.layout import ParameterMajor
+from ..model import ModularMLP, param_shapes
+from ..sampling.contract import is_cross_entropy
+from ..sampling.layout import ParameterMajor
 
 _gelu_backward = torch.ops.aten.gelu_backward
 
