@@ -3,7 +3,7 @@
 1. The ``generic`` backend on a 4-layer MLP (bench/test_bench_groups.py's, 16 chains × 500 steps, traced), rounds
    alternating: ``observe=None`` (the loop as it was: the hook is one ``is not None`` test per step), a recorder
    evaluating 256 probe examples every 10th step, and every step. Chain-steps per second of the sampler's loop.
-2. A tiny GPT-2 (2 layers, 4 heads, width 32; tests/lm_models.py) on the workload of issue 25: three observables
+2. A tiny GPT-2 (2 layers, 4 heads, width 32; tests/lm_models.py) on the observables workload: three observables
    of 16 sequences, 4 chains × 50 draws, three restrictions (full, l0 attn, l1 attn), devinterp 2.0.1's settings
    (``fastllc.compat.devinterp2.observe``): one batched run, then the susceptibilities and the BIF from it.
    devinterp 2.0.1 itself cannot share this environment; tests/compat2/test_observables_devinterp2.py times it
@@ -109,4 +109,4 @@ def test_issue_workload_on_a_tiny_gpt2(benchmark):
     benchmark.pedantic(run, rounds=2, iterations=1)
     benchmark.extra_info.update(workload="gpt2-2x4x32 3 obs × 16 seq, 3 restrictions × 4 chains × 50 draws",
                                 seconds=[round(s, 2) for s in seconds])
-    print(f"\nissue 25 workload, one batched run + susceptibilities + BIF: {min(seconds):.1f} s (best of 2)")
+    print(f"\nobservables workload, one batched run + susceptibilities + BIF: {min(seconds):.1f} s (best of 2)")
