@@ -59,11 +59,8 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from ..errors import FastLLCError
 from ..sampling.config import SGLDConfig
-from ..sampling.contract import (Samples, chain_loss_fn, flat_parameters, nan_from_first_non_finite, on_device,
-                                 start_of_run)
-from ..sampling.randomness import for_run
-from ..sampling.restrict import check_mask, restricted_directions
-from ..sampling.chains import ChainWeights, chain_rows
+from ..sampling.contract import Samples, chain_loss_fn, nan_from_first_non_finite
+from ..sampling.chains import ChainWeights, chain_rows, prepare_model_run
 from ..sampling.layout import StepDraws, axpy
 from ..sampling.threads import chain_groups, min_chains_per_group, run_groups_timed
 
@@ -261,16 +258,10 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     config.validate()
     device = torch.device(device)
     require(device, model, loss_fn)
-    model = on_device(model, device)  # the caller's model is never moved
-    inputs, targets = inputs.to(device), targets.to(device)
-    n, C, T = len(targets), config.chains, config.steps
-    hyper = config.hyperparameters(n, samplers=None)
-    names, shapes, w_star = flat_parameters(model)
-    d = w_star.numel()
-    init_loss, gradient = start_of_run(model, inputs, targets, loss_fn, gradient=config.orthogonal, init_loss=init_loss)
-    moves = None if restrict is None else check_mask(restrict, d, C)
-    direction = restricted_directions(gradient, moves) if config.orthogonal else None  # from ∇L_n(w*) masked
-    randomness = for_run(randomness, config, n, d)
+    model, inputs, targets, hyper, names, shapes, w_star, init_loss, moves, direction, randomness = prepare_model_run(
+        model, inputs, targets, loss_fn, config, restrict=restrict, init_loss=init_loss, randomness=randomness,
+        device=device)
+    C, T, d = config.chains, config.steps, w_star.numel()
     if observe is not None:
         observe.begin(C, T, device)
 

@@ -5,10 +5,50 @@ restriction holds at w*: what the backends that take any model's gradient by aut
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
+from .config import SGLDConfig
+from .contract import flat_parameters, on_device, start_of_run
 from .layout import ParameterMajor
+from .randomness import for_run
+from .restrict import check_mask, restricted_directions
+
+
+class ModelRun(NamedTuple):
+    """One model's run, prepared for a backend that takes its gradient by autograd (``prepare_model_run``)."""
+
+    model: torch.nn.Module  # on the device (a copy when the caller's lives elsewhere)
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    hyperparameters: tuple  # (ε, γ, nβ), float64 [C] each
+    names: list
+    shapes: list
+    w_star: torch.Tensor  # [d]
+    init_loss: float
+    moves: torch.Tensor | None  # the restriction, bool [d] or [C, d]
+    direction: torch.Tensor | None  # the orthogonal restriction's unit ∇L_n(w*) ([d], or [C, d] restricted)
+    randomness: object
+
+
+def prepare_model_run(model, inputs, targets, loss_fn, config: SGLDConfig, *, restrict=None, init_loss=None,
+                      randomness=None, device="cpu") -> ModelRun:
+    """What ``generic`` and ``transformer`` do before their chains, in one place (``batch.prepare`` is its
+    counterpart for the backends that stack starts): the model and data on the device, the chains' settings,
+    the flat weights, L_n(w*) and ∇L_n(w*) where needed (``start_of_run``), the mask and the directions, the
+    randomness; every check before any work."""
+    model = on_device(model, device)  # the caller's model is never moved
+    inputs, targets = inputs.to(device), targets.to(device)
+    n = len(targets)
+    hyperparameters = config.hyperparameters(n, samplers=None)
+    names, shapes, w_star = flat_parameters(model)
+    init_loss, gradient = start_of_run(model, inputs, targets, loss_fn, gradient=config.orthogonal, init_loss=init_loss)
+    moves = None if restrict is None else check_mask(restrict, w_star.numel(), config.chains)
+    direction = restricted_directions(gradient, moves) if config.orthogonal else None  # from ∇L_n(w*) masked
+    return ModelRun(model, inputs, targets, hyperparameters, names, shapes, w_star, init_loss, moves, direction,
+                    for_run(randomness, config, n, w_star.numel()))
 
 
 class ChainWeights(ParameterMajor):
