@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import fastllc.lm as lm
 from fastllc import FastLLCError, ModularMLP, SGLDConfig, conformance
-from fastllc.backends import reference, resolve_backend, transformer
+from fastllc.backends import generic, reference, resolve_backend, transformer
 from fastllc.engines import transformer as engine
 from fastllc.sampling import InjectedRandomness
 from fastllc.sampling.contract import flat_parameters, unflatten
@@ -158,6 +158,33 @@ def assert_engine_is_the_models_function(model):
     assert conformance.relative_error(ours.detach(), torch.stack(theirs)) <= LOSS_ULPS
     theirs_grad = torch.stack(theirs_grad)  # flat order, a row per chain: a few ulps of the largest entry
     assert float((ours_grad - theirs_grad).abs().max() / theirs_grad.abs().max()) <= LOSS_ULPS
+
+
+def test_observe_records_generics_probe_losses(tmp_path):
+    """``observe``: the same draws and the same per-token probe losses as ``generic`` on the same chains (injected
+    draws, a restriction per chain, the orthogonal one; groups of 2 and 1, folded batches of one chain each: the
+    recorder is called per batch, each group through its own module copy). Tolerance: conformance's τ relative
+    (max(1, |x|)), as on the loss traces: both backends' chains agree to τ and the recorder evaluates the same
+    module function (vmap over functional_call) at them, so a probe loss is one more loss of weights agreeing to τ
+    (measured: 1.3 eps)."""
+    from fastllc.observables import open_draws
+    from fastllc.observables.lm import lm_probes
+    from fastllc.observables.recording import Draws, Recorder
+    model = causal_lm()
+    d = flat_parameters(model)[2].numel()
+    probes = lm_probes({"a": tokens(3, seed=1), "b": tokens(2, seed=2)}, model.vocab_size)
+    keep = conformance.mask("restrict_per_chain", d, CHAINS)
+    settings = config("restrict_per_chain", d)
+    draws, seen = {}, {}
+    for backend, options in ((generic, {}), (transformer, dict(workers=2, per_batch=1))):
+        recorder = Recorder(probes, Draws(STEPS, burn_in=1, thin=2), {"all": (0, CHAINS)},
+                            raw=tmp_path / f"{backend.NAME}.npz")
+        seen[backend.NAME] = run(backend, model, settings, keep, observe=recorder, **options)
+        path = recorder.finish()[1]
+        draws[backend.NAME] = torch.from_numpy(open_draws(path).losses.copy())
+    assert seen["transformer"].backend == "transformer" and draws["generic"].shape == (CHAINS, 3, 5, 15)
+    assert (draws["generic"][:, -1] - draws["generic"][:, 0]).abs().max() > conformance.MOVED  # the probes moved
+    assert conformance.relative_error(draws["transformer"], draws["generic"]) <= conformance.tolerance()
 
 
 def test_chain_groups_change_no_chain():

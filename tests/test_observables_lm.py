@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastllc.observables as obs
+from fastllc import conformance
 from fastllc.errors import FastLLCError
 from fastllc.lm.memory import chain_bytes, plan
 from lm_models import CONTEXT, gpt2, tokens
@@ -50,6 +51,21 @@ def test_one_batched_run_gives_every_restriction_and_per_token_observables(lm_ru
     assert torch.isnan(bif.matrix[legal0, legal0, 4:]).all()  # a masked token has no variance: no correlation
     assert "task[0]: " in obs.compute_bif(lm_run).format_top(2)
     assert "l1 attn" in chi.table() and "code" in chi.table()
+
+
+def test_auto_runs_it_on_transformer_with_generics_observables(model, lm_run):
+    """``backend="auto"`` picks ``transformer`` (dropout off, GPT-2), whose recorded sums are ``generic``'s. Tolerance:
+    every probe loss agrees to conformance's τ relative (tests/test_backend_transformer.py: the same chains, the
+    same module function evaluated at them), and every moment is a sum over draws of those non-negative losses or
+    of products of two: 2τ relative to max(1, |sum|) (measured: 0.6 eps)."""
+    assert {r.backend for r in lm_run.results.values()} == {"transformer"}
+    masks = {"legal": torch.ones(3, CONTEXT, dtype=torch.bool)}
+    masks["legal"][0, 5:] = False
+    generic = obs.observe_lm(model, tokens(24), _probes(), restrictions=RESTRICTIONS, probe_loss_masks=masks,
+                             token_moments=True, backend="generic", **SETTINGS)
+    assert {r.backend for r in generic.results.values()} == {"generic"}
+    for name, value in generic.moments.tensors().items():
+        assert conformance.relative_error(getattr(lm_run.moments, name), value) <= 2 * conformance.tolerance(), name
 
 
 def test_memory_planned_parts_give_the_same_observables(model, lm_run):

@@ -9,8 +9,13 @@ chain's ∇L_m (chains share nothing, so each chain's gradient is its own loss's
 gradient_factor·∇L_m and the sampler's batched update ``update(G, ξ, projection)``, with the counter-based
 noise written straight into the same layout. ``restrict`` is ``generic``'s own code (its ``ChainWeights``):
 ∇L_m zeroed outside the mask before the update reads it, w* copied back into the fixed weights after every
-step. Not here: the MALA acceptance (``mala=True`` goes to ``generic``), the study's chain loss (it needs
-``F.cross_entropy``), several starting points in one batch.
+step. ``observe`` (``fastllc/observables/recording.py``) is ``generic``'s hook, called as ``generic`` calls it: at
+the draws it asks for (``observe.due(t)``), before step t's update, once per folded batch with that batch's chain
+indices, its group's own module copy, the parameter names and the batch's weight views at w_t,
+``observe(t, ids, model, names, weights)``; the recorder evaluates its probes through the Hugging Face module
+(``vmap`` over ``functional_call``), so the values are ``generic``'s at the same weights. Without it the loop is
+unchanged (one ``is not None`` test a step). Not here: the MALA acceptance (``mala=True`` goes to ``generic``), the
+study's chain loss (it needs ``F.cross_entropy``), several starting points in one batch.
 
 Which models: a ``fastllc.lm.CausalLM`` (what ``fastllc.lm.estimate`` builds) around a family the engine
 writes, with ``fastllc.lm.next_token_loss``, float32 weights, all trainable, dropout off (eval mode, as
@@ -28,6 +33,7 @@ None arguments); ``torch.compile``: ``engines/transformer.py``.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
@@ -41,7 +47,7 @@ from ..sampling.layout import StepDraws
 from ..sampling.threads import chain_groups, run_groups_timed
 
 NAME = "transformer"
-CAPABILITIES = frozenset({"samplers", "restrict"})
+CAPABILITIES = frozenset({"samplers", "restrict", "observe"})
 DEVICES = ("cpu",)
 AUTO_PRIORITY = 25  # before generic (30): the same chains of the models it knows, without vmap
 
@@ -112,19 +118,43 @@ class _Batch:
 
 
 def _run_group(ids: np.ndarray, engine, per_batch: int, inputs, targets, config: SGLDConfig, randomness, tick,
-               **batch):
+               observe=None, model=None, names=None, **batch):
     """SGLD for the chains ``ids`` in folded batches of at most ``per_batch`` chains, one after another each step:
-    (loss trace [T, C], final weights [C, d] chain-major)."""
+    (loss trace [T, C], final weights [C, d] chain-major). ``observe``: called at its draws with every batch's
+    weights at w_t, through ``model`` (this group's own module copy) and ``names`` (module docstring)."""
     batches = [_Batch(part, config=config, **batch) for part in np.array_split(ids, -(-len(ids) // per_batch))]
     T = config.steps
     losses = torch.empty(T, len(ids), device=batch["device"])
     report_every = max(1, T // 100)
     for t in range(T):
+        if observe is not None and observe.due(t):  # every batch's weights are w_t until its step below
+            for b in batches:
+                observe(t, b.ids, model, names, b.chains.weights)
         losses[t] = torch.cat([b.step(t, engine, inputs, targets, randomness) for b in batches])
         if (t + 1) % report_every == 0:
             tick(len(ids) * report_every)
     finals = torch.cat([b.chains.to_chain_major(b.chains.W) for b in batches])
     return losses.cpu(), finals.cpu()
+
+
+def _private_copy(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module tree copied, sharing every parameter and buffer tensor: ``functional_call`` (the recorder's)
+    swaps weights on module objects, so concurrent groups need their own (None if the model cannot be copied)."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    try:
+        return copy.deepcopy(model, memo=shared)
+    except Exception:  # an attribute that cannot be copied: the caller runs one group
+        return None
+
+
+def _group_models(model, groups: list, observe):
+    """(groups, {group: its module}): each group its own copy when observed (one group if it cannot be copied)."""
+    if observe is None:
+        return groups, dict.fromkeys(groups, model)
+    models = [model] + [_private_copy(model) for _ in groups[1:]]
+    if any(copy_ is None for copy_ in models):
+        groups, models = [(0, groups[-1][1])], [model]
+    return groups, dict(zip(groups, models))
 
 
 def chains_per_batch(engine, m: int, T: int) -> int:
@@ -135,10 +165,11 @@ def chains_per_batch(engine, m: int, T: int) -> int:
 
 def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=None, device="cpu",
            progress: bool = False, restrict: torch.Tensor | None = None, init_loss: float | None = None,
-           workers: int | None = None, per_batch: int | None = None) -> Samples:
+           workers: int | None = None, per_batch: int | None = None, observe=None) -> Samples:
     """``init_loss``: L_n(w*) when the caller knows it (no pass over the data is made for it; ∇L_n(w*) only
     under the orthogonal restriction). ``workers``: the number of chain groups (default one per core);
-    ``per_batch``: chains per folded batch (default ``chains_per_batch``); both for tests and measurements."""
+    ``per_batch``: chains per folded batch (default ``chains_per_batch``); both for tests and measurements.
+    ``observe``: called at its draws (module docstring)."""
     from ..engines import transformer as lm_engine
     config.validate()
     device = torch.device(device)
@@ -150,14 +181,18 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
         model, inputs, targets, loss_fn, config, restrict=restrict, init_loss=init_loss, randomness=randomness,
         device=device)
     C, T = config.chains, config.steps
+    if observe is not None:
+        observe.begin(C, T, device)
 
     groups = chain_groups(C, device, min_per_group=MIN_CHAINS_PER_GROUP, groups=workers or None)
+    groups, model_of = _group_models(model, groups, observe)
     engine = lm_engine.build(model, names)
     per_batch = per_batch or chains_per_batch(engine, config.batch_size, inputs.shape[1])
     run = functools.partial(_run_group, engine=engine, per_batch=per_batch, inputs=inputs, targets=targets,
                             config=config, randomness=randomness, shapes=shapes, w_star=w_star, hyper=hyper,
-                            direction=direction, moves=moves, device=device)
-    results, seconds = run_groups_timed(lambda lo, hi, tick: run(np.arange(lo, hi, dtype=np.int64), tick=tick),
-                                        groups, total=C * T, desc=f"SGLD (transformer, {C} chains)", progress=progress)
+                            direction=direction, moves=moves, device=device, observe=observe, names=names)
+    results, seconds = run_groups_timed(
+        lambda lo, hi, tick: run(np.arange(lo, hi, dtype=np.int64), tick=tick, model=model_of[lo, hi]),
+        groups, total=C * T, desc=f"SGLD (transformer, {C} chains)", progress=progress)
     losses = nan_from_first_non_finite(torch.cat([r[0] for r in results], dim=1).T.double())
     return Samples(losses, init_loss, *hyper, NAME, str(device), seconds, torch.cat([r[1] for r in results]))

@@ -68,14 +68,15 @@ def observe_lm(model, tokens, probes: dict, config=None, *, restrictions=None, l
                probe_loss_masks: dict | None = None, init_sequences: int | None = None, init_loss: float | None = None,
                token_moments: bool = False, chain_mean: bool = False, raw=None, probe_batch: int = 32,
                attention: str | None = "eager", fused_gelu: bool = True, max_memory: int | None = None,
-               dropout: bool = False, draws: Draws | None = None, backend: str = "generic", device="cpu",
+               dropout: bool = False, draws: Draws | None = None, backend: str = "auto", device="cpu",
                randomness=None, progress: bool = False, **settings) -> ObservedRun:
     """Every restriction's chains (default ``{"full": None}``) of the causal LM ``model`` (or a local directory)
     in one batched run on ``tokens``, the probe token sets ``probes`` {name: [N_o, T]} recorded at every draw (per
     token). L_n(w*) as ``fastllc.lm.estimate`` computes it (over ``init_sequences``; ``init_loss`` overrides).
     Settings: an ``SGLDConfig`` or its fields (``chains`` per restriction). ``dropout=True``: the model in training
     mode (dropout on, for the chains and the probes: devinterp's choice). ``draws``: when the probes are evaluated
-    (default: λ̂'s records). Other arguments: ``observe``."""
+    (default: λ̂'s records). ``backend="auto"``: ``transformer`` for the families it writes with dropout off (as
+    ``fastllc.lm``), else ``generic``; both evaluate the probes through the module. Other arguments: ``observe``."""
     model = load_causal_lm(model)
     lm = CausalLM(model)
     data = token_data(tokens, loss_mask, vocab_size=lm.vocab_size)
