@@ -9,7 +9,7 @@
     bif = obs.compute_bif(run, method="sequence")              # correlations between probe sequences
     print(bif.format_top(3))
 
-Every restriction is a chain group of ONE batch on the ``generic`` backend (capability ``observe``); the probes
+Every restriction is a chain group of ONE batch on a backend with the ``observe`` capability (``generic``, or ``transformer`` for the language models it runs); the probes
 are evaluated for all chains at every draw and kept as running sums (means and covariances per chain, memory in
 ``moments.py``) or streamed to a ``.npz`` (``raw=``). Modules: ``recording`` (the ``observe=`` object, draws,
 probes), ``moments`` (running sums), ``draws`` (raw draws on disk), ``run``/``lm`` (the batched run for any module,

@@ -3,7 +3,7 @@
 ``observe`` (any ``nn.Module``, its data and mean loss, probe sets and an element loss) and ``observe_lm`` (a
 Hugging Face causal LM, token data and probe token sets; restrictions by ``fastllc.lm`` names: ``"l0 attn"``,
 ``"l1h2"``) run ``chains`` chains for each restriction, all in ONE batch on a backend with the ``observe``
-capability (``generic``): chain j of the g-th restriction is chain g·chains + j, moving only that restriction's
+capability (``generic``; ``transformer`` for the language models it runs): chain j of the g-th restriction is chain g·chains + j, moving only that restriction's
 weights (``None``: all weights, the "full" run), exactly as ``fastllc.estimate_groups``. The ``Recorder`` adds
 every chain's probe losses at every draw to running sums (and streams them to ``raw=`` when asked). The result,
 ``ObservedRun``, holds λ̂ of every restriction and the recorded observables that ``compute_susceptibilities`` and
