@@ -7,23 +7,29 @@ import torch
 from fastllc import TrainConfig, native_build, train
 
 
-def _first_import_of_triton_interpreted() -> None:
-    """Triton decides at its first import whether its own helpers (``tl.philox``) are compiled or interpreted,
-    and ``transformers`` imports it whenever it builds a model: a test module collected before
-    tests/test_backend_triton.py that builds one would leave the kernels no interpreter to run in. So, without
-    CUDA, the first import happens here, under TRITON_INTERPRET=1 (the variable is restored; the kernels are
-    defined interpreted by tests/test_backend_triton.py, as before)."""
-    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
-        return
+def interpreted(import_):
+    """``import_()`` with TRITON_INTERPRET=1 set, the variable restored after: what Triton and ``fastllc.kernels``
+    are first imported under, to be defined for Triton's interpreter (tests/test_backend_triton.py and
+    tests/test_conformance.py import the kernels this way)."""
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import triton  # noqa: F401
+        return import_()
     finally:
         if before is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = before
+
+
+def _first_import_of_triton_interpreted() -> None:
+    """Triton decides at its first import whether its own helpers (``tl.philox``) are compiled or interpreted,
+    and ``transformers`` imports it whenever it builds a model: a test module collected before
+    tests/test_backend_triton.py that builds one would leave the kernels no interpreter to run in. So, without
+    CUDA, the first import happens here, under TRITON_INTERPRET=1."""
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return
+    interpreted(lambda: importlib.import_module("triton"))
 
 
 _first_import_of_triton_interpreted()

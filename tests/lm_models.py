@@ -30,3 +30,15 @@ def llama(layers=2, heads=4, kv_heads=4, width=32):
 
 def tokens(n=24, length=CONTEXT, seed=0):
     return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def fit(model, tokens, steps: int = 150, lr: float = 3e-3):
+    """``model`` trained in place on ``tokens`` [N, T] by full-batch Adam (next-token loss), and returned: a
+    network with structure for the agreement tests to measure, in a second or two."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model

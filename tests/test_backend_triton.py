@@ -20,15 +20,9 @@ import pytest
 if importlib.util.find_spec("triton") is None:  # looked up, not imported: TRITON_INTERPRET must come first
     pytest.skip("Triton is an extra: pip install -e '.[dev]' (or '.[triton]') to test it", allow_module_level=True)
 
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from fastllc import kernels  # noqa: E402  (defines the kernels interpreted)
-finally:
-    if _before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
+from conftest import interpreted  # noqa: E402
+
+kernels = interpreted(lambda: importlib.import_module("fastllc.kernels"))  # defines the kernels interpreted
 
 import math  # noqa: E402
 

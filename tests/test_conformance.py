@@ -11,7 +11,6 @@ CUDA case of triton runs them interpreted on the GPU's tensors too; the compiled
 """
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -20,17 +19,11 @@ from fastllc import conformance
 from fastllc.backends import NEEDED_FOR, backend_module, names
 from fastllc.sampling import samplers
 
+from conftest import interpreted
+
 TRITON = importlib.util.find_spec("triton") is not None  # looked up, not imported: TRITON_INTERPRET must come first
-if TRITON:
-    _before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from fastllc import kernels  # noqa: F401  (defines the kernels interpreted, unless imported earlier)
-    finally:
-        if _before is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _before
+if TRITON:  # defines the kernels interpreted, unless imported earlier
+    interpreted(lambda: importlib.import_module("fastllc.kernels"))
 
 
 def _cases():

@@ -49,7 +49,7 @@ from ..sampling.config import wbic_nbeta
 from ..sampling.contract import Samples, select_chains
 from ..sampling.randomness import CounterRandomness
 from ..sampling.restrict import selection_mask
-from .api import PREFIX, _per_chain, _prefixed, _selection
+from .api import _per_chain, _prefixed, _selection
 from ..api import sgld_config
 from .data import loss_at, next_token_loss, token_data
 from .memory import ChainOffset, MemoryPlan, plan

@@ -23,7 +23,7 @@ from devinterp.slt.llc import llc as devinterp_llc  # noqa: E402
 from devinterp.slt.weight_restrictions import create_param_masks as devinterp_masks  # noqa: E402
 
 from fastllc.compat.devinterp2 import create_param_masks, llc  # noqa: E402
-from lm_models import VOCAB, gpt2, llama, neox  # noqa: E402
+from lm_models import VOCAB, gpt2, llama, neox, fit  # noqa: E402
 
 SETTINGS = dict(lr=3e-4, n_beta=30.0, num_chains=8, num_draws=50, num_burnin_steps=10, batch_size=16,
                 localization=100.0, num_init_loss_batches=4)
@@ -39,12 +39,7 @@ def sequences(n=128, length=16, seed=0):
 def trained(dropout: float):
     torch.manual_seed(0)
     model, tokens = gpt2(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout), sequences()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = model(input_ids=tokens, labels=tokens).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit(model, tokens)
     return model, Dataset.from_dict({"input_ids": tokens.tolist()}).with_format("torch")
 
 

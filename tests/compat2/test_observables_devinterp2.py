@@ -30,7 +30,7 @@ from devinterp.slt.weight_restrictions import create_param_masks  # noqa: E402
 
 import fastllc.observables as obs  # noqa: E402
 from fastllc.compat.devinterp2 import observables as devinterp2  # noqa: E402
-from lm_models import VOCAB, gpt2  # noqa: E402
+from lm_models import VOCAB, gpt2, fit  # noqa: E402
 
 SETTINGS = dict(lr=3e-4, n_beta=30.0, num_chains=4, num_draws=50, batch_size=16, batches_per_draw=1,
                 localization=100.0, num_init_loss_batches=4)
@@ -51,12 +51,7 @@ def as_dataset(tokens):
 def workload():
     torch.manual_seed(0)
     model, tokens = gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), progressions(128, 0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = model(input_ids=tokens, labels=tokens).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit(model, tokens)
     observables = {"train": as_dataset(tokens), "faster": as_dataset(progressions(64, 7, steps=(4, 7))),
                    "random": as_dataset(torch.randint(0, VOCAB, (64, 16), generator=torch.Generator().manual_seed(5)))}
     return model, as_dataset(tokens), observables
