@@ -2,7 +2,9 @@
 devinterp's minibatch order and L̂_n(w*), λ̂ over every step, the Dataset's fields and dtypes, masks, the cache at
 output_path, what fastllc.lm.estimate gained for it (dropout, mask dicts), and one-line refusals."""
 
+import ast
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import fastllc.lm as lm
-from fastllc.compat.devinterp2 import sampling as devinterp2
 from fastllc.compat.devinterp2 import create_param_masks, devinterp_order, llc
+from fastllc.compat.devinterp2.settings import sample_settings
 from fastllc.errors import FastLLCError
 
 from lm_models import gpt2, neox, tokens
@@ -83,8 +85,8 @@ def test_rmsprop_settings_reach_fastllc():
     out = llc(gpt2(), tokens(16), None, **dict(FAST, lr=1e-6, sampling_method="rmsprop_sgld", rmsprop_alpha=0.9,
                                               sampling_method_kwargs={"eps": 0.2}))
     assert '"sampler": "rmsprop_sgld"' in out.attrs["fastllc"]
-    settings = devinterp2._settings(1e-6, 20.0, None, None, dict(sampling_method="rmsprop_sgld", rmsprop_alpha=0.9,
-                                                                 sampling_method_kwargs={"eps": 0.2}))
+    settings = sample_settings(1e-6, 20.0, None, None, dict(sampling_method="rmsprop_sgld", rmsprop_alpha=0.9,
+                                                            sampling_method_kwargs={"eps": 0.2}))
     assert (settings["rmsprop_alpha"], settings["rmsprop_eps"]) == (0.9, 0.2)
 
 
@@ -186,3 +188,27 @@ def test_create_param_masks_refusals():
     bert.config = type("Config", (), {"model_type": "bert"})()
     with pytest.raises(FastLLCError, match="model type 'bert'"):
         create_param_masks(bert, "l0h0")
+
+
+def _private_names(tree) -> set:
+    """A module's top-level private functions, classes and assignments."""
+    names = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node]
+        names |= {getattr(t, "name", getattr(t, "id", "")) for t in targets}
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_no_devinterp2_module_uses_anothers_private_names():
+    """The layer's modules share devinterp's settings, order and L̂_n(w*) through settings.py's public names: no
+    module imports, or reaches through an attribute for, a private top-level name of another (a ``_compat()``
+    indirection included). Checked on the source itself, so a new private import fails here."""
+    import fastllc.compat.devinterp2 as package
+    trees = {path.stem: ast.parse(path.read_text()) for path in Path(package.__file__).parent.glob("*.py")}
+    private = {stem: _private_names(tree) for stem, tree in trees.items()}
+    assert "_refuse_off_defaults" in private["settings"]  # the check sees the private names
+    for stem, tree in trees.items():
+        others = set().union(*(names for other, names in private.items() if other != stem)) - private[stem]
+        used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        used |= {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names}
+        assert not used & others, (stem, sorted(used & others))

@@ -143,7 +143,8 @@ def test_devinterp_layer_refusals_and_output_path(model, tmp_path):
               "must include a 'full' key"),
              (lambda: susceptibilities(model, data, observables, {"full": None}, sampling_task="web", **D2),
               "sampling_task 'web' not found"),
-             (lambda: bif(model, data, observables, loss_fn=lambda m, x: x, **D2), "loss_fn is not supported"),
+             (lambda: bif(model, data, observables, loss_fn="ce", **D2), "loss_fn must be a function"),
+             (lambda: bif(model, data, observables, num_chain=3, **D2), r"bif\(\) got unexpected keyword.*num_chain"),
              (lambda: bif(model, data, observables, noise_level=2.0, **D2), "noise_level=2.0 is not supported"),
              (lambda: bif(model, data, observables, correlation_method="pair", **D2), "correlation_method must be")]
     for call, message in cases:
@@ -170,3 +171,52 @@ def test_devinterp_token_bif_streams_to_disk_when_its_sums_would_not_fit(model, 
     blocked = devinterp2.bif(model, data, observables, correlation_method="token", bif_batch_size=3, **D2)
     np.testing.assert_allclose(blocked["influences"].values, in_memory["influences"].values, rtol=1e-4, atol=1e-5)
     assert not Path(created[0].name).exists()  # the scratch folder is gone
+
+
+def cross_entropy(model, input_ids):
+    """devinterp's default per-token loss written as a loss_fn: (model, input_ids) → [B, T − 1]."""
+    logits = model(input_ids).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+
+
+def second_half(model, input_ids):
+    """A custom loss_fn: the next-token cross-entropy of the second half of each sequence only."""
+    ce = cross_entropy(model, input_ids)
+    return ce * (torch.arange(ce.shape[1]) >= ce.shape[1] // 2)
+
+
+def test_a_custom_loss_fn_is_what_the_chains_follow_and_the_observables_record(model):
+    """devinterp's loss_fn (devinterp/slt/observables.py ``Observable.compute_loss``, sampling.py
+    ``_write_init_loss``): the chains' loss is the mean of its entries, each observable records its entries,
+    L̂_n(w*) is their mean over the first num_init_loss_batches minibatches. At lr = 1e-12 the chains stay at w*
+    (noise √lr = 1e-6 per weight moves a loss by ~1e-6 relative), so everything equals loss_fn at w*: rtol 1e-4."""
+    from fastllc.compat.devinterp2 import devinterp_order, observe
+    data, observables = tokens(24), _observables()
+    run = observe(model, {"input_ids": data}, observables, {"full": None}, loss_fn=second_half,
+                  **dict(D2, lr=1e-12))
+    epoch = devinterp_order(24, 4, seed=100, shuffle=True)
+    with torch.no_grad():
+        expected = [second_half(model, data[epoch[b]]).mean().item() for b in range(4)]
+        probes = second_half(model, run.probes.inputs).double()  # [8, 15]: the observables' sequences
+    assert run.init_loss == pytest.approx(np.mean(expected[:2]), rel=1e-5)  # 2 init batches
+    np.testing.assert_allclose(run.results["full"].loss_trace[:, :4].numpy(), [expected] * 2, rtol=1e-4)
+    mean = run.moments.x / run.moments.count[:, None, None]  # [chain, N, K]: each chain's mean over its draws
+    np.testing.assert_allclose(mean.numpy(), probes.expand(2, -1, -1).numpy(), rtol=1e-4, atol=1e-7)
+    assert (run.moments.x[:, :, :7] == 0).all()  # the first half: loss_fn gives 0, recorded as 0
+    assert {r.backend for r in run.results.values()} == {"generic"}
+
+
+def test_a_loss_fn_that_is_the_cross_entropy_gives_the_default_results(model):
+    """bif() and susceptibilities() with loss_fn = devinterp's own per-token cross-entropy give what they give
+    without it: the same chains (same minibatches, same noise streams), on generic instead of transformer, whose
+    losses agree to conformance's τ ≈ 2e-6 relative. χ and the correlations are covariances of ~3.5-nat losses
+    computed as E[ab] − E[a]E[b], which cancels ~10³-fold here (|χ| ~ 1e-3 against products ~12), so the tolerances
+    are 1e-3 of the largest |χ| and 1e-4 on correlations (measured: 6e-6 of it, and 2e-6)."""
+    from fastllc.compat.devinterp2 import bif, susceptibilities
+    data, observables, wr = {"input_ids": tokens(24)}, _observables(), {"full": None, "l1 attn": "l1 attn"}
+    default, custom = (susceptibilities(model, data, observables, wr, sampling_task="pile", loss_fn=f,
+                                        **D2)["susceptibilities"].dataset["sus"].values for f in (None, cross_entropy))
+    assert np.abs(custom - default).max() <= 1e-3 * np.abs(default).max()
+    influences = [bif(model, data, observables, correlation_method="sequence", loss_fn=f, **D2)["influences"].values
+                  for f in (None, cross_entropy)]
+    np.testing.assert_allclose(influences[1], influences[0], rtol=0, atol=1e-4)

@@ -17,12 +17,11 @@ import torch.nn.functional as F
 
 from ..api import sgld_config
 from ..errors import FastLLCError
-from ..lm.api import PREFIX
-from ..lm.data import IGNORE, loss_at, token_data
+from ..lm.api import PREFIX, TokenLossLM, mean_token_loss, token_loss_at
+from ..lm.data import IGNORE, loss_at, next_token_loss, token_data
 from ..lm.memory import plan
 from ..lm.models import CausalLM, load_causal_lm, sampling_mode
 from ..lm.names import name_mask
-from ..lm.data import next_token_loss
 from ..validate import check_bool, check_int
 from .recording import Draws, Recorder, make_probes
 from .run import LOG, ObservedRun, restriction_masks, sample_groups
@@ -35,9 +34,15 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return flat.view(targets.shape)
 
 
-def lm_probes(probes: dict, vocab_size, loss_masks: dict | None = None):
+def given_token_losses(outputs: torch.Tensor, _targets) -> torch.Tensor:
+    """The element loss when the module already returns per-token losses [B, T−1] (``TokenLossLM``: a custom
+    ``token_loss``): its outputs, as they are."""
+    return outputs
+
+
+def lm_probes(probes: dict, vocab_size, loss_masks: dict | None = None, element_loss=token_losses):
     """{name: token data} (a LongTensor [N, T], a dataset with ``input_ids``, a DataLoader) as ``Probes`` of
-    per-token losses."""
+    per-token losses (``element_loss``: the cross-entropy of the logits, or ``given_token_losses``)."""
     if not isinstance(probes, dict) or not probes:
         raise FastLLCError("probes must be a non-empty dict {name: token ids [N, T]}")
     sets, weights = {}, {}
@@ -45,7 +50,7 @@ def lm_probes(probes: dict, vocab_size, loss_masks: dict | None = None):
         data = token_data(tokens, (loss_masks or {}).get(name), vocab_size=vocab_size)
         sets[name] = (data.tokens, data.targets)
         weights[name] = (data.targets != IGNORE).double()
-    return make_probes(sets, token_losses, weights)
+    return make_probes(sets, element_loss, weights)
 
 
 def lm_restrictions(model, lm, restrictions) -> dict:
@@ -69,19 +74,22 @@ def observe_lm(model, tokens, probes: dict, config=None, *, restrictions=None, l
                token_moments: bool = False, chain_mean: bool = False, raw=None, probe_batch: int = 32,
                attention: str | None = "eager", fused_gelu: bool = True, max_memory: int | None = None,
                dropout: bool = False, draws: Draws | None = None, backend: str = "auto", device="cpu",
-               randomness=None, progress: bool = False, **settings) -> ObservedRun:
+               randomness=None, progress: bool = False, token_loss=None, **settings) -> ObservedRun:
     """Every restriction's chains (default ``{"full": None}``) of the causal LM ``model`` (or a local directory)
     in one batched run on ``tokens``, the probe token sets ``probes`` {name: [N_o, T]} recorded at every draw (per
     token). L_n(w*) as ``fastllc.lm.estimate`` computes it (over ``init_sequences``; ``init_loss`` overrides).
     Settings: an ``SGLDConfig`` or its fields (``chains`` per restriction). ``dropout=True``: the model in training
     mode (dropout on, for the chains and the probes: devinterp's choice). ``draws``: when the probes are evaluated
     (default: λ̂'s records). ``backend="auto"``: ``transformer`` for the families it writes with dropout off (as
-    ``fastllc.lm``), else ``generic``; both evaluate the probes through the module. Other arguments: ``observe``."""
+    ``fastllc.lm``), else ``generic``; both evaluate the probes through the module. ``token_loss``: a function
+    (model, input_ids [B, T]) → per-token loss [B, T−1] replacing the next-token cross-entropy everywhere, as
+    ``fastllc.lm.estimate`` takes it (devinterp 2's ``loss_fn``): the chains follow the mean of its entries, the
+    probes record its entries, L_n(w*) is their mean (backend ``generic``). Other arguments: ``observe``."""
     model = load_causal_lm(model)
-    lm = CausalLM(model)
+    lm, chain_loss, element_loss = _losses(model, token_loss)
     data = token_data(tokens, loss_mask, vocab_size=lm.vocab_size)
     config = sgld_config(config, settings)
-    found = lm_probes(probes, lm.vocab_size, probe_loss_masks)
+    found = lm_probes(probes, lm.vocab_size, probe_loss_masks, element_loss)
     masks = lm_restrictions(model, lm, restrictions if restrictions is not None else {"full": None})
     total = config.chains * len(masks)
     chosen = plan(model, total, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory)
@@ -94,10 +102,25 @@ def observe_lm(model, tokens, probes: dict, config=None, *, restrictions=None, l
         model.train(check_bool("dropout", dropout))  # sampling_mode restores every module's mode afterwards
         if init_loss is None and init_sequences is not None:
             check_int("init_sequences", init_sequences, minimum=1)
-        init = float(init_loss) if init_loss is not None else loss_at(lm, data, init_sequences)
-        return sample_groups(lm, *data.pair, next_token_loss, config, masks, recorder, init_loss=init,
+        init = float(init_loss) if init_loss is not None else _loss_at(lm, data, init_sequences)
+        return sample_groups(lm, *data.pair, chain_loss, config, masks, recorder, init_loss=init,
                              backend=backend, device=device, randomness=randomness, progress=progress,
                              parts=chosen.groups)
 
 
-__all__ = ["lm_probes", "lm_restrictions", "observe_lm", "token_losses"]
+def _losses(model, token_loss) -> tuple:
+    """(the module the chains run, its chain loss, the probes' element loss): the next-token cross-entropy, or
+    the caller's per-token ``token_loss`` (``fastllc.lm.api.TokenLossLM``)."""
+    if token_loss is None:
+        return CausalLM(model), next_token_loss, token_losses
+    return TokenLossLM(model, token_loss), mean_token_loss, given_token_losses
+
+
+def _loss_at(lm, data, init_sequences) -> float:
+    """L_n(w*) over the first ``init_sequences`` sequences (all by default), as ``fastllc.lm.estimate``."""
+    if isinstance(lm, TokenLossLM):
+        return token_loss_at(lm, data.tokens[:init_sequences])
+    return loss_at(lm, data, init_sequences)
+
+
+__all__ = ["given_token_losses", "lm_probes", "lm_restrictions", "observe_lm", "token_losses"]

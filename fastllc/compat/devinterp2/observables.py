@@ -34,8 +34,14 @@ receives the raw draws of all restrictions as one ``draws.npz`` and is never reu
 run whose sampler settings match, even if the model or data changed); diverging chains are left out (devinterp
 warns and keeps the zeros of the unfinished draws); ``weight_restrictions`` values may also be devinterp names
 (``"l0h1"``, passed to ``create_param_masks``); ``susceptibilities`` adds ``sus_se`` (standard error over
-chains) to ``/susceptibilities``; ``bif_device`` is ignored (the CPU computes it). Refused in one line:
-``loss_fn``, and what ``fastllc.compat.devinterp2`` refuses.
+chains) to ``/susceptibilities``; ``bif_device`` is ignored (the CPU computes it). Refused in one line: what
+``fastllc.compat.devinterp2`` refuses (``settings.py``).
+
+``loss_fn`` ((model, input_ids) → per-token loss [B, T−1]) is devinterp's: the chains follow the mean of its
+entries, every observable records its entries, L̂_n(w*) is their mean over the init minibatches. It runs on
+backend ``generic``, which evaluates it for all chains at once through ``torch.func.vmap``, so it must be
+vmap-able (no ``.item()``, no branching on values; devinterp calls it one chain at a time), and its shape is
+checked on every probe batch (devinterp: on the first init minibatch).
 """
 
 from __future__ import annotations
@@ -52,7 +58,9 @@ from ...validate import check_bool, check_choice, check_int
 from ...observables.bif import compute_bif
 from ...observables.recording import Draws
 from ...observables.susceptibilities import compute_susceptibilities
-from . import sampling as llc_layer
+from .sampling import create_param_masks, param_mask_selection
+from .settings import (DevinterpBatches, dataset_tokens, fastllc_settings, init_loss, minibatch_orders,
+                       sample_settings)
 
 
 def to_obs_id(task_name: str) -> str:
@@ -63,15 +71,11 @@ def to_obs_id(task_name: str) -> str:
     return result or "_"
 
 
-def _compat():
-    return llc_layer  # the LLC layer: settings, minibatch order, L̂_n(w*), masks
-
-
 def _observable_tokens(spec, name: str, settings: dict, length: int) -> torch.Tensor:
     """The fixed sequences of one observable: ``random.Random(obs_seed).sample`` of batch_size·batches_per_draw."""
     dataset, per_draw = spec if isinstance(spec, tuple) else (spec, settings["batches_per_draw"])
     check_int(f"observables[{name!r}] batches_per_draw", per_draw, minimum=1)
-    tokens = _compat().dataset_tokens(dataset)
+    tokens = dataset_tokens(dataset)
     count = settings["batch_size"] * per_draw
     if len(tokens) < count:
         raise FastLLCError(f"observable {name!r} has {len(tokens)} sequences, fewer than batch_size·batches_per_draw"
@@ -91,51 +95,38 @@ def _probe_sets(observables, settings: dict, length: int) -> dict:
     return {oid: _observable_tokens(observables[ids[oid]], ids[oid], settings, length) for oid in sorted(ids)}
 
 
-def _orders(n: int, settings: dict, steps: int, groups: int) -> torch.Tensor:
-    """devinterp's minibatch indices for ``steps`` steps [R, steps, m]; per-chain orders repeated per group."""
-    s, compat = settings, _compat()
-    seeds = ([s["init_seed"]] if s["match_sampling_input_ids_across_chains"]
-             else [s["init_seed"] + c for c in range(s["num_chains"])])
-    accumulate, b = s["gradient_accumulation_steps"], s["batch_size"]
-    orders = []
-    for seed in seeds:
-        epoch = compat.devinterp_order(n, b, seed, s["shuffle"])
-        needed = max(steps, s["num_init_loss_batches"]) * accumulate
-        orders.append(epoch[torch.arange(needed) % len(epoch)].reshape(-1, accumulate * b))
-    orders = torch.stack(orders)
-    return orders if len(orders) == 1 else orders.repeat(groups, 1, 1)
-
-
 def _restrictions(model, weight_restrictions: dict) -> dict:
     """{wr name: {parameter: mask} or None}: devinterp ParamMasks, None (full) or devinterp names."""
-    compat, out = _compat(), {}
+    out = {}
     for name, masks in weight_restrictions.items():
         if isinstance(masks, (str, list)):
-            masks = compat.create_param_masks(model, masks)
-        out[str(name)] = compat.param_mask_selection(model, masks)
+            masks = create_param_masks(model, masks)
+        out[str(name)] = param_mask_selection(model, masks)
     return out
 
 
 def observe(model, dataset, observables: dict, weight_restrictions: dict, *, lr: float, n_beta: float,
-            token_moments=False, chain_mean: bool = False, scratch=None, **kwargs):
+            loss_fn=None, token_moments=False, chain_mean: bool = False, scratch=None, caller: str = "observe",
+            **kwargs):
     """Every weight restriction of ``weight_restrictions`` ({name: ParamMasks, None or a devinterp name}) in ONE
     batched run with devinterp 2.0.1's ``sample()`` settings (``kwargs``): fastllc's ``ObservedRun``, whose probe
     sets are the observables (by devinterp id, in devinterp's order). ``susceptibilities_from_run`` and
-    ``bif_from_run`` read devinterp's results from it: both from one run. ``token_moments``/``chain_mean``: what
-    token-wise influences and chain-averaged influences need kept (``Recorder``); ``token_moments="auto"``: kept
-    when they take at most a quarter of the available memory, else the raw draws go to ``scratch/draws.npz`` (a
-    folder the caller removes) and token influences are computed from them in blocks."""
+    ``bif_from_run`` read devinterp's results from it: both from one run. ``loss_fn`` (model, input_ids) →
+    per-token loss [B, T−1]: what the chains follow (its mean), the observables record and L̂_n(w*) averages, as
+    in devinterp. ``token_moments``/``chain_mean``: what token-wise influences and chain-averaged influences need
+    kept (``Recorder``); ``token_moments="auto"``: kept when they take at most a quarter of the available memory,
+    else the raw draws go to ``scratch/draws.npz`` (a folder the caller removes) and token influences are computed
+    from them in blocks. ``caller``: the function named in a refusal of an unknown keyword."""
     from ...observables.lm import observe_lm
-    compat = _compat()
-    s = compat._settings(lr, n_beta, observables, None, kwargs)
+    s = sample_settings(lr, n_beta, observables, loss_fn, kwargs, caller=caller)
     model = _load(model)
-    tokens = compat.dataset_tokens(dataset)
+    tokens = dataset_tokens(dataset)
     probes = _probe_sets(observables, s, tokens.shape[1])
     masks = _restrictions(model, weight_restrictions)
     steps = s["num_burnin_steps"] + s["num_draws"] * s["num_steps_bw_draws"] + 1  # devinterp draws after a step
     draws = Draws(steps, first=s["num_burnin_steps"] + 1, thin=s["num_steps_bw_draws"])
-    orders = _orders(len(tokens), s, steps, len(masks))
-    settings = dict(compat._fastllc_settings(s), steps=steps)
+    orders = minibatch_orders(len(tokens), s, steps)
+    per_chain = orders if len(orders) == 1 else orders.repeat(len(masks), 1, 1)  # every group: chain j's order
     device = s["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     raw = _raw_path(s["output_path"])
     if token_moments == "auto":
@@ -144,12 +135,13 @@ def observe(model, dataset, observables: dict, weight_restrictions: dict, *, lr:
             raw = Path(scratch) / "draws.npz"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s["init_seed"])  # dropout masks: seeded, the caller's generator untouched
-        init = compat._init_loss(model, tokens, orders[:s["num_chains"]], s)  # per chain, then averaged
+        init = init_loss(model, tokens, orders, s)  # per order, then averaged
         dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return observe_lm(model, tokens, probes, restrictions=masks, init_loss=init, dropout=True, draws=draws,
-                          randomness=compat.DevinterpBatches(orders, s["init_seed"], len(tokens), dim), raw=raw,
+                          randomness=DevinterpBatches(per_chain, s["init_seed"], len(tokens), dim), raw=raw,
                           device=device, backend=s["backend"], max_memory=s["max_memory"], progress=s["progress"],
-                          token_moments=token_moments, chain_mean=chain_mean, **settings)
+                          token_moments=token_moments, chain_mean=chain_mean, token_loss=s["loss_fn"],
+                          **dict(fastllc_settings(s), steps=steps))
 
 
 def _token_moments_fit(probes: dict, chains: int) -> bool:
@@ -184,7 +176,6 @@ def susceptibilities(model, dataset, observables: dict, weight_restrictions: dic
     """devinterp 2.0.1's ``susceptibilities`` (module docstring): a ``DataTree``; every restriction, "full"
     included, in one batched run."""
     import xarray  # noqa: F401  (the result type)
-    _no_loss_fn(loss_fn)
     check_bool("include_sampling_task", include_sampling_task)
     if not isinstance(weight_restrictions, dict) or "full" not in weight_restrictions:
         raise FastLLCError("weight_restrictions must include a 'full' key (use None for the full model)")
@@ -194,7 +185,7 @@ def susceptibilities(model, dataset, observables: dict, weight_restrictions: dic
     if not include_sampling_task and len(observables) < 2:
         raise FastLLCError("need at least one observable besides sampling_task (or include_sampling_task=True)")
     run = observe(model, dataset, observables, {"full": weight_restrictions["full"], **weight_restrictions}, lr=lr,
-                  n_beta=n_beta, **kwargs)
+                  n_beta=n_beta, loss_fn=loss_fn, caller="susceptibilities", **kwargs)
     return susceptibilities_from_run(run, sampling_task, include_sampling_task=include_sampling_task)
 
 
@@ -241,19 +232,12 @@ def _sus_tree(chi, probes: dict, keep: list, wr_order: list):
         "/context": xr.Dataset({"input_ids": (["ctx_flat"], np.concatenate(ids))}, coords=ids_c, attrs=attrs)})
 
 
-def _no_loss_fn(loss_fn) -> None:
-    if loss_fn is not None:
-        raise FastLLCError("loss_fn is not supported by fastllc's devinterp 2 layer (it runs the next-token "
-                           "cross-entropy); drop loss_fn or use devinterp itself")
-
-
 def bif(model, dataset, observables: dict, *, lr: float, n_beta: float, param_masks=None,
         correlation_method: str = "token", reduce_chain_dimension_method: str = "stack",
         average_tokenwise_bif: bool = False, compute_covariance: bool = False, bif_batch_size: int = 32,
         bif_device=None, loss_fn=None, **kwargs):
     """devinterp 2.0.1's ``bif`` (module docstring): an ``xarray.Dataset`` with ``influences`` and ``input_ids``."""
     import xarray  # noqa: F401  (the result type)
-    _no_loss_fn(loss_fn)
     check_choice("correlation_method", correlation_method, ("token", "sequence"))
     check_choice("reduce_chain_dimension_method", reduce_chain_dimension_method, ("stack", "mean"))
     for name, value in (("average_tokenwise_bif", average_tokenwise_bif), ("compute_covariance", compute_covariance)):
@@ -261,9 +245,9 @@ def bif(model, dataset, observables: dict, *, lr: float, n_beta: float, param_ma
     check_int("bif_batch_size", bif_batch_size, minimum=1)
     tokens = correlation_method == "token" and reduce_chain_dimension_method == "stack"
     with tempfile.TemporaryDirectory(prefix="fastllc-bif-") as scratch:  # raw draws, if the sums would not fit
-        run = observe(model, dataset, observables, {"full": param_masks}, lr=lr, n_beta=n_beta, scratch=scratch,
-                      token_moments="auto" if tokens else False, chain_mean=reduce_chain_dimension_method == "mean",
-                      **kwargs)
+        run = observe(model, dataset, observables, {"full": param_masks}, lr=lr, n_beta=n_beta, loss_fn=loss_fn,
+                      scratch=scratch, token_moments="auto" if tokens else False,
+                      chain_mean=reduce_chain_dimension_method == "mean", caller="bif", **kwargs)
         return bif_from_run(run, correlation_method=correlation_method,
                             reduce_chain_dimension_method=reduce_chain_dimension_method,
                             average_tokenwise_bif=average_tokenwise_bif, compute_covariance=compute_covariance,

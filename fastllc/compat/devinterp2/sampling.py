@@ -55,24 +55,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ... import storage
 from ...errors import FastLLCError
-from ...sampling.randomness import CounterRandomness
 from ...sampling.restrict import closest_names
-from ...validate import check_bool, check_float, check_int
+from .settings import (DEFAULTS, DevinterpBatches, dataset_tokens, fastllc_settings, init_loss, minibatch_orders,
+                       sample_settings, sampling_steps)
 
-# devinterp 2.0.1's sample() keywords and defaults (devinterp/slt/sampling.py, sample())
-DEFAULTS = dict(num_chains=4, num_draws=200, batch_size=32, num_burnin_steps=0, num_steps_bw_draws=1,
-                num_init_loss_batches=32, init_seed=100, batches_per_draw=3, obs_seed=1337,
-                gradient_accumulation_steps=1, localization=0.0, noise_level=1.0, llc_weight_decay=0.0,
-                bounding_box_size=None, sampling_method="sgmcmc_sgld", sampling_method_kwargs=None,
-                rmsprop_eps=None, rmsprop_alpha=None, shuffle=True, match_sampling_input_ids_across_chains=True,
-                init_noise=None, device=None, save_metrics=False, output_path=None)
-FASTLLC_OPTIONS = dict(backend="auto", max_memory=None, progress=False)  # this layer's own keywords
-_POSITIVE = ("num_chains", "num_draws", "batch_size", "num_steps_bw_draws", "num_init_loss_batches",
-             "gradient_accumulation_steps", "batches_per_draw")
 _RESULT_FILE = "fastllc-llc.json"
 
 
@@ -81,115 +70,27 @@ def llc(model, dataset, observables=None, *, lr, n_beta, param_masks=None, loss_
     import xarray  # noqa: F401  (the result type; fastllc[lm] installs it)
     from ... import lm
 
-    settings = _settings(lr, n_beta, observables, loss_fn, kwargs)
+    settings = sample_settings(lr, n_beta, observables, loss_fn, kwargs)
     model = lm.load_causal_lm(model)
     tokens = dataset_tokens(dataset)
     restrict = param_mask_selection(model, param_masks)
     cached = _cached(settings, restrict)
     if cached is not None:
         return cached
-    orders = _orders(len(tokens), settings)
+    orders = minibatch_orders(len(tokens), settings, sampling_steps(settings))
     device = settings["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings["init_seed"])  # dropout masks, if any: seeded, the caller's generator untouched
-        init = _init_loss(model, tokens, orders, settings)
-        result = lm.estimate(model, tokens, **_fastllc_settings(settings), init_loss=init, restrict=restrict,
-                             randomness=_randomness(orders, tokens, model, settings), dropout=True, device=device,
-                             token_loss=settings["loss_fn"],
+        init = init_loss(model, tokens, orders, settings)
+        dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        result = lm.estimate(model, tokens, **fastllc_settings(settings), init_loss=init, restrict=restrict,
+                             randomness=DevinterpBatches(orders, settings["init_seed"], len(tokens), dim),
+                             dropout=True, device=device, token_loss=settings["loss_fn"],
                              backend=settings["backend"], max_memory=settings["max_memory"],
                              progress=settings["progress"])
     out = as_dataset(result, settings["n_beta"])
     _store(settings, restrict, out)
     return out
-
-
-def _settings(lr, n_beta, observables, loss_fn, kwargs) -> dict:
-    """The keywords with devinterp's defaults, checked (devinterp's names in the messages)."""
-    unknown = sorted(set(kwargs) - set(DEFAULTS) - set(FASTLLC_OPTIONS))
-    if unknown:
-        raise FastLLCError(f"llc() got unexpected keyword argument(s) {', '.join(unknown)} (devinterp 2.0.1's sample() "
-                           f"takes {', '.join(DEFAULTS)}; fastllc adds {', '.join(FASTLLC_OPTIONS)})")
-    s = {**DEFAULTS, **FASTLLC_OPTIONS, **kwargs}
-    s["lr"], s["n_beta"] = check_float("lr", lr, above=0), check_float("n_beta", n_beta, above=0)
-    for name in _POSITIVE:
-        s[name] = check_int(name, s[name], minimum=1)
-    s["num_burnin_steps"] = check_int("num_burnin_steps", s["num_burnin_steps"], minimum=0)
-    s["init_seed"] = check_int("init_seed", s["init_seed"])
-    s["localization"] = check_float("localization", s["localization"], minimum=0)
-    for name in ("shuffle", "match_sampling_input_ids_across_chains", "save_metrics"):
-        check_bool(name, s[name])
-    if observables is not None and not isinstance(observables, dict):
-        raise FastLLCError(f"observables must be a dict {{name: dataset or (dataset, batches_per_draw)}}, got "
-                           f"{type(observables).__name__}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise FastLLCError(f"loss_fn must be a function (model, input_ids) → per-token loss [batch, length − 1], got "
-                           f"{type(loss_fn).__name__}")
-    s["loss_fn"] = loss_fn
-    _refuse_off_defaults(s)
-    s.update(_sampler(s))
-    return s
-
-
-def _refuse_off_defaults(s: dict) -> None:
-    """devinterp options fastllc does not implement: refused unless they have their 'off' value."""
-    off = {"noise_level": lambda v: v == 1.0, "llc_weight_decay": lambda v: v == 0.0,
-           "bounding_box_size": lambda v: v is None, "init_noise": lambda v: not v}
-    for name, is_off in off.items():
-        if not is_off(s[name]):
-            raise FastLLCError(f"{name}={s[name]!r} is not supported by fastllc.compat.devinterp2 (only the default "
-                               f"{DEFAULTS[name]!r})")
-
-
-def _sampler(s: dict) -> dict:
-    """fastllc's sampler settings from ``sampling_method``, ``sampling_method_kwargs`` and ``rmsprop_*``
-    (their rules as devinterp's sample(): ``rmsprop_*`` only with rmsprop_sgld, not also in the kwargs)."""
-    method = s["sampling_method"]
-    if method not in ("sgmcmc_sgld", "rmsprop_sgld"):
-        raise FastLLCError(f"sampling_method must be 'sgmcmc_sgld' or 'rmsprop_sgld', got {method!r}")
-    extra = dict(s["sampling_method_kwargs"] or {})
-    for name in ("eps", "alpha"):
-        value = s[f"rmsprop_{name}"]
-        if value is None:
-            continue
-        if method != "rmsprop_sgld":
-            raise FastLLCError(f"rmsprop_{name} can only be set when sampling_method='rmsprop_sgld', got "
-                               f"sampling_method={method!r}")
-        if name in extra:
-            raise FastLLCError(f"rmsprop_{name} is set both as a top-level argument and in "
-                               f"sampling_method_kwargs[{name!r}]; specify only one")
-        extra[name] = value
-    allowed = {"alpha", "eps", "add_grad_correction"} if method == "rmsprop_sgld" else set()
-    if set(extra) - allowed or extra.get("add_grad_correction"):
-        bad = sorted(set(extra) - allowed) or ["add_grad_correction=True"]
-        raise FastLLCError(f"sampling_method_kwargs {', '.join(bad)} not supported by fastllc for {method}")
-    if method == "sgmcmc_sgld":
-        return {"sampler": "sgld"}
-    return {"sampler": "rmsprop_sgld", "rmsprop_alpha": float(extra.get("alpha", 0.99)),
-            "rmsprop_eps": float(extra.get("eps", 0.1))}
-
-
-def _fastllc_settings(s: dict) -> dict:
-    """SGLDConfig fields: every step recorded and averaged (burn-in included, as devinterp's compute_llc)."""
-    steps = s["num_draws"] * s["num_steps_bw_draws"] + s["num_burnin_steps"]
-    rmsprop = {k: s[k] for k in ("rmsprop_alpha", "rmsprop_eps")} if s["sampler"] == "rmsprop_sgld" else {}
-    return dict(chains=s["num_chains"], steps=steps, burn_in=0, thin=1, epsilon=s["lr"], gamma=s["localization"],
-                nbeta=s["n_beta"], batch_size=s["batch_size"] * s["gradient_accumulation_steps"],
-                seed=s["init_seed"], sampler=s["sampler"], **rmsprop)
-
-
-def dataset_tokens(dataset) -> torch.Tensor:
-    """Token ids [N, T] of a Hugging Face ``datasets.Dataset`` with ``input_ids`` (what devinterp 2 takes), a
-    LongTensor, or anything ``fastllc.lm.token_data`` reads (its ``input_ids`` only: devinterp reads no mask)."""
-    from ...lm import token_data
-
-    if hasattr(dataset, "with_format") and hasattr(dataset, "column_names"):
-        if "input_ids" not in dataset.column_names:
-            raise FastLLCError(f"the dataset has no 'input_ids' column (columns: {', '.join(dataset.column_names)})")
-        column = dataset.with_format("torch")[:]["input_ids"]
-        if not isinstance(column, torch.Tensor):
-            raise FastLLCError("the dataset's 'input_ids' must be sequences of one length (devinterp 2 requires it)")
-        dataset = column
-    return token_data(dataset).tokens
 
 
 def param_mask_selection(model, param_masks) -> dict | None:
@@ -214,76 +115,6 @@ def param_mask_selection(model, param_masks) -> dict | None:
     if all(param_masks.get(n, 0) is None for n in trainable):
         return None
     return selection
-
-
-def devinterp_order(n: int, batch_size: int, seed: int, shuffle: bool) -> torch.Tensor:
-    """The first epoch [E, batch_size] of the sequence indices that devinterp 2.0.1's loaders give
-    (``DataLoader(dataset, batch_size, shuffle, generator=Generator().manual_seed(seed), drop_last=True)``),
-    taken from the same DataLoader over ``range(n)``; devinterp's ``itertools.cycle`` replays it."""
-    if n < batch_size:
-        raise FastLLCError(f"the dataset has {n} sequences, fewer than batch_size={batch_size}: devinterp's loader "
-                           "(drop_last=True) would give no minibatch")
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    loader = DataLoader(range(n), batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=True)
-    return torch.stack([batch.long() for batch in loader])
-
-
-def _orders(n: int, s: dict) -> torch.Tensor:
-    """Per minibatch order (one, or one per chain): the indices of every step [R, steps, b·accumulation]."""
-    steps = s["num_draws"] * s["num_steps_bw_draws"] + s["num_burnin_steps"]
-    accumulate, b = s["gradient_accumulation_steps"], s["batch_size"]
-    seeds = ([s["init_seed"]] if s["match_sampling_input_ids_across_chains"]
-             else [s["init_seed"] + c for c in range(s["num_chains"])])
-    orders = []
-    for seed in seeds:
-        epoch = devinterp_order(n, b, seed, s["shuffle"])
-        needed = max(steps, s["num_init_loss_batches"]) * accumulate
-        batches = epoch[torch.arange(needed) % len(epoch)]
-        orders.append(batches.reshape(-1, accumulate * b))
-    return torch.stack(orders)
-
-
-def _init_loss(model, tokens: torch.Tensor, orders: torch.Tensor, s: dict) -> float:
-    """devinterp's L̂_n(w*): the loss over the first num_init_loss_batches (× accumulation) minibatches of each
-    order, in training mode, averaged over the orders (per chain in devinterp: the same where they match)."""
-    from ... import lm
-
-    from ...lm.api import TokenLossLM, token_loss_at
-
-    batches, custom = s["num_init_loss_batches"], s.get("loss_fn")
-    wrapped, losses = lm.CausalLM(model) if custom is None else TokenLossLM(model, custom), []
-    with lm.sampling_mode(model):
-        model.train()
-        for order in orders:
-            rows = order[:batches].reshape(-1)
-            losses.append(lm.loss_at(wrapped, lm.token_data(tokens[rows])) if custom is None
-                          else token_loss_at(wrapped, tokens[rows]))
-    return float(np.mean(losses))
-
-
-class DevinterpBatches:
-    """devinterp's minibatch indices (``orders`` [R, steps, m]: one order shared by all chains, or one per
-    chain) with fastllc's counter-based unit noise keyed by (seed, chain): a ``randomness`` for the backends."""
-
-    def __init__(self, orders: torch.Tensor, seed: int, n: int, dim: int):
-        self.orders = orders.numpy()
-        self.noise = CounterRandomness(seed, n, orders.shape[-1], dim)
-
-    def _rows(self, chains):
-        return chains if self.orders.shape[0] > 1 else np.zeros_like(chains)
-
-    def fill(self, chains: np.ndarray, step: int, indices: np.ndarray, noise: np.ndarray, blocks=None) -> None:
-        self.noise.fill(chains, step, indices, noise, blocks)
-        indices[:] = self.orders[self._rows(np.asarray(chains)), step]
-
-    def draw(self, chain: int, step: int):
-        _, noise = self.noise.draw(chain, step)
-        return torch.from_numpy(self.orders[chain if self.orders.shape[0] > 1 else 0, step].copy()), noise
-
-
-def _randomness(orders, tokens, model, s) -> DevinterpBatches:
-    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return DevinterpBatches(orders, s["init_seed"], len(tokens), dim)
 
 
 def as_dataset(result, n_beta: float):
@@ -504,5 +335,4 @@ def _merged(masks_list: list[dict]) -> dict:
     return merged
 
 
-__all__ = ["llc", "create_param_masks", "as_dataset", "dataset_tokens", "devinterp_order", "param_mask_selection",
-           "DevinterpBatches", "DEFAULTS", "SPECS"]
+__all__ = ["llc", "create_param_masks", "as_dataset", "param_mask_selection", "SPECS"]
