@@ -133,6 +133,57 @@ def test_the_devinterp_estimator_is_devinterps_formula(mlp_run):
         np.testing.assert_allclose(chi.token[g].numpy(), sus, rtol=1e-6, atol=1e-12)
 
 
+CLASSES = {"task a": range(0, 6), "near even": [12, 14, 16], "near odd": [13, 15, 17], "far low": range(18, 21),
+           "far high": range(21, 24)}  # per-position classes over the 24 probe examples (one loss each)
+
+
+def _class_ids():
+    ids = torch.full((24, 1), -1, dtype=torch.long)
+    for c, members in enumerate(CLASSES.values()):
+        ids[list(members), 0] = c
+    return ids
+
+
+def test_class_susceptibilities_agree_with_the_closed_form_within_their_standard_errors(closed_form_run, linear):
+    """χ of a token class is the χ of its members' mean loss, exactly the mean of the members' exact χ (χ is linear
+    in the observable); its jackknife standard error must cover the estimate's distance from it. The same bounds as
+    above over 3 restrictions × 5 classes (covariance estimator); the task's own class joins only when the task's
+    set is asked for (by default a class counts the other probe sets' tokens only: empty, NaN)."""
+    default = obs.compute_susceptibilities(closed_form_run, "task", classes=obs.token_classes(_class_ids(),
+                                                                                              list(CLASSES)))
+    assert default.class_tokens == [0, 3, 3, 3, 3] and default.classes[:, 0].isnan().all()
+    chi = obs.compute_susceptibilities(closed_form_run, "task", classes=obs.token_classes(
+        _class_ids(), list(CLASSES), sets=["task", "near", "far"]))
+    assert chi.class_tokens == [6, 3, 3, 3, 3]
+    torch.testing.assert_close(chi.classes[:, 1:], default.classes[:, 1:], rtol=0, atol=0)
+    z, power = [], []
+    for g, name in enumerate(SUBSETS):
+        mean, cov = _exact(linear, name)
+        exact_chi = exact.susceptibility(mean, cov, TASK)
+        truth = torch.stack([exact_chi[list(members)].mean() for members in CLASSES.values()])
+        z.append((chi.classes[g] - truth) / chi.classes_se[g])
+        power.append(((chi.classes[g] + truth) / chi.classes_se[g]).abs())
+    z, power = torch.cat(z), torch.cat(power)
+    print(f"classes: max|z| {z.abs().max():.2f}  mean z² {(z ** 2).mean():.2f}  median |2·exact|/se {power.median():.1f}")
+    assert z.abs().max() < 5.0 and 0.03 < (z ** 2).mean() < 3.0
+    assert power.median() > 4.0  # a sign error would be seen
+
+
+def test_a_class_of_one_token_is_that_token_and_a_class_is_its_tokens_mean(closed_form_run):
+    """The aggregation, checked against the per-token results: a one-member class has the member's χ and standard
+    error (to rounding: 1e-12 relative), a larger class the mean of its members' χ and a standard error between
+    the one of perfectly correlated members (the mean of theirs) and 0."""
+    ids = torch.full((24, 1), -1, dtype=torch.long)
+    ids[13, 0], ids[[18, 19, 20], 0] = 0, 1
+    chi = obs.compute_susceptibilities(closed_form_run, "task", estimator="devinterp",
+                                       classes=obs.token_classes(ids, ["one", "three"]))
+    torch.testing.assert_close(chi.classes[:, 0], chi.example[:, 13], rtol=1e-12, atol=0)
+    torch.testing.assert_close(chi.classes_se[:, 0], chi.example_se[:, 13], rtol=1e-12, atol=0)
+    torch.testing.assert_close(chi.classes[:, 1], chi.example[:, 18:21].mean(1), rtol=1e-12, atol=1e-15)
+    assert (chi.classes_se[:, 1] <= chi.example_se[:, 18:21].mean(1) * (1 + 1e-12)).all()
+    assert "three" in chi.table(by="class") and "near" not in chi.table(by="class")
+
+
 # --- the hook and the recorder on a small MLP --------------------------------------------------------------
 
 def _mlp(seed=0):

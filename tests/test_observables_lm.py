@@ -53,6 +53,52 @@ def test_one_batched_run_gives_every_restriction_and_per_token_observables(lm_ru
     assert "l1 attn" in chi.table() and "code" in chi.table()
 
 
+def _by_hand(chi, run, member, task="task"):
+    """χ of the tokens for which ``member`` [N, K] is true (the task's set left out, masked tokens left out): the
+    weighted mean of the per-token χ, computed here from the per-token results."""
+    use = member & (run.probes.weights > 0)
+    use[run.probes.rows(task)] = False
+    return torch.stack([chi.token[g][use].mean() for g in range(len(chi.restrictions))])
+
+
+def test_token_classes_by_vocabulary_are_the_mean_of_their_tokens(lm_run, tmp_path):
+    """Classes by the predicted token (the paper's y) or the context's last token, given as {name: ids},
+    {id: name} or ids over the vocabulary, equal the mean of the per-token χ of their tokens (to rounding, 1e-12),
+    masked tokens and the task's set left out; per-position ids give the same; the heatmap draws them."""
+    vocab, inputs = torch.arange(32), lm_run.probes.inputs
+    forms = [({"even": vocab[::2], "odd": vocab[1::2]}, None),
+             ({int(t): ("even" if t % 2 == 0 else "odd") for t in vocab}, None), (vocab % 2, ["even", "odd"])]
+    for of, looked_up in (("target", inputs[:, 1:]), ("context", inputs[:, :-1])):
+        for form, names in forms:
+            chi = obs.compute_susceptibilities(lm_run, "task", classes=obs.token_classes(form, names, of=of))
+            assert chi.class_names == ["even", "odd"]
+            for c in range(2):
+                torch.testing.assert_close(chi.classes[:, c], _by_hand(chi, lm_run, looked_up % 2 == c),
+                                           rtol=1e-12, atol=1e-15)
+            assert (chi.classes_se > 0).all() and sum(chi.class_tokens) == 6 * 15 - 11  # legal[0]: 11 masked
+    by_target = obs.compute_susceptibilities(lm_run, "task", classes=forms[0][0])
+    per_position = obs.compute_susceptibilities(lm_run, "task", classes=obs.token_classes(inputs[:, 1:] % 2,
+                                                                                          ["even", "odd"]))
+    torch.testing.assert_close(per_position.classes, by_target.classes, rtol=0, atol=0)
+    torch.testing.assert_close(per_position.classes_se, by_target.classes_se, rtol=0, atol=0)
+    assert obs.plot_susceptibilities(per_position, tmp_path / "classes.png", by="class").stat().st_size > 1000
+
+
+def test_token_class_refusals_are_one_line(lm_run):
+    cases = [(lambda: obs.compute_susceptibilities(lm_run, "task", classes={"a": [1, 2], "b": [2]}),
+              "more than one class"),
+             (lambda: obs.compute_susceptibilities(lm_run, "task", classes=torch.zeros(3, 5, dtype=torch.long)),
+              r"per-position token classes must be \[10, 15\]"),
+             (lambda: obs.token_classes(torch.tensor([0.5])), "integer class ids"),
+             (lambda: obs.token_classes(torch.tensor([0, 3]), ["a"]), r"class ids must lie in \[-1, 1\)"),
+             (lambda: obs.token_classes({"a": [1]}, of="next"), "of must be one of"),
+             (lambda: obs.compute_susceptibilities(lm_run, "task").table(by="class"), "no token classes")]
+    for call, message in cases:
+        with pytest.raises(FastLLCError, match=message) as caught:
+            call()
+        assert "\n" not in str(caught.value)
+
+
 def test_auto_runs_it_on_transformer_with_generics_observables(model, lm_run):
     """``backend="auto"`` picks ``transformer`` (dropout off, GPT-2), whose recorded sums are ``generic``'s. Tolerance:
     every probe loss agrees to conformance's τ relative (tests/test_backend_transformer.py: the same chains, the

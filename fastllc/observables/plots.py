@@ -1,4 +1,5 @@
-"""Pictures of observables: the susceptibility heatmap (restriction × probe set) and an influence matrix.
+"""Pictures of observables: the susceptibility heatmap (restriction × probe set or token class) and an influence
+matrix.
 
 Both draw through matplotlib's object API (a bare ``Figure``: pyplot's state and the caller's backend are left
 alone) and write a PNG.
@@ -19,14 +20,14 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
-def plot_susceptibilities(result: Susceptibilities, path, *, include_task: bool = False, title: str = "") -> Path:
-    """Heatmap of χ per restriction (rows) and probe set (columns), each cell "χ ± se", a diverging scale
-    centred at 0 (blue: χ < 0, up-weighting the probe lowers the component's loss; red: raises it)."""
-    columns = [o for o, name in enumerate(result.probe_sets) if include_task or name != result.task]
-    values = result.sets[:, columns].numpy()
-    errors = result.sets_se[:, columns].numpy()
-    limit = float(np.nanmax(np.abs(values))) or 1.0
-    fig = _figure(figsize=(1.6 + 1.5 * len(columns), 1.0 + 0.55 * len(result.restrictions)))
+def plot_susceptibilities(result: Susceptibilities, path, *, include_task: bool = False, title: str = "",
+                          by: str = "set") -> Path:
+    """Heatmap of χ per restriction (rows) and probe set (columns; ``by="class"``: token class, from
+    ``compute_susceptibilities(..., classes=...)``), each cell "χ ± se", a diverging scale centred at 0 (blue:
+    χ < 0, up-weighting the probe lowers the component's loss; red: raises it)."""
+    names, values, errors = (t if isinstance(t, list) else t.numpy() for t in result.columns(by, include_task))
+    limit = (float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0.0) or 1.0  # an empty class: NaN
+    fig = _figure(figsize=(1.6 + 1.5 * len(names), 1.0 + 0.55 * len(result.restrictions)))
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     for g in range(values.shape[0]):
@@ -34,12 +35,13 @@ def plot_susceptibilities(result: Susceptibilities, path, *, include_task: bool 
             strong = abs(values[g, c]) > 0.6 * limit
             ax.text(c, g, f"{values[g, c]:+.3g}\n± {errors[g, c]:.2g}", ha="center", va="center", fontsize=8,
                     color="white" if strong else "black")
-    ax.set_xticks(range(len(columns)), [result.probe_sets[o] for o in columns])
+    ax.set_xticks(range(len(names)), names)
     ax.set_yticks(range(len(result.restrictions)), result.restrictions)
-    ax.set_xlabel(f"probe set (task: {result.task})")
+    ax.set_xlabel(f"probe set (task: {result.task})" if by == "set" else f"token class (task: {result.task})")
     ax.set_ylabel("weight restriction")
     ax.set_title(title or f"susceptibility χ ({result.estimator} estimator)")
-    fig.colorbar(image, ax=ax, label="χ = −Cov(φ, ℓ_probe − L_task)")
+    label = "χ = −Cov(φ, ℓ_probe − L_task)" if by == "set" else "χ = −Cov(φ, ℓ_class − L_task)"
+    fig.colorbar(image, ax=ax, label=label)
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path

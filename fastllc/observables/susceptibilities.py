@@ -24,6 +24,11 @@ E_g[φ]·(E_g[m − x] − E_full[m − x]), which depends on L_n(w*). χ is lin
 the weighted mean of its tokens' and a probe set's the mean of its elements'. Standard errors: the jackknife over
 chains (the estimator without each chain in turn, ``moments.jackknife_se``), for the devinterp estimator of a
 restriction plus the jackknife over the full run's chains (its centre).
+
+Token classes (``classes=``, ``classes.py``): χ of a class is the χ of its tokens' mean loss, the weighted mean of
+their per-token χ (the estimator is linear in the observable), [G, C] in ``Susceptibilities.classes``; its standard
+error is the same jackknife applied to that mean (each leave-one-chain-out χ aggregated over the class, then
+``jackknife_se``), so the correlations between a class's tokens are in it, as they are in a probe set's.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 
 from ..errors import FastLLCError
 from ..validate import check_choice
+from .classes import class_weights, token_classes
 from .moments import jackknife_se, leave_one_out, pooled
 from .run import ObservedRun
 
@@ -57,14 +63,28 @@ class Susceptibilities:
     sets_se: torch.Tensor
     chains: list  # healthy chains per restriction
     offsets: tuple  # the probe sets' example ranges
+    classes: torch.Tensor | None = None  # [G, C] per token class (``classes=``), NaN for a class with no token
+    classes_se: torch.Tensor | None = None
+    class_names: list | None = None
+    class_tokens: list | None = None  # tokens per class
 
-    def table(self, include_task: bool = False) -> str:
-        """χ ± se, one row per restriction, one column per probe set."""
-        columns = [o for o, name in enumerate(self.probe_sets) if include_task or name != self.task]
-        head = "restriction".ljust(14) + "".join(self.probe_sets[o].rjust(24) for o in columns)
-        rows = [head]
+    def columns(self, by: str = "set", include_task: bool = False) -> tuple:
+        """(column names, χ [G, c], se [G, c]) of the table or heatmap: probe sets (the task's only with
+        ``include_task``) or token classes."""
+        check_choice("by", by, ("set", "class"))
+        if by == "class":
+            if self.classes is None:
+                raise FastLLCError("no token classes: compute_susceptibilities(run, task, classes=...) gives them")
+            return list(self.class_names), self.classes, self.classes_se
+        keep = [o for o, name in enumerate(self.probe_sets) if include_task or name != self.task]
+        return [self.probe_sets[o] for o in keep], self.sets[:, keep], self.sets_se[:, keep]
+
+    def table(self, include_task: bool = False, by: str = "set") -> str:
+        """χ ± se, one row per restriction, one column per probe set (``by="class"``: per token class)."""
+        names, values, errors = self.columns(by, include_task)
+        rows = ["restriction".ljust(14) + "".join(name.rjust(24) for name in names)]
         for g, name in enumerate(self.restrictions):
-            cells = "".join(f"{self.sets[g, o]:+.4g} ± {self.sets_se[g, o]:.2g}".rjust(24) for o in columns)
+            cells = "".join(f"{values[g, c]:+.4g} ± {errors[g, c]:.2g}".rjust(24) for c in range(len(names)))
             rows.append(str(name).ljust(14) + cells)
         return "\n".join(rows)
 
@@ -95,20 +115,22 @@ def _chi(sums: dict, task: int, estimator: str, init_loss: float, full_differenc
     return e_phi_m - e_phi_x - (em_ - init_loss) * full_difference
 
 
-def compute_susceptibilities(run: ObservedRun, task: str, *, estimator: str = "covariance",
-                             full: str = "full") -> Susceptibilities:
+def compute_susceptibilities(run: ObservedRun, task: str, *, estimator: str = "covariance", full: str = "full",
+                             classes=None) -> Susceptibilities:
     """χ of every restriction of ``run`` to every probe set, with ``task`` the probe set drawn from the sampling
-    distribution (module docstring). ``estimator="devinterp"`` needs the unrestricted group, named ``full``."""
+    distribution (module docstring). ``estimator="devinterp"`` needs the unrestricted group, named ``full``.
+    ``classes``: token classes (``classes.token_classes``' arguments, or its ``TokenClasses``): χ per restriction ×
+    class as well, the χ of each class's mean token loss with its jackknife standard error (module docstring)."""
     check_choice("estimator", estimator, ESTIMATORS)
     run.probes.rows(task)  # a one-line error for an unknown name
     t = run.probes.names.index(task)
     if estimator == "devinterp" and full not in run.groups:
         raise FastLLCError(f"the devinterp estimator centres on the unrestricted run: name it {full!r} in "
                            "restrictions (None selects every weight)")
-    set_w, example_w = run.probes.set_weights(), run.probes.example_weights()
-    views = {"token": lambda a: a, "example": lambda a: (a * example_w).sum(-1),
-             "sets": lambda a: torch.einsum("...nk,onk->...o", a, set_w)}
-    out = {key: [] for key in ("token", "token_se", "example", "example_se", "sets", "sets_se")}
+    spec = None if classes is None else token_classes(classes)
+    class_w, class_tokens = (None, None) if spec is None else class_weights(spec, run.probes, task)
+    views = _views(run.probes, class_w)
+    out = {key: [] for name in views for key in (name, name + "_se")}
     chains = []
     for name in run.groups:
         index = run.chains(name)
@@ -122,8 +144,19 @@ def compute_susceptibilities(run: ObservedRun, task: str, *, estimator: str = "c
     stacked = {key: torch.stack(values) for key, values in out.items()}
     for key in ("token", "token_se"):  # an element that does not count (a masked token) has no χ
         stacked[key][:, run.probes.weights == 0] = math.nan
+    named = {} if spec is None else {"class_names": list(spec.names), "class_tokens": class_tokens.tolist()}
     return Susceptibilities(list(run.groups), list(run.probes.names), task, estimator, chains=chains,
-                            offsets=run.probes.offsets, **stacked)
+                            offsets=run.probes.offsets, **stacked, **named)
+
+
+def _views(probes, class_w) -> dict:
+    """{result field: per-token χ [..., N, K] → that field's values}: every view is linear in the tokens' χ."""
+    set_w, example_w = probes.set_weights(), probes.example_weights()
+    views = {"token": lambda a: a, "example": lambda a: (a * example_w).sum(-1),
+             "sets": lambda a: torch.einsum("...nk,onk->...o", a, set_w)}
+    if class_w is not None:
+        views["classes"] = lambda a: torch.einsum("...nk,cnk->...c", a, class_w)
+    return views
 
 
 def _difference(sums: dict, task: int) -> torch.Tensor:
