@@ -14,11 +14,20 @@ observation, centred on their common mean; ``"mean"``, the losses are first aver
 draw, then correlated over the draws. Covariances use the unbiased 1/(observations − 1), as ``torch.cov``.
 
 Sources. From the running sums (``moments.py``), with no pass over the draws: "sequence" × "stack" always, "token"
-× "stack" when the run kept ``token_moments``, "mean" when it kept ``chain_mean`` (and every chain of the restriction
-stayed healthy). Otherwise from the raw draws (``raw=``, ``draws.open_draws``), blocked: ``block`` examples of the
-query rows and of the columns at a time, so memory is 2·observations·block·K·8 bytes plus the result (N1·N2, or
-N1·N2·K² for tokens, float64), whatever N is. Standard errors (``se``): from the sums with "stack", the jackknife
-over chains (the matrix without each chain in turn, ``moments.jackknife_se``); None otherwise.
+× "stack" when the run kept ``token_moments``, "mean" when it kept ``chain_mean`` (every chain's draws, of which the
+healthy ones are averaged). Otherwise from the raw draws (``raw=``, ``draws.open_draws``), blocked: ``block``
+examples of the query rows and of the columns at a time, so memory is 2·observations·block·K·8 bytes plus the
+result (N1·N2, or N1·N2·K² for tokens, float64), whatever N is.
+
+Standard errors (``se``), from the sums: the jackknife over chains, ``moments.jackknife_se`` of the matrix
+recomputed without each chain in turn. With "stack" that is the matrix of the other chains' stacked draws; with
+"mean" the matrix of the other chains' averaged series (Σ_c' x_c'd − x_cd)/(c − 1) over the draws d: the chains are
+independent, so either is the error of the estimator, its centring and non-linearity included. It needs two healthy
+chains (NaN with one). None from the raw draws (the blocked path keeps one matrix, not one per chain). With "mean"
+the jackknife is conservative: the averaged series' covariance is mostly cross-chain products (c·(c − 1) of them,
+each of mean 0, against c within-chain ones), second-order terms that the jackknife counts about twice (Efron and
+Stein 1981), so its variance is up to ~2× the true one (measured on independent Gaussian chains, 8–16 of them:
+1.6–1.9× for correlations, 2.1–2.3× for covariances; tests/test_observables.py), never less in expectation.
 """
 
 from __future__ import annotations
@@ -121,12 +130,7 @@ def _from_sums(run, index, method, chains, kind, restriction):
     """(matrix over all examples, se or None) from the running sums, or (None, None) when they cannot give it."""
     m, w = run.moments, run.probes.example_weights()
     if chains == "mean":
-        lo, hi = run.groups[restriction]
-        if m.draw_sum is None or len(index) < hi - lo:
-            return None, None
-        g = list(run.groups).index(restriction)
-        observations = m.draw_sum[g] / len(index)  # [D, N, K]
-        return _dense(observations, w, method, kind), None
+        return (None, None) if m.chain_draws is None else _chain_mean(m.chain_draws[index], w, method, kind)
     if method == "token" and m.xx is None:
         return None, None
     sums = m.chains(index)
@@ -157,12 +161,22 @@ def _finish(cov: torch.Tensor, kind: str, method: str, elements: int) -> torch.T
     return cov.reshape(*lead, n, elements, n, elements).transpose(-3, -2)
 
 
-def _dense(observations: torch.Tensor, weights, method: str, kind: str) -> torch.Tensor:
-    """The matrix from observations [obs, N, K] held in memory."""
-    values = (observations * weights).sum(-1) if method == "sequence" else observations.flatten(1)
-    centred = values - values.mean(dim=0)
-    cov = centred.T @ centred / (len(values) - 1)
-    return _finish(cov, kind, method, observations.shape[-1])
+def _chain_mean(draws: torch.Tensor, weights, method: str, kind: str) -> tuple:
+    """(matrix, jackknife se) of chains averaged at each draw, from the chains' draws [c, D, N, K] (module
+    docstring): the series of all c chains' mean, and for each chain the series of the others' mean."""
+    values = (draws * weights).sum(-1) if method == "sequence" else draws.flatten(2)  # [c, D, P]
+    total = values.sum(dim=0)
+    estimate = lambda series: _finish(_series_covariance(series), kind, method, draws.shape[-1])
+    matrix = estimate(total / len(values))
+    if len(values) < 2:
+        return matrix, jackknife_se(matrix.unsqueeze(0))  # NaN: no chain to leave out
+    return matrix, jackknife_se(estimate((total - values) / (len(values) - 1)))
+
+
+def _series_covariance(series: torch.Tensor) -> torch.Tensor:
+    """Unbiased covariance over the draws of series [..., D, P] → [..., P, P]."""
+    centred = series - series.mean(dim=-2, keepdim=True)
+    return centred.transpose(-1, -2) @ centred / (series.shape[-2] - 1)
 
 
 def _from_draws(run, index, method, chains, kind, restriction, rows, cols, block) -> torch.Tensor:

@@ -10,37 +10,37 @@ K = 1 for one loss per example), s_cd [N] (each example's loss: the weighted mea
     m, mm   [C, O], [C, O, O]  Σ m, Σ m mᵀ         susceptibilities: any probe set may be the sampling task
     mx      [C, O, N, K]     Σ m ⊗ x               susceptibilities, per token
     xx      [C, NK, NK]      Σ vec(x) vec(x)ᵀ      token influences (method "token"; only with ``token_moments``)
-    draw_sum [G, D, N, K]    Σ over group g's chains of x_cd, per draw (chains averaged; only with ``chain_mean``)
+    chain_draws [C, D, N, K] x_cd itself, every draw (influences with chains averaged; only with ``chain_mean``)
 
-Bytes (``bytes``): 8·C·(1 + NK·(1 + O) + N² + O + O²), plus 8·C·(NK)² with token moments, plus 8·G·D·NK with the
+Bytes (``bytes``): 8·C·(1 + NK·(1 + O) + N² + O + O²), plus 8·C·(NK)² with token moments, plus 8·C·D·NK with the
 chain mean. Per-chain sums give every statistic without chain c for each c, hence jackknife standard errors over
-chains (``jackknife_se``).
+chains (``jackknife_se``); the chain mean keeps each chain's draws (not only their sum over a group's chains) for the
+same reason: the chain-averaged series without chain c, for each c, and only over the healthy chains.
 Chains of one call are a contiguous range (the ``generic`` backend's groups); distinct ranges are added from
-distinct threads without a lock (disjoint rows), ``draw_sum`` under one.
+distinct threads without a lock (disjoint rows).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, fields
 
 import torch
 
-FIELDS = ("count", "x", "ss", "m", "mm", "mx", "xx", "draw_sum")
+FIELDS = ("count", "x", "ss", "m", "mm", "mx", "xx", "chain_draws")
 
 
 def moments_bytes(chains: int, examples: int, elements: int, sets: int, *, token_moments: bool = False,
-                  groups: int = 0, draws: int = 0) -> int:
-    """Bytes of the running sums (module docstring)."""
+                  draws: int = 0) -> int:
+    """Bytes of the running sums (module docstring); ``draws``: the draws each chain keeps (the chain mean's), or 0."""
     nk = examples * elements
     per_chain = 1 + nk * (1 + sets) + examples ** 2 + sets + sets ** 2 + (nk ** 2 if token_moments else 0)
-    return 8 * (chains * per_chain + groups * draws * nk)
+    return 8 * chains * (per_chain + draws * nk)
 
 
 @dataclass
 class Moments:
-    """The sums (module docstring); ``group_bounds``: (lo, hi) chain range of each group, for ``draw_sum``."""
+    """The sums (module docstring)."""
 
     count: torch.Tensor
     x: torch.Tensor
@@ -49,21 +49,17 @@ class Moments:
     mm: torch.Tensor
     mx: torch.Tensor
     xx: torch.Tensor | None
-    draw_sum: torch.Tensor | None
-    group_bounds: tuple
+    chain_draws: torch.Tensor | None
 
     @classmethod
-    def zeros(cls, chains: int, examples: int, elements: int, sets: int, group_bounds, draws: int, *,
-              token_moments: bool, chain_mean: bool, device) -> "Moments":
+    def zeros(cls, chains: int, examples: int, elements: int, sets: int, draws: int, *, token_moments: bool,
+              chain_mean: bool, device) -> "Moments":
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)
         nk = examples * elements
         return cls(z(chains), z(chains, examples, elements), z(chains, examples, examples), z(chains, sets),
                    z(chains, sets, sets), z(chains, sets, examples, elements),
                    z(chains, nk, nk) if token_moments else None,
-                   z(len(group_bounds), draws, examples, elements) if chain_mean else None, tuple(group_bounds))
-
-    def __post_init__(self):
-        self._lock = threading.Lock()
+                   z(chains, draws, examples, elements) if chain_mean else None)
 
     @property
     def bytes(self) -> int:
@@ -83,11 +79,8 @@ class Moments:
         if self.xx is not None:
             flat = x.reshape(len(x), -1)
             self.xx[lo:hi].baddbmm_(flat.unsqueeze(2), flat.unsqueeze(1))
-        if self.draw_sum is not None:
-            with self._lock:
-                for g, (a, b) in enumerate(self.group_bounds):
-                    if max(a, lo) < min(b, hi):
-                        self.draw_sum[g, draw] += x[max(a, lo) - lo : min(b, hi) - lo].sum(dim=0)
+        if self.chain_draws is not None:
+            self.chain_draws[lo:hi, draw] = x
 
     def cpu(self) -> "Moments":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -95,7 +88,7 @@ class Moments:
 
     def chains(self, index) -> dict:
         """Every per-chain sum restricted to the chains ``index`` (a bool mask or indices), each [c, ...]."""
-        return {name: t[index] for name, t in self.tensors().items() if name != "draw_sum"}
+        return {name: t[index] for name, t in self.tensors().items() if name != "chain_draws"}
 
 
 def pooled(sums: dict) -> dict:

@@ -122,9 +122,10 @@ class Recorder:
     """The ``observe=`` object (module docstring): probe losses at the draws, into running sums and/or a file.
 
     ``groups``: {name: (lo, hi)} the chain range of each restriction group. ``token_moments``: keep Σ x xᵀ per
-    chain (token influences); ``chain_mean``: keep each group's chain sum per draw (influences with chains
-    averaged); ``raw``: a ``.npz`` path to stream the raw draws to (``draws.RawWriter``); ``max_memory``: bytes
-    the sums may take (default: a quarter of the available memory; refused above it, before sampling)."""
+    chain (token influences); ``chain_mean``: keep every chain's losses at every draw (influences with chains
+    averaged, and their standard errors); ``raw``: a ``.npz`` path to stream the raw draws to
+    (``draws.RawWriter``); ``max_memory``: bytes the sums may take (default: a quarter of the available memory;
+    refused above it, before sampling)."""
 
     def __init__(self, probes: Probes, draws: Draws, groups: dict, *, token_moments: bool = False,
                  chain_mean: bool = False, raw=None, probe_batch: int = 32, max_memory: int | None = None):
@@ -133,8 +134,7 @@ class Recorder:
         self.token_moments, self.chain_mean, self.raw_path = token_moments, chain_mean, raw
         self.probe_batch = check_int("probe_batch", probe_batch, minimum=1)
         self.bytes = moments_bytes(self.chains, probes.examples, probes.elements, len(probes.names),
-                                   token_moments=token_moments, groups=len(groups) if chain_mean else 0,
-                                   draws=draws.count)
+                                   token_moments=token_moments, draws=draws.count if chain_mean else 0)
         self._check_memory(max_memory)
         if raw is not None:
             from .draws import check_raw_path
@@ -169,9 +169,8 @@ class Recorder:
         self._inputs, self._targets = p.inputs.to(device), p.targets.to(device)
         self._example = p.example_weights().to(device)
         self._sets = p.set_weights().to(device)
-        self.moments = Moments.zeros(self.chains, p.examples, p.elements, len(p.names), list(self.groups.values()),
-                                     self.draws.count, token_moments=self.token_moments,
-                                     chain_mean=self.chain_mean, device=device)
+        self.moments = Moments.zeros(self.chains, p.examples, p.elements, len(p.names), self.draws.count,
+                                     token_moments=self.token_moments, chain_mean=self.chain_mean, device=device)
         if self.raw_path is not None:
             from .draws import RawWriter
             self.writer = RawWriter(self.raw_path, self.chains, self.draws.count, p.examples, p.elements)
