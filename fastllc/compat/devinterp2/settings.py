@@ -110,8 +110,9 @@ def fastllc_settings(s: dict) -> dict:
     """SGLDConfig fields: every step recorded and averaged (burn-in included, as devinterp's compute_llc)."""
     rmsprop = {k: s[k] for k in ("rmsprop_alpha", "rmsprop_eps")} if s["sampler"] == "rmsprop_sgld" else {}
     return dict(chains=s["num_chains"], steps=sampling_steps(s), burn_in=0, thin=1, epsilon=s["lr"],
-                gamma=s["localization"], nbeta=s["n_beta"], batch_size=s["batch_size"] * s["gradient_accumulation_steps"],
-                seed=s["init_seed"], sampler=s["sampler"], **rmsprop)
+                gamma=s["localization"], nbeta=s["n_beta"],
+                batch_size=s["batch_size"] * s["gradient_accumulation_steps"], seed=s["init_seed"],
+                sampler=s["sampler"], **rmsprop)
 
 
 def dataset_tokens(dataset) -> torch.Tensor:
