@@ -112,7 +112,7 @@ def unsupported(model, loss_fn) -> str | None:
     data = sys.modules.get("fastllc.lm.data")
     if data is None or loss_fn is not data.next_token_loss:
         return "the transformer backend computes fastllc.lm.next_token_loss itself; other losses need backend='generic'"
-    family = getattr(hf.config, "model_type", None)
+    family = getattr(getattr(hf, "config", None), "model_type", None)
     if FAMILIES.get(family) != type(hf).__name__:
         return (f"the transformer backend runs {', '.join(FAMILIES.values())}, not {type(hf).__name__} "
                 f"(model type {family!r}); use backend='generic'")
@@ -124,6 +124,8 @@ def _unsupported_module(model) -> str | None:
     parameters = list(model.parameters())
     if any(p.dtype != torch.float32 for p in parameters):
         return "the transformer backend runs float32 weights; use backend='generic'"
+    if getattr(model, "autocast", None) is not None:
+        return "the transformer backend computes in float32; bf16 autocast runs on backend='generic'"
     if not all(p.requires_grad for p in parameters):
         return "the transformer backend samples every weight (some have requires_grad=False); use backend='generic'"
     for name, module in model.named_modules():

@@ -31,16 +31,17 @@ from ..sampling.threads import single_threaded_torch
 from ..validate import check_bool, check_int
 from .data import loss_at, next_token_loss, token_data
 from .memory import ChainOffset, MemoryPlan, plan
-from .models import CausalLM, load_causal_lm, sampling_mode
+from .models import CausalLM, load_causal_lm, sampling_mode, vocab_size
 from .names import groups_by_name, name_mask
 
 PREFIX = "model."  # CausalLM holds the Hugging Face model as .model: its parameters' names start so
 LOG = logging.getLogger("fastllc.lm")
 
 
-def _prepared(model, tokens, loss_mask, token_loss=None):
+def _prepared(model, tokens, loss_mask, token_loss=None, bf16: bool = False):
     model = load_causal_lm(model)
-    lm = CausalLM(model) if token_loss is None else TokenLossLM(model, token_loss)
+    autocast = torch.bfloat16 if check_bool("bf16", bf16) else None
+    lm = CausalLM(model, autocast=autocast) if token_loss is None else TokenLossLM(model, token_loss, autocast)
     return model, lm, token_data(tokens, loss_mask, vocab_size=lm.vocab_size)
 
 
@@ -57,19 +58,22 @@ class TokenLossLM(torch.nn.Module):
     ``loss_fn``); the chain loss is the mean of its entries (``mean_token_loss``). The model is ``.model``, as in
     ``CausalLM``, so part names resolve alike."""
 
-    def __init__(self, model: torch.nn.Module, token_loss):
+    def __init__(self, model: torch.nn.Module, token_loss, autocast: torch.dtype | None = None):
         super().__init__()
         if not callable(token_loss):
             raise FastLLCError(f"token_loss must be a function (model, input_ids) → per-token loss [batch, length − 1], "
                                f"got {type(token_loss).__name__}")
         self.model, self.token_loss = CausalLM(model).model, token_loss
+        self.autocast = autocast  # as CausalLM's: the caller's loss under torch.autocast, its values back in fp32
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.token_loss(self.model, tokens)
+        with torch.autocast(tokens.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            losses = self.token_loss(self.model, tokens)
+        return losses if self.autocast is None else losses.float()
 
     @property
     def vocab_size(self):
-        return getattr(self.model.config, "vocab_size", None)
+        return vocab_size(self.model)
 
 
 def mean_token_loss(losses: torch.Tensor, _targets) -> torch.Tensor:
@@ -112,14 +116,14 @@ def memory_plan(model, tokens, chains: int, batch_size: int, sampler: str = "sgl
                 max_memory: int | None = None) -> MemoryPlan:
     """The plan ``estimate`` follows for ``chains`` chains (``estimate_groups``: groups × chains)."""
     model = load_causal_lm(model)
-    data = token_data(tokens, vocab_size=getattr(model.config, "vocab_size", None))
+    data = token_data(tokens, vocab_size=vocab_size(model))
     return plan(model, chains, batch_size, len(data), data.tokens.shape[1], sampler, max_memory)
 
 
 def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_sequences: int | None = None,
              init_loss: float | None = None, attention: str | None = "eager", fused_gelu: bool = True,
              max_memory: int | None = None, backend: str = "auto", randomness=None, progress: bool = False,
-             device="cpu", dropout: bool = False, token_loss=None, **settings) -> LLCResult:
+             device="cpu", dropout: bool = False, token_loss=None, bf16: bool = False, **settings) -> LLCResult:
     """λ̂ of ``model`` at its weights on ``tokens`` (LongTensor [N, T], dataset with ``input_ids``, or a
     DataLoader; ``loss_mask`` [N, T] optional). ``restrict``: a part name or list (``names.py``: ``"l0h1"``,
     ``"l0 mlp"``, ``"embed"``, parameter names or globs) — only those weights move. ``init_sequences``: L_n(w*)
@@ -129,10 +133,13 @@ def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_
     ``dropout=True`` evaluates the model in training mode (dropout on, masks from torch's global generator),
     L_n(w*) included, as devinterp does. ``token_loss``: a function (model, input_ids [B, T]) → per-token loss
     [B, T−1] replacing the next-token cross-entropy (devinterp 2's ``loss_fn``): the chain loss is the mean of
-    its entries, L_n(w*) their mean over the sequences (``loss_mask`` does not apply). Other keywords: the
-    ``SGLDConfig`` fields (``chains``, ``steps``, ``epsilon``, ``gamma``, ``nbeta``, ``batch_size`` in
-    sequences, ...)."""
-    model, lm, data = _prepared(model, tokens, loss_mask, token_loss)
+    its entries, L_n(w*) their mean over the sequences (``loss_mask`` does not apply). ``bf16=True``: every
+    forward and backward pass under ``torch.autocast`` in bfloat16 on ``device`` (``models.CausalLM``), L_n(w*)'s
+    included, so that the offset bf16 rounding puts on the loss cancels in λ̂ = nβ·(E[L_m] − L_n(w*)); the
+    weights, their gradients, the noise and the SGLD update stay float32 (backend ``generic``: the ``transformer``
+    backend's engine is float32). Other keywords: the ``SGLDConfig`` fields (``chains``, ``steps``, ``epsilon``,
+    ``gamma``, ``nbeta``, ``batch_size`` in sequences, ...)."""
+    model, lm, data = _prepared(model, tokens, loss_mask, token_loss, bf16)
     loss = next_token_loss if token_loss is None else mean_token_loss
     config = sgld_config(config, settings)
     selection = None if restrict is None else _prefixed(_selection(model, restrict))
@@ -153,14 +160,14 @@ def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_
 def estimate_groups(model, tokens, config=None, *, groups="per-head", loss_mask=None,
                     init_sequences: int | None = None, init_loss: float | None = None,
                     attention: str | None = "eager", fused_gelu: bool = True, max_memory: int | None = None,
-                    device="cpu", dropout: bool = False,
+                    device="cpu", dropout: bool = False, bf16: bool = False,
                     backend: str = "auto", randomness=None, progress: bool = False, **settings) -> GroupResults:
     """The weight-restricted λ̂ of several named parts from ONE batched run (``fastllc.estimate_groups``:
     ``chains`` chains per group, all groups' chains advancing together, or in memory-planned groups of chains
     one after another). ``groups``: ``"per-head"`` (every ``l{l}h{h}``), ``"per-layer"`` (every ``l{l}``), a list
     of names (each its own group) or a dict {group name: name or list of names}. Other arguments as
     ``estimate``."""
-    model, lm, data = _prepared(model, tokens, loss_mask)
+    model, lm, data = _prepared(model, tokens, loss_mask, bf16=bf16)
     config = sgld_config(config, settings)
     selections = {group: _prefixed(masks) for group, masks in groups_by_name(model, groups).items()}
     total = config.chains * len(selections)

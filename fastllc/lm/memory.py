@@ -54,8 +54,12 @@ class MemoryPlan:
                 f"{f(self.budget)} ({self.budget_source})")
 
 
-def _shape(config) -> tuple[int, int, int, int, int]:
-    c = config
+def _shape(model) -> tuple[int, int, int, int, int]:
+    """(layers, width, heads, MLP width, vocabulary) from a Hugging Face config or a HookedTransformer's ``cfg``."""
+    c = getattr(model, "config", None)
+    if c is None and hasattr(getattr(model, "cfg", None), "n_heads"):
+        c = model.cfg
+        return c.n_layers, c.d_model, c.n_heads, c.d_mlp or 4 * c.d_model, c.d_vocab
     layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 1)
     width = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 1)
     heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 1)
@@ -64,7 +68,7 @@ def _shape(config) -> tuple[int, int, int, int, int]:
 
 
 def activation_bytes_per_token(model, length: int) -> int:
-    layers, width, heads, hidden, vocab = _shape(model.config)
+    layers, width, heads, hidden, vocab = _shape(model)
     return 4 * 2 * (layers * (10 * width + 3 * hidden + 3 * heads * length) + 3 * vocab)
 
 

@@ -1,8 +1,15 @@
 """Causal language models as the module fastllc samples: tokens [B, T] → next-token logits [B, T−1, V].
 
 ``CausalLM`` wraps a Hugging Face ``transformers`` causal LM (built from a config, or loaded from a local
-``save_pretrained`` directory: ``load_causal_lm``); its parameters are the wrapped model's own (no copy),
-named ``model.<the model's own name>``. ``sampling_mode`` puts the model in the state the chains need and
+``save_pretrained`` directory: ``load_causal_lm``) or a TransformerLens ``HookedTransformer`` (recognised as
+devinterp 2 recognises one, by its ``cfg.n_heads``; TransformerLens is never imported here); its parameters are
+the wrapped model's own (no copy), named ``model.<the model's own name>``.
+
+``autocast`` (``CausalLM(model, autocast=torch.bfloat16)``, what ``estimate(..., bf16=True)`` sets): the forward
+runs under ``torch.autocast`` in that dtype on the tokens' device (matrix products in bf16, the reductions autocast
+keeps in fp32), the logits come back as fp32; the weights stay fp32 and so do their gradients (autocast casts
+a copy of each weight for the product, and autograd casts the gradient back), the noise and the SGLD update,
+which the backends do outside the module. ``sampling_mode`` puts the model in the state the chains need and
 restores it afterwards, whatever happens:
 
 - ``eval()`` on every module (dropout off: L_m is a function of the weights and the minibatch only), the
@@ -13,12 +20,14 @@ restores it afterwards, whatever happens:
   eager path is matmul + softmax, which vmap batches (one bmm over all chains);
 - ``fused_gelu``: GPT-2's ``NewGELUActivation`` (tanh-GELU spelt as seven element-wise ops) replaced by
   ``F.gelu(approximate="tanh")``, one fused kernel, the same function to fp32 rounding (|Δ| ≲ 1e-6
-  relative; tested). The element-wise ops were ~45% of a tiny GPT-2's step on the CPU.
+  relative; tested). The element-wise ops were ~45% of a tiny GPT-2's step on the CPU. TransformerLens's
+  ``gelu_new`` (the same seven ops, a function in each MLP's ``act_fn``) is swapped likewise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -40,14 +49,18 @@ class CausalLM(nn.Module):
     (≤ ``chunk`` sequences per chain) run in one piece. Chunking changes no value: each sequence's logits
     do not depend on the others in its batch."""
 
-    def __init__(self, model: nn.Module, chunk: int = 512):
+    def __init__(self, model: nn.Module, chunk: int = 512, autocast: torch.dtype | None = None):
         super().__init__()
-        if not is_hf_causal_lm(model):
+        if not (is_hf_causal_lm(model) or is_hooked_transformer(model)):
             raise FastLLCError(f"fastllc.lm runs a Hugging Face transformers causal LM (a PreTrainedModel with a "
-                               f"language-model head) or a local save_pretrained directory, got "
-                               f"{type(model).__name__}")
+                               f"language-model head), a TransformerLens HookedTransformer or a local save_pretrained "
+                               f"directory, got {type(model).__name__}")
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise FastLLCError(f"autocast is None, torch.bfloat16 or torch.float16, got {autocast!r}")
         self.model = model
         self.chunk = chunk
+        self.autocast = autocast
+        self._hooked = is_hooked_transformer(model)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[0] <= self.chunk:
@@ -58,17 +71,35 @@ class CausalLM(nn.Module):
         return torch.cat([self._logits(piece) for piece in pieces])
 
     def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=tokens, use_cache=False).logits[:, :-1]
+        with torch.autocast(tokens.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            if self._hooked:
+                logits = self.model(tokens, return_type="logits")
+            else:
+                logits = self.model(input_ids=tokens, use_cache=False).logits
+        return logits[:, :-1].float()
 
     @property
     def vocab_size(self) -> int | None:
-        return getattr(self.model.config, "vocab_size", None)
+        return vocab_size(self.model)
 
 
 def is_hf_causal_lm(model) -> bool:
     """A transformers model with a language-model head (a bare ``GPT2Model`` has no logits to read)."""
     return (isinstance(model, nn.Module) and hasattr(model, "config") and hasattr(model, "get_output_embeddings")
             and model.get_output_embeddings() is not None)
+
+
+def is_hooked_transformer(model) -> bool:
+    """A TransformerLens ``HookedTransformer`` (devinterp 2's test: a ``cfg`` with ``n_heads``), without importing
+    TransformerLens."""
+    return isinstance(model, nn.Module) and hasattr(getattr(model, "cfg", None), "n_heads")
+
+
+def vocab_size(model) -> int | None:
+    """The vocabulary of a Hugging Face model (``config.vocab_size``) or a HookedTransformer (``cfg.d_vocab``)."""
+    if is_hooked_transformer(model):
+        return getattr(model.cfg, "d_vocab", None)
+    return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 def load_causal_lm(model) -> nn.Module:
@@ -96,14 +127,24 @@ class FusedTanhGELU(nn.Module):
         return F.gelu(x, approximate="tanh")
 
 
-def _tanh_gelu_sites(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, module) of every spelt-out tanh-GELU (transformers' ``NewGELUActivation``)."""
+def _tanh_gelu_sites(model: nn.Module) -> list[tuple[nn.Module, str, object]]:
+    """(parent, attribute, module or function) of every spelt-out tanh-GELU: transformers'
+    ``NewGELUActivation`` modules and TransformerLens's ``gelu_new`` held as an MLP's ``act_fn``."""
     sites = []
     for parent in model.modules():
         for attribute, child in parent.named_children():
             if type(child).__name__ == "NewGELUActivation":
                 sites.append((parent, attribute, child))
+        act_fn = parent.__dict__.get("act_fn")
+        if getattr(act_fn, "__name__", None) == "gelu_new" and \
+                getattr(act_fn, "__module__", "").startswith("transformer_lens"):
+            sites.append((parent, "act_fn", act_fn))
     return sites
+
+
+def _fused_like(original):
+    """The one-kernel tanh-GELU in the form ``original`` takes: a module for a module, a function for a function."""
+    return FusedTanhGELU() if isinstance(original, nn.Module) else functools.partial(F.gelu, approximate="tanh")
 
 
 @contextlib.contextmanager
@@ -114,8 +155,8 @@ def sampling_mode(model: nn.Module, attention: str | None = "eager", fused_gelu:
     previous = getattr(config, "_attn_implementation", None)
     swapped = _tanh_gelu_sites(model) if fused_gelu else []
     try:
-        for parent, attribute, _ in swapped:
-            setattr(parent, attribute, FusedTanhGELU())
+        for parent, attribute, original in swapped:
+            setattr(parent, attribute, _fused_like(original))
         model.eval()
         if attention is not None and previous is not None and previous != attention:
             _set_attention(model, attention)

@@ -25,6 +25,12 @@ Layouts (transformers' own parameter shapes, tested against the models' per-head
               owns rows h·3·d_head … (h+1)·3·d_head (its q, k, v); ``attention.dense``: head h's columns.
     Llama     ``self_attn.{q,k,v}_proj`` [heads·d_head, d_model], ``o_proj`` [d_model, heads·d_head]
               (also Mistral, Qwen2 and other models laid out as ``model.layers.{l}.self_attn``).
+    TransformerLens ``HookedTransformer``: every attention weight keeps a head axis first, so head h is index
+              h along dim 0 of ``blocks.{l}.attn.W_Q``/``W_K``/``W_V`` [heads, d_model, d_head], their biases
+              ``b_Q``/``b_K``/``b_V`` [heads, d_head] and ``W_O`` [heads, d_head, d_model] (``b_O`` is shared);
+              grouped-query models keep keys and values as ``_W_K``/``_W_V``/``_b_K``/``_b_V`` [kv-heads, ...].
+              "embed" is ``embed.W_E`` and ``pos_embed.W_pos`` (when the model learns positions), "unembed" is
+              ``ln_final`` (when it has parameters) and ``unembed.W_U``, ``unembed.b_U``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from torch import nn
 
 from ..errors import FastLLCError
 from ..sampling.restrict import closest_names
+from .models import is_hooked_transformer
 
 _HEAD = re.compile(r"^l(\d+)h(\d+)$")
 _LAYER = re.compile(r"^l(\d+)(?: (attn|mlp))?$")
@@ -51,7 +58,7 @@ class Layout:
     mlp: str  # the MLP module of block l
     embed: tuple[str, ...]
     final_norm: str
-    kind: str  # "gpt2" | "neox" | "llama": how heads are laid out in the attention weights
+    kind: str  # "gpt2" | "neox" | "llama" | "hooked": how heads are laid out in the attention weights
 
 
 LAYOUTS = {
@@ -64,9 +71,14 @@ LAYOUTS = {
 }
 for _alias in ("mistral", "qwen2", "qwen3", "gemma", "olmo"):  # not phi3: its fused qkv_proj has no per-head rows
     LAYOUTS[_alias] = LAYOUTS["llama"]
+# TransformerLens, under devinterp 2's name for it (a HookedTransformer has no config.model_type)
+LAYOUTS["hooked_transformer"] = Layout("blocks.{l}.", "blocks.{l}.attn.", "blocks.{l}.mlp.",
+                                       ("embed.W_E", "pos_embed.W_pos"), "ln_final.", "hooked")
 
 
 def layout_of(model: nn.Module) -> Layout:
+    if is_hooked_transformer(model):
+        return LAYOUTS["hooked_transformer"]
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in LAYOUTS:
         raise FastLLCError(f"no head/layer names for model type {model_type!r} (known: "
@@ -75,6 +87,10 @@ def layout_of(model: nn.Module) -> Layout:
 
 
 def _shape(model):
+    """(layers, heads, d_head, key-value heads) from the model's config (TransformerLens: its ``cfg``)."""
+    if is_hooked_transformer(model):
+        c = model.cfg
+        return c.n_layers, c.n_heads, c.d_head, getattr(c, "n_key_value_heads", None) or c.n_heads
     c = model.config
     layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
     heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
@@ -121,7 +137,7 @@ def _one(model, params, item: str, label: str) -> dict[str, torch.Tensor]:
             return _full(params, [n for n in params if n.startswith(prefix)])
         if item == "embed":
             return _full(params, [n for n in layout.embed if n in params])
-        return _full(params, [n for n in params if n.startswith(layout.final_norm)] + [_unembedding(model, params)])
+        return _full(params, [n for n in params if n.startswith(layout.final_norm)] + _unembedding(model, params))
     hits = [n for n in params if fnmatch.fnmatchcase(n, item)]
     if not hits:
         raise FastLLCError(f"{label}: {item!r} is neither a part name ('l0h1', 'l0 attn', 'l0 mlp', 'l0', 'embed', "
@@ -129,10 +145,13 @@ def _one(model, params, item: str, label: str) -> dict[str, torch.Tensor]:
     return _full(params, hits)
 
 
-def _unembedding(model, params) -> str:
-    """The name under which ``named_parameters()`` lists the unembedding (the embedding's name when tied)."""
+def _unembedding(model, params) -> list[str]:
+    """The names under which ``named_parameters()`` lists the unembedding (the embedding's name when tied;
+    TransformerLens: ``unembed.W_U`` and its bias)."""
+    if is_hooked_transformer(model):
+        return [n for n in params if n.startswith("unembed.")]
     weight = model.get_output_embeddings().weight
-    return next(n for n, p in model.named_parameters() if p is weight)
+    return [next(n for n, p in model.named_parameters() if p is weight)]
 
 
 def head_mask(model, params, layout: Layout, layer: int, head: int) -> dict[str, torch.Tensor]:
@@ -164,6 +183,10 @@ def head_mask(model, params, layout: Layout, layer: int, head: int) -> dict[str,
         rows(attn + "query_key_value.weight", interleaved, dim=0)
         rows(attn + "query_key_value.bias", interleaved)
         rows(attn + "dense.weight", own, dim=1)
+    elif layout.kind == "hooked":
+        group = head // (heads // kv_heads)
+        for name, index in (("W_Q", head), ("b_Q", head), ("W_O", head), *((kv, group) for kv in _HOOKED_KV)):
+            rows(attn + name, slice(index, index + 1), dim=0)  # the head axis is first in every one
     else:
         group = head // (heads // kv_heads)
         shared = slice(group * d_head, (group + 1) * d_head)
@@ -172,6 +195,10 @@ def head_mask(model, params, layout: Layout, layer: int, head: int) -> dict[str,
             rows(attn + proj + ".bias", index)
         rows(attn + "o_proj.weight", own, dim=1)
     return masks
+
+
+# TransformerLens's key and value weights: W_K… with as many heads as queries, _W_K… with fewer (grouped-query)
+_HOOKED_KV = ("W_K", "W_V", "b_K", "b_V", "_W_K", "_W_V", "_b_K", "_b_V")
 
 
 def groups_by_name(model: nn.Module, groups) -> dict[str, dict[str, torch.Tensor]]:
