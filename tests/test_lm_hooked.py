@@ -97,3 +97,10 @@ def test_the_transformer_backend_names_why_it_does_not_run_a_hooked_transformer(
     with pytest.raises(FastLLCError, match="HookedTransformer"):
         lm.estimate(model, tokens(8), chains=1, backend="transformer", **dict(SETTINGS, steps=2))
     assert lm.memory_plan(model, tokens(8), chains=4, batch_size=4).groups == [(0, 4)]
+
+
+def test_bf16_runs_on_a_hooked_transformer():
+    model, data = hooked(), tokens(16)
+    fp32, bf16 = (lm.estimate(model, data, chains=2, bf16=flag, **SETTINGS) for flag in (False, True))
+    assert bf16.init_loss != fp32.init_loss and bf16.init_loss == pytest.approx(fp32.init_loss, rel=2e-3)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

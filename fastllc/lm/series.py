@@ -54,7 +54,7 @@ from ..api import sgld_config
 from .data import loss_at, next_token_loss, token_data
 from .memory import ChainOffset, MemoryPlan, plan
 from .models import CausalLM, load_causal_lm, sampling_mode
-from ..validate import check_int
+from ..validate import check_bool, check_int
 
 LOG = logging.getLogger("fastllc.lm")
 
@@ -234,15 +234,16 @@ def _flat(model: nn.Module, template: nn.Module) -> torch.Tensor:
 
 
 def _starts(entries, template, first_is_template: bool, data, init_sequences, attention, fused_gelu,
-            dropout) -> tuple[torch.Tensor, list]:
-    """w*_k [K, d] and L_n(w*_k) of every checkpoint, loaded one at a time (only the stack is kept)."""
+            dropout, autocast=None) -> tuple[torch.Tensor, list]:
+    """w*_k [K, d] and L_n(w*_k) of every checkpoint, loaded one at a time (only the stack is kept); ``autocast``:
+    L_n(w*_k) in that precision, as the chains' losses (``CausalLM``)."""
     rows, inits = [], []
     for k, (label, _, item) in enumerate(entries):
         model = template if k == 0 and first_is_template else load_checkpoint(item, template)
         rows.append(_flat(model, template))
         with sampling_mode(model, attention, fused_gelu):
             model.train(dropout)
-            inits.append(loss_at(CausalLM(model), data, init_sequences))
+            inits.append(loss_at(CausalLM(model, autocast=autocast), data, init_sequences))
         if not math.isfinite(inits[-1]):
             raise FastLLCError(f"checkpoint {label!r}: the loss at its weights is {inits[-1]}; check the checkpoint")
     return torch.stack(rows), inits
@@ -339,7 +340,7 @@ def _run(series: SeriesModel, config, chosen: MemoryPlan, mask, backend, device,
 def estimate_series(checkpoints, tokens, config=None, *, model=None, training_steps=None, loss_mask=None,
                     restrict=None, init_sequences: int | None = None, attention: str | None = "eager",
                     fused_gelu: bool = True, max_memory: int | None = None, backend: str = "generic", device="cpu",
-                    dropout: bool = False, progress: bool = False, **settings) -> SeriesResult:
+                    dropout: bool = False, progress: bool = False, bf16: bool = False, **settings) -> SeriesResult:
     """λ̂ of every checkpoint (module docstring) on ``tokens``: ``chains`` chains each, all in as few batched
     runs as the memory plan allows; chain j of every checkpoint follows chain j of ``fastllc.lm.estimate`` on
     that checkpoint with the same settings. ``model``: the architecture that state dicts are loaded into (a
@@ -347,7 +348,8 @@ def estimate_series(checkpoints, tokens, config=None, *, model=None, training_st
     ``fastllc.lm.estimate`` (``backend``: ``generic`` or ``reference``)."""
     entries = checkpoint_entries(checkpoints, training_steps)
     template = load_checkpoint(model if model is not None else entries[0][2], None)
-    lm = CausalLM(template)
+    autocast = torch.bfloat16 if check_bool("bf16", bf16) else None
+    lm = CausalLM(template, autocast=autocast)
     data = token_data(tokens, loss_mask, vocab_size=lm.vocab_size)
     config = sgld_config(config, settings)
     if config.orthogonal or config.chain_loss != "exact":
@@ -356,7 +358,8 @@ def estimate_series(checkpoints, tokens, config=None, *, model=None, training_st
     if init_sequences is not None:
         check_int("init_sequences", init_sequences, minimum=1)
     config = replace(config, nbeta=wbic_nbeta(len(data)) if config.nbeta is None else config.nbeta).validate()
-    w_stars, inits = _starts(entries, template, model is None, data, init_sequences, attention, fused_gelu, dropout)
+    w_stars, inits = _starts(entries, template, model is None, data, init_sequences, attention, fused_gelu, dropout,
+                             autocast)
     mask = None if restrict is None else selection_mask(lm, _prefixed(_selection(template, restrict)))
     K, C = len(entries), config.chains
     tiled = replace(config, chains=K * C, **_per_chain(config, lambda v: v * K))
