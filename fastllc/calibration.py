@@ -39,7 +39,7 @@ nβ, which calibration does not choose): excluding it fell back to
 smaller steps, which mix worse. Nothing in the rule rewards agreement between neighbouring ε (the earlier "top
 of the plateau" rule let large-ε bias through: 21% median error on random deep linear networks with the
 issue's absolute grid, mostly over). Its λ̂ comes with a 90% interval (``interval_of``) that adds to the
-standard error how much halving the step moves λ̂, how much λ̂ drifted along the chains, and the spread over γ
+standard error the first-order error of the step (twice what halving it moves λ̂), how much λ̂ drifted along the chains, and the spread over γ
 values on which λ̂ is flat. No usable cell: no recommendation, and a one-line ``hint``.
 """
 
@@ -111,7 +111,7 @@ class Interval:
     low: float
     high: float
     standard_error: float  # Monte Carlo: the chains' spread
-    step_term: float  # |λ̂ − λ̂ at half the step|: discretisation bias or unfinished mixing
+    step_term: float  # the step's first-order error: 2·|λ̂ − λ̂ at half the step| (``interval_of``)
     drift_term: float  # |λ̂'s change from the first to the last fifth of the chains|
     gamma_term: float  # spread over the γ values on which λ̂ is flat
 
@@ -582,18 +582,22 @@ def half_step(cells: Sequence[Mapping], index: int) -> int | None:
 
 
 def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval | None:
-    """The recommended λ̂'s 90% interval: λ̂ ± Z90·√(se² + step² + drift² + γ²), where ``step`` is |λ̂ − λ̂ at
-    the next smaller usable ε of its row| (else the next larger; 0 with neither): how much halving the step
-    moves λ̂, through discretisation bias or unfinished mixing, neither of which the standard error sees;
-    ``drift`` = |drift_relative|·λ̂, how much λ̂ moved between the first and last fifth of the chains (a trend
-    below the flag's threshold is still an error of about that size); and ``γ`` the standard deviation of λ̂
-    over the γ rows (same nβ and step scale) that agree with it within two combined standard errors (λ̂ flat
-    in γ: their differences are the localisation's uncertainty)."""
+    """The recommended λ̂'s 90% interval: λ̂ ± Z90·√(se² + step² + drift² + γ²).
+
+    ``step`` is the first-order error of λ̂ at the chosen ε read from its neighbour ε' in the row (the next
+    smaller usable ε, else the next larger; 0 with neither): if λ̂(ε) = λ + b·ε, then λ̂(ε) − λ = (λ̂(ε) − λ̂(ε'))
+    ·ε/(ε − ε'), which is 2·|λ̂(ε) − λ̂(ε/2)| on the default grid (Richardson). Unfinished mixing, which runs
+    the other way (λ̂ low by ~c/ε when the chains are too short for the flat directions), makes the same difference
+    |λ̂(ε) − λ̂(ε/2)| = c/ε, so the first-order term bounds both; the standard error sees neither. ``drift`` =
+    |drift_relative|·λ̂, how much λ̂ moved between the first and last fifth of the chains (a trend below the flag's
+    threshold is still an error of about that size); and ``γ`` the standard deviation of λ̂ over the γ rows (same
+    nβ and step scale) that agree with it within two combined standard errors (λ̂ flat in γ: their differences are
+    the localisation's uncertainty)."""
     if recommended is None:
         return None
     chosen = cells[recommended]
     neighbour = half_step(cells, recommended)
-    step = 0.0 if neighbour is None else abs(chosen["llc_mean"] - cells[neighbour]["llc_mean"])
+    step = 0.0 if neighbour is None else first_order_error(chosen, cells[neighbour])
     se = _finite(chosen["llc_se"])
     same = [c["llc_mean"] for c in cells if usable(c) and c["nbeta"] == chosen["nbeta"]
             and _same_step(c, chosen) and abs(c["llc_mean"] - chosen["llc_mean"])
@@ -603,6 +607,12 @@ def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval |
     half = Z90 * math.sqrt(se**2 + step**2 + drift**2 + gamma**2)
     return Interval(low=chosen["llc_mean"] - half, high=chosen["llc_mean"] + half, standard_error=se,
                     step_term=step, drift_term=drift, gamma_term=gamma)
+
+
+def first_order_error(chosen: Mapping, neighbour: Mapping) -> float:
+    """|λ̂(ε) − λ| if λ̂ is affine in ε, from λ̂ at ε and at the neighbour's ε': |λ̂(ε) − λ̂(ε')|·ε/|ε − ε'|."""
+    epsilon, other = chosen["epsilon"], neighbour["epsilon"]
+    return abs(chosen["llc_mean"] - neighbour["llc_mean"]) * epsilon / abs(epsilon - other)
 
 
 def _finite(value) -> float:

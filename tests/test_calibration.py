@@ -14,8 +14,8 @@ from torch import nn
 
 from fastllc import FastLLCError
 from fastllc.analysis.plots import plot_calibration
-from fastllc.calibration import (DRIFT_LIMIT, Z90, CalibrationResult, calibrate, cell_flags, interval_of,
-                                 recommend)
+from fastllc.calibration import (DRIFT_LIMIT, Z90, CalibrationResult, calibrate, cell_flags, first_order_error,
+                                 interval_of, recommend)
 from fastllc.cli.calibrate import calibrate_command
 from fastllc.theory.dln import dln_data, dln_learning_coefficient, dln_teacher, half_squared_error
 
@@ -99,7 +99,8 @@ def test_recommended_cell_of_linear_regression_is_d_over_2():
     assert chosen.step_scale == pytest.approx(0.1) and chosen.llc_mean == pytest.approx(3.0, rel=0.2)
     band = result.interval
     assert band.low < chosen.llc_mean < band.high and band.gamma_term == 0.0
-    assert band.step_term == pytest.approx(abs(chosen.llc_mean - result.cells[0].llc_mean))
+    # the first-order error at s from s/2: twice their difference (λ̂ affine in ε)
+    assert band.step_term == pytest.approx(2 * abs(chosen.llc_mean - result.cells[0].llc_mean))
     assert all(0 <= c.mala_acceptance <= 1 for c in result.cells)
     assert all(0 <= c.locality < 0.01 for c in result.cells)  # λ/nβ ≪ the zero predictor's extra loss
 
@@ -156,7 +157,8 @@ def test_rule_prefers_the_default_nbeta_then_the_smallest_gamma():
 
 
 def test_interval_adds_the_step_term_and_the_flat_gammas():
-    """λ̂ ± Z90·√(se² + step² + drift² + γ²): step = |λ̂ − λ̂ at the next smaller ε|; drift = |drift_relative|·λ̂;
+    """λ̂ ± Z90·√(se² + step² + drift² + γ²): step = the first-order error |λ̂(ε) − λ̂(ε')|·ε/|ε − ε'| from the
+    next smaller ε' (twice the difference at half the step); drift = |drift_relative|·λ̂;
     γ = the spread over γ rows at the same step scale that agree within two combined se (the γ = 10 row here
     does not: it is left out)."""
     cells = [cell(0.5, 9.0, se=0.3), cell(1.0, 10.0, se=0.3),
@@ -164,14 +166,25 @@ def test_interval_adds_the_step_term_and_the_flat_gammas():
              cell(1.0, 14.0, se=0.3, gamma=10.0)]
     best = recommend(cells, 1.0)[0]
     band = interval_of(cells, best)
-    assert best == 1 and band.step_term == pytest.approx(1.0) and band.standard_error == 0.3
+    assert best == 1 and band.step_term == pytest.approx(2.0) and band.standard_error == 0.3
     assert band.gamma_term == pytest.approx(statistics.stdev([10.0, 10.6]))
-    half = Z90 * math.sqrt(0.3**2 + 1.0**2 + band.gamma_term**2)  # no drift: drift_relative 0
+    half = Z90 * math.sqrt(0.3**2 + 2.0**2 + band.gamma_term**2)  # no drift: drift_relative 0
     assert (band.low, band.high) == pytest.approx((10.0 - half, 10.0 + half))
     assert interval_of([cell(1.0, 10.0, se=0.3)], 0).step_term == 0.0  # a lone cell: the standard error alone
     drifting = interval_of([cell(1.0, 10.0, se=0.3, relative=0.08)], 0)  # λ̂ moved 8% along the chains
     assert drifting.drift_term == pytest.approx(0.8)
     assert drifting.high - 10.0 == pytest.approx(Z90 * math.hypot(0.3, 0.8))
+
+
+def test_step_term_is_the_first_order_error_on_an_affine_lambda():
+    """λ̂(ε) = λ + b·ε exactly (λ = 10, b = 2): the step term is λ̂(ε) − λ at the chosen ε, whichever neighbour
+    it is read from (the smaller, or the larger when there is no smaller usable one)."""
+    affine = lambda e: 10.0 + 2.0 * e  # noqa: E731
+    assert first_order_error(cell(1.0, affine(1.0)), cell(0.5, affine(0.5))) == pytest.approx(2.0)
+    assert first_order_error(cell(1.0, affine(1.0)), cell(2.0, affine(2.0))) == pytest.approx(2.0)
+    assert first_order_error(cell(1.0, affine(1.0)), cell(0.25, affine(0.25))) == pytest.approx(2.0)
+    cells = [cell(1.0, affine(1.0)), cell(2.0, affine(2.0)), cell(0.5, math.nan, healthy=0.0)]
+    assert interval_of(cells, 0).step_term == pytest.approx(2.0)  # the smaller cell diverged: the larger one
 
 
 def test_rule_without_usable_cells_gives_a_hint():
