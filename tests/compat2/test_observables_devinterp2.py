@@ -8,7 +8,7 @@ influence matrices of the full restriction correlate (Pearson r of the off-diago
 between two fastllc seeds: the noise floor); every restriction × observable susceptibility (devinterp's
 estimator, averaged over the observable's tokens) within 3 combined standard errors; and the time, printed
 (fastllc's one run against devinterp's three sampling runs; asserted only to be faster, since the machine's load
-moves both)."""
+moves both). And a custom loss_fn: what the observables record, as devinterp records it."""
 
 import math
 import time
@@ -152,3 +152,30 @@ def test_one_fastllc_run_is_faster_than_devinterps_three(devinterp_results, fast
     print(f"devinterp 2.0.1: 3 sampling runs + compute {theirs:.1f} s; fastllc: one batched run + both {mine:.1f} s "
           f"({theirs / mine:.1f}×)")
     assert mine < theirs
+
+
+def second_half(model, input_ids):
+    """A custom loss_fn: the next-token cross-entropy of the second half of each sequence only."""
+    logits = model(input_ids).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return ce * (torch.arange(ce.shape[1]) >= ce.shape[1] // 2)
+
+
+def test_a_custom_loss_fn_is_recorded_by_the_observables_as_devinterp_records_it(workload):
+    """devinterp's sample(loss_fn=...) and fastllc's observe(loss_fn=...) at lr = 1e-16, so the chains stay at w*
+    (noise √lr = 1e-8 per weight, below the float32 spacing of most weights; at lr = 1e-12 the two tools' different
+    noise moved per-token losses by up to 7e-4 relative): the same L̂_n(w*) (rel 1e-5) and, for every observable,
+    the same per-token losses at every draw: the loss_fn's entries on the same sequences in the same order (rtol
+    1e-4: float32 losses of a forward pass batched differently)."""
+    model, dataset, observables = workload
+    settings = {**SETTINGS, "lr": 1e-16, "num_chains": 2, "num_draws": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sampling without output_path"
+        theirs = devinterp_sample(model, dataset, observables, loss_fn=second_half, **settings).dataset
+    ours = devinterp2.observe(model, dataset, observables, {"full": None}, loss_fn=second_half, chain_mean=True,
+                              **settings)
+    assert ours.init_loss == pytest.approx(float(theirs["init_loss"].values.mean()), rel=1e-5)
+    for name in ours.probes.names:
+        recorded = ours.moments.chain_draws[:, :, ours.probes.rows(name)].numpy()  # [chain, draw, batch, K]
+        np.testing.assert_allclose(recorded, theirs[f"loss_{name}"].values, rtol=1e-4, atol=1e-6)
+        assert (recorded[..., :7] == 0).all()
