@@ -53,7 +53,8 @@ def gpt2_tensors_from_hooked(tensors: dict, layers: int) -> dict:
     """A HookedTransformer's tensors by name (its weights, or masks over them) as those of the equivalent untied
     GPT2LMHeadModel: head axes flattened into GPT-2's q | k | v columns and c_proj rows; ``unembed.b_U`` has no
     counterpart (GPT-2's lm_head has no bias) and is left out."""
-    columns = lambda w: w.permute(1, 0, 2).reshape(w.shape[1], -1)  # [heads, d_model, d_head] → [d_model, heads·d_head]
+    # [heads, d_model, d_head] → [d_model, heads·d_head]
+    columns = lambda w: w.permute(1, 0, 2).reshape(w.shape[1], -1)
     out = {"transformer.wte.weight": tensors["embed.W_E"], "transformer.wpe.weight": tensors["pos_embed.W_pos"],
            "transformer.ln_f.weight": tensors["ln_final.w"], "transformer.ln_f.bias": tensors["ln_final.b"],
            "lm_head.weight": tensors["unembed.W_U"].T}
@@ -66,7 +67,8 @@ def gpt2_tensors_from_hooked(tensors: dict, layers: int) -> dict:
         for ours, theirs in (("ln_1", "ln1"), ("ln_2", "ln2")):
             out[h + ours + ".weight"], out[h + ours + ".bias"] = tensors[t + theirs + ".w"], tensors[t + theirs + ".b"]
         for ours, theirs in (("c_fc", "in"), ("c_proj", "out")):
-            out[h + f"mlp.{ours}.weight"], out[h + f"mlp.{ours}.bias"] = tensors[t + f"mlp.W_{theirs}"], tensors[t + f"mlp.b_{theirs}"]
+            out[h + f"mlp.{ours}.weight"] = tensors[t + f"mlp.W_{theirs}"]
+            out[h + f"mlp.{ours}.bias"] = tensors[t + f"mlp.b_{theirs}"]
     return out
 
 

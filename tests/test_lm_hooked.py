@@ -35,7 +35,8 @@ def test_grouped_query_heads_share_their_key_value_head():
     model = hooked(n_key_value_heads=2)  # keys and values as _W_K/_W_V [2, d_model, d_head]
     masks = lm.name_mask(model, "l0h3")
     assert {"blocks.0.attn._W_K", "blocks.0.attn._W_V", "blocks.0.attn.W_Q"} <= set(masks)
-    assert masks["blocks.0.attn._W_K"][1].all() and not masks["blocks.0.attn._W_K"][0].any()  # query head 3 → kv head 1
+    kv = masks["blocks.0.attn._W_K"]
+    assert kv[1].all() and not kv[0].any()  # query head 3 reads key-value head 3 // (4 / 2) = 1
     assert masks["blocks.0.attn.W_Q"][3].all() and int(masks["blocks.0.attn.W_Q"].sum()) == 32 * 8
 
 

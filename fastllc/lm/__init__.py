@@ -1,4 +1,5 @@
-"""Language models: λ̂ of Hugging Face causal LMs on token data, per head or layer by name.
+"""Language models: λ̂ of Hugging Face causal LMs and TransformerLens HookedTransformers on token data, per head
+or layer by name, in float32 or under bf16 autocast (``bf16=True``: weights, noise and update stay float32).
 
     import fastllc.lm
     result = fastllc.lm.estimate(model, tokens, chains=16, steps=200, batch_size=16,

@@ -31,7 +31,7 @@ from ..sampling.threads import single_threaded_torch
 from ..validate import check_bool, check_int
 from .data import loss_at, next_token_loss, token_data
 from .memory import ChainOffset, MemoryPlan, plan
-from .models import CausalLM, load_causal_lm, sampling_mode, vocab_size
+from .models import CausalLM, autocast_context, load_causal_lm, sampling_mode, vocab_size
 from .names import groups_by_name, name_mask
 
 PREFIX = "model."  # CausalLM holds the Hugging Face model as .model: its parameters' names start so
@@ -67,7 +67,7 @@ class TokenLossLM(torch.nn.Module):
         self.autocast = autocast  # as CausalLM's: the caller's loss under torch.autocast, its values back in fp32
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(tokens.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        with autocast_context(self.autocast, tokens.device.type):
             losses = self.token_loss(self.model, tokens)
         return losses if self.autocast is None else losses.float()
 

@@ -71,7 +71,7 @@ class CausalLM(nn.Module):
         return torch.cat([self._logits(piece) for piece in pieces])
 
     def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(tokens.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        with autocast_context(self.autocast, tokens.device.type):
             if self._hooked:
                 logits = self.model(tokens, return_type="logits")
             else:
@@ -81,6 +81,11 @@ class CausalLM(nn.Module):
     @property
     def vocab_size(self) -> int | None:
         return vocab_size(self.model)
+
+
+def autocast_context(dtype: torch.dtype | None, device_type: str):
+    """``torch.autocast`` in ``dtype`` on ``device_type``; a context that changes nothing when ``dtype`` is None."""
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def is_hf_causal_lm(model) -> bool:
