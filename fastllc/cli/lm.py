@@ -69,17 +69,19 @@ def lm_command():
 @click.option("--init-sequences", type=int, default=None, help="L_n(w*) over this many sequences [default: all].")
 @click.option("--max-memory-mib", type=int, default=None, help="Memory the chains may take [default: half the "
                                                                 "available memory].")
+@click.option("--bf16", is_flag=True, help="Forward and backward passes under bf16 autocast (weights, noise and the "
+                                         "SGLD update stay float32; backend generic).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (a list with --series) instead.")
 @one_line_errors
 def estimate_command(paths, series, plot, chains, steps, burn_in, epsilon, gamma, nbeta, batch_size, seed, restrict,
-                     groups, init_sequences, max_memory_mib, as_json):
+                     groups, init_sequences, max_memory_mib, bf16, as_json):
     """λ̂ of the causal LM saved (save_pretrained) in MODEL_DIR, or of every checkpoint in --series, on the token
     ids in TOKENS_FILE (.npy or .pt)."""
     model_dir, tokens_file = _paths(paths, series, plot, groups)
     tokens, loss_mask = load_tokens(tokens_file)
     settings = dict(chains=chains, steps=steps, burn_in=burn_in, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                     batch_size=batch_size, seed=seed, loss_mask=loss_mask, init_sequences=init_sequences,
-                    max_memory=None if max_memory_mib is None else max_memory_mib * 2**20)
+                    max_memory=None if max_memory_mib is None else max_memory_mib * 2**20, bf16=bf16)
     if series is not None:
         _series(series, model_dir, tokens, list(restrict) or None, plot, as_json, settings)
     elif groups is not None:
