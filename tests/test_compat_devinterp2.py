@@ -16,7 +16,7 @@ from fastllc.compat.devinterp2 import create_param_masks, devinterp_order, llc
 from fastllc.compat.devinterp2.settings import sample_settings
 from fastllc.errors import FastLLCError
 
-from lm_models import gpt2, neox, tokens
+from lm_models import gpt2, hooked, neox, tokens
 
 pytest.importorskip("xarray")
 FAST = dict(lr=1e-4, n_beta=20.0, num_chains=3, num_draws=6, num_burnin_steps=2, batch_size=4,
@@ -107,6 +107,87 @@ def test_masks_are_devinterps_and_restrict_the_chains():
     out = llc(model, tokens(16), None, param_masks=create_param_masks(model, "l0h1"), **FAST)
     assert '"sampled_weights": 1048' in out.attrs["fastllc"]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model.training
+
+
+# ---- TransformerLens HookedTransformer: devinterp's "hooked_transformer" entry -----------------------------
+
+HOOKED = {"mha": lambda: hooked(), "gqa": lambda: hooked(n_key_value_heads=2),  # _W_K/_W_V [2, ...]
+          "three-heads": lambda: hooked(heads=3, width=24)}
+HOOKED_NAMES = ["full", "embed", "unembed", "l0", "l1", "l0 attn", "l1 mlp", "L1 H2", "l0g1", "blocks.1.ln2.w",
+                ["l0h1", "l1 mlp", "embed"]]
+
+
+def hooked_entries(model, restriction) -> dict:
+    """What devinterp 2.0.1 selects on a HookedTransformer, written out from its HEAD_STRUCTURES entry:
+    {parameter name: None (all of it) or bool tensor of its shape}. A head h is index h of dim 0 of W_Q, W_O,
+    b_Q and of K/V (``_W_K``... at h // (heads / kv-heads) under grouped-query attention); a group g is the g-th
+    block of heads / kv-heads query heads and kv head g; embed is W_E only, unembed W_U and b_U (no W_pos, no
+    ln_final). A list is the union, in first-seen order, None where any part is None."""
+    params = dict(model.named_parameters())
+    if isinstance(restriction, list):
+        parts = [hooked_entries(model, r) for r in restriction]
+        names = dict.fromkeys(n for part in parts for n in part)
+        return {n: None if any(p.get(n, 0) is None for p in parts) else
+                torch.stack([p[n] for p in parts if n in p]).any(dim=0) for n in names}
+    r = restriction.lower().replace(" h", "h")
+    if r == "full" or r in params:
+        return {n: None for n in params if r in ("full", n)}
+    if r in ("embed", "unembed"):
+        return dict.fromkeys(["embed.W_E"] if r == "embed" else ["unembed.W_U", "unembed.b_U"])
+    layer, rest = r[1], r[2:]
+    if rest in ("", " attn", " mlp"):
+        return {n: None for n in params if n.startswith(f"blocks.{layer}.{rest.strip()}")}
+    heads, kv = model.cfg.n_heads, model.cfg.n_key_value_heads or model.cfg.n_heads
+    index = int(rest[1:])
+    query = [index] if rest[0] == "h" else list(range(index * heads // kv, (index + 1) * heads // kv))
+    key_value = [index * kv // heads] if rest[0] == "h" else [index]
+    out = {}
+    for name in params:
+        short = name.removeprefix(f"blocks.{layer}.attn.")
+        if short in ("W_Q", "W_O", "b_Q") or short.lstrip("_") in ("W_K", "W_V", "b_K", "b_V"):
+            out[name] = torch.zeros(params[name].shape, dtype=torch.bool)
+            out[name][query if short in ("W_Q", "W_O", "b_Q") or kv == heads else key_value] = True
+    return out
+
+
+@pytest.mark.parametrize("build", HOOKED.values(), ids=HOOKED.keys())
+def test_hooked_transformer_masks_select_devinterps_entries(build):
+    model = build()
+    params = dict(model.named_parameters())
+    for restriction in HOOKED_NAMES + [f"l{layer}h{h}" for layer in range(2) for h in range(model.cfg.n_heads)]:
+        masks, expected = create_param_masks(model, restriction), hooked_entries(model, restriction)
+        assert list(masks) == list(expected), restriction
+        for name, mask in masks.items():
+            assert (mask is None) == (expected[name] is None), (restriction, name)
+            if mask is not None:
+                assert mask.shape == params[name].shape and torch.equal(mask, expected[name]), (restriction, name)
+
+
+def test_hooked_transformer_head_masks_read_its_cfg():
+    model = hooked(n_key_value_heads=2)
+    assert "blocks.0.attn._W_K" in create_param_masks(model, "l0h3")  # the grouped-query variant was chosen
+    assert int(create_param_masks(model, "l0h3")["blocks.0.attn._W_K"].sum()) == 32 * 8  # kv head 1 of 2
+    with pytest.raises(FastLLCError, match="head 4 out of range"):
+        create_param_masks(model, "l0h4")
+    with pytest.raises(FastLLCError, match="group 2 out of range"):
+        create_param_masks(model, "l0g2")
+
+
+def test_llc_on_a_hooked_transformer_is_cross_entropy_of_its_logits():
+    """devinterp runs a HookedTransformer as ``model(input_ids)`` (logits) and takes the next-token cross-entropy."""
+    model, toks = hooked(), tokens(16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = llc(model, toks, None, param_masks=create_param_masks(model, "l0h1"), **dict(FAST, lr=1e-12))
+    assert '"sampled_weights": 1048' in out.attrs["fastllc"]  # 4·32·8 weights + 3·8 biases of one head
+    epoch = devinterp_order(16, 4, seed=100, shuffle=True)
+    with torch.no_grad():
+        expected = [torch.nn.functional.cross_entropy(model(toks[b])[:, :-1].transpose(1, 2), toks[b][:, 1:]).item()
+                    for b in epoch[[0, 1, 2, 3]]]
+    assert float(out.init_loss) == pytest.approx(np.mean(expected[:3]), rel=1e-5)
+    np.testing.assert_allclose(out.loss_trace.values[:, :4], np.tile(expected, (3, 1)), rtol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    moving = llc(model, toks, None, **FAST)  # every weight
+    assert out.healthy.values.all() and moving.healthy.values.all() and math.isfinite(float(moving.llc_mean))
 
 
 def test_output_path_caches_the_result_and_refuses_other_settings(tmp_path, monkeypatch):

@@ -58,6 +58,7 @@ import torch
 
 from ... import storage
 from ...errors import FastLLCError
+from ...lm.models import is_hooked_transformer
 from ...sampling.restrict import closest_names
 from .settings import (DEFAULTS, DevinterpBatches, dataset_tokens, fastllc_settings, init_loss, minibatch_orders,
                        sample_settings, sampling_steps)
@@ -212,9 +213,21 @@ _LLAMA = dict(prefix="model.layers", embed=("model.embed_tokens.weight",), unemb
                      "self_attn.q_proj.weight": (0, None), "self_attn.v_proj.weight": (0, None)})
 _QWEN2 = dict(_LLAMA, attn=_LLAMA["attn"] + ("self_attn.k_proj.bias", "self_attn.q_proj.bias", "self_attn.v_proj.bias"),
               heads={**_LLAMA["heads"], **{f"self_attn.{p}_proj.bias": (0, None) for p in "qkv"}})
-# devinterp 2.0.1's HEAD_STRUCTURES entries (devinterp/slt/_model_structures.py) for these model types
+# TransformerLens keeps a head axis first on every attention weight, so a head is index h of dim 0. Two variants,
+# as in devinterp: multi-head attention (W_K/W_V [heads, ...]) and grouped-query attention, whose keys and values
+# are the parameters _W_K/_W_V [kv-heads, ...] (W_K/W_V are then properties that repeat them per head).
+# "embed" is W_E only and "unembed" W_U/b_U only (not W_pos, not ln_final): devinterp's choice, kept.
+_HOOKED_MHA = dict(prefix="blocks", embed=("embed.W_E",), unembed=("unembed.W_U", "unembed.b_U"),
+                   attn=tuple(f"attn.{w}" for w in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")),
+                   mlp=("mlp.W_in", "mlp.W_out", "mlp.W_gate", "mlp.b_in", "mlp.b_out"),
+                   heads={f"attn.{w}": (0, None) for w in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")})
+_HOOKED_GQA = dict(_HOOKED_MHA,
+                   attn=tuple(f"attn.{w}" for w in ("W_Q", "_W_K", "_W_V", "W_O", "b_Q", "_b_K", "_b_V", "b_O")),
+                   heads={f"attn.{w}": (0, None) for w in ("W_Q", "_W_K", "_W_V", "W_O", "b_Q", "_b_K", "_b_V")})
+# devinterp 2.0.1's HEAD_STRUCTURES entries (devinterp/slt/_model_structures.py) for these model types; a tuple
+# lists variants, of which the one naming most of the model's layer parameters applies (devinterp's _get_spec)
 SPECS = {"gpt2": _GPT2, "gpt_neox": _NEOX, "llama": _LLAMA, "mistral": _LLAMA, "qwen3": _LLAMA, "gemma": _LLAMA,
-         "olmo": _LLAMA, "qwen2": _QWEN2}
+         "olmo": _LLAMA, "qwen2": _QWEN2, "hooked_transformer": (_HOOKED_MHA, _HOOKED_GQA)}
 
 
 def create_param_masks(model, restriction) -> dict:
@@ -256,11 +269,37 @@ def create_param_masks(model, restriction) -> dict:
 
 
 def _spec(model) -> dict:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    """The model's entry of ``SPECS``: ``hooked_transformer`` for a TransformerLens model (devinterp's test, a
+    ``cfg`` with ``n_heads``), else by ``config.model_type``."""
+    if is_hooked_transformer(model):
+        model_type = "hooked_transformer"
+    else:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SPECS:
         raise FastLLCError(f"create_param_masks: model type {model_type!r} is not one fastllc.compat.devinterp2 knows "
                            f"({', '.join(sorted(SPECS))}); pass devinterp's own create_param_masks(...) as param_masks")
-    return SPECS[model_type]
+    entry = SPECS[model_type]
+    return entry if isinstance(entry, dict) else _best_variant(entry, [name for name, _ in model.named_parameters()])
+
+
+def _best_variant(variants: tuple, names: list[str]) -> dict:
+    """The variant naming the most layer parameters (the first on a tie), as devinterp's _get_spec scores them:
+    a parameter counts if it lies under the layer prefix and ends with one of the variant's attn, mlp or head
+    names."""
+    def score(spec):
+        ends = tuple(set(spec["attn"]) | set(spec["mlp"]) | set(spec["heads"]))
+        return sum(name.startswith(spec["prefix"] + ".") and name.endswith(ends) for name in names)
+    return max(variants, key=score)  # max keeps the first of equal scores, as devinterp's strict > does
+
+
+def _head_counts(model) -> tuple[int, int, int]:
+    """(heads, d_model, kv-heads) as devinterp's _get_model_config reads them: TransformerLens's ``cfg`` or
+    transformers' ``config``; kv-heads default to heads (no grouped-query attention)."""
+    if is_hooked_transformer(model):
+        c = model.cfg
+        return c.n_heads, c.d_model, getattr(c, "n_key_value_heads", None) or c.n_heads
+    c = model.config
+    return c.num_attention_heads, c.hidden_size, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
 
 
 def _count_layers(params, spec) -> int:
@@ -272,9 +311,7 @@ def _count_layers(params, spec) -> int:
 
 def _head_masks(model, spec, params, layer: int, kind: str, index: int) -> dict:
     """Head (``kind`` "h") or GQA group ("g") ``index`` of ``layer``: devinterp's _head_masks/_group_masks."""
-    c = model.config
-    heads, width = c.num_attention_heads, c.hidden_size
-    kv = getattr(c, "num_key_value_heads", None) or heads
+    heads, width, kv = _head_counts(model)
     if index >= (heads if kind == "h" else kv):
         what = "heads" if kind == "h" else "KV heads/groups"
         raise FastLLCError(f"create_param_masks: {'head' if kind == 'h' else 'group'} {index} out of range (model has "
