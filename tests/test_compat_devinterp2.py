@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import fastllc.lm as lm
-from fastllc.compat.devinterp2 import create_param_masks, devinterp_order, llc
+from fastllc.compat.devinterp2 import bif, create_param_masks, devinterp_order, llc, susceptibilities
 from fastllc.compat.devinterp2.settings import sample_settings
 from fastllc.errors import FastLLCError
 
@@ -188,6 +188,18 @@ def test_llc_on_a_hooked_transformer_is_cross_entropy_of_its_logits():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     moving = llc(model, toks, None, **FAST)  # every weight
     assert out.healthy.values.all() and moving.healthy.values.all() and math.isfinite(float(moving.llc_mean))
+
+
+def test_susceptibilities_and_bif_take_devinterp_names_on_a_hooked_transformer():
+    model, probes = hooked(), {"train": tokens(12, seed=1), "other": tokens(12, seed=2)}
+    settings = dict(FAST, num_chains=2, num_draws=4, num_init_loss_batches=2)
+    tree = susceptibilities(model, tokens(16), probes, {"full": None, "l0h1": "l0h1", "l1g0": "l1g0"},
+                            sampling_task="train", **settings)
+    sus = tree["susceptibilities"].sus
+    assert list(sus.wr.values) == ["l0h1", "l1g0"] and np.isfinite(sus.values).all()
+    out = bif(model, tokens(16), {"train": probes["train"]}, param_masks=create_param_masks(model, "l0 attn"),
+              **settings)
+    assert out.influences.shape == (12, 12, 15, 15) and np.isfinite(out.influences.values).all()
 
 
 def test_output_path_caches_the_result_and_refuses_other_settings(tmp_path, monkeypatch):

@@ -235,7 +235,10 @@ def create_param_masks(model, restriction) -> dict:
     ``"l0 attn"``, ``"l0 mlp"``, ``"embed"``, ``"unembed"``, a parameter name, or a list (masks ORed) →
     {parameter name: bool mask of its shape, or None for all of it}, in the model's parameter order; parameters
     left out stay fixed. Element for element devinterp's (e.g. ``"embed"`` is the token embedding only, and
-    ``"unembed"`` of a tied GPT-2 selects nothing). Model types: those of ``SPECS``."""
+    ``"unembed"`` of a tied GPT-2 selects nothing). Model types: those of ``SPECS``, by ``config.model_type``,
+    and TransformerLens ``HookedTransformer``s (``"embed"`` is ``embed.W_E``, ``"unembed"`` ``unembed.W_U`` and
+    ``b_U``; a head is index h of dim 0 of ``blocks.{l}.attn.W_Q``, ``W_K``, ``W_V``, ``W_O``, ``b_Q``, ``b_K``,
+    ``b_V``, or of ``_W_K``... at h // (heads / kv-heads) under grouped-query attention)."""
     if isinstance(restriction, list):
         if "full" in restriction:
             raise FastLLCError("create_param_masks: cannot combine 'full' with other restrictions")
