@@ -39,8 +39,8 @@ nβ, which calibration does not choose): excluding it fell back to
 smaller steps, which mix worse. Nothing in the rule rewards agreement between neighbouring ε (the earlier "top
 of the plateau" rule let large-ε bias through: 21% median error on random deep linear networks with the
 issue's absolute grid, mostly over). Its λ̂ comes with a 90% interval (``interval_of``) that adds to the
-standard error the first-order error of the step (twice what halving it moves λ̂), how much λ̂ drifted along the chains, and the spread over γ
-values on which λ̂ is flat. No usable cell: no recommendation, and a one-line ``hint``.
+standard error the first-order error of the step (twice what halving it moves λ̂), how much λ̂ drifted along
+the chains, and the spread over γ values on which λ̂ is flat. No usable cell: no recommendation, and a one-line ``hint``.
 """
 
 from __future__ import annotations
