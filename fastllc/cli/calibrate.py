@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..analysis.plots import plot_calibration
 from ..backends import CHOICES as BACKEND_CHOICES, resolve_backend
-from ..calibration import DEFAULT_NBETA_MULTIPLES, DEFAULT_STEP_SCALES, calibrate, check_grid
+from ..calibration import DEFAULT_NBETA_MULTIPLES, DEFAULT_STEP_SCALES, DEFAULT_STEPS, calibrate, check_grid
 from ..errors import FastLLCError
 from ..sampling import SGLDConfig, resolve_device
 from ..train import Run
@@ -43,7 +43,8 @@ def parse_grid(option: str, text: str | None, allow_zero: bool = False) -> tuple
                                              "[default: n/log n].")
 @click.option("--gammas", default="5", show_default=True, help="Localisation strengths γ, comma-separated.")
 @click.option("--chains", type=int, default=4, show_default=True, help="Chains per cell.")
-@click.option("--steps", type=int, default=2000, show_default=True, help="SGLD steps per chain.")
+@click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True,
+              help="SGLD steps per chain (the length the rule was measured at).")
 @click.option("--target-ess", type=float, default=None,
               help="Rerun the recommended cell (and its half step) with twice the steps until split-R̂ ≤ 1.01 "
                    "and its ESS reaches this.")
