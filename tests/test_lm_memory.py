@@ -6,7 +6,7 @@ import torch
 
 import fastllc.lm as lm
 from fastllc.errors import FastLLCError
-from fastllc.lm.memory import activation_bytes_per_token, chain_bytes, plan
+from fastllc.lm.memory import activation_bytes_per_token, chain_bytes, forward_bytes_per_token, plan
 
 from lm_models import CONTEXT, gpt2, tokens
 
@@ -23,10 +23,34 @@ def test_chain_bytes_from_the_shapes():
     assert chain_bytes(model, 4, CONTEXT, "rmsprop_sgld") == chain_bytes(model, 4, CONTEXT) + 3 * 4 * d
 
 
+def test_the_pass_at_w_star_is_counted_without_autograd_unless_it_takes_the_gradient():
+    """L_n(w*) alone runs without autograd: a chunk holds one layer's live tensors per token; with ∇L_n(w*)
+    (orthogonal) it keeps the chunk's activations as a chain does."""
+    model = gpt2()  # width 32, MLP 128, 4 heads, vocabulary 32
+    assert forward_bytes_per_token(model, CONTEXT) == 4 * (3 * 32 + 2 * 128 + 2 * 4 * CONTEXT + 3 * 32)
+    data = 2 * 8 * 16 * CONTEXT  # inputs and targets, int64
+    plain = plan(model, 4, 4, 16, CONTEXT, max_memory=10**12)
+    assert plain.shared_bytes == data + 16 * CONTEXT * forward_bytes_per_token(model, CONTEXT)
+    full = plan(model, 4, 4, 16, CONTEXT, max_memory=10**12, full_gradient=True)
+    assert full.shared_bytes == data + 16 * CONTEXT * activation_bytes_per_token(model, CONTEXT)
+    assert lm.memory_plan(model, tokens(16), 4, 4, max_memory=10**12, orthogonal=True) == full
+
+
+def test_budget_for_is_the_smallest_budget_of_that_group_size():
+    probe = plan(gpt2(), 1, 4, 16, CONTEXT, max_memory=10**12)
+    for k in (1, 3, 7):
+        assert plan(gpt2(), 7, 4, 16, CONTEXT, max_memory=probe.budget_for(k)).per_group == k
+    for k in (3, 7):
+        assert plan(gpt2(), 7, 4, 16, CONTEXT, max_memory=probe.budget_for(k) - 1).per_group == k - 1
+    with pytest.raises(FastLLCError, match="lower batch_size or raise max_memory"):
+        plan(gpt2(), 7, 4, 16, CONTEXT, max_memory=probe.budget_for(1) - 1)
+
+
 def budget_for(model, per_group, sequences=16):
-    """max_memory that fits exactly ``per_group`` chains of SETTINGS' minibatch beside the shared bytes."""
+    """max_memory that fits exactly ``per_group`` chains of SETTINGS' minibatch beside the shared bytes (the
+    plan fills ``HEADROOM`` of it)."""
     probe = plan(model, 1, SETTINGS["batch_size"], sequences, CONTEXT, max_memory=10**12)
-    return probe.shared_bytes + per_group * probe.chain_bytes
+    return probe.budget_for(per_group)
 
 
 def test_plan_groups_and_refusal():

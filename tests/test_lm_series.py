@@ -42,7 +42,7 @@ def test_every_checkpoints_chains_follow_its_own_run():
 def test_memory_planned_groups_straddling_checkpoints_equal_one_group():
     models, toks = checkpoints(), tokens(16)
     budget_plan = series_plan(models[0], 3, 9, 4, 16, CONTEXT, max_memory=10**12)
-    budget = budget_plan.shared_bytes + 4 * budget_plan.chain_bytes
+    budget = budget_plan.budget_for(4)
     assert series_plan(models[0], 3, 9, 4, 16, CONTEXT, max_memory=budget).groups == [(0, 4), (4, 8), (8, 9)]
     one, grouped = (lm.estimate_series(models, toks, max_memory=m, **SETTINGS) for m in (None, budget))
     for a, b in zip(one, grouped):

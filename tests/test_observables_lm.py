@@ -13,7 +13,7 @@ import torch
 import fastllc.observables as obs
 from fastllc import conformance
 from fastllc.errors import FastLLCError
-from fastllc.lm.memory import chain_bytes, plan
+from fastllc.lm.memory import plan
 from lm_models import CONTEXT, gpt2, tokens
 
 SETTINGS = dict(chains=2, steps=6, epsilon=1e-4, gamma=1000.0, nbeta=30.0, batch_size=4, seed=0)
@@ -116,8 +116,7 @@ def test_auto_runs_it_on_transformer_with_generics_observables(model, lm_run):
 
 def test_memory_planned_parts_give_the_same_observables(model, lm_run):
     """Chains that do not fit run in parts one after another, keyed by their global index: the same sums."""
-    per_chain = chain_bytes(model, SETTINGS["batch_size"], CONTEXT)
-    budget = plan(model, 1, SETTINGS["batch_size"], 24, CONTEXT, max_memory=10**10).shared_bytes + 3 * per_chain + 1
+    budget = plan(model, 1, SETTINGS["batch_size"], 24, CONTEXT, max_memory=10**10).budget_for(3)
     assert len(plan(model, 6, SETTINGS["batch_size"], 24, CONTEXT, max_memory=budget).groups) == 2
     masks = {"legal": torch.ones(3, CONTEXT, dtype=torch.bool)}
     masks["legal"][0, 5:] = False

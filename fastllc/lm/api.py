@@ -113,11 +113,11 @@ def _selection(model, restrict) -> dict:
 
 
 def memory_plan(model, tokens, chains: int, batch_size: int, sampler: str = "sgld",
-                max_memory: int | None = None) -> MemoryPlan:
+                max_memory: int | None = None, orthogonal: bool = False) -> MemoryPlan:
     """The plan ``estimate`` follows for ``chains`` chains (``estimate_groups``: groups × chains)."""
     model = load_causal_lm(model)
     data = token_data(tokens, vocab_size=vocab_size(model))
-    return plan(model, chains, batch_size, len(data), data.tokens.shape[1], sampler, max_memory)
+    return plan(model, chains, batch_size, len(data), data.tokens.shape[1], sampler, max_memory, orthogonal)
 
 
 def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_sequences: int | None = None,
@@ -143,7 +143,8 @@ def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_
     loss = next_token_loss if token_loss is None else mean_token_loss
     config = sgld_config(config, settings)
     selection = None if restrict is None else _prefixed(_selection(model, restrict))
-    chosen = plan(model, config.chains, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory)
+    chosen = plan(model, config.chains, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory,
+                  config.orthogonal)
     LOG.info(chosen.describe())
     with sampling_mode(model, attention, fused_gelu):
         model.train(check_bool("dropout", dropout))  # sampling_mode restores every module's mode afterwards
@@ -171,7 +172,8 @@ def estimate_groups(model, tokens, config=None, *, groups="per-head", loss_mask=
     config = sgld_config(config, settings)
     selections = {group: _prefixed(masks) for group, masks in groups_by_name(model, groups).items()}
     total = config.chains * len(selections)
-    chosen = plan(model, total, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory)
+    chosen = plan(model, total, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory,
+                  config.orthogonal)
     LOG.info(chosen.describe())
     with sampling_mode(model, attention, fused_gelu):
         model.train(check_bool("dropout", dropout))  # sampling_mode restores every module's mode afterwards

@@ -9,8 +9,12 @@ Per chain, float32 (d the trainable weights, m the minibatch in sequences, T the
                  q, k, v and the attention output (≈10·D), the MLP's hidden units before and after the
                  activation and their gradient (3·F), the attention scores, probabilities and their
                  gradient (3·H·T per query); the logits, log-probabilities and their gradient (3·V).
-Shared by all chains: the token data (inputs and targets, int64) and one chunk of the full-data pass that
-computes L_n(w*) and ∇L_n(w*) (``models.CausalLM``: 512 sequences at a time, with checkpointing).
+Shared by all chains: the token data (inputs and targets, int64) and one chunk of the full-data pass at w*
+(``models.CausalLM``: 512 sequences at a time). L_n(w*) alone is a pass without autograd, which holds only
+the tensors alive at once in one layer, 4·(3·D + 2·F + 2·H·T + 3·V) bytes per token (the residual stream, a
+norm's output and the attention output; the MLP's hidden units before and after the activation; the scores and
+probabilities; the logits, log-probabilities and a temporary); ∇L_n(w*) as well (``orthogonal``) keeps a chunk's
+activations for the backward pass, as a chain does (checkpointed: one chunk at a time).
 An estimate from the shapes, not a measurement (not yet checked against measured peak memory).
 
 A group of chains c ∈ [lo, hi) runs with its randomness keyed by the global chain index (``ChainOffset``):
@@ -21,7 +25,9 @@ bit in the tests on this CPU).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -31,6 +37,10 @@ from ..sampling.samplers import Sampler, sampler_class
 from ..validate import check_int
 
 DEFAULT_FRACTION = 0.5  # of the memory available when the run starts: room for everything else
+# Groups are sized to fill this fraction of the budget: the estimate is from shapes, and measured peaks ran up
+# to 3% over it (generic, 16 chains of a 6-layer GPT-2: bench/test_bench_lm.py's memory check) through the
+# allocator's fragmentation and the interpreter's own growth.
+HEADROOM = Fraction(9, 10)  # exact: int(budget * HEADROOM) rounds the same everywhere
 _CHUNK = 512  # CausalLM's default chunk of the full-data pass
 
 
@@ -46,6 +56,10 @@ class MemoryPlan:
     @property
     def groups(self) -> list[tuple[int, int]]:
         return [(lo, min(lo + self.per_group, self.chains)) for lo in range(0, self.chains, self.per_group)]
+
+    def budget_for(self, per_group: int) -> int:
+        """The smallest ``max_memory`` whose plan holds ``per_group`` chains in a group (these shapes)."""
+        return math.ceil((self.shared_bytes + per_group * self.chain_bytes) / HEADROOM)
 
     def describe(self) -> str:
         f = resources.format_bytes
@@ -72,6 +86,12 @@ def activation_bytes_per_token(model, length: int) -> int:
     return 4 * 2 * (layers * (10 * width + 3 * hidden + 3 * heads * length) + 3 * vocab)
 
 
+def forward_bytes_per_token(model, length: int) -> int:
+    """Bytes per token of a pass without autograd (the module docstring says which tensors)."""
+    layers, width, heads, hidden, vocab = _shape(model)
+    return 4 * (3 * width + 2 * hidden + 2 * heads * length + 3 * vocab)
+
+
 def chain_bytes(model, batch_size: int, length: int, sampler="sgld") -> int:
     """Bytes one chain needs: W, W*, G, the noise and a direction (5 buffers of d floats), the sampler's own
     buffers (``Sampler.state_buffers``; ``sampler`` is a name or a sampler object), and its activations."""
@@ -82,11 +102,13 @@ def chain_bytes(model, batch_size: int, length: int, sampler="sgld") -> int:
 
 
 def plan(model, chains: int, batch_size: int, sequences: int, length: int, sampler="sgld",
-         max_memory: int | None = None) -> MemoryPlan:
+         max_memory: int | None = None, full_gradient: bool = False) -> MemoryPlan:
     """Chains per group within ``max_memory`` bytes (default: ``DEFAULT_FRACTION`` of the available memory;
-    no limit when that cannot be told). Refused when not even one chain fits."""
+    no limit when that cannot be told). Refused when not even one chain fits. ``full_gradient``: the pass at w*
+    also computes ∇L_n(w*) (the orthogonal restriction)."""
     per_chain = chain_bytes(model, batch_size, length, sampler)
-    shared = 2 * 8 * sequences * length + min(sequences, _CHUNK) * length * activation_bytes_per_token(model, length)
+    per_token = (activation_bytes_per_token if full_gradient else forward_bytes_per_token)(model, length)
+    shared = 2 * 8 * sequences * length + min(sequences, _CHUNK) * length * per_token
     if max_memory is not None:
         budget, source = check_int("max_memory", max_memory, minimum=1), "max_memory"
     else:
@@ -95,7 +117,7 @@ def plan(model, chains: int, batch_size: int, sequences: int, length: int, sampl
         source = f"{DEFAULT_FRACTION:.0%} of the available memory"
         if budget is None:
             return MemoryPlan(chains, chains, per_chain, shared, 0, "the available memory is unknown: one group")
-    fits = (budget - shared) // per_chain
+    fits = (int(budget * HEADROOM) - shared) // per_chain
     if fits < 1:
         f = resources.format_bytes
         raise FastLLCError(f"one chain needs about {f(per_chain)} and the data {f(shared)}, more than "

@@ -92,7 +92,8 @@ def observe_lm(model, tokens, probes: dict, config=None, *, restrictions=None, l
     found = lm_probes(probes, lm.vocab_size, probe_loss_masks, element_loss)
     masks = lm_restrictions(model, lm, restrictions if restrictions is not None else {"full": None})
     total = config.chains * len(masks)
-    chosen = plan(model, total, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory)
+    chosen = plan(model, total, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory,
+                  config.orthogonal)
     LOG.info(chosen.describe())
     recorder = Recorder(found, draws or Draws(config.steps, config.burn_in, config.thin),
                         {n: (g * config.chains, (g + 1) * config.chains) for g, n in enumerate(masks)},
