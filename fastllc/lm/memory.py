@@ -15,7 +15,10 @@ the tensors alive at once in one layer, 4·(3·D + 2·F + 2·H·T + 3·V) bytes 
 norm's output and the attention output; the MLP's hidden units before and after the activation; the scores and
 probabilities; the logits, log-probabilities and a temporary); ∇L_n(w*) as well (``orthogonal``) keeps a chunk's
 activations for the backward pass, as a chain does (checkpointed: one chunk at a time).
-An estimate from the shapes, not a measurement (not yet checked against measured peak memory).
+An estimate from the shapes, checked against measured peaks (``bench/test_bench_lm_memory.py``, a 6-layer GPT-2,
+16 chains): ``generic`` ran 3–8% over it in one group (hence ``HEADROOM``) and under it in groups of 4; the
+``transformer`` backend needs about 40% of it (it keeps fewer activations), so its groups are smaller than
+they need be.
 
 A group of chains c ∈ [lo, hi) runs with its randomness keyed by the global chain index (``ChainOffset``):
 chain c draws the same minibatches and noise as in a one-group run, so its trajectory is the same up to
@@ -37,8 +40,8 @@ from ..sampling.samplers import Sampler, sampler_class
 from ..validate import check_int
 
 DEFAULT_FRACTION = 0.5  # of the memory available when the run starts: room for everything else
-# Groups are sized to fill this fraction of the budget: the estimate is from shapes, and measured peaks ran up
-# to 3% over it (generic, 16 chains of a 6-layer GPT-2: bench/test_bench_lm.py's memory check) through the
+# Groups are sized to fill this fraction of the budget: the estimate is from shapes, and measured peaks ran 3-8%
+# over it (generic, 16 chains of a 6-layer GPT-2 in one group: bench/test_bench_lm_memory.py) through the
 # allocator's fragmentation and the interpreter's own growth.
 HEADROOM = Fraction(9, 10)  # exact: int(budget * HEADROOM) rounds the same everywhere
 _CHUNK = 512  # CausalLM's default chunk of the full-data pass
