@@ -589,14 +589,13 @@ def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval |
     """The recommended λ̂'s 90% interval: λ̂ ± Z90·√(se² + step² + drift² + γ²).
 
     ``step`` is the first-order error of λ̂ at the chosen ε read from its neighbour ε' in the row (the next
-    smaller usable ε, else the next larger; 0 with neither): if λ̂(ε) = λ + b·ε, then λ̂(ε) − λ = (λ̂(ε) − λ̂(ε'))
-    ·ε/(ε − ε'), which is 2·|λ̂(ε) − λ̂(ε/2)| on the default grid (Richardson). Unfinished mixing, which runs
-    the other way (λ̂ low by ~c/ε when the chains are too short for the flat directions), makes the same difference
-    |λ̂(ε) − λ̂(ε/2)| = c/ε, so the first-order term bounds both; the standard error sees neither. ``drift`` =
-    |drift_relative|·λ̂, how much λ̂ moved between the first and last fifth of the chains (a trend below the flag's
-    threshold is still an error of about that size); and ``γ`` the standard deviation of λ̂ over the γ rows (same
-    nβ and step scale) that agree with it within two combined standard errors (λ̂ flat in γ: their differences are
-    the localisation's uncertainty)."""
+    smaller usable ε, else the next larger; 0 with neither), ``first_order_error``: the larger of the two
+    first-order readings of |λ̂(ε) − λ̂(ε')|, a bias growing as ε (the Euler step, minibatch noise) and a deficit
+    shrinking as 1/ε (chains too short for the flat directions); 2·|λ̂(ε) − λ̂(ε/2)| on the default grid. The
+    standard error sees neither. ``drift`` = |drift_relative|·λ̂, how much λ̂ moved between the first and last
+    fifth of the chains (a trend below the flag's threshold is still an error of about that size); and ``γ`` the
+    standard deviation of λ̂ over the γ rows (same nβ and step scale) that agree with it within two combined
+    standard errors (λ̂ flat in γ: their differences are the localisation's uncertainty)."""
     if recommended is None:
         return None
     chosen = cells[recommended]
@@ -614,9 +613,14 @@ def interval_of(cells: Sequence[Mapping], recommended: int | None) -> Interval |
 
 
 def first_order_error(chosen: Mapping, neighbour: Mapping) -> float:
-    """|λ̂(ε) − λ| if λ̂ is affine in ε, from λ̂ at ε and at the neighbour's ε': |λ̂(ε) − λ̂(ε')|·ε/|ε − ε'|."""
+    """|λ̂(ε) − λ| from λ̂ at ε and at the neighbour's ε' ≠ ε, bounding both first-order errors: if λ̂ = λ + b·ε,
+    λ̂(ε) − λ = Δ·ε/(ε − ε'); if λ̂ = λ − c/ε, it is Δ·ε'/(ε' − ε) (Δ = λ̂(ε) − λ̂(ε')); so |Δ|·max(ε, ε')/|ε − ε'|,
+    2·|Δ| for a neighbour at half or twice the step. Neighbours closer than that amplify Δ's noise by the same
+    factor (10 at ε' = 0.9·ε)."""
     epsilon, other = chosen["epsilon"], neighbour["epsilon"]
-    return abs(chosen["llc_mean"] - neighbour["llc_mean"]) * epsilon / abs(epsilon - other)
+    if epsilon == other:
+        raise FastLLCError(f"the step-size term needs two different step sizes; both cells have ε = {epsilon:g}")
+    return abs(chosen["llc_mean"] - neighbour["llc_mean"]) * max(epsilon, other) / abs(epsilon - other)
 
 
 def _finite(value) -> float:

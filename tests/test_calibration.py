@@ -176,15 +176,20 @@ def test_interval_adds_the_step_term_and_the_flat_gammas():
     assert drifting.high - 10.0 == pytest.approx(Z90 * math.hypot(0.3, 0.8))
 
 
-def test_step_term_is_the_first_order_error_on_an_affine_lambda():
-    """λ̂(ε) = λ + b·ε exactly (λ = 10, b = 2): the step term is λ̂(ε) − λ at the chosen ε, whichever neighbour
-    it is read from (the smaller, or the larger when there is no smaller usable one)."""
-    affine = lambda e: 10.0 + 2.0 * e  # noqa: E731
-    assert first_order_error(cell(1.0, affine(1.0)), cell(0.5, affine(0.5))) == pytest.approx(2.0)
-    assert first_order_error(cell(1.0, affine(1.0)), cell(2.0, affine(2.0))) == pytest.approx(2.0)
-    assert first_order_error(cell(1.0, affine(1.0)), cell(0.25, affine(0.25))) == pytest.approx(2.0)
-    cells = [cell(1.0, affine(1.0)), cell(2.0, affine(2.0)), cell(0.5, math.nan, healthy=0.0)]
-    assert interval_of(cells, 0).step_term == pytest.approx(2.0)  # the smaller cell diverged: the larger one
+def test_step_term_bounds_a_bias_growing_with_eps_and_a_deficit_shrinking_with_it():
+    """λ̂(ε) = λ + b·ε (λ = 10, b = 2: the error at ε = 1 is 2) or λ̂(ε) = λ − c/ε (c = 2: the error is 2): the
+    term is at least the true error in both cases, from the smaller neighbour or the larger, and equals it where
+    the neighbour's reading is exact (half the step for the bias, twice for the deficit)."""
+    bias, deficit = (lambda e: 10.0 + 2.0 * e), (lambda e: 10.0 - 2.0 / e)  # noqa: E731
+    for shape in (bias, deficit):
+        for other in (0.5, 2.0, 0.25, 4.0):
+            assert first_order_error(cell(1.0, shape(1.0)), cell(other, shape(other))) >= 2.0 - 1e-12
+    assert first_order_error(cell(1.0, bias(1.0)), cell(0.5, bias(0.5))) == pytest.approx(2.0)
+    assert first_order_error(cell(1.0, deficit(1.0)), cell(2.0, deficit(2.0))) == pytest.approx(2.0)
+    cells = [cell(1.0, bias(1.0)), cell(2.0, bias(2.0)), cell(0.5, math.nan, healthy=0.0)]
+    assert interval_of(cells, 0).step_term == pytest.approx(4.0)  # the smaller cell diverged: 2·|Δ| from the larger
+    with pytest.raises(FastLLCError, match="two different step sizes"):
+        first_order_error(cell(1.0, 3.0), cell(1.0, 4.0))
 
 
 def test_rule_without_usable_cells_gives_a_hint():

@@ -124,7 +124,8 @@ def plan(model, chains: int, batch_size: int, sequences: int, length: int, sampl
     if fits < 1:
         f = resources.format_bytes
         raise FastLLCError(f"one chain needs about {f(per_chain)} and the data {f(shared)}, more than "
-                           f"{f(budget)} ({source}); lower batch_size or raise max_memory")
+                           f"{float(HEADROOM):.0%} of {f(budget)} ({source}; the rest is headroom for the estimate's "
+                           "error); lower batch_size or raise max_memory")
     return MemoryPlan(chains, int(min(chains, fits)), per_chain, shared, budget, source)
 
 
