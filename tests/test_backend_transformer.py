@@ -160,6 +160,58 @@ def assert_engine_is_the_models_function(model):
     assert float((ours_grad - theirs_grad).abs().max() / theirs_grad.abs().max()) <= LOSS_ULPS
 
 
+@pytest.mark.parametrize("options", [dict(), dict(tie_word_embeddings=False), dict(scale_attn_by_inverse_layer_idx=True),
+                                     dict(scale_attn_weights=False, n_inner=48)],
+                         ids=["default", "untied", "scaled-by-layer", "unscaled-n_inner"])
+def test_the_hand_written_gradient_is_autograds(options):
+    """GPT-2's ``losses_and_gradients`` (no autograd) against autograd through ``losses`` at the same weights: the
+    loss to a few ulps (the last position's logits are computed, and ignored), every gradient element to a few ulps
+    of the largest (the same operations, some products against a transposed copy of W, the tied table's two
+    gradients summed as autograd sums them). Awkward shape: 5 sequences of 13 tokens (fewer than the 16 positions, so
+    rows 13–15 of the position table get zero), some targets IGNORE; the gradient buffer filled with NaN first
+    catches any element not written."""
+    model = causal_lm(**options)
+    names, shapes, w_star = flat_parameters(model)
+    chains = 3
+    weights = w_star + 0.05 * torch.randn(chains, w_star.numel(), generator=torch.Generator().manual_seed(1))
+    toks = tokens(chains * 5, length=13, seed=3).view(chains, 5, -1)
+    targets = toks[:, :, 1:].clone()
+    targets[1, 2, 3:7] = lm.IGNORE
+    stacked = [torch.stack([unflatten(w, names, shapes)[name] for w in weights]) for name in names]
+    built = engine.build(model, names)
+    assert built.writes_gradients
+    leaves = [w.clone().requires_grad_() for w in stacked]
+    theirs = built.losses(leaves, toks, targets)
+    theirs_grad = torch.cat([g.reshape(chains, -1) for g in torch.autograd.grad(theirs.sum(), leaves)], dim=1)
+    grads = [torch.full_like(w, float("nan")) for w in stacked]
+    workspace = engine.Workspace()
+    for _ in range(2):  # the second time through buffers the first one left behind
+        ours = built.losses_and_gradients(stacked, grads, toks, targets, workspace)
+        ours_grad = torch.cat([g.reshape(chains, -1) for g in grads], dim=1)
+        assert not ours_grad.isnan().any()
+        assert conformance.relative_error(ours, theirs.detach()) <= LOSS_ULPS
+        assert float((ours_grad - theirs_grad).abs().max() / theirs_grad.abs().max()) <= LOSS_ULPS
+    rows_unused = grads[names.index("model.transformer.wpe.weight")][:, 13:]
+    assert torch.equal(rows_unused, torch.zeros_like(rows_unused))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_other_activations_keep_autograd(activation):
+    """The hand-written backward knows the tanh-GELU's slope only; other activations differentiate by autograd."""
+    model = causal_lm(activation_function=activation)
+    assert not engine.build(model, flat_parameters(model)[0]).writes_gradients
+
+
+def test_the_buffered_tanh_gelu_is_tanh_gelus_forward():
+    """``tanh_gelu_into`` runs ``TanhGELU.forward``'s operations in the same order: the same bits, value and slope."""
+    x = torch.cat([torch.linspace(-12, 12, 2001), 0.3 * torch.randn(1000)]).requires_grad_()
+    y = engine.TanhGELU.apply(x)
+    (slope,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    buffers = [torch.empty_like(x, requires_grad=False) for _ in range(3)]
+    engine.tanh_gelu_into(x.detach().clone(), *buffers)
+    assert torch.equal(buffers[0], y.detach()) and torch.equal(buffers[1], slope)
+
+
 def test_observe_records_generics_probe_losses(tmp_path):
     """``observe``: the same draws and the same per-token probe losses as ``generic`` on the same chains (injected
     draws, a restriction per chain, the orthogonal one; groups of 2 and 1, folded batches of one chain each: the

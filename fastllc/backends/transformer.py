@@ -5,7 +5,9 @@ What ``generic`` does with ``torch.func.vmap``, written out: chain c's weights a
 the parameter-major buffer W (``sampling/layout.py``), each a leaf of autograd; the engine evaluates all
 chains' minibatches [C, m, T] as one batched forward (a ``baddbmm`` per linear layer, attention over the
 folded batch [C·m·heads, T, d_head]) to the per-chain losses L_m [C]; one backward of their sum gives every
-chain's ∇L_m (chains share nothing, so each chain's gradient is its own loss's); then, as in ``generic``, G =
+chain's ∇L_m (chains share nothing, so each chain's gradient is its own loss's). Where the engine writes the
+backward out (``writes_gradients``: GPT-2 with the tanh-GELU), it writes ∇L_m straight into G's views, in
+buffers the batch keeps from step to step (``Workspace``), and autograd is not used. Then, as in ``generic``, G =
 gradient_factor·∇L_m and the sampler's batched update ``update(G, ξ, projection)``, with the counter-based
 noise written straight into the same layout. ``restrict`` is ``generic``'s own code (its ``ChainWeights``):
 ∇L_m zeroed outside the mask before the update reads it, w* copied back into the fixed weights after every
@@ -89,6 +91,7 @@ class _Batch:
     parameter-major buffer, the sampler's update, ``restrict``), autograd leaves viewing them, and their draws."""
 
     def __init__(self, ids: np.ndarray, shapes, w_star, hyper, direction, moves, config: SGLDConfig, device):
+        from ..engines import transformer as lm_engine
         C, d = len(ids), w_star.numel()
         self.ids, self.m = ids, config.batch_size
         self.chains = chains = ChainWeights(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper),
@@ -100,6 +103,8 @@ class _Batch:
             rows = chains.to_parameter_major(chain_rows(direction, ids).to(device).expand(C, d))
             self.projection = (chains.rows(chains.G), chains.rows(rows))
         self.leaves = [view.detach().requires_grad_() for view in chains.weights]  # W's storage: see every update
+        self.grads = chains.views(chains.G)  # where a hand-written backward writes ∇L_m
+        self.workspace = lm_engine.Workspace()
         self.draws = StepDraws(C, config.batch_size, d, device)
 
     def step(self, t: int, engine, inputs, targets, randomness) -> torch.Tensor:
@@ -107,10 +112,13 @@ class _Batch:
         C, chains = len(self.ids), self.chains
         indices, noise = self.draws.draw(randomness, self.ids, t, chains.blocks)
         flat = indices.view(-1)
-        loss = engine.losses(self.leaves, inputs.index_select(0, flat).view(C, self.m, -1),
-                             targets.index_select(0, flat).view(C, self.m, -1))
-        grads = torch.autograd.grad(loss.sum(), self.leaves)
-        torch.cat([g.reshape(-1) for g in grads], out=chains.G)
+        tokens, predicted = (v.index_select(0, flat).view(C, self.m, -1) for v in (inputs, targets))
+        if getattr(engine, "writes_gradients", False):
+            loss = engine.losses_and_gradients(chains.weights, self.grads, tokens, predicted, self.workspace)
+        else:
+            loss = engine.losses(self.leaves, tokens, predicted)
+            grads = torch.autograd.grad(loss.sum(), self.leaves)
+            torch.cat([g.reshape(-1) for g in grads], out=chains.G)
         if chains.frozen is not None:  # ∇L_m in the restricted space, before the update reads it
             chains.frozen.zero(chains.G)
         chains.step(noise, self.projection)

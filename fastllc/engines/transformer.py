@@ -1,6 +1,7 @@
 """Transformer causal LMs evaluated for C chains at once, the chains folded into the batch dimension: the
 math of known families written in plain torch over stacked per-chain weights, what the ``transformer``
-backend (``fastllc/backends/transformer.py``) differentiates with autograd.
+backend (``fastllc/backends/transformer.py``) differentiates: GPT-2 with the tanh-GELU by its backward spelt
+out (``Gpt2.losses_and_gradients``), the rest with autograd.
 
 Every parameter arrives as a [C, *shape] tensor (a view of the parameter-major buffer,
 ``sampling/layout.py``) and every activation carries the chain first: [C, m·T, D] for m sequences of T
@@ -10,7 +11,9 @@ norm's normalisation runs over all chains at once and its per-chain gain and bia
 attention runs over the folded batch [C·m·heads, T, d_head] (scores by one ``baddbmm`` onto the causal mask,
 softmax, one ``bmm``). The loss of chain c is its mean next-token cross-entropy over its predicted tokens
 (``data.next_token_loss`` per chain). No ``torch.func.vmap``: each operation is one batched ATen call over all
-chains, and autograd differentiates them (the tanh-GELU has its own backward, ``TanhGELU``).
+chains, and autograd differentiates them (the tanh-GELU has its own backward, ``TanhGELU``), except where the
+backward is written out: GPT-2's (``_Gpt2Pass``), the same derivatives without autograd's graph, its activations
+in buffers kept from step to step, each weight's gradient written straight into the gradient buffer.
 
 Families (``FAMILIES``, by ``config.model_type`` and the wrapped class; everything else is refused in one
 line by ``unsupported``):
@@ -37,6 +40,11 @@ operands); the rest is element-wise passes over the activations, bounded by memo
 activations leave the L2 cache. ``torch.compile`` of the loss and its backward (Inductor, CPU) was measured
 and rejected: 1.2–1.3× per step at 8 chains, but 78 s to compile cold and 16 s with a warm cache, per chain
 count, against ~15 s for a 200-step run of 16 chains; it would pay only for runs of thousands of steps.
+GPT-2's backward written out (no autograd graph, no fresh megabyte tensors each step, no gradient concatenation,
+q | k | v copied once, ∇x against contiguous copies of Wᵀ): 1.09–1.12× the autograd step end to end at 16 chains
+on 2 cores (3 interleaved rounds, load 2–3), 1.14–1.16× per folded batch of 4 chains on one thread. What remains:
+~60% sgemm (the attention's 32×32×16 products at ~30–55 GFLOP/s, the rest at ~70–75), ~25% element-wise passes
+(the tanh-GELU's seven alone ~5%, layer norms ~8%), ~5% the noise fill.
 """
 
 from __future__ import annotations
@@ -83,6 +91,19 @@ class TanhGELU(torch.autograd.Function):
 
 def _tanh_gelu(x):
     return TanhGELU.apply(x)
+
+
+def tanh_gelu_into(x: torch.Tensor, y: torch.Tensor, derivative: torch.Tensor, s: torch.Tensor) -> None:
+    """``TanhGELU.forward``'s operations, in the same order (the same bits), written into buffers of x's shape:
+    y = GELU(x), ``derivative`` its slope; ``s`` and x itself are overwritten (scratch)."""
+    c, a = _SQRT_2_OVER_PI, _GELU_CUBIC
+    two_c = x.new_tensor(2 * c)
+    torch.mul(x, x, out=derivative)  # x²
+    torch.add(two_c, derivative, alpha=2 * c * a, out=s).mul_(x).sigmoid_()  # σ(2u)
+    torch.mul(s, x, out=y)
+    torch.add(two_c, derivative, alpha=6 * c * a, out=x)  # 2u'
+    torch.addcmul(y, y, s, value=-1, out=derivative)
+    torch.addcmul(s, derivative, x, out=derivative)  # σ + x·σ·(1 − σ)·2u'
 
 
 ACTIVATIONS = {  # config.activation_function → the same function as transformers' ACT2FN, one kernel each
@@ -251,6 +272,188 @@ class Gpt2(_Engine):
 
     def _final_norm(self, weights, x):
         return layer_norm(x, weights[self.ln_f[0]], weights[self.ln_f[1]], self.eps)
+
+    def losses_and_gradients(self, weights, grads, tokens: torch.Tensor, targets: torch.Tensor,
+                             buffers: "Workspace") -> torch.Tensor:
+        """``losses`` [C] and their gradient written into ``grads`` (the [C, *shape] views of the gradient buffer,
+        every element overwritten), without autograd: the same operations forward, their derivatives spelt out
+        backward (``_Gpt2Pass``), in ``buffers`` reused from step to step (the caller's, one per folded batch)."""
+        with torch.no_grad():
+            return _Gpt2Pass(self, weights, grads, buffers).run(tokens, targets)
+
+    @property
+    def writes_gradients(self) -> bool:
+        """Whether ``losses_and_gradients`` is written for this model: the tanh-GELU, no embedding padding row."""
+        return self.activation is _tanh_gelu and self.padding_idx is None
+
+
+class Workspace:
+    """Tensors a folded batch reuses every step, by name: allocated at the first step's shapes (fresh allocations of
+    megabytes cost page faults every step once the allocator hands the memory back)."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, *shape: int, dtype=torch.float32) -> torch.Tensor:
+        tensor = self.tensors.get(name)
+        if tensor is None or tensor.shape != shape:
+            tensor = self.tensors[name] = torch.empty(shape, dtype=dtype)
+        return tensor
+
+
+class _Gpt2Pass:
+    """One forward and backward of ``Gpt2`` over C chains' minibatches [C, m, T] (see ``losses_and_gradients``).
+
+    Forward as ``Gpt2.losses`` with three differences of layout only: q | k | v copied once into [3, C·m·heads, T,
+    d] (not three reshapes), the final norm and the unembedding run over all T positions (the last predicts nothing:
+    its target is IGNORE, its gradient zero), and every large activation lives in ``buffers``. Backward: per linear
+    layer ∇b = Σ_tokens ∇y, ∇W = xᵀ·∇y straight into the gradient buffer, ∇x = ∇y·Wᵀ against a contiguous copy of
+    Wᵀ (MKL is measurably slower on the transposed operand); per layer norm the gain's and bias's sums and ATen's
+    own ``native_layer_norm_backward``; attention as autograd differentiates ``attend``; the tanh-GELU's slope
+    kept from the forward (``tanh_gelu_into``); the cross-entropy's ∇logits = (softmax − onehot)/n_c."""
+
+    def __init__(self, engine: Gpt2, weights, grads, buffers: Workspace):
+        self.engine, self.weights, self.grads, self.buffer = engine, weights, grads, buffers
+
+    def run(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        e, w, buf = self.engine, self.weights, self.buffer
+        C, m, T = tokens.shape
+        table = w[e.wte]
+        V, D = table.shape[1:]
+        self.shape = C, m, T, D
+        rows = (tokens + torch.arange(0, C * V, V).view(C, 1, 1)).view(-1)
+        x = torch.index_select(table.reshape(C * V, D), 0, rows, out=buf("x0", C, m * T, D).view(-1, D)).view(C, m, T, D)
+        x.add_(w[e.wpe][:, None, :T])
+        x = x.view(C, m * T, D)
+        saved = []
+        for layer, block in enumerate(e.blocks):
+            x, kept = self._block(layer, block, x)
+            saved.append(kept)
+        a, final = self._norm("final", x, e.ln_f)
+        logits = torch.bmm(a, w[e.unembed].transpose(1, 2), out=buf("logits", C, m * T, V))
+        losses, grad_logits = self._cross_entropy(logits, targets)
+
+        torch.bmm(grad_logits.transpose(1, 2), a, out=self.grads[e.unembed])
+        grad = self._norm_backward(torch.bmm(grad_logits, w[e.unembed], out=buf("grad_a", C, m * T, D)), final, e.ln_f)
+        for layer in reversed(range(len(e.blocks))):
+            grad = self._block_backward(e.blocks[layer], saved[layer], grad)
+        grad_positions = self.grads[e.wpe]
+        torch.sum(grad.view(C, m, T, D), dim=1, out=grad_positions[:, :T])
+        grad_positions[:, T:].zero_()
+        lookup = torch.ops.aten.embedding_dense_backward(grad.view(-1, D), rows, C * V, -1, False).view(C, V, D)
+        if e.wte == e.unembed:  # tied: the lookup's gradient adds to the unembedding's, as autograd accumulates them
+            self.grads[e.wte].add_(lookup)
+        else:
+            self.grads[e.wte].copy_(lookup)
+        return losses
+
+    def _norm(self, name: str, x: torch.Tensor, pair: tuple[int, int]):
+        """LayerNorm with chain c's gain and bias; (its output, what its backward needs)."""
+        normalised, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, self.engine.eps)
+        gain, bias = self.weights[pair[0]].unsqueeze(1), self.weights[pair[1]].unsqueeze(1)
+        return torch.addcmul(bias, normalised, gain, out=self.buffer(name, *x.shape)), (x, normalised, mean, rstd)
+
+    def _norm_backward(self, grad: torch.Tensor, kept, pair: tuple[int, int]) -> torch.Tensor:
+        """∇x of ``_norm`` from ∇output (overwritten); the gain's and bias's gradients into the buffer."""
+        x, normalised, mean, rstd = kept
+        product = torch.mul(grad, normalised, out=self.buffer("norm_product", *x.shape))
+        torch.sum(product, dim=1, out=self.grads[pair[0]])
+        torch.sum(grad, dim=1, out=self.grads[pair[1]])
+        grad.mul_(self.weights[pair[0]].unsqueeze(1))
+        return torch.ops.aten.native_layer_norm_backward(grad, x, x.shape[-1:], mean, rstd, None, None,
+                                                         [True, False, False])[0]
+
+    def _linear(self, name: str, x: torch.Tensor, pair: tuple[int, int]) -> torch.Tensor:
+        """x [C, N, in] · W [C, in, out] + b into the buffer ``name``."""
+        w = self.weights
+        weight = w[pair[0]]
+        out = self.buffer(name, *x.shape[:2], weight.shape[-1])
+        return torch.baddbmm(w[pair[1]].unsqueeze(1), x, weight, out=out)
+
+    def _linear_backward(self, name: str, grad: torch.Tensor, x: torch.Tensor, pair: tuple[int, int]) -> torch.Tensor:
+        """∇x of ``_linear`` into the buffer ``name``; ∇W and ∇b into the gradient buffer."""
+        weight = self.weights[pair[0]]
+        torch.sum(grad, dim=1, out=self.grads[pair[1]])
+        torch.bmm(x.transpose(1, 2), grad, out=self.grads[pair[0]])
+        transposed = self.buffer(name + ".Wt", weight.shape[0], weight.shape[2], weight.shape[1]).copy_(weight.transpose(1, 2))
+        return torch.bmm(grad, transposed, out=self.buffer(name, *grad.shape[:2], weight.shape[1]))
+
+    def _block(self, layer: int, block: _Gpt2Block, x: torch.Tensor):
+        e, buf = self.engine, self.buffer
+        C, m, T, D = self.shape
+        B, heads = C * m, e.heads
+        d = D // heads
+        a1, norm_1 = self._norm(f"{layer}.a1", x, block.ln_1)
+        qkv = self._linear("qkv", a1, block.c_attn)
+        q_k_v = buf(f"{layer}.q_k_v", 3, B * heads, T, d)
+        q_k_v.view(3, B, heads, T, d).copy_(qkv.view(B, T, 3, heads, d).permute(2, 0, 3, 1, 4))
+        q, k, v = q_k_v
+        mask = self._causal_mask(T)
+        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=block.scaling, out=buf("scores", B * heads, T, T))
+        probabilities = torch._softmax(scores, -1, False, out=buf(f"{layer}.probabilities", B * heads, T, T))
+        values = torch.bmm(probabilities, v, out=buf("values", B * heads, T, d))
+        attended = buf(f"{layer}.attended", C, m * T, D)
+        attended.view(B, T, heads, d).copy_(values.view(B, heads, T, d).transpose(1, 2))
+        x_mid = self._linear(f"{layer}.x_mid", attended, block.attn_proj).add_(x)
+        a2, norm_2 = self._norm(f"{layer}.a2", x_mid, block.ln_2)
+        hidden = self._linear("hidden", a2, block.c_fc)
+        activation, slope = buf(f"{layer}.activation", *hidden.shape), buf(f"{layer}.slope", *hidden.shape)
+        tanh_gelu_into(hidden, activation, slope, buf("gelu_scratch", *hidden.shape))
+        x_out = self._linear(f"{layer + 1}.x", activation, block.mlp_proj).add_(x_mid)
+        return x_out, (norm_1, a1, q_k_v, probabilities, attended, norm_2, a2, activation, slope)
+
+    def _block_backward(self, block: _Gpt2Block, kept, grad: torch.Tensor) -> torch.Tensor:
+        """∇ of the block's input from ∇ of its output (``grad``, read only)."""
+        e, buf = self.engine, self.buffer
+        C, m, T, D = self.shape
+        B, heads = C * m, e.heads
+        d = D // heads
+        norm_1, a1, q_k_v, probabilities, attended, norm_2, a2, activation, slope = kept
+        grad_hidden = self._linear_backward("grad_activation", grad, activation, block.mlp_proj).mul_(slope)
+        grad_a2 = self._linear_backward("grad_a2", grad_hidden, a2, block.c_fc)
+        grad_mid = self._norm_backward(grad_a2, norm_2, block.ln_2).add_(grad)
+        grad_attended = self._linear_backward("grad_attended", grad_mid, attended, block.attn_proj)
+        grad_values = buf("grad_values", B * heads, T, d)
+        grad_values.view(B, heads, T, d).copy_(grad_attended.view(B, T, heads, d).transpose(1, 2))
+        q, k, v = q_k_v
+        grad_q_k_v = buf("grad_q_k_v", 3, B * heads, T, d)
+        grad_q, grad_k, grad_v = grad_q_k_v
+        grad_probabilities = torch.bmm(grad_values, v.transpose(1, 2), out=buf("grad_probabilities", B * heads, T, T))
+        torch.bmm(probabilities.transpose(1, 2), grad_values, out=grad_v)
+        grad_scores = torch.ops.aten._softmax_backward_data.out(grad_probabilities, probabilities, -1, torch.float32,
+                                                                grad_input=buf("grad_scores", B * heads, T, T))
+        torch.bmm(grad_scores, k, out=grad_q).mul_(block.scaling)
+        torch.bmm(grad_scores.transpose(1, 2), q, out=grad_k).mul_(block.scaling)
+        grad_qkv = buf("grad_qkv", C, m * T, 3 * D)
+        grad_qkv.view(B, T, 3, heads, d).copy_(grad_q_k_v.view(3, B, heads, T, d).permute(1, 3, 0, 2, 4))
+        grad_a1 = self._linear_backward("grad_a1", grad_qkv, a1, block.c_attn)
+        return self._norm_backward(grad_a1, norm_1, block.ln_1).add_(grad_mid)
+
+    def _causal_mask(self, T: int) -> torch.Tensor:
+        mask = self.buffer.tensors.get("mask")
+        if mask is None or mask.shape != (T, T):
+            mask = self.buffer.tensors["mask"] = _causal_mask(T, self.weights[0])
+        return mask
+
+    def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor):
+        """(each chain's mean next-token loss [C], ∇ of their sum w.r.t. ``logits`` [C, m·T, V]); position T−1 of each
+        sequence predicts nothing."""
+        C, m, T, _ = self.shape
+        V = logits.shape[-1]
+        full = self.buffer("targets", C, m, T, dtype=torch.long)
+        full[..., :-1] = targets
+        full[..., -1] = IGNORE
+        full = full.view(C, m * T, 1)
+        counted = full != IGNORE
+        picked = full.clamp(min=0)
+        log_p = torch._log_softmax(logits, -1, False, out=self.buffer("log_p", C, m * T, V))
+        each = torch.where(counted, log_p.gather(-1, picked), 0.0).neg_()  # F.cross_entropy(reduction="none")
+        counts = counted.sum(dim=1)  # [C, 1]
+        losses = each.view(C, m, T)[:, :, :-1].reshape(C, -1).sum(dim=1) / counts.view(C)
+        grad = log_p.exp_()  # softmax, then − onehot, each counted row over its chain's count, the others zero
+        grad.scatter_add_(-1, picked, torch.full_like(each, -1.0))
+        grad.mul_(torch.where(counted, 1.0 / counts.view(C, 1, 1), 0.0))
+        return losses, grad
 
 
 def _gpt2_scaling(config, layer: int) -> float:
