@@ -3,6 +3,7 @@ devinterp's minibatch order and L̂_n(w*), λ̂ over every step, the Dataset's f
 output_path, what fastllc.lm.estimate gained for it (dropout, mask dicts), and one-line refusals."""
 
 import ast
+import json
 import math
 from pathlib import Path
 
@@ -197,9 +198,44 @@ def test_susceptibilities_and_bif_take_devinterp_names_on_a_hooked_transformer()
                             sampling_task="train", **settings)
     sus = tree["susceptibilities"].sus
     assert list(sus.wr.values) == ["l0h1", "l1g0"] and np.isfinite(sus.values).all()
+    sampled = {name: r["sampled_weights"] for name, r in json.loads(tree["susceptibilities"].attrs["fastllc"]).items()}
+    expected = {name: hooked_count(model, name) for name in ("full", "l0h1", "l1g0")}
+    assert sampled == expected and expected["l0h1"] == expected["l1g0"] == 1048  # MHA: group 0 is head 0
     out = bif(model, tokens(16), {"train": probes["train"]}, param_masks=create_param_masks(model, "l0 attn"),
               **settings)
     assert out.influences.shape == (12, 12, 15, 15) and np.isfinite(out.influences.values).all()
+    assert json.loads(out.attrs["fastllc"])["sampled_weights"] == hooked_count(model, "l0 attn")
+
+
+def hooked_count(model, restriction) -> int:
+    """The weights devinterp's entry selects (``hooked_entries``), counted."""
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() if mask is None else int(mask.sum())
+               for n, mask in hooked_entries(model, restriction).items())
+
+
+def test_chain_averaged_bif_keeps_the_draws_on_disk_when_they_would_not_fit(monkeypatch, tmp_path):
+    """reduce_chain_dimension_method="mean" keeps every chain's draws; when they would not fit the budget they go
+    to a scratch file (or output_path's) instead and the same matrix comes from it (float32 draws both ways, the
+    sums' float64 arithmetic against the blocked one: rtol 1e-6). When even the sums without them would not fit,
+    the refusal names what a devinterp caller can change."""
+    from fastllc.compat.devinterp2 import observables as devinterp2
+    model, probes = still(), {"train": tokens(12, seed=1)}
+    settings = dict(FAST, reduce_chain_dimension_method="mean", correlation_method="sequence")
+    in_memory = bif(model, tokens(16), probes, **settings)
+    monkeypatch.setattr(devinterp2, "_chain_mean_fit", lambda needed, budget: False)
+    kept, real = [], devinterp2.bif_from_run
+    monkeypatch.setattr(devinterp2, "bif_from_run", lambda run, **kw: kept.append(
+        (run.moments.chain_draws, run.raw)) or real(run, **kw))
+    on_disk = bif(model, tokens(16), probes, **settings)
+    np.testing.assert_allclose(on_disk.influences.values, in_memory.influences.values, rtol=1e-6, atol=1e-7)
+    cached = bif(model, tokens(16), probes, output_path=str(tmp_path / "run"), **settings)
+    np.testing.assert_allclose(cached.influences.values, in_memory.influences.values, rtol=1e-6, atol=1e-7)
+    assert kept[0][0] is None and kept[0][1].name == "draws.npz" and not kept[0][1].exists()  # scratch, removed
+    assert kept[1][0] is None and kept[1][1] == tmp_path / "run" / "draws.npz" and kept[1][1].exists()
+    monkeypatch.setattr("fastllc.observables.recording.sums_budget", lambda max_memory: (1000, "max_memory"))
+    with pytest.raises(FastLLCError, match=r"^bif: the observables' running sums need .* use fewer num_chains"):
+        bif(model, tokens(16), probes, **settings)
 
 
 def test_output_path_caches_the_result_and_refuses_other_settings(tmp_path, monkeypatch):

@@ -184,7 +184,7 @@ def test_the_chain_mean_jackknife_is_conservative_by_at_most_about_two_in_varian
         values, variances = [], []
         for _ in range(200):
             draws = (torch.randn(8, 100, 2, generator=g, dtype=torch.float64) @ mix.T).unsqueeze(-1)  # [c, D, N, 1]
-            matrix, se = _chain_mean(draws, weights, "sequence", kind)
+            matrix, se = _chain_mean(draws, weights, "sequence", kind, torch.arange(2), torch.arange(2))
             values.append(matrix[0, 1]), variances.append(se[0, 1] ** 2)
         ratio = float(torch.stack(variances).mean() / torch.stack(values).var())
         print(f"{kind}: jackknife variance / actual variance {ratio:.2f}")
@@ -306,7 +306,7 @@ def test_the_running_sums_are_the_sums_of_the_raw_draws(mlp_run):
     expected = {"count": torch.full((12,), 12.0, dtype=torch.float64), "x": draws.sum(1), "ss": torch.einsum("cdi,cdj->cij", s, s),
                 "m": sets.sum(1), "mm": torch.einsum("cdo,cdp->cop", sets, sets),
                 "mx": torch.einsum("cdo,cdnk->conk", sets, draws), "xx": torch.einsum("cdi,cdj->cij", flat, flat),
-                "chain_draws": draws}
+                "chain_draws": draws.float()}  # kept as float32, as the file
     for name, value in expected.items():
         torch.testing.assert_close(getattr(m, name), value, rtol=1e-5, atol=1e-8, msg=name)
     assert m.bytes == obs.moments.moments_bytes(12, 8, 2, 2, token_moments=True, draws=12)
@@ -324,6 +324,58 @@ def test_influences_from_the_sums_equal_the_blocked_ones_from_disk(mlp_run, meth
     finally:
         mlp_run.moments.xx, mlp_run.moments.chain_draws = saved
     torch.testing.assert_close(blocked.matrix, from_sums.matrix[[0, 2, 5, 7]], rtol=1e-5, atol=1e-9)
+
+
+def _all_at_once(run, restriction, method, chains, kind):
+    """The influence matrix and its jackknife over all examples, every leave-one-chain-out matrix built at once
+    ([c, P, P]): the formula compute_bif computed before it looped over the chains (kept here as the reference)."""
+    m, w, k = run.moments, run.probes.example_weights(), run.probes.elements
+    index = run.chains(restriction)
+
+    def finish(cov):  # [..., P, P] → correlation or covariance, token layout [..., N, N, K, K]
+        if kind == "correlation":
+            std = torch.diagonal(cov, dim1=-2, dim2=-1).clamp(min=0).sqrt()
+            cov = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
+        n = cov.shape[-1] // k
+        return cov if method == "sequence" else cov.reshape(*cov.shape[:-2], n, k, n, k).transpose(-3, -2)
+
+    if chains == "mean":
+        draws = m.chain_draws[index].double()
+        values = (draws * w).sum(-1) if method == "sequence" else draws.flatten(2)  # [c, D, P]
+        centred = lambda v: v - v.mean(dim=-2, keepdim=True)
+        estimate = lambda v: finish(centred(v).transpose(-1, -2) @ centred(v) / (v.shape[-2] - 1))
+        total = values.sum(0)
+        return estimate(total / len(values)), obs.moments.jackknife_se(estimate((total - values) / (len(values) - 1)))
+    sums = m.chains(index)
+    first, second = ((sums["x"] * w).sum(-1), sums["ss"]) if method == "sequence" else (sums["x"].flatten(1),
+                                                                                          sums["xx"])
+    count = sums["count"]
+
+    def estimate(f, s, n):
+        mean = f / n[..., None]
+        return finish((s - n[..., None, None] * mean.unsqueeze(-1) * mean.unsqueeze(-2)) / (n[..., None, None] - 1))
+
+    loo = lambda t: t.sum(0, keepdim=True) - t
+    jackknife = obs.moments.jackknife_se(estimate(loo(first), loo(second), loo(count)))
+    return estimate(first.sum(0), second.sum(0), count.sum()), jackknife
+
+
+@pytest.mark.parametrize("method,chains", [("sequence", "stack"), ("token", "stack"), ("sequence", "mean"),
+                                           ("token", "mean")])
+@pytest.mark.parametrize("kind", ["correlation", "covariance"])
+def test_the_chain_by_chain_jackknife_is_the_all_at_once_formula(mlp_run, method, chains, kind):
+    """compute_bif reads only the asked rows × columns and leaves one chain out at a time (Σd, Σd² shifted by the
+    all-chain estimate): the same matrix and standard errors as every leave-one-out matrix at once, then sliced.
+    Tolerance: float64 sums in another order, 1e-9 relative (the SEs are ~1e-2 of values ~1: a shift-free
+    Σθ² − (Σθ)²/c would lose about 4 of the 16 digits, still far inside it); 1e-13 absolute for the correlation of
+    an example (or token) with itself, 1 in every chain, whose SE is rounding noise (measured 2e-14 against 3e-16)."""
+    rows, cols = [0, 2, 5, 7], [1, 2, 3, 6, 7]
+    bif = obs.compute_bif(mlp_run, restriction="last", method=method, chains=chains, kind=kind, rows=rows, cols=cols)
+    matrix, se = _all_at_once(mlp_run, "last", method, chains, kind)
+    torch.testing.assert_close(bif.matrix, matrix[rows][:, cols], rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(bif.se, se[rows][:, cols], rtol=1e-9, atol=1e-13)
+    other = torch.tensor(rows)[:, None] != torch.tensor(cols)[None, :]  # pairs of two examples
+    assert bif.se.isfinite().all() and (bif.se[other] > 1e-4).all()
 
 
 def test_top_influences_are_the_largest_other_examples(mlp_run):

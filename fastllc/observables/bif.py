@@ -17,7 +17,10 @@ Sources. From the running sums (``moments.py``), with no pass over the draws: "s
 × "stack" when the run kept ``token_moments``, "mean" when it kept ``chain_mean`` (every chain's draws, of which the
 healthy ones are averaged). Otherwise from the raw draws (``raw=``, ``draws.open_draws``), blocked: ``block``
 examples of the query rows and of the columns at a time, so memory is 2·observations·block·K·8 bytes plus the
-result (N1·N2, or N1·N2·K² for tokens, float64), whatever N is.
+result (N1·N2, or N1·N2·K² for tokens, float64), whatever N is. From the sums only the rows' and columns'
+entries are read: beyond the run's sums, 8·c·R·C bytes (R, C: the rows' and columns' positions, N1 and N2 or
+N1·K and N2·K; c chains) with "stack", a few float64 D·N·K arrays with "mean" (one chain's draws, their sum over
+the chains, the others' mean), plus a few R·C matrices: the jackknife leaves out one chain at a time.
 
 Standard errors (``se``), from the sums: the jackknife over chains, ``moments.jackknife_se`` of the matrix
 recomputed without each chain in turn. With "stack" that is the matrix of the other chains' stacked draws; with
@@ -27,7 +30,8 @@ chains (NaN with one). None from the raw draws (the blocked path keeps one matri
 the jackknife is conservative: the averaged series' covariance is mostly cross-chain products (c·(c − 1) of them,
 each of mean 0, against c within-chain ones), second-order terms that the jackknife counts about twice (Efron and
 Stein 1981), so its variance is up to ~2× the true one (measured on independent Gaussian chains, 8–16 of them:
-1.6–1.9× for correlations, 2.1–2.3× for covariances; tests/test_observables.py), never less in expectation.
+1.6–1.9× for correlations, 2.1–2.3× for covariances; tests/test_observables.py), never less in expectation: the
+standard error up to ~1.5× the true one (√2.3).
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ import torch
 
 from ..errors import FastLLCError
 from ..validate import check_choice, check_int
-from .moments import jackknife_se, leave_one_out, pooled
 from .run import ObservedRun
 
 METHODS, REDUCTIONS, KINDS = ("sequence", "token"), ("stack", "mean"), ("correlation", "covariance")
@@ -115,68 +118,97 @@ def compute_bif(run: ObservedRun, *, restriction: str = "full", method: str = "s
         raise FastLLCError(f"restriction {restriction!r} has {len(index)} healthy chains; too few for influences")
     n = run.probes.examples
     r, c = _as_index(rows, n, "rows"), _as_index(cols, n, "cols")
-    matrix, se = _from_sums(run, index, method, chains, kind, restriction)
-    if matrix is not None:
-        matrix = matrix[r][:, c]
-        se = None if se is None else se[r][:, c]
-    else:
+    matrix, se = _from_sums(run, index, method, chains, kind, r, c)
+    if matrix is None:
         matrix = _from_draws(run, index, method, chains, kind, restriction, r, c, block)
     if method == "token" and average_tokens:
         matrix, se, method = matrix.nanmean(dim=(-1, -2)), None, "token"
     return Influence(matrix, se, r, c, _labels(run.probes), method, chains, kind, restriction)
 
 
-def _from_sums(run, index, method, chains, kind, restriction):
-    """(matrix over all examples, se or None) from the running sums, or (None, None) when they cannot give it."""
-    m, w = run.moments, run.probes.example_weights()
+def _from_sums(run, index, method, chains, kind, rows, cols):
+    """(matrix [rows, cols], se or None) from the running sums, or (None, None) when they cannot give it. Only the
+    rows' and columns' entries of the second moments are read, and the jackknife holds one matrix at a time."""
+    m, w, k = run.moments, run.probes.example_weights(), run.probes.elements
+    r, c = _positions(rows, method, k), _positions(cols, method, k)
     if chains == "mean":
-        return (None, None) if m.chain_draws is None else _chain_mean(m.chain_draws[index], w, method, kind)
+        return (None, None) if m.chain_draws is None else _chain_mean(m.chain_draws[index], w, method, kind, r, c)
     if method == "token" and m.xx is None:
         return None, None
-    sums = m.chains(index)
+    first, second = ((m.x[index] * w).sum(-1), m.ss) if method == "sequence" else (m.x[index].flatten(1), m.xx)
+    cross = second[index[:, None, None], r[None, :, None], c[None, None, :]]  # Σ v_r v_c per chain [c, R, C]
+    square = torch.diagonal(second, dim1=1, dim2=2)[index]  # Σ v² per chain [c, P]
+    count = m.count[index]
+    sums = [first, cross, square, count]
+    total = [t.sum(dim=0) for t in sums]
+    estimate = lambda parts: _finish(*_covariance(*parts, r, c), kind, method, k)
+    matrix = estimate(total)
+    return matrix, _jackknife(lambda j: estimate([t - s[j] for t, s in zip(total, sums)]), len(count), matrix)
+
+
+def _positions(examples: torch.Tensor, method: str, elements: int) -> torch.Tensor:
+    """The examples' positions in the loss vector v: example i ("sequence"), or its tokens i·K .. i·K + K − 1."""
     if method == "sequence":
-        sums = {"first": (sums["x"] * w).sum(-1), "second": sums["ss"], "count": sums["count"]}  # Σ s, Σ s sᵀ
-    else:
-        sums = {"first": sums["x"].flatten(1), "second": sums["xx"], "count": sums["count"]}
-    estimate = lambda s: _finish(_covariance(s["first"], s["second"], s["count"]), kind, method, run.probes.elements)
-    return estimate(pooled(sums)), jackknife_se(estimate(leave_one_out(sums)))
+        return examples
+    return (examples[:, None] * elements + torch.arange(elements)).reshape(-1)
 
 
-def _covariance(first: torch.Tensor, second: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Unbiased covariance from Σv [..., P], Σ v vᵀ [..., P, P] and the count [...]."""
-    n = count.reshape(*count.shape, 1, 1)
-    mean = first / count.reshape(*count.shape, 1)
-    return (second - n * mean.unsqueeze(-1) * mean.unsqueeze(-2)) / (n - 1)
+def _covariance(first, cross, square, count, rows, cols) -> tuple:
+    """Unbiased (covariance [R, C] between positions ``rows`` and ``cols``, their variances [R], [C]) from Σv [P],
+    Σ v_r v_c [R, C], Σ v² [P] and the count."""
+    mean = first / count
+    variance = (square - count * mean ** 2) / (count - 1)
+    return (cross - count * mean[rows, None] * mean[None, cols]) / (count - 1), variance[rows], variance[cols]
 
 
-def _finish(cov: torch.Tensor, kind: str, method: str, elements: int) -> torch.Tensor:
-    """Covariance [..., P, P] → the matrix asked for: correlation or covariance, token layout [.., N, N, K, K]."""
+def _finish(cov: torch.Tensor, var_rows, var_cols, kind: str, method: str, elements: int) -> torch.Tensor:
+    """Covariance [R, C] (and the variances) → the matrix asked for: correlation or covariance, token layout
+    [N1, N2, K, K]."""
     if kind == "correlation":
-        std = torch.diagonal(cov, dim1=-2, dim2=-1).clamp(min=0).sqrt()
-        cov = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
+        cov = cov / (var_rows.clamp(min=0).sqrt()[:, None] * var_cols.clamp(min=0).sqrt()[None, :])
     if method == "sequence":
         return cov
-    lead, p = cov.shape[:-2], cov.shape[-1]
-    n = p // elements
-    return cov.reshape(*lead, n, elements, n, elements).transpose(-3, -2)
+    return cov.reshape(cov.shape[0] // elements, elements, cov.shape[1] // elements, elements).transpose(1, 2)
 
 
-def _chain_mean(draws: torch.Tensor, weights, method: str, kind: str) -> tuple:
-    """(matrix, jackknife se) of chains averaged at each draw, from the chains' draws [c, D, N, K] (module
-    docstring): the series of all c chains' mean, and for each chain the series of the others' mean."""
-    values = (draws * weights).sum(-1) if method == "sequence" else draws.flatten(2)  # [c, D, P]
-    total = values.sum(dim=0)
-    estimate = lambda series: _finish(_series_covariance(series), kind, method, draws.shape[-1])
-    matrix = estimate(total / len(values))
-    if len(values) < 2:
-        return matrix, jackknife_se(matrix.unsqueeze(0))  # NaN: no chain to leave out
-    return matrix, jackknife_se(estimate((total - values) / (len(values) - 1)))
+def _jackknife(without, chains: int, full: torch.Tensor) -> torch.Tensor:
+    """``moments.jackknife_se`` of the values ``without(j)`` (the estimate without chain j), j < ``chains``, one at
+    a time: Σ d and Σ d² of d = value − θ (θ: ``full``, the all-chain estimate, as a shift that keeps the sums
+    small, so no precision is lost to cancellation) give Σ (value − mean)² = Σ d² − (Σ d)²/c. NaN with one chain."""
+    if chains < 2:
+        return torch.full(full.shape, math.nan, dtype=torch.float64)
+    shift = torch.nan_to_num(full, nan=0.0, posinf=0.0, neginf=0.0)
+    first, second = torch.zeros_like(shift), torch.zeros_like(shift)
+    for j in range(chains):
+        d = without(j) - shift
+        first += d
+        second += d * d
+    return ((chains - 1) / chains * (second - first * first / chains)).clamp(min=0).sqrt()
 
 
-def _series_covariance(series: torch.Tensor) -> torch.Tensor:
-    """Unbiased covariance over the draws of series [..., D, P] → [..., P, P]."""
-    centred = series - series.mean(dim=-2, keepdim=True)
-    return centred.transpose(-1, -2) @ centred / (series.shape[-2] - 1)
+def _chain_mean(draws: torch.Tensor, weights, method: str, kind: str, rows, cols) -> tuple:
+    """(matrix, jackknife se) of chains averaged at each draw, from the chains' draws [c, D, N, K] (float32,
+    promoted to float64 one chain at a time; module docstring): the series of all c chains' mean, and for each
+    chain the series of the others' mean. ``rows``/``cols``: positions (``_positions``)."""
+    chains, k = len(draws), draws.shape[-1]
+
+    def series(j: int) -> torch.Tensor:  # chain j's losses [D, P], float64
+        x = draws[j].double()
+        return (x * weights).sum(-1) if method == "sequence" else x.flatten(1)
+
+    total = series(0)
+    for j in range(1, chains):
+        total += series(j)
+    estimate = lambda averaged: _finish(*_series_covariance(averaged, rows, cols), kind, method, k)
+    matrix = estimate(total / chains)
+    return matrix, _jackknife(lambda j: estimate((total - series(j)) / (chains - 1)), chains, matrix)
+
+
+def _series_covariance(series: torch.Tensor, rows, cols) -> tuple:
+    """Unbiased (covariance [R, C], variances [R], [C]) over the draws of series [D, P] at positions rows, cols."""
+    centred = series - series.mean(dim=0, keepdim=True)
+    left, right, d = centred[:, rows], centred[:, cols], len(series) - 1
+    return left.T @ right / d, left.pow(2).sum(0) / d, right.pow(2).sum(0) / d
 
 
 def _from_draws(run, index, method, chains, kind, restriction, rows, cols, block) -> torch.Tensor:
@@ -184,8 +216,7 @@ def _from_draws(run, index, method, chains, kind, restriction, rows, cols, block
     if run.raw is None:
         need = "token_moments=True" if method == "token" else "chain_mean=True"
         raise FastLLCError(f"influences with method={method!r}, chains={chains!r} need the raw draws or "
-                           f"{need} in the run (and, for chains='mean' from sums, every chain healthy); run with "
-                           "raw='draws.npz' or that option")
+                           f"{need} in the run; run with raw='draws.npz' or that option")
     from .draws import open_draws
     losses, weights = open_draws(run.raw).losses, run.probes.example_weights()
     chain_index = index.numpy()

@@ -1,4 +1,5 @@
-"""Running sums of the probe losses over the draws, one set per chain (float64, on the sampling device).
+"""Running sums of the probe losses over the draws, one set per chain (float64, on the sampling device; the
+chain mean's draws float32, as the losses the probes give and the raw file keeps).
 
 At each draw d, chain c's probes give x_cd [N, K] (the element losses: K tokens of each of the N probe examples;
 K = 1 for one loss per example), s_cd [N] (each example's loss: the weighted mean of its elements) and m_cd [O]
@@ -10,11 +11,13 @@ K = 1 for one loss per example), s_cd [N] (each example's loss: the weighted mea
     m, mm   [C, O], [C, O, O]  Σ m, Σ m mᵀ         susceptibilities: any probe set may be the sampling task
     mx      [C, O, N, K]     Σ m ⊗ x               susceptibilities, per token
     xx      [C, NK, NK]      Σ vec(x) vec(x)ᵀ      token influences (method "token"; only with ``token_moments``)
-    chain_draws [C, D, N, K] x_cd itself, every draw (influences with chains averaged; only with ``chain_mean``)
+    chain_draws [C, D, N, K] x_cd itself, every draw, float32 (influences with chains averaged; only with
+                             ``chain_mean``)
 
-Bytes (``bytes``): 8·C·(1 + NK·(1 + O) + N² + O + O²), plus 8·C·(NK)² with token moments, plus 8·C·D·NK with the
-chain mean. Per-chain sums give every statistic without chain c for each c, hence jackknife standard errors over
-chains (``jackknife_se``); the chain mean keeps each chain's draws (not only their sum over a group's chains) for the
+Bytes (``bytes``): 8·C·(1 + NK·(1 + O) + N² + O + O²), plus 8·C·(NK)² with token moments, plus 4·C·D·NK with the
+chain mean (C: every chain of every restriction; devinterp's ``bif`` with chains averaged: ``num_chains``).
+Per-chain sums give every statistic without chain c for each c, hence jackknife standard errors over chains
+(``jackknife_se``); the chain mean keeps each chain's draws (not only their sum over a group's chains) for the
 same reason: the chain-averaged series without chain c, for each c, and only over the healthy chains.
 Chains of one call are a contiguous range (the ``generic`` backend's groups); distinct ranges are added from
 distinct threads without a lock (disjoint rows).
@@ -35,7 +38,7 @@ def moments_bytes(chains: int, examples: int, elements: int, sets: int, *, token
     """Bytes of the running sums (module docstring); ``draws``: the draws each chain keeps (the chain mean's), or 0."""
     nk = examples * elements
     per_chain = 1 + nk * (1 + sets) + examples ** 2 + sets + sets ** 2 + (nk ** 2 if token_moments else 0)
-    return 8 * chains * (per_chain + draws * nk)
+    return 8 * chains * per_chain + 4 * chains * draws * nk
 
 
 @dataclass
@@ -54,12 +57,12 @@ class Moments:
     @classmethod
     def zeros(cls, chains: int, examples: int, elements: int, sets: int, draws: int, *, token_moments: bool,
               chain_mean: bool, device) -> "Moments":
-        z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)
+        z = lambda *shape, dtype=torch.float64: torch.zeros(shape, dtype=dtype, device=device)
         nk = examples * elements
         return cls(z(chains), z(chains, examples, elements), z(chains, examples, examples), z(chains, sets),
                    z(chains, sets, sets), z(chains, sets, examples, elements),
                    z(chains, nk, nk) if token_moments else None,
-                   z(chains, draws, examples, elements) if chain_mean else None)
+                   z(chains, draws, examples, elements, dtype=torch.float32) if chain_mean else None)
 
     @property
     def bytes(self) -> int:
@@ -69,7 +72,8 @@ class Moments:
         return {name: getattr(self, name) for name in FIELDS if getattr(self, name) is not None}
 
     def add(self, lo: int, hi: int, draw: int, x: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> None:
-        """Chains lo..hi−1 at draw ``draw``: x [c, N, K], s [c, N], m [c, O] (float64)."""
+        """Chains lo..hi−1 at draw ``draw``: x [c, N, K], s [c, N], m [c, O] (float64; ``chain_draws`` keeps x as
+        float32: a float32 model's losses exactly, a float64 model's rounded as the raw file rounds them)."""
         self.count[lo:hi] += 1
         self.x[lo:hi] += x
         self.ss[lo:hi].baddbmm_(s.unsqueeze(2), s.unsqueeze(1))

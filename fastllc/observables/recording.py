@@ -118,12 +118,21 @@ def make_probes(sets: dict, element_loss, weights: dict | None = None, elements:
     return Probes(tuple(sets), torch.cat(inputs), torch.cat(targets), torch.cat(masks), tuple(offsets), element_loss)
 
 
+def sums_budget(max_memory: int | None) -> tuple:
+    """(bytes the running sums may take or None (unknown), what that is): ``max_memory``, else a quarter of the
+    memory available now."""
+    if max_memory is not None:
+        return check_int("max_memory", max_memory, minimum=1), "max_memory"
+    available = available_memory_bytes()
+    return (None, "") if available is None else (available // 4, "a quarter of the available memory")
+
+
 class Recorder:
     """The ``observe=`` object (module docstring): probe losses at the draws, into running sums and/or a file.
 
     ``groups``: {name: (lo, hi)} the chain range of each restriction group. ``token_moments``: keep Σ x xᵀ per
-    chain (token influences); ``chain_mean``: keep every chain's losses at every draw (influences with chains
-    averaged, and their standard errors); ``raw``: a ``.npz`` path to stream the raw draws to
+    chain (token influences); ``chain_mean``: keep every chain's losses at every draw, float32 (4·C·D·N·K bytes:
+    influences with chains averaged, and their standard errors); ``raw``: a ``.npz`` path to stream the raw draws to
     (``draws.RawWriter``); ``max_memory``: bytes the sums may take (default: a quarter of the available memory;
     refused above it, before sampling)."""
 
@@ -143,12 +152,8 @@ class Recorder:
         self._device = None
 
     def _check_memory(self, max_memory: int | None) -> None:
-        """Refuse sums above ``max_memory`` bytes (default: a quarter of the memory available now, if known)."""
-        if max_memory is None:
-            available = available_memory_bytes()
-            budget, source = (None, "") if available is None else (available // 4, "a quarter of the available memory")
-        else:
-            budget, source = check_int("max_memory", max_memory, minimum=1), "max_memory"
+        """Refuse sums above ``sums_budget(max_memory)``, before sampling."""
+        budget, source = sums_budget(max_memory)
         if budget is not None and self.bytes > budget:
             raise FastLLCError(f"the running sums need {format_bytes(self.bytes)}, more than {format_bytes(budget)} "
                                f"({source}); drop token_moments/chain_mean, use fewer probe examples, or stream "
@@ -249,4 +254,4 @@ class _Shifted:
         self.recorder(t, ids, model, names, weights, offset=self.offset)
 
 
-__all__ = ["Draws", "Probes", "Recorder", "make_probes"]
+__all__ = ["Draws", "Probes", "Recorder", "make_probes", "sums_budget"]

@@ -34,8 +34,9 @@ receives the raw draws of all restrictions as one ``draws.npz`` and is never reu
 run whose sampler settings match, even if the model or data changed); diverging chains are left out (devinterp
 warns and keeps the zeros of the unfinished draws); ``weight_restrictions`` values may also be devinterp names
 (``"l0h1"``, passed to ``create_param_masks``); ``susceptibilities`` adds ``sus_se`` (standard error over
-chains) to ``/susceptibilities``; ``bif_device`` is ignored (the CPU computes it). Refused in one line: what
-``fastllc.compat.devinterp2`` refuses (``settings.py``).
+chains) and the attribute ``fastllc`` (every restriction's λ̂ result as JSON: weights sampled, health) to
+``/susceptibilities``, ``bif`` the attribute ``fastllc`` (its restriction's); ``bif_device`` is ignored (the CPU
+computes it). Refused in one line: what ``fastllc.compat.devinterp2`` refuses (``settings.py``).
 
 ``loss_fn`` ((model, input_ids) → per-token loss [B, T−1]) is devinterp's: the chains follow the mean of its
 entries, every observable records its entries, L̂_n(w*) is their mean over the init minibatches. It runs on
@@ -106,7 +107,7 @@ def _restrictions(model, weight_restrictions: dict) -> dict:
 
 
 def observe(model, dataset, observables: dict, weight_restrictions: dict, *, lr: float, n_beta: float,
-            loss_fn=None, token_moments=False, chain_mean: bool = False, scratch=None, caller: str = "observe",
+            loss_fn=None, token_moments=False, chain_mean=False, scratch=None, caller: str = "observe",
             **kwargs):
     """Every weight restriction of ``weight_restrictions`` ({name: ParamMasks, None or a devinterp name}) in ONE
     batched run with devinterp 2.0.1's ``sample()`` settings (``kwargs``): fastllc's ``ObservedRun``, whose probe
@@ -114,9 +115,9 @@ def observe(model, dataset, observables: dict, weight_restrictions: dict, *, lr:
     ``bif_from_run`` read devinterp's results from it: both from one run. ``loss_fn`` (model, input_ids) →
     per-token loss [B, T−1]: what the chains follow (its mean), the observables record and L̂_n(w*) averages, as
     in devinterp. ``token_moments``/``chain_mean``: what token-wise influences and chain-averaged influences need
-    kept (``Recorder``); ``token_moments="auto"``: kept when they take at most a quarter of the available memory,
-    else the raw draws go to ``scratch/draws.npz`` (a folder the caller removes) and token influences are computed
-    from them in blocks. ``caller``: the function named in a refusal of an unknown keyword."""
+    kept (``Recorder``); ``"auto"``: kept when the sums with them fit the budget (``max_memory``, else a quarter of
+    the available memory), else the raw draws go to ``output_path``'s file or ``scratch/draws.npz`` (a folder the
+    caller removes) and influences are computed from them in blocks. ``caller``: the function named in a refusal."""
     from ...observables.lm import observe_lm
     s = sample_settings(lr, n_beta, observables, loss_fn, kwargs, caller=caller)
     model = _load(model)
@@ -129,10 +130,8 @@ def observe(model, dataset, observables: dict, weight_restrictions: dict, *, lr:
     per_chain = orders if len(orders) == 1 else orders.repeat(len(masks), 1, 1)  # every group: chain j's order
     device = s["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     raw = _raw_path(s["output_path"])
-    if token_moments == "auto":
-        token_moments = _token_moments_fit(probes, len(masks) * s["num_chains"])
-        if not token_moments and raw is None:
-            raw = Path(scratch) / "draws.npz"
+    token_moments, chain_mean, raw = _kept_sums(probes, len(masks) * s["num_chains"], draws.count, token_moments,
+                                                chain_mean, raw, scratch, s["max_memory"], caller)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s["init_seed"])  # dropout masks: seeded, the caller's generator untouched
         init = init_loss(model, tokens, orders, s)  # per order, then averaged
@@ -144,6 +143,38 @@ def observe(model, dataset, observables: dict, weight_restrictions: dict, *, lr:
                           **dict(fastllc_settings(s), steps=steps))
 
 
+def _kept_sums(probes: dict, chains: int, draws: int, token_moments, chain_mean, raw, scratch, max_memory,
+               caller: str) -> tuple:
+    """(token_moments, chain_mean, raw) for ``observe``: an "auto" option kept when the sums with it fit the
+    budget (``recording.sums_budget``), else the raw draws kept instead (``raw``, or ``scratch/draws.npz``); refused
+    in one line, naming what a devinterp caller can change, when the sums left do not fit."""
+    from ...observables.moments import moments_bytes
+    from ...observables.recording import sums_budget
+    from ...resources import format_bytes
+    examples, length = sum(len(t) for t in probes.values()), next(iter(probes.values())).shape[1] - 1
+    size = lambda tokens, kept: moments_bytes(chains, examples, length, len(probes), token_moments=tokens, draws=kept)
+    budget, source = sums_budget(max_memory)
+    fits = lambda needed: budget is None or needed <= budget
+    auto = (token_moments == "auto", chain_mean == "auto")
+    if auto[0]:
+        token_moments = _token_moments_fit(probes, chains) and fits(size(True, 0))
+    if auto[1]:
+        chain_mean = _chain_mean_fit(size(token_moments, draws), budget)
+    if ((auto[0] and not token_moments) or (auto[1] and not chain_mean)) and raw is None:
+        if scratch is None:
+            raise FastLLCError(f"{caller}: the sums do not fit {source}; the raw draws need output_path= or "
+                               "scratch=")
+        raw = Path(scratch) / "draws.npz"
+    needed = size(token_moments, draws if chain_mean else 0)
+    explicit = (token_moments is True and not auto[0]) or (chain_mean is True and not auto[1])
+    if not fits(needed):
+        raise FastLLCError(f"{caller}: the observables' running sums need {format_bytes(needed)}, more than "
+                           f"{format_bytes(budget)} ({source}); use fewer num_chains, fewer or shorter observables "
+                           "(batch_size·batches_per_draw sequences each) or a larger max_memory"
+                           + (", or token_moments/chain_mean='auto' (the raw draws to disk)" if explicit else ""))
+    return token_moments, chain_mean, raw
+
+
 def _token_moments_fit(probes: dict, chains: int) -> bool:
     """Whether Σ x xᵀ per chain fits a quarter of the available memory (``moments.moments_bytes``)."""
     from ...resources import available_memory_bytes
@@ -153,6 +184,11 @@ def _token_moments_fit(probes: dict, chains: int) -> bool:
     available = available_memory_bytes()
     needed = moments_bytes(chains, examples, length, len(probes), token_moments=True)
     return available is None or needed <= available // 4
+
+
+def _chain_mean_fit(needed: int, budget: int | None) -> bool:
+    """Whether the sums with every chain's draws (``needed`` bytes) fit ``budget`` (None: unknown, so kept)."""
+    return budget is None or needed <= budget
 
 
 def _load(model):
@@ -195,7 +231,9 @@ def susceptibilities_from_run(run, sampling_task: str, *, include_sampling_task:
     task = to_obs_id(sampling_task)
     chi = compute_susceptibilities(run, task, estimator="devinterp")
     keep = [o for o in run.probes.names if include_sampling_task or o != task]
-    return _sus_tree(chi, _probe_tokens(run), keep, [wr for wr in run.groups if wr != "full"])
+    tree = _sus_tree(chi, _probe_tokens(run), keep, [wr for wr in run.groups if wr != "full"])
+    tree["susceptibilities"].attrs["fastllc"] = run.results.to_json()  # every restriction's λ̂, weights sampled
+    return tree
 
 
 def _probe_tokens(run) -> dict:
@@ -247,7 +285,8 @@ def bif(model, dataset, observables: dict, *, lr: float, n_beta: float, param_ma
     with tempfile.TemporaryDirectory(prefix="fastllc-bif-") as scratch:  # raw draws, if the sums would not fit
         run = observe(model, dataset, observables, {"full": param_masks}, lr=lr, n_beta=n_beta, loss_fn=loss_fn,
                       scratch=scratch, token_moments="auto" if tokens else False,
-                      chain_mean=reduce_chain_dimension_method == "mean", caller="bif", **kwargs)
+                      chain_mean="auto" if reduce_chain_dimension_method == "mean" else False, caller="bif",
+                      **kwargs)
         return bif_from_run(run, correlation_method=correlation_method,
                             reduce_chain_dimension_method=reduce_chain_dimension_method,
                             average_tokenwise_bif=average_tokenwise_bif, compute_covariance=compute_covariance,
