@@ -2,8 +2,11 @@
 head is an index along the head axis), the same weights as the equivalent GPT-2's names select, and λ̂ of a
 HookedTransformer equal to λ̂ of its GPT-2 twin (the same function, the same weights, the same noise)."""
 
+import functools
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastllc.lm as lm
 from fastllc.errors import FastLLCError
@@ -105,3 +108,53 @@ def test_bf16_runs_on_a_hooked_transformer():
     fp32, bf16 = (lm.estimate(model, data, chains=2, bf16=flag, **SETTINGS) for flag in (False, True))
     assert bf16.init_loss != fp32.init_loss and bf16.init_loss == pytest.approx(fp32.init_loss, rel=2e-3)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _ops_of(forward) -> set[str]:
+    """The aten ops one call of ``forward`` runs (torch's profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        forward()
+    return {event.key for event in profile.key_averages()}
+
+
+def test_sampling_mode_swaps_transformer_lens_gelu_new_for_the_fused_kernel():
+    """Inside ``sampling_mode`` every MLP's ``act_fn`` is the one-kernel tanh-GELU and the forward runs it (one
+    aten::gelu per layer, no aten::tanh); outside, TransformerLens's ``gelu_new`` (seven element-wise ops,
+    one of them tanh) is back; the two give the same logits to fp32 rounding."""
+    model, data = hooked(), tokens(4)
+    causal = lm.CausalLM(model)
+    with torch.no_grad():
+        before, ops = causal(data), _ops_of(lambda: causal(data))
+        with lm.sampling_mode(model):
+            for block in model.blocks:
+                fn = block.mlp.act_fn
+                assert isinstance(fn, functools.partial) and fn.func is F.gelu
+                assert fn.keywords == {"approximate": "tanh"}
+            during, fused_ops = causal(data), _ops_of(lambda: causal(data))
+    assert "aten::tanh" in ops and "aten::gelu" not in ops
+    assert "aten::gelu" in fused_ops and "aten::tanh" not in fused_ops
+    assert all(block.mlp.act_fn.__name__ == "gelu_new" for block in model.blocks)
+    torch.testing.assert_close(during, before, rtol=1e-5, atol=1e-5)  # |Δ| ≲ 1e-6 relative per activation
+    with lm.sampling_mode(model, fused_gelu=False):
+        assert all(block.mlp.act_fn.__name__ == "gelu_new" for block in model.blocks)
+
+
+def test_each_forward_runs_on_the_tokens_device_whatever_cfg_device_says():
+    """TransformerLens moves the tokens and, before every block, the residual stream to ``cfg.device``, so a
+    CPU-built model whose chains run on CUDA (``device="cuda"``: the weights copied there) computed on two devices.
+    Each forward now sets ``cfg.device`` to the tokens' device and restores it. Here the mirror case, testable on
+    the CPU: a model whose ``cfg`` names CUDA evaluated with CPU weights and tokens (before: moved to CUDA)."""
+    model, data = hooked(), tokens(16)
+    with torch.no_grad():
+        expected = lm.CausalLM(model)(data)
+    model.cfg.device = "cuda"
+    seen = []
+    record = lambda x, hook: seen.append((model.cfg.device, x.device))  # before block 1, after a device move
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", record)]):
+        with torch.no_grad():
+            assert torch.equal(lm.CausalLM(model)(data), expected)
+    assert seen == [("cpu", torch.device("cpu"))] and model.cfg.device == "cuda"
+    result = lm.estimate(model, data, chains=2, **SETTINGS)  # the chains under vmap, L_n(w*) included
+    assert model.cfg.device == "cuda"
+    model.cfg.device = "cpu"
+    assert result.llc_per_chain == lm.estimate(model, data, chains=2, **SETTINGS).llc_per_chain

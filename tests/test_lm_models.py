@@ -5,12 +5,17 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
+import fastllc.lm as lm
 from fastllc.errors import FastLLCError
 from fastllc.lm import CausalLM, FusedTanhGELU, load_causal_lm, sampling_mode
+from fastllc.lm import memory
+from fastllc.lm.api import TokenLossLM, init_loss_at, mean_token_loss
+from fastllc.lm.models import Dimensions, dimensions
 
-from lm_models import gpt2, llama, neox, tokens
+from lm_models import gpt2, hooked, llama, neox, tokens
 
 MODELS = {"gpt2": gpt2, "neox": neox, "llama": llama}
 
@@ -112,3 +117,40 @@ def test_refuses_a_model_without_a_language_model_head():
     from transformers import GPT2Model
     with pytest.raises(FastLLCError, match="language-model head"):
         CausalLM(GPT2Model(gpt2().config))
+
+
+def _per_token_cross_entropy(model, ids):
+    logits = model(input_ids=ids).logits[:, :-1]
+    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+def test_a_float64_model_keeps_float64_logits_and_losses():
+    """Without autocast nothing is cast: a ``.double()`` model's logits, its custom per-token losses and L_n(w*)
+    stay float64 (a cast of the logits to fp32 cost L_m and L_n(w*) about 1e-7 relative, silently)."""
+    model, data = gpt2().double().eval(), tokens(8)
+    with torch.no_grad():
+        exact = model(input_ids=data).logits[:, :-1]
+        assert exact.dtype == torch.float64 and torch.equal(CausalLM(model)(data), exact)
+        per_token = TokenLossLM(model, _per_token_cross_entropy)(data)
+        assert per_token.dtype == mean_token_loss(per_token, None).dtype == torch.float64
+    mean = float(F.cross_entropy(exact.transpose(1, 2), data[:, 1:]))
+    # float64 end to end: equal to float64 rounding (fp32 logits were ~1e-7 off)
+    for module in (CausalLM(model), TokenLossLM(model, _per_token_cross_entropy)):
+        assert init_loss_at(module, lm.token_data(data)) == pytest.approx(mean, rel=1e-12)
+    result = lm.estimate(model, data, chains=1, steps=2, batch_size=4, nbeta=20.0, backend="generic")
+    assert result.init_loss == pytest.approx(mean, rel=1e-12)
+    assert CausalLM(gpt2().bfloat16())(data).dtype == torch.float32  # narrower outputs still come back as fp32
+
+
+@pytest.mark.parametrize("build, expected", [
+    (gpt2, Dimensions(layers=2, width=32, heads=4, mlp_width=128, vocab=32, head_width=8, kv_heads=4)),
+    (neox, Dimensions(layers=2, width=32, heads=4, mlp_width=128, vocab=32, head_width=8, kv_heads=4)),
+    (lambda: llama(kv_heads=2), Dimensions(layers=2, width=32, heads=4, mlp_width=64, vocab=32, head_width=8,
+                                           kv_heads=2)),
+    (lambda: hooked(n_key_value_heads=2), Dimensions(layers=2, width=32, heads=4, mlp_width=128, vocab=32,
+                                                     head_width=8, kv_heads=2)),
+], ids=["gpt2", "neox", "llama-gqa", "hooked-gqa"])
+def test_dimensions_are_read_from_the_config_once_for_every_reader(build, expected):
+    model = build()
+    assert dimensions(model) == expected
+    assert tuple(memory._shape(model)) == tuple(expected[:5])  # the memory plan's reading agrees

@@ -31,7 +31,8 @@ from ..sampling.threads import single_threaded_torch
 from ..validate import check_bool, check_int
 from .data import loss_at, next_token_loss, token_data
 from .memory import ChainOffset, MemoryPlan, plan
-from .models import CausalLM, autocast_context, load_causal_lm, sampling_mode, vocab_size
+from .models import (CausalLM, at_least_float32, autocast_context, bf16_autocast, load_causal_lm, sampling_mode,
+                     tokens_device, vocab_size)
 from .names import groups_by_name, name_mask
 
 PREFIX = "model."  # CausalLM holds the Hugging Face model as .model: its parameters' names start so
@@ -39,13 +40,24 @@ LOG = logging.getLogger("fastllc.lm")
 
 
 def _prepared(model, tokens, loss_mask, token_loss=None, bf16: bool = False):
+    """(the loaded model, the module the chains run, its chain loss, the token data)."""
     model = load_causal_lm(model)
-    autocast = torch.bfloat16 if check_bool("bf16", bf16) else None
-    lm = CausalLM(model, autocast=autocast) if token_loss is None else TokenLossLM(model, token_loss, autocast)
-    return model, lm, token_data(tokens, loss_mask, vocab_size=lm.vocab_size)
+    lm, loss = language_model(model, token_loss, bf16_autocast(bf16))
+    return model, lm, loss, token_data(tokens, loss_mask, vocab_size=lm.vocab_size)
 
 
-def _init_loss(lm, data, init_sequences):
+def language_model(model, token_loss=None, autocast: torch.dtype | None = None) -> tuple:
+    """(the module the chains run, its chain loss): ``CausalLM`` with the next-token cross-entropy, or, given the
+    caller's per-token ``token_loss``, ``TokenLossLM`` with the mean of its entries."""
+    if token_loss is None:
+        return CausalLM(model, autocast=autocast), next_token_loss
+    return TokenLossLM(model, token_loss, autocast), mean_token_loss
+
+
+def init_loss_at(lm, data, init_sequences: int | None = None) -> float:
+    """L_n(w*) of ``language_model``'s module over the first ``init_sequences`` sequences of ``data`` (all by
+    default): the mean next-token cross-entropy over the predicted tokens, or the mean of ``token_loss``'s
+    entries."""
     if init_sequences is not None:
         check_int("init_sequences", init_sequences, minimum=1)
     if isinstance(lm, TokenLossLM):
@@ -64,12 +76,12 @@ class TokenLossLM(torch.nn.Module):
             raise FastLLCError(f"token_loss must be a function (model, input_ids) → per-token loss [batch, length − 1], "
                                f"got {type(token_loss).__name__}")
         self.model, self.token_loss = CausalLM(model).model, token_loss
-        self.autocast = autocast  # as CausalLM's: the caller's loss under torch.autocast, its values back in fp32
+        self.autocast = autocast  # as CausalLM's: the caller's loss under torch.autocast, its values at least fp32
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        with autocast_context(self.autocast, tokens.device.type):
+        with autocast_context(self.autocast, tokens.device.type), tokens_device(self.model, tokens):
             losses = self.token_loss(self.model, tokens)
-        return losses if self.autocast is None else losses.float()
+        return at_least_float32(losses)
 
     @property
     def vocab_size(self):
@@ -77,8 +89,9 @@ class TokenLossLM(torch.nn.Module):
 
 
 def mean_token_loss(losses: torch.Tensor, _targets) -> torch.Tensor:
-    """The chain loss of a ``TokenLossLM``: the mean of the per-token losses (devinterp's ``loss.float().mean()``)."""
-    return losses.float().mean()
+    """The chain loss of a ``TokenLossLM``: the mean of the per-token losses (devinterp's ``loss.float().mean()``,
+    float64 losses kept float64)."""
+    return at_least_float32(losses).mean()
 
 
 @torch.no_grad()
@@ -135,12 +148,13 @@ def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_
     [B, T−1] replacing the next-token cross-entropy (devinterp 2's ``loss_fn``): the chain loss is the mean of
     its entries, L_n(w*) their mean over the sequences (``loss_mask`` does not apply). ``bf16=True``: every
     forward and backward pass under ``torch.autocast`` in bfloat16 on ``device`` (``models.CausalLM``), L_n(w*)'s
-    included, so that the offset bf16 rounding puts on the loss cancels in λ̂ = nβ·(E[L_m] − L_n(w*)); the
-    weights, their gradients, the noise and the SGLD update stay float32 (backend ``generic``: the ``transformer``
-    backend's engine is float32). Other keywords: the ``SGLDConfig`` fields (``chains``, ``steps``, ``epsilon``,
+    included, so that the offset bf16 rounding puts on the loss cancels in λ̂ = nβ·(E[L_m] − L_n(w*)) — unless
+    ``init_loss`` is given: a value computed without autocast (fp32) lacks that offset, and λ̂ is then off by
+    nβ times it (pass an ``init_loss`` computed under bf16 autocast, or none); the weights, their gradients, the
+    noise and the SGLD update stay float32 (backend ``generic``: the ``transformer`` backend's engine is
+    float32). Other keywords: the ``SGLDConfig`` fields (``chains``, ``steps``, ``epsilon``,
     ``gamma``, ``nbeta``, ``batch_size`` in sequences, ...)."""
-    model, lm, data = _prepared(model, tokens, loss_mask, token_loss, bf16)
-    loss = next_token_loss if token_loss is None else mean_token_loss
+    model, lm, loss, data = _prepared(model, tokens, loss_mask, token_loss, bf16)
     config = sgld_config(config, settings)
     selection = None if restrict is None else _prefixed(_selection(model, restrict))
     chosen = plan(model, config.chains, config.batch_size, len(data), data.tokens.shape[1], config.sampler, max_memory,
@@ -148,7 +162,7 @@ def estimate(model, tokens, config=None, *, loss_mask=None, restrict=None, init_
     LOG.info(chosen.describe())
     with sampling_mode(model, attention, fused_gelu):
         model.train(check_bool("dropout", dropout))  # sampling_mode restores every module's mode afterwards
-        init = float(init_loss) if init_loss is not None else _init_loss(lm, data, init_sequences)
+        init = float(init_loss) if init_loss is not None else init_loss_at(lm, data, init_sequences)
         if len(chosen.groups) == 1:
             return _estimate(lm, data.pair, loss, config, backend=backend, init_loss=init,
                              restrict=selection, randomness=randomness, progress=progress, device=device)
@@ -168,7 +182,7 @@ def estimate_groups(model, tokens, config=None, *, groups="per-head", loss_mask=
     one after another). ``groups``: ``"per-head"`` (every ``l{l}h{h}``), ``"per-layer"`` (every ``l{l}``), a list
     of names (each its own group) or a dict {group name: name or list of names}. Other arguments as
     ``estimate``."""
-    model, lm, data = _prepared(model, tokens, loss_mask, bf16=bf16)
+    model, lm, _, data = _prepared(model, tokens, loss_mask, bf16=bf16)
     config = sgld_config(config, settings)
     selections = {group: _prefixed(masks) for group, masks in groups_by_name(model, groups).items()}
     total = config.chains * len(selections)
@@ -177,7 +191,7 @@ def estimate_groups(model, tokens, config=None, *, groups="per-head", loss_mask=
     LOG.info(chosen.describe())
     with sampling_mode(model, attention, fused_gelu):
         model.train(check_bool("dropout", dropout))  # sampling_mode restores every module's mode afterwards
-        init = float(init_loss) if init_loss is not None else _init_loss(lm, data, init_sequences)
+        init = float(init_loss) if init_loss is not None else init_loss_at(lm, data, init_sequences)
         if len(chosen.groups) == 1:
             return _estimate_groups(lm, data.pair, next_token_loss, config, groups=selections, backend=backend,
                                     init_loss=init, randomness=randomness, progress=progress, device=device)

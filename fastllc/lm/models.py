@@ -7,10 +7,10 @@ the wrapped model's own (no copy), named ``model.<the model's own name>``.
 
 ``autocast`` (``CausalLM(model, autocast=torch.bfloat16)``, what ``estimate(..., bf16=True)`` sets): the forward
 runs under ``torch.autocast`` in that dtype on the tokens' device (matrix products in bf16, the reductions autocast
-keeps in fp32), the logits come back as fp32; the weights stay fp32 and so do their gradients (autocast casts
-a copy of each weight for the product, and autograd casts the gradient back), the noise and the SGLD update,
-which the backends do outside the module. ``sampling_mode`` puts the model in the state the chains need and
-restores it afterwards, whatever happens:
+keeps in fp32), the logits come back as fp32 (``at_least_float32``: a ``.double()`` model's stay float64); the
+weights stay fp32 and so do their gradients (autocast casts a copy of each weight for the product, and autograd
+casts the gradient back), the noise and the SGLD update, which the backends do outside the module.
+``sampling_mode`` puts the model in the state the chains need and restores it afterwards, whatever happens:
 
 - ``eval()`` on every module (dropout off: L_m is a function of the weights and the minibatch only), the
   training flag of each module restored afterwards;
@@ -22,6 +22,10 @@ restores it afterwards, whatever happens:
   ``F.gelu(approximate="tanh")``, one fused kernel, the same function to fp32 rounding (|Δ| ≲ 1e-6
   relative; tested). The element-wise ops were ~45% of a tiny GPT-2's step on the CPU. TransformerLens's
   ``gelu_new`` (the same seven ops, a function in each MLP's ``act_fn``) is swapped likewise.
+
+A HookedTransformer moves its input and its residual stream to ``cfg.device`` in every forward; the chains run
+on their own ``device`` (the weights copied there, the model not moved), so each forward of ``CausalLM`` and
+``TokenLossLM`` sets ``cfg.device`` to the tokens' device and restores it (``tokens_device``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import FastLLCError
+from ..validate import check_bool
 
 
 class CausalLM(nn.Module):
@@ -71,12 +77,12 @@ class CausalLM(nn.Module):
         return torch.cat([self._logits(piece) for piece in pieces])
 
     def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        with autocast_context(self.autocast, tokens.device.type):
+        with autocast_context(self.autocast, tokens.device.type), tokens_device(self.model, tokens):
             if self._hooked:
                 logits = self.model(tokens, return_type="logits")
             else:
                 logits = self.model(input_ids=tokens, use_cache=False).logits
-        return logits[:, :-1].float()
+        return at_least_float32(logits[:, :-1])
 
     @property
     def vocab_size(self) -> int | None:
@@ -86,6 +92,36 @@ class CausalLM(nn.Module):
 def autocast_context(dtype: torch.dtype | None, device_type: str):
     """``torch.autocast`` in ``dtype`` on ``device_type``; a context that changes nothing when ``dtype`` is None."""
     return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def bf16_autocast(bf16) -> torch.dtype | None:
+    """The autocast dtype of ``bf16=`` (``estimate``, ``estimate_series``): torch.bfloat16 or None."""
+    return torch.bfloat16 if check_bool("bf16", bf16) else None
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """A module's output as the chains read it: float32 if it came out in a narrower type (bf16/fp16 under
+    autocast, or from a half-precision model), float64 if it is float64 (a ``.double()`` model keeps its
+    precision in L_m and L_n(w*)); no copy when it already is."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+@contextlib.contextmanager
+def tokens_device(model: nn.Module, tokens: torch.Tensor):
+    """A HookedTransformer's ``cfg.device`` set to the device of ``tokens`` (where the chains' weights are) for
+    one forward, restored afterwards; nothing for other models. TransformerLens moves the tokens and, before
+    every block, the residual stream to ``cfg.device``: a model built on the CPU whose chains run on CUDA would
+    otherwise compute on two devices."""
+    config = getattr(model, "cfg", None) if is_hooked_transformer(model) else None
+    if config is None:
+        yield
+        return
+    previous = config.device
+    config.device = str(tokens.device)
+    try:
+        yield
+    finally:
+        config.device = previous
 
 
 def is_hf_causal_lm(model) -> bool:
@@ -105,6 +141,36 @@ def vocab_size(model) -> int | None:
     if is_hooked_transformer(model):
         return getattr(model.cfg, "d_vocab", None)
     return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+class Dimensions(NamedTuple):
+    """A transformer's sizes, read from a Hugging Face ``config`` or a HookedTransformer's ``cfg`` (the first
+    five are what the memory plan reads, in its order)."""
+    layers: int
+    width: int  # d_model
+    heads: int
+    mlp_width: int  # the MLP's hidden units (4·width when the config does not say)
+    vocab: int
+    head_width: int  # d_head (``head_dim`` when the config has one, else width // heads)
+    kv_heads: int  # key-value heads (= heads without grouped-query attention)
+
+
+def dimensions(model) -> Dimensions:
+    """The model's ``Dimensions``; a size its config does not give is 1 (the MLP width 4·width, the head width
+    width // heads, the key-value heads the heads), so that an estimate from shapes still has numbers."""
+    if is_hooked_transformer(model):
+        c = model.cfg
+        kv = getattr(c, "n_key_value_heads", None) or c.n_heads
+        return Dimensions(c.n_layers, c.d_model, c.n_heads, c.d_mlp or 4 * c.d_model, c.d_vocab, c.d_head, kv)
+    c = getattr(model, "config", None)
+    width = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None) or 1
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None) or 1
+    return Dimensions(layers=getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None) or 1,
+                      width=width, heads=heads,
+                      mlp_width=getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * width,
+                      vocab=getattr(c, "vocab_size", None) or 1,
+                      head_width=getattr(c, "head_dim", None) or width // heads,
+                      kv_heads=getattr(c, "num_key_value_heads", None) or heads)
 
 
 def load_causal_lm(model) -> nn.Module:

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..errors import FastLLCError
 from ..sampling.restrict import closest_names
-from .models import is_hooked_transformer
+from .models import dimensions, is_hooked_transformer
 
 _HEAD = re.compile(r"^l(\d+)h(\d+)$")
 _LAYER = re.compile(r"^l(\d+)(?: (attn|mlp))?$")
@@ -86,20 +86,6 @@ def layout_of(model: nn.Module) -> Layout:
     return LAYOUTS[model_type]
 
 
-def _shape(model):
-    """(layers, heads, d_head, key-value heads) from the model's config (TransformerLens: its ``cfg``)."""
-    if is_hooked_transformer(model):
-        c = model.cfg
-        return c.n_layers, c.n_heads, c.d_head, getattr(c, "n_key_value_heads", None) or c.n_heads
-    c = model.config
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
-    width = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
-    d_head = getattr(c, "head_dim", None) or width // heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    return layers, heads, d_head, kv_heads
-
-
 def name_mask(model: nn.Module, name, label: str = "restrict") -> dict[str, torch.Tensor]:
     """``name`` (or a list of names, module docstring) as ``{parameter name: bool mask of its shape}``, over
     the Hugging Face model's own ``named_parameters()`` (trainable ones)."""
@@ -122,7 +108,8 @@ def _one(model, params, item: str, label: str) -> dict[str, torch.Tensor]:
     head, layer = _HEAD.match(item), _LAYER.match(item)
     if head or layer or item in ("embed", "unembed"):
         layout = layout_of(model)
-        layers, heads, _, _ = _shape(model)
+        sizes = dimensions(model)
+        layers, heads = sizes.layers, sizes.heads
         index = int((head or layer).group(1)) if (head or layer) else 0
         if index >= layers:
             raise FastLLCError(f"{label}: {item!r} names layer {index}; the model has layers 0 to {layers - 1}")
@@ -156,7 +143,8 @@ def _unembedding(model, params) -> list[str]:
 
 def head_mask(model, params, layout: Layout, layer: int, head: int) -> dict[str, torch.Tensor]:
     """Head ``head`` of layer ``layer`` (module docstring's layouts)."""
-    _, heads, d_head, kv_heads = _shape(model)
+    sizes = dimensions(model)
+    heads, d_head, kv_heads = sizes.heads, sizes.head_width, sizes.kv_heads
     attn = layout.attn.format(l=layer)
     own = slice(head * d_head, (head + 1) * d_head)
     masks = {}
@@ -205,11 +193,11 @@ def groups_by_name(model: nn.Module, groups) -> dict[str, dict[str, torch.Tensor
     """``"per-head"`` ({"l0h0": …} for every head), ``"per-layer"`` ({"l0": …}), a list of names (each its own
     group) or a dict {group name: name or list of names}, as {group name: {parameter name: mask}}."""
     if isinstance(groups, str):
-        layers, heads, _, _ = _shape(model) if groups in ("per-head", "per-layer") else (0, 0, 0, 0)
+        sizes = dimensions(model) if groups in ("per-head", "per-layer") else None
         if groups == "per-head":
-            groups = [f"l{l}h{h}" for l in range(layers) for h in range(heads)]
+            groups = [f"l{l}h{h}" for l in range(sizes.layers) for h in range(sizes.heads)]
         elif groups == "per-layer":
-            groups = [f"l{l}" for l in range(layers)]
+            groups = [f"l{l}" for l in range(sizes.layers)]
         else:
             raise FastLLCError(f"groups must be 'per-head', 'per-layer', a list of names or a dict "
                                f"{{group: names}}, not {groups!r}")

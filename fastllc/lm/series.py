@@ -53,8 +53,8 @@ from .api import _per_chain, _prefixed, _selection
 from ..api import sgld_config
 from .data import loss_at, next_token_loss, token_data
 from .memory import HEADROOM, ChainOffset, MemoryPlan, plan
-from .models import CausalLM, load_causal_lm, sampling_mode
-from ..validate import check_bool, check_int
+from .models import CausalLM, bf16_autocast, load_causal_lm, sampling_mode
+from ..validate import check_int
 
 LOG = logging.getLogger("fastllc.lm")
 
@@ -348,7 +348,7 @@ def estimate_series(checkpoints, tokens, config=None, *, model=None, training_st
     ``fastllc.lm.estimate`` (``backend``: ``generic`` or ``reference``)."""
     entries = checkpoint_entries(checkpoints, training_steps)
     template = load_checkpoint(model if model is not None else entries[0][2], None)
-    autocast = torch.bfloat16 if check_bool("bf16", bf16) else None
+    autocast = bf16_autocast(bf16)
     lm = CausalLM(template, autocast=autocast)
     data = token_data(tokens, loss_mask, vocab_size=lm.vocab_size)
     config = sgld_config(config, settings)

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 
 from ..api import sgld_config
 from ..errors import FastLLCError
-from ..lm.api import PREFIX, TokenLossLM, mean_token_loss, token_loss_at
-from ..lm.data import IGNORE, loss_at, next_token_loss, token_data
+from ..lm.api import PREFIX, init_loss_at, language_model
+from ..lm.data import IGNORE, token_data
 from ..lm.memory import plan
-from ..lm.models import CausalLM, load_causal_lm, sampling_mode
+from ..lm.models import load_causal_lm, sampling_mode
 from ..lm.names import name_mask
-from ..validate import check_bool, check_int
+from ..validate import check_bool
 from .recording import Draws, Recorder, make_probes
 from .run import LOG, ObservedRun, restriction_masks, sample_groups
 
@@ -86,7 +86,8 @@ def observe_lm(model, tokens, probes: dict, config=None, *, restrictions=None, l
     ``fastllc.lm.estimate`` takes it (devinterp 2's ``loss_fn``): the chains follow the mean of its entries, the
     probes record its entries, L_n(w*) is their mean (backend ``generic``). Other arguments: ``observe``."""
     model = load_causal_lm(model)
-    lm, chain_loss, element_loss = _losses(model, token_loss)
+    lm, chain_loss = language_model(model, token_loss)
+    element_loss = token_losses if token_loss is None else given_token_losses
     data = token_data(tokens, loss_mask, vocab_size=lm.vocab_size)
     config = sgld_config(config, settings)
     found = lm_probes(probes, lm.vocab_size, probe_loss_masks, element_loss)
@@ -101,27 +102,10 @@ def observe_lm(model, tokens, probes: dict, config=None, *, restrictions=None, l
                         max_memory=max_memory)
     with sampling_mode(model, attention, fused_gelu):
         model.train(check_bool("dropout", dropout))  # sampling_mode restores every module's mode afterwards
-        if init_loss is None and init_sequences is not None:
-            check_int("init_sequences", init_sequences, minimum=1)
-        init = float(init_loss) if init_loss is not None else _loss_at(lm, data, init_sequences)
+        init = float(init_loss) if init_loss is not None else init_loss_at(lm, data, init_sequences)
         return sample_groups(lm, *data.pair, chain_loss, config, masks, recorder, init_loss=init,
                              backend=backend, device=device, randomness=randomness, progress=progress,
                              parts=chosen.groups)
-
-
-def _losses(model, token_loss) -> tuple:
-    """(the module the chains run, its chain loss, the probes' element loss): the next-token cross-entropy, or
-    the caller's per-token ``token_loss`` (``fastllc.lm.api.TokenLossLM``)."""
-    if token_loss is None:
-        return CausalLM(model), next_token_loss, token_losses
-    return TokenLossLM(model, token_loss), mean_token_loss, given_token_losses
-
-
-def _loss_at(lm, data, init_sequences) -> float:
-    """L_n(w*) over the first ``init_sequences`` sequences (all by default), as ``fastllc.lm.estimate``."""
-    if isinstance(lm, TokenLossLM):
-        return token_loss_at(lm, data.tokens[:init_sequences])
-    return loss_at(lm, data, init_sequences)
 
 
 __all__ = ["given_token_losses", "lm_probes", "lm_restrictions", "observe_lm", "token_losses"]

@@ -58,7 +58,7 @@ import torch
 
 from ... import storage
 from ...errors import FastLLCError
-from ...lm.models import is_hooked_transformer
+from ...lm.models import dimensions, is_hooked_transformer
 from ...sampling.restrict import closest_names
 from .settings import (DEFAULTS, DevinterpBatches, dataset_tokens, fastllc_settings, init_loss, minibatch_orders,
                        sample_settings, sampling_steps)
@@ -298,11 +298,8 @@ def _best_variant(variants: tuple, names: list[str]) -> dict:
 def _head_counts(model) -> tuple[int, int, int]:
     """(heads, d_model, kv-heads) as devinterp's _get_model_config reads them: TransformerLens's ``cfg`` or
     transformers' ``config``; kv-heads default to heads (no grouped-query attention)."""
-    if is_hooked_transformer(model):
-        c = model.cfg
-        return c.n_heads, c.d_model, getattr(c, "n_key_value_heads", None) or c.n_heads
-    c = model.config
-    return c.num_attention_heads, c.hidden_size, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    sizes = dimensions(model)
+    return sizes.heads, sizes.width, sizes.kv_heads
 
 
 def _count_layers(params, spec) -> int:

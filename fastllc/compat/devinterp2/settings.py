@@ -161,16 +161,15 @@ def init_loss(model, tokens: torch.Tensor, orders: torch.Tensor, s: dict) -> flo
     order, in training mode, averaged over the orders (per chain in devinterp: the same where they match); the
     custom ``s["loss_fn"]`` if given (the mean of its per-token losses)."""
     from ... import lm
-    from ...lm.api import TokenLossLM, token_loss_at
+    from ...lm.api import init_loss_at, language_model
 
-    batches, custom = s["num_init_loss_batches"], s.get("loss_fn")
-    wrapped, losses = lm.CausalLM(model) if custom is None else TokenLossLM(model, custom), []
+    wrapped, _ = language_model(model, s.get("loss_fn"))
+    losses = []
     with lm.sampling_mode(model):
         model.train()
         for order in orders:
-            rows = order[:batches].reshape(-1)
-            losses.append(lm.loss_at(wrapped, lm.token_data(tokens[rows])) if custom is None
-                          else token_loss_at(wrapped, tokens[rows]))
+            rows = order[:s["num_init_loss_batches"]].reshape(-1)
+            losses.append(init_loss_at(wrapped, lm.token_data(tokens[rows])))
     return float(np.mean(losses))
 
 
