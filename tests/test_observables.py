@@ -243,6 +243,38 @@ def test_a_class_of_one_token_is_that_token_and_a_class_is_its_tokens_mean(close
     assert "three" in chi.table(by="class") and "near" not in chi.table(by="class")
 
 
+@pytest.mark.parametrize("classes,names,options,message", [
+    ({"the": 262}, None, {}, r"token classes\['the'\] \(a list of token ids\) must be integers, got 262"),
+    ({"a": [1], 3: "b"}, None, {}, "keys all strings or all integers"),
+    ({"a": [1.5]}, None, {}, r"token classes\['a'\].* must be integers, got torch.float32"),
+    ({2.0: "a"}, None, {}, "keys all strings or all integers"),
+    (["x", "y"], None, {}, r"token classes \(integer class ids.* must be integers, got \['x', 'y'\]"),
+    (torch.tensor([0.5, 1.7], dtype=torch.bfloat16), None, {}, "must be integers, got torch.bfloat16"),
+    (torch.tensor([1 + 0j, 0j]), None, {}, "must be integers, got torch.complex64"),
+    (torch.tensor([True, False]), None, {}, "must be integers, got torch.bool"),
+    (torch.tensor([-1, -1]), None, {}, "need at least one class"),
+    (torch.tensor([0, 1]), ["a", "a"], {}, "distinct names"),
+    (torch.zeros(2, 2, 2, dtype=torch.long), None, {}, "got 3 dimensions"),
+    ("spec", None, {"of": "context"}, "take no names/of/sets"),
+    ("spec", ["x"], {}, "take no names/of/sets"),
+    ("spec", None, {"sets": ["near"]}, "take no names/of/sets")])
+def test_token_classes_refuse_bad_input_in_one_line(classes, names, options, message):
+    """Nothing truncated or ignored: non-integer ids (``.long()`` would round them), mixed or non-integer keys,
+    strings, no class at all, options given to classes already made."""
+    if classes == "spec":
+        classes = obs.token_classes({"a": [1]})
+    with pytest.raises(FastLLCError, match=message) as caught:
+        obs.token_classes(classes, names, **options)
+    assert "\n" not in str(caught.value)
+
+
+def test_token_classes_take_integer_arrays_ranges_and_empty_classes():
+    assert obs.token_classes({"a": range(2), "b": np.array([4]), "none": []}).ids.tolist() == [0, 0, -1, -1, 1]
+    assert obs.token_classes({np.int64(3): "x", 1: "y"}).names == ("x", "y")
+    assert obs.token_classes(np.array([[0, -1]], dtype=np.int32), ["c"]).per_position
+    assert obs.token_classes(torch.tensor([-1, -1]), ["c"]).names == ("c",)  # a named class may be empty (NaN χ)
+
+
 # --- the hook and the recorder on a small MLP --------------------------------------------------------------
 
 def _mlp(seed=0):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import FastLLCError
@@ -47,19 +48,38 @@ def token_classes(classes, names=None, *, of: str = "target", sets=None) -> Toke
     [N, K] (per position) of class ids with ``names`` (default "0", "1", ...). ``of``: which token a vocabulary map
     looks up; ``sets``: the probe sets whose tokens count (default: all but the sampling task)."""
     if isinstance(classes, TokenClasses):
+        if names is not None or of != "target" or sets is not None:
+            raise FastLLCError("token classes already made (TokenClasses) take no names/of/sets; give them to "
+                               "token_classes when making them")
         return classes
     check_choice("of", of, SOURCES)
     if isinstance(classes, dict):
         ids, names = _from_dict(classes)
     else:
-        ids = torch.as_tensor(classes)
-        if ids.dtype in (torch.float16, torch.float32, torch.float64, torch.bool) or ids.dim() not in (1, 2):
-            raise FastLLCError("token classes must be a dict or integer class ids [vocabulary] or [examples, tokens]")
+        ids = _integers(classes, "token classes (integer class ids [vocabulary] or [examples, tokens], or a dict)")
+        if ids.dim() not in (1, 2):
+            raise FastLLCError(f"token classes must be class ids [vocabulary] or [examples, tokens], got "
+                               f"{ids.dim()} dimensions")
         count = int(ids.max()) + 1 if ids.numel() else 0
         names = tuple(str(c) for c in range(count)) if names is None else tuple(map(str, names))
         if count > len(names) or bool((ids < -1).any()):
             raise FastLLCError(f"token class ids must lie in [-1, {len(names)}) for the {len(names)} names given")
-    return TokenClasses(names, ids.long(), ids.dim() == 2, of, None if sets is None else tuple(sets))
+    if not names or len(set(names)) < len(names):
+        raise FastLLCError(f"token classes need at least one class and distinct names, got {list(names)} (class "
+                           "ids all -1 name no class)")
+    return TokenClasses(names, ids, ids.dim() == 2, of, None if sets is None else tuple(sets))
+
+
+def _integers(value, what: str) -> torch.Tensor:
+    """``value`` (a tensor, array or sequence) as a LongTensor; anything else, or any non-integer (float, complex,
+    bool: ``.long()`` would truncate it), refused in one line naming ``what``."""
+    try:
+        ids = torch.as_tensor(value if isinstance(value, (torch.Tensor, np.ndarray)) else list(value))
+    except (TypeError, ValueError, RuntimeError):
+        raise FastLLCError(f"{what} must be integers, got {value!r}") from None
+    if ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):  # [] is float
+        raise FastLLCError(f"{what} must be integers, got {ids.dtype}")
+    return ids.long()
 
 
 def _from_dict(classes: dict) -> tuple:
@@ -67,11 +87,14 @@ def _from_dict(classes: dict) -> tuple:
     if not classes:
         raise FastLLCError("token classes must not be empty")
     if all(isinstance(key, str) for key in classes):
-        members = {name: torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long)
-                   .reshape(-1) for name, ids in classes.items()}
-    else:
+        members = {name: _integers(ids, f"token classes[{name!r}] (a list of token ids)").reshape(-1)
+                   for name, ids in classes.items()}
+    elif all(isinstance(key, (int, np.integer)) and not isinstance(key, bool) for key in classes):
         names = list(dict.fromkeys(map(str, classes.values())))
         members = {name: torch.tensor([int(t) for t, c in classes.items() if str(c) == name]) for name in names}
+    else:
+        raise FastLLCError("token classes must be {class name: token ids} or {token id: class name}: keys all "
+                           f"strings or all integers, got {[type(k).__name__ for k in classes]}")
     every = torch.cat(list(members.values()))
     if len(every) == 0 or bool((every < 0).any()):
         raise FastLLCError("token classes must list non-negative token ids")
