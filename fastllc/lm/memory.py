@@ -38,6 +38,7 @@ from .. import resources
 from ..errors import FastLLCError
 from ..sampling.samplers import Sampler, sampler_class
 from ..validate import check_int
+from .models import dimensions
 
 DEFAULT_FRACTION = 0.5  # of the memory available when the run starts: room for everything else
 # Groups are sized to fill this fraction of the budget: the estimate is from shapes, and measured peaks ran 3-8%
@@ -72,16 +73,8 @@ class MemoryPlan:
 
 
 def _shape(model) -> tuple[int, int, int, int, int]:
-    """(layers, width, heads, MLP width, vocabulary) from a Hugging Face config or a HookedTransformer's ``cfg``."""
-    c = getattr(model, "config", None)
-    if c is None and hasattr(getattr(model, "cfg", None), "n_heads"):
-        c = model.cfg
-        return c.n_layers, c.d_model, c.n_heads, c.d_mlp or 4 * c.d_model, c.d_vocab
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 1)
-    width = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 1)
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 1)
-    hidden = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * width
-    return layers, width, heads, hidden, getattr(c, "vocab_size", 1)
+    """(layers, width, heads, MLP width, vocabulary): ``models.dimensions``, the one reader of a model's config."""
+    return tuple(dimensions(model)[:5])
 
 
 def activation_bytes_per_token(model, length: int) -> int:
