@@ -316,7 +316,7 @@ def series_plan(template: nn.Module, checkpoints: int, total: int, batch_size: i
     if fits < 1:
         f = resources.format_bytes
         raise FastLLCError(f"one chain needs about {f(per_chain)} and the {checkpoints} checkpoints and data "
-                           f"{f(shared)}, more than {f(base.budget)} ({base.budget_source}); lower batch_size, "
+                           f"{f(shared)}, more than {float(HEADROOM):.0%} of {f(base.budget)} ({base.budget_source}); lower batch_size, "
                            "estimate fewer checkpoints at once or raise max_memory")
     return MemoryPlan(total, int(min(total, fits)), per_chain, shared, base.budget, base.budget_source)
 
