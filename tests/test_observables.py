@@ -133,27 +133,37 @@ def test_the_devinterp_estimator_is_devinterps_formula(mlp_run):
         np.testing.assert_allclose(chi.token[g].numpy(), sus, rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", list(SUBSETS))
-def test_chain_averaged_influences_and_their_standard_errors_agree_with_the_closed_form(closed_form_run, linear, name):
+def test_chain_averaged_influences_and_their_standard_errors_agree_with_the_closed_form(closed_form_run, linear):
     """Chains averaged at each draw, then correlated over the draws: the chains are independent, so the averaged
     losses have Cov(ℓ_i, ℓ_j)/c (c = 16 chains) and the same correlations as one chain. The jackknife over chains
-    (each chain left out of the average in turn) must cover the estimates' distance from those: the bounds of the
-    stacked test above (measured mean z² 0.2–0.9: the jackknife is conservative here, next test). Centring each
-    series on its own mean over D = 500 draws biases the covariance by about τ/D, τ ≈ 10–20 draws here: 2–4%,
-    below the standard errors. Power: the exact values are over 2 standard errors from 0 at the median (measured
-    1.5–6.5 per restriction), so a sign error would be seen."""
-    _, cov = _exact(linear, name)
-    off = ~torch.eye(len(cov), dtype=torch.bool)
-    chains = len(closed_form_run.chains(name))
-    for kind, truth in (("correlation", exact.correlation(cov)[off]), ("covariance", cov.flatten() / chains)):
-        bif = obs.compute_bif(closed_form_run, restriction=name, chains="mean", kind=kind)
-        pick = (lambda t: t[off]) if kind == "correlation" else (lambda t: t.flatten())
-        estimate, se = pick(bif.matrix), pick(bif.se)
-        z = (estimate - truth) / se
-        print(f"mean {name:5s} {kind:11s} max|z| {z.abs().max():.2f}  mean z² {(z ** 2).mean():.2f}  "
-              f"median |exact|/se {(truth.abs() / se).median():.1f}")
-        assert z.abs().max() < 5.0 and 0.03 < (z ** 2).mean() < 3.0, kind
-        assert ((estimate + truth) / se).abs().median() > 2.0, kind  # a sign error would be seen
+    (each chain left out of the average in turn) must cover the estimates' distance from those: every entry within
+    5 standard errors, per restriction and kind. Its variance is 1.6–2.3× the true one (conservative: next test),
+    so the mean z² is expected near 1/1.6–1/2.3 = 0.43–0.63, not 1; over all restrictions and both kinds it
+    measured 0.41–0.94 over seeds 3–12 (0.41 at this seed 3; one restriction and kind alone ranged 0.05–1.46: its
+    entries share the same 16 chains, so they average few independent values). Bounds 0.25–1.5: a standard error
+    2× too large (z² ≤ 0.94/4 = 0.24) or 2× too small (z² ≥ 0.41·4 = 1.64) fails at every seed measured; an
+    honest (not conservative) jackknife would raise it 1.6–2.3× and need new bounds. Centring each series on its
+    own mean over D = 500 draws biases the covariance by about τ/D, τ ≈ 10–20 draws here: 2–4%, below the standard
+    errors. Power: |estimate + exact|/se, what a sign error would leave, is over 2 at the median (|exact|/se
+    measured 1.5–6.5 per restriction and kind)."""
+    pooled = []
+    for name in SUBSETS:
+        _, cov = _exact(linear, name)
+        off = ~torch.eye(len(cov), dtype=torch.bool)
+        chains = len(closed_form_run.chains(name))
+        for kind, truth in (("correlation", exact.correlation(cov)[off]), ("covariance", cov.flatten() / chains)):
+            bif = obs.compute_bif(closed_form_run, restriction=name, chains="mean", kind=kind)
+            pick = (lambda t: t[off]) if kind == "correlation" else (lambda t: t.flatten())
+            estimate, se = pick(bif.matrix), pick(bif.se)
+            z = (estimate - truth) / se
+            print(f"mean {name:5s} {kind:11s} max|z| {z.abs().max():.2f}  mean z² {(z ** 2).mean():.2f}  "
+                  f"median |exact|/se {(truth.abs() / se).median():.1f}")
+            assert z.abs().max() < 5.0, (name, kind)
+            assert ((estimate + truth) / se).abs().median() > 2.0, (name, kind)  # a sign error would be seen
+            pooled.append(z)
+    mean_z2 = float(torch.cat(pooled).pow(2).mean())
+    print(f"mean z² over restrictions and kinds {mean_z2:.2f}")
+    assert 0.25 < mean_z2 < 1.5
 
 
 def test_chain_averaged_standard_errors_are_the_jackknife_of_the_averaged_series(mlp_run):
@@ -224,7 +234,11 @@ def test_class_susceptibilities_agree_with_the_closed_form_within_their_standard
     z, power = torch.cat(z), torch.cat(power)
     print(f"classes: max|z| {z.abs().max():.2f}  mean z² {(z ** 2).mean():.2f}  "
           f"median |2·exact|/se {power.median():.1f}")
-    assert z.abs().max() < 5.0 and 0.03 < (z ** 2).mean() < 3.0
+    # The stacked jackknife is honest, so mean z² is expected near 1; over these 15 classes (sharing the chains)
+    # it measured 0.54 here and 0.54–2.07 over seeds 3–12. Bounds 0.3–2.5: a standard error 2× too small
+    # (z² ≥ 2.2) fails at 9 of those 10 seeds, 2× too large (z² ≤ 0.52) at 6: 15 correlated values resolve no
+    # finer; max|z| < 5 is the per-class check.
+    assert z.abs().max() < 5.0 and 0.3 < (z ** 2).mean() < 2.5
     assert power.median() > 4.0  # a sign error would be seen
 
 
@@ -240,6 +254,7 @@ def test_a_class_of_one_token_is_that_token_and_a_class_is_its_tokens_mean(close
     torch.testing.assert_close(chi.classes_se[:, 0], chi.example_se[:, 13], rtol=1e-12, atol=0)
     torch.testing.assert_close(chi.classes[:, 1], chi.example[:, 18:21].mean(1), rtol=1e-12, atol=1e-15)
     assert (chi.classes_se[:, 1] <= chi.example_se[:, 18:21].mean(1) * (1 + 1e-12)).all()
+    assert (chi.classes_se > 0).all()  # both classes: a standard error, not a degenerate 0
     assert "three" in chi.table(by="class") and "near" not in chi.table(by="class")
 
 
