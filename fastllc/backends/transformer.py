@@ -7,7 +7,7 @@ chains' minibatches [C, m, T] as one batched forward (a ``baddbmm`` per linear l
 folded batch [C·m·heads, T, d_head]) to the per-chain losses L_m [C]; one backward of their sum gives every
 chain's ∇L_m (chains share nothing, so each chain's gradient is its own loss's). Where the engine writes the
 backward out (``writes_gradients``: GPT-2 with the tanh-GELU), it writes ∇L_m straight into G's views, in
-buffers the batch keeps from step to step (``Workspace``), and autograd is not used. Then, as in ``generic``, G =
+buffers its group keeps from step to step (``Workspace``), and autograd is not used. Then, as in ``generic``, G =
 gradient_factor·∇L_m and the sampler's batched update ``update(G, ξ, projection)``, with the counter-based
 noise written straight into the same layout. ``restrict`` is ``generic``'s own code (its ``ChainWeights``):
 ∇L_m zeroed outside the mask before the update reads it, w* copied back into the fixed weights after every
@@ -91,7 +91,6 @@ class _Batch:
     parameter-major buffer, the sampler's update, ``restrict``), autograd leaves viewing them, and their draws."""
 
     def __init__(self, ids: np.ndarray, shapes, w_star, hyper, direction, moves, config: SGLDConfig, device):
-        from ..engines import transformer as lm_engine
         C, d = len(ids), w_star.numel()
         self.ids, self.m = ids, config.batch_size
         self.chains = chains = ChainWeights(w_star.to(device).expand(C, d), shapes, *(v[ids] for v in hyper),
@@ -104,17 +103,16 @@ class _Batch:
             self.projection = (chains.rows(chains.G), chains.rows(rows))
         self.leaves = [view.detach().requires_grad_() for view in chains.weights]  # W's storage: see every update
         self.grads = chains.views(chains.G)  # where a hand-written backward writes ∇L_m
-        self.workspace = lm_engine.Workspace()
         self.draws = StepDraws(C, config.batch_size, d, device)
 
-    def step(self, t: int, engine, inputs, targets, randomness) -> torch.Tensor:
-        """Step t of every chain of the batch; L_m(w_t) [C]."""
+    def step(self, t: int, engine, inputs, targets, randomness, workspace) -> torch.Tensor:
+        """Step t of every chain of the batch; L_m(w_t) [C]. ``workspace``: the group's buffers (``Workspace``)."""
         C, chains = len(self.ids), self.chains
         indices, noise = self.draws.draw(randomness, self.ids, t, chains.blocks)
         flat = indices.view(-1)
         tokens, predicted = (v.index_select(0, flat).view(C, self.m, -1) for v in (inputs, targets))
         if getattr(engine, "writes_gradients", False):
-            loss = engine.losses_and_gradients(chains.weights, self.grads, tokens, predicted, self.workspace)
+            loss = engine.losses_and_gradients(chains.weights, self.grads, tokens, predicted, workspace)
         else:
             loss = engine.losses(self.leaves, tokens, predicted)
             grads = torch.autograd.grad(loss.sum(), self.leaves)
@@ -130,7 +128,9 @@ def _run_group(ids: np.ndarray, engine, per_batch: int, inputs, targets, config:
     """SGLD for the chains ``ids`` in folded batches of at most ``per_batch`` chains, one after another each step:
     (loss trace [T, C], final weights [C, d] chain-major). ``observe``: called at its draws with every batch's
     weights at w_t, through ``model`` (this group's own module copy) and ``names`` (module docstring)."""
+    from ..engines import transformer as lm_engine
     batches = [_Batch(part, config=config, **batch) for part in np.array_split(ids, -(-len(ids) // per_batch))]
+    workspace = lm_engine.Workspace()  # the batches run one after another: one set of buffers serves them all
     T = config.steps
     losses = torch.empty(T, len(ids), device=batch["device"])
     report_every = max(1, T // 100)
@@ -138,7 +138,7 @@ def _run_group(ids: np.ndarray, engine, per_batch: int, inputs, targets, config:
         if observe is not None and observe.due(t):  # every batch's weights are w_t until its step below
             for b in batches:
                 observe(t, b.ids, model, names, b.chains.weights)
-        losses[t] = torch.cat([b.step(t, engine, inputs, targets, randomness) for b in batches])
+        losses[t] = torch.cat([b.step(t, engine, inputs, targets, randomness, workspace) for b in batches])
         if (t + 1) % report_every == 0:
             tick(len(ids) * report_every)
     finals = torch.cat([b.chains.to_chain_major(b.chains.W) for b in batches])

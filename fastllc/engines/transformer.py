@@ -277,7 +277,7 @@ class Gpt2(_Engine):
                              buffers: "Workspace") -> torch.Tensor:
         """``losses`` [C] and their gradient written into ``grads`` (the [C, *shape] views of the gradient buffer,
         every element overwritten), without autograd: the same operations forward, their derivatives spelt out
-        backward (``_Gpt2Pass``), in ``buffers`` reused from step to step (the caller's, one per folded batch)."""
+        backward (``_Gpt2Pass``), in ``buffers`` reused from step to step (the caller's ``Workspace``)."""
         with torch.no_grad():
             return _Gpt2Pass(self, weights, grads, buffers).run(tokens, targets)
 
@@ -288,16 +288,18 @@ class Gpt2(_Engine):
 
 
 class Workspace:
-    """Tensors a folded batch reuses every step, by name: allocated at the first step's shapes (fresh allocations of
-    megabytes cost page faults every step once the allocator hands the memory back)."""
+    """Tensors reused every step, by name and shape, allocated at first use: fresh allocations of megabytes cost page
+    faults every step once the allocator hands the memory back. One per thread, shared by the folded batches it runs
+    one after another (a batch needs them only during its own step): one set of buffers stays warmer in the cache
+    than one per batch."""
 
     def __init__(self):
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.tensors: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, name: str, *shape: int, dtype=torch.float32) -> torch.Tensor:
-        tensor = self.tensors.get(name)
-        if tensor is None or tensor.shape != shape:
-            tensor = self.tensors[name] = torch.empty(shape, dtype=dtype)
+        tensor = self.tensors.get((name, shape, dtype))
+        if tensor is None:
+            tensor = self.tensors[name, shape, dtype] = torch.empty(shape, dtype=dtype)
         return tensor
 
 
@@ -430,10 +432,10 @@ class _Gpt2Pass:
         return self._norm_backward(grad_a1, norm_1, block.ln_1).add_(grad_mid)
 
     def _causal_mask(self, T: int) -> torch.Tensor:
-        mask = self.buffer.tensors.get("mask")
-        if mask is None or mask.shape != (T, T):
-            mask = self.buffer.tensors["mask"] = _causal_mask(T, self.weights[0])
-        return mask
+        key = ("mask", (T, T), torch.float32)
+        if key not in self.buffer.tensors:
+            self.buffer.tensors[key] = _causal_mask(T, self.weights[0])
+        return self.buffer.tensors[key]
 
     def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor):
         """(each chain's mean next-token loss [C], ∇ of their sum w.r.t. ``logits`` [C, m·T, V]); position T−1 of each
