@@ -41,7 +41,7 @@ activations leave the L2 cache. ``torch.compile`` of the loss and its backward (
 and rejected: 1.2–1.3× per step at 8 chains, but 78 s to compile cold and 16 s with a warm cache, per chain
 count, against ~15 s for a 200-step run of 16 chains; it would pay only for runs of thousands of steps.
 GPT-2's backward written out (no autograd graph, no fresh megabyte tensors each step, no gradient concatenation,
-q | k | v copied once, ∇x against contiguous copies of Wᵀ): 1.09–1.12× the autograd step end to end at 16 chains
+q | k | v copied once): 1.07–1.12× the autograd step end to end at 16 chains
 on 2 cores (3 interleaved rounds, load 2–3), 1.14–1.16× per folded batch of 4 chains on one thread. What remains:
 ~60% sgemm (the attention's 32×32×16 products at ~30–55 GFLOP/s, the rest at ~70–75), ~25% element-wise passes
 (the tanh-GELU's seven alone ~5%, layer norms ~8%), ~5% the noise fill.
@@ -309,10 +309,11 @@ class _Gpt2Pass:
     Forward as ``Gpt2.losses`` with three differences of layout only: q | k | v copied once into [3, C·m·heads, T,
     d] (not three reshapes), the final norm and the unembedding run over all T positions (the last predicts nothing:
     its target is IGNORE, its gradient zero), and every large activation lives in ``buffers``. Backward: per linear
-    layer ∇b = Σ_tokens ∇y, ∇W = xᵀ·∇y straight into the gradient buffer, ∇x = ∇y·Wᵀ against a contiguous copy of
-    Wᵀ (MKL is measurably slower on the transposed operand); per layer norm the gain's and bias's sums and ATen's
-    own ``native_layer_norm_backward``; attention as autograd differentiates ``attend``; the tanh-GELU's slope
-    kept from the forward (``tanh_gelu_into``); the cross-entropy's ∇logits = (softmax − onehot)/n_c."""
+    layer ∇b = Σ_tokens ∇y, ∇W = xᵀ·∇y straight into the gradient buffer, ∇x = ∇y·Wᵀ (transposed views: MKL ran
+    each of these products within ±5% of the same on contiguous copies, interleaved, one thread); per layer norm
+    the gain's and bias's sums and ATen's own ``native_layer_norm_backward``; attention as autograd differentiates
+    ``attend``; the tanh-GELU's slope kept from the forward (``tanh_gelu_into``); the cross-entropy's
+    ∇logits = (softmax − onehot)/n_c."""
 
     def __init__(self, engine: Gpt2, weights, grads, buffers: Workspace):
         self.engine, self.weights, self.grads, self.buffer = engine, weights, grads, buffers
@@ -324,9 +325,9 @@ class _Gpt2Pass:
         V, D = table.shape[1:]
         self.shape = C, m, T, D
         rows = (tokens + torch.arange(0, C * V, V).view(C, 1, 1)).view(-1)
-        x = torch.index_select(table.reshape(C * V, D), 0, rows, out=buf("x0", C, m * T, D).view(-1, D)).view(C, m, T, D)
-        x.add_(w[e.wpe][:, None, :T])
-        x = x.view(C, m * T, D)
+        x = buf("x0", C, m * T, D)
+        torch.index_select(table.reshape(C * V, D), 0, rows, out=x.view(-1, D))
+        x.view(C, m, T, D).add_(w[e.wpe][:, None, :T])
         saved = []
         for layer, block in enumerate(e.blocks):
             x, kept = self._block(layer, block, x)
@@ -377,8 +378,7 @@ class _Gpt2Pass:
         weight = self.weights[pair[0]]
         torch.sum(grad, dim=1, out=self.grads[pair[1]])
         torch.bmm(x.transpose(1, 2), grad, out=self.grads[pair[0]])
-        transposed = self.buffer(name + ".Wt", weight.shape[0], weight.shape[2], weight.shape[1]).copy_(weight.transpose(1, 2))
-        return torch.bmm(grad, transposed, out=self.buffer(name, *grad.shape[:2], weight.shape[1]))
+        return torch.bmm(grad, weight.transpose(1, 2), out=self.buffer(name, *grad.shape[:2], weight.shape[1]))
 
     def _block(self, layer: int, block: _Gpt2Block, x: torch.Tensor):
         e, buf = self.engine, self.buffer
