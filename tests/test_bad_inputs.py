@@ -1,4 +1,4 @@
-"""Issue #21's cases, each as a user meets it (the CLI where there is one): a one-line error naming the file
+"""Bad input, each case as a user meets it (the CLI where there is one): a one-line error naming the file
 or option and what to do, or a recovery, and nothing left behind (no sweep directory, no job JSON, no
 temporary). Huge counts, a damaged run, a damaged record, an all-diverged sweep, wrong API types."""
 
