@@ -114,7 +114,7 @@ def estimate_groups(model: torch.nn.Module, data, loss_fn=F.cross_entropy, confi
     config, inputs, targets, parameters = _checked_work(model, data, config, settings, init_loss)
     masks = group_masks(model, groups)  # every group checked before any work
     chains, count = config.chains, len(masks)
-    batch = replace(config, chains=chains * count, **_tiled_per_chain_settings(config, count)).validate()
+    batch = config.tiled(count).validate()
     _warn_if_batch_exceeds_data(config.batch_size, len(targets))
     _require_memory(batch, parameters, _mlp_shape(model), len(targets), resolve_device(device))
     needs = config.needs() + ("restrict",)
@@ -163,16 +163,6 @@ def sgld_config(config: SGLDConfig | None, settings: dict) -> SGLDConfig:
 def _mlp_shape(model) -> tuple[int, int, int] | None:
     """(p, e, h) of the study's MLP, whose memory ``resources`` knows in detail; None for other models."""
     return (model.p, model.embed_dim, model.hidden_dim) if isinstance(model, ModularMLP) else None
-
-
-def _tiled_per_chain_settings(config: SGLDConfig, groups: int) -> dict:
-    """ε, γ, nβ given per chain (``chains`` values) repeated for every group; single values as they are."""
-    tiled = {}
-    for name in ("epsilon", "gamma", "nbeta"):
-        value = getattr(config, name)
-        if value is not None and torch.as_tensor(value).numel() > 1:
-            tiled[name] = torch.as_tensor(value, dtype=torch.float64).reshape(-1).repeat(groups).tolist()
-    return tiled
 
 
 def _warn_if_batch_exceeds_data(batch_size: int, n: int) -> None:

@@ -248,3 +248,17 @@ def test_generic_fixes_weights_alike_by_slices_and_by_mask(monkeypatch, orthogon
         assert torch.equal(sliced.mala_acceptance, masked.mala_acceptance)
     w_star, keep = flat_parameters(model)[2], rows(model)
     assert torch.equal(masked.final_params[~keep], w_star.expand(3, -1)[~keep])
+
+
+def test_a_config_tiled_for_groups_and_sliced_back():
+    """``tiled(g)``: g copies of the chains in one batch, per-chain ε repeated per group, single values as they
+    are; ``chain_range(lo, hi)`` of the tiled batch gives back each group's own settings."""
+    from fastllc.sampling import SGLDConfig
+
+    config = SGLDConfig(chains=3, steps=10, epsilon=[1e-4, 2e-4, 3e-4], gamma=5.0, nbeta=[1.0, 2.0, 3.0])
+    batch = config.tiled(2)
+    assert batch.chains == 6 and batch.gamma == 5.0
+    assert batch.epsilon == [1e-4, 2e-4, 3e-4] * 2 and batch.nbeta == [1.0, 2.0, 3.0] * 2
+    second = batch.chain_range(3, 6)
+    assert (second.chains, second.epsilon, second.nbeta, second.gamma) == (3, config.epsilon, config.nbeta, 5.0)
+    assert SGLDConfig(chains=4, steps=10).tiled(3).chains == 12  # nothing per chain: only the count

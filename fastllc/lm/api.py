@@ -197,23 +197,13 @@ def estimate_groups(model, tokens, config=None, *, groups="per-head", loss_mask=
                                     init_loss=init, randomness=randomness, progress=progress, device=device)
         masks = {name: selection_mask(lm, s, label=f"groups[{name!r}]") for name, s in selections.items()}
         rows = torch.stack(list(masks.values())).repeat_interleave(config.chains, dim=0)
-        tiled = replace(config, chains=total, **_per_chain(config, lambda v: v * len(selections)))
+        tiled = config.tiled(len(selections))
         samples = _in_groups(lm, data, tiled, rows, chosen, init, backend, randomness, progress, device)
     results = {}
     for g, (name, mask) in enumerate(masks.items()):
         own = select_chains(samples, range(g * config.chains, (g + 1) * config.chains))
         results[name] = replace(estimate_llc(own, config, label=f"group {name!r}"), sampled_weights=int(mask.sum()))
     return GroupResults(results)
-
-
-def _per_chain(config, edit) -> dict:
-    """``edit`` applied to each of ε, γ, nβ given per chain (a list); single values left out."""
-    out = {}
-    for name in ("epsilon", "gamma", "nbeta"):
-        value = getattr(config, name)
-        if value is not None and torch.as_tensor(value).numel() > 1:
-            out[name] = edit(torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist())
-    return out
 
 
 def _in_groups(lm, data, config, mask, chosen: MemoryPlan, init, backend, randomness, progress, device="cpu",
@@ -225,7 +215,7 @@ def _in_groups(lm, data, config, mask, chosen: MemoryPlan, init, backend, random
     needs = config.needs() + (() if mask is None else ("restrict",))
     parts = []
     for lo, hi in chosen.groups:
-        sub = replace(config, chains=hi - lo, **_per_chain(config, lambda v: v[lo:hi]))
+        sub = config.chain_range(lo, hi)
         rows = mask if mask is None or mask.dim() == 1 else mask[lo:hi]
         parts.append(sample(lm, *data.pair, loss, sub, backend=backend, randomness=ChainOffset(base, lo),
                             progress=progress, needs=needs, restrict=rows, init_loss=init, device=device))

@@ -49,7 +49,7 @@ from ..sampling.config import wbic_nbeta
 from ..sampling.contract import Samples, select_chains
 from ..sampling.randomness import CounterRandomness
 from ..sampling.restrict import selection_mask
-from .api import _per_chain, _prefixed, _selection
+from .api import _prefixed, _selection
 from ..api import sgld_config
 from .data import loss_at, next_token_loss, token_data
 from .memory import HEADROOM, ChainOffset, MemoryPlan, plan
@@ -327,7 +327,7 @@ def _run(series: SeriesModel, config, chosen: MemoryPlan, mask, backend, device,
     rows = torch.arange(series.n * series.w_stars.shape[0])
     parts = []
     for lo, hi in chosen.groups:
-        sub = replace(config, chains=hi - lo, **_per_chain(config, lambda v: v[lo:hi]))
+        sub = config.chain_range(lo, hi)
         parts.append(sample(series, rows, torch.zeros(len(rows)), _given, sub, backend=backend, device=device,
                             randomness=ChainOffset(randomness, lo), progress=progress, needs=needs, restrict=mask,
                             init_loss=0.0))
@@ -362,7 +362,7 @@ def estimate_series(checkpoints, tokens, config=None, *, model=None, training_st
                              autocast)
     mask = None if restrict is None else selection_mask(lm, _prefixed(_selection(template, restrict)))
     K, C = len(entries), config.chains
-    tiled = replace(config, chains=K * C, **_per_chain(config, lambda v: v * K))
+    tiled = config.tiled(K)
     chosen = series_plan(template, K, K * C, config.batch_size, len(data), data.tokens.shape[1], config.sampler,
                          max_memory)
     LOG.info("%d checkpoints: %s", K, chosen.describe())

@@ -58,25 +58,6 @@ class ObservedRun:
         return index[self.healthy[lo:hi]]
 
 
-def _per_chain_tiled(config, groups: int) -> dict:
-    """ε, γ, nβ given per chain repeated for every group (as ``estimate_groups``)."""
-    out = {}
-    for name in ("epsilon", "gamma", "nbeta"):
-        value = getattr(config, name)
-        if value is not None and torch.as_tensor(value).numel() > 1:
-            out[name] = torch.as_tensor(value, dtype=torch.float64).reshape(-1).repeat(groups).tolist()
-    return out
-
-
-def _sliced(config, lo: int, hi: int) -> dict:
-    out = {}
-    for name in ("epsilon", "gamma", "nbeta"):
-        value = getattr(config, name)
-        if value is not None and torch.as_tensor(value).numel() > 1:
-            out[name] = torch.as_tensor(value, dtype=torch.float64).reshape(-1)[lo:hi].tolist()
-    return out
-
-
 def restriction_masks(model, restrictions) -> dict:
     """{name: bool mask [d]}: ``None`` is every trainable weight, anything else a selection (``estimate``'s
     ``restrict``); refused in one line before any sampling."""
@@ -94,7 +75,7 @@ def sample_groups(module, inputs, targets, loss_fn, config, masks: dict, recorde
     after another, each keyed by its global chains; default one part), every chain observed by ``recorder``."""
     device = resolve_device(device)
     count, chains = len(masks), config.chains
-    batch = replace(config, chains=chains * count, **_per_chain_tiled(config, count)).validate()
+    batch = config.tiled(count).validate()
     needs = tuple(dict.fromkeys((*config.needs(), "restrict", "observe")))
     name = resolve_backend(backend, device, module, loss_fn, needs)
     rows = torch.stack(list(masks.values())).repeat_interleave(chains, dim=0)
@@ -104,7 +85,7 @@ def sample_groups(module, inputs, targets, loss_fn, config, masks: dict, recorde
     pieces = []
     try:
         for lo, hi in parts:
-            sub = replace(batch, chains=hi - lo, **_sliced(batch, lo, hi))
+            sub = batch.chain_range(lo, hi)
             keyed = base if len(parts) == 1 else _offset(base, lo)
             pieces.append(backend_module(name).sample(
                 module, inputs, targets, loss_fn, sub, randomness=keyed, device=device, progress=progress,

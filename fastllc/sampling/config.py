@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence, Union
 
 import torch
@@ -129,6 +129,24 @@ class SGLDConfig:
         published chain loss."""
         return ((("mala",) if self.mala else ()) + ((self.sampler_name,) if self.sampler_name != "sgld" else ())
                 + (("published_chain_loss",) if self.chain_loss == "published" else ()))
+
+    def tiled(self, groups: int) -> "SGLDConfig":
+        """``groups`` copies of these chains in one batch: ``chains`` × groups, ε, γ, nβ given per chain repeated
+        for every group (single values as they are)."""
+        return replace(self, chains=self.chains * groups, **self._edit_per_chain(lambda v: v * groups))
+
+    def chain_range(self, lo: int, hi: int) -> "SGLDConfig":
+        """Chains [lo, hi) of this batch: ε, γ, nβ given per chain sliced alike (single values as they are)."""
+        return replace(self, chains=hi - lo, **self._edit_per_chain(lambda v: v[lo:hi]))
+
+    def _edit_per_chain(self, edit) -> dict:
+        """``edit`` applied to the list of each of ε, γ, nβ given per chain; single values left out."""
+        out = {}
+        for name in ("epsilon", "gamma", "nbeta"):
+            value = getattr(self, name)
+            if value is not None and torch.as_tensor(value).numel() > 1:
+                out[name] = edit(torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist())
+        return out
 
     def per_chain(self, name: str, ok=lambda v: True, rule: str = "", n: int | None = None) -> torch.Tensor:
         """The setting ``name`` as a float64 vector of length ``chains`` (checked against ``rule``)."""
