@@ -52,6 +52,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -262,7 +263,7 @@ class Gpt2(_Engine):
         return x.view(C, m * T, -1)
 
     def _block(self, weights, block: _Gpt2Block, x: torch.Tensor, m: int, T: int) -> torch.Tensor:
-        w = lambda pair: (weights[pair[0]], weights[pair[1]])
+        w = partial(_pair_of, weights)
         C, _, D = x.shape
         qkv = linear(layer_norm(x, *w(block.ln_1), self.eps), *w(block.c_attn))  # [C, m·T, 3·D]
         q, k, v = qkv.view(C * m, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [C·m, heads, T, d]
@@ -516,7 +517,7 @@ class NeoX(_Rotary):
                                   _scaling(b.attention, config)) for b in body.layers]
 
     def _block(self, weights, block: _NeoXBlock, x: torch.Tensor, m: int, T: int) -> torch.Tensor:
-        w = lambda pair: (weights[pair[0]], None if pair[1] is None else weights[pair[1]])
+        w = partial(_pair_of, weights)
         C, _, D = x.shape
         qkv = dense(layer_norm(x, *w(block.ln_1), self.eps), *w(block.qkv))  # [C, m·T, 3·D], per head q | k | v
         q, k, v = qkv.view(C * m, T, self.heads, 3 * D // self.heads).transpose(1, 2).chunk(3, dim=-1)
@@ -529,7 +530,7 @@ class NeoX(_Rotary):
         return x + self._mlp(weights, block, layer_norm(x, *w(block.ln_2), self.eps))
 
     def _mlp(self, weights, block: _NeoXBlock, x: torch.Tensor) -> torch.Tensor:
-        w = lambda pair: (weights[pair[0]], None if pair[1] is None else weights[pair[1]])
+        w = partial(_pair_of, weights)
         return dense(self.activation(dense(x, *w(block.up))), *w(block.down))
 
     def _final_norm(self, weights, x):
@@ -568,7 +569,7 @@ class Llama(_Rotary):
                                    _scaling(b.self_attn, config)) for b in body.layers]
 
     def _block(self, weights, block: _LlamaBlock, x: torch.Tensor, m: int, T: int) -> torch.Tensor:
-        w = lambda pair: (weights[pair[0]], None if pair[1] is None else weights[pair[1]])
+        w = partial(_pair_of, weights)
         C = x.shape[0]
         h = rms_norm(x, weights[block.norm_1], self.eps)
         q, k, v = (dense(h, *w(pair)).view(C * m, T, heads, -1).transpose(1, 2)
@@ -588,6 +589,11 @@ class Llama(_Rotary):
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """x [C, N, in] · W [C, in, out] + b [C, out], every chain its own W and b (Conv1D's layout)."""
     return torch.baddbmm(b.unsqueeze(1), x, w)
+
+
+def _pair_of(weights, pair: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's (weight, bias or None) from the chains' stacked weights by their indices."""
+    return weights[pair[0]], None if pair[1] is None else weights[pair[1]]
 
 
 def dense(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
