@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import nn
 
 from fastllc import ModularMLP, make_task
 
@@ -201,3 +202,35 @@ def pytest_terminal_summary(terminalreporter):
                           and r["backend"] == trained["backend"] and r["chains"] == trained["chains"]):
             write(f"  {trained['backend']} (C={trained['chains']}): trained / untrained network: "
                   f"{trained['rate'] / untrained['rate']:.2f}")
+
+
+# A workload shared by the groups and observables benchmarks.
+@dataclass(frozen=True)
+class DeepMLP:
+    """inputs → width → width → width → classes, Tanh between the four Linear layers; minibatches of m."""
+
+    inputs: int = 64
+    width: int = 64
+    classes: int = 10
+    batch_size: int = 64
+
+    def name(self, chains: int, steps: int) -> str:
+        return f"{self.family()}-C{chains}-T{steps}"
+
+    def family(self) -> str:
+        return f"mlp4x{self.width}-{self.inputs}-{self.classes}-m{self.batch_size}"
+
+    def flops_per_chain_step(self) -> float:
+        """Forward, weight gradients and input gradients of the four layers (the first's input gradient is not
+        needed), ×2 per multiply-add."""
+        i, w, c, m = self.inputs, self.width, self.classes, self.batch_size
+        products = i * w + 2 * w * w + w * c
+        return 2 * m * (3 * products - i * w)
+
+    def module(self) -> nn.Module:
+        """The network, initialised from torch's current generator."""
+        widths = [self.inputs, self.width, self.width, self.width, self.classes]
+        layers = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b), nn.Tanh()]
+        return nn.Sequential(*layers[:-1])

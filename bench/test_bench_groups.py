@@ -10,12 +10,10 @@ alternate the two so that a busy machine slows both alike. Target: grouped / unr
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fastllc import SGLDConfig, estimate
 from fastllc.api import estimate_groups
@@ -24,33 +22,10 @@ from fastllc.sampling import InjectedRandomness
 from fastllc.sampling.contract import flat_parameters
 from fastllc.sampling.restrict import group_masks
 
-from conftest import record
+from conftest import DeepMLP, record
 
 pytestmark = pytest.mark.benchmark(min_rounds=1)
 TARGET_RATIO = 1.5
-
-
-@dataclass(frozen=True)
-class DeepMLP:
-    """inputs → width → width → width → classes, Tanh between the four Linear layers; minibatches of m."""
-
-    inputs: int = 64
-    width: int = 64
-    classes: int = 10
-    batch_size: int = 64
-
-    def name(self, chains: int, steps: int) -> str:
-        return f"{self.family()}-C{chains}-T{steps}"
-
-    def family(self) -> str:
-        return f"mlp4x{self.width}-{self.inputs}-{self.classes}-m{self.batch_size}"
-
-    def flops_per_chain_step(self) -> float:
-        """Forward, weight gradients and input gradients of the four layers (the first's input gradient is not
-        needed), ×2 per multiply-add."""
-        i, w, c, m = self.inputs, self.width, self.classes, self.batch_size
-        products = i * w + 2 * w * w + w * c
-        return 2 * m * (3 * products - i * w)
 
 
 MLP = DeepMLP()
@@ -59,11 +34,7 @@ MLP = DeepMLP()
 @pytest.fixture(scope="module")
 def deep_mlp():
     torch.manual_seed(0)
-    widths = [MLP.inputs, MLP.width, MLP.width, MLP.width, MLP.classes]
-    layers = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.Tanh()]
-    model = nn.Sequential(*layers[:-1])
+    model = MLP.module()
     x = torch.randn(4096, MLP.inputs)
     y = (x[:, :MLP.classes] + 0.3 * torch.randn(4096, MLP.classes)).argmax(dim=1)  # a learnable labelling
     optimiser = torch.optim.Adam(model.parameters(), 3e-3)

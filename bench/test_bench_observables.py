@@ -20,45 +20,26 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import fastllc.observables as obs
 from fastllc import SGLDConfig
 from fastllc.backends import generic
 from fastllc.observables.recording import Draws
 
-from conftest import record
+from conftest import DeepMLP, record
 
 pytestmark = pytest.mark.benchmark(min_rounds=1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-class Mlp:
-    inputs, width, classes, batch_size = 64, 64, 10, 64
-
-    def name(self, chains, steps):
-        return f"{self.family()}-C{chains}-T{steps}"
-
-    def family(self):
-        return f"mlp4x{self.width}-{self.inputs}-{self.classes}-m{self.batch_size}"
-
-    def flops_per_chain_step(self):
-        i, w, c, m = self.inputs, self.width, self.classes, self.batch_size
-        products = i * w + 2 * w * w + w * c
-        return 2 * m * (3 * products - i * w)
-
-
-MLP = Mlp()
+MLP = DeepMLP()
 
 
 def _model_and_data():
     torch.manual_seed(0)
-    widths = [MLP.inputs, MLP.width, MLP.width, MLP.width, MLP.classes]
-    layers = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.Tanh()]
+    model = MLP.module()
     x = torch.randn(4096, MLP.inputs)
-    return nn.Sequential(*layers[:-1]), (x, (x[:, :MLP.classes]).argmax(dim=1))
+    return model, (x, (x[:, :MLP.classes]).argmax(dim=1))
 
 
 def test_probes_cost_only_when_asked(benchmark):
