@@ -113,13 +113,18 @@ def plan(model, chains: int, batch_size: int, sequences: int, length: int, sampl
         source = f"{DEFAULT_FRACTION:.0%} of the available memory"
         if budget is None:
             return MemoryPlan(chains, chains, per_chain, shared, 0, "the available memory is unknown: one group")
-    fits = (int(budget * HEADROOM) - shared) // per_chain
+    fits = chains_within(budget, shared, per_chain)
     if fits < 1:
         f = resources.format_bytes
         raise FastLLCError(f"one chain needs about {f(per_chain)} and the data {f(shared)}, more than "
                            f"{float(HEADROOM):.0%} of {f(budget)} ({source}; the rest is headroom for the estimate's "
                            "error); lower batch_size or raise max_memory")
     return MemoryPlan(chains, int(min(chains, fits)), per_chain, shared, budget, source)
+
+
+def chains_within(budget: int, shared: int, per_chain: int) -> int:
+    """How many chains of ``per_chain`` bytes fit beside ``shared`` in ``HEADROOM`` of ``budget``."""
+    return (int(budget * HEADROOM) - shared) // per_chain
 
 
 class ChainOffset:

@@ -52,7 +52,7 @@ from ..sampling.restrict import selection_mask
 from .api import _prefixed, _selection
 from ..api import sgld_config
 from .data import loss_at, next_token_loss, token_data
-from .memory import HEADROOM, ChainOffset, MemoryPlan, plan
+from .memory import HEADROOM, ChainOffset, MemoryPlan, chains_within, plan
 from .models import CausalLM, bf16_autocast, load_causal_lm, sampling_mode
 from ..validate import check_int
 
@@ -312,7 +312,7 @@ def series_plan(template: nn.Module, checkpoints: int, total: int, batch_size: i
     per_chain, shared = base.chain_bytes + 8 * d, base.shared_bytes + 4 * checkpoints * d
     if not base.budget:
         return replace(base, chain_bytes=per_chain, shared_bytes=shared)
-    fits = (int(base.budget * HEADROOM) - shared) // per_chain
+    fits = chains_within(base.budget, shared, per_chain)
     if fits < 1:
         f = resources.format_bytes
         raise FastLLCError(f"one chain needs about {f(per_chain)} and the {checkpoints} checkpoints and data "
