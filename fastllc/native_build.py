@@ -1,4 +1,6 @@
-"""Compiling and loading the native CPU kernel (``fastllc/kernels/mlp_sgld_cpu.cpp``) on first use.
+"""Compiling and loading the native CPU kernels on first use: the MLP kernel (``fastllc/kernels/mlp_sgld_cpu.cpp``, what
+this docstring describes) and, by ``build(which, source)``, the transformer engine's fused passes
+(``fastllc/kernels/transformer_cpu.cpp``, loaded by ``fastllc/kernels/transformer_cpu.py``).
 
 The kernel is plain C++17 with OpenMP, built by the system compiler (``$FASTLLC_CXX``, else ``g++``, else
 ``c++``) into ``FASTLLC_HOME/native/<key>/``, where the key hashes the source, the compiler's identity
@@ -118,12 +120,18 @@ def cpu_name() -> str:
     return line.partition(":")[2].strip() or platform.processor() or platform.machine()
 
 
-def library_path(which: str, cxx: str) -> Path:
-    """Where the cached library of variant ``which`` built by ``cxx`` lives (the key: source, compiler, flags)."""
+def library_path(which: str, cxx: str, source: Path = SOURCE) -> Path:
+    """Where the cached library of ``source`` (default: the MLP kernel) in variant ``which`` built by ``cxx`` lives
+    (the key: source, compiler, flags)."""
     flags = (*COMMON_FLAGS, *VARIANT_FLAGS[which])
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), _compiler_identity(cxx).encode(),
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), _compiler_identity(cxx).encode(),
                                      " ".join(flags).encode()])).hexdigest()[:20]
-    return fastllc_home() / "native" / key / f"libmlp_sgld_{which}.so"
+    return fastllc_home() / "native" / key / f"lib{_stem(source)}_{which}.so"
+
+
+def _stem(source: Path) -> str:
+    """The library's name: ``mlp_sgld`` for the MLP kernel (its name since the first build), else the source's."""
+    return "mlp_sgld" if source == SOURCE else source.stem
 
 
 def checksum_path(path: Path) -> Path:
@@ -158,11 +166,12 @@ def _no_space(cache: Path, which: str) -> NativeUnavailable:
                              f"compiler's temporaries in {tempfile.gettempdir()}): free space there and rerun")
 
 
-def build(which: str) -> Path:
-    """The library of variant ``which``, compiled now unless already cached and verified; NativeUnavailable if it
-    cannot be. A cached library whose checksum does not match is rebuilt (one line on stderr)."""
+def build(which: str, source: Path = SOURCE) -> Path:
+    """The library of ``source`` (default: the MLP kernel) in variant ``which``, compiled now unless already cached
+    and verified; NativeUnavailable if it cannot be. A cached library whose checksum does not match is rebuilt (one
+    line on stderr)."""
     cxx = compiler()
-    path = library_path(which, cxx)
+    path = library_path(which, cxx, source)
     if path.is_file():
         if verified(path):
             return path
@@ -185,7 +194,7 @@ def build(which: str) -> Path:
                                 "set FASTLLC_HOME to a writable directory")
     remove_stale_temporaries(path.parent)  # of builds whose process was killed
     tmp = temporary_sibling(path)
-    command = [cxx, *COMMON_FLAGS, *VARIANT_FLAGS[which], str(SOURCE), "-o", str(tmp)]
+    command = [cxx, *COMMON_FLAGS, *VARIANT_FLAGS[which], str(source), "-o", str(tmp)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:

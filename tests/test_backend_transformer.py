@@ -21,6 +21,7 @@ import fastllc.lm as lm
 from fastllc import FastLLCError, ModularMLP, SGLDConfig, conformance
 from fastllc.backends import generic, reference, resolve_backend, transformer
 from fastllc.engines import transformer as engine
+from fastllc.engines import transformer_cpu
 from fastllc.sampling import InjectedRandomness
 from fastllc.sampling.contract import flat_parameters, unflatten
 
@@ -163,13 +164,15 @@ def assert_engine_is_the_models_function(model):
 @pytest.mark.parametrize("options", [dict(), dict(tie_word_embeddings=False), dict(scale_attn_by_inverse_layer_idx=True),
                                      dict(scale_attn_weights=False, n_inner=48)],
                          ids=["default", "untied", "scaled-by-layer", "unscaled-n_inner"])
-def test_the_hand_written_gradient_is_autograds(options):
+@pytest.mark.parametrize("kernels", ["native", "aten"])
+def test_the_hand_written_gradient_is_autograds(options, kernels):
     """GPT-2's ``losses_and_gradients`` (no autograd) against autograd through ``losses`` at the same weights: the
     loss to a few ulps (the last position's logits are computed, and ignored), every gradient element to a few ulps
     of the largest (the same operations, some products against a transposed copy of W, the tied table's two
     gradients summed as autograd sums them). Awkward shape: 5 sequences of 13 tokens (fewer than the 16 positions, so
     rows 13–15 of the position table get zero), some targets IGNORE; the gradient buffer filled with NaN first
-    catches any element not written."""
+    catches any element not written. Both ways: the fused CPU passes (``engines/transformer_cpu.py``, where they
+    build) and ATen's operations."""
     model = causal_lm(**options)
     names, shapes, w_star = flat_parameters(model)
     chains = 3
@@ -180,6 +183,10 @@ def test_the_hand_written_gradient_is_autograds(options):
     stacked = [torch.stack([unflatten(w, names, shapes)[name] for w in weights]) for name in names]
     built = engine.build(model, names)
     assert built.writes_gradients
+    if kernels == "aten":
+        built.kernels = None
+    elif built.kernels is None:
+        pytest.skip(f"the fused CPU passes cannot be built here: {transformer_cpu.unavailable()}")
     leaves = [w.clone().requires_grad_() for w in stacked]
     theirs = built.losses(leaves, toks, targets)
     theirs_grad = torch.cat([g.reshape(chains, -1) for g in torch.autograd.grad(theirs.sum(), leaves)], dim=1)

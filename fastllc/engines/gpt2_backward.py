@@ -38,6 +38,7 @@ class Gpt2Pass:
 
     def __init__(self, engine, weights, grads, buffers: Workspace):
         self.engine, self.weights, self.grads, self.buffer = engine, weights, grads, buffers
+        self.kernels = engine.kernels  # the fused CPU passes (``transformer_cpu.Kernels``), or None: ATen's operations
 
     def run(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         e, w, buf = self.engine, self.weights, self.buffer
@@ -73,19 +74,31 @@ class Gpt2Pass:
 
     def _norm(self, name: str, x: torch.Tensor, pair: tuple[int, int]):
         """LayerNorm with chain c's gain and bias; (its output, what its backward needs)."""
+        gain, bias = self.weights[pair[0]], self.weights[pair[1]]
+        out = self.buffer(name, *x.shape)
+        if self.kernels:
+            mean, rstd = self.buffer(f"{name}.mean", *x.shape[:2]), self.buffer(f"{name}.rstd", *x.shape[:2])
+            self.kernels.layer_norm(x, gain, bias, self.engine.eps, out, mean, rstd)
+            return out, (x, mean, rstd)
         normalised, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, self.engine.eps)
-        gain, bias = self.weights[pair[0]].unsqueeze(1), self.weights[pair[1]].unsqueeze(1)
-        return torch.addcmul(bias, normalised, gain, out=self.buffer(name, *x.shape)), (x, normalised, mean, rstd)
+        return torch.addcmul(bias.unsqueeze(1), normalised, gain.unsqueeze(1), out=out), (x, normalised, mean, rstd)
 
-    def _norm_backward(self, grad: torch.Tensor, kept, pair: tuple[int, int]) -> torch.Tensor:
-        """∇x of ``_norm`` from ∇output (overwritten); the gain's and bias's gradients into the buffer."""
+    def _norm_backward(self, grad: torch.Tensor, kept, pair: tuple[int, int], residual: torch.Tensor | None = None):
+        """∇x of ``_norm`` from ∇output (overwritten), plus ``residual`` (the skip connection's gradient) where given;
+        the gain's and bias's gradients into the buffer."""
+        gain, grad_gain, grad_bias = self.weights[pair[0]], self.grads[pair[0]], self.grads[pair[1]]
+        if self.kernels:
+            x, mean, rstd = kept
+            self.kernels.layer_norm_backward(grad, x, mean, rstd, gain, residual, grad, grad_gain, grad_bias)
+            return grad
         x, normalised, mean, rstd = kept
         product = torch.mul(grad, normalised, out=self.buffer("norm_product", *x.shape))
-        torch.sum(product, dim=1, out=self.grads[pair[0]])
-        torch.sum(grad, dim=1, out=self.grads[pair[1]])
-        grad.mul_(self.weights[pair[0]].unsqueeze(1))
-        return torch.ops.aten.native_layer_norm_backward(grad, x, x.shape[-1:], mean, rstd, None, None,
-                                                         [True, False, False])[0]
+        torch.sum(product, dim=1, out=grad_gain)
+        torch.sum(grad, dim=1, out=grad_bias)
+        grad.mul_(gain.unsqueeze(1))
+        grad_x = torch.ops.aten.native_layer_norm_backward(grad, x, x.shape[-1:], mean, rstd, None, None,
+                                                           [True, False, False])[0]
+        return grad_x if residual is None else grad_x.add_(residual)
 
     def _linear(self, name: str, x: torch.Tensor, pair: tuple[int, int]) -> torch.Tensor:
         """x [C, N, in] · W [C, in, out] + b into the buffer ``name``."""
@@ -102,55 +115,80 @@ class Gpt2Pass:
         return torch.bmm(grad, weight.transpose(1, 2), out=self.buffer(name, *grad.shape[:2], weight.shape[1]))
 
     def _block(self, layer: int, block, x: torch.Tensor):
-        e, buf = self.engine, self.buffer
-        C, m, T, D = self.shape
-        B, heads = C * m, e.heads
-        d = D // heads
+        buf = self.buffer
         a1, norm_1 = self._norm(f"{layer}.a1", x, block.ln_1)
-        qkv = self._linear("qkv", a1, block.c_attn)
-        q_k_v = buf(f"{layer}.q_k_v", 3, B * heads, T, d)
-        q_k_v.view(3, B, heads, T, d).copy_(qkv.view(B, T, 3, heads, d).permute(2, 0, 3, 1, 4))
-        q, k, v = q_k_v
-        mask = self._causal_mask(T)
-        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=block.scaling, out=buf("scores", B * heads, T, T))
-        probabilities = torch._softmax(scores, -1, False, out=buf(f"{layer}.probabilities", B * heads, T, T))
-        values = torch.bmm(probabilities, v, out=buf("values", B * heads, T, d))
-        attended = buf(f"{layer}.attended", C, m * T, D)
-        attended.view(B, T, heads, d).copy_(values.view(B, heads, T, d).transpose(1, 2))
+        qkv = self._linear(f"{layer}.qkv" if self.kernels else "qkv", a1, block.c_attn)
+        attended, attention = self._attention(layer, qkv, block.scaling)
         x_mid = self._linear(f"{layer}.x_mid", attended, block.attn_proj).add_(x)
         a2, norm_2 = self._norm(f"{layer}.a2", x_mid, block.ln_2)
         hidden = self._linear("hidden", a2, block.c_fc)
         activation, slope = buf(f"{layer}.activation", *hidden.shape), buf(f"{layer}.slope", *hidden.shape)
-        tanh_gelu_into(hidden, activation, slope, buf("gelu_scratch", *hidden.shape))
+        if self.kernels:
+            self.kernels.tanh_gelu(hidden, activation, slope)
+        else:
+            tanh_gelu_into(hidden, activation, slope, buf("gelu_scratch", *hidden.shape))
         x_out = self._linear(f"{layer + 1}.x", activation, block.mlp_proj).add_(x_mid)
-        return x_out, (norm_1, a1, q_k_v, probabilities, attended, norm_2, a2, activation, slope)
+        return x_out, (norm_1, a1, attention, attended, norm_2, a2, activation, slope)
 
     def _block_backward(self, block, kept, grad: torch.Tensor) -> torch.Tensor:
         """∇ of the block's input from ∇ of its output (``grad``, read only)."""
-        e, buf = self.engine, self.buffer
-        C, m, T, D = self.shape
-        B, heads = C * m, e.heads
-        d = D // heads
-        norm_1, a1, q_k_v, probabilities, attended, norm_2, a2, activation, slope = kept
+        norm_1, a1, attention, attended, norm_2, a2, activation, slope = kept
         grad_hidden = self._linear_backward("grad_activation", grad, activation, block.mlp_proj).mul_(slope)
         grad_a2 = self._linear_backward("grad_a2", grad_hidden, a2, block.c_fc)
-        grad_mid = self._norm_backward(grad_a2, norm_2, block.ln_2).add_(grad)
+        grad_mid = self._norm_backward(grad_a2, norm_2, block.ln_2, residual=grad)
         grad_attended = self._linear_backward("grad_attended", grad_mid, attended, block.attn_proj)
+        grad_qkv = self._attention_backward(attention, grad_attended, block.scaling)
+        grad_a1 = self._linear_backward("grad_a1", grad_qkv, a1, block.c_attn)
+        return self._norm_backward(grad_a1, norm_1, block.ln_1, residual=grad_mid)
+
+    def _attention(self, layer: int, qkv: torch.Tensor, scaling: float):
+        """Causal attention of the fused q | k | v [C, m·T, 3·D]: (the attended values [C, m·T, D], what the
+        backward needs)."""
+        buf = self.buffer
+        C, m, T, D = self.shape
+        B, heads = C * m, self.engine.heads
+        d = D // heads
+        probabilities = buf(f"{layer}.probabilities", B * heads, T, T)
+        attended = buf(f"{layer}.attended", C, m * T, D)
+        if self.kernels:
+            self.kernels.causal_attention(qkv.view(B, T, 3 * D), heads, scaling, probabilities,
+                                             attended.view(B, T, D))
+            return attended, (qkv, probabilities)
+        q_k_v = buf(f"{layer}.q_k_v", 3, B * heads, T, d)
+        q_k_v.view(3, B, heads, T, d).copy_(qkv.view(B, T, 3, heads, d).permute(2, 0, 3, 1, 4))
+        q, k, v = q_k_v
+        scores = torch.baddbmm(self._causal_mask(T), q, k.transpose(1, 2), alpha=scaling,
+                               out=buf("scores", B * heads, T, T))
+        torch._softmax(scores, -1, False, out=probabilities)
+        values = torch.bmm(probabilities, v, out=buf("values", B * heads, T, d))
+        attended.view(B, T, heads, d).copy_(values.view(B, heads, T, d).transpose(1, 2))
+        return attended, (q_k_v, probabilities)
+
+    def _attention_backward(self, kept, grad_attended: torch.Tensor, scaling: float) -> torch.Tensor:
+        """∇ of ``_attention``'s q | k | v [C, m·T, 3·D] from ∇ of the attended values."""
+        buf = self.buffer
+        C, m, T, D = self.shape
+        B, heads = C * m, self.engine.heads
+        d = D // heads
+        grad_qkv = buf("grad_qkv", C, m * T, 3 * D)
+        if self.kernels:
+            qkv, probabilities = kept
+            self.kernels.causal_attention_backward(qkv.view(B, T, 3 * D), heads, scaling, probabilities,
+                                                      grad_attended.view(B, T, D), grad_qkv.view(B, T, 3 * D))
+            return grad_qkv
+        (q, k, v), probabilities = kept
         grad_values = buf("grad_values", B * heads, T, d)
         grad_values.view(B, heads, T, d).copy_(grad_attended.view(B, T, heads, d).transpose(1, 2))
-        q, k, v = q_k_v
         grad_q_k_v = buf("grad_q_k_v", 3, B * heads, T, d)
         grad_q, grad_k, grad_v = grad_q_k_v
         grad_probabilities = torch.bmm(grad_values, v.transpose(1, 2), out=buf("grad_probabilities", B * heads, T, T))
         torch.bmm(probabilities.transpose(1, 2), grad_values, out=grad_v)
         grad_scores = torch.ops.aten._softmax_backward_data.out(grad_probabilities, probabilities, -1, torch.float32,
                                                                 grad_input=buf("grad_scores", B * heads, T, T))
-        torch.bmm(grad_scores, k, out=grad_q).mul_(block.scaling)
-        torch.bmm(grad_scores.transpose(1, 2), q, out=grad_k).mul_(block.scaling)
-        grad_qkv = buf("grad_qkv", C, m * T, 3 * D)
+        torch.bmm(grad_scores, k, out=grad_q).mul_(scaling)
+        torch.bmm(grad_scores.transpose(1, 2), q, out=grad_k).mul_(scaling)
         grad_qkv.view(B, T, 3, heads, d).copy_(grad_q_k_v.view(3, B, heads, T, d).permute(1, 3, 0, 2, 4))
-        grad_a1 = self._linear_backward("grad_a1", grad_qkv, a1, block.c_attn)
-        return self._norm_backward(grad_a1, norm_1, block.ln_1).add_(grad_mid)
+        return grad_qkv
 
     def _causal_mask(self, T: int) -> torch.Tensor:
         key = ("mask", (T, T), torch.float32)

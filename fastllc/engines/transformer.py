@@ -48,6 +48,7 @@ on 2 cores (3 interleaved rounds, load 2–3), 1.14–1.16× per folded batch of
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -55,10 +56,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from . import transformer_cpu
 from .gpt2_backward import Gpt2Pass, Workspace
 from .transformer_ops import (ACTIVATIONS, IGNORE, TanhGELU, _tanh_gelu, attend, chain_cross_entropy, dense,
                               layer_norm, linear, pair_of, rms_norm, rotate, tanh_gelu_into)
 
+KERNELS_ENV = "FASTLLC_TRANSFORMER_KERNELS"
 FAMILIES = {  # config.model_type → the causal-LM class whose forward is written here
     "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
 }
@@ -206,6 +209,10 @@ class Gpt2(_Engine):
         self.blocks = [_Gpt2Block(self._pair(b.ln_1), self._pair(b.attn.c_attn), self._pair(b.attn.c_proj),
                                   self._pair(b.ln_2), self._pair(b.mlp.c_fc), self._pair(b.mlp.c_proj),
                                   _gpt2_scaling(config, layer)) for layer, b in enumerate(body.h)]
+        # the written-out pass's fused CPU passes, built on first use (None: ATen's operations, as where they cannot
+        # be built; FASTLLC_TRANSFORMER_KERNELS=torch chooses ATen's, for comparisons)
+        use = os.environ.get(KERNELS_ENV, "native") != "torch"
+        self.kernels = transformer_cpu.library() if use else None
 
     def _embed(self, weights, tokens):
         C, m, T = tokens.shape
