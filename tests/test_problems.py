@@ -14,7 +14,9 @@ import torch
 
 from fastllc import calibrate
 from fastllc.theory.dln import dln_learning_coefficient, reduced_rank_regression_llc
-from fastllc.theory.problems import FAMILIES, Monomials, draw_dln, draw_problems, monomial_llc
+from fastllc.theory.dln import dln_data, dln_teacher, half_squared_error
+from fastllc.theory.problems import (FAMILIES, Monomials, Problem, draw_dln, draw_problems, monomial_llc,
+                                     posterior_llc)
 
 
 def loss_and_gradient(problem, weights=None):
@@ -78,6 +80,61 @@ def test_stated_coefficients_agree_with_the_formulas_they_specialise():
     assert monomial_llc([[1, 1]]) == 0.5 and monomial_llc([[2]]) == 0.25
     assert monomial_llc([[1, 2], [2, 2], [1]]) == 0.25 + 0.25 + 0.5
     assert Monomials([[1, 2]])(torch.ones(3, 1)).shape == (3, 1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dln_teacher_sits_on_the_most_singular_stratum_of_its_minima(seed):
+    """Every layer of rank exactly r with r unit singular values, balanced (W_{l+1}ᵀW_{l+1} = W_l W_lᵀ), the
+    product of rank r. No true parameter has a layer of rank < r (the product would lose rank), so w* lies in the
+    stratum every other true parameter has in its closure; the local learning coefficient there is the smallest
+    over the minima, which is the global one Aoyagi's formula states (a point in the closure of others has a
+    local λ ≤ theirs). Hypothesis (c) of issue #26 (w* more singular than the stated λ assumes) is ruled out
+    here; docs/calibration.md measures the same with ``posterior_llc``. Tolerance 1e-5: float32 weights."""
+    problem = draw_problems(seed, 1)[0]
+    r, layers = problem.info["rank"], [layer.weight.detach().double() for layer in problem.model]
+    for layer in layers:
+        values = torch.linalg.svdvals(layer)
+        assert torch.allclose(values[:r], torch.ones(r, dtype=torch.float64), atol=1e-5)
+        assert bool(torch.all(values[r:] < 1e-5))
+    for lower, upper in zip(layers, layers[1:]):
+        assert torch.allclose(upper.T @ upper, lower @ lower.T, atol=1e-5)
+    product = torch.linalg.multi_dot(list(reversed(layers)))
+    assert int(torch.linalg.matrix_rank(product, atol=1e-4)) == r
+
+
+def _single(blocks, n=1000):
+    """A monomial problem with the given blocks (data only sets n; ``posterior_llc`` never reads them)."""
+    data = (torch.zeros(n, len(blocks)), torch.zeros(n, len(blocks)))
+    return Problem("monomial", "test", Monomials(blocks), data, half_squared_error, monomial_llc(blocks),
+                   dict(blocks=blocks))
+
+
+def test_posterior_llc_is_exact_where_the_expectation_has_a_closed_form():
+    """Three closed forms. Regular (K = ½‖W − W*‖², d = 24): nβ·E[K] = (d/2)·nβ/(nβ + γ), checked at γ = 1 and at
+    γ = nβ (d/4: the localisation counted right). Single-weight monomials ½w² and ½w⁴ at γ = 0: nβ·E[K] = 1/(2k)
+    exactly at any nβ (substitute w = nβ^(−1/2k)·u), so 1/2 + 1/4. MALA has no step bias, so the bounds are
+    the chains' noise: 5 standard errors over 8 chains (se ≈ 0.3–1%), floored at 2% for se's own error."""
+    regular = draw_problems(3, 1, ("regular",), n=20_000)[0]
+    d = regular.parameters
+    for nbeta, gamma, exact in ((2019.0, 1.0, d / 2 * 2019 / 2020), (2019.0, 2019.0, d / 4)):
+        result = posterior_llc(regular, nbeta, gamma, steps=4000)
+        assert result.llc == pytest.approx(exact, abs=max(5 * result.se, 0.02 * exact)), result
+        assert 0.4 < result.acceptance < 0.75  # the step was tuned
+    result = posterior_llc(_single([[1], [2]]), 500.0, 0.0, chains=16, steps=6000)
+    assert result.llc == pytest.approx(0.75, abs=max(5 * result.se, 0.02 * 0.75)), result
+
+
+def test_posterior_llc_of_a_singular_dln_is_near_its_lambda_at_the_studys_n():
+    """A rank-1 three-layer DLN (4-5-6-3, λ = 6) at the study's nβ = 20,000/log 20,000 and γ = 1: the localised
+    posterior's expectation is within 15% of λ (measured 5.59, 5.72, 5.76 on three MALA seeds; the deep seed-7
+    networks 0.90–1.03·λ, docs/calibration.md), so a calibrated SGLD estimate far below λ there is the
+    sampler's shortfall, not the finite n. The 15% holds the finite-nβ deficit (−4 to −7% here) and the noise of
+    8 chains × 5,000 kept steps (se ≤ 0.14)."""
+    teacher = dln_teacher((4, 5, 6, 3), 1, seed=0)
+    problem = Problem("dln", "dln 4-5-6-3 r1", teacher, dln_data(teacher, 20_000, 0), half_squared_error,
+                      dln_learning_coefficient([4, 5, 6, 3], 1), dict(widths=[4, 5, 6, 3], rank=1))
+    result = posterior_llc(problem, steps=10_000)
+    assert result.llc == pytest.approx(problem.llc, rel=0.15), result
 
 
 @pytest.mark.slow

@@ -14,6 +14,12 @@ loss L_n (inputs whitened in-sample, noise orthogonal to them: ``dln.dln_data``)
   crossing with a prior positive at w*: Watanabe 2009, Ch. 2; the blocks' coefficients add). The
   multiplicities (ties in the min) make these the hardest for finite nβ: λ̂ approaches λ only as
   1/log(nβ), which the ``llc`` field does not include.
+
+``posterior_llc(problem, nbeta, gamma)`` is the other half of the ground truth: the expectation
+nβ·E[L_n(w) − L_n(w*)] under the localised posterior ∝ exp(−nβ·K(w) − γ/2·‖w − w*‖²) itself, at this finite nβ
+and γ, sampled by MALA on the exact K (no data, no minibatch, no step-size bias). It is what an SGLD estimate
+converges to when its chains are long and its step small; λ is its limit as nβ → ∞. Comparing the two splits a
+calibration error into the sampler's part and the finite-nβ part (docs/calibration.md).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import nn
 from .dln import dln_data, dln_learning_coefficient, dln_teacher, half_squared_error, reduced_rank_regression_llc
 
 FAMILIES = ("dln", "rrr", "regular", "monomial")
+MALA_ACCEPTANCE = 0.57  # the acceptance MALA's step is tuned to during burn-in (optimal for MALA, Roberts & Rosenthal 1998)
 
 
 @dataclass
@@ -142,3 +149,107 @@ def relative_errors(problems: Sequence[Problem], estimates: Sequence[float]) -> 
     """(λ̂ − λ)/λ per problem (NaN where the estimate is missing)."""
     return [(e - p.llc) / p.llc if e is not None and math.isfinite(e) else math.nan
             for p, e in zip(problems, estimates)]
+
+
+@dataclass
+class PosteriorLLC:
+    """nβ·E[K] under the localised posterior, from MALA: the mean over chains of the second half, its standard
+    error over chains, and the mean of each tenth of the chains (a trend in them says: not settled yet)."""
+
+    llc: float
+    se: float
+    tenths: list
+    acceptance: float
+    step: float  # MALA's tuned ε in w ← w − ε∇U + √(2ε)·ξ
+    nbeta: float
+    gamma: float
+    steps: int
+
+
+def exact_potential(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
+    """K(w) = L_n(w) − L_n(w*) for a batch of flat weight vectors [C, d] (float64), exactly, without the data:
+    ½‖W_L⋯W_1 − W*‖² for the linear families (whitened inputs, noise orthogonal to them: ``dln.dln_data``),
+    ½·Σ_b Π_i w_i^{2k_i} for the monomials."""
+    if problem.family == "monomial":
+        blocks = problem.info["blocks"]
+
+        def monomials(w):
+            terms, start = [], 0
+            for block in blocks:
+                powers = torch.tensor(block, dtype=w.dtype) * 2
+                terms.append(w[:, start:start + len(block)].pow(powers).prod(1))
+                start += len(block)
+            return 0.5 * torch.stack(terms, 1).sum(1)
+        return monomials
+    shapes = [layer.weight.shape for layer in problem.model]
+    target = _product([layer.weight.detach().double().unsqueeze(0) for layer in problem.model])
+
+    def linear(w):
+        layers, start = [], 0
+        for rows, cols in shapes:
+            layers.append(w[:, start:start + rows * cols].reshape(-1, rows, cols))
+            start += rows * cols
+        return 0.5 * (_product(layers) - target).pow(2).sum((1, 2))
+    return linear
+
+
+def _product(layers):
+    product = layers[0]
+    for layer in layers[1:]:
+        product = layer @ product
+    return product
+
+
+def posterior_llc(problem: Problem, nbeta: float | None = None, gamma: float = 1.0, *, chains: int = 8,
+                  steps: int = 50_000, seed: int = 0) -> PosteriorLLC:
+    """nβ·E[K(w)] under p(w) ∝ exp(−nβ·K(w) − γ/2·‖w − w*‖²), by MALA from w* (``exact_potential``; nβ default
+    n/log n). The first half is burn-in, during which the step is tuned to ``MALA_ACCEPTANCE``; the
+    second half, a valid MALA chain at a fixed step, gives the estimate. The Metropolis test removes the step's
+    bias, so only the chains' length limits it: read ``tenths`` before trusting it."""
+    n = len(problem.data[1])
+    nbeta = n / math.log(n) if nbeta is None else float(nbeta)
+    potential = exact_potential(problem)
+    centre = torch.cat([p.detach().double().reshape(-1) for p in problem.model.parameters()])
+    generator = torch.Generator().manual_seed(seed)
+
+    def energy(w):
+        w = w.detach().requires_grad_(True)
+        k = potential(w)
+        u = nbeta * k + gamma / 2 * (w - centre).pow(2).sum(1)
+        (grad,) = torch.autograd.grad(u.sum(), w)
+        return u.detach(), grad, k.detach()
+
+    w = centre.repeat(chains, 1)
+    state, step = energy(w), 0.5 / nbeta  # below the stiffest direction's limit while K's curvature is ≤ 4
+    per_chain = torch.zeros(chains, dtype=torch.float64)
+    tenths, tenth, running, accepted = [], max(1, steps // 10), 0.0, 0.0
+    for t in range(steps):
+        w, state, rate = _mala_step(w, state, step, energy, generator)
+        running += float(nbeta * state[2].mean())
+        if t < steps // 2:
+            step *= math.exp((rate - MALA_ACCEPTANCE) / 10)  # Robbins–Monro on log ε; frozen after burn-in
+        else:
+            per_chain += nbeta * state[2]
+            accepted += rate
+        if (t + 1) % tenth == 0:
+            tenths.append(running / tenth)
+            running = 0.0
+    kept = steps - steps // 2
+    per_chain /= kept
+    return PosteriorLLC(llc=float(per_chain.mean()), se=float(per_chain.std() / math.sqrt(chains)), tenths=tenths,
+                        acceptance=accepted / kept, step=step, nbeta=nbeta, gamma=gamma, steps=steps)
+
+
+def _mala_step(w, state, step, energy, generator):
+    """One Metropolis-adjusted Langevin step of every chain: (w, (U, ∇U, K), mean acceptance probability)."""
+    u, grad, _ = state
+    proposal = w - step * grad + math.sqrt(2 * step) * torch.randn(w.shape, generator=generator, dtype=w.dtype)
+    new = energy(proposal)
+    forward = (proposal - w + step * grad).pow(2).sum(1)
+    backward = (w - proposal + step * new[1]).pow(2).sum(1)
+    log_ratio = u - new[0] + (forward - backward) / (4 * step)
+    probability = torch.exp(torch.clamp(log_ratio, max=0.0))
+    accept = torch.rand(len(w), generator=generator, dtype=w.dtype) < probability
+    w = torch.where(accept[:, None], proposal, w)
+    state = tuple(torch.where(accept[:, None] if s.dim() == 2 else accept, n, s) for s, n in zip(state, new))
+    return w, state, float(probability.mean())
