@@ -246,9 +246,9 @@ void fastllc_layer_norm_backward(int64_t C, int64_t N, int64_t D, const float* g
                                  const float* mean, const float* rstd, const float* gain, const float* residual,
                                  float* grad_x, float* grad_gain, float* grad_bias) {
     const int64_t Dp = padded(D);
-    float* g = scratch(7 * Dp);  // gain, ∇out row, x̂ row, ĝ row, ∇x row, ∇gain and ∇bias partial sums
-    float *dy = g + Dp, *xhat = dy + Dp, *scaled = xhat + Dp, *dx = scaled + Dp, *part_gain = dx + Dp,
-          *part_bias = part_gain + Dp;
+    float* g = scratch(8 * Dp);  // gain, ∇out row, x row, x̂ row, ĝ row, ∇x row, ∇gain and ∇bias partial sums
+    float *dy = g + Dp, *row = dy + Dp, *xhat = row + Dp, *scaled = xhat + Dp, *dx = scaled + Dp,
+          *part_gain = dx + Dp, *part_bias = part_gain + Dp;
     std::vector<double> sum_gain(D), sum_bias(D);
     const auto flush = [&] {
         for (int64_t k = 0; k < D; ++k) {
@@ -260,17 +260,19 @@ void fastllc_layer_norm_backward(int64_t C, int64_t N, int64_t D, const float* g
     for (int64_t c = 0; c < C; ++c) {
         std::fill(sum_gain.begin(), sum_gain.end(), 0.0);
         std::fill(sum_bias.begin(), sum_bias.end(), 0.0);
-        std::fill(g, g + 2 * Dp, 0.0f);  // the padding lanes of gain and ∇out stay 0: they add nothing below
+        // the padding lanes of gain, ∇out and x stay 0 (only D floats are copied in), so x̂'s are −μ·rstd, finite,
+        // and ĝ's 0: they add nothing below, whatever the scratch held
+        std::fill(g, g + 3 * Dp, 0.0f);
         std::fill(part_gain, part_gain + 2 * Dp, 0.0f);
         std::memcpy(g, gain + c * D, D * sizeof(float));
         for (int64_t r = 0; r < N; ++r) {
             const int64_t at = (c * N + r) * D;
             const vf mu = splat(mean[c * N + r]), r_std = splat(rstd[c * N + r]);
             std::memcpy(dy, grad_out + at, D * sizeof(float));
-            std::memcpy(xhat, x + at, D * sizeof(float));
+            std::memcpy(row, x + at, D * sizeof(float));
             vf sum_scaled = splat(0.0f), sum_product = splat(0.0f);
             for (int64_t k = 0; k < Dp; k += W) {
-                const vf d = load(dy + k), h = (load(xhat + k) - mu) * r_std, sc = d * load(g + k);
+                const vf d = load(dy + k), h = (load(row + k) - mu) * r_std, sc = d * load(g + k);
                 store(xhat + k, h);
                 store(scaled + k, sc);
                 store(part_gain + k, madd(d, h, load(part_gain + k)));
