@@ -38,13 +38,14 @@ def quantile(values, q):
 def study(args) -> list[dict]:
     rows = []
     scales = {} if args.scales is None else {"step_scales": [float(v) for v in args.scales.split(",")]}
+    burn_in = {} if args.burn_in_scale is None else {"burn_in_scale": args.burn_in_scale or None}  # 0: none
     for problem in draw_problems(args.seed, args.count, args.families.split(","), n=args.n):
         n = len(problem.data[1])
         start = time.perf_counter()
         try:
             result = calibrate(problem.model, problem.data, problem.loss_fn, chains=args.chains, steps=args.steps,
                                gammas=[float(g) for g in args.gammas.split(",")], batch_size=args.batch_size,
-                               backend="generic", seed=args.seed, sampler=args.sampler, **scales)
+                               backend="generic", seed=args.seed, sampler=args.sampler, **scales, **burn_in)
         except FastLLCError as err:  # counted as "no estimate"
             print(f"{problem.name:<40} λ={problem.llc:7.3g} no estimate: {err}", flush=True)
             rows.append(dict(problem=problem.name, family=problem.family, params=problem.parameters, llc=problem.llc,
@@ -184,6 +185,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--sampler", default="sgld")
     parser.add_argument("--scales", default=None, help="step scales s = ε·nβ·κ [default: calibrate's]")
+    parser.add_argument("--burn-in-scale", type=float, default=None,
+                        help="calibrate's burn_in_scale, the coarse burn-in's step scale (default: calibrate's; 0: none)")
     parser.add_argument("--hand", action="append", default=[], metavar="EPSILON,GAMMA",
                         help="also estimate at these fixed settings (repeatable)")
     parser.add_argument("--save", default=None, help="write the settings and every cell as JSON")

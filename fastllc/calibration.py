@@ -30,6 +30,12 @@ Flags: ``diverged`` (some chain's loss went non-finite or above the loss bound),
 ``R_HAT_LIMIT``), ``nonlocal`` (locality > ``LOCALITY_LIMIT`` = ½: the chains went halfway to the trivial
 predictor's loss, so λ̂ = nβ·ΔL measures the temperature, not the geometry at w*).
 
+The chains' burn-in is coarse (``CoarseBurnIn``): its steps take the step scale ``BURN_IN_STEP_SCALE`` = 1, ten
+times the target's, then every cell continues at its own ε. Burn-in draws are discarded, so their step bias costs
+nothing; their diffusion carries the chains into the flat directions that only the localisation holds and that
+settle in ~2/(εγ) steps, far more than the chains have at the measured step (deep low-rank networks were 33–61%
+low without it, their exact finite-nβ target within 10% of λ: docs/calibration.md).
+
 The rule (``recommend``), stated once here and in ``CalibrationResult.reason``: a cell is *usable* when every
 chain stayed healthy and it has a λ̂. In the row of nβ nearest n/log n, then of the smallest γ with a
 usable cell, the recommended cell is the usable one whose step scale is nearest ``TARGET_STEP_SCALE`` = 0.1 (in
@@ -59,6 +65,7 @@ from .curvature import gradient_noise, nearby_curvature, rmsprop_preconditioner,
 from .errors import FastLLCError
 from .llc import effective_sample_size, split_r_hat
 from .sampling import SGLDConfig, wbic_nbeta
+from .sampling.samplers.sgld import SGLD
 from .validate import check_float, check_int
 
 DRIFT_LIMIT = 3.0  # |drift| (a z-score) above which, with DRIFT_RELATIVE, a cell is "drifting"
@@ -75,6 +82,8 @@ DEFAULT_STEP_SCALES = (0.1, 0.05)  # the target and half of it: their difference
 # singular models (deep linear networks: up past λ at 4× the steps), and at half of it the tails doubled (seed 11:
 # 90th percentile 34.6% at 2,000 steps against 25.6% at 4,000, γ = 5 both).
 DEFAULT_STEPS = 4000
+BURN_IN_STEP_SCALE = 1.0  # the coarse burn-in's s: a quarter of SGLD's stability limit ε·nβ·h < 4 (at 2, the
+# burn-in's heat outlasted it: λ̂ at s = 0.05 6% higher on a network whose chains settle early; docs/calibration.md)
 BACKOFFS, BACKOFF_FACTOR = 2, 4.0  # a scaled grid diverged or nonlocal everywhere is rerun with s / 4, at most twice
 Z90 = 1.6448536269514722  # two-sided 90% normal quantile
 FIFTH = 5  # drift compares the first and last 1/FIFTH of the post-burn-in trace
@@ -148,6 +157,7 @@ class CalibrationResult:
     interval: Interval | None = None  # the recommended λ̂'s 90% interval (``interval_of``)
     control_variate: bool = False  # λ̂ read with the minibatch control variate (``sampling.control_variate``)
     extension: dict | None = None  # ``calibrate(target_ess=...)``: the rounds of longer chains and why they stopped
+    coarse_burn_in: dict | None = None  # CoarseBurnIn's settings (steps, ε per nβ) when the chains had one
     mean_traces: np.ndarray | None = field(default=None, repr=False)  # [cells, T]: healthy chains' mean loss
 
     @property
@@ -159,7 +169,11 @@ class CalibrationResult:
         cell = self.recommended_cell
         if cell is None:
             raise FastLLCError(f"no calibration cell is recommended: {self.hint or self.reason}")
-        return dict(epsilon=cell.epsilon, nbeta=cell.nbeta, gamma=cell.gamma)
+        settings = dict(epsilon=cell.epsilon, nbeta=cell.nbeta, gamma=cell.gamma)
+        if self.coarse_burn_in is not None:  # the estimate the cell stands for had it: a rerun needs it too
+            burn = self.coarse_burn_in
+            settings.update(burn_in=self.burn_in, sampler=CoarseBurnIn(burn["steps"], burn["epsilons"]))
+        return settings
 
     def to_dict(self) -> dict:
         record = {k: v for k, v in asdict(self).items() if k not in ("cells", "mean_traces", "interval")}
@@ -225,19 +239,84 @@ def check_grid(name: str, values, allow_zero: bool = False) -> tuple[float, ...]
     return tuple(sorted(floats))
 
 
+class CoarseBurnIn(SGLD):
+    """Plain SGLD, except that the first ``steps`` steps of every chain take the step ``epsilons[nβ]`` (the
+    chain's own ε where that is larger): a coarse burn-in.
+
+    Why: the burn-in's draws are discarded, so its step-size bias costs nothing, but its diffusion is what
+    carries the chains from w* into the flat (singular) directions, which the localisation alone holds and
+    which settle in ~2/(εγ) steps: 250,000 at a deep network's ε = 8e-6 and γ = 1, against 4,000 steps
+    (docs/calibration.md, "Why deep low-rank networks came out low"). The stiff directions, hot after the
+    burn-in, settle again within ~2/s steps of the measured step. Named ``sgld`` (after the burn-in it is);
+    ``calibrate`` runs it only on a backend that runs sampler objects (``backends`` capability ``samplers``),
+    never on a fused SGLD kernel that would ignore the burn-in."""
+
+    title = "SGLD with a coarse burn-in"
+    NAMEABLE = False
+
+    def __init__(self, steps: int, epsilons: Mapping[float, float]):
+        self.steps, self.epsilons = int(steps), {float(b): float(e) for b, e in epsilons.items()}
+
+    def __eq__(self, other):
+        return isinstance(other, CoarseBurnIn) and (other.steps, other.epsilons) == (self.steps, self.epsilons)
+
+    def __hash__(self):
+        return hash((self.steps, tuple(sorted(self.epsilons.items()))))
+
+    def __repr__(self):
+        return f"CoarseBurnIn(steps={self.steps}, epsilons={self.epsilons})"
+
+    def settings(self) -> dict:
+        return {"burn_in_steps": self.steps, "burn_in_epsilons": {str(b): e for b, e in self.epsilons.items()}}
+
+    def coarse(self, epsilon: float, nbeta: float) -> float:
+        """The burn-in step of a chain with step ``epsilon`` at ``nbeta`` (the nearest nβ's entry)."""
+        nearest = min(self.epsilons, key=lambda b: abs(math.log(b / nbeta)))
+        return max(epsilon, self.epsilons[nearest])
+
+    def start(self, w_star):
+        return 0  # steps taken
+
+    def increment(self, state, w, w_star, grad, noise, epsilon, gamma, nbeta):
+        step = self.coarse(epsilon, nbeta) if state < self.steps else epsilon
+        return SGLD.increment(self, None, w, w_star, grad, noise, step, gamma, nbeta)[0], state + 1
+
+    def batched(self, layout, W, epsilon, gamma, nbeta):
+        coarse = torch.tensor([self.coarse(e, b) for e, b in zip(epsilon.tolist(), nbeta.tolist())],
+                              dtype=epsilon.dtype)
+        factor = layout.coefficient(coarse / epsilon, W.device)  # G arrives as −(ε·nβ/2)∇L_m: rescaled to ε_burn
+        hot, cold = SGLD.batched(self, layout, W, coarse, gamma, nbeta), SGLD.batched(self, layout, W, epsilon,
+                                                                                     gamma, nbeta)
+        taken = 0
+
+        def update(G, noise, projection=None):
+            nonlocal taken
+            taken += 1
+            if taken > self.steps:
+                return cold(G, noise, projection)
+            G.mul_(factor)
+            return hot(G, noise, projection)
+        return update
+
+
 def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons=None,
               step_scales=DEFAULT_STEP_SCALES, nbetas=None,
               gammas=(SGLDConfig.gamma,), chains: int = 4, steps: int = DEFAULT_STEPS, burn_in: int | None = None,
               batch_size: int | None = None, seed: int = 0, backend: str = "auto", device="cpu",
               progress: bool = False, mala: bool = False, restrict=None, target_ess: float | None = None,
-              max_chain_steps: int | None = None, **settings) -> CalibrationResult:
+              max_chain_steps: int | None = None, burn_in_scale: float | None = BURN_IN_STEP_SCALE,
+              **settings) -> CalibrationResult:
     """Run the grid of step sizes × ``nbetas`` × ``gammas`` (``chains`` chains per cell) as one batched
     ``fastllc.estimate``, recommend a cell and extrapolate λ̂ to ε → 0 by the rule in this module's docstring.
 
     The step sizes: ``epsilons`` (absolute values), or by default ε = s/(nβ·κ) for each s in ``step_scales``,
     κ measured at w* (``result.kappa``). ``nbetas``: absolute nβ values; default n/log n. ``gammas`` default:
     ``SGLDConfig``'s γ = 5.
-    ``burn_in`` default: a quarter of ``steps``. ``batch_size`` default: ``SGLDConfig``'s (64), or a
+    ``burn_in`` default: a quarter of ``steps``. ``burn_in_scale``: the burn-in runs at this step scale (default
+    ``BURN_IN_STEP_SCALE``; per nβ, burn_in_scale/max(step_scales) times the grid's largest ε), on a backend
+    that runs sampler objects (``CoarseBurnIn``); None, explicit ``epsilons``, another sampler or no burn-in:
+    plain SGLD throughout. ``result.settings()`` then carries the sampler and the burn-in, so that an estimate at
+    the recommended cell is run as the cell was. ``batch_size`` default: ``SGLDConfig``'s (64), or a
     DataLoader's. ``mala=True`` records the MALA acceptance (``backend="auto"`` then picks ``generic``).
     Other ``SGLDConfig`` fields (``thin``, ``orthogonal``, ``sampler``, ``chain_loss``, ``loss_bound``) and
     ``restrict`` pass through to ``estimate``. A grid value that is not finite and > 0 (γ: ≥ 0), an empty
@@ -274,16 +353,45 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
     cells = [(s / step_scale(1.0, b, kappa, noise) if scaled else s, b, g) for g in gammas for b in nbetas
              for s in epsilons]
     burn_in = steps // 4 if burn_in is None else burn_in
+    coarse = None
+    if burn_in_scale is not None and burn_in and scaled and settings.get("sampler", SGLDConfig.sampler) == "sgld":
+        coarse = _object_backend(backend, device, model, loss_fn, mala, restrict)
+    ratio = None if coarse is None else check_float("burn_in_scale", burn_in_scale, above=0) / max(epsilons)
 
     def run(cells, steps, burn_in):
-        return run_cells(model, data, loss_fn, cells, chains=chains, steps=steps, burn_in=burn_in,
-                         batch_size=batch_size, seed=seed, backend=backend, device=device, progress=progress,
-                         mala=mala, restrict=restrict, default_nbeta=default, kappa=kappa, noise=noise,
-                         **settings)
+        extra = {} if coarse is None else dict(sampler=coarse_burn_in(cells, burn_in, ratio))
+        result = run_cells(model, data, loss_fn, cells, chains=chains, steps=steps, burn_in=burn_in,
+                           batch_size=batch_size, seed=seed, backend=coarse or backend, device=device,
+                           progress=progress, mala=mala, restrict=restrict, default_nbeta=default, kappa=kappa,
+                           noise=noise, **{**settings, **extra})
+        if extra:
+            result.coarse_burn_in = dict(steps=burn_in, epsilons=extra["sampler"].epsilons)
+        return result
 
     result = _backing_off(run, cells, steps, burn_in, BACKOFFS if scaled else 0)
     budget = 8 * len(cells) * chains * steps if max_chain_steps is None else max_chain_steps
     return result if target_ess is None else extend(result, run, target_ess, budget)
+
+
+def coarse_burn_in(cells: Sequence[tuple[float, float, float]], burn_in: int, ratio: float) -> CoarseBurnIn:
+    """The coarse burn-in of a grid: per nβ, ``ratio`` × its largest ε (``BURN_IN_STEP_SCALE``/0.1 = 20× the
+    s = 0.1 cell's step). Tied to the grid's ε, so a backed-off grid backs its burn-in off with it."""
+    largest: dict[float, float] = {}
+    for epsilon, nbeta, _ in cells:
+        largest[nbeta] = max(largest.get(nbeta, 0.0), epsilon)
+    return CoarseBurnIn(burn_in, {nbeta: ratio * epsilon for nbeta, epsilon in largest.items()})
+
+
+def _object_backend(backend: str, device, model, loss_fn, mala: bool, restrict) -> str | None:
+    """The backend that runs ``CoarseBurnIn`` as its own update (capability ``samplers``), or None (then there
+    is no coarse burn-in): a fused SGLD kernel would run plain SGLD under its name."""
+    from .backends import resolve_backend
+
+    needs = ("samplers",) + (("mala",) if mala else ()) + (("restrict",) if restrict is not None else ())
+    try:
+        return resolve_backend(backend, device, model, loss_fn, needs=needs)
+    except FastLLCError:
+        return None
 
 
 def _check_lengths(chains, steps, burn_in, target_ess, max_chain_steps) -> None:
