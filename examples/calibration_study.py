@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fastllc import FastLLCError, calibrate
-from fastllc.calibration import interval_of, recommend, run_cells
+from fastllc.calibration import interval_of, recommend, run_cells, usable
 from fastllc.theory.problems import draw_problems
 
 
@@ -106,6 +106,17 @@ def rule(row, scales=None):
     return cells[best]["llc_mean"], band.low, band.high
 
 
+def smallest_cell(row):
+    """(λ̂, low, high) of the row's s = 0.05 cell with calibrate's interval for it (its neighbour: s = 0.1), or
+    None: what the rule would give with its target at 0.05 (a reading for comparison; the rule's target is 0.1)."""
+    cells = as_cells(row["cells"])
+    index = next((i for i, c in enumerate(cells) if math.isclose(c["step_scale"], 0.05) and usable(c)), None)
+    if index is None:
+        return None
+    band = interval_of(cells, index)
+    return cells[index]["llc_mean"], band.low, band.high
+
+
 def extrapolated(row):
     """λ̂ at ε → 0 by a weighted linear fit over the unflagged cells at s ≤ 0.1 (slope ≥ 0), or None."""
     cells = [c for c in row["cells"] if not c["flags"] and c["llc"] is not None and c["s"] <= 0.1 + 1e-9]
@@ -133,6 +144,8 @@ def readings(rows) -> dict:
         ways[f"the cell at s = {s:g} alone"] = [next(((c["llc"], None, None) for c in r["cells"]
                                                      if math.isclose(c["s"], s) and c["llc"] is not None), None)
                                                 for r in rows]
+    if any(math.isclose(s, 0.05) for s in scales):
+        ways["the s = 0.05 cell with calibrate's interval"] = [smallest_cell(r) for r in rows]
     ways["linear extrapolation to ε → 0 (s ≤ 0.1)"] = [(e, None, None) if e is not None else None
                                                        for e in map(extrapolated, rows)]
     for label in [k for k in rows[0] if k.startswith("hand")]:
