@@ -151,11 +151,13 @@ class Case:
     variant: str
     device: str = "cpu"
     shape: tuple[int, int, int, int] = SHAPE
+    workload: str | None = None  # a key of WORKLOADS; None: the first the backend supports (``workload``)
 
     @property
     def name(self) -> str:
         p, e, h, m = self.shape
-        return (f"{self.backend} vs reference, {self.variant} (p={p} e={e} h={h} m={m}, {CHAINS} chains x "
+        on = "" if self.workload is None else f" on {self.workload}"
+        return (f"{self.backend} vs reference, {self.variant}{on} (p={p} e={e} h={h} m={m}, {CHAINS} chains x "
                 f"{STEPS} steps, {self.device})")
 
 
@@ -290,7 +292,7 @@ def problem(case: Case, seed: int = 0) -> Problem:
     """The problem ``case`` is checked on (``workload``); confident logits for the published chain loss."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        prob = WORKLOADS[workload(case.backend, case.device)](case.shape)
+        prob = WORKLOADS[case.workload or workload(case.backend, case.device)](case.shape)
     if VARIANTS[case.variant].settings.get("chain_loss") == "published":
         with torch.no_grad():
             prob.model.unembed.weight.mul_(CONFIDENT)

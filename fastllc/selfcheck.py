@@ -8,9 +8,12 @@ Checks: the conformance checks (``fastllc.conformance``) of every backend that r
 one derived tolerance (the same checks tests/test_conformance.py runs on CPU), and each at the published shape;
 then the ``torch`` backend on the GPU against itself on CPU with the same seeded streams; the triton kernel's
 in-kernel Philox draws against the reference fed ``kernels.draws``; chain trajectories independent of the chain
-count; the moments of the kernel's noise. Then chain-steps per second of ``triton`` and ``torch`` at C = 64,
-1024 and 4096 on the published shape (p=53, e=8, h=32, m=64; the study's ε, γ and orthogonal steps),
-kept short so that everything finishes in a few minutes (``--budget`` stops the benchmarks early).
+count; the moments of the kernel's noise; the language-model path (``generic`` running fastllc.lm's one-block
+GPT-2 against the reference on CPU, and bf16 autocast against float32: λ̂ within 3 standard errors). Then
+chain-steps per second of ``triton`` and ``torch`` at C = 64, 1024 and 4096 on the published shape (p=53, e=8,
+h=32, m=64; the study's ε, γ and orthogonal steps), and of fastllc.lm in float32 and bf16 at 16 and 64 chains on
+the LM benchmarks' tiny GPT-2, kept short so that everything finishes in a few minutes (``--budget`` stops the
+benchmarks early).
 
 Output: a line per check and benchmark, and with ``--out`` one JSON summary (rewritten after every
 benchmark, so nothing is lost if the run is cut short; a check's ``max_error`` is conformance's relative
@@ -55,6 +58,13 @@ PUBLISHED_SHAPE = conformance.PUBLISHED_SHAPE  # p, e, h, m
 BENCHMARK_PLAN = {"triton": [(64, 2048), (1024, 512), (4096, 256)],
                   "torch": [(64, 200), (1024, 50), (4096, 20)]}  # host-side randomness: slower per step
 WARM_UP_STEPS = 16  # a multiple of 16 too: the warm-up compiles the kernel the timed run uses
+# The language-model path (fastllc.lm on the generic backend, the one that runs on CUDA): (chains, steps, bf16) on
+# the LM benchmarks' tiny GPT-2 shape (bench/lm_workload.py), untrained
+LM_BENCHMARK_PLAN = [(16, 200, False), (16, 200, True), (64, 100, False), (64, 100, True)]
+LM_SHAPE = (31, 16, 48, 8)  # vocabulary, width, MLP width, sequences per minibatch: conformance's causal LM
+# bf16 autocast against float32, the same seeded chains: λ̂ within this many combined standard errors (on the CPU
+# it moved λ̂ by ≤ 0.19 of them, docs/lm/hooked_and_bf16.md)
+BF16_STANDARD_ERRORS = 3.0
 
 
 @dataclass
@@ -158,10 +168,44 @@ def conformance_checks(device) -> list[tuple[str, Callable[[], float], float]]:
             for case in conformance.cases(device, cuda_backends()) + published]
 
 
+def lm_checks(device) -> list[tuple[str, Callable[[], float], float]]:
+    """The language-model path on ``device``: ``generic`` running fastllc.lm's causal LM (a one-block GPT-2) against
+    the reference on CPU, plain, orthogonal and restricted; and bf16 autocast against float32."""
+    device = torch.device(device).type
+    cases = [conformance.Case("generic", v, device, LM_SHAPE, workload="causal_lm")
+             for v in ("sgld", "orthogonal", "restrict")]
+    return [(case.name, lambda case=case: conformance.check(case).error, conformance.TOLERANCE[torch.float32])
+            for case in cases] + [
+        ("fastllc.lm bf16 autocast vs float32, |Δλ̂| in combined standard errors (8 chains x 100 steps)",
+         lambda: _lm_bf16_against_fp32(device), BF16_STANDARD_ERRORS)]
+
+
+def _tiny_lm(seed: int = 0):
+    """(a one-block GPT-2 of ``LM_SHAPE`` in eval mode, 256 random sequences of 12 tokens), untrained."""
+    vocab, width, hidden, _ = LM_SHAPE
+    import transformers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=width, n_inner=hidden, vocab_size=vocab,
+                                         n_positions=12, bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config).eval()
+        tokens = torch.randint(vocab, (256, 12))
+    return model, tokens
+
+
+def _lm_bf16_against_fp32(device) -> float:
+    from . import lm
+    model, tokens = _tiny_lm()
+    settings = dict(chains=8, steps=100, batch_size=LM_SHAPE[3], epsilon=1e-3, gamma=100.0, nbeta=30.0, seed=0,
+                    backend="generic", device=device)
+    fp32, bf16 = (lm.estimate(model, tokens, bf16=flag, **settings) for flag in (False, True))
+    return abs(bf16.llc_mean - fp32.llc_mean) / math.hypot(bf16.llc_se, fp32.llc_se)
+
+
 def check_list(device) -> list[tuple[str, Callable[[], float], float]]:
     """(name, function returning the largest error, tolerance) of every check on ``device``."""
     tolerance = conformance.tolerance
-    return conformance_checks(device) + [
+    return conformance_checks(device) + lm_checks(device) + [
         ("torch on the device vs on CPU, seeded streams (3 chains x 20 steps)",
          lambda: _torch_seeded_on_device_and_cpu(device), tolerance(torch.float32, 20)),
         ("triton in-kernel randomness vs reference fed kernels.draws (published shape, 2 chains x 6 steps)",
@@ -208,25 +252,45 @@ def benchmark(backend: str, chains: int, steps: int, device) -> BenchmarkResult:
     return BenchmarkResult(backend, chains, steps, samples.seconds, chains * steps / samples.seconds)
 
 
+def lm_benchmark(chains: int, steps: int, bf16: bool, device) -> BenchmarkResult:
+    """Chain-steps per second of fastllc.lm on ``device`` (generic backend) on a GPT-2 of the LM benchmarks' shape
+    (2 layers, 4 heads, width 64, vocabulary 64, 16 sequences of 32 tokens a minibatch), after a warm-up."""
+    import transformers
+
+    from . import lm
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=64, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    model, tokens = transformers.GPT2LMHeadModel(config).eval(), torch.randint(64, (2048, 32))
+    settings = dict(chains=chains, batch_size=16, epsilon=5e-5, gamma=1000.0, nbeta=1000.0, backend="generic",
+                    device=device, bf16=bf16)
+    lm.estimate(model, tokens, steps=WARM_UP_STEPS, **settings)
+    result = lm.estimate(model, tokens, steps=steps, **settings)
+    if not all(result.healthy):
+        raise RuntimeError("a benchmarked chain produced a non-finite loss")
+    name = f"lm generic {'bf16' if bf16 else 'fp32'}"
+    return BenchmarkResult(name, chains, steps, result.sampling_seconds, result.chain_steps_per_second)
+
+
 def run_benchmarks(plan, device, deadline: float, report=print, on_result=lambda results: None):
     """Every (backend, C, T) of ``plan`` until ``deadline`` (time.monotonic()); later ones are recorded as skipped."""
     results = []
     for backend, runs in plan.items():
-        for chains, steps in runs:
+        for chains, steps, *bf16 in runs:
             if time.monotonic() > deadline:
                 result = BenchmarkResult(backend, chains, steps, None, None, "skipped: --budget reached")
             else:
                 try:
-                    result = benchmark(backend, chains, steps, device)
+                    result = (lm_benchmark(chains, steps, bf16[0], device) if backend == "lm" else
+                              benchmark(backend, chains, steps, device))
                 except Exception as err:  # noqa: BLE001  (reported, and the run fails at the end)
                     result = BenchmarkResult(backend, chains, steps, None, None, _one_line(err))
             results.append(result)
             on_result(results)
             if result.chain_steps_per_second is not None:
-                report(f"bench {backend} C={chains} T={steps}: {result.chain_steps_per_second:,.0f} chain-steps/s "
+                report(f"bench {result.backend} C={chains} T={steps}: {result.chain_steps_per_second:,.0f} chain-steps/s "
                        f"({result.seconds:.2f} s)")
             else:
-                report(f"bench {backend} C={chains} T={steps}: {result.error}")
+                report(f"bench {result.backend} C={chains} T={steps}: {result.error}")
     return results
 
 
@@ -301,7 +365,7 @@ def _run(args, device) -> int:
     checks = run_checks(check_list(device))
     save(checks, [])
     benchmarks = [] if args.no_bench else run_benchmarks(
-        BENCHMARK_PLAN, device, started + args.budget, on_result=lambda done: save(checks, done))
+        {**BENCHMARK_PLAN, "lm": LM_BENCHMARK_PLAN}, device, started + args.budget, on_result=lambda done: save(checks, done))
     status = exit_status(checks, benchmarks)
     failed = sum(not c.passed for c in checks)
     print(f"{len(checks) - failed} of {len(checks)} checks passed in {time.monotonic() - started:.0f} s"

@@ -91,12 +91,16 @@ def test_a_summary_cut_short_leaves_only_a_temporary_the_cleaner_removes(tmp_pat
 
 def test_the_checks_are_conformance_checks_of_every_cuda_backend():
     """selfcheck runs fastllc.conformance's checks (the ones tests/test_conformance.py runs on CPU) of every backend
-    that declares CUDA, on every variant, plus each at the published shape; then its own four."""
+    that declares CUDA, on every variant, plus each at the published shape; then the language-model path's (generic on
+    the causal LM, bf16 against float32); then its own four."""
     cases = conformance.cases("cuda", selfcheck.cuda_backends())
     assert {c.backend for c in cases} == set(selfcheck.cuda_backends()) == {"generic", "torch", "triton"}
     names = [name for name, _, _ in selfcheck.check_list("cuda")]
     assert names[:len(cases)] == [c.name for c in cases]
-    assert len(names) == len(cases) + len(selfcheck.cuda_backends()) + 4
+    lm = [name for name, _, _ in selfcheck.lm_checks("cuda")]
+    assert names[len(cases) + len(selfcheck.cuda_backends()):][:len(lm)] == lm
+    assert sum("on causal_lm" in name for name in lm) == 3 and "bf16" in lm[-1]
+    assert len(names) == len(cases) + len(selfcheck.cuda_backends()) + len(lm) + 4
     tolerances = {name: tolerance for name, _, tolerance in selfcheck.check_list("cuda")}
     assert all(tolerances[c.name] == conformance.TOLERANCE[torch.float32] for c in cases)
 
@@ -105,6 +109,10 @@ def test_a_benchmark_reports_chain_steps_per_second_and_respects_the_budget():
     done = selfcheck.run_benchmarks({"torch": [(4, 3), (8, 3)]}, "cpu", deadline=math.inf, report=lambda line: None)
     assert [(b.backend, b.chains, b.steps, b.error) for b in done] == [("torch", 4, 3, None), ("torch", 8, 3, None)]
     assert done[0].chain_steps_per_second == pytest.approx(12 / done[0].seconds)
+    lm = selfcheck.run_benchmarks({"lm": [(2, 3, False), (2, 3, True)]}, "cpu", deadline=math.inf,
+                                  report=lambda line: None)
+    assert [(b.backend, b.chains, b.error) for b in lm] == [("lm generic fp32", 2, None), ("lm generic bf16", 2, None)]
+    assert all(b.chain_steps_per_second > 0 for b in lm)
     late = selfcheck.run_benchmarks({"torch": [(4, 3)]}, "cpu", deadline=-math.inf, report=lambda line: None)
     assert late[0].seconds is None and late[0].error == "skipped: --budget reached"
 
@@ -133,7 +141,7 @@ def test_every_check_passes_on_cpu_with_the_triton_interpreter():
     small = conformance.cases("cpu", selfcheck.cuda_backends())
     assert passed == total == str(len(selfcheck.check_list("cpu")) - len(small)), done.stdout  # all the others
     names = [name for name, _, _ in selfcheck.check_list("cpu")]
-    assert {name.split()[0] for name in names} == {"torch", "generic", "triton"}  # every backend that runs on CUDA
+    assert {name.split()[0] for name in names} == {"torch", "generic", "triton", "fastllc.lm"}  # every CUDA path
 
 
 @pytest.mark.gpu
