@@ -74,3 +74,30 @@ def test_parameter_major_layout_holds_the_same_numbers():
     rng.fill(chains, 2, np.empty((3, 2), np.int64), flat, blocks)
     for lo, hi in zip(blocks[:-1], blocks[1:]):
         np.testing.assert_array_equal(flat[3 * lo : 3 * hi].reshape(3, hi - lo), rows[:, lo:hi])
+
+
+@pytest.mark.parametrize("variant", ["avx512", "avx2", "scalar"])
+def test_the_native_fill_is_the_python_fill_bit_for_bit(monkeypatch, variant):
+    """``fastllc_draw_noise`` (the native kernel's vectorised ziggurat, used from ``NATIVE_MIN`` floats a step) writes
+    the Numba fill's values, bit for bit, in blocked layouts with odd block sizes and chains out of order."""
+    from fastllc import native_build
+    from fastllc.sampling import randomness
+
+    if variant not in native_build.variants():
+        pytest.skip(f"this CPU does not run the {variant} build")
+    try:
+        draw_noise = native_build.load(variant).fastllc_draw_noise
+    except native_build.NativeUnavailable as err:
+        pytest.skip(f"the native kernel cannot be built here: {err}")
+    d = 40_003
+    r = CounterRandomness(seed=7, n=1000, batch_size=4, dim=d)
+    chains = np.array([9, 0, 5], np.int64)
+    for blocks in (np.array([0, d], np.int64), np.array([0, 3, 20_000, 20_001, 39_990, d], np.int64)):
+        python = np.empty(3 * d, np.float32)
+        monkeypatch.setattr(randomness, "_native_fill", lambda: None)
+        r.fill(chains, 11, np.empty((3, 4), np.int64), python, blocks)
+        native = np.full(3 * d, np.nan, np.float32)
+        monkeypatch.setattr(randomness, "_native_fill", lambda: draw_noise)
+        r.fill(chains, 11, np.empty((3, 4), np.int64), native, blocks)
+        assert np.array_equal(native.view(np.int32), python.view(np.int32))
+    assert 3 * d >= randomness.NATIVE_MIN  # the native path was the one taken above

@@ -1024,4 +1024,26 @@ void fastllc_draw(int64_t C, int64_t m, int64_t d, int64_t n, const int64_t* cha
     }
 }
 
+// Unit noise of one step in CounterRandomness.fill's blocked layout (one block per parameter: the parameter-major
+// layout of the generic and transformer backends): element k of chain row r in block j = [blocks[j], blocks[j+1])
+// goes to noise[C·blocks[j] + r·size_j + k − blocks[j]]. An element's words are keyed by its canonical index
+// (word_of is linear in it), so each block is fill_normal from the key moved to its first element: the same values
+// as the Python fill, bit for bit (tests/test_randomness.py), several times faster.
+void fastllc_draw_noise(int64_t C, const int64_t* chain_ids, int64_t seed, int64_t step, const double* edges,
+                        const float* edges32, const float* ratios, const double* density, double tail,
+                        const int64_t* blocks, int64_t nblocks, float* noise) {
+    const Ziggurat zig{edges, edges32, ratios, density, tail};
+    int64_t widest = 0;
+    for (int64_t j = 0; j < nblocks; ++j) widest = std::max(widest, blocks[j + 1] - blocks[j]);
+    std::vector<int32_t> rejected(widest + 8);
+    for (int64_t c = 0; c < C; ++c) {
+        const uint64_t key = stream_key(seed, NOISE_STREAM, chain_ids[c], step);
+        for (int64_t j = 0; j < nblocks; ++j) {
+            const int64_t lo = blocks[j], size = blocks[j + 1] - lo;
+            const uint64_t moved = key + GOLDEN * (static_cast<uint64_t>(lo) << WORDS_PER_ELEMENT_SHIFT);
+            fill_normal(zig, moved, size, noise + C * lo + c * size, rejected.data());
+        }
+    }
+}
+
 }  // extern "C"
