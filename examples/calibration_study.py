@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fastllc import FastLLCError, calibrate
-from fastllc.calibration import interval_of, recommend, run_cells, usable
+from fastllc.calibration import SETTLED_STEP_SCALE, TARGET_STEP_SCALE, interval_of, recommend, run_cells, usable
 from fastllc.theory.problems import draw_problems
 
 
@@ -52,7 +52,8 @@ def study(args) -> list[dict]:
                              kappa=None, seconds=time.perf_counter() - start, cells=[], error=str(err)))
             continue
         row = dict(problem=problem.name, family=problem.family, params=problem.parameters, llc=problem.llc,
-                   kappa=result.kappa, seconds=time.perf_counter() - start, cells=[cell_record(c) for c in
+                   kappa=result.kappa, coarse_burn_in=result.coarse_burn_in is not None,
+                   seconds=time.perf_counter() - start, cells=[cell_record(c) for c in
                                                                                      result.cells])
         for label, epsilon, gamma in args.hand:  # fixed settings, read the same way (one cell, same chains)
             hand = run_cells(problem.model, problem.data, problem.loss_fn, [(epsilon, n / math.log(n), gamma)],
@@ -99,7 +100,8 @@ def rule(row, scales=None):
                                                                          for s in scales)]
     if not cells:
         return None
-    best, _, _ = recommend(cells, cells[0]["nbeta"])
+    target = SETTLED_STEP_SCALE if row.get("coarse_burn_in") else TARGET_STEP_SCALE  # as calibrate chose
+    best, _, _ = recommend(cells, cells[0]["nbeta"], target)
     if best is None:
         return None
     band = interval_of(cells, best)
@@ -137,7 +139,7 @@ def args_scales(rows) -> bool:
 def readings(rows) -> dict:
     """Each way of reading the cells: {label: [(estimate or None, low, high) per row]}."""
     scales = sorted({round(c["s"], 6) for row in rows for c in row["cells"]})
-    ways = {"calibrate's rule (s nearest 0.1) and interval": [rule(r) for r in rows]}
+    ways = {"calibrate's rule and interval": [rule(r) for r in rows]}
     if args_scales(rows) and len(scales) > 2:
         ways["calibrate's rule on s = 0.1, 0.05 only (the default grid)"] = [rule(r, (0.1, 0.05)) for r in rows]
     for s in scales:
@@ -208,6 +210,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.summarise:
         saved = json.load(open(args.summarise))
+        settings = saved["settings"]  # runs saved before the flag: a coarse burn-in iff burn_in_scale was set, not 0
+        for row in saved["rows"]:
+            row.setdefault("coarse_burn_in", "burn_in_scale" in settings and settings["burn_in_scale"] != 0)
         print(f"{args.summarise}: {saved['settings']}")
         print("\n".join(summary(saved["rows"])))
         if args.markdown:

@@ -38,7 +38,8 @@ low without it, their exact finite-nβ target within 10% of λ: docs/calibration
 
 The rule (``recommend``), stated once here and in ``CalibrationResult.reason``: a cell is *usable* when every
 chain stayed healthy and it has a λ̂. In the row of nβ nearest n/log n, then of the smallest γ with a
-usable cell, the recommended cell is the usable one whose step scale is nearest ``TARGET_STEP_SCALE`` = 0.1 (in
+usable cell, the recommended cell is the usable one whose step scale is nearest ``TARGET_STEP_SCALE`` = 0.1, or
+``SETTLED_STEP_SCALE`` = 0.05 when the chains had a coarse burn-in (in
 log; without κ: the smallest ε). A drifting, unmixed or nonlocal cell stays usable (its λ̂ is still the best
 estimate at that step; the reason says what is wrong and the interval carries the drift; nonlocality is set by
 nβ, which calibration does not choose): excluding it fell back to
@@ -77,6 +78,8 @@ AGREEMENT_SE = 2.0  # neighbouring ε agree within this many combined standard e
 AGREEMENT_RELATIVE = 0.05  # ... or within this fraction of λ̂
 DEFAULT_NBETA_MULTIPLES = (1.0,)  # the default nβ grid, as multiples of n/log n (nβ defines λ̂; it is not tuned)
 TARGET_STEP_SCALE = 0.1  # the step scale s = ε·nβ·κ recommended (docs/calibration.md: how it was chosen)
+SETTLED_STEP_SCALE = 0.05  # ... after a coarse burn-in: settled chains leave only the step's bias, least at the
+# grid's smallest step (0.1 balanced that bias against unsettled chains' deficit, which the burn-in removes)
 DEFAULT_STEP_SCALES = (0.1, 0.05)  # the target and half of it: their difference is the interval's step term
 # The chain length the rule was measured at (docs/calibration.md): λ̂ at a given s still moves with the length on
 # singular models (deep linear networks: up past λ at 4× the steps), and at half of it the tails doubled (seed 11:
@@ -358,8 +361,8 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
         coarse = _object_backend(backend, device, model, loss_fn, mala, restrict)
     ratio = None if coarse is None else check_float("burn_in_scale", burn_in_scale, above=0) / max(epsilons)
 
-    def run(cells, steps, burn_in):
-        extra = {} if coarse is None else dict(sampler=coarse_burn_in(cells, burn_in, ratio))
+    def run(cells, steps, burn_in, coarsely=True):
+        extra = {} if coarse is None or not coarsely else dict(sampler=coarse_burn_in(cells, burn_in, ratio))
         result = run_cells(model, data, loss_fn, cells, chains=chains, steps=steps, burn_in=burn_in,
                            batch_size=batch_size, seed=seed, backend=coarse or backend, device=device,
                            progress=progress, mala=mala, restrict=restrict, default_nbeta=default, kappa=kappa,
@@ -370,7 +373,11 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
 
     result = _backing_off(run, cells, steps, burn_in, BACKOFFS if scaled else 0)
     budget = 8 * len(cells) * chains * steps if max_chain_steps is None else max_chain_steps
-    return result if target_ess is None else extend(result, run, target_ess, budget)
+    coarsely = result.coarse_burn_in is not None  # longer rounds run as the first did
+
+    def rerun(cells, steps, burn_in):
+        return run(cells, steps, burn_in, coarsely)
+    return result if target_ess is None else extend(result, rerun, target_ess, budget)
 
 
 def coarse_burn_in(cells: Sequence[tuple[float, float, float]], burn_in: int, ratio: float) -> CoarseBurnIn:
@@ -407,18 +414,27 @@ def _check_lengths(chains, steps, burn_in, target_ess, max_chain_steps) -> None:
 
 def _backing_off(run, cells, steps: int, burn_in: int, backoffs: int) -> CalibrationResult:
     """``run(cells)``, and again with every ε divided by ``BACKOFF_FACTOR`` (at most ``backoffs`` times) while
-    every cell diverged or left the basin: κ at w* can understate the curvature the chains meet later."""
+    every cell diverged or left the basin: κ at w* can understate the curvature the chains meet later. A grid
+    lost with the coarse burn-in is first run again without it, and backed-off grids run without it."""
     result = run(cells, steps, burn_in)
+    if result.coarse_burn_in is not None and _all_lost(result):  # the burn-in's 10× step may be what diverged
+        result = run(cells, steps, burn_in, False)
+        result.reason += (" (every cell diverged or left the basin with the coarse burn-in, so the chains were run "
+                          "again without it)")
     for attempt in range(1, 1 + backoffs):
-        if not all({"diverged", "nonlocal"} & set(c.flags) for c in result.cells):
+        if not _all_lost(result):
             break
         cells = [(e / BACKOFF_FACTOR, b, g) for e, b, g in cells]
-        result = run(cells, steps, burn_in)
+        result = run(cells, steps, burn_in, False)  # κ understated: the burn-in's 10× would be past stability
         result.reason = (f"{result.reason} (every cell diverged or left the basin at {attempt} larger grid(s), so "
                          f"the step scales were divided by {BACKOFF_FACTOR ** attempt:g}: κ at w* understates the "
                          "curvature the chains meet, e.g. along flat valleys or off a confident classifier's "
                          "saturated softmax)")
     return result
+
+
+def _all_lost(result: CalibrationResult) -> bool:
+    return all({"diverged", "nonlocal"} & set(c.flags) for c in result.cells)
 
 
 def extend(result: CalibrationResult, run, target_ess: float, budget: int) -> CalibrationResult:
@@ -534,7 +550,8 @@ def run_cells(model, data, loss_fn, cells: Sequence[tuple[float, float, float]],
         good = trace[rows][healthy[rows]]
         means.append(good.mean(axis=0) if len(good) else np.full(trace.shape[1], math.nan))
     dicts = [c.to_dict() for c in measured]
-    recommended, reason, hint = recommend(dicts, default_nbeta)
+    settled = isinstance(config.sampler, CoarseBurnIn) and config.sampler.steps > 0
+    recommended, reason, hint = recommend(dicts, default_nbeta, SETTLED_STEP_SCALE if settled else TARGET_STEP_SCALE)
     if hint is not None:
         warnings.warn(f"calibration: {hint}", RuntimeWarning, stacklevel=3)
     return CalibrationResult(
@@ -629,11 +646,13 @@ def agree(cell: Mapping, smaller: Mapping | None) -> bool:
     return difference <= max(AGREEMENT_SE * combined, AGREEMENT_RELATIVE * abs(cell["llc_mean"]))
 
 
-def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | None, str, str | None]:
+def recommend(cells: Sequence[Mapping], default_nbeta: float, target: float = TARGET_STEP_SCALE
+              ) -> tuple[int | None, str, str | None]:
     """(index of the recommended cell or None, the reason in words, a one-line hint when None).
 
     ``cells``: dicts with epsilon, nbeta, gamma, llc_mean, llc_se, healthy_fraction, drift and
-    drift_relative (or the older records' tenth means), r_hat. The rule is the module docstring's."""
+    drift_relative (or the older records' tenth means), r_hat. ``target``: the step scale aimed at
+    (``SETTLED_STEP_SCALE`` for chains that had a coarse burn-in). The rule is the module docstring's."""
     if not cells:
         return None, "no cells", "the grid is empty"
     candidates = [i for i, c in enumerate(cells) if usable(c)]
@@ -642,12 +661,12 @@ def recommend(cells: Sequence[Mapping], default_nbeta: float) -> tuple[int | Non
         in_row = [i for i in candidates if row_of(cells[i]) == row]
         scaled = all(_finite(cells[i].get("step_scale")) > 0 for i in in_row)
         if scaled:  # the step scale nearest the target (in log; a tie goes to the smaller step)
-            best = min(in_row, key=lambda i: (round(abs(math.log(cells[i]["step_scale"] / TARGET_STEP_SCALE)), 9),
+            best = min(in_row, key=lambda i: (round(abs(math.log(cells[i]["step_scale"] / target)), 9),
                                               cells[i]["epsilon"]))
         else:
             best = min(in_row, key=lambda i: cells[i]["epsilon"])
         c = cells[best]
-        how = (f"the step scale ε·nβ·κ = {c['step_scale']:.3g} nearest {TARGET_STEP_SCALE:g}" if scaled else
+        how = (f"the step scale ε·nβ·κ = {c['step_scale']:.3g} nearest {target:g}" if scaled else
                "the smallest ε (least discretisation bias; κ unknown, so no step scale)")
         unsettled = [f for f in cell_flags(c) if f in ("drifting", "unmixed")]
         caveat = (f"; its chains are {' and '.join(unsettled)} (λ̂ moved {_finite(c.get('drift_relative')):+.0%} "
