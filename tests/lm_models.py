@@ -18,10 +18,10 @@ def gpt2(layers=2, heads=4, width=32, **kwargs):
     return transformers.GPT2LMHeadModel(config)
 
 
-def neox(layers=2, heads=4, width=32):
+def neox(layers=2, heads=4, width=32, **kwargs):
     config = transformers.GPTNeoXConfig(num_hidden_layers=layers, num_attention_heads=heads, hidden_size=width,
                                         intermediate_size=4 * width, vocab_size=VOCAB, max_position_embeddings=CONTEXT,
-                                        bos_token_id=0, eos_token_id=0)
+                                        bos_token_id=0, eos_token_id=0, **kwargs)
     return transformers.GPTNeoXForCausalLM(config)
 
 

@@ -269,7 +269,8 @@ def test_fastllc_lm_picks_it_by_default_and_generic_where_it_cannot():
     assert lm.estimate(gpt2(), toks, **settings).backend == "transformer"
     heads = lm.estimate_groups(gpt2(), toks, groups=["l0h1", "l1 mlp"], **settings)
     assert {r.backend for r in heads.values()} == {"transformer"}
-    assert lm.estimate(gpt2(), toks, dropout=True, **settings).backend == "generic"  # dropout on
+    assert lm.estimate(gpt2(), toks, dropout=True, **settings).backend == "transformer"  # GPT-2's dropout: written
+    assert lm.estimate(neox(hidden_dropout=0.1), toks, dropout=True, **settings).backend == "generic"  # NeoX's: not
     assert lm.estimate(neox(), toks, **settings).backend == "transformer"
     assert lm.estimate(mistral(), toks, **settings).backend == "generic"
     assert lm.estimate(gpt2(), toks, mala=True, **settings).backend == "generic"
@@ -293,9 +294,9 @@ def _refusals():
         (lm.CausalLM(mistral()).eval(), lm.next_token_loss, "the transformer backend runs GPT2LMHeadModel, "
                                                             "GPTNeoXForCausalLM, LlamaForCausalLM, not MistralForCausalLM "
                                                             "(model type 'mistral'); use backend='generic'"),
-        (lm.CausalLM(gpt2()).train(), lm.next_token_loss, "dropout is on in 'model.transformer.drop' (training mode): "
-                                                          "the transformer backend evaluates the model in eval mode "
-                                                          "(fastllc.lm.sampling_mode); use backend='generic'"),
+        (lm.CausalLM(gpt2(activation_function="relu")).train(), lm.next_token_loss,
+         "dropout is on in 'model.transformer.drop' (training mode), which the transformer backend writes only for "
+         "GPT-2 with the tanh-GELU (gpt2 with relu); use backend='generic'"),
         (lm.CausalLM(gpt2(activation_function="gelu_fast")).eval(), lm.next_token_loss,
          "activation 'gelu_fast' is not one the transformer backend writes (gelu_new, gelu_pytorch_tanh, "
          "gelu, relu, silu, swish); use backend='generic'"),
@@ -336,3 +337,85 @@ def test_the_callers_model_is_left_as_it_was():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     run(transformer, model, config("orthogonal", flat_parameters(model)[2].numel()))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kernels", ["native", "aten"])
+def test_dropout_in_training_mode_is_the_modules_with_the_same_masks(kernels):
+    """GPT-2 in training mode (dropout 0.1 after the embedding, on the attention's probabilities, after both output
+    projections): the written pass's loss and gradient equal the module's own in training mode when the module's
+    nn.Dropout layers apply the masks the pass drew (replayed per chain, in the module's call order), to a few ulps.
+    The fused attention has no dropout: with attention dropout the pass takes ATen's attention."""
+    model = lm.CausalLM(gpt2(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, attn_implementation="eager")).train()
+    names, shapes, w_star = flat_parameters(model)
+    chains, m, length = 2, 3, 9
+    weights = w_star + 0.05 * torch.randn(chains, w_star.numel(), generator=torch.Generator().manual_seed(4))
+    toks = tokens(chains * m, length=length, seed=5).view(chains, m, -1)
+    targets = toks[:, :, 1:].clone()
+    stacked = [torch.stack([unflatten(w, names, shapes)[name] for w in weights]) for name in names]
+    built = engine.build(model, names)
+    assert built.dropout == engine.Dropout(0.1, 0.1, 0.1) and engine.unsupported(model, lm.next_token_loss) is None
+    if kernels == "aten":
+        built.kernels = None
+    built.masks = {}
+    grads = [torch.empty_like(w) for w in stacked]
+    ours = built.losses_and_gradients(stacked, grads, toks, targets, engine.Workspace())
+    ours_grad = torch.cat([g.reshape(chains, -1) for g in grads], dim=1)
+    masks = built.masks
+    assert 0.85 < float((masks["embedded"] > 0).float().mean()) < 0.95  # about 10% dropped
+    heads, D = model.model.config.n_head, model.model.config.n_embd
+    for c in range(chains):
+        replay = {"transformer.drop": masks["embedded"][c].view(m, length, D)}
+        for layer in range(2):
+            replay[f"transformer.h.{layer}.attn.resid_dropout"] = masks[f"{layer}.attention_out"][c].view(m, length, D)
+            replay[f"transformer.h.{layer}.mlp.dropout"] = masks[f"{layer}.mlp_out"][c].view(m, length, D)
+        # the eager attention calls F.dropout on its probabilities (not its attn_dropout module), layer by layer
+        attention = [masks[f"{layer}.attention"].view(chains, m, heads, length, length)[c] for layer in range(2)]
+        w = weights[c].clone().requires_grad_()
+        with replayed(model, replay), replayed_functional(attention):
+            loss = lm.next_token_loss(torch.func.functional_call(model, unflatten(w, names, shapes), (toks[c],)),
+                                      targets[c])
+        (grad,) = torch.autograd.grad(loss, w)
+        assert conformance.relative_error(ours[c:c + 1], loss.detach().view(1)) <= LOSS_ULPS
+        assert float((ours_grad[c] - grad).abs().max() / grad.abs().max()) <= LOSS_ULPS
+
+
+class replayed:
+    """nn.Dropout modules of ``model`` (by name) multiplying by the given masks (already scaled) instead of drawing."""
+
+    def __init__(self, model, masks: dict):
+        self.modules = {name: module for name, module in model.model.named_modules() if name in masks}
+        assert set(self.modules) == set(masks)
+        self.masks = masks
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            module.forward = lambda x, mask=self.masks[name]: x * mask
+        return self
+
+    def __exit__(self, *exc):
+        for module in self.modules.values():
+            del module.forward
+
+
+class replayed_functional:
+    """F.dropout multiplying by the given masks in call order (the attention's probabilities, layer by layer)."""
+
+    def __init__(self, masks: list):
+        self.masks = list(masks)
+
+    def __enter__(self):
+        self.original = F.dropout
+        torch.nn.functional.dropout = lambda x, p=0.5, training=True, inplace=False: x * self.masks.pop(0)
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.functional.dropout = self.original
+        assert not self.masks, "every mask replayed"
+
+
+def test_dropout_of_other_families_or_activations_is_refused_in_one_line():
+    model = lm.CausalLM(gpt2(resid_pdrop=0.1, activation_function="relu")).train()
+    reason = engine.unsupported(model, lm.next_token_loss)
+    assert "dropout is on" in reason and "gpt2 with relu" in reason and "\n" not in reason
+    assert engine.unsupported(lm.CausalLM(gpt2(resid_pdrop=0.1, activation_function="relu")).eval(),
+                              lm.next_token_loss) is None

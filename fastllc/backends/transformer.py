@@ -21,7 +21,9 @@ study's chain loss (it needs ``F.cross_entropy``), several starting points in on
 
 Which models: a ``fastllc.lm.CausalLM`` (what ``fastllc.lm.estimate`` builds) around a family the engine
 writes, with ``fastllc.lm.next_token_loss``, float32 weights, all trainable, dropout off (eval mode, as
-``lm.sampling_mode`` sets it). ``supports`` says False for anything else, so ``auto`` gives it to
+``lm.sampling_mode`` sets it) or, for GPT-2 with the tanh-GELU, on (``dropout=True``: the written pass draws the
+masks, each chain group from a generator of its own seeded by one draw from torch's global generator and its first
+chain, so a run is reproducible for a given number of groups). ``supports`` says False for anything else, so ``auto`` gives it to
 ``generic``; ``require`` says why in one line.
 
 On the CPU the chains run in groups, one per core, each in its own thread with single-threaded torch ops
@@ -124,13 +126,16 @@ class _Batch:
 
 
 def _run_group(ids: np.ndarray, engine, per_batch: int, inputs, targets, config: SGLDConfig, randomness, tick,
-               observe=None, model=None, names=None, **batch):
+               observe=None, model=None, names=None, dropout_seed=None, **batch):
     """SGLD for the chains ``ids`` in folded batches of at most ``per_batch`` chains, one after another each step:
     (loss trace [T, C], final weights [C, d] chain-major). ``observe``: called at its draws with every batch's
     weights at w_t, through ``model`` (this group's own module copy) and ``names`` (module docstring)."""
     from ..engines import transformer as lm_engine
     batches = [_Batch(part, config=config, **batch) for part in np.array_split(ids, -(-len(ids) // per_batch))]
-    workspace = lm_engine.Workspace()  # the batches run one after another: one set of buffers serves them all
+    # the batches run one after another: one set of buffers serves them all; dropout masks from a generator of this
+    # group's own, keyed by its first chain, so that a run is reproducible whichever thread runs first
+    generator = None if dropout_seed is None else torch.Generator().manual_seed(dropout_seed + int(ids[0]))
+    workspace = lm_engine.Workspace(generator)
     T = config.steps
     losses = torch.empty(T, len(ids), device=batch["device"])
     report_every = max(1, T // 100)
@@ -196,7 +201,11 @@ def sample(model, inputs, targets, loss_fn, config: SGLDConfig, *, randomness=No
     groups, model_of = _group_models(model, groups, observe)
     engine = lm_engine.build(model, names)
     per_batch = per_batch or chains_per_batch(engine, config.batch_size, inputs.shape[1])
+    # dropout (GPT-2 in training mode): one draw from torch's global generator seeds every group's masks
+    dropout = getattr(engine, "dropout", None)
+    dropout_seed = int(torch.randint(2**62, (1,))) if dropout is not None and any(vars(dropout).values()) else None
     run = functools.partial(_run_group, engine=engine, per_batch=per_batch, inputs=inputs, targets=targets,
+                            dropout_seed=dropout_seed,
                             config=config, randomness=randomness, shapes=shapes, w_star=w_star, hyper=hyper,
                             direction=direction, moves=moves, device=device, observe=observe, names=names)
     results, seconds = run_groups_timed(

@@ -14,8 +14,9 @@ class Workspace:
     one after another (a batch needs them only during its own step): one set of buffers stays warmer in the cache
     than one per batch."""
 
-    def __init__(self):
+    def __init__(self, generator: torch.Generator | None = None):
         self.tensors: dict[tuple, torch.Tensor] = {}
+        self.generator = generator  # dropout masks (None: torch's global generator)
 
     def __call__(self, name: str, *shape: int, dtype=torch.float32) -> torch.Tensor:
         tensor = self.tensors.get((name, shape, dtype))
@@ -50,6 +51,7 @@ class Gpt2Pass:
         x = buf("x0", C, m * T, D)
         torch.index_select(table.reshape(C * V, D), 0, rows, out=x.view(-1, D))
         x.view(C, m, T, D).add_(w[e.wpe][:, None, :T])
+        embedded = self._dropout("embedded", x, e.dropout.embedded)
         saved = []
         for layer, block in enumerate(e.blocks):
             x, kept = self._block(layer, block, x)
@@ -62,6 +64,8 @@ class Gpt2Pass:
         grad = self._norm_backward(torch.bmm(grad_logits, w[e.unembed], out=buf("grad_a", C, m * T, D)), final, e.ln_f)
         for layer in reversed(range(len(e.blocks))):
             grad = self._block_backward(e.blocks[layer], saved[layer], grad)
+        if embedded is not None:  # the embedding dropout's mask, already scaled by 1/(1 − p)
+            grad.mul_(embedded)
         grad_positions = self.grads[e.wpe]
         torch.sum(grad.view(C, m, T, D), dim=1, out=grad_positions[:, :T])
         grad_positions[:, T:].zero_()
@@ -71,6 +75,23 @@ class Gpt2Pass:
         else:
             self.grads[e.wte].copy_(lookup)
         return losses
+
+    def _dropout(self, name: str, x: torch.Tensor, p: float) -> torch.Tensor | None:
+        """Dropout of ``x`` in place (training mode): its mask, scaled by 1/(1 − p), from the workspace's generator
+        (the caller seeds it) or else torch's global one (as nn.Dropout draws); None where p is 0. ``masks`` (tests)
+        records each mask by name."""
+        if not p:
+            return None
+        mask = self.buffer(f"{name}.dropout", *x.shape)
+        torch.rand(x.shape, out=mask, generator=self.buffer.generator).ge_(p).mul_(1 / (1 - p))
+        if self.engine.masks is not None:
+            self.engine.masks[name] = mask.clone()
+        x.mul_(mask)
+        return mask
+
+    def _masked(self, name: str, grad: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """∇ through a dropout: ``grad`` times its mask into the buffer ``name`` (``grad`` itself without one)."""
+        return grad if mask is None else torch.mul(grad, mask, out=self.buffer(name, *grad.shape))
 
     def _norm(self, name: str, x: torch.Tensor, pair: tuple[int, int]):
         """LayerNorm with chain c's gain and bias; (its output, what its backward needs)."""
@@ -119,7 +140,9 @@ class Gpt2Pass:
         a1, norm_1 = self._norm(f"{layer}.a1", x, block.ln_1)
         qkv = self._linear(f"{layer}.qkv" if self.kernels else "qkv", a1, block.c_attn)
         attended, attention = self._attention(layer, qkv, block.scaling)
-        x_mid = self._linear(f"{layer}.x_mid", attended, block.attn_proj).add_(x)
+        x_mid = self._linear(f"{layer}.x_mid", attended, block.attn_proj)
+        attention_out = self._dropout(f"{layer}.attention_out", x_mid, self.engine.dropout.residual)
+        x_mid.add_(x)
         a2, norm_2 = self._norm(f"{layer}.a2", x_mid, block.ln_2)
         hidden = self._linear("hidden", a2, block.c_fc)
         activation, slope = buf(f"{layer}.activation", *hidden.shape), buf(f"{layer}.slope", *hidden.shape)
@@ -127,16 +150,20 @@ class Gpt2Pass:
             self.kernels.tanh_gelu(hidden, activation, slope)
         else:
             tanh_gelu_into(hidden, activation, slope, buf("gelu_scratch", *hidden.shape))
-        x_out = self._linear(f"{layer + 1}.x", activation, block.mlp_proj).add_(x_mid)
-        return x_out, (norm_1, a1, attention, attended, norm_2, a2, activation, slope)
+        x_out = self._linear(f"{layer + 1}.x", activation, block.mlp_proj)
+        mlp_out = self._dropout(f"{layer}.mlp_out", x_out, self.engine.dropout.residual)
+        x_out.add_(x_mid)
+        return x_out, (norm_1, a1, attention, attended, norm_2, a2, activation, slope, attention_out, mlp_out)
 
     def _block_backward(self, block, kept, grad: torch.Tensor) -> torch.Tensor:
         """∇ of the block's input from ∇ of its output (``grad``, read only)."""
-        norm_1, a1, attention, attended, norm_2, a2, activation, slope = kept
-        grad_hidden = self._linear_backward("grad_activation", grad, activation, block.mlp_proj).mul_(slope)
+        norm_1, a1, attention, attended, norm_2, a2, activation, slope, attention_out, mlp_out = kept
+        grad_hidden = self._linear_backward("grad_activation", self._masked("grad_mlp_out", grad, mlp_out), activation,
+                                            block.mlp_proj).mul_(slope)
         grad_a2 = self._linear_backward("grad_a2", grad_hidden, a2, block.c_fc)
         grad_mid = self._norm_backward(grad_a2, norm_2, block.ln_2, residual=grad)
-        grad_attended = self._linear_backward("grad_attended", grad_mid, attended, block.attn_proj)
+        grad_attended = self._linear_backward("grad_attended", self._masked("grad_attention_out", grad_mid, attention_out),
+                                              attended, block.attn_proj)
         grad_qkv = self._attention_backward(attention, grad_attended, block.scaling)
         grad_a1 = self._linear_backward("grad_a1", grad_qkv, a1, block.c_attn)
         return self._norm_backward(grad_a1, norm_1, block.ln_1, residual=grad_mid)
@@ -150,19 +177,27 @@ class Gpt2Pass:
         d = D // heads
         probabilities = buf(f"{layer}.probabilities", B * heads, T, T)
         attended = buf(f"{layer}.attended", C, m * T, D)
-        if self.kernels:
+        if self._fused_attention():
             self.kernels.causal_attention(qkv.view(B, T, 3 * D), heads, scaling, probabilities,
-                                             attended.view(B, T, D))
-            return attended, (qkv, probabilities)
+                                          attended.view(B, T, D))
+            return attended, (qkv, probabilities, None)
         q_k_v = buf(f"{layer}.q_k_v", 3, B * heads, T, d)
         q_k_v.view(3, B, heads, T, d).copy_(qkv.view(B, T, 3, heads, d).permute(2, 0, 3, 1, 4))
         q, k, v = q_k_v
         scores = torch.baddbmm(self._causal_mask(T), q, k.transpose(1, 2), alpha=scaling,
                                out=buf("scores", B * heads, T, T))
         torch._softmax(scores, -1, False, out=probabilities)
-        values = torch.bmm(probabilities, v, out=buf("values", B * heads, T, d))
+        weights, mask = probabilities, None
+        if self.engine.dropout.attention:  # dropout on the probabilities (GPT2Attention's attn_dropout)
+            weights = buf(f"{layer}.weights", B * heads, T, T).copy_(probabilities)
+            mask = self._dropout(f"{layer}.attention", weights, self.engine.dropout.attention)
+        values = torch.bmm(weights, v, out=buf("values", B * heads, T, d))
         attended.view(B, T, heads, d).copy_(values.view(B, heads, T, d).transpose(1, 2))
-        return attended, (q_k_v, probabilities)
+        return attended, (q_k_v, probabilities, mask)
+
+    def _fused_attention(self) -> bool:
+        """Whether the attention runs in the fused kernels: they have no dropout on the probabilities."""
+        return self.kernels is not None and not self.engine.dropout.attention
 
     def _attention_backward(self, kept, grad_attended: torch.Tensor, scaling: float) -> torch.Tensor:
         """∇ of ``_attention``'s q | k | v [C, m·T, 3·D] from ∇ of the attended values."""
@@ -171,18 +206,21 @@ class Gpt2Pass:
         B, heads = C * m, self.engine.heads
         d = D // heads
         grad_qkv = buf("grad_qkv", C, m * T, 3 * D)
-        if self.kernels:
-            qkv, probabilities = kept
+        if self._fused_attention():
+            qkv, probabilities, _ = kept
             self.kernels.causal_attention_backward(qkv.view(B, T, 3 * D), heads, scaling, probabilities,
-                                                      grad_attended.view(B, T, D), grad_qkv.view(B, T, 3 * D))
+                                                   grad_attended.view(B, T, D), grad_qkv.view(B, T, 3 * D))
             return grad_qkv
-        (q, k, v), probabilities = kept
+        (q, k, v), probabilities, mask = kept
+        weights = probabilities if mask is None else probabilities * mask
         grad_values = buf("grad_values", B * heads, T, d)
         grad_values.view(B, heads, T, d).copy_(grad_attended.view(B, T, heads, d).transpose(1, 2))
         grad_q_k_v = buf("grad_q_k_v", 3, B * heads, T, d)
         grad_q, grad_k, grad_v = grad_q_k_v
         grad_probabilities = torch.bmm(grad_values, v.transpose(1, 2), out=buf("grad_probabilities", B * heads, T, T))
-        torch.bmm(probabilities.transpose(1, 2), grad_values, out=grad_v)
+        torch.bmm(weights.transpose(1, 2), grad_values, out=grad_v)
+        if mask is not None:
+            grad_probabilities.mul_(mask)
         grad_scores = torch.ops.aten._softmax_backward_data.out(grad_probabilities, probabilities, -1, torch.float32,
                                                                 grad_input=buf("grad_scores", B * heads, T, T))
         torch.bmm(grad_scores, k, out=grad_q).mul_(scaling)

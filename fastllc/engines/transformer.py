@@ -103,13 +103,39 @@ def _unsupported_module(model) -> str | None:
         return "the transformer backend computes in float32; bf16 autocast runs on backend='generic'"
     if not all(p.requires_grad for p in parameters):
         return "the transformer backend samples every weight (some have requires_grad=False); use backend='generic'"
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and module.training and module.p > 0:
-            return (f"dropout is on in '{name}' (training mode): the transformer backend evaluates the model "
-                    "in eval mode (fastllc.lm.sampling_mode); use backend='generic'")
+    on = [name for name, module in model.named_modules()
+          if isinstance(module, torch.nn.Dropout) and module.training and module.p > 0]
+    if on and isinstance(dropout_rates(model.model), str):
+        return (f"dropout is on in '{on[0]}' (training mode), which the transformer backend writes only for GPT-2 with "
+                f"the tanh-GELU ({dropout_rates(model.model)}); use backend='generic'")
     if getattr(model.model.get_output_embeddings(), "bias", None) is not None:
         return "the transformer backend writes an unembedding without bias; use backend='generic'"
     return None
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """Dropout probabilities of GPT-2's written pass in training mode (all 0 in eval mode): after the embedding
+    (``transformer.drop``), on the attention's probabilities (``attn.attn_dropout``), and after the attention's and
+    the MLP's output projections (``attn.resid_dropout``, ``mlp.dropout``)."""
+    embedded: float = 0.0
+    attention: float = 0.0
+    residual: float = 0.0
+
+
+def dropout_rates(hf) -> Dropout | str:
+    """The Dropout of a Hugging Face GPT-2 as its modules are now, or why the written pass cannot follow them (one
+    line): another family or activation, or modules whose mode or probability differ from layer to layer."""
+    config = hf.config
+    if config.model_type != "gpt2" or config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        return f"{config.model_type} with {getattr(config, 'activation_function', None) or config.hidden_act}"
+    body = hf.transformer
+    rate = lambda module: module.p if module.training else 0.0  # noqa: E731
+    attention = {rate(b.attn.attn_dropout) for b in body.h}
+    residual = {rate(m) for b in body.h for m in (b.attn.resid_dropout, b.mlp.dropout)}
+    if len(attention) > 1 or len(residual) > 1:
+        return "dropout modules in different modes or with different probabilities"
+    return Dropout(rate(body.drop), attention.pop() if attention else 0.0, residual.pop() if residual else 0.0)
 
 
 def _unsupported_config(hf) -> str | None:
@@ -213,6 +239,9 @@ class Gpt2(_Engine):
         # be built; FASTLLC_TRANSFORMER_KERNELS=torch chooses ATen's, for comparisons)
         use = os.environ.get(KERNELS_ENV, "native") != "torch"
         self.kernels = transformer_cpu.library() if use else None
+        rates = dropout_rates(hf)  # the modules' mode when the engine is built: sampling keeps it
+        self.dropout = rates if isinstance(rates, Dropout) else Dropout()
+        self.masks: dict | None = None  # tests: {name: mask} of the last pass's dropout
 
     def _embed(self, weights, tokens):
         C, m, T = tokens.shape
@@ -372,5 +401,5 @@ class Llama(_Rotary):
         return rms_norm(x, weights[self.final], self.eps)
 
 
-__all__ = ["ACTIVATIONS", "FAMILIES", "IGNORE", "Gpt2", "Llama", "NeoX", "TanhGELU", "Workspace", "build", "tanh_gelu_into",
+__all__ = ["ACTIVATIONS", "FAMILIES", "IGNORE", "Dropout", "Gpt2", "Llama", "NeoX", "TanhGELU", "Workspace", "build", "tanh_gelu_into",
            "unsupported"]
