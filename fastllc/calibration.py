@@ -31,9 +31,9 @@ Flags: ``diverged`` (some chain's loss went non-finite or above the loss bound),
 predictor's loss, so λ̂ = nβ·ΔL measures the temperature, not the geometry at w*).
 
 The chains' burn-in is coarse (``CoarseBurnIn``): its steps take the step scale ``BURN_IN_STEP_SCALE`` = 1, ten
-times the target's, then every cell continues at its own ε. Burn-in draws are discarded, so their step bias costs
-nothing; their diffusion carries the chains into the flat directions that only the localisation holds and that
-settle in ~2/(εγ) steps, far more than the chains have at the measured step (deep low-rank networks were 33–61%
+times the grid's largest, then every cell continues at its own ε. Burn-in draws are discarded, so their step
+bias costs nothing; their diffusion carries the chains into the flat directions that only the localisation
+holds and that settle in ~2/(εγ) steps, far more than the chains have at the measured step (deep low-rank networks were 33–61%
 low without it, their exact finite-nβ target within 10% of λ: docs/calibration.md).
 
 The rule (``recommend``), stated once here and in ``CalibrationResult.reason``: a cell is *usable* when every
@@ -381,7 +381,7 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
 
 
 def coarse_burn_in(cells: Sequence[tuple[float, float, float]], burn_in: int, ratio: float) -> CoarseBurnIn:
-    """The coarse burn-in of a grid: per nβ, ``ratio`` × its largest ε (``BURN_IN_STEP_SCALE``/0.1 = 20× the
+    """The coarse burn-in of a grid: per nβ, ``ratio`` × its largest ε (``BURN_IN_STEP_SCALE``/0.1 = 10× the
     s = 0.1 cell's step). Tied to the grid's ε, so a backed-off grid backs its burn-in off with it."""
     largest: dict[float, float] = {}
     for epsilon, nbeta, _ in cells:

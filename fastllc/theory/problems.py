@@ -16,8 +16,8 @@ loss L_n (inputs whitened in-sample, noise orthogonal to them: ``dln.dln_data``)
   1/log(nβ), which the ``llc`` field does not include.
 
 ``posterior_llc(problem, nbeta, gamma)`` is the other half of the ground truth: the expectation
-nβ·E[L_n(w) − L_n(w*)] under the localised posterior ∝ exp(−nβ·K(w) − γ/2·‖w − w*‖²) itself, at this finite nβ
-and γ, sampled by MALA on the exact K (no data, no minibatch, no step-size bias). It is what an SGLD estimate
+nβ·E[L_n(w) − L_n(w*)] under the localised posterior ∝ exp(−nβ·K(w) − γ/2·‖w − w*‖²) itself, at this finite
+nβ and γ, sampled by MALA on the exact K (no data, no minibatch, no step-size bias). It is what an SGLD estimate
 converges to when its chains are long and its step small; λ is its limit as nβ → ∞. Comparing the two splits a
 calibration error into the sampler's part and the finite-nβ part (docs/calibration.md).
 """
@@ -34,7 +34,7 @@ from torch import nn
 from .dln import dln_data, dln_learning_coefficient, dln_teacher, half_squared_error, reduced_rank_regression_llc
 
 FAMILIES = ("dln", "rrr", "regular", "monomial")
-MALA_ACCEPTANCE = 0.57  # the acceptance MALA's step is tuned to during burn-in (optimal for MALA, Roberts & Rosenthal 1998)
+MALA_ACCEPTANCE = 0.57  # MALA's step is tuned to this acceptance in burn-in (optimal: Roberts & Rosenthal 1998)
 
 
 @dataclass
