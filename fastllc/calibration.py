@@ -173,9 +173,9 @@ class CalibrationResult:
         if cell is None:
             raise FastLLCError(f"no calibration cell is recommended: {self.hint or self.reason}")
         settings = dict(epsilon=cell.epsilon, nbeta=cell.nbeta, gamma=cell.gamma)
-        if self.coarse_burn_in is not None:  # the estimate the cell stands for had it: a rerun needs it too
-            burn = self.coarse_burn_in
-            settings.update(burn_in=self.burn_in, sampler=CoarseBurnIn(burn["steps"], burn["epsilons"]))
+        if self.coarse_burn_in is not None:  # the estimate the cell stands for had it: a rerun needs it too, on
+            burn = self.coarse_burn_in  # the backend that ran it (a fused SGLD kernel would drop it unsaid)
+            settings.update(sampler=CoarseBurnIn(burn["steps"], burn["epsilons"]), backend=self.backend)
         return settings
 
     def to_dict(self) -> dict:
@@ -318,8 +318,9 @@ def calibrate(model: torch.nn.Module, data, loss_fn=F.cross_entropy, *, epsilons
     ``burn_in`` default: a quarter of ``steps``. ``burn_in_scale``: the burn-in runs at this step scale (default
     ``BURN_IN_STEP_SCALE``; per nβ, burn_in_scale/max(step_scales) times the grid's largest ε), on a backend
     that runs sampler objects (``CoarseBurnIn``); None, explicit ``epsilons``, another sampler or no burn-in:
-    plain SGLD throughout. ``result.settings()`` then carries the sampler and the burn-in, so that an estimate at
-    the recommended cell is run as the cell was. ``batch_size`` default: ``SGLDConfig``'s (64), or a
+    plain SGLD throughout. ``result.settings()`` then carries the sampler and the backend that ran it, so that an
+    estimate at the recommended cell is run as the cell was (its ``burn_in`` should cover the coarse steps,
+    ``result.coarse_burn_in["steps"]``: a quarter of the calibration's chain). ``batch_size`` default: ``SGLDConfig``'s (64), or a
     DataLoader's. ``mala=True`` records the MALA acceptance (``backend="auto"`` then picks ``generic``).
     Other ``SGLDConfig`` fields (``thin``, ``orthogonal``, ``sampler``, ``chain_loss``, ``loss_bound``) and
     ``restrict`` pass through to ``estimate``. A grid value that is not finite and > 0 (γ: ≥ 0), an empty

@@ -105,7 +105,8 @@ def test_a_deep_rank_one_network_comes_out_near_lambda_only_with_the_coarse_burn
     assert result.recommended_cell.llc_mean == pytest.approx(problem.llc, rel=0.12)
     assert result.interval.low <= problem.llc <= result.interval.high
     settings = result.settings()
-    assert isinstance(settings["sampler"], CoarseBurnIn) and settings["burn_in"] == 1000
+    assert isinstance(settings["sampler"], CoarseBurnIn) and settings["sampler"].steps == 1000
+    assert settings["backend"] == "generic" and "burn_in" not in settings  # README: estimate(burn_in=..., **settings)
     (nbeta, epsilon), = settings["sampler"].epsilons.items()
     assert nbeta == pytest.approx(result.default_nbeta)
     assert epsilon == pytest.approx(10 * max(c.epsilon for c in result.cells))  # s = 1 against the grid's 0.1
