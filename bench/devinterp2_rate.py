@@ -8,7 +8,7 @@ Settings as the issue's measurement: 200 draws, no burn-in, minibatches of 16 se
 localization 1000, SGLD, devinterp's other defaults (32 init-loss batches, init_seed 100, the chains' shared
 minibatches), on the CPU. The two alternate (devinterp, fastllc, devinterp, ...), ``rounds`` each per chain
 count, after one short warm-up call of each; a rate is chain-steps (chains × draws) per second of the whole
-call's wall time (what a script pays: L̂_n(w*) included). The 2-thread sgemm ceiling is measured at the start and
+call's wall time (what a script pays: L̂_n(w*) included). The sgemm ceiling on torch's threads (all cores) is measured at the start and
 the end (best of each). Prints one JSON object (``--json`` also writes it): every round's rates, λ̂ mean and
 standard error (std over chains / √chains), fastllc's backend and its sampler-only rate, the CPU, the ceiling and
 the load average before and after. ``bench/test_bench_devinterp2.py`` runs this from the main environment."""

@@ -1,6 +1,6 @@
 """Compiling and loading the native CPU kernels on first use: the MLP kernel (``fastllc/kernels/mlp_sgld_cpu.cpp``, what
 this docstring describes) and, by ``build(which, source)``, the transformer engine's fused passes
-(``fastllc/kernels/transformer_cpu.cpp``, loaded by ``fastllc/kernels/transformer_cpu.py``).
+(``fastllc/kernels/transformer_cpu.cpp``, loaded by ``fastllc/engines/transformer_cpu.py``).
 
 The kernel is plain C++17 with OpenMP, built by the system compiler (``$FASTLLC_CXX``, else ``g++``, else
 ``c++``) into ``FASTLLC_HOME/native/<key>/``, where the key hashes the source, the compiler's identity

@@ -339,13 +339,14 @@ def test_the_callers_model_is_left_as_it_was():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("kernels", ["native", "aten"])
-def test_dropout_in_training_mode_is_the_modules_with_the_same_masks(kernels):
+@pytest.mark.parametrize("kernels,attention", [("native", 0.1), ("aten", 0.1), ("native", 0.0)],
+                         ids=["native", "aten", "native-fused-attention"])
+def test_dropout_in_training_mode_is_the_modules_with_the_same_masks(kernels, attention):
     """GPT-2 in training mode (dropout 0.1 after the embedding, on the attention's probabilities, after both output
     projections): the written pass's loss and gradient equal the module's own in training mode when the module's
     nn.Dropout layers apply the masks the pass drew (replayed per chain, in the module's call order), to a few ulps.
     The fused attention has no dropout: with attention dropout the pass takes ATen's attention."""
-    model = lm.CausalLM(gpt2(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, attn_implementation="eager")).train()
+    model = lm.CausalLM(gpt2(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=attention, attn_implementation="eager")).train()
     names, shapes, w_star = flat_parameters(model)
     chains, m, length = 2, 3, 9
     weights = w_star + 0.05 * torch.randn(chains, w_star.numel(), generator=torch.Generator().manual_seed(4))
@@ -353,7 +354,7 @@ def test_dropout_in_training_mode_is_the_modules_with_the_same_masks(kernels):
     targets = toks[:, :, 1:].clone()
     stacked = [torch.stack([unflatten(w, names, shapes)[name] for w in weights]) for name in names]
     built = engine.build(model, names)
-    assert built.dropout == engine.Dropout(0.1, 0.1, 0.1) and engine.unsupported(model, lm.next_token_loss) is None
+    assert built.dropout == engine.Dropout(0.1, attention, 0.1) and engine.unsupported(model, lm.next_token_loss) is None
     if kernels == "aten":
         built.kernels = None
     built.masks = {}
@@ -369,9 +370,10 @@ def test_dropout_in_training_mode_is_the_modules_with_the_same_masks(kernels):
             replay[f"transformer.h.{layer}.attn.resid_dropout"] = masks[f"{layer}.attention_out"][c].view(m, length, D)
             replay[f"transformer.h.{layer}.mlp.dropout"] = masks[f"{layer}.mlp_out"][c].view(m, length, D)
         # the eager attention calls F.dropout on its probabilities (not its attn_dropout module), layer by layer
-        attention = [masks[f"{layer}.attention"].view(chains, m, heads, length, length)[c] for layer in range(2)]
+        probabilities = [masks[f"{layer}.attention"].view(chains, m, heads, length, length)[c] if attention else
+                         torch.ones(m, heads, length, length) for layer in range(2)]
         w = weights[c].clone().requires_grad_()
-        with replayed(model, replay), replayed_functional(attention):
+        with replayed(model, replay), replayed_functional(probabilities):
             loss = lm.next_token_loss(torch.func.functional_call(model, unflatten(w, names, shapes), (toks[c],)),
                                       targets[c])
         (grad,) = torch.autograd.grad(loss, w)
@@ -419,3 +421,6 @@ def test_dropout_of_other_families_or_activations_is_refused_in_one_line():
     assert "dropout is on" in reason and "gpt2 with relu" in reason and "\n" not in reason
     assert engine.unsupported(lm.CausalLM(gpt2(resid_pdrop=0.1, activation_function="relu")).eval(),
                               lm.next_token_loss) is None
+    padded = lm.CausalLM(gpt2(resid_pdrop=0.1)).train()  # a padding row: the written pass does not run it
+    padded.model.transformer.wte.padding_idx = 0
+    assert "padding row" in engine.unsupported(padded, lm.next_token_loss)

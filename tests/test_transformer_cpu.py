@@ -110,7 +110,8 @@ def reference_attention(qkv: torch.Tensor, heads: int, scaling: float):
     return probs.reshape(B * heads, T, T), (probs @ v).transpose(1, 2).reshape(B, T, D3 // 3)
 
 
-@pytest.mark.parametrize("B,T,heads,d", [(5, 32, 4, 16), (3, 13, 2, 8), (2, 19, 3, 20), (2, 1, 2, 4), (1, 40, 1, 64)])
+@pytest.mark.parametrize("B,T,heads,d", [(5, 32, 4, 16), (3, 13, 2, 8), (2, 19, 3, 20), (2, 1, 2, 4), (1, 40, 1, 64),
+                                         (2, 11, 2, 40)])  # d = 40: no build's register-tiled widths
 def test_causal_attention_forward_and_backward(kernels, B, T, heads, d):
     g = torch.Generator().manual_seed(T * d)
     qkv = torch.randn(B, T, 3 * heads * d, generator=g)
@@ -132,13 +133,39 @@ def test_causal_attention_forward_and_backward(kernels, B, T, heads, d):
     assert ulps(grad_qkv, exact) <= 8
 
 
-def test_a_nan_in_a_sequence_reaches_its_outputs_and_no_other(kernels):
+@pytest.mark.parametrize("part", ["query", "key", "value"])
+def test_a_nan_in_a_sequence_reaches_its_outputs_and_no_other(kernels, part):
+    """A NaN query, key or value of sequence 1 (head 0, position 4) makes NaN what depends on it, forward (the
+    query's own row; every later row of a key or value) and backward (the whole sequence's gradient), and nothing
+    of sequences 0 and 2."""
     B, T, heads, d = 3, 9, 2, 4
     qkv = torch.randn(B, T, 3 * heads * d)
-    qkv[1, 4, 0] = math.nan  # a query of sequence 1, head 0, position 4
+    qkv[1, 4, ["query", "key", "value"].index(part) * heads * d] = math.nan
     probs, out = torch.empty(B * heads, T, T), torch.empty(B, T, heads * d)
     kernels.causal_attention(qkv, heads, 0.5, probs, out)
-    assert out[1, 4, :d].isnan().all() and out[[0, 2]].isfinite().all()
+    assert out[1, 4, :d].isnan().any() and out[[0, 2]].isfinite().all()
+    grad_qkv = torch.empty_like(qkv)
+    kernels.causal_attention_backward(qkv, heads, 0.5, probs, torch.randn(B, T, heads * d), grad_qkv)
+    assert grad_qkv[1].isnan().any() and grad_qkv[[0, 2]].isfinite().all()
+
+
+def test_a_nan_or_an_overflowing_row_makes_the_layer_norm_nan(kernels):
+    """NaN in, NaN out (forward and backward); a row so large that its variance overflows is NaN too, not its bias
+    (1/√inf = 0 would leave a finite loss and a zero gradient: a diverging chain hidden)."""
+    C, N, D = 2, 5, 37
+    x = torch.randn(C, N, D)
+    x[0, 1, 3], x[1, 2] = math.nan, x[1, 2] * 1e37
+    gain, bias = torch.randn(C, D), torch.randn(C, D)
+    out, mean, rstd = torch.empty_like(x), torch.empty(C, N), torch.empty(C, N)
+    kernels.layer_norm(x, gain, bias, 1e-5, out, mean, rstd)
+    assert out[0, 1].isnan().all() and out[1, 2].isnan().all()
+    fine = torch.ones(C, N, dtype=torch.bool)
+    fine[0, 1] = fine[1, 2] = False
+    assert out[fine].isfinite().all()
+    grad_x, grad_gain, grad_bias = torch.empty_like(x), torch.empty(C, D), torch.empty(C, D)
+    kernels.layer_norm_backward(torch.randn(C, N, D), x, mean, rstd, gain, None, grad_x, grad_gain, grad_bias)
+    assert grad_x[0, 1].isnan().all() and grad_x[1, 2].isnan().all() and grad_x[fine].isfinite().all()
+    assert grad_gain.isnan().any(dim=1).all()  # each chain's sum over its tokens
 
 
 def test_tensors_the_kernels_cannot_read_are_refused(kernels):

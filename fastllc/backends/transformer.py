@@ -23,7 +23,9 @@ Which models: a ``fastllc.lm.CausalLM`` (what ``fastllc.lm.estimate`` builds) ar
 writes, with ``fastllc.lm.next_token_loss``, float32 weights, all trainable, dropout off (eval mode, as
 ``lm.sampling_mode`` sets it) or, for GPT-2 with the tanh-GELU, on (``dropout=True``: the written pass draws the
 masks, each chain group from a generator of its own seeded by one draw from torch's global generator and its first
-chain, so a run is reproducible for a given number of groups). ``supports`` says False for anything else, so ``auto`` gives it to
+chain, for its folded batches in turn: a run repeats bit for bit with the same seed, number of groups and chains per
+folded batch (``workers``, ``per_batch``: chosen from the machine's cores and the model's shape), but a chain's masks,
+unlike its noise and minibatches, depend on which chains run beside it). ``supports`` says False for anything else, so ``auto`` gives it to
 ``generic``; ``require`` says why in one line.
 
 On the CPU the chains run in groups, one per core, each in its own thread with single-threaded torch ops

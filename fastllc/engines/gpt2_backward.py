@@ -28,14 +28,18 @@ class Workspace:
 class Gpt2Pass:
     """One forward and backward of ``Gpt2`` over C chains' minibatches [C, m, T] (see ``losses_and_gradients``).
 
-    Forward as ``Gpt2.losses`` with three differences of layout only: q | k | v copied once into [3, C·m·heads, T,
-    d] (not three reshapes), the final norm and the unembedding run over all T positions (the last predicts nothing:
-    its target is IGNORE, its gradient zero), and every large activation lives in ``buffers``. Backward: per linear
-    layer ∇b = Σ_tokens ∇y, ∇W = xᵀ·∇y straight into the gradient buffer, ∇x = ∇y·Wᵀ (transposed views: MKL ran
-    each of these products within ±5% of the same on contiguous copies, interleaved, one thread); per layer norm
-    the gain's and bias's sums and ATen's own ``native_layer_norm_backward``; attention as autograd differentiates
-    ``attend``; the tanh-GELU's slope kept from the forward (``tanh_gelu_into``); the cross-entropy's
-    ∇logits = (softmax − onehot)/n_c."""
+    Forward as ``Gpt2.losses`` with differences of layout only: the final norm and the unembedding run over all T
+    positions (the last predicts nothing: its target is IGNORE, its gradient zero), and every large activation lives
+    in ``buffers``. Backward: per linear layer ∇b = Σ_tokens ∇y, ∇W = xᵀ·∇y straight into the gradient buffer,
+    ∇x = ∇y·Wᵀ (transposed views: MKL ran each of these products within ±5% of the same on contiguous copies,
+    interleaved, one thread); the tanh-GELU's slope kept from the forward; the cross-entropy's ∇logits =
+    (softmax − onehot)/n_c. Layer norm, its backward (the gain's and bias's sums, the residual's gradient added),
+    attention from the fused q | k | v and its backward, and the tanh-GELU run in the fused CPU passes
+    (``engine.kernels``, ``transformer_cpu.Kernels``) where they build, else as ATen's operations (``native_layer_norm``
+    and its backward; q | k | v copied once into [3, C·m·heads, T, d], scores by ``baddbmm`` onto the causal mask,
+    softmax, ``bmm``, differentiated as autograd does; ``tanh_gelu_into``). In training mode (``engine.dropout``)
+    GPT-2's dropout after the embedding, on the attention's probabilities (then the attention is ATen's: the fused
+    kernels have none) and after both output projections, its masks applied forward and backward."""
 
     def __init__(self, engine, weights, grads, buffers: Workspace):
         self.engine, self.weights, self.grads, self.buffer = engine, weights, grads, buffers
@@ -180,7 +184,7 @@ class Gpt2Pass:
         if self._fused_attention():
             self.kernels.causal_attention(qkv.view(B, T, 3 * D), heads, scaling, probabilities,
                                           attended.view(B, T, D))
-            return attended, (qkv, probabilities, None)
+            return attended, (qkv, probabilities, None, None)
         q_k_v = buf(f"{layer}.q_k_v", 3, B * heads, T, d)
         q_k_v.view(3, B, heads, T, d).copy_(qkv.view(B, T, 3, heads, d).permute(2, 0, 3, 1, 4))
         q, k, v = q_k_v
@@ -193,7 +197,7 @@ class Gpt2Pass:
             mask = self._dropout(f"{layer}.attention", weights, self.engine.dropout.attention)
         values = torch.bmm(weights, v, out=buf("values", B * heads, T, d))
         attended.view(B, T, heads, d).copy_(values.view(B, heads, T, d).transpose(1, 2))
-        return attended, (q_k_v, probabilities, mask)
+        return attended, (q_k_v, probabilities, mask, weights)
 
     def _fused_attention(self) -> bool:
         """Whether the attention runs in the fused kernels: they have no dropout on the probabilities."""
@@ -207,12 +211,11 @@ class Gpt2Pass:
         d = D // heads
         grad_qkv = buf("grad_qkv", C, m * T, 3 * D)
         if self._fused_attention():
-            qkv, probabilities, _ = kept
+            qkv, probabilities, _, _ = kept
             self.kernels.causal_attention_backward(qkv.view(B, T, 3 * D), heads, scaling, probabilities,
                                                    grad_attended.view(B, T, D), grad_qkv.view(B, T, 3 * D))
             return grad_qkv
-        (q, k, v), probabilities, mask = kept
-        weights = probabilities if mask is None else probabilities * mask
+        (q, k, v), probabilities, mask, weights = kept
         grad_values = buf("grad_values", B * heads, T, d)
         grad_values.view(B, heads, T, d).copy_(grad_attended.view(B, T, heads, d).transpose(1, 2))
         grad_q_k_v = buf("grad_q_k_v", 3, B * heads, T, d)

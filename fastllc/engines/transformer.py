@@ -105,9 +105,12 @@ def _unsupported_module(model) -> str | None:
         return "the transformer backend samples every weight (some have requires_grad=False); use backend='generic'"
     on = [name for name, module in model.named_modules()
           if isinstance(module, torch.nn.Dropout) and module.training and module.p > 0]
-    if on and isinstance(dropout_rates(model.model), str):
+    rates = dropout_rates(model.model) if on else None
+    if on and model.model.get_input_embeddings().padding_idx is not None:
+        rates = "an embedding with a padding row, which only autograd's forward follows"
+    if isinstance(rates, str):
         return (f"dropout is on in '{on[0]}' (training mode), which the transformer backend writes only for GPT-2 with "
-                f"the tanh-GELU ({dropout_rates(model.model)}); use backend='generic'")
+                f"the tanh-GELU ({rates}); use backend='generic'")
     if getattr(model.model.get_output_embeddings(), "bias", None) is not None:
         return "the transformer backend writes an unembedding without bias; use backend='generic'"
     return None

@@ -1,7 +1,7 @@
-// Fused passes of the transformer engine's GPT-2 step (fastllc/engines/transformer.py, ``_Gpt2Pass``), one call
+// Fused passes of the transformer engine's GPT-2 step (fastllc/engines/gpt2_backward.py, ``Gpt2Pass``), one call
 // per folded batch of chains on the calling thread (no threads of its own: the chain groups already run one per
 // core). Each replaces several ATen passes over the activations with one, which is what the step spends outside
-// its matrix products (docstring of fastllc/kernels/transformer_cpu.py):
+// its matrix products (docstring of fastllc/engines/transformer_cpu.py):
 //
 //   fastllc_tanh_gelu                  y = x·σ(2u), its slope σ + x·σ(1 − σ)·2u' (u = √(2/π)(x + 0.044715x³))
 //   fastllc_layer_norm                 (x − μ)/√(var + ε) with chain c's gain and bias; μ and 1/√(var + ε) kept
@@ -10,10 +10,11 @@
 //   fastllc_causal_attention_backward  ∇q | ∇k | ∇v from ∇ of the attended values and the kept probabilities
 //
 // The reference for each is the torch code it replaces (torch.native_layer_norm + addcmul, baddbmm/softmax/bmm,
-// TanhGELU): tests/test_kernels_transformer_cpu.py holds every output to a few float32 ulps of it, computed in
+// TanhGELU): tests/test_transformer_cpu.py holds every output to a few float32 ulps of it, computed in
 // float64. Sums run in float32 vector lanes (their order differs from ATen's), the gain's and bias's gradients in
 // float64 (a sum over every token of a chain). exp is Cephes' expf polynomial (relative error ≤ 2 ulp), written for
-// vectors of the build's width; a NaN input gives NaN outputs (a diverging chain is flagged, never hidden).
+// vectors of the build's width; a NaN input gives NaN outputs, and so does a layer-norm row whose variance overflows
+// (a diverging chain is flagged, never hidden). Vector extensions and __builtin_shuffle: GCC (the default compiler).
 
 #include <algorithm>
 #include <cmath>
@@ -181,8 +182,8 @@ void block_values_any(const float* p, int64_t Tp, const float* v, int64_t dp, in
 
 extern "C" {
 
-// y = GELU_tanh(x) and its slope, n floats (any n). σ(z) = 1/(1 + e^(−z)), exactly 0 where e^(−z) would overflow
-// (as torch's sigmoid: 1/(1 + inf)).
+// y = GELU_tanh(x) and its slope, n floats (any n). σ(z) = 1/(1 + e^(−z)), exactly 0 from −z > 87 (torch's sigmoid
+// gives 0 once e^(−z) overflows, from 88.7; cut at 87, σ ≥ 1.6e-38 stays a normal float, never a subnormal).
 void fastllc_tanh_gelu(int64_t n, const float* x, float* y, float* slope) {
     const float c = 0.7978845608028654f, a = 0.044715f;
     const vf two_c = splat(2 * c), cubic = splat(2 * c * a), cubic_slope = splat(6 * c * a);
@@ -193,7 +194,7 @@ void fastllc_tanh_gelu(int64_t n, const float* x, float* y, float* slope) {
         const vf v = load(whole ? x + i : tail_in), square = v * v;
         const vf z = madd(cubic, square, two_c) * v;  // 2u
         const vf minus = -z;
-        const vf s = minus > splat(88.0f) ? splat(0.0f) : splat(1.0f) / (splat(1.0f) + vexp(minus));
+        const vf s = minus > splat(87.0f) ? splat(0.0f) : splat(1.0f) / (splat(1.0f) + vexp(minus));
         const vf value = s * v;
         const vf d = madd(value - value * s, madd(cubic_slope, square, two_c), s);  // σ + x·σ(1 − σ)·2u'
         if (whole) {
@@ -230,7 +231,9 @@ void fastllc_layer_norm(int64_t C, int64_t N, int64_t D, const float* x, const f
                 if (k + W > D) for (int l = D - k; l < W; ++l) centred[l] = 0.0f;
                 squares = madd(centred, centred, squares);
             }
-            const float r_std = 1.0f / std::sqrt(lane_sum(squares) / D + eps);
+            const float variance = lane_sum(squares) / D;  // an overflowed row is NaN, not (x − μ)·0 = its bias
+            const float r_std = std::isfinite(variance) ? 1.0f / std::sqrt(variance + eps)
+                                                        : std::numeric_limits<float>::quiet_NaN();
             mean[c * N + r] = mu;
             rstd[c * N + r] = r_std;
             for (int64_t k = 0; k < D; ++k) out[at + k] = (x[at + k] - mu) * r_std * g[k] + b[k];

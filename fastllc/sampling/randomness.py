@@ -20,6 +20,7 @@ import ctypes
 import functools
 import math
 import os
+import threading
 
 import numpy as np
 import torch
@@ -154,9 +155,26 @@ NATIVE_MIN = 1 << 14
 NATIVE_ENV = "FASTLLC_NATIVE_NOISE"  # "0": always the Numba fill (comparisons, or a machine without a compiler)
 
 
-@functools.lru_cache(maxsize=None)
+_NATIVE_LOCK = threading.Lock()
+
+
+def _native_can_fill(flat: np.ndarray, chains: int, blocks: np.ndarray) -> bool:
+    """Whether the native fill may write ``flat``: large enough to pay, float32, one contiguous buffer that holds
+    every block of every chain (else the Numba fill, which checks its own bounds, writes it)."""
+    return (flat.size >= NATIVE_MIN and flat.dtype == np.float32 and flat.flags.c_contiguous
+            and chains * int(blocks[-1]) <= flat.size)
+
+
 def _native_fill():
-    """The native kernel's ``fastllc_draw_noise``, or None where it cannot be built (the Numba fill is used)."""
+    """The native kernel's ``fastllc_draw_noise``, or None where it cannot be built (the Numba fill is used). Resolved
+    once per process (``FASTLLC_NATIVE_NOISE`` is read then), behind a lock: the chain groups' threads all ask at
+    their first step, and the first build of the kernel (timed to choose its variant) should run once, alone."""
+    with _NATIVE_LOCK:
+        return _resolve_native_fill()
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_native_fill():
     if os.environ.get(NATIVE_ENV) == "0":
         return None
     from .. import native_build
@@ -187,7 +205,7 @@ class CounterRandomness:
         _fill_indices(self.seed, chains, step, self.n, indices)
         blocks = _single_block(self.dim) if blocks is None else blocks
         flat = noise.reshape(-1)
-        native = _native_fill() if flat.size >= NATIVE_MIN else None
+        native = _native_fill() if _native_can_fill(flat, len(chains), blocks) else None
         if native is None:
             _fill_noise(self.seed, chains, step, _EDGES, _EDGES32, _RATIOS, _DENSITY, _TAIL, blocks, flat)
             return
