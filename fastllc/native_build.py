@@ -398,7 +398,7 @@ def time_variants(candidates: list[str], rounds: int = 7) -> dict[str, float]:
     processes on the machine take is not counted). About 50 ms in all."""
     import numpy as np
 
-    from .sampling import randomness
+    from . import ziggurat
     p, e, h, m, n, chains, steps = 53, 8, 32, 64, 2247, 8, 25
     d = p * e + 2 * (h * e + h) + p * h
     rng = np.random.default_rng(0)
@@ -414,7 +414,7 @@ def time_variants(candidates: list[str], rounds: int = 7) -> dict[str, float]:
             call(load(candidate), C=chains, p=p, e=e, h=h, m=m, w=w, w_star=w_star, direction=None, moves=None,
                  moves_stride=0, loss_offset=0.0, coefficients=coefficients, ops=operands, targets=targets,
                  example_offset=np.zeros(chains, np.int64), n=n, chain_ids=np.arange(chains, dtype=np.int64),
-                 seed=0, injected_indices=None, injected_noise=None, total_steps=steps, **randomness.ziggurat_tables(),
+                 seed=0, injected_indices=None, injected_noise=None, total_steps=steps, **ziggurat.ziggurat_tables(),
                  t0=0, n_steps=steps, trace=np.empty((chains, steps)), alive=np.ones(chains, np.int32), threads=1)
             best[candidate] = min(best[candidate], time.thread_time() - start)
     return {v: seconds / (chains * steps) * 1e6 for v, seconds in best.items()}

@@ -27,35 +27,13 @@ import torch
 from numba import njit
 
 from ..errors import FastLLCError
+from ..ziggurat import _DENSITY, _EDGES, _EDGES32, _RATIOS, _TAIL, ziggurat_tables  # noqa: F401
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _NOISE_STREAM, _INDEX_STREAM = 1, 2
 _WORDS_PER_ELEMENT_SHIFT = np.uint64(20)  # element k owns words k·2²⁰ .. k·2²⁰+2²⁰−1 of its step's stream
-
-
-def _ziggurat_tables(layers: int = 256, tail: float = 3.6541528853610088, area: float = 0.00492867323399):
-    """Layer edges x_0 > x_1 = tail > ... > x_layers = 0 of the normal density's 256-layer ziggurat
-    (Marsaglia & Tsang 2000 constants), x_{i+1}/x_i, and the density exp(−x_i²/2) at each edge."""
-    def density(x):
-        return math.exp(-0.5 * x * x)
-    edges = np.zeros(layers + 1)
-    edges[0], edges[1] = area / density(tail), tail
-    for i in range(2, layers):
-        edges[i] = math.sqrt(-2.0 * math.log(area / edges[i - 1] + density(edges[i - 1])))
-    return edges, (edges[1:] / edges[:-1]).astype(np.float32), np.exp(-0.5 * edges**2)
-
-
-_EDGES, _RATIOS, _DENSITY = _ziggurat_tables()
-_EDGES32 = _EDGES.astype(np.float32)
-_TAIL = float(_EDGES[1])
-
-
-def ziggurat_tables() -> dict:
-    """The normal sampler's tables, as the native kernel takes them (``native_build.RUN_PARAMETERS``): the kernel
-    draws the same noise as ``CounterRandomness`` from them."""
-    return dict(edges=_EDGES, edges32=_EDGES32, ratios=_RATIOS, density=_DENSITY, tail=_TAIL)
 
 
 @njit(inline="always")
