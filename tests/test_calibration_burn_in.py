@@ -3,7 +3,6 @@ larger ε, to carry the chains into the flat directions that the localisation al
 "Why deep low-rank networks came out low")."""
 
 import json
-import math
 
 import pytest
 import torch

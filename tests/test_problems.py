@@ -5,7 +5,6 @@ K(w), and the stated λ agrees with the formula it specialises. The calibration 
 from a seed it prints (``FASTLLC_TEST_SEED`` replays one): no rule can be fitted to a fixed list.
 """
 
-import math
 import os
 import statistics
 
