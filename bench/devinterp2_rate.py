@@ -28,22 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import measure_sgemm  # noqa: E402  (the benchmarks' own sgemm measurement)
 from lm_workload import SGLD, WORKLOAD, train  # noqa: E402
 
 SETTINGS = dict(lr=SGLD["epsilon"], n_beta=SGLD["nbeta"], localization=SGLD["gamma"], num_draws=SGLD["steps"],
                 batch_size=SGLD["batch_size"], num_burnin_steps=0, device="cpu")
-
-
-def sgemm_ceiling(seconds: float = 1.0) -> float:
-    """GFLOP/s of torch's float32 matmul at 2048² on the process's threads (best of repeated calls)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 def one_call(llc, model, dataset, chains: int, **overrides) -> dict:
@@ -72,7 +61,7 @@ def main(argv=None) -> dict:
     from fastllc.compat.devinterp2 import llc as fastllc_llc
     from fastllc.native_build import cpu_name
 
-    load_before, ceiling_start = os.getloadavg()[0], sgemm_ceiling()
+    load_before, ceiling_start = os.getloadavg()[0], measure_sgemm()["ceiling"]
     model, tokens = train()
     dataset = Dataset.from_dict({"input_ids": tokens.tolist()}).with_format("torch")
     ways = {"devinterp 2.0.1": devinterp_llc, "fastllc": fastllc_llc}
@@ -84,7 +73,7 @@ def main(argv=None) -> dict:
             for way, llc in ways.items():
                 runs[f"{way} C{chains}"].append(one_call(llc, model, dataset, chains))
     out = dict(cpu=cpu_name(), threads=torch.get_num_threads(), workload=WORKLOAD.family(), settings=SETTINGS,
-               ceiling_gflops=max(ceiling_start, sgemm_ceiling()), flops_per_chain_step=WORKLOAD.flops_per_chain_step(),
+               ceiling_gflops=max(ceiling_start, measure_sgemm()["ceiling"]), flops_per_chain_step=WORKLOAD.flops_per_chain_step(),
                load_before=load_before, load_after=os.getloadavg()[0], runs=runs,
                medians={key: statistics.median(r["rate"] for r in rows) for key, rows in runs.items()})
     text = json.dumps(out, indent=1)

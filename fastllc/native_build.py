@@ -269,7 +269,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.fastllc_draw.restype = None
     lib.fastllc_draw.argtypes = [i64, i64, i64, i64, _I64, i64, i64, _F64, _F32, _F32, _F64, d, _I64, _F32]
     lib.fastllc_draw_noise.restype = None
-    lib.fastllc_draw_noise.argtypes = [i64, _I64, i64, i64, _F64, _F32, _F32, _F64, d, _I64, i64, _F32]
+    P = ctypes.c_void_p  # addresses (``ndarray.ctypes.data``): the noise fill's caller passes fixed tables each step
+    lib.fastllc_draw_noise.argtypes = [i64, P, i64, i64, P, P, P, P, d, P, i64, P]
     return lib
 
 

@@ -87,7 +87,7 @@ def test_dln_teacher_sits_on_the_most_singular_stratum_of_its_minima(seed):
     product of rank r. No true parameter has a layer of rank < r (the product would lose rank), so w* lies in the
     stratum every other true parameter has in its closure; the local learning coefficient there is the smallest
     over the minima, which is the global one Aoyagi's formula states (a point in the closure of others has a
-    local λ ≤ theirs). Hypothesis (c) of issue #26 (w* more singular than the stated λ assumes) is ruled out
+    local λ ≤ theirs). The hypothesis that w* is more singular than the stated λ assumes is ruled out
     here; docs/calibration.md measures the same with ``posterior_llc``. Tolerance 1e-5: float32 weights."""
     problem = draw_problems(seed, 1)[0]
     r, layers = problem.info["rank"], [layer.weight.detach().double() for layer in problem.model]

@@ -16,8 +16,6 @@ Both give *unit* noise; a sampler scales it by √ε of the chain.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 import os
 import threading
@@ -143,15 +141,23 @@ def _native_can_fill(flat: np.ndarray, chains: int, blocks: np.ndarray) -> bool:
             and chains * int(blocks[-1]) <= flat.size)
 
 
+_TABLES = tuple(a.ctypes.data for a in (_EDGES, _EDGES32, _RATIOS, _DENSITY))  # module-level arrays: fixed addresses
+_UNRESOLVED = object()
+_native = _UNRESOLVED
+
+
 def _native_fill():
     """The native kernel's ``fastllc_draw_noise``, or None where it cannot be built (the Numba fill is used). Resolved
-    once per process (``FASTLLC_NATIVE_NOISE`` is read then), behind a lock: the chain groups' threads all ask at
-    their first step, and the first build of the kernel (timed to choose its variant) should run once, alone."""
-    with _NATIVE_LOCK:
-        return _resolve_native_fill()
+    once per process (``FASTLLC_NATIVE_NOISE`` is read then), under a lock taken only until then: the chain groups'
+    threads all ask at their first step, and the kernel's first build (timed to choose its variant) runs once, alone."""
+    global _native
+    if _native is _UNRESOLVED:
+        with _NATIVE_LOCK:
+            if _native is _UNRESOLVED:
+                _native = _resolve_native_fill()
+    return _native
 
 
-@functools.lru_cache(maxsize=None)
 def _resolve_native_fill():
     if os.environ.get(NATIVE_ENV) == "0":
         return None
@@ -188,11 +194,8 @@ class CounterRandomness:
             _fill_noise(self.seed, chains, step, _EDGES, _EDGES32, _RATIOS, _DENSITY, _TAIL, blocks, flat)
             return
         chains, blocks = (np.ascontiguousarray(a, np.int64) for a in (chains, blocks))
-        pointer = np.ctypeslib.as_ctypes_type
-        native(len(chains), chains.ctypes.data_as(ctypes.POINTER(pointer(np.int64))), self.seed, step,
-               *(a.ctypes.data_as(ctypes.POINTER(pointer(a.dtype))) for a in (_EDGES, _EDGES32, _RATIOS, _DENSITY)),
-               _TAIL, blocks.ctypes.data_as(ctypes.POINTER(pointer(np.int64))), len(blocks) - 1,
-               flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        native(len(chains), chains.ctypes.data, self.seed, step, *_TABLES, _TAIL, blocks.ctypes.data,
+               len(blocks) - 1, flat.ctypes.data)
 
     def draw(self, chain: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices [m] int64, unit noise [d] float32) of one chain at one step."""
